@@ -1,0 +1,50 @@
+"""onnx-tucker: one-shot Tucker-2 / SVD compression of ONNX CNNs (Kim et al., ICLR 2016).
+
+    import onnx_tucker as ot
+    result = ot.compress("model.onnx", ot.CompressionConfig(), output="model.tucker.onnx")
+    print(result.totals.macs_ratio, result.validation.outputs[0].cosine)
+"""
+
+from .api import CompressionResult, ModelTotals, compress, plan, validate
+from .config import CompressionConfig, RankPolicy
+from .errors import (
+    ModelLoadError,
+    ModelSaveError,
+    OnnxTuckerError,
+    PlanError,
+    RewriteError,
+    UsageError,
+    ValidationError,
+)
+from .evbmf import EVBMFEstimate, select_rank_evbmf
+from .plan import CompressionPlan, LayerPlan
+from .tucker import truncated_svd, tucker1, tucker2
+from .validate import OutputComparison, ValidationReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompressionConfig",
+    "CompressionPlan",
+    "CompressionResult",
+    "EVBMFEstimate",
+    "LayerPlan",
+    "ModelLoadError",
+    "ModelSaveError",
+    "ModelTotals",
+    "OnnxTuckerError",
+    "OutputComparison",
+    "PlanError",
+    "RankPolicy",
+    "RewriteError",
+    "UsageError",
+    "ValidationError",
+    "ValidationReport",
+    "compress",
+    "plan",
+    "select_rank_evbmf",
+    "truncated_svd",
+    "tucker1",
+    "tucker2",
+    "validate",
+]

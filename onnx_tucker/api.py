@@ -1,0 +1,212 @@
+"""The pipeline as library calls: load -> plan -> decompose -> rewrite -> validate -> save.
+
+`compress()` is what `onnx-tucker compress` runs; `plan()` is `onnx-tucker inspect`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .config import CompressionConfig
+from .decompose import decompose_layer
+from .graph import Layer, ModelIndex, find_layers, infer_shapes, resolve_input_shapes
+from .io import check_output_path, load_model, save_model
+from .plan import CompressionPlan, LayerPlan, load_plan_file, plan_layers
+from .rewrite import Replacement, apply_replacements
+from .validate import ValidationReport, validate_models
+
+ModelLike = onnx.ModelProto | str | os.PathLike[str]
+Progress = Callable[[str, int, int], None]  # (layer name, done, total)
+
+
+@dataclass(frozen=True)
+class ModelTotals:
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    size_before: int
+    size_after: int
+
+    @staticmethod
+    def _ratio(a: int, b: int) -> float:
+        return a / b if b else float("inf")
+
+    @property
+    def params_ratio(self) -> float:
+        return self._ratio(self.params_before, self.params_after)
+
+    @property
+    def macs_ratio(self) -> float:
+        return self._ratio(self.macs_before, self.macs_after)
+
+    @property
+    def size_ratio(self) -> float:
+        return self._ratio(self.size_before, self.size_after)
+
+
+@dataclass(frozen=True)
+class CompressionResult:
+    plan: CompressionPlan
+    model: onnx.ModelProto = field(repr=False)
+    totals: ModelTotals
+    validation: ValidationReport | None
+    input_path: str | None = None
+    output_path: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def decomposed_layers(self) -> int:
+        return len(self.plan.decomposed)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    model: onnx.ModelProto
+    path: str | None
+    input_shapes: dict[str, tuple[int, ...]]
+    layers: list[Layer]
+    index: ModelIndex
+
+
+def _prepare(model_or_path: ModelLike, config: CompressionConfig) -> _Prepared:
+    if isinstance(model_or_path, onnx.ModelProto):
+        model, path = model_or_path, None
+    else:
+        path = str(model_or_path)
+        model = load_model(path)
+    source = path or "model"
+    input_shapes = resolve_input_shapes(model, dict(config.input_shapes), source)
+    shapes = infer_shapes(model, input_shapes)
+    index = ModelIndex(model)
+    return _Prepared(model, path, input_shapes, find_layers(model, shapes, index), index)
+
+
+def _plan(prep: _Prepared, config: CompressionConfig, progress: Progress | None) -> CompressionPlan:
+    planned = load_plan_file(config.plan_file) if config.plan_file else None
+    total = len(prep.layers)
+    done = [0]
+
+    def tick(name: str) -> None:
+        if progress is not None:
+            progress(name, done[0], total)
+        done[0] += 1
+
+    return plan_layers(prep.layers, prep.index.constant_value, config, planned, tick)
+
+
+def _decompose(
+    prep: _Prepared, plan: CompressionPlan, config: CompressionConfig, progress: Progress | None
+) -> tuple[CompressionPlan, dict[int, Replacement]]:
+    by_id = {lay.layer_id: lay for lay in prep.layers}
+    replacements: dict[int, Replacement] = {}
+    cache: dict[tuple[str, str, tuple[int, ...]], object] = {}
+    new_plans: list[LayerPlan] = []
+    todo = plan.decomposed
+    for k, lp in enumerate(plan.layers):
+        if not lp.decomposed:
+            new_plans.append(lp)
+            continue
+        layer = by_id[lp.name]
+        if progress is not None:
+            progress(lp.name, len(replacements), len(todo))
+        key = (layer.weight_name or "", lp.kind, lp.ranks or ())
+        factors = cache.get(key)
+        if factors is None or layer.op_type != "Conv":
+            factors = decompose_layer(layer, lp, prep.index.constant_value(layer.weight_name or ""), config.hooi_iters)
+            cache[key] = factors
+        replacements[layer.node_index] = Replacement(layer, factors)  # type: ignore[arg-type]
+        new_plans.append(replace(lp, rel_error=factors.rel_error))  # type: ignore[attr-defined]
+        del k
+    return replace(plan, layers=tuple(new_plans)), replacements
+
+
+def _float_params(model: onnx.ModelProto) -> int:
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    n = sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type in floats)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.t.data_type in floats:
+                    n += int(np.prod(a.t.dims))
+    return n
+
+
+def plan(model_or_path: ModelLike, config: CompressionConfig | None = None, progress: Progress | None = None) -> CompressionPlan:
+    """The plan `compress` would apply (ranks, costs and kernel errors), without rewriting anything."""
+    config = config or CompressionConfig()
+    prep = _prepare(model_or_path, config)
+    p = _plan(prep, config, progress)
+    p, _ = _decompose(prep, p, config, None)
+    return p
+
+
+def compress(
+    model_or_path: ModelLike,
+    config: CompressionConfig | None = None,
+    output: str | os.PathLike[str] | None = None,
+    progress: Progress | None = None,
+) -> CompressionResult:
+    """Compress a model; write it to `output` (atomically) unless validation fails.
+
+    A model in which no layer is decomposed is still written (unchanged); check
+    `result.decomposed_layers`. When validation fails the result is returned with
+    `output_path=None` and nothing is written.
+    """
+    config = config or CompressionConfig()
+    t0 = time.perf_counter()
+    in_path = None if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
+    if output is not None:
+        check_output_path(output, in_path)
+    prep = _prepare(model_or_path, config)
+    p = _plan(prep, config, progress)
+    p, replacements = _decompose(prep, p, config, progress)
+    new_model = apply_replacements(prep.model, replacements)
+
+    report = None
+    if config.validate:
+        report = validate_models(
+            prep.model, new_model, prep.input_shapes, config.samples, config.seed, config.effective_rtol
+        )
+    known = [lp for lp in p.layers if lp.macs_before is not None]
+    size_before = Path(in_path).stat().st_size if in_path else prep.model.ByteSize()
+    totals = ModelTotals(
+        params_before=_float_params(prep.model),
+        params_after=_float_params(new_model),
+        macs_before=sum(lp.macs_before or 0 for lp in known),
+        macs_after=sum(lp.macs_after if lp.macs_after is not None else (lp.macs_before or 0) for lp in known),
+        size_before=size_before,
+        size_after=new_model.ByteSize(),
+    )
+    written = None
+    if output is not None and (report is None or report.passed):
+        written = str(save_model(new_model, output, in_path))
+    return CompressionResult(
+        plan=p,
+        model=new_model,
+        totals=totals,
+        validation=report,
+        input_path=in_path,
+        output_path=written,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def validate(
+    original: ModelLike,
+    compressed: ModelLike,
+    config: CompressionConfig | None = None,
+) -> ValidationReport:
+    """Compare two models with the same inputs and outputs on seeded random inputs."""
+    config = config or CompressionConfig()
+    orig = original if isinstance(original, onnx.ModelProto) else load_model(original)
+    comp = compressed if isinstance(compressed, onnx.ModelProto) else load_model(compressed)
+    shapes = resolve_input_shapes(orig, dict(config.input_shapes), str(original) if not isinstance(original, onnx.ModelProto) else "model")
+    return validate_models(orig, comp, shapes, config.samples, config.seed, config.effective_rtol)

@@ -1,0 +1,129 @@
+"""Compression options: one frozen dataclass shared by the library API and every CLI command."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from .errors import UsageError
+
+RANK_METHODS = ("vbmf", "ratio", "energy", "full")
+
+
+@dataclass(frozen=True)
+class RankPolicy:
+    """How ranks are chosen: `vbmf` (EVBMF, the paper), `ratio:F`, `energy:F` or `full`."""
+
+    method: str = "vbmf"
+    value: float | None = None
+
+    def __str__(self) -> str:
+        return self.method if self.value is None else f"{self.method}:{self.value:g}"
+
+    @classmethod
+    def parse(cls, text: str) -> RankPolicy:
+        spec = text.strip().lower()
+        if spec in ("vbmf", "evbmf"):
+            return cls("vbmf")
+        if spec == "full":
+            return cls("full")
+        m = re.fullmatch(r"(ratio|energy):([0-9.eE+-]+)", spec)
+        if m:
+            try:
+                value = float(m.group(2))
+            except ValueError:
+                value = math.nan
+            if not 0.0 < value <= 1.0:
+                raise UsageError(f"--ranks {text}: {m.group(1)} must be in (0, 1], e.g. {m.group(1)}:0.5")
+            return cls(m.group(1), value)
+        raise UsageError(f"--ranks {text}: not understood; use vbmf, full, ratio:F or energy:F (0 < F <= 1)")
+
+
+def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """`name:1,3,224,224` -> ("name", (1, 3, 224, 224)). The name may itself contain ':'."""
+    name, sep, dims = text.rpartition(":")
+    if not sep or not name:
+        raise UsageError(f"--input-shape {text}: expected NAME:D0,D1,... such as input:1,3,224,224")
+    try:
+        shape = tuple(int(d) for d in dims.split(","))
+    except ValueError:
+        raise UsageError(
+            f"--input-shape {text}: dimensions must be integers separated by commas, e.g. {name}:1,3,224,224"
+        ) from None
+    if any(d <= 0 for d in shape):
+        raise UsageError(f"--input-shape {text}: every dimension must be >= 1")
+    return name, shape
+
+
+def compile_pattern(text: str | None, option: str) -> re.Pattern[str] | None:
+    if text is None:
+        return None
+    try:
+        return re.compile(text)
+    except re.error as e:
+        raise UsageError(f"{option} {text!r}: not a valid regular expression ({e})") from None
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """Everything that decides the plan and the checks. Defaults follow the paper."""
+
+    ranks: RankPolicy = field(default_factory=RankPolicy)
+    rank_scale: float = 1.0
+    min_rank: int | None = None  # None: an EVBMF rank of 0 keeps the layer as is
+    round_to: int = 1
+    include: str | None = None
+    exclude: str | None = None
+    hooi_iters: int = 0
+    # Convs with fewer input channels than this get Tucker-1 (output mode only), as the paper does
+    # for the first RGB conv: a 1x1 S->R3 with tiny S saves nothing.
+    min_tucker2_channels: int = 8
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    validate: bool = True
+    samples: int = 8
+    seed: int = 0
+    # Validation passes when max|orig - new| <= rtol * max|orig| for every output. None: report only
+    # (a lossy compression is expected to change outputs), except under --ranks full.
+    rtol: float | None = None
+    plan_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.rank_scale > 0:
+            raise UsageError(f"--rank-scale {self.rank_scale}: must be > 0")
+        if self.min_rank is not None and self.min_rank < 1:
+            raise UsageError(f"--min-rank {self.min_rank}: must be >= 1")
+        if self.round_to < 1:
+            raise UsageError(f"--round-to {self.round_to}: must be >= 1")
+        if self.hooi_iters < 0:
+            raise UsageError(f"--hooi-iters {self.hooi_iters}: must be >= 0")
+        if self.samples < 1:
+            raise UsageError(f"--samples {self.samples}: must be >= 1")
+        if self.rtol is not None and not self.rtol >= 0:
+            raise UsageError(f"--rtol {self.rtol}: must be >= 0")
+        compile_pattern(self.include, "--include")
+        compile_pattern(self.exclude, "--exclude")
+
+    @property
+    def effective_rtol(self) -> float | None:
+        if self.rtol is not None:
+            return self.rtol
+        return 1e-4 if self.ranks.method == "full" else None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "ranks": str(self.ranks),
+            "rank_scale": self.rank_scale,
+            "min_rank": self.min_rank,
+            "round_to": self.round_to,
+            "include": self.include,
+            "exclude": self.exclude,
+            "hooi_iters": self.hooi_iters,
+            "min_tucker2_channels": self.min_tucker2_channels,
+            "input_shapes": {n: list(s) for n, s in self.input_shapes},
+            "validate": self.validate,
+            "samples": self.samples,
+            "seed": self.seed,
+            "rtol": self.rtol,
+            "plan_file": self.plan_file,
+        }

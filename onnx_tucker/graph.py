@@ -1,0 +1,328 @@
+"""Reading the graph: candidate layers, constant weights and inferred shapes.
+
+With `io` and `rewrite`, the only modules that touch ONNX protobuf. Everything leaving this module
+is plain Python / numpy (`Layer`, shape dicts), so planning and decomposition never see protobuf.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .errors import ModelLoadError, UsageError
+
+DECOMPOSABLE_OPS = ("Conv", "Gemm", "MatMul")
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+
+Shape = tuple[int | None, ...]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One Conv / Gemm / MatMul node as the planner sees it (no protobuf inside)."""
+
+    layer_id: str  # node name, or "<op>:<first output>" for unnamed nodes
+    op_type: str
+    node_index: int  # position in graph.node (-1 inside subgraphs)
+    weight_name: str | None = None
+    weight_shape: tuple[int, ...] | None = None
+    weight_dtype: str | None = None
+    bias_name: str | None = None
+    attrs: Mapping[str, object] = field(default_factory=dict)
+    input_shape: Shape | None = None
+    output_shape: Shape | None = None
+    skip_reason: str | None = None  # set when the node can never be decomposed
+    shared_weight: bool = False  # the weight also feeds other nodes
+
+
+def layer_id_of(node: onnx.NodeProto) -> str:
+    return node.name if node.name else f"{node.op_type}:{node.output[0] if node.output else '?'}"
+
+
+class ModelIndex:
+    """Name lookups over a model's top-level graph, built once per pass."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        g = model.graph
+        self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in g.initializer}
+        self.constant_nodes: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[int]] = defaultdict(list)
+        for i, node in enumerate(g.node):
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.output) == 1:
+                self.constant_nodes[node.output[0]] = node
+            for name in node.input:
+                if name:
+                    self.consumers[name].append(i)
+        # Subgraphs may read outer-scope tensors: count those uses too, so we never drop them.
+        for node in g.node:
+            for sub in _subgraphs(node):
+                for name in _outer_names_used(sub):
+                    self.consumers[name].append(-1)
+        self.graph_outputs = {o.name for o in g.output}
+        self.graph_inputs = {i.name for i in g.input}
+
+    def is_constant(self, name: str) -> bool:
+        return name in self.initializers or name in self.constant_nodes
+
+    def constant_dtype(self, name: str) -> int | None:
+        if name in self.initializers:
+            return self.initializers[name].data_type
+        node = self.constant_nodes.get(name)
+        if node is not None:
+            for a in node.attribute:
+                if a.name == "value":
+                    return a.t.data_type
+            return onnx.TensorProto.FLOAT
+        return None
+
+    def constant_shape(self, name: str) -> tuple[int, ...] | None:
+        if name in self.initializers:
+            return tuple(self.initializers[name].dims)
+        if name in self.constant_nodes:
+            return tuple(self.constant_value(name).shape)
+        return None
+
+    def constant_value(self, name: str) -> np.ndarray:
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name])
+        node = self.constant_nodes[name]
+        for a in node.attribute:
+            if a.name == "value":
+                return numpy_helper.to_array(a.t)
+            if a.name == "value_float":
+                return np.array(a.f, dtype=np.float32)
+            if a.name == "value_floats":
+                return np.array(list(a.floats), dtype=np.float32)
+            if a.name == "value_int":
+                return np.array(a.i, dtype=np.int64)
+            if a.name == "value_ints":
+                return np.array(list(a.ints), dtype=np.int64)
+        raise ModelLoadError(f"Constant node '{node.name}' has no value attribute onnx-tucker can read")
+
+
+def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield a.g
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            yield from a.graphs
+
+
+def _outer_names_used(graph: onnx.GraphProto) -> set[str]:
+    local = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    for n in graph.node:
+        local.update(n.output)
+    used: set[str] = set()
+    for n in graph.node:
+        used.update(x for x in n.input if x and x not in local)
+        for sub in _subgraphs(n):
+            used.update(x for x in _outer_names_used(sub) if x not in local)
+    return used
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 1
+
+
+def graph_input_names(model: onnx.ModelProto) -> list[str]:
+    """Real inputs: graph inputs that are not initializers (old IR lists weights as inputs)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits]
+
+
+def _dims(vi: onnx.ValueInfoProto) -> Shape | None:
+    t = vi.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim)
+
+
+def resolve_input_shapes(
+    model: onnx.ModelProto, overrides: Mapping[str, tuple[int, ...]], source: str = "model"
+) -> dict[str, tuple[int, ...]]:
+    """Concrete shapes for every real graph input: the user's, else the model's with batch -> 1."""
+    names = graph_input_names(model)
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise UsageError(
+            f"--input-shape {unknown[0]}: {source} has no input of that name; its inputs are: "
+            + ", ".join(names)
+        )
+    by_name = {i.name: i for i in model.graph.input}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in names:
+        dims = _dims(by_name[name])
+        if name in overrides:
+            given = overrides[name]
+            if dims is not None and len(dims) != len(given):
+                raise UsageError(
+                    f"--input-shape {name}:{','.join(map(str, given))}: input '{name}' of {source} has "
+                    f"{len(dims)} dimensions, not {len(given)}"
+                )
+            shapes[name] = tuple(given)
+            continue
+        if dims is None:
+            raise UsageError(f"{source}: input '{name}' has no declared shape; pass --input-shape {name}:D0,D1,...")
+        fixed = [d if d is not None else (1 if i == 0 else None) for i, d in enumerate(dims)]
+        if any(d is None for d in fixed):
+            shown = ",".join("?" if d is None else str(d) for d in dims)
+            raise UsageError(
+                f"{source}: input '{name}' has dynamic dimensions ({shown}); fix them with "
+                f"--input-shape {name}:" + ",".join("1" if d is None else str(d) for d in dims)
+            )
+        shapes[name] = tuple(int(d) for d in fixed if d is not None)
+    return shapes
+
+
+def infer_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Shape]:
+    """Shapes of every tensor of the top-level graph with the inputs fixed to `input_shapes`.
+
+    Runs on a light copy: large initializers are replaced by typed graph inputs, so this costs
+    next to no memory even for multi-GB models.
+    """
+    g = model.graph
+    light = onnx.GraphProto()
+    light.name = g.name
+    light.node.extend(g.node)
+    light.output.extend(g.output)
+    light.value_info.extend(g.value_info)
+    seen: set[str] = set()
+    for t in g.initializer:
+        if int(np.prod(t.dims)) <= 64 and t.data_location != onnx.TensorProto.EXTERNAL:
+            light.initializer.append(t)
+        else:
+            light.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        seen.add(t.name)
+    for i in g.input:
+        if i.name in seen:
+            continue
+        vi = onnx.ValueInfoProto()
+        vi.CopyFrom(i)
+        if i.name in input_shapes:
+            shape = vi.type.tensor_type.shape
+            shape.ClearField("dim")
+            for d in input_shapes[i.name]:
+                shape.dim.add().dim_value = d
+        light.input.append(vi)
+    m = helper.make_model(light, opset_imports=list(model.opset_import))
+    m.ir_version = max(model.ir_version, 4)
+    shapes: dict[str, Shape] = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
+        graph = inferred.graph
+    except Exception:  # noqa: BLE001 - shape inference is best effort: unknown shapes are reported
+        graph = m.graph
+    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+        dims = _dims(vi)
+        if dims is not None:
+            shapes[vi.name] = dims
+    return shapes
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, object]:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _normalise(value: object) -> object:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, list):
+        return [int(v) if isinstance(v, (int, np.integer)) else v for v in value]
+    return value
+
+
+def find_layers(model: onnx.ModelProto, shapes: Mapping[str, Shape], index: ModelIndex | None = None) -> list[Layer]:
+    """Every Conv / Gemm / MatMul of the model, with the reason when it can never be decomposed."""
+    idx = index or ModelIndex(model)
+    layers: list[Layer] = []
+    weight_uses = Counter(
+        node.input[1] for node in model.graph.node if node.op_type in DECOMPOSABLE_OPS and len(node.input) > 1
+    )
+    for i, node in enumerate(model.graph.node):
+        for sub in _subgraphs(node):
+            layers.extend(_subgraph_layers(sub, layer_id_of(node)))
+        if node.op_type not in DECOMPOSABLE_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        layers.append(_describe(node, i, idx, shapes, weight_uses))
+    return layers
+
+
+def _subgraph_layers(graph: onnx.GraphProto, owner: str) -> list[Layer]:
+    found = []
+    for node in graph.node:
+        for sub in _subgraphs(node):
+            found.extend(_subgraph_layers(sub, owner))
+        if node.op_type in DECOMPOSABLE_OPS:
+            found.append(
+                Layer(
+                    layer_id=layer_id_of(node),
+                    op_type=node.op_type,
+                    node_index=-1,
+                    skip_reason=f"inside a subgraph of '{owner}' (If/Loop/Scan bodies are left alone)",
+                )
+            )
+    return found
+
+
+def _describe(
+    node: onnx.NodeProto, i: int, idx: ModelIndex, shapes: Mapping[str, Shape], weight_uses: Counter[str]
+) -> Layer:
+    lid = layer_id_of(node)
+    attrs = {k: _normalise(v) for k, v in _attrs(node).items()}
+    x = node.input[0] if node.input else ""
+    w = node.input[1] if len(node.input) > 1 else ""
+    base = dict(
+        layer_id=lid,
+        op_type=node.op_type,
+        node_index=i,
+        attrs=attrs,
+        input_shape=shapes.get(x),
+        output_shape=shapes.get(node.output[0]) if node.output else None,
+    )
+
+    def skip(reason: str, **extra: object) -> Layer:
+        return Layer(**base, **extra, skip_reason=reason)  # type: ignore[arg-type]
+
+    if node.op_type == "MatMul" and x and idx.is_constant(x) and not idx.is_constant(w):
+        return skip("the constant is the left operand (W @ X); only X @ W is decomposed")
+    if not w or not idx.is_constant(w):
+        return skip("weight is computed at run time (not a constant initializer)")
+    wshape = idx.constant_shape(w) or ()
+    dtype_code = idx.constant_dtype(w)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype_code).name if dtype_code else "?"
+    info = dict(weight_name=w, weight_shape=tuple(int(d) for d in wshape), weight_dtype=dtype, shared_weight=weight_uses[w] > 1)
+    if dtype_code not in _FLOAT_TYPES:
+        return skip(f"weight dtype {dtype} is not floating point (quantized layers are left alone)", **info)
+    if any(d == 0 for d in wshape):
+        return skip(f"weight has a zero-size dimension {tuple(wshape)}", **info)
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if node.op_type == "Conv":
+        if len(wshape) < 3:
+            return skip(f"Conv weight has rank {len(wshape)}; expected T x S x k...", **info)
+        group = int(attrs.get("group", 1))  # type: ignore[call-overload]
+        if group != 1:
+            kind = "depthwise" if wshape[1] == 1 and group > 1 else "grouped"
+            return skip(f"{kind} conv (group={group}): Tucker-2 across groups is not implemented", **info)
+        if bias is not None and not idx.is_constant(bias):
+            return skip("bias is computed at run time (not a constant)", **info)
+    elif node.op_type == "Gemm":
+        if len(wshape) != 2:
+            return skip(f"Gemm weight has rank {len(wshape)}; expected 2", **info)
+        if bias is not None and not idx.is_constant(bias):
+            # A run-time C is fine: it is added by the second Gemm unchanged.
+            pass
+    elif node.op_type == "MatMul":
+        if len(wshape) != 2:
+            return skip(f"MatMul weight has rank {len(wshape)}; only 2-D constant weights are decomposed", **info)
+        if base["input_shape"] is not None and len(base["input_shape"]) < 1:  # type: ignore[arg-type]
+            return skip("MatMul input is a scalar", **info)
+    return Layer(**base, **info, bias_name=bias)  # type: ignore[arg-type]

@@ -1,0 +1,308 @@
+"""Planning: which layers to decompose, how, and at which ranks.
+
+Input: the `Layer`s found in the graph and a way to read their weights; output: a frozen
+`CompressionPlan`. Pure numpy: no protobuf here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from .config import CompressionConfig, RankPolicy, compile_pattern
+from .cost import gemm_dims, layer_cost
+from .errors import PlanError
+from .evbmf import EVBMFEstimate, evbmf_from_singular_values, singular_values
+from .graph import Layer
+from .tucker import unfold
+
+PLAN_FORMAT_VERSION = 1
+KINDS = ("tucker2", "tucker1", "svd", "skip")
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One layer's decision. Ranks are (R4, R3) for tucker2, (R4,) for tucker1, (R,) for svd."""
+
+    name: str
+    op_type: str
+    kind: str
+    weight_shape: tuple[int, ...] | None = None
+    evbmf_ranks: tuple[int, ...] | None = None
+    ranks: tuple[int, ...] | None = None
+    sigma2: tuple[float, ...] | None = None
+    params_before: int | None = None
+    params_after: int | None = None
+    macs_before: int | None = None
+    macs_after: int | None = None
+    rel_error: float | None = None
+    reason: str | None = None  # why skipped (kind == "skip"), or a note on the rank policy
+    policy: str = ""  # how the ranks were reached: "vbmf", "ratio:0.5", "plan file", "rank0:min-rank", ...
+
+    @property
+    def decomposed(self) -> bool:
+        return self.kind != "skip"
+
+
+@dataclass(frozen=True)
+class CompressionPlan:
+    layers: tuple[LayerPlan, ...]
+    config: CompressionConfig = field(default_factory=CompressionConfig)
+
+    @property
+    def decomposed(self) -> tuple[LayerPlan, ...]:
+        return tuple(p for p in self.layers if p.decomposed)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "format": "onnx-tucker-plan",
+            "version": PLAN_FORMAT_VERSION,
+            "config": self.config.to_dict(),
+            "layers": [_layer_to_dict(p) for p in self.layers],
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        from .io import write_text_atomic
+
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _layer_to_dict(p: LayerPlan) -> dict[str, object]:
+    d = asdict(p)
+    for k in ("weight_shape", "evbmf_ranks", "ranks", "sigma2"):
+        if d[k] is not None:
+            d[k] = list(d[k])
+    return d
+
+
+@dataclass(frozen=True)
+class PlannedRanks:
+    """The entries of a plan file that replay: layer name -> (kind, ranks, weight shape)."""
+
+    entries: dict[str, tuple[str, tuple[int, ...] | None, tuple[int, ...] | None]]
+    source: str
+
+
+def load_plan_file(path: str | os.PathLike[str]) -> PlannedRanks:
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise PlanError(f"{p}: plan file not found; write one with --save-plan") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PlanError(f"{p}: not a readable plan file ({e}); write one with --save-plan") from None
+    if not isinstance(data, dict) or data.get("format") != "onnx-tucker-plan" or not isinstance(data.get("layers"), list):
+        raise PlanError(f"{p}: not an onnx-tucker plan (no 'format': 'onnx-tucker-plan'); write one with --save-plan")
+    entries: dict[str, tuple[str, tuple[int, ...] | None, tuple[int, ...] | None]] = {}
+    for item in data["layers"]:
+        try:
+            name, kind = str(item["name"]), str(item["kind"])
+            ranks = tuple(int(r) for r in item["ranks"]) if item.get("ranks") is not None else None
+            shape = tuple(int(d) for d in item["weight_shape"]) if item.get("weight_shape") is not None else None
+        except (KeyError, TypeError, ValueError):
+            raise PlanError(f"{p}: malformed layer entry {item!r}; write the plan again with --save-plan") from None
+        if kind not in KINDS or (kind != "skip" and (not ranks or min(ranks) < 1)):
+            raise PlanError(f"{p}: layer '{name}' has kind {kind!r} / ranks {ranks}; expected a kind of {KINDS} with ranks >= 1")
+        entries[name] = (kind, ranks, shape)
+    return PlannedRanks(entries, str(p))
+
+
+@dataclass(frozen=True)
+class _Spectrum:
+    s: np.ndarray
+    shape: tuple[int, int]
+
+    def evbmf(self) -> EVBMFEstimate:
+        return evbmf_from_singular_values(self.s, self.shape)
+
+
+def _rank_by_policy(spec: _Spectrum, policy: RankPolicy, est: EVBMFEstimate) -> int:
+    full = min(spec.shape)
+    if policy.method == "vbmf":
+        return est.rank
+    if policy.method == "full":
+        return full
+    if policy.method == "ratio":
+        assert policy.value is not None
+        return max(1, math.ceil(policy.value * full))
+    assert policy.method == "energy" and policy.value is not None
+    energy = np.cumsum(spec.s**2)
+    if energy[-1] <= 0:
+        return 0
+    return int(np.searchsorted(energy / energy[-1], policy.value - 1e-12) + 1)
+
+
+def _adjust(rank: int, dim: int, cfg: CompressionConfig) -> int:
+    if cfg.ranks.method == "full":
+        return rank
+    r = math.ceil(rank * cfg.rank_scale - 1e-9) if cfg.rank_scale != 1.0 else rank
+    r = max(r, cfg.min_rank or 0)
+    if cfg.round_to > 1 and r > 0:
+        r = math.ceil(r / cfg.round_to) * cfg.round_to
+    return min(r, dim)
+
+
+def default_kind(layer: Layer, cfg: CompressionConfig) -> str:
+    assert layer.weight_shape is not None
+    if layer.op_type != "Conv":
+        return "svd"
+    if math.prod(layer.weight_shape[2:]) == 1:
+        return "svd"
+    return "tucker2" if layer.weight_shape[1] >= cfg.min_tucker2_channels else "tucker1"
+
+
+def layer_matrices(layer: Layer, weight: np.ndarray, kind: str) -> list[np.ndarray]:
+    """The matrices whose ranks are chosen: channel-mode unfoldings, or the weight as used."""
+    if kind == "tucker2":
+        return [unfold(weight, 0), unfold(weight, 1)]
+    if kind == "tucker1":
+        return [unfold(weight, 0)]
+    return [svd_matrix(layer, weight)]
+
+
+def svd_matrix(layer: Layer, weight: np.ndarray) -> np.ndarray:
+    """The matrix an SVD layer factorises: T x S for a 1x1 conv, W_eff (K x N, y = x W_eff) for FC."""
+    if layer.op_type == "Conv":
+        return weight.reshape(weight.shape[0], -1)
+    w = weight.astype(np.float64)
+    if layer.op_type == "Gemm":
+        if int(layer.attrs.get("transB", 0)):  # type: ignore[call-overload]
+            w = w.T
+        w = w * float(layer.attrs.get("alpha", 1.0))  # type: ignore[arg-type]
+    return w
+
+
+def plan_layers(
+    layers: Iterable[Layer],
+    read_weight: Callable[[str], np.ndarray],
+    config: CompressionConfig,
+    planned: PlannedRanks | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> CompressionPlan:
+    include = compile_pattern(config.include, "--include")
+    exclude = compile_pattern(config.exclude, "--exclude")
+    plans: list[LayerPlan] = []
+    layers = list(layers)
+    if planned is not None:
+        names = {lay.layer_id for lay in layers}
+        missing = sorted(set(planned.entries) - names)
+        if missing:
+            raise PlanError(
+                f"{planned.source}: layer '{missing[0]}' is not in this model ({len(missing)} plan layers missing); "
+                "the plan was made for another model: run without --plan or re-plan with --save-plan"
+            )
+    for layer in layers:
+        if progress is not None:
+            progress(layer.layer_id)
+        plans.append(_plan_one(layer, read_weight, config, include, exclude, planned))
+    return CompressionPlan(layers=tuple(plans), config=config)
+
+
+def _plan_one(layer, read_weight, cfg, include, exclude, planned) -> LayerPlan:  # type: ignore[no-untyped-def]
+    base = LayerPlan(name=layer.layer_id, op_type=layer.op_type, kind="skip", weight_shape=layer.weight_shape)
+    if layer.skip_reason:
+        return replace(base, reason=layer.skip_reason)
+    params0, macs0 = layer_cost(layer, "original")
+    base = replace(base, params_before=params0, macs_before=macs0, params_after=params0, macs_after=macs0)
+    if planned is not None:
+        entry = planned.entries.get(layer.layer_id)
+        if entry is None:
+            return replace(base, reason=f"not in the plan file {planned.source}")
+        kind, ranks, shape = entry
+        if shape is not None and tuple(shape) != tuple(layer.weight_shape or ()):
+            raise PlanError(
+                f"{planned.source}: layer '{layer.layer_id}' has weight shape {tuple(layer.weight_shape or ())} "
+                f"in the model but {tuple(shape)} in the plan; the plan was made for another model"
+            )
+        if kind == "skip":
+            return replace(base, reason="skipped in the plan file", policy="plan file")
+    if include is not None and not include.search(layer.layer_id):
+        return replace(base, reason=f"name does not match --include {cfg.include!r}")
+    if exclude is not None and exclude.search(layer.layer_id):
+        return replace(base, reason=f"name matches --exclude {cfg.exclude!r}")
+
+    weight = read_weight(layer.weight_name)
+    if not np.all(np.isfinite(weight)):
+        bad = int(np.size(weight) - np.count_nonzero(np.isfinite(weight)))
+        return replace(base, reason=f"weight holds {bad} NaN/Inf values; fix the model (layer left as is)")
+    kind = default_kind(layer, cfg) if planned is None else planned.entries[layer.layer_id][0]
+    mats = layer_matrices(layer, weight, kind)
+    specs = [_Spectrum(singular_values(m), (m.shape[0], m.shape[1])) for m in mats]
+    ests = [sp.evbmf() for sp in specs]
+    dims = [m.shape[0] for m in mats]  # the channel dimension each rank applies to
+    caps = [min(m.shape) for m in mats]  # a rank above the unfolding's rank adds nothing
+    base = replace(base, evbmf_ranks=tuple(e.rank for e in ests), sigma2=tuple(e.sigma2 for e in ests))
+
+    if planned is not None:
+        ranks = planned.entries[layer.layer_id][1]
+        assert ranks is not None
+        if len(ranks) != len(mats) or any(r > d for r, d in zip(ranks, dims, strict=True)):
+            raise PlanError(
+                f"{planned.source}: layer '{layer.layer_id}' ranks {ranks} do not fit {kind} of weight "
+                f"{layer.weight_shape}; the plan was made for another model"
+            )
+        policy = "plan file"
+    else:
+        raw = [_rank_by_policy(sp, cfg.ranks, e) for sp, e in zip(specs, ests, strict=True)]
+        policy = str(cfg.ranks)
+        if min(raw) == 0 and cfg.min_rank is None:
+            which = " and ".join(f"{n} mode" for n, r in zip(_mode_names(kind), raw, strict=True) if r == 0)
+            return replace(
+                base,
+                reason=f"EVBMF rank 0 on the {which}: the weights look like noise; kept as is (--min-rank N forces a rank)",
+                policy="rank0:kept",
+            )
+        if min(raw) == 0:
+            policy += ";rank0:min-rank"
+        ranks = tuple(min(_adjust(r, d, cfg), c) for r, d, c in zip(raw, dims, caps, strict=True))
+        ranks = tuple(max(r, 1) for r in ranks)
+
+    if kind == "tucker2" and cfg.ranks.method != "full" and planned is None and ranks[1] >= caps[1]:
+        # No saving on the input mode: the first 1x1 would be S -> S. Tucker-1 is strictly cheaper.
+        kind, ranks = "tucker1", (ranks[0],)
+        base = replace(base, evbmf_ranks=base.evbmf_ranks[:1], sigma2=base.sigma2[:1])  # type: ignore[index]
+        policy += ";input mode full -> tucker1"
+    params1, macs1 = layer_cost(layer, kind, ranks)
+    plan = replace(base, kind=kind, ranks=ranks, params_after=params1, macs_after=macs1, policy=policy)
+    if cfg.ranks.method == "full" or planned is not None:
+        return plan
+    grows = []
+    if params1 >= params0:
+        grows.append(f"params {params0} -> {params1}")
+    if macs0 is not None and macs1 is not None and macs1 >= macs0:
+        grows.append(f"MACs {macs0} -> {macs1}")
+    if grows:
+        return replace(
+            base,
+            ranks=ranks,
+            policy=policy,
+            reason=f"no gain at ranks {ranks} as {kind}: " + ", ".join(grows) + "; kept as is",
+        )
+    if all(r >= c for r, c in zip(ranks, caps, strict=True)):
+        return replace(base, ranks=ranks, policy=policy, reason=f"full rank {ranks}: nothing to gain; kept as is")
+    return plan
+
+
+def _mode_names(kind: str) -> tuple[str, ...]:
+    return {"tucker2": ("output", "input"), "tucker1": ("output",)}.get(kind, ("matrix",))
+
+
+def conv_shape_hint(layer: Layer) -> str:
+    """For messages: 'Conv 64x32x3x3' or 'Gemm 256x1152'."""
+    return f"{layer.op_type} " + "x".join(map(str, layer.weight_shape or ()))
+
+
+__all__ = [
+    "CompressionPlan",
+    "LayerPlan",
+    "PlannedRanks",
+    "gemm_dims",
+    "load_plan_file",
+    "plan_layers",
+]
