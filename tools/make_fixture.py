@@ -167,7 +167,7 @@ def fold_batchnorm(trained):
         # classifier without Dropout: Linear, ReLU, Linear
         tl = [m for m in trained.classifier if isinstance(m, nn.Linear)]
         fl = [m for m in folded.classifier if isinstance(m, nn.Linear)]
-        for s, d in zip(tl, fl):
+        for s, d in zip(tl, fl, strict=True):
             d.weight.copy_(s.weight)
             d.bias.copy_(s.bias)
     folded.classifier = nn.Sequential(*[m for m in folded.classifier if not isinstance(m, nn.Dropout)])
@@ -225,11 +225,21 @@ def train(model, x: np.ndarray, y: np.ndarray, epochs: int, seed: int, batch: in
                     f"loss {loss_sum / seen:.4f} acc {correct / seen:.4f} "
                     f"({time.perf_counter() - t0:.0f}s)"
                 )
-        log(f"epoch {ep + 1}: train loss {loss_sum / seen:.4f} acc {correct / seen:.4f} ({time.perf_counter() - t0:.0f}s)")
+        log(
+            f"epoch {ep + 1}: train loss {loss_sum / seen:.4f} acc {correct / seen:.4f} ({time.perf_counter() - t0:.0f}s)"
+        )
     return model.eval()
 
 
 # --------------------------------------------------------------------------- export
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """Give the temp file normal permissions (mkstemp makes it 0600), then os.replace."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
 
 
 def export_onnx(model, path: Path) -> None:
@@ -252,7 +262,7 @@ def export_onnx(model, path: Path) -> None:
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
             do_constant_folding=True,
         )
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -265,7 +275,7 @@ def _write_json_atomic(obj, path: Path) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2)
             f.write("\n")
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -276,15 +286,29 @@ def _write_json_atomic(obj, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output .onnx path (default {DEFAULT_OUT})")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--epochs", type=int, default=3, help="training epochs (default 3)")
-    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help=f"Fashion-MNIST IDX .gz folder (default {DEFAULT_DATA_DIR})")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help=f"Fashion-MNIST IDX .gz folder (default {DEFAULT_DATA_DIR})",
+    )
     p.add_argument("--batch-size", type=int, default=128, help="training batch size (default 128)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate, AdamW + one-cycle (default 3e-3)")
+    p.add_argument(
+        "--lr", type=float, default=3e-3, help="peak learning rate, AdamW + one-cycle (default 3e-3)"
+    )
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    p.add_argument("--min-accuracy", type=float, default=0.90, help="fail if ONNX test accuracy is below this (default 0.90)")
+    p.add_argument(
+        "--min-accuracy",
+        type=float,
+        default=0.90,
+        help="fail if ONNX test accuracy is below this (default 0.90)",
+    )
     args = p.parse_args(argv)
 
     def log(msg: str) -> None:
@@ -310,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     x_train, x_test = normalise(x_train_u8), normalise(x_test_u8)
 
     model = _build(bn=True)
-    log(f"training {args.epochs} epoch(s), seed {args.seed}, batch {args.batch_size}, lr {args.lr}, {args.threads} thread(s)")
+    log(
+        f"training {args.epochs} epoch(s), seed {args.seed}, batch {args.batch_size}, lr {args.lr}, {args.threads} thread(s)"
+    )
     t0 = time.perf_counter()
     train(model, x_train, y_train, args.epochs, args.seed, args.batch_size, args.lr, log=log)
     train_s = time.perf_counter() - t0
