@@ -20,7 +20,7 @@ from .graph import Layer, ModelIndex, find_layers, infer_shapes, resolve_input_s
 from .io import check_output_path, load_model, save_model
 from .plan import CompressionPlan, LayerPlan, load_plan_file, plan_layers
 from .rewrite import Replacement, apply_replacements
-from .validate import ValidationReport, validate_models
+from .validate import ValidationReport, load_validation_data, validate_models
 
 ModelLike = onnx.ModelProto | str | os.PathLike[str]
 Progress = Callable[[str, int, int], None]  # (layer name, done, total)
@@ -172,8 +172,9 @@ def compress(
 
     report = None
     if config.validate:
+        data = load_validation_data(config.data, prep.model, config.samples) if config.data else None
         report = validate_models(
-            prep.model, new_model, prep.input_shapes, config.samples, config.seed, config.effective_rtol
+            prep.model, new_model, prep.input_shapes, config.samples, config.seed, config.effective_rtol, data
         )
     known = [lp for lp in p.layers if lp.macs_before is not None]
     size_before = Path(in_path).stat().st_size if in_path else prep.model.ByteSize()
@@ -209,4 +210,5 @@ def validate(
     orig = original if isinstance(original, onnx.ModelProto) else load_model(original)
     comp = compressed if isinstance(compressed, onnx.ModelProto) else load_model(compressed)
     shapes = resolve_input_shapes(orig, dict(config.input_shapes), str(original) if not isinstance(original, onnx.ModelProto) else "model")
-    return validate_models(orig, comp, shapes, config.samples, config.seed, config.effective_rtol)
+    data = load_validation_data(config.data, orig, config.samples) if config.data else None
+    return validate_models(orig, comp, shapes, config.samples, config.seed, config.effective_rtol, data)

@@ -43,7 +43,8 @@ SavePlanOpt = Annotated[Path | None, typer.Option("--save-plan", help="Write the
 ReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the full report as JSON (keys: layers, totals, validation).", show_default=False)]
 MarkdownOpt = Annotated[Path | None, typer.Option("--markdown", help="Write the report as Markdown.", show_default=False)]
 ValidateOpt = Annotated[bool, typer.Option("--validate/--no-validate", help="Compare original and compressed outputs in onnxruntime.")]
-SamplesOpt = Annotated[int, typer.Option("--samples", help="Random inputs used for validation.")]
+SamplesOpt = Annotated[int | None, typer.Option("--samples", help="Random inputs used for validation (default 8), or how many --data samples to use (default all).", show_default=False)]
+DataOpt = Annotated[Path | None, typer.Option("--data", help="Validate on real data: a .npz with one array per model input (samples on the first axis) and optional 'labels' for accuracy.", show_default=False)]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice (validation inputs).")]
 RtolOpt = Annotated[float | None, typer.Option("--rtol", help="Fail when max|orig-new| > RTOL * max|orig| on any output (default: report only; 1e-4 under --ranks full).", show_default=False)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
@@ -82,8 +83,8 @@ def _errors(verbose: bool = False):  # type: ignore[no-untyped-def]
 
 def _config(
     ranks: str, rank_scale: float, min_rank: int | None, round_to: int, include: str | None, exclude: str | None,
-    hooi_iters: int, input_shape: list[str] | None, plan: Path | None, validate: bool, samples: int, seed: int,
-    rtol: float | None,
+    hooi_iters: int, input_shape: list[str] | None, plan: Path | None, validate: bool, samples: int | None, seed: int,
+    rtol: float | None, data: Path | None = None,
 ) -> CompressionConfig:
     return CompressionConfig(
         ranks=RankPolicy.parse(ranks),
@@ -99,6 +100,7 @@ def _config(
         samples=samples,
         seed=seed,
         rtol=rtol,
+        data=str(data) if data else None,
     )
 
 
@@ -137,7 +139,8 @@ def compress(
     report: ReportOpt = None,
     markdown: MarkdownOpt = None,
     validate: ValidateOpt = True,
-    samples: SamplesOpt = 8,
+    samples: SamplesOpt = None,
+    data: DataOpt = None,
     seed: SeedOpt = 0,
     rtol: RtolOpt = None,
     quiet: QuietOpt = False,
@@ -149,7 +152,7 @@ def compress(
 
     with _errors(verbose):
         cfg = _config(ranks, rank_scale, min_rank, round_to, include, exclude, hooi_iters, input_shape, plan,
-                      validate, samples, seed, rtol)
+                      validate, samples, seed, rtol, data)
         for side in (save_plan, report, markdown):
             if side is not None:
                 check_output_path(side, input)
@@ -203,7 +206,7 @@ def inspect(
 
     with _errors(verbose):
         cfg = _config(ranks, rank_scale, min_rank, round_to, include, exclude, hooi_iters, input_shape, plan,
-                      False, 1, 0, None)
+                      False, None, 0, None)
         for side in (save_plan, report):
             if side is not None:
                 check_output_path(side, input)
@@ -222,7 +225,8 @@ def validate_cmd(
     original: Annotated[Path, typer.Argument(help="The original model.", show_default=False)],
     compressed: Annotated[Path, typer.Argument(help="The model to compare with it.", show_default=False)],
     input_shape: InputShapeOpt = None,
-    samples: SamplesOpt = 8,
+    samples: SamplesOpt = None,
+    data: DataOpt = None,
     seed: SeedOpt = 0,
     rtol: RtolOpt = None,
     report: ReportOpt = None,
@@ -234,7 +238,7 @@ def validate_cmd(
     from .io import write_text_atomic
 
     with _errors(verbose):
-        cfg = _config("vbmf", 1.0, None, 1, None, None, 0, input_shape, None, True, samples, seed, rtol)
+        cfg = _config("vbmf", 1.0, None, 1, None, None, 0, input_shape, None, True, samples, seed, rtol, data)
         v = api.validate(original, compressed, cfg)
         if not quiet:
             out_console.print(rep.validation_table(v))

@@ -81,12 +81,14 @@ class CompressionConfig:
     min_tucker2_channels: int = 8
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     validate: bool = True
-    samples: int = 8
+    samples: int | None = None  # random inputs (default 8), or a cap on --data samples (default all)
     seed: int = 0
     # Validation passes when max|orig - new| <= rtol * max|orig| for every output. None: report only
     # (a lossy compression is expected to change outputs), except under --ranks full.
     rtol: float | None = None
     plan_file: str | None = None
+    # Validate on user data (.npz: one array per input, optional `labels`) instead of random inputs.
+    data: str | None = None
 
     def __post_init__(self) -> None:
         if not self.rank_scale > 0:
@@ -97,7 +99,7 @@ class CompressionConfig:
             raise UsageError(f"--round-to {self.round_to}: must be >= 1")
         if self.hooi_iters < 0:
             raise UsageError(f"--hooi-iters {self.hooi_iters}: must be >= 0")
-        if self.samples < 1:
+        if self.samples is not None and self.samples < 1:
             raise UsageError(f"--samples {self.samples}: must be >= 1")
         if self.rtol is not None and not self.rtol >= 0:
             raise UsageError(f"--rtol {self.rtol}: must be >= 0")
@@ -126,4 +128,5 @@ class CompressionConfig:
             "seed": self.seed,
             "rtol": self.rtol,
             "plan_file": self.plan_file,
+            "data": self.data,
         }

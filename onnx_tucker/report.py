@@ -98,7 +98,10 @@ def summary_table(totals: ModelTotals | dict[str, int], latency: tuple[float, fl
 
 
 def validation_table(v: ValidationReport) -> Table:
-    title = f"Validation in onnxruntime ({v.samples} seeded random inputs, seed {v.seed}): {v.status}"
+    what = f"{v.samples} seeded random inputs, seed {v.seed}" if v.source == "random" else f"{v.samples} samples of {v.source}"
+    title = f"Validation in onnxruntime ({what}): {v.status}"
+    if v.accuracy_before is not None and v.accuracy_after is not None:
+        title += f"; top-1 accuracy {100 * v.accuracy_before:.2f}% -> {100 * v.accuracy_after:.2f}%"
     if v.rtol is not None:
         title += f" at rtol {v.rtol:g}"
     t = Table(title=title, title_justify="left")
@@ -168,6 +171,9 @@ def validation_dict(v: ValidationReport | None) -> dict[str, Any] | None:
         "passing_rtol": v.passing_rtol,
         "samples": v.samples,
         "seed": v.seed,
+        "source": v.source,
+        "accuracy_before": v.accuracy_before,
+        "accuracy_after": v.accuracy_after,
         "input_shapes": {k: list(s) for k, s in v.input_shapes.items()},
         "outputs": [o.__dict__ | {"shape": list(o.shape)} for o in v.outputs],
     }
@@ -233,7 +239,11 @@ def result_markdown(result: CompressionResult) -> str:
         )
     v = result.validation
     if v is not None:
-        lines += ["", f"Validation ({v.samples} random inputs, seed {v.seed}): **{v.status}**", "",
+        what = f"{v.samples} random inputs, seed {v.seed}" if v.source == "random" else f"{v.samples} samples of `{v.source}`"
+        acc = ""
+        if v.accuracy_before is not None and v.accuracy_after is not None:
+            acc = f"; top-1 accuracy {100 * v.accuracy_before:.2f}% -> {100 * v.accuracy_after:.2f}%"
+        lines += ["", f"Validation ({what}): **{v.status}**{acc}", "",
                   "| output | max abs err | max rel err | cosine | top-1 agree |", "|---|---:|---:|---:|---:|"]
         for o in v.outputs:
             top1 = "-" if o.top1_agreement is None else f"{100 * o.top1_agreement:.1f}%"

@@ -15,6 +15,9 @@ from .graph import graph_input_names
 from .io import PROTOBUF_LIMIT
 
 
+DEFAULT_RANDOM_SAMPLES = 8
+
+
 @dataclass(frozen=True)
 class OutputComparison:
     name: str
@@ -37,6 +40,10 @@ class ValidationReport:
     input_shapes: Mapping[str, tuple[int, ...]]
     outputs: tuple[OutputComparison, ...]
     rtol: float | None  # the tolerance checked, None: metrics reported only
+    source: str = "random"  # "random", or the path of the user's .npz data
+    # Top-1 accuracy against the labels in the data file (first output), original and compressed.
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
 
     @property
     def passing_rtol(self) -> float:
@@ -114,17 +121,104 @@ def compare_outputs(name: str, ref: np.ndarray, new: np.ndarray) -> OutputCompar
     return OutputComparison(name, tuple(a.shape), max_abs, max_ref, rel, cosine, top1, top5)
 
 
+@dataclass(frozen=True)
+class ValidationData:
+    """User data for validation: one array per model input (first axis = samples), optional labels."""
+
+    path: str
+    inputs: Mapping[str, np.ndarray]
+    labels: np.ndarray | None
+
+    @property
+    def count(self) -> int:
+        return int(next(iter(self.inputs.values())).shape[0])
+
+
+def load_validation_data(path: str | os.PathLike[str], model: onnx.ModelProto, limit: int | None = None) -> ValidationData:
+    """Read a .npz holding an array per model input (named as the input, or `input` for a
+    single-input model) and optionally `labels` (int class ids), first axis = samples."""
+    from .errors import UsageError
+
+    try:
+        with np.load(str(path), allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise UsageError(f"--data {path}: no such file") from None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--data {path}: not a readable .npz file ({e}); save one with numpy.savez") from None
+    names = graph_input_names(model)
+    labels = arrays.pop("labels", None)
+    if len(names) == 1 and names[0] not in arrays and len(arrays) == 1:
+        arrays = {names[0]: next(iter(arrays.values()))}
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise UsageError(
+            f"--data {path}: no array for model input '{missing[0]}'; the file has {sorted(arrays) or 'none'}: "
+            "name one array per input (and optionally 'labels')"
+        )
+    counts = {arrays[n].shape[0] if arrays[n].ndim else 0 for n in names}
+    if len(counts) != 1 or 0 in counts or (labels is not None and labels.shape[0] not in counts):
+        raise UsageError(f"--data {path}: arrays (and labels) must share the same non-zero first axis (samples)")
+    by_name = {i.name: i for i in model.graph.input}
+    inputs = {}
+    for n in names:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(by_name[n].type.tensor_type.elem_type))
+        inputs[n] = arrays[n][:limit].astype(dtype, copy=False)
+    return ValidationData(str(path), inputs, None if labels is None else labels[:limit].astype(np.int64))
+
+
+def _dynamic_batch(model: onnx.ModelProto) -> bool:
+    by_name = {i.name: i for i in model.graph.input}
+    for n in graph_input_names(model):
+        dims = by_name[n].type.tensor_type.shape.dim
+        if not dims or dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            return False
+    return True
+
+
+def _data_batches(
+    data: ValidationData, input_shapes: Mapping[str, tuple[int, ...]], model: onnx.ModelProto
+) -> list[dict[str, np.ndarray]]:
+    """Split the data along the batch axis: chunks of 256 for a dynamic batch, else the model's batch."""
+    from .errors import UsageError
+
+    first = next(iter(input_shapes.values()))
+    batch = first[0] if first else 1
+    if _dynamic_batch(model):
+        batch = min(256, data.count)  # the last chunk may be smaller
+        input_shapes = {n: (batch, *s[1:]) for n, s in input_shapes.items()}
+    dynamic = _dynamic_batch(model)
+    batches = []
+    for start in range(0, data.count if dynamic else data.count - batch + 1, batch):
+        feeds = {n: a[start : start + batch] for n, a in data.inputs.items()}
+        for n, a in feeds.items():
+            if a.shape[1:] != tuple(input_shapes[n][1:]) or (not dynamic and a.shape[0] != batch):
+                raise UsageError(
+                    f"--data {data.path}: samples of '{n}' have shape {a.shape[1:]}, the model expects "
+                    f"{tuple(input_shapes[n][1:])}; fix the data or --input-shape"
+                )
+        batches.append(feeds)
+    if not batches:
+        raise UsageError(f"--data {data.path}: fewer samples ({data.count}) than the batch size {batch}")
+    return batches
+
+
 def validate_models(
     original: onnx.ModelProto | str | os.PathLike[str],
     compressed: onnx.ModelProto | str | os.PathLike[str],
     input_shapes: Mapping[str, tuple[int, ...]],
-    samples: int = 8,
+    samples: int | None = None,
     seed: int = 0,
     rtol: float | None = None,
+    data: ValidationData | None = None,
 ) -> ValidationReport:
-    """Feed `samples` seeded random inputs to both models; compare every output."""
+    """Feed `samples` seeded random inputs (or the user's `data`) to both models; compare every output."""
     ref_proto = original if isinstance(original, onnx.ModelProto) else onnx.load(str(original), load_external_data=False)
     rng = np.random.default_rng(seed)
+    if data is not None:
+        batches = _data_batches(data, input_shapes, ref_proto)
+    else:
+        batches = [random_inputs(ref_proto, input_shapes, rng) for _ in range(samples or DEFAULT_RANDOM_SAMPLES)]
     with tempfile.TemporaryDirectory(prefix="onnx-tucker-") as tmp:
         s0 = _session(original, "original", tmp)
         s1 = _session(compressed, "compressed", tmp)
@@ -134,8 +228,7 @@ def validate_models(
             raise ValidationError(f"the compressed model's outputs {new_names} differ from the original's {names}")
         refs: list[list[np.ndarray]] = [[] for _ in names]
         news: list[list[np.ndarray]] = [[] for _ in names]
-        for _ in range(samples):
-            feeds = random_inputs(ref_proto, input_shapes, rng)
+        for feeds in batches:
             try:
                 r0 = s0.run(names, feeds)
                 r1 = s1.run(names, feeds)
@@ -151,4 +244,14 @@ def validate_models(
         a = np.concatenate(refs[k], axis=0) if axis_ok else np.stack(refs[k])
         b = np.concatenate(news[k], axis=0) if axis_ok else np.stack(news[k])
         outputs.append(compare_outputs(name, a, b))
-    return ValidationReport(samples, seed, dict(input_shapes), tuple(outputs), rtol)
+        if k == 0 and data is not None and data.labels is not None and a.ndim == 2:
+            labels = data.labels[: a.shape[0]]
+            acc0 = float(np.mean(np.argmax(a, axis=1) == labels))
+            acc1 = float(np.mean(np.argmax(b, axis=1) == labels))
+    if data is None or data.labels is None or not outputs or outputs[0].top1_agreement is None:
+        acc0 = acc1 = None  # type: ignore[assignment]
+    count = sum(next(iter(f.values())).shape[0] for f in batches)
+    return ValidationReport(
+        count, seed, dict(input_shapes), tuple(outputs), rtol,
+        source="random" if data is None else data.path, accuracy_before=acc0, accuracy_after=acc1,
+    )
