@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .bench import LatencyReport, measure_latency
 from .config import CompressionConfig
 from .decompose import decompose_layer
+from .errors import ModelLoadError
 from .graph import Layer, ModelIndex, find_layers, infer_shapes, resolve_input_shapes
-from .io import check_output_path, load_model, save_model
+from .io import check_model, check_output_path, load_model, save_model
 from .plan import CompressionPlan, LayerPlan, load_plan_file, plan_layers
 from .rewrite import Replacement, apply_replacements
 from .validate import ValidationReport, load_validation_data, validate_models
@@ -83,10 +85,40 @@ def _prepare(model_or_path: ModelLike, config: CompressionConfig) -> _Prepared:
         path = str(model_or_path)
         model = load_model(path)
     source = path or "model"
+    if path is None:
+        model = check_model(model, source)  # load_model ran the same checks on a file
     input_shapes = resolve_input_shapes(model, dict(config.input_shapes), source)
     shapes = infer_shapes(model, input_shapes)
     index = ModelIndex(model)
-    return _Prepared(model, path, input_shapes, find_layers(model, shapes, index), index)
+    layers = find_layers(model, shapes, index)
+    _check_weight_shapes(layers, source)
+    return _Prepared(model, path, input_shapes, layers, index)
+
+
+def _check_weight_shapes(layers: list[Layer], source: str) -> None:
+    """A weight that does not fit its input makes onnxruntime fail at run time (neither onnx.checker
+    nor shape inference notices): say so before planning, naming the node."""
+    for lay in layers:
+        w, x = lay.weight_shape, lay.input_shape
+        if w is None or x is None or not x:
+            continue
+        what, have, want = "", None, None
+        if lay.op_type == "Conv" and len(w) >= 3:
+            if len(x) != len(w):
+                what, have, want = "rank", len(x), len(w)
+            elif x[1] is not None:
+                what, have, want = "channels", x[1], w[1] * int(lay.attrs.get("group", 1))  # type: ignore[call-overload]
+        elif lay.op_type == "Gemm" and len(w) == 2 and len(x) == 2:
+            k = x[0] if int(lay.attrs.get("transA", 0)) else x[1]  # type: ignore[call-overload]
+            what, have, want = "K", k, w[1] if int(lay.attrs.get("transB", 0)) else w[0]  # type: ignore[call-overload]
+        elif lay.op_type == "MatMul" and len(w) == 2:
+            what, have, want = "K", x[-1], w[0]
+        if have is not None and have != want:
+            raise ModelLoadError(
+                f"{source}: node '{lay.layer_id}' ({lay.op_type}) has weight {list(w)} expecting input {what} {want}, "
+                f"but its input {list(x)} has {have}; the model is inconsistent (onnxruntime would fail at run "
+                "time): re-export it"
+            )
 
 
 def _plan(prep: _Prepared, config: CompressionConfig, progress: Progress | None) -> CompressionPlan:
@@ -198,6 +230,22 @@ def compress(
         output_path=written,
         seconds=time.perf_counter() - t0,
     )
+
+
+def bench(
+    original: ModelLike,
+    compressed: ModelLike,
+    config: CompressionConfig | None = None,
+    threads: int = 1,
+    warmup: int = 5,
+    runs: int = 20,
+) -> LatencyReport:
+    """Latency of both models in onnxruntime CPU, interleaved (see `onnx_tucker.bench`)."""
+    config = config or CompressionConfig()
+    orig = original if isinstance(original, onnx.ModelProto) else load_model(original)
+    comp = compressed if isinstance(compressed, onnx.ModelProto) else load_model(compressed)
+    shapes = resolve_input_shapes(orig, dict(config.input_shapes), str(original) if not isinstance(original, onnx.ModelProto) else "model")
+    return measure_latency(orig, comp, orig, shapes, threads, warmup, runs, config.seed)
 
 
 def validate(

@@ -10,15 +10,46 @@ from __future__ import annotations
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from .config import CompressionConfig, RankPolicy, parse_input_shape
 from .errors import OnnxTuckerError, UsageError
 
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+class _OneLineErrors(TyperGroup):
+    """Click's own parse errors (a missing argument, --samples abc, an unknown option) as one
+    'error: ...' line with exit code 2, like every other error, instead of a usage block."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as e:  # `onnx-tucker` alone: the help text
+            e.show()
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "onnx-tucker"  # type: ignore[attr-defined]
+            msg = _one_line(e.format_message()).rstrip(".")
+            click.echo(f"error: {msg}; see '{where} --help'", err=True)
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("error: aborted; nothing was written", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     name="onnx-tucker",
     help="Compress ONNX CNNs with EVBMF-ranked Tucker-2 / SVD decompositions (Kim et al., ICLR 2016), "
     "validated in onnxruntime.",
@@ -47,6 +78,10 @@ SamplesOpt = Annotated[int | None, typer.Option("--samples", help="Random inputs
 DataOpt = Annotated[Path | None, typer.Option("--data", help="Validate on real data: a .npz with one array per model input (samples on the first axis) and optional 'labels' for accuracy.", show_default=False)]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice (validation inputs).")]
 RtolOpt = Annotated[float | None, typer.Option("--rtol", help="Fail when max|orig-new| > RTOL * max|orig| on any output (default: report only; 1e-4 under --ranks full).", show_default=False)]
+BenchOpt = Annotated[bool, typer.Option("--bench", help="Also measure latency of both models in onnxruntime CPU (interleaved runs, medians).")]
+ThreadsOpt = Annotated[int, typer.Option("--threads", help="onnxruntime intra-op threads for latency measurement.")]
+RunsOpt = Annotated[int, typer.Option("--runs", help="Timed runs per model for latency (after --warmup runs).")]
+WarmupOpt = Annotated[int, typer.Option("--warmup", help="Untimed warm-up runs per model before timing.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="More detail (EVBMF noise estimates, timings).")]
 
@@ -55,30 +90,52 @@ out_console = Console(width=None if sys.stdout.isatty() else 180)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 180)
 
 
+def _error_line(text: str) -> None:
+    """Every error is exactly one line on stderr, starting with 'error: '."""
+    err_console.print(f"error: {_one_line(text)}", markup=False, highlight=False, soft_wrap=True)
+
+
 @contextmanager
 def _errors(verbose: bool = False):  # type: ignore[no-untyped-def]
+    # Outputs are written through io.OutputBatch (temp file + rename), so whatever stops the run
+    # here leaves no partial file and an existing OUT untouched.
     try:
         yield
     except OnnxTuckerError as e:
-        err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        _error_line(str(e))
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
-        err_console.print("interrupted; nothing was written", markup=False)
+        _error_line("interrupted; no partial output was left (outputs are written atomically)")
         raise typer.Exit(130) from None
     except MemoryError:
-        err_console.print("error: out of memory; nothing was written", markup=False)
+        _error_line("out of memory; nothing was written: try a machine with more memory, or --include fewer layers")
         raise typer.Exit(1) from None
     except Exception as e:  # noqa: BLE001 - last resort: one line, never a bare traceback
         if verbose:
             raise
-        err_console.print(
-            f"error: unexpected {type(e).__name__}: {e} (a bug in onnx-tucker: rerun with -v for the traceback "
-            "and please report it); nothing was written",
-            markup=False,
-            highlight=False,
-            soft_wrap=True,
+        _error_line(
+            f"unexpected {type(e).__name__}: {e} (a bug in onnx-tucker: rerun with -v for the traceback "
+            "and please report it); nothing was written"
         )
         raise typer.Exit(1) from None
+
+
+def _check_outputs(input: Path, output: Path | None, sides: dict[str, Path | None]) -> None:
+    """Every output file is writable, is not the input, and no two outputs are the same file."""
+    from .io import check_output_path
+
+    taken: dict[Path, str] = {}
+    if output is not None:
+        check_output_path(output, input)
+        taken[output.resolve()] = "OUT"
+    for option, path in sides.items():
+        if path is None:
+            continue
+        check_output_path(path, input)
+        other = taken.get(path.resolve())
+        if other is not None:
+            raise UsageError(f"{option} {path}: the same file as {other}; give each output its own path")
+        taken[path.resolve()] = option
 
 
 def _config(
@@ -143,31 +200,46 @@ def compress(
     data: DataOpt = None,
     seed: SeedOpt = 0,
     rtol: RtolOpt = None,
+    bench: BenchOpt = False,
+    threads: ThreadsOpt = 1,
+    runs: RunsOpt = 20,
+    warmup: WarmupOpt = 5,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Decompose every Conv / Gemm / MatMul that gains, validate, and write OUTPUT atomically."""
+    import dataclasses
+    import json
+
     from . import api, report as rep
-    from .io import check_output_path, write_text_atomic
+    from .io import OutputBatch
 
     with _errors(verbose):
         cfg = _config(ranks, rank_scale, min_rank, round_to, include, exclude, hooi_iters, input_shape, plan,
                       validate, samples, seed, rtol, data)
-        for side in (save_plan, report, markdown):
-            if side is not None:
-                check_output_path(side, input)
+        _check_outputs(input, output, {"--save-plan": save_plan, "--report": report, "--markdown": markdown})
         with _progress(not quiet) as progress:
-            result = api.compress(input, cfg, output=output, progress=progress)
+            result = api.compress(input, cfg, output=None, progress=progress)
+        passed = result.validation is None or result.validation.passed
+        if passed:
+            result = dataclasses.replace(result, output_path=str(output))
+        latency = api.bench(input, result.model, cfg, threads, warmup, runs) if bench else None
         if not quiet:
-            rep.print_result(result, out_console, verbose)
-        if save_plan is not None:
-            result.plan.save(save_plan)
-        if report is not None:
-            write_text_atomic(report, rep.result_json(result))
-        if markdown is not None:
-            write_text_atomic(markdown, rep.result_markdown(result))
-        if result.validation is not None and not result.validation.passed:
+            rep.print_result(result, out_console, verbose, latency)
+        # OUT and the side files appear together or not at all (disk full, Ctrl-C: nothing changes).
+        with OutputBatch() as batch:
+            if passed:
+                batch.add_model(result.model, output, input)
+            if save_plan is not None:
+                batch.add_text(save_plan, json.dumps(result.plan.to_dict(), indent=2) + "\n")
+            if report is not None:
+                batch.add_text(report, rep.result_json(result, latency))
+            if markdown is not None:
+                batch.add_text(markdown, rep.result_markdown(result, latency))
+            batch.commit()
+        if not passed:
             v = result.validation
+            assert v is not None
             raise OnnxTuckerError(
                 f"{input}: validation failed: max relative output error {v.passing_rtol:.3g} > --rtol {v.rtol:g}; "
                 f"{output} was not written (raise --rtol, or keep more rank: --rank-scale / --ranks energy:F)"
@@ -201,23 +273,25 @@ def inspect(
     verbose: VerboseOpt = False,
 ) -> None:
     """Print the plan (kinds, ranks, predicted savings, kernel errors); write no model."""
+    import json
+
     from . import api, report as rep
-    from .io import check_output_path, write_text_atomic
+    from .io import OutputBatch
 
     with _errors(verbose):
         cfg = _config(ranks, rank_scale, min_rank, round_to, include, exclude, hooi_iters, input_shape, plan,
                       False, None, 0, None)
-        for side in (save_plan, report):
-            if side is not None:
-                check_output_path(side, input)
+        _check_outputs(input, None, {"--save-plan": save_plan, "--report": report})
         with _progress(not quiet) as progress:
             p = api.plan(input, cfg, progress=progress)
         if not quiet:
             rep.print_result(p, out_console, verbose)
-        if save_plan is not None:
-            p.save(save_plan)
-        if report is not None:
-            write_text_atomic(report, rep.result_json(p))
+        with OutputBatch() as batch:
+            if save_plan is not None:
+                batch.add_text(save_plan, json.dumps(p.to_dict(), indent=2) + "\n")
+            if report is not None:
+                batch.add_text(report, rep.result_json(p))
+            batch.commit()
 
 
 @app.command(name="validate", epilog="Example: onnx-tucker validate model.onnx model.tucker.onnx --rtol 0.05")
@@ -239,6 +313,8 @@ def validate_cmd(
 
     with _errors(verbose):
         cfg = _config("vbmf", 1.0, None, 1, None, None, 0, input_shape, None, True, samples, seed, rtol, data)
+        _check_outputs(original, None, {"--report": report})
+        _check_outputs(compressed, None, {"--report": report})
         v = api.validate(original, compressed, cfg)
         if not quiet:
             out_console.print(rep.validation_table(v))
@@ -248,11 +324,37 @@ def validate_cmd(
             raise OnnxTuckerError(f"{compressed}: validation failed: max relative output error {v.passing_rtol:.3g} > --rtol {v.rtol:g}")
 
 
+@app.command(name="bench", epilog="Example: onnx-tucker bench model.onnx model.tucker.onnx --threads 1 --runs 50")
+def bench_cmd(
+    original: Annotated[Path, typer.Argument(help="The original model.", show_default=False)],
+    compressed: Annotated[Path, typer.Argument(help="The model to time against it.", show_default=False)],
+    input_shape: InputShapeOpt = None,
+    threads: ThreadsOpt = 1,
+    runs: RunsOpt = 20,
+    warmup: WarmupOpt = 5,
+    seed: SeedOpt = 0,
+    report: ReportOpt = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Latency of two models in onnxruntime CPU, measured side by side (medians, p90, ratio)."""
+    from . import api, report as rep
+    from .io import write_text_atomic
+
+    with _errors(verbose):
+        cfg = _config("vbmf", 1.0, None, 1, None, None, 0, input_shape, None, False, None, seed, None)
+        lat = api.bench(original, compressed, cfg, threads, warmup, runs)
+        if not quiet:
+            out_console.print(rep.latency_table(lat))
+        if report is not None:
+            write_text_atomic(report, rep.json.dumps({"latency": rep.latency_dict(lat)}, indent=2) + "\n")
+
+
 def main() -> None:
     try:
         app()
     except UsageError as e:  # raised before a command's own handler (should not happen)
-        err_console.print(f"error: {e}", markup=False)
+        _error_line(str(e))
         sys.exit(2)
 
 

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .api import CompressionResult, ModelTotals
+from .bench import LatencyReport
 from .plan import CompressionPlan, LayerPlan
 from .validate import ValidationReport
 
@@ -97,6 +98,36 @@ def summary_table(totals: ModelTotals | dict[str, int], latency: tuple[float, fl
     return t
 
 
+def latency_table(r: LatencyReport) -> Table:
+    t = Table(
+        title=f"Latency in onnxruntime CPU ({r.threads} thread{'s' if r.threads != 1 else ''}, {r.warmup} warm-up, "
+        f"{r.runs} interleaved runs each)",
+        title_justify="left",
+    )
+    for col in ("", "median ms", "p90 ms"):
+        t.add_column(col, justify="left" if not col else "right")
+    t.add_row("original", f"{r.original_median:.3f}", f"{r.original_p90:.3f}")
+    t.add_row("compressed", f"{r.compressed_median:.3f}", f"{r.compressed_p90:.3f}")
+    t.add_row("speed-up (ratio of medians)", f"x{r.speedup:.2f}", "")
+    return t
+
+
+def latency_dict(r: LatencyReport | None) -> dict[str, Any] | None:
+    if r is None:
+        return None
+    return {
+        "threads": r.threads,
+        "warmup": r.warmup,
+        "runs": r.runs,
+        "input_shapes": {k: list(v) for k, v in r.input_shapes.items()},
+        "original_median_ms": r.original_median,
+        "original_p90_ms": r.original_p90,
+        "compressed_median_ms": r.compressed_median,
+        "compressed_p90_ms": r.compressed_p90,
+        "speedup": r.speedup,
+    }
+
+
 def validation_table(v: ValidationReport) -> Table:
     what = f"{v.samples} seeded random inputs, seed {v.seed}" if v.source == "random" else f"{v.samples} samples of {v.source}"
     title = f"Validation in onnxruntime ({what}): {v.status}"
@@ -120,16 +151,24 @@ def validation_table(v: ValidationReport) -> Table:
     return t
 
 
-def print_result(result: CompressionResult | CompressionPlan, console: Console, verbose: bool = False) -> None:
-    """The tables a user sees: per-layer, summary, validation."""
+def print_result(
+    result: CompressionResult | CompressionPlan,
+    console: Console,
+    verbose: bool = False,
+    latency: LatencyReport | None = None,
+) -> None:
+    """The tables a user sees: per-layer, summary, validation (and latency when measured)."""
     plan = result if isinstance(result, CompressionPlan) else result.plan
     console.print(layer_table(plan))
     if isinstance(result, CompressionPlan):
         console.print(summary_table(plan_totals(plan)))
         return
-    console.print(summary_table(result.totals))
+    lat = (latency.original_median, latency.compressed_median) if latency is not None else None
+    console.print(summary_table(result.totals, lat))
     if result.validation is not None:
         console.print(validation_table(result.validation))
+    if latency is not None:
+        console.print(latency_table(latency))
 
 
 def _clean(value: Any) -> Any:
@@ -179,8 +218,8 @@ def validation_dict(v: ValidationReport | None) -> dict[str, Any] | None:
     }
 
 
-def result_dict(result: CompressionResult | CompressionPlan) -> dict[str, Any]:
-    """The JSON report: top-level keys `layers`, `totals`, `validation` (and `config`, `model`)."""
+def result_dict(result: CompressionResult | CompressionPlan, latency: LatencyReport | None = None) -> dict[str, Any]:
+    """The JSON report: top-level keys `layers`, `totals`, `validation`, `latency` (and `config`, `model`)."""
     if isinstance(result, CompressionPlan):
         totals: dict[str, Any] = plan_totals(result)
         totals |= {"params_ratio": _r(totals["params_before"], totals["params_after"]),
@@ -194,6 +233,7 @@ def result_dict(result: CompressionResult | CompressionPlan) -> dict[str, Any]:
             "layers": [layer_dict(p) for p in result.plan.layers],
             "totals": totals,
             "validation": validation_dict(result.validation),
+            "latency": latency_dict(latency),
             "config": result.plan.config.to_dict(),
             "model": {
                 "input": result.input_path,
@@ -209,11 +249,11 @@ def _r(a: int, b: int) -> float | None:
     return a / b if b else None
 
 
-def result_json(result: CompressionResult | CompressionPlan) -> str:
-    return json.dumps(result_dict(result), indent=2) + "\n"
+def result_json(result: CompressionResult | CompressionPlan, latency: LatencyReport | None = None) -> str:
+    return json.dumps(result_dict(result, latency), indent=2) + "\n"
 
 
-def result_markdown(result: CompressionResult) -> str:
+def result_markdown(result: CompressionResult, latency: LatencyReport | None = None) -> str:
     """A Markdown report (the tables a user pastes into a review before shipping)."""
     t = result.totals
     lines = [
@@ -226,6 +266,13 @@ def result_markdown(result: CompressionResult) -> str:
         f"| parameters | {_fmt_int(t.params_before)} | {_fmt_int(t.params_after)} | {_ratio(t.params_before, t.params_after)} |",
         f"| MACs | {_fmt_int(t.macs_before)} | {_fmt_int(t.macs_after)} | {_ratio(t.macs_before, t.macs_after)} |",
         f"| file size | {_fmt_bytes(t.size_before)} | {_fmt_bytes(t.size_after)} | {_ratio(t.size_before, t.size_after)} |",
+    ]
+    if latency is not None:
+        lines.append(
+            f"| latency, median ms ({latency.threads} thread(s), onnxruntime CPU) | {latency.original_median:.3f} | "
+            f"{latency.compressed_median:.3f} | x{latency.speedup:.2f} |"
+        )
+    lines += [
         "",
         "| layer | kind | weight | EVBMF | ranks | params | MACs | rel. err | note |",
         "|---|---|---|---:|---:|---:|---:|---:|---|",

@@ -1,0 +1,90 @@
+"""Validation on user data (--data FILE.npz) and latency measurement (bench): behaviour, not timing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import onnx_tucker as ot
+from onnx_tucker.cli import app
+from onnx_tucker.config import RankPolicy
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "fmnist_vgg.onnx"
+
+
+@pytest.fixture()
+def data_file(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((40, 1, 28, 28)).astype(np.float32)
+    labels = rng.integers(0, 10, size=40)
+    path = tmp_path / "data.npz"
+    np.savez(path, input=x, labels=labels)
+    return path, x, labels
+
+
+def test_full_ranks_on_data_keep_accuracy_and_pass(tmp_path: Path, data_file: tuple[Path, np.ndarray, np.ndarray]) -> None:
+    path, x, labels = data_file
+    cfg = ot.CompressionConfig(ranks=RankPolicy("full"), data=str(path))
+    result = ot.compress(FIXTURE, cfg, output=tmp_path / "out.onnx")
+    v = result.validation
+    assert v is not None and v.source == str(path) and v.samples == 40
+    assert v.passed and v.outputs[0].max_rel_error < 1e-4
+    # Reference accuracy computed independently of the tool.
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(FIXTURE), providers=["CPUExecutionProvider"])
+    expected = float(np.mean(np.argmax(sess.run(None, {"input": x})[0], axis=1) == labels))
+    assert v.accuracy_before == pytest.approx(expected)
+    assert v.accuracy_after == pytest.approx(expected)
+
+
+def test_samples_caps_data(tmp_path: Path, data_file: tuple[Path, np.ndarray, np.ndarray]) -> None:
+    path, _, _ = data_file
+    cfg = ot.CompressionConfig(data=str(path), samples=7)
+    v = ot.compress(FIXTURE, cfg).validation
+    assert v is not None and v.samples == 7 and v.outputs[0].shape == (7, 10)
+
+
+def test_data_with_wrong_input_name_is_a_usage_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.npz"
+    np.savez(path, images=np.zeros((4, 1, 28, 28), np.float32), other=np.zeros((4, 3), np.float32))
+    res = CliRunner().invoke(app, ["compress", str(FIXTURE), str(tmp_path / "o.onnx"), "--data", str(path)])
+    assert res.exit_code == 2
+    assert "no array for model input 'input'" in res.output
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_data_with_wrong_sample_shape_is_a_usage_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.npz"
+    np.savez(path, input=np.zeros((4, 1, 32, 32), np.float32))
+    res = CliRunner().invoke(app, ["compress", str(FIXTURE), str(tmp_path / "o.onnx"), "--data", str(path)])
+    assert res.exit_code == 2 and "the model expects (1, 28, 28)" in res.output
+
+
+def test_bench_reports_interleaved_medians(tmp_path: Path) -> None:
+    out = tmp_path / "out.onnx"
+    ot.compress(FIXTURE, ot.CompressionConfig(validate=False), output=out)
+    lat = ot.api.bench(FIXTURE, out, runs=6, warmup=1)
+    assert len(lat.original_ms) == len(lat.compressed_ms) == 6
+    assert all(t > 0 for t in lat.original_ms + lat.compressed_ms)
+    assert lat.speedup == pytest.approx(lat.original_median / lat.compressed_median)
+    report = tmp_path / "lat.json"
+    res = CliRunner().invoke(app, ["bench", str(FIXTURE), str(out), "--runs", "4", "--warmup", "1", "--report", str(report), "-q"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(report.read_text())["latency"]
+    assert d["runs"] == 4 and d["speedup"] > 0
+
+
+def test_compress_bench_adds_latency_to_report(tmp_path: Path) -> None:
+    report = tmp_path / "r.json"
+    res = CliRunner().invoke(
+        app, ["compress", str(FIXTURE), str(tmp_path / "o.onnx"), "--bench", "--runs", "3", "--warmup", "1", "-q", "--report", str(report)]
+    )
+    assert res.exit_code == 0, res.output
+    d = json.loads(report.read_text())
+    assert set(d) >= {"layers", "totals", "validation", "latency"}
+    assert d["latency"]["runs"] == 3
