@@ -11,14 +11,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from .bench import LatencyReport, measure_latency
 from .config import CompressionConfig
 from .decompose import decompose_layer
 from .errors import ModelLoadError
-from .graph import Layer, ModelIndex, find_layers, infer_shapes, resolve_input_shapes
+from .fold import float_parameter_count
+from .graph import Layer, ModelIndex, factorised_as, find_layers, infer_shapes, resolve_input_shapes
 from .io import check_model, check_output_path, load_model, save_model
 from .plan import CompressionPlan, LayerPlan, load_plan_file, plan_layers
 from .rewrite import Replacement, apply_replacements
@@ -139,7 +139,7 @@ def _decompose(
 ) -> tuple[CompressionPlan, dict[int, Replacement]]:
     by_id = {lay.layer_id: lay for lay in prep.layers}
     replacements: dict[int, Replacement] = {}
-    cache: dict[tuple[str, str, tuple[int, ...]], object] = {}
+    cache: dict[tuple[object, ...], object] = {}
     new_plans: list[LayerPlan] = []
     todo = plan.decomposed
     for k, lp in enumerate(plan.layers):
@@ -149,9 +149,10 @@ def _decompose(
         layer = by_id[lp.name]
         if progress is not None:
             progress(lp.name, len(replacements), len(todo))
-        key = (layer.weight_name or "", lp.kind, lp.ranks or ())
+        # Layers sharing a weight (and the way it is factorised) share one decomposition.
+        key = (layer.weight_name or "", lp.kind, lp.ranks or (), factorised_as(layer))
         factors = cache.get(key)
-        if factors is None or layer.op_type != "Conv":
+        if factors is None:
             factors = decompose_layer(layer, lp, prep.index.constant_value(layer.weight_name or ""), config.hooi_iters)
             cache[key] = factors
         replacements[layer.node_index] = Replacement(layer, factors)  # type: ignore[arg-type]
@@ -161,14 +162,8 @@ def _decompose(
 
 
 def _float_params(model: onnx.ModelProto) -> int:
-    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
-    n = sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type in floats)
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value" and a.t.data_type in floats:
-                    n += int(np.prod(a.t.dims))
-    return n
+    # Counts folded weights too (ConstantOfShape, Cast, ...), each constant once as the graph reads it.
+    return float_parameter_count(model)
 
 
 def plan(model_or_path: ModelLike, config: CompressionConfig | None = None, progress: Progress | None = None) -> CompressionPlan:

@@ -8,17 +8,24 @@ same everywhere. Exit codes: 0 success, 1 failure (bad model, failed step, faile
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
 from .config import CompressionConfig, RankPolicy, parse_input_shape
 from .errors import OnnxTuckerError, UsageError
+
+try:  # recent typer vendors click as typer._click; older typer uses click itself
+    from typer._click import exceptions as _click_exc
+except ImportError:  # pragma: no cover
+    from click import exceptions as _click_exc  # type: ignore[no-redef]
+# `onnx-tucker` alone raises this (click >= 8.2) to print the help; older click prints it itself.
+_NoArgsIsHelp = getattr(_click_exc, "NoArgsIsHelpError", ())
 
 
 def _one_line(text: str) -> str:
@@ -29,21 +36,23 @@ class _OneLineErrors(TyperGroup):
     """Click's own parse errors (a missing argument, --samples abc, an unknown option) as one
     'error: ...' line with exit code 2, like every other error, instead of a usage block."""
 
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, windows_expand_args: bool = True, **extra: Any) -> Any:
         if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
         try:
-            rv = super().main(*args, standalone_mode=False, **kwargs)
-        except click.exceptions.NoArgsIsHelpError as e:  # `onnx-tucker` alone: the help text
+            rv = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        except _NoArgsIsHelp as e:  # `onnx-tucker` alone: the help text
             e.show()
             sys.exit(e.exit_code)
-        except click.ClickException as e:
-            where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "onnx-tucker"  # type: ignore[attr-defined]
+        except _click_exc.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            where = ctx.command_path if ctx is not None else "onnx-tucker"
             msg = _one_line(e.format_message()).rstrip(".")
-            click.echo(f"error: {msg}; see '{where} --help'", err=True)
+            print(f"error: {msg}; see '{where} --help'", file=sys.stderr)
             sys.exit(e.exit_code)
-        except click.exceptions.Abort:
-            click.echo("error: aborted; nothing was written", err=True)
+        except typer.Abort:
+            print("error: aborted; nothing was written", file=sys.stderr)
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
 
@@ -211,7 +220,8 @@ def compress(
     import dataclasses
     import json
 
-    from . import api, report as rep
+    from . import api
+    from . import report as rep
     from .io import OutputBatch
 
     with _errors(verbose):
@@ -275,7 +285,8 @@ def inspect(
     """Print the plan (kinds, ranks, predicted savings, kernel errors); write no model."""
     import json
 
-    from . import api, report as rep
+    from . import api
+    from . import report as rep
     from .io import OutputBatch
 
     with _errors(verbose):
@@ -308,7 +319,8 @@ def validate_cmd(
     verbose: VerboseOpt = False,
 ) -> None:
     """Compare two models' outputs on seeded random inputs in onnxruntime."""
-    from . import api, report as rep
+    from . import api
+    from . import report as rep
     from .io import write_text_atomic
 
     with _errors(verbose):
@@ -338,7 +350,8 @@ def bench_cmd(
     verbose: VerboseOpt = False,
 ) -> None:
     """Latency of two models in onnxruntime CPU, measured side by side (medians, p90, ratio)."""
-    from . import api, report as rep
+    from . import api
+    from . import report as rep
     from .io import write_text_atomic
 
     with _errors(verbose):

@@ -35,7 +35,7 @@ class RankPolicy:
             except ValueError:
                 value = math.nan
             if not 0.0 < value <= 1.0:
-                raise UsageError(f"--ranks {text}: {m.group(1)} must be in (0, 1], e.g. {m.group(1)}:0.5")
+                raise UsageError(f"--ranks {text}: {m.group(1)} must be in (0, 1]; use e.g. {m.group(1)}:0.5")
             return cls(m.group(1), value)
         raise UsageError(f"--ranks {text}: not understood; use vbmf, full, ratio:F or energy:F (0 < F <= 1)")
 
@@ -44,15 +44,15 @@ def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
     """`name:1,3,224,224` -> ("name", (1, 3, 224, 224)). The name may itself contain ':'."""
     name, sep, dims = text.rpartition(":")
     if not sep or not name:
-        raise UsageError(f"--input-shape {text}: expected NAME:D0,D1,... such as input:1,3,224,224")
+        raise UsageError(f"--input-shape {text}: not NAME:D0,D1,...; write it like input:1,3,224,224")
     try:
         shape = tuple(int(d) for d in dims.split(","))
     except ValueError:
         raise UsageError(
-            f"--input-shape {text}: dimensions must be integers separated by commas, e.g. {name}:1,3,224,224"
+            f"--input-shape {text}: dimensions must be integers; separate them by commas, e.g. {name}:1,3,224,224"
         ) from None
     if any(d <= 0 for d in shape):
-        raise UsageError(f"--input-shape {text}: every dimension must be >= 1")
+        raise UsageError(f"--input-shape {text}: a dimension is < 1; give every dimension as a positive size")
     return name, shape
 
 
@@ -62,7 +62,7 @@ def compile_pattern(text: str | None, option: str) -> re.Pattern[str] | None:
     try:
         return re.compile(text)
     except re.error as e:
-        raise UsageError(f"{option} {text!r}: not a valid regular expression ({e})") from None
+        raise UsageError(f"{option} {text!r}: not a valid regular expression ({e}); fix it or quote it for your shell") from None
 
 
 @dataclass(frozen=True)
@@ -92,17 +92,17 @@ class CompressionConfig:
 
     def __post_init__(self) -> None:
         if not self.rank_scale > 0:
-            raise UsageError(f"--rank-scale {self.rank_scale}: must be > 0")
+            raise UsageError(f"--rank-scale {self.rank_scale}: must be > 0; use e.g. 1.5 for 50% more rank")
         if self.min_rank is not None and self.min_rank < 1:
-            raise UsageError(f"--min-rank {self.min_rank}: must be >= 1")
+            raise UsageError(f"--min-rank {self.min_rank}: must be >= 1; leave it out for no floor")
         if self.round_to < 1:
-            raise UsageError(f"--round-to {self.round_to}: must be >= 1")
+            raise UsageError(f"--round-to {self.round_to}: must be >= 1; use 1 for no rounding")
         if self.hooi_iters < 0:
-            raise UsageError(f"--hooi-iters {self.hooi_iters}: must be >= 0")
+            raise UsageError(f"--hooi-iters {self.hooi_iters}: must be >= 0; use 0 for plain HOSVD")
         if self.samples is not None and self.samples < 1:
-            raise UsageError(f"--samples {self.samples}: must be >= 1")
+            raise UsageError(f"--samples {self.samples}: must be >= 1; e.g. --samples 8")
         if self.rtol is not None and not self.rtol >= 0:
-            raise UsageError(f"--rtol {self.rtol}: must be >= 0")
+            raise UsageError(f"--rtol {self.rtol}: must be >= 0; e.g. --rtol 0.05")
         compile_pattern(self.include, "--include")
         compile_pattern(self.exclude, "--exclude")
 

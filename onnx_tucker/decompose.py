@@ -35,12 +35,12 @@ def decompose_layer(layer: Layer, plan: LayerPlan, weight: np.ndarray, hooi_iter
     if plan.kind == "tucker2":
         f = tucker2(w, plan.ranks[0], plan.ranks[1], hooi_iters=hooi_iters)
         nd = w.ndim - 2
-        arrays = (_as_1x1(f.u_in.T, nd), f.core, _as_1x1(f.u_out, nd))
-        return LayerFactors("tucker2", arrays, relative_error(w, reconstruct_tucker2(f)))
+        chain = (_as_1x1(f.u_in.T, nd), f.core, _as_1x1(f.u_out, nd))
+        return LayerFactors("tucker2", chain, relative_error(w, reconstruct_tucker2(f)))
     if plan.kind == "tucker1":
         g = tucker1(w, plan.ranks[0])
-        arrays = (g.core, _as_1x1(g.u_out, w.ndim - 2))
-        return LayerFactors("tucker1", arrays, relative_error(w, reconstruct_tucker1(g)))
+        pair = (g.core, _as_1x1(g.u_out, w.ndim - 2))
+        return LayerFactors("tucker1", pair, relative_error(w, reconstruct_tucker1(g)))
     if plan.kind == "svd":
         m = svd_matrix(layer, w)
         s = truncated_svd(m, plan.ranks[0])

@@ -14,7 +14,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .errors import ModelLoadError, UsageError
+from .errors import UsageError
+from .fold import FoldError, WeightFolder
 
 DECOMPOSABLE_OPS = ("Conv", "Gemm", "MatMul")
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
@@ -38,6 +39,17 @@ class Layer:
     output_shape: Shape | None = None
     skip_reason: str | None = None  # set when the node can never be decomposed
     shared_weight: bool = False  # the weight also feeds other nodes
+    weight_folded: bool = False  # the weight is computed from constants (ConstantOfShape, Cast, ...), folded
+
+
+def factorised_as(layer: Layer) -> tuple[int, float]:
+    """What decides the matrix a weight is factorised as, beyond the weight itself (Gemm transB, alpha).
+
+    Layers sharing one weight can share one set of factors only when these agree.
+    """
+    if layer.op_type != "Gemm":
+        return (0, 1.0)
+    return (int(layer.attrs.get("transB", 0)), float(layer.attrs.get("alpha", 1.0)))  # type: ignore[call-overload,arg-type]
 
 
 def layer_id_of(node: onnx.NodeProto) -> str:
@@ -45,7 +57,11 @@ def layer_id_of(node: onnx.NodeProto) -> str:
 
 
 class ModelIndex:
-    """Name lookups over a model's top-level graph, built once per pass."""
+    """Name lookups over a model's top-level graph, built once per pass.
+
+    "Constant" means an initializer, a `Constant` node's output, or a tensor computed from those
+    only (folded by `fold.WeightFolder`: ConstantOfShape, Identity, Cast, Reshape, Transpose, ...).
+    """
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
@@ -66,9 +82,18 @@ class ModelIndex:
                     self.consumers[name].append(-1)
         self.graph_outputs = {o.name for o in g.output}
         self.graph_inputs = {i.name for i in g.input}
+        self.folder = WeightFolder(model)
 
     def is_constant(self, name: str) -> bool:
-        return name in self.initializers or name in self.constant_nodes
+        return self.folder.origin(name).constant
+
+    def not_constant_reason(self, name: str) -> str | None:
+        """Why `name` is not a constant (None when it is)."""
+        return self.folder.origin(name).reason
+
+    def is_folded(self, name: str) -> bool:
+        """A constant computed by nodes other than a plain `Constant` node."""
+        return name not in self.constant_nodes and self.folder.origin(name).folded
 
     def constant_dtype(self, name: str) -> int | None:
         if name in self.initializers:
@@ -78,7 +103,9 @@ class ModelIndex:
             for a in node.attribute:
                 if a.name == "value":
                     return a.t.data_type
-            return onnx.TensorProto.FLOAT
+            return helper.np_dtype_to_tensor_dtype(self.constant_value(name).dtype)
+        if self.is_constant(name):
+            return self.folder.meta(name)[1]
         return None
 
     def constant_shape(self, name: str) -> tuple[int, ...] | None:
@@ -86,12 +113,16 @@ class ModelIndex:
             return tuple(self.initializers[name].dims)
         if name in self.constant_nodes:
             return tuple(self.constant_value(name).shape)
+        if self.is_constant(name):
+            return self.folder.meta(name)[0]
         return None
 
     def constant_value(self, name: str) -> np.ndarray:
         if name in self.initializers:
             return numpy_helper.to_array(self.initializers[name])
-        node = self.constant_nodes[name]
+        node = self.constant_nodes.get(name)
+        if node is None:
+            return self.folder.value(name)
         for a in node.attribute:
             if a.name == "value":
                 return numpy_helper.to_array(a.t)
@@ -103,7 +134,8 @@ class ModelIndex:
                 return np.array(a.i, dtype=np.int64)
             if a.name == "value_ints":
                 return np.array(list(a.ints), dtype=np.int64)
-        raise ModelLoadError(f"Constant node '{node.name}' has no value attribute onnx-tucker can read")
+        # sparse_value and friends: let the reference runtime materialise them.
+        return self.folder.value(name)
 
 
 def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
@@ -166,7 +198,8 @@ def resolve_input_shapes(
             if dims is not None and len(dims) != len(given):
                 raise UsageError(
                     f"--input-shape {name}:{','.join(map(str, given))}: input '{name}' of {source} has "
-                    f"{len(dims)} dimensions, not {len(given)}"
+                    f"{len(dims)} dimensions, not {len(given)}; give all {len(dims)}, e.g. --input-shape {name}:"
+                    + ",".join("1" if d is None else str(d) for d in dims)
                 )
             shapes[name] = tuple(given)
             continue
@@ -174,9 +207,12 @@ def resolve_input_shapes(
             raise UsageError(f"{source}: input '{name}' has no declared shape; pass --input-shape {name}:D0,D1,...")
         fixed = [d if d is not None else (1 if i == 0 else None) for i, d in enumerate(dims)]
         if any(d is None for d in fixed):
-            shown = ",".join("?" if d is None else str(d) for d in dims)
+            # Show a declared 0 as 0: a zero-size dimension is not the same problem as a symbolic one.
+            raw = [d.dim_value if d.HasField("dim_value") else None for d in by_name[name].type.tensor_type.shape.dim]
+            shown = ",".join("?" if d is None else str(d) for d in raw)
+            what = "zero-size" if 0 in raw[1:] else "dynamic"
             raise UsageError(
-                f"{source}: input '{name}' has dynamic dimensions ({shown}); fix them with "
+                f"{source}: input '{name}' has {what} dimensions ({shown}); fix them with "
                 f"--input-shape {name}:" + ",".join("1" if d is None else str(d) for d in dims)
             )
         shapes[name] = tuple(int(d) for d in fixed if d is not None)
@@ -294,12 +330,26 @@ def _describe(
 
     if node.op_type == "MatMul" and x and idx.is_constant(x) and not idx.is_constant(w):
         return skip("the constant is the left operand (W @ X); only X @ W is decomposed")
-    if not w or not idx.is_constant(w):
-        return skip("weight is computed at run time (not a constant initializer)")
-    wshape = idx.constant_shape(w) or ()
-    dtype_code = idx.constant_dtype(w)
+    if not w:
+        return skip(f"{node.op_type} has no weight input")
+    why = idx.not_constant_reason(w)
+    if why is not None:
+        tail = "; only constant weights are decomposed" if "run time from graph input" in why else ""
+        return skip(f"weight '{w}' is {why}{tail}")
+    folded = idx.is_folded(w)
+    try:
+        wshape = idx.constant_shape(w) or ()
+        dtype_code = idx.constant_dtype(w)
+    except FoldError as e:
+        return skip(f"{e}; layer left as is")
     dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype_code).name if dtype_code else "?"
-    info = dict(weight_name=w, weight_shape=tuple(int(d) for d in wshape), weight_dtype=dtype, shared_weight=weight_uses[w] > 1)
+    info = dict(
+        weight_name=w,
+        weight_shape=tuple(int(d) for d in wshape),
+        weight_dtype=dtype,
+        shared_weight=weight_uses[w] > 1,
+        weight_folded=folded,
+    )
     if dtype_code not in _FLOAT_TYPES:
         return skip(f"weight dtype {dtype} is not floating point (quantized layers are left alone)", **info)
     if any(d == 0 for d in wshape):
@@ -313,7 +363,7 @@ def _describe(
             kind = "depthwise" if wshape[1] == 1 and group > 1 else "grouped"
             return skip(f"{kind} conv (group={group}): Tucker-2 across groups is not implemented", **info)
         if bias is not None and not idx.is_constant(bias):
-            return skip("bias is computed at run time (not a constant)", **info)
+            return skip(f"bias '{bias}' is {idx.not_constant_reason(bias)}: a Conv bias must be constant", **info)
     elif node.op_type == "Gemm":
         if len(wshape) != 2:
             return skip(f"Gemm weight has rank {len(wshape)}; expected 2", **info)

@@ -1,13 +1,28 @@
 """Loading and saving ONNX models: clear errors for bad files, atomic writes, input never overwritten.
 
-One of the two modules (with `graph`) that touch ONNX protobuf.
+One of the modules (with `graph` and `rewrite`) that touch ONNX protobuf.
+
+Every check on a model happens here, before planning: a bad file gives one `ModelLoadError` of the
+form "<file>: <problem>; <fix>", never a traceback from deep inside numpy or onnxruntime. We refuse a
+model only where onnxruntime would refuse it too: when `onnx.checker` is stricter than onnxruntime
+(a graph output without a shape, an unsorted graph), onnxruntime has the last word.
+
+Writing: every output goes to a temporary file in its own folder and is renamed into place only when
+everything has been written (`OutputBatch`), so a failure (disk full, Ctrl-C) leaves no half-written
+file and a pre-existing output untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
+import math
 import os
+import re
 import tempfile
+from collections import defaultdict, deque
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -15,69 +30,436 @@ from google.protobuf.message import DecodeError
 
 from .errors import ModelLoadError, ModelSaveError, UsageError
 
+log = logging.getLogger("onnx_tucker")
+
 # Protobuf refuses to serialise a message over 2 GiB; stay clearly below it.
 PROTOBUF_LIMIT = 2**31 - 2**24
+# The oldest default-domain opset onnx-tucker supports (issue 2: "opset 7 and up").
+MIN_OPSET = 7
+# Tensors at least this big go to the external data file when a model is saved with external data.
+EXTERNAL_THRESHOLD = 1024
+
+_TP = onnx.TensorProto
+# Bytes per element of the fixed-size dtypes (packed 4-bit and string tensors are not size-checked).
+_ITEMSIZE: dict[int, int] = {
+    _TP.FLOAT: 4, _TP.DOUBLE: 8, _TP.FLOAT16: 2, _TP.BFLOAT16: 2, _TP.INT8: 1, _TP.UINT8: 1,
+    _TP.INT16: 2, _TP.UINT16: 2, _TP.INT32: 4, _TP.UINT32: 4, _TP.INT64: 8, _TP.UINT64: 8,
+    _TP.BOOL: 1, _TP.COMPLEX64: 8, _TP.COMPLEX128: 16,
+}
+# Which typed field holds the values when raw_data is not used (and values per element).
+_TYPED_FIELD: dict[int, tuple[str, int]] = {
+    _TP.FLOAT: ("float_data", 1), _TP.DOUBLE: ("double_data", 1), _TP.INT64: ("int64_data", 1),
+    _TP.INT32: ("int32_data", 1), _TP.INT16: ("int32_data", 1), _TP.INT8: ("int32_data", 1),
+    _TP.UINT16: ("int32_data", 1), _TP.UINT8: ("int32_data", 1), _TP.BOOL: ("int32_data", 1),
+    _TP.FLOAT16: ("int32_data", 1), _TP.BFLOAT16: ("int32_data", 1), _TP.UINT32: ("uint64_data", 1),
+    _TP.UINT64: ("uint64_data", 1), _TP.COMPLEX64: ("float_data", 2), _TP.COMPLEX128: ("double_data", 2),
+}
+
+_REEXPORT = "re-export or re-download the model"
+
+
+# ---- loading ------------------------------------------------------------------------------------
 
 
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
-    """Read an ONNX model (with its external data) or raise ModelLoadError naming file and fix."""
+    """Read and check an ONNX model (with its external data) or raise ModelLoadError.
+
+    The returned model passed every check of `check_model`; its nodes are in topological order.
+    """
     p = Path(path)
     if not p.exists():
-        raise ModelLoadError(f"{p}: no such file; check the path")
+        hint = " (a broken symbolic link)" if p.is_symlink() else ""
+        raise ModelLoadError(f"{p}: no such file{hint}; check the path")
     if p.is_dir():
-        raise ModelLoadError(f"{p}: is a folder, not an ONNX file; pass the .onnx file inside it")
-    size = p.stat().st_size
-    if size == 0:
-        raise ModelLoadError(f"{p}: the file is empty (0 bytes); re-export the model")
+        found = sorted(p.glob("*.onnx"))
+        hint = f" such as {found[0]}" if found else ""
+        raise ModelLoadError(f"{p}: is a folder, not an ONNX file; pass the .onnx file inside it{hint}")
+    if not p.is_file():
+        raise ModelLoadError(f"{p}: not a regular file (a device or pipe?); pass an .onnx file")
     try:
-        model = onnx.load(str(p), load_external_data=False)
-    except (DecodeError, RuntimeError, ValueError) as e:
-        raise ModelLoadError(
-            f"{p}: not a readable ONNX model (protobuf parse failed: {_first_line(e)}); "
-            "the file is truncated or not ONNX: re-export or re-download it"
-        ) from None
+        size = p.stat().st_size
+        if size == 0:
+            raise ModelLoadError(f"{p}: the file is empty (0 bytes); {_REEXPORT}")
+        with open(p, "rb") as f:
+            data = f.read()
     except OSError as e:
-        raise ModelLoadError(f"{p}: cannot read the file ({e.strerror}); check its permissions") from None
-    if not model.HasField("graph") or (len(model.graph.node) == 0 and len(model.graph.output) == 0):
-        raise ModelLoadError(
-            f"{p}: parsed as protobuf but holds no ONNX graph (is it really an .onnx model?); "
-            "re-export the model"
-        )
-    if not model.opset_import and model.ir_version >= 3:
-        raise ModelLoadError(f"{p}: the model declares no opset_import; re-export it with an opset")
+        raise ModelLoadError(f"{p}: cannot read the file ({e.strerror or e}); check its permissions") from None
+    model = _parse(data, p)
+    del data
+    model = check_model(model, str(p), model_path=p)
     _load_external_data(model, p)
     return model
 
 
-def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
-
-    base = path.resolve().parent
-    for tensor in _get_all_tensors(model):
-        if not uses_external_data(tensor):
-            continue
-        info = {e.key: e.value for e in tensor.external_data}
-        location = info.get("location", "")
-        target = (base / location).resolve()
-        if os.path.isabs(location) or not target.is_relative_to(base):
-            raise ModelLoadError(
-                f"{path}: tensor '{tensor.name}' points at external data '{location}' outside the "
-                "model's folder; refused for safety: move the data file next to the model"
-            )
-        if not target.is_file():
-            raise ModelLoadError(
-                f"{path}: external data file '{location}' for tensor '{tensor.name}' is missing; "
-                "copy it next to the model"
-            )
+def _parse(data: bytes, p: Path) -> onnx.ModelProto:
+    model = onnx.ModelProto()
     try:
-        onnx.load_external_data_for_model(model, str(base))
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as e:
+        raise ModelLoadError(f"{p}: not a readable ONNX model ({_sniff(data) or _first_line(e)}); {_REEXPORT}") from None
+    if not model.HasField("graph"):
+        raise ModelLoadError(f"{p}: parses as protobuf but is not an ONNX model ({_not_a_model(data)}); {_REEXPORT}")
+    return model
+
+
+def _sniff(data: bytes) -> str | None:
+    """Name well-known non-ONNX formats, so the fix can say what to do with them."""
+    head = data[:16]
+    if head.startswith(b"PK\x03\x04"):
+        return "a ZIP archive, e.g. a PyTorch checkpoint: export it with torch.onnx.export first"
+    if head.startswith(b"\x89HDF"):
+        return "an HDF5 file, e.g. a Keras model: convert it with tf2onnx first"
+    if data[4:8] == b"TFL3":
+        return "a TensorFlow Lite model: convert it with tf2onnx first"
+    if data[4:8] == b"ORTM":
+        return "an onnxruntime .ort model: use the .onnx model it was converted from"
+    if head.lstrip().startswith((b"{", b"[")):
+        return "a JSON file, not a protobuf"
+    if re.match(rb"\s*<?\s*(ir_version|opset_import)", head):
+        return "ONNX text format: convert it with onnx.parser.parse_model and onnx.save first"
+    if head.lstrip()[:1] == b"<":
+        return "an HTML/XML file, e.g. a download error page"
+    return "protobuf parse failed: the file is truncated or not ONNX at all"
+
+
+def _not_a_model(data: bytes) -> str:
+    """What a protobuf without a graph probably is (a bare GraphProto / NodeProto / TensorProto)."""
+    with contextlib.suppress(DecodeError, RuntimeError, ValueError):
+        g = onnx.GraphProto()
+        g.ParseFromString(data)
+        if len(g.node) and (len(g.input) or len(g.output) or len(g.initializer)):
+            return "it looks like a bare GraphProto: wrap it with onnx.helper.make_model"
+    return "it holds no graph: it may be a TensorProto, a NodeProto or another protobuf"
+
+
+def check_model(
+    model: onnx.ModelProto, source: str = "model", model_path: Path | None = None
+) -> onnx.ModelProto:
+    """Every check a model must pass before planning, with one clear message per problem.
+
+    Header (IR version, opsets), tensor data (sizes, external data locations), graph structure
+    (one producer per tensor, every input defined, no cycle), then `onnx.checker`. Returns the
+    model, or a copy with its nodes topologically sorted when they were not.
+    """
+    _check_header(model, source)
+    _check_tensors(model, source, model_path)
+    order = _check_structure(model, source)
+    if order is not None:
+        log.info("%s: nodes were not in topological order; sorted them", source)
+        sorted_model = onnx.ModelProto()
+        sorted_model.CopyFrom(model)
+        nodes = [sorted_model.graph.node[i] for i in order]
+        copies = [onnx.NodeProto() for _ in nodes]
+        for c, n in zip(copies, nodes, strict=True):
+            c.CopyFrom(n)
+        del sorted_model.graph.node[:]
+        sorted_model.graph.node.extend(copies)
+        model = sorted_model
+    _run_checker(model, source, model_path if order is None else None)
+    return model
+
+
+def _check_header(model: onnx.ModelProto, source: str) -> None:
+    if model.ir_version <= 0:
+        raise ModelLoadError(f"{source}: the model has no ir_version; {_REEXPORT} (onnx.helper.make_model sets it)")
+    if model.ir_version > onnx.IR_VERSION:
+        raise ModelLoadError(
+            f"{source}: IR version {model.ir_version} is newer than this onnx {onnx.__version__} reads "
+            f"(up to {onnx.IR_VERSION}); upgrade onnx (pip install -U onnx) or export with an older IR version"
+        )
+    if not model.opset_import and model.ir_version >= 3:
+        raise ModelLoadError(f"{source}: the model declares no opset_import; re-export it with an opset")
+    newest = onnx.defs.onnx_opset_version()
+    for imp in model.opset_import:
+        if imp.domain not in ("", "ai.onnx"):
+            continue
+        if imp.version < MIN_OPSET:
+            raise ModelLoadError(
+                f"{source}: opset {imp.version} is older than opset {MIN_OPSET}, the oldest onnx-tucker supports; "
+                "upgrade the model: onnx.version_converter.convert_version(model, 13), or re-export it"
+            )
+        if imp.version > newest:
+            raise ModelLoadError(
+                f"{source}: opset {imp.version} of the default domain is newer than this onnx {onnx.__version__} "
+                f"knows (up to {newest}); re-export the model with opset {newest} or older, or upgrade onnx"
+            )
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    from onnx.external_data_helper import _get_all_tensors
+
+    return iter(_get_all_tensors(model))
+
+
+def _check_tensors(model: onnx.ModelProto, source: str, model_path: Path | None) -> None:
+    """Sizes of every tensor's data, and external data references (inside the folder, present)."""
+    from onnx.external_data_helper import uses_external_data
+
+    base = model_path.resolve().parent if model_path is not None else None
+    for t in _all_tensors(model):
+        if any(d < 0 for d in t.dims):
+            raise ModelLoadError(f"{source}: tensor '{t.name}' has a negative dimension {list(t.dims)}; {_REEXPORT}")
+        n = math.prod(t.dims)
+        itemsize = _ITEMSIZE.get(t.data_type)
+        if uses_external_data(t):
+            _check_external(t, n * itemsize if itemsize else None, source, base)
+        elif itemsize is not None and t.HasField("raw_data"):
+            if len(t.raw_data) != n * itemsize:
+                raise ModelLoadError(
+                    f"{source}: tensor '{t.name}' holds {len(t.raw_data)} bytes but its shape {list(t.dims)} "
+                    f"needs {n * itemsize}; the file is corrupt: {_REEXPORT}"
+                )
+        elif t.data_type in _TYPED_FIELD:
+            field, per = _TYPED_FIELD[t.data_type]
+            have = len(getattr(t, field))
+            if have != n * per:
+                raise ModelLoadError(
+                    f"{source}: tensor '{t.name}' holds {have // per} values but its shape {list(t.dims)} "
+                    f"needs {n}; the file is corrupt: {_REEXPORT}"
+                )
+
+
+def _check_external(t: onnx.TensorProto, nbytes: int | None, source: str, base: Path | None) -> None:
+    info = {e.key: e.value for e in t.external_data}
+    location = info.get("location", "")
+    if base is None:
+        raise ModelLoadError(
+            f"{source}: tensor '{t.name}' refers to external data '{location}' that was never loaded; "
+            "load the model from its file (onnx_tucker.io.load_model) so the data is found"
+        )
+    target = (base / location).resolve()
+    if not location or os.path.isabs(location) or not target.is_relative_to(base):
+        raise ModelLoadError(
+            f"{source}: tensor '{t.name}' points at external data '{location}' outside the model's folder; "
+            "refused for safety: move the data file next to the model and set its location to the bare file name"
+        )
+    if not target.is_file():
+        raise ModelLoadError(
+            f"{source}: external data file '{location}' for tensor '{t.name}' is missing from {base}; "
+            "copy it next to the model"
+        )
+    try:
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else None
+    except ValueError:
+        raise ModelLoadError(f"{source}: tensor '{t.name}' has a malformed external data offset/length; {_REEXPORT}") from None
+    avail = target.stat().st_size
+    need = length if length is not None else nbytes
+    if need is not None and offset + need > avail:
+        raise ModelLoadError(
+            f"{source}: external data file '{location}' has {avail} bytes but tensor '{t.name}' needs bytes "
+            f"{offset}..{offset + need}; the data file is truncated or belongs to another model: copy the right one"
+        )
+    if length is not None and nbytes is not None and length != nbytes:
+        raise ModelLoadError(
+            f"{source}: tensor '{t.name}' stores {length} bytes externally but its shape {list(t.dims)} needs "
+            f"{nbytes}; {_REEXPORT}"
+        )
+
+
+def _node_label(node: onnx.NodeProto) -> str:
+    out = node.output[0] if node.output else "?"
+    return f"node '{node.name}' ({node.op_type})" if node.name else f"{node.op_type} node writing '{out}'"
+
+
+def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield a.g
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            yield from a.graphs
+
+
+def _subgraph_outer_reads(node: onnx.NodeProto) -> set[str]:
+    """Names an If/Loop/Scan body reads from the enclosing graph (implicit inputs of `node`)."""
+    reads: set[str] = set()
+
+    def visit(g: onnx.GraphProto, enclosing: set[str]) -> None:
+        local = {i.name for i in g.input} | {t.name for t in g.initializer}
+        for n in g.node:
+            local.update(n.output)
+        for n in g.node:
+            reads.update(x for x in n.input if x and x not in local and x not in enclosing)
+            for sub in _subgraphs(n):
+                visit(sub, enclosing | local)
+
+    for sub in _subgraphs(node):
+        visit(sub, set())
+    return reads
+
+
+def _check_structure(model: onnx.ModelProto, source: str) -> list[int] | None:
+    """One producer per tensor, every tensor read is defined, and no cycle.
+
+    Returns a topological order of the nodes when the graph is acyclic but not sorted (onnxruntime
+    sorts such graphs itself), else None.
+    """
+    g = model.graph
+    where: dict[str, str] = {}
+    for i in g.input:
+        where[i.name] = f"graph input '{i.name}'"
+    for t in g.initializer:
+        # Old IR lists initializers as graph inputs too: that is one definition, not two.
+        where.setdefault(t.name, f"initializer '{t.name}'")
+    # onnxruntime refuses two nodes with the same (non-empty) name, so we do too, before any work.
+    named: dict[str, int] = {}
+    for k, node in enumerate(g.node):
+        if node.name and named.setdefault(node.name, k) != k:
+            raise ModelLoadError(
+                f"{source}: two nodes are named '{node.name}' ({g.node[named[node.name]].op_type} and "
+                f"{node.op_type}); onnxruntime refuses duplicate node names: give every node a unique name"
+            )
+    producer: dict[str, int] = {}
+    for k, node in enumerate(g.node):
+        for out in node.output:
+            if not out:
+                continue
+            if out in producer or out in where:
+                first = _node_label(g.node[producer[out]]) if out in producer else where[out]
+                raise ModelLoadError(
+                    f"{source}: tensor '{out}' is written by both {first} and {_node_label(node)}; "
+                    f"every tensor needs one producer: {_REEXPORT}"
+                )
+            producer[out] = k
+    deps: list[set[int]] = []
+    for node in g.node:
+        reads = [x for x in node.input if x] + sorted(_subgraph_outer_reads(node))
+        mine: set[int] = set()
+        for name in reads:
+            if name in producer:
+                mine.add(producer[name])
+            elif name not in where and name in node.input:
+                raise ModelLoadError(
+                    f"{source}: {_node_label(node)} reads tensor '{name}', which no node, initializer or graph "
+                    f"input defines; the graph is broken: {_REEXPORT}"
+                )
+        deps.append(mine)
+    for o in g.output:
+        if o.name not in producer and o.name not in where:
+            raise ModelLoadError(f"{source}: graph output '{o.name}' is never computed by any node; {_REEXPORT}")
+
+    if all(d < k for k, dk in enumerate(deps) for d in dk):
+        return None
+    # Kahn's algorithm, stable: keeps the file's order wherever it is already valid.
+    users: dict[int, list[int]] = defaultdict(list)
+    missing = [len(d) for d in deps]
+    for k, dk in enumerate(deps):
+        for d in dk:
+            users[d].append(k)
+    ready = deque(k for k, m in enumerate(missing) if m == 0)
+    order: list[int] = []
+    while ready:
+        k = ready.popleft()
+        order.append(k)
+        for u in sorted(users[k]):
+            missing[u] -= 1
+            if missing[u] == 0:
+                ready.append(u)
+    if len(order) < len(g.node):
+        left = {k for k, m in enumerate(missing) if m > 0}
+        raise ModelLoadError(
+            f"{source}: the graph has a cycle: {_cycle(deps, left, g)}; ONNX graphs must be acyclic: {_REEXPORT}"
+        )
+    return order
+
+
+def _cycle(deps: list[set[int]], left: set[int], g: onnx.GraphProto) -> str:
+    """One cycle among the nodes Kahn's algorithm could not schedule, as 'a -> b -> a'."""
+    k = min(left)
+    path: list[int] = []
+    seen: dict[int, int] = {}
+    while k not in seen:
+        seen[k] = len(path)
+        path.append(k)
+        k = min(d for d in deps[k] if d in left)
+    loop = list(reversed(path[seen[k]:]))  # producer -> consumer order
+    first = loop.index(min(loop))  # start at the node that comes first in the file
+    loop = loop[first:] + loop[:first]
+    names = [g.node[i].name or f"{g.node[i].op_type}:{g.node[i].output[0]}" for i in loop]
+    return " -> ".join(names + names[:1])
+
+
+def _run_checker(model: onnx.ModelProto, source: str, model_path: Path | None) -> None:
+    """onnx.checker at the model's own IR/opset; when it fails, onnxruntime decides."""
+    from onnx.external_data_helper import uses_external_data
+
+    external = any(uses_external_data(t) for t in _all_tensors(model))
+    try:
+        if external and model_path is not None:
+            onnx.checker.check_model(str(model_path))  # the path form finds the data files
+        elif external:
+            return  # cannot check a model whose data was left behind; ort fails later with a clear error
+        elif model.ByteSize() > PROTOBUF_LIMIT:
+            return  # too big to hand to the checker in one message; the structure checks above ran
+        else:
+            onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError) as e:
+        if _onnxruntime_loads(model, model_path):
+            # Not shown by default: the user's model is fine for onnxruntime, which is what counts.
+            log.info("%s: onnx.checker: %s (onnxruntime loads it: continuing)", source, _first_line(e))
+            return
+        raise ModelLoadError(f"{source}: fails onnx.checker: {_checker_message(e)}; {_REEXPORT}") from None
+
+
+def checker_message(model: onnx.ModelProto) -> str | None:
+    """What onnx.checker says about an in-memory model (None: it passes). For callers that must
+    tell a problem they introduced from one the input already had (see `_run_checker`)."""
+    if model.ByteSize() > PROTOBUF_LIMIT:
+        return None
+    try:
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError) as e:
+        return _checker_message(e)
+    return None
+
+
+def _checker_message(e: BaseException) -> str:
+    text = str(e)
+    m = re.search(r"Name:\s*(\S*)\s+OpType:\s*(\S+)", text)
+    first = _first_line(e)
+    if m:
+        who = f"node '{m.group(1)}' ({m.group(2)})" if m.group(1) else f"a {m.group(2)} node"
+        return f"{who}: {first}"
+    return first
+
+
+def _onnxruntime_loads(model: onnx.ModelProto, model_path: Path | None) -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        if model_path is not None:
+            ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        elif model.ByteSize() <= PROTOBUF_LIMIT:
+            ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        else:
+            return False
+    except Exception:  # noqa: BLE001 - onnxruntime raises several unrelated exception types
+        return False
+    return True
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    from onnx.external_data_helper import uses_external_data
+
+    if not any(uses_external_data(t) for t in _all_tensors(model)):
+        return
+    try:
+        onnx.load_external_data_for_model(model, str(path.resolve().parent))
     except (OSError, ValueError, onnx.checker.ValidationError) as e:
         raise ModelLoadError(f"{path}: cannot read external data ({_first_line(e)}); check the data files") from None
 
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+    return text[0].strip() if text else type(e).__name__
+
+
+# ---- writing ------------------------------------------------------------------------------------
 
 
 def check_output_path(output: str | os.PathLike[str], input_path: str | os.PathLike[str] | None) -> Path:
@@ -86,16 +468,16 @@ def check_output_path(output: str | os.PathLike[str], input_path: str | os.PathL
     if input_path is not None:
         inp = Path(input_path)
         same = out.resolve() == inp.resolve()
-        if not same and out.exists():
+        if not same and out.exists() and inp.exists():
             with contextlib.suppress(OSError):
-                same = os.path.samefile(out, inp)
+                same = os.path.samefile(out, inp)  # a hard link to the input
         if same:
-            raise UsageError(
-                f"{out}: output is the input file; refusing to overwrite it: choose another OUT path"
-            )
+            raise UsageError(f"{out}: output is the input file {inp}; refusing to overwrite it: choose another OUT path")
     if out.is_dir():
         raise UsageError(f"{out}: is a folder; give a file name such as {out / 'model.tucker.onnx'}")
     parent = out.resolve().parent
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"{out}: {parent} is a file, not a folder; choose another OUT path")
     if not parent.is_dir():
         raise UsageError(f"{out}: the folder {parent} does not exist; create it first (mkdir -p {parent})")
     if not os.access(parent, os.W_OK):
@@ -105,6 +487,151 @@ def check_output_path(output: str | os.PathLike[str], input_path: str | os.PathL
 
 def serialized_size(model: onnx.ModelProto) -> int:
     return model.ByteSize()
+
+
+def _write_error(target: Path, e: OSError) -> ModelSaveError:
+    reason = e.strerror or str(e) or type(e).__name__
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some disk space or choose another folder"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "choose a writable folder"
+    else:
+        fix = "check the folder"
+    return ModelSaveError(f"{target}: could not write ({reason}); nothing was written: {fix}")
+
+
+class OutputBatch:
+    """Files that appear together or not at all: each is written to a temporary file beside its
+    final path, and all are renamed into place by `commit()`.
+
+    Used as a context manager, leaving the block with an exception (disk full, Ctrl-C) deletes
+    every temporary file; outputs that existed before stay byte-identical.
+    """
+
+    def __init__(self) -> None:
+        self._staged: list[tuple[str, Path]] = []  # (temporary file, final path)
+
+    def __enter__(self) -> OutputBatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+    def _temp(self, final: Path) -> str:
+        parent = final.resolve().parent
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=parent)
+        except OSError as e:
+            raise _write_error(final, e) from None
+        os.close(fd)
+        self._staged.append((tmp, final))
+        return tmp
+
+    def _write(self, final: Path, chunks: Iterator[bytes] | list[bytes]) -> None:
+        tmp = self._temp(final)
+        try:
+            with open(tmp, "wb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise _write_error(final, e) from None
+
+    def add_text(self, path: str | os.PathLike[str], text: str) -> Path:
+        out = Path(path)
+        parent = out.resolve().parent
+        if not parent.is_dir():
+            raise UsageError(f"{out}: the folder {parent} does not exist; create it first (mkdir -p {parent})")
+        self._write(out, [text.encode("utf-8")])
+        return out
+
+    def add_model(
+        self,
+        model: onnx.ModelProto,
+        output: str | os.PathLike[str],
+        input_path: str | os.PathLike[str] | None = None,
+        external_data: bool | None = None,
+    ) -> Path:
+        """Stage `model` for `output`; with external data, its weights go to `<OUT name>.data` beside it."""
+        out = check_output_path(output, input_path)
+        use_external = external_data if external_data is not None else serialized_size(model) > PROTOBUF_LIMIT
+        if not use_external:
+            self._write(out, [model.SerializeToString()])
+            return out
+        data_path = out.with_name(out.name + ".data")
+        if input_path is not None:
+            check_output_path(data_path, input_path)
+        tmp_data = self._temp(data_path)
+        try:
+            with open(tmp_data, "wb") as f, _externalized(model, f, data_path.name):
+                f.flush()
+                os.fsync(f.fileno())
+                payload = model.SerializeToString()
+        except OSError as e:
+            raise _write_error(data_path, e) from None
+        self._write(out, [payload])
+        return out
+
+    def commit(self) -> None:
+        """Rename every staged file into place, data files before the models that point at them."""
+        staged, self._staged = self._staged, []
+        try:
+            while staged:
+                tmp, final = staged[0]
+                os.replace(tmp, final)
+                staged.pop(0)
+        except OSError as e:
+            self._staged = staged
+            raise _write_error(staged[0][1], e) from None
+
+    def discard(self) -> None:
+        for tmp, _ in self._staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        self._staged = []
+
+
+@contextlib.contextmanager
+def _externalized(model: onnx.ModelProto, f, location: str):  # type: ignore[no-untyped-def]
+    """Move every big tensor's bytes into the open file `f` and point the tensor at `location`,
+    then put the model back as it was. The bytes are moved, not copied: no second copy of the
+    weights is ever held, which matters for the > 2 GB models that need external data at all."""
+    from onnx import numpy_helper
+
+    # (tensor, its raw bytes, or a copy of the tensor when it held typed fields instead)
+    saved: list[tuple[onnx.TensorProto, bytes | None, onnx.TensorProto | None]] = []
+    try:
+        for t in _all_tensors(model):
+            if t.data_location == _TP.EXTERNAL or t.data_type not in _ITEMSIZE:
+                continue
+            if math.prod(t.dims) * _ITEMSIZE[t.data_type] < EXTERNAL_THRESHOLD:
+                continue
+            if t.HasField("raw_data"):
+                raw, keep = t.raw_data, None
+                t.ClearField("raw_data")
+            else:
+                keep = onnx.TensorProto()
+                keep.CopyFrom(t)
+                raw = numpy_helper.to_array(t).tobytes()
+                t.ClearField(_TYPED_FIELD[t.data_type][0])
+            saved.append((t, raw if keep is None else None, keep))
+            offset = f.tell()
+            f.write(raw)
+            del raw
+            t.data_location = _TP.EXTERNAL
+            for k, v in (("location", location), ("offset", str(offset)), ("length", str(f.tell() - offset))):
+                entry = t.external_data.add()
+                entry.key, entry.value = k, v
+        yield
+    finally:
+        for t, moved, keep in saved:
+            if keep is not None:
+                t.CopyFrom(keep)
+            else:
+                del t.external_data[:]
+                t.data_location = _TP.DEFAULT
+                t.raw_data = moved or b""
 
 
 def save_model(
@@ -118,80 +645,15 @@ def save_model(
     Models too big for one protobuf (or `external_data=True`) are written with their weights in
     `<OUT name>.data` beside OUT, also atomically. The input is never overwritten.
     """
-    out = check_output_path(output, input_path)
-    use_external = external_data if external_data is not None else serialized_size(model) > PROTOBUF_LIMIT
-    parent = out.resolve().parent
-    tmp_model = tmp_data = None
-    try:
-        fd, tmp_model = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
-        os.close(fd)
-        if use_external:
-            data_name = out.name + ".data"
-            fd, tmp_data = tempfile.mkstemp(prefix=f".{data_name}.", suffix=".tmp", dir=parent)
-            os.close(fd)
-            os.unlink(tmp_data)  # onnx appends to the location; start from a missing file
-            proto = _with_external_data(model, os.path.basename(tmp_data))
-            onnx.save(proto, tmp_model)
-            # The data file name recorded in the model must be the final one.
-            _rename_external_location(tmp_model, os.path.basename(tmp_data), data_name)
-            os.replace(tmp_data, parent / data_name)
-            tmp_data = None
-        else:
-            with open(tmp_model, "wb") as f:
-                f.write(model.SerializeToString())
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp_model, out)
-        tmp_model = None
-    except OSError as e:
-        raise ModelSaveError(f"{out}: could not write the model ({e.strerror or e}); nothing was written") from None
-    finally:
-        for t in (tmp_model, tmp_data):
-            if t is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(t)
+    with OutputBatch() as batch:
+        out = batch.add_model(model, output, input_path, external_data)
+        batch.commit()
     return out
-
-
-def _with_external_data(model: onnx.ModelProto, location: str) -> onnx.ModelProto:
-    from onnx.external_data_helper import convert_model_to_external_data
-
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model)
-    convert_model_to_external_data(proto, all_tensors_to_one_file=True, location=location, size_threshold=1024)
-    return proto
-
-
-def _rename_external_location(model_path: str, old: str, new: str) -> None:
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
-
-    m = onnx.load(model_path, load_external_data=False)
-    for t in _get_all_tensors(m):
-        if uses_external_data(t):
-            for e in t.external_data:
-                if e.key == "location" and e.value == old:
-                    e.value = new
-    with open(model_path, "wb") as f:
-        f.write(m.SerializeToString())
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     """Write a text file (report, plan) atomically: temp file in the same folder, then rename."""
-    out = Path(path)
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise UsageError(f"{out}: the folder {parent} does not exist; create it first (mkdir -p {parent})")
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, out)
-        tmp = None
-    except OSError as e:
-        raise ModelSaveError(f"{out}: could not write ({e.strerror or e}); nothing was written") from None
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+    with OutputBatch() as batch:
+        out = batch.add_text(path, text)
+        batch.commit()
     return out

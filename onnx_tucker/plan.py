@@ -19,7 +19,7 @@ from .config import CompressionConfig, RankPolicy, compile_pattern
 from .cost import gemm_dims, layer_cost
 from .errors import PlanError
 from .evbmf import EVBMFEstimate, evbmf_from_singular_values, singular_values
-from .graph import Layer
+from .graph import Layer, factorised_as
 from .tucker import unfold
 
 PLAN_FORMAT_VERSION = 1
@@ -201,7 +201,7 @@ def plan_layers(
         if progress is not None:
             progress(layer.layer_id)
         plans.append(_plan_one(layer, read_weight, config, include, exclude, planned))
-    return CompressionPlan(layers=tuple(plans), config=config)
+    return CompressionPlan(layers=tuple(_one_factorisation_per_weight(layers, plans)), config=config)
 
 
 def _plan_one(layer, read_weight, cfg, include, exclude, planned) -> LayerPlan:  # type: ignore[no-untyped-def]
@@ -287,6 +287,44 @@ def _plan_one(layer, read_weight, cfg, include, exclude, planned) -> LayerPlan: 
     if all(r >= c for r, c in zip(ranks, caps, strict=True)):
         return replace(base, ranks=ranks, policy=policy, reason=f"full rank {ranks}: nothing to gain; kept as is")
     return plan
+
+
+def _one_factorisation_per_weight(layers: list[Layer], plans: list[LayerPlan]) -> list[LayerPlan]:
+    """Layers sharing a weight are decomposed together with one set of factors, or not at all.
+
+    Decomposing only some of them (or at different ranks) would keep the original weight and add
+    factors next to it: the model would grow. Such groups are all kept as is, with the reason.
+    """
+    groups: dict[str, list[int]] = {}
+    for k, lay in enumerate(layers):
+        if lay.weight_name:
+            groups.setdefault(lay.weight_name, []).append(k)
+    out = list(plans)
+    for weight, members in groups.items():
+        if len(members) < 2 or not any(plans[k].decomposed for k in members):
+            continue
+        ways = {(plans[k].kind, plans[k].ranks, factorised_as(layers[k])) for k in members}
+        if len(ways) == 1:
+            continue  # all decomposed the same way: the rewrite shares one set of factors
+        how = ", ".join(
+            f"'{plans[k].name}' "
+            + (f"{plans[k].kind} {plans[k].ranks}" if plans[k].decomposed else f"kept ({plans[k].reason})")
+            + (" as Gemm transB={} alpha={:g}".format(*factorised_as(layers[k])) if layers[k].op_type == "Gemm" else "")
+            for k in members
+        )
+        for k in members:
+            if plans[k].decomposed:
+                p = plans[k]
+                out[k] = replace(
+                    p,
+                    kind="skip",
+                    params_after=p.params_before,
+                    macs_after=p.macs_before,
+                    reason=f"weight '{weight}' is shared by {len(members)} layers that cannot share one "
+                    f"factorisation ({how}); decomposing only some would add factors next to the kept "
+                    "weight: kept as is",
+                )
+    return out
 
 
 def _mode_names(kind: str) -> tuple[str, ...]:

@@ -22,7 +22,9 @@ from onnx import helper, numpy_helper
 
 from .decompose import LayerFactors
 from .errors import RewriteError
-from .graph import Layer, ModelIndex, opset_version
+from .fold import dead_weight_producers, removed_tensor_names
+from .graph import Layer, ModelIndex, factorised_as, opset_version
+from .io import checker_message
 
 
 @dataclass(frozen=True)
@@ -80,16 +82,20 @@ def apply_replacements(model: onnx.ModelProto, replacements: Mapping[int, Replac
     opset = opset_version(model)
     g = model.graph
     new_nodes: list[onnx.NodeProto] = []
+    sources: list[int | None] = []  # where each new node comes from in g.node (None: new)
     new_inits: list[onnx.TensorProto] = []
-    shared: dict[tuple[str, str, tuple[tuple[int, ...], ...]], list[str]] = {}
+    shared: dict[tuple[object, ...], list[str]] = {}
     for i, node in enumerate(g.node):
         rep = replacements.get(i)
         if rep is None:
             new_nodes.append(node)
+            sources.append(i)
             continue
         dtype = _weight_dtype(index, rep.layer)
         # Nodes sharing one weight share one set of factors (same arrays: identical decomposition).
-        key = (rep.layer.weight_name or "", rep.factors.kind, tuple(a.shape for a in rep.factors.arrays))
+        # Gemm transB / alpha change the factorised matrix, so they are part of the key.
+        key = (rep.layer.weight_name or "", rep.factors.kind, tuple(a.shape for a in rep.factors.arrays),
+               factorised_as(rep.layer))
         if key not in shared:
             base = node.name or node.output[0]
             labels = _labels(rep.factors.kind, len(rep.factors.arrays))
@@ -99,32 +105,30 @@ def apply_replacements(model: onnx.ModelProto, replacements: Mapping[int, Replac
                 new_inits.append(t)
                 init_names.append(t.name)
             shared[key] = init_names
-        new_nodes.extend(_chain(node, rep, shared[key], names, opset, dtype, new_inits))
-    # Drop the replaced weights nobody reads any more (and Constant nodes that produced them).
-    still_read: set[str] = set()
-    for n in new_nodes:
-        still_read.update(n.input)
-    for name in index.consumers:
-        if -1 in index.consumers[name]:
-            still_read.add(name)
-    still_read |= index.graph_outputs
-    replaced_weights = {r.layer.weight_name for r in replacements.values()}
-    dropped = {w for w in replaced_weights if w and w not in still_read}
-    new_nodes = [n for n in new_nodes if not (n.op_type == "Constant" and n.output and n.output[0] in dropped)]
+        chain = _chain(node, rep, shared[key], names, opset, dtype, new_inits)
+        new_nodes.extend(chain)
+        sources.extend([None] * len(chain))
+    # Drop what computed the replaced weights (initializers, Constant / folded nodes) once nobody
+    # reads it any more; everything else stays byte for byte.
+    replaced_weights = {r.layer.weight_name for r in replacements.values() if r.layer.weight_name}
+    dead_nodes, dropped = dead_weight_producers(model, new_nodes, sources, replaced_weights, index.folder)
+    gone = dropped | removed_tensor_names(model, dead_nodes)
+    new_nodes = [n for n, src in zip(new_nodes, sources, strict=True) if src is None or src not in dead_nodes]
 
     out = onnx.ModelProto()
     _copy_fields(model, out, {"graph"})
-    _copy_fields(g, out.graph, {"node", "initializer", "input"})
+    _copy_fields(g, out.graph, {"node", "initializer", "input", "value_info"})
     out.graph.node.extend(new_nodes)
+    out.graph.value_info.extend(v for v in g.value_info if v.name not in gone)
     out.graph.initializer.extend(t for t in g.initializer if t.name not in dropped)
     out.graph.initializer.extend(new_inits)
     out.graph.input.extend(i for i in g.input if i.name not in dropped)
     if model.ir_version < 4:  # IR 3 requires every initializer to be listed as a graph input too
         out.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in new_inits)
-    try:
-        onnx.checker.check_model(out) if out.ByteSize() < 2**31 - 2**24 else None
-    except onnx.checker.ValidationError as e:
-        raise RewriteError(f"the rewritten model fails onnx.checker ({str(e).splitlines()[0]}); please report this") from None
+    problem = checker_message(out)
+    # An input onnxruntime accepts may already fail the checker: only what we introduced is an error.
+    if problem is not None and checker_message(model) is None:
+        raise RewriteError(f"the rewritten model fails onnx.checker ({problem}); please report this")
     return out
 
 

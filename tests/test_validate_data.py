@@ -88,3 +88,13 @@ def test_compress_bench_adds_latency_to_report(tmp_path: Path) -> None:
     d = json.loads(report.read_text())
     assert set(d) >= {"layers", "totals", "validation", "latency"}
     assert d["latency"]["runs"] == 3
+
+
+def test_matching_nans_are_agreement_and_new_nans_are_errors() -> None:
+    from onnx_tucker.validate import compare_outputs
+
+    a = np.array([[1.0, np.nan, 3.0, np.inf]])
+    same = compare_outputs("y", a, a.copy())
+    assert same.max_abs_error == 0.0 and same.passes(1e-4)
+    worse = compare_outputs("y", np.array([[1.0, 2.0, 3.0, 4.0]]), a)
+    assert not worse.passes(1e3)
