@@ -157,6 +157,16 @@ def default_kind(layer: Layer, cfg: CompressionConfig) -> str:
     return "tucker2" if layer.weight_shape[1] >= cfg.min_tucker2_channels else "tucker1"
 
 
+def _kinds_for(layer: Layer) -> tuple[str, ...]:
+    """The decompositions the rewrite can build for this layer (a plan file may name any of them)."""
+    assert layer.weight_shape is not None
+    if layer.op_type != "Conv":
+        return ("svd",)
+    if math.prod(layer.weight_shape[2:]) == 1:
+        return ("svd", "tucker2", "tucker1")
+    return ("tucker2", "tucker1")
+
+
 def layer_matrices(layer: Layer, weight: np.ndarray, kind: str) -> list[np.ndarray]:
     """The matrices whose ranks are chosen: channel-mode unfoldings, or the weight as used."""
     if kind == "tucker2":
@@ -222,6 +232,11 @@ def _plan_one(layer, read_weight, cfg, include, exclude, planned) -> LayerPlan: 
             )
         if kind == "skip":
             return replace(base, reason="skipped in the plan file", policy="plan file")
+        if kind not in _kinds_for(layer):
+            raise PlanError(
+                f"{planned.source}: layer '{layer.layer_id}' ({conv_shape_hint(layer)}) cannot be decomposed as "
+                f"{kind}; use one of {', '.join(_kinds_for(layer))} or skip (was the plan edited by hand?)"
+            )
     if include is not None and not include.search(layer.layer_id):
         return replace(base, reason=f"name does not match --include {cfg.include!r}")
     if exclude is not None and exclude.search(layer.layer_id):

@@ -112,10 +112,6 @@ def _init(name: str, arr: np.ndarray) -> onnx.TensorProto:
     return numpy_helper.from_array(np.ascontiguousarray(arr), name)
 
 
-def _conv_out(size: int, k: int, s: int, d: int, p0: int, p1: int) -> int:
-    return (size + p0 + p1 - d * (k - 1) - 1) // s + 1
-
-
 def make_conv_model(
     T: int = 8,
     S: int = 8,

@@ -115,7 +115,11 @@ def test_known_sigma2_ranks_vary_with_sigma2() -> None:
 
 @pytest.mark.parametrize(("L", "M", "rank"), [(200, 500, 20), (64, 576, 8), (100, 100, 30), (40, 400, 3)])
 def test_sigma2_is_global_minimum_of_free_energy(L: int, M: int, rank: int) -> None:
-    """The estimate minimises the paper's free energy over a dense log grid of sigma^2."""
+    """The estimate minimises the paper's free energy over a dense log grid of sigma^2.
+
+    With a clear gap between signal and noise the free energy has one basin, so the bounded 1-D
+    search must land on the global minimum (weak, spread-out spectra can have several basins; the
+    search, like the reference code's fminbnd, then returns a local one)."""
     a = low_rank_plus_noise(np.random.default_rng(21), (L, M), rank, sigma=0.2, snr=(1.2, 4.0))
     s = np.linalg.svd(a, compute_uv=False)
     est = select_rank_evbmf(a)

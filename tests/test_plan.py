@@ -10,12 +10,14 @@ import numpy as np
 import onnx
 import pytest
 from helpers import (
+    assert_outputs_close,
     low_rank_kernel,
     low_rank_plus_noise,
     make_conv_model,
     make_gemm_model,
     make_matmul_model,
     make_small_cnn,
+    save,
 )
 from onnx import TensorProto, helper
 
@@ -317,6 +319,26 @@ def test_save_plan_then_plan_replays_exactly(tmp_path: Path) -> None:
     assert again.model.SerializeToString() == first.model.SerializeToString()
 
 
+def test_cli_save_plan_then_plan_replays_exactly(tmp_path: Path) -> None:
+    """The same round trip through the command line flags --save-plan / --plan / --report."""
+    from typer.testing import CliRunner
+
+    from onnx_tucker.cli import app
+
+    src = save(make_small_cnn(low_rank=True), tmp_path / "cnn.onnx")
+    runner = CliRunner()
+    r1 = runner.invoke(app, ["compress", str(src), str(tmp_path / "a.onnx"), "--rank-scale", "1.5", "--quiet",
+                             "--save-plan", str(tmp_path / "plan.json"), "--report", str(tmp_path / "a.json")])
+    assert r1.exit_code == 0, r1.output
+    r2 = runner.invoke(app, ["compress", str(src), str(tmp_path / "b.onnx"), "--ranks", "ratio:0.9", "--quiet",
+                             "--plan", str(tmp_path / "plan.json"), "--report", str(tmp_path / "b.json")])
+    assert r2.exit_code == 0, r2.output
+    a, b = (json.loads((tmp_path / f).read_text())["layers"] for f in ("a.json", "b.json"))
+    assert [(x["name"], x["kind"], x["ranks"]) for x in a] == [(x["name"], x["kind"], x["ranks"]) for x in b]
+    assert any(x["ranks"] for x in a)
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
 def test_plan_file_ranks_are_applied(tmp_path: Path) -> None:
     """Edited ranks in a plan file are used as written (and a 'skip' entry keeps the layer)."""
     model = make_small_cnn(low_rank=True)
@@ -354,6 +376,33 @@ def test_plan_with_impossible_ranks_raises(tmp_path: Path) -> None:
     path.write_text(json.dumps(data))
     with pytest.raises(PlanError):
         plan_of(model, plan_file=str(path))
+
+
+@pytest.mark.parametrize(("layer", "kind", "ranks"), [("conv2", "svd", [4]), ("fc", "tucker2", [2, 2]), ("fc", "tucker1", [2])])
+def test_plan_with_kind_the_layer_cannot_take_raises(tmp_path: Path, layer: str, kind: str, ranks: list[int]) -> None:
+    """A hand-edited kind the rewrite cannot build: a clear PlanError, not a broken model or a crash."""
+    model = make_small_cnn(low_rank=True)
+    data = plan_of(model).to_dict()
+    for item in data["layers"]:  # type: ignore[union-attr]
+        if item["name"] == layer:
+            item["kind"], item["ranks"] = kind, ranks
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(PlanError, match=f"'{layer}'.*cannot be decomposed as {kind}"):
+        ot.compress(model, CompressionConfig(validate=False, plan_file=str(path)))
+
+
+def test_plan_file_may_tucker_a_1x1_conv(tmp_path: Path) -> None:
+    """Tucker-2 of a 1x1 conv (three 1x1 convs) is a valid, if unusual, hand-written plan."""
+    model = make_conv_model(T=8, S=12, kernel=(1, 1), strides=(2, 2))
+    data = {"format": "onnx-tucker-plan", "version": 1,
+            "layers": [{"name": "conv", "kind": "tucker2", "ranks": [8, 8], "weight_shape": [8, 12, 1, 1]}]}
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    res = ot.compress(model, CompressionConfig(validate=False, plan_file=str(path)))
+    assert res.plan.layers[0].kind == "tucker2" and res.plan.layers[0].ranks == (8, 8)
+    assert len(res.model.graph.node) == 3
+    assert_outputs_close(model, res.model)
 
 
 @pytest.mark.parametrize("content", ["not json", "{}", '{"format": "onnx-tucker-plan", "layers": [{"kind": "svd"}]}'])

@@ -338,12 +338,15 @@ def test_shared_weight_shares_factors() -> None:
 
 
 def test_shared_weight_kept_while_still_read() -> None:
-    """Decompose one of two nodes sharing W: W must stay for the other one."""
+    """Exclude one of two nodes sharing W: the other is kept too (one factorisation per weight),
+    with a reason, and W stays in the model."""
     model = _two_convs_sharing_weight()
     res = compress_full(model, exclude="conv_b")
-    assert [lp.name for lp in res.plan.decomposed] == ["conv"]
+    assert res.plan.decomposed == ()
+    reasons = {lp.name: lp.reason for lp in res.plan.layers}
+    assert "shared" in reasons["conv"] and "--exclude" in reasons["conv_b"]
     assert "W" in {t.name for t in res.model.graph.initializer}
-    assert op_counts(res.model) == {"Conv": 4}
+    assert op_counts(res.model) == {"Conv": 2}
     assert_outputs_close(model, res.model)
 
 
@@ -360,3 +363,16 @@ def test_float16_model_keeps_dtype() -> None:
     a = run_ort(model, feeds)["y"].astype(np.float64)
     b = run_ort(new, feeds)["y"].astype(np.float64)
     assert np.max(np.abs(a - b)) <= 5e-3 * np.max(np.abs(a))  # float16 rounding of three factors
+
+
+def test_conv_without_kernel_shape_attribute() -> None:
+    """kernel_shape is optional in ONNX (inferred from W): every node of the chain still gets the right one."""
+    model = make_conv_model(strides=(2, 2), pads=(1, 1, 1, 1))
+    node = model.graph.node[0]
+    kept = [a for a in node.attribute if a.name != "kernel_shape"]
+    del node.attribute[:]
+    node.attribute.extend(kept)
+    onnx.checker.check_model(model)
+    new = compress_full(model).model
+    assert [node_attrs(n)["kernel_shape"] for n in new.graph.node] == [[1, 1], [3, 3], [1, 1]]
+    assert_outputs_close(model, new)
