@@ -6,22 +6,27 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import onnx
 
+from . import lazyload
 from .bench import LatencyReport, measure_latency
 from .config import CompressionConfig
-from .decompose import decompose_layer
+from .decompose import LayerFactors, decompose_layer
 from .errors import ModelLoadError
 from .fold import float_parameter_count
 from .graph import Layer, ModelIndex, factorised_as, find_layers, infer_shapes, resolve_input_shapes
 from .io import check_model, check_output_path, load_model, save_model
-from .plan import CompressionPlan, LayerPlan, load_plan_file, plan_layers
+from .plan import CompressionPlan, LayerPlan, check_plan_covers, finish_plan, load_plan_file, plan_layer
 from .rewrite import Replacement, apply_replacements
+from .spectral import LayerSpectra, single_threaded_lapack
 from .validate import ValidationReport, load_validation_data, validate_models
 
 ModelLike = onnx.ModelProto | str | os.PathLike[str]
@@ -76,6 +81,14 @@ class _Prepared:
     input_shapes: dict[str, tuple[int, ...]]
     layers: list[Layer]
     index: ModelIndex
+    # Set when the model was loaded lazily: its big Conv/Gemm/MatMul weights are still in the file
+    # (external data relative to this folder) and are read one at a time (see `lazyload`).
+    base_dir: str | None = None
+
+    def materialize(self, model: onnx.ModelProto) -> None:
+        """Load the weights still in the file into `model` (before onnxruntime or the user sees it)."""
+        if self.base_dir is not None:
+            lazyload.materialize(model, self.base_dir)
 
 
 def _prepare(model_or_path: ModelLike, config: CompressionConfig) -> _Prepared:
@@ -83,7 +96,7 @@ def _prepare(model_or_path: ModelLike, config: CompressionConfig) -> _Prepared:
         model, path = model_or_path, None
     else:
         path = str(model_or_path)
-        model = load_model(path)
+        model = load_model(path, lazy=True)
     source = path or "model"
     if path is None:
         model = check_model(model, source)  # load_model ran the same checks on a file
@@ -92,7 +105,8 @@ def _prepare(model_or_path: ModelLike, config: CompressionConfig) -> _Prepared:
     index = ModelIndex(model)
     layers = find_layers(model, shapes, index)
     _check_weight_shapes(layers, source)
-    return _Prepared(model, path, input_shapes, layers, index)
+    base_dir = str(Path(path).resolve().parent) if path is not None else None
+    return _Prepared(model, path, input_shapes, layers, index, base_dir)
 
 
 def _check_weight_shapes(layers: list[Layer], source: str) -> None:
@@ -121,43 +135,79 @@ def _check_weight_shapes(layers: list[Layer], source: str) -> None:
             )
 
 
-def _plan(prep: _Prepared, config: CompressionConfig, progress: Progress | None) -> CompressionPlan:
-    planned = load_plan_file(config.plan_file) if config.plan_file else None
-    total = len(prep.layers)
-    done = [0]
-
-    def tick(name: str) -> None:
-        if progress is not None:
-            progress(name, done[0], total)
-        done[0] += 1
-
-    return plan_layers(prep.layers, prep.index.constant_value, config, planned, tick)
-
-
-def _decompose(
-    prep: _Prepared, plan: CompressionPlan, config: CompressionConfig, progress: Progress | None
+def _plan_and_decompose(
+    prep: _Prepared, config: CompressionConfig, progress: Progress | None
 ) -> tuple[CompressionPlan, dict[int, Replacement]]:
-    by_id = {lay.layer_id: lay for lay in prep.layers}
+    """Plan every layer and decompose the ones that gain, one layer at a time (or `config.jobs` at once).
+
+    Each layer is planned and decomposed in one go: its weight is read once, the Gram matrices and
+    their eigendecompositions computed for EVBMF are reused for the factors (`LayerSpectra`), and all
+    of it is dropped before the next layer, so at most `jobs` weights are in memory beside the model.
+    Layers run in threads (numpy/LAPACK release the GIL); the results are assembled in graph order and
+    are identical to a serial run. Layers whose weight feeds other nodes are decomposed afterwards,
+    once the whole plan has decided whether they can share one factorisation.
+    """
+    planned = load_plan_file(config.plan_file) if config.plan_file else None
+    layers = prep.layers
+    check_plan_covers(layers, planned)
+    read_lock = threading.Lock()
+
+    def read_weight(name: str) -> np.ndarray:
+        t = prep.index.initializers.get(name)
+        if t is not None and prep.base_dir is not None and lazyload.is_external(t):
+            return lazyload.read_array(t, prep.base_dir)  # straight from the file, one copy
+        with read_lock:  # protobuf reads and constant folding stay on one thread at a time
+            return prep.index.constant_value(name)
+
+    def work(layer: Layer) -> tuple[LayerPlan, LayerFactors | None]:
+        weights: dict[str, np.ndarray] = {}
+
+        def read_once(name: str) -> np.ndarray:
+            if name not in weights:
+                weights[name] = read_weight(name)
+            return weights[name]
+
+        spectra = LayerSpectra()
+        lp = plan_layer(layer, read_once, config, planned, spectra)
+        factors = None
+        if lp.decomposed and not layer.shared_weight:
+            factors = decompose_layer(layer, lp, read_once(layer.weight_name or ""), config.hooi_iters, spectra)
+        return lp, factors
+
+    total = len(layers)
+    results: list[tuple[LayerPlan, LayerFactors | None]] = []
+    if progress is not None and total:
+        progress(layers[0].layer_id, 0, total)
+    with single_threaded_lapack():  # the same thread counts for every --jobs: identical results
+        if config.jobs > 1 and total > 1:
+            with ThreadPoolExecutor(max_workers=config.jobs, thread_name_prefix="onnx-tucker") as pool:
+                for i, res in enumerate(pool.map(work, layers)):
+                    results.append(res)
+                    if progress is not None:
+                        progress(layers[min(i + 1, total - 1)].layer_id, i + 1, total)
+        else:
+            for i, layer in enumerate(layers):
+                results.append(work(layer))
+                if progress is not None:
+                    progress(layers[min(i + 1, total - 1)].layer_id, i + 1, total)
+
+    plan = finish_plan(layers, [lp for lp, _ in results], config)
     replacements: dict[int, Replacement] = {}
-    cache: dict[tuple[object, ...], object] = {}
+    shared: dict[tuple[object, ...], LayerFactors] = {}
     new_plans: list[LayerPlan] = []
-    todo = plan.decomposed
-    for k, lp in enumerate(plan.layers):
+    for layer, lp, (_, factors) in zip(layers, plan.layers, results, strict=True):
         if not lp.decomposed:
             new_plans.append(lp)
             continue
-        layer = by_id[lp.name]
-        if progress is not None:
-            progress(lp.name, len(replacements), len(todo))
-        # Layers sharing a weight (and the way it is factorised) share one decomposition.
-        key = (layer.weight_name or "", lp.kind, lp.ranks or (), factorised_as(layer))
-        factors = cache.get(key)
         if factors is None:
-            factors = decompose_layer(layer, lp, prep.index.constant_value(layer.weight_name or ""), config.hooi_iters)
-            cache[key] = factors
-        replacements[layer.node_index] = Replacement(layer, factors)  # type: ignore[arg-type]
-        new_plans.append(replace(lp, rel_error=factors.rel_error))  # type: ignore[attr-defined]
-        del k
+            # Layers sharing a weight (and the way it is factorised) share one decomposition.
+            key = (layer.weight_name or "", lp.kind, lp.ranks or (), factorised_as(layer))
+            factors = shared.get(key)
+            if factors is None:
+                factors = decompose_layer(layer, lp, read_weight(layer.weight_name or ""), config.hooi_iters)
+                shared[key] = factors
+        replacements[layer.node_index] = Replacement(layer, factors)
+        new_plans.append(replace(lp, rel_error=factors.rel_error))
     return replace(plan, layers=tuple(new_plans)), replacements
 
 
@@ -170,8 +220,7 @@ def plan(model_or_path: ModelLike, config: CompressionConfig | None = None, prog
     """The plan `compress` would apply (ranks, costs and kernel errors), without rewriting anything."""
     config = config or CompressionConfig()
     prep = _prepare(model_or_path, config)
-    p = _plan(prep, config, progress)
-    p, _ = _decompose(prep, p, config, None)
+    p, _ = _plan_and_decompose(prep, config, progress)
     return p
 
 
@@ -193,12 +242,14 @@ def compress(
     if output is not None:
         check_output_path(output, in_path)
     prep = _prepare(model_or_path, config)
-    p = _plan(prep, config, progress)
-    p, replacements = _decompose(prep, p, config, progress)
+    p, replacements = _plan_and_decompose(prep, config, progress)
     new_model = apply_replacements(prep.model, replacements)
+    # Weights kept as they were come back from the file now (most are gone when decomposed).
+    prep.materialize(new_model)
 
     report = None
     if config.validate:
+        prep.materialize(prep.model)
         data = load_validation_data(config.data, prep.model, config.samples) if config.data else None
         report = validate_models(
             prep.model, new_model, prep.input_shapes, config.samples, config.seed, config.effective_rtol, data
@@ -206,7 +257,7 @@ def compress(
     known = [lp for lp in p.layers if lp.macs_before is not None]
     size_before = Path(in_path).stat().st_size if in_path else prep.model.ByteSize()
     totals = ModelTotals(
-        params_before=_float_params(prep.model),
+        params_before=float_parameter_count(prep.model, prep.index.folder),  # reuses the folded shapes
         params_after=_float_params(new_model),
         macs_before=sum(lp.macs_before or 0 for lp in known),
         macs_after=sum(lp.macs_after if lp.macs_after is not None else (lp.macs_before or 0) for lp in known),

@@ -77,6 +77,7 @@ RoundToOpt = Annotated[int, typer.Option("--round-to", help="Round ranks up to a
 IncludeOpt = Annotated[str | None, typer.Option("--include", help="Only decompose nodes whose name matches this regex.", show_default=False)]
 ExcludeOpt = Annotated[str | None, typer.Option("--exclude", help="Never decompose nodes whose name matches this regex.", show_default=False)]
 HooiOpt = Annotated[int, typer.Option("--hooi-iters", help="HOOI sweeps after the HOSVD start (0: plain HOSVD).")]
+JobsOpt = Annotated[int, typer.Option("--jobs", "-j", help="Layers planned and decomposed in parallel (threads); the result is the same for every N.")]
 InputShapeOpt = Annotated[list[str] | None, typer.Option("--input-shape", help="NAME:D0,D1,... fixes an input's dynamic dims (repeatable).", show_default=False)]
 PlanOpt = Annotated[Path | None, typer.Option("--plan", help="Replay the kinds and ranks of a plan file written by --save-plan.", show_default=False)]
 SavePlanOpt = Annotated[Path | None, typer.Option("--save-plan", help="Write the plan (kinds and ranks per layer) as JSON.", show_default=False)]
@@ -150,7 +151,7 @@ def _check_outputs(input: Path, output: Path | None, sides: dict[str, Path | Non
 def _config(
     ranks: str, rank_scale: float, min_rank: int | None, round_to: int, include: str | None, exclude: str | None,
     hooi_iters: int, input_shape: list[str] | None, plan: Path | None, validate: bool, samples: int | None, seed: int,
-    rtol: float | None, data: Path | None = None,
+    rtol: float | None, data: Path | None = None, jobs: int = 1,
 ) -> CompressionConfig:
     return CompressionConfig(
         ranks=RankPolicy.parse(ranks),
@@ -167,6 +168,7 @@ def _config(
         seed=seed,
         rtol=rtol,
         data=str(data) if data else None,
+        jobs=jobs,
     )
 
 
@@ -199,6 +201,7 @@ def compress(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     hooi_iters: HooiOpt = 0,
+    jobs: JobsOpt = 1,
     input_shape: InputShapeOpt = None,
     plan: PlanOpt = None,
     save_plan: SavePlanOpt = None,
@@ -226,7 +229,7 @@ def compress(
 
     with _errors(verbose):
         cfg = _config(ranks, rank_scale, min_rank, round_to, include, exclude, hooi_iters, input_shape, plan,
-                      validate, samples, seed, rtol, data)
+                      validate, samples, seed, rtol, data, jobs)
         _check_outputs(input, output, {"--save-plan": save_plan, "--report": report, "--markdown": markdown})
         with _progress(not quiet) as progress:
             result = api.compress(input, cfg, output=None, progress=progress)
@@ -275,6 +278,7 @@ def inspect(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     hooi_iters: HooiOpt = 0,
+    jobs: JobsOpt = 1,
     input_shape: InputShapeOpt = None,
     plan: PlanOpt = None,
     save_plan: SavePlanOpt = None,
@@ -291,7 +295,7 @@ def inspect(
 
     with _errors(verbose):
         cfg = _config(ranks, rank_scale, min_rank, round_to, include, exclude, hooi_iters, input_shape, plan,
-                      False, None, 0, None)
+                      False, None, 0, None, jobs=jobs)
         _check_outputs(input, None, {"--save-plan": save_plan, "--report": report})
         with _progress(not quiet) as progress:
             p = api.plan(input, cfg, progress=progress)

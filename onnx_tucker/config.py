@@ -89,6 +89,8 @@ class CompressionConfig:
     plan_file: str | None = None
     # Validate on user data (.npz: one array per input, optional `labels`) instead of random inputs.
     data: str | None = None
+    # Layers planned and decomposed in parallel (threads). Changes speed only, never the result.
+    jobs: int = 1
 
     def __post_init__(self) -> None:
         if not self.rank_scale > 0:
@@ -101,6 +103,8 @@ class CompressionConfig:
             raise UsageError(f"--hooi-iters {self.hooi_iters}: must be >= 0; use 0 for plain HOSVD")
         if self.samples is not None and self.samples < 1:
             raise UsageError(f"--samples {self.samples}: must be >= 1; e.g. --samples 8")
+        if self.jobs < 1:
+            raise UsageError(f"--jobs {self.jobs}: must be >= 1; use 1 for one layer at a time")
         if self.rtol is not None and not self.rtol >= 0:
             raise UsageError(f"--rtol {self.rtol}: must be >= 0; e.g. --rtol 0.05")
         compile_pattern(self.include, "--include")

@@ -5,6 +5,9 @@ Biases are left out: they are carried over unchanged.
 MACs are counted at the real resolutions: in a Tucker-2 chain the first 1x1 runs at the *input*
 resolution and the stride sits on the core; an SVD-split 1x1 conv carries its stride on the first
 factor, so both factors run at the output resolution. Unknown shapes give `None` MACs.
+
+Grouped convs (group G) are decomposed group by group with the same ranks in every group; their
+ranks are per group and every factor is itself a grouped conv (block-diagonal), see `decompose`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,13 @@ def _prod(dims: tuple[int | None, ...] | None) -> int | None:
     if dims is None or any(d is None for d in dims):
         return None
     return math.prod(int(d) for d in dims if d is not None)
+
+
+def conv_groups(layer: Layer) -> int:
+    """The Conv's `group` attribute (1 for every other op)."""
+    if layer.op_type != "Conv":
+        return 1
+    return int(layer.attrs.get("group", 1))  # type: ignore[call-overload]
 
 
 def gemm_dims(layer: Layer) -> tuple[int, int]:
@@ -41,7 +51,8 @@ def layer_cost(layer: Layer, kind: str, ranks: tuple[int, ...] = ()) -> tuple[in
     """(parameters, MACs) of `layer` decomposed as `kind` ("original", "tucker2", "tucker1", "svd")."""
     assert layer.weight_shape is not None
     if layer.op_type == "Conv":
-        T, S = layer.weight_shape[0], layer.weight_shape[1]
+        T, S = layer.weight_shape[0], layer.weight_shape[1]  # S: input channels per group
+        G = conv_groups(layer)
         k = math.prod(layer.weight_shape[2:])
         out_px = _prod(layer.output_shape[2:]) if layer.output_shape else None
         in_px = _prod(layer.input_shape[2:]) if layer.input_shape else None
@@ -51,19 +62,16 @@ def layer_cost(layer: Layer, kind: str, ranks: tuple[int, ...] = ()) -> tuple[in
             macs = None if out_px is None else params * out_px * batch
         elif kind == "tucker2":
             r4, r3 = ranks
-            params = S * r3 + r3 * r4 * k + r4 * T
-            macs = (
-                None
-                if out_px is None or in_px is None
-                else batch * (S * r3 * in_px + (r3 * r4 * k + r4 * T) * out_px)
-            )
+            first, rest = G * S * r3, G * r3 * r4 * k + r4 * T
+            params = first + rest
+            macs = None if out_px is None or in_px is None else batch * (first * in_px + rest * out_px)
         elif kind == "tucker1":
             (r4,) = ranks
-            params = r4 * S * k + r4 * T
+            params = G * r4 * S * k + r4 * T
             macs = None if out_px is None else params * out_px * batch
         elif kind == "svd":
             (r,) = ranks
-            params = r * (S * k + T)
+            params = r * (G * S * k + T)
             macs = None if out_px is None else params * out_px * batch
         else:
             raise ValueError(kind)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import minimize_scalar
 
+from .spectral import GramEigen
+
 # tau-bar for alpha = 1 (Nakajima et al. 2013, Eq. 34 solved numerically); scaled by sqrt(alpha).
 _TAU_UBAR_AT_ALPHA_1 = 2.5129
 
@@ -36,12 +38,12 @@ class EVBMFEstimate:
 
 def singular_values(matrix: np.ndarray) -> np.ndarray:
     """All min(L, M) singular values, descending, from the eigenvalues of the smaller Gram matrix."""
-    a = np.asarray(matrix, dtype=np.float64)
+    a = np.asarray(matrix)
     if a.ndim != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {a.shape}")
-    gram = a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
-    eig = np.linalg.eigvalsh(gram)[::-1]
-    return np.sqrt(np.clip(eig, 0.0, None))
+    # Gram accumulated in float64 blocks, tridiagonalised once (see `spectral`); the planner uses
+    # a `LayerSpectra` instead so that the decomposition reuses the same work.
+    return GramEigen(a).singular_values
 
 
 def _tau(x: np.ndarray, alpha: float) -> np.ndarray:

@@ -43,7 +43,7 @@ class Origin:
 
     @property
     def folded(self) -> bool:
-        """Computed by nodes other than one plain Constant node (so evaluation is needed)."""
+        """Computed by nodes (a lone Constant node included), not a plain initializer."""
         return self.reason is None and bool(self.nodes)
 
 
@@ -67,7 +67,8 @@ class WeightFolder:
             for out in node.output:
                 if out:
                     self.producer[out] = i
-        self.graph_inputs = {i.name for i in g.input} - set(self.initializers)
+        self.sparse = {t.values.name for t in g.sparse_initializer}
+        self.graph_inputs = {i.name for i in g.input} - set(self.initializers) - self.sparse
         self._origins: dict[str, Origin] = {}
         self._meta: dict[str, tuple[tuple[int, ...], int]] = {}
 
@@ -116,6 +117,8 @@ class WeightFolder:
         """Why `name` is not constant judging by itself and its producer only (None: look further)."""
         if name in self.initializers:
             return None
+        if name in self.sparse:
+            return "a sparse initializer (sparse weights are left alone)"
         if name in self.graph_inputs:
             return f"computed at run time from graph input '{name}'"
         if name not in self.producer:
@@ -129,6 +132,8 @@ class WeightFolder:
             return f"computed by the non-deterministic op {_node_label(node)}"
         if _has_subgraph(node):
             return f"computed inside the control-flow op {_node_label(node)}"
+        if node.op_type == "Constant" and any(a.name == "sparse_value" for a in node.attribute):
+            return f"a sparse tensor ({_node_label(node)}; sparse weights are left alone)"
         return None
 
     # -- evaluation -----------------------------------------------------------------------------------
@@ -164,15 +169,6 @@ class WeightFolder:
         if name not in self._meta:
             self.evaluate([name])
         return self._meta[name]
-
-    def prefetch_meta(self, names: Iterable[str]) -> None:
-        """Shapes and dtypes of many folded tensors in one evaluation (values dropped straight away)."""
-        todo = [n for n in dict.fromkeys(names) if n not in self._meta and self.origin(n).folded]
-        if todo:
-            try:
-                self.evaluate(todo)
-            except Exception:  # noqa: BLE001 - retried one by one by meta(), which reports the failure
-                pass
 
     def _extract(self, names: list[str]) -> onnx.ModelProto:
         g = self.model.graph

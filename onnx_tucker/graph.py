@@ -43,10 +43,13 @@ class Layer:
 
 
 def factorised_as(layer: Layer) -> tuple[int, float]:
-    """What decides the matrix a weight is factorised as, beyond the weight itself (Gemm transB, alpha).
+    """What decides how a weight is factorised, beyond the weight itself: Gemm (transB, alpha), Conv
+    (group, 1.0): a grouped conv's factors are block-diagonal per group.
 
     Layers sharing one weight can share one set of factors only when these agree.
     """
+    if layer.op_type == "Conv":
+        return (int(layer.attrs.get("group", 1)), 1.0)  # type: ignore[call-overload]
     if layer.op_type != "Gemm":
         return (0, 1.0)
     return (int(layer.attrs.get("transB", 0)), float(layer.attrs.get("alpha", 1.0)))  # type: ignore[call-overload,arg-type]
@@ -359,9 +362,16 @@ def _describe(
         if len(wshape) < 3:
             return skip(f"Conv weight has rank {len(wshape)}; expected T x S x k...", **info)
         group = int(attrs.get("group", 1))  # type: ignore[call-overload]
-        if group != 1:
-            kind = "depthwise" if wshape[1] == 1 and group > 1 else "grouped"
-            return skip(f"{kind} conv (group={group}): Tucker-2 across groups is not implemented", **info)
+        # Grouped convs are decomposed group by group (docs/grouped-convs.md); depthwise ones have
+        # a single input channel per group: no channel mode left to factorise.
+        if group != 1 and wshape[1] == 1:
+            return skip(
+                f"depthwise conv (group={group}): one input channel per group leaves no channel mode to "
+                "factorise; kept as is",
+                **info,
+            )
+        if group < 1 or wshape[0] % group:
+            return skip(f"grouped conv (group={group}): {wshape[0]} output channels do not split into {group} groups", **info)
         if bias is not None and not idx.is_constant(bias):
             return skip(f"bias '{bias}' is {idx.not_constant_reason(bias)}: a Conv bias must be constant", **info)
     elif node.op_type == "Gemm":

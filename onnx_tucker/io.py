@@ -61,10 +61,12 @@ _REEXPORT = "re-export or re-download the model"
 # ---- loading ------------------------------------------------------------------------------------
 
 
-def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
+def load_model(path: str | os.PathLike[str], lazy: bool = False) -> onnx.ModelProto:
     """Read and check an ONNX model (with its external data) or raise ModelLoadError.
 
     The returned model passed every check of `check_model`; its nodes are in topological order.
+    `lazy=True`: big Conv / Gemm / MatMul weights stay in the file as external data relative to the
+    model's folder (inline ones too: see `lazyload`), to be read one at a time.
     """
     p = Path(path)
     if not p.exists():
@@ -76,18 +78,34 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise ModelLoadError(f"{p}: is a folder, not an ONNX file; pass the .onnx file inside it{hint}")
     if not p.is_file():
         raise ModelLoadError(f"{p}: not a regular file (a device or pipe?); pass an .onnx file")
+    from . import lazyload
+
+    skeleton = None
     try:
         size = p.stat().st_size
         if size == 0:
             raise ModelLoadError(f"{p}: the file is empty (0 bytes); {_REEXPORT}")
-        with open(p, "rb") as f:
-            data = f.read()
+        if lazy:
+            with contextlib.suppress(lazyload.SkeletonError, ValueError, OverflowError):
+                skeleton = lazyload.read_skeleton(p)
+        if skeleton is None:
+            with open(p, "rb") as f:
+                data = f.read()
     except OSError as e:
         raise ModelLoadError(f"{p}: cannot read the file ({e.strerror or e}); check its permissions") from None
-    model = _parse(data, p)
-    del data
+    if skeleton is not None:
+        model = skeleton
+    else:
+        model = _parse(data, p)
+        del data
     model = check_model(model, str(p), model_path=p)
-    _load_external_data(model, p)
+    if lazy:
+        try:
+            lazyload.keep_weights_lazy(model, p.resolve().parent)
+        except (OSError, ValueError, onnx.checker.ValidationError) as e:
+            raise ModelLoadError(f"{p}: cannot read external data ({_first_line(e)}); check the data files") from None
+    else:
+        _load_external_data(model, p)
     return model
 
 
@@ -301,6 +319,8 @@ def _check_structure(model: onnx.ModelProto, source: str) -> list[int] | None:
     for t in g.initializer:
         # Old IR lists initializers as graph inputs too: that is one definition, not two.
         where.setdefault(t.name, f"initializer '{t.name}'")
+    for s in g.sparse_initializer:
+        where.setdefault(s.values.name, f"sparse initializer '{s.values.name}'")
     # onnxruntime refuses two nodes with the same (non-empty) name, so we do too, before any work.
     named: dict[str, int] = {}
     for k, node in enumerate(g.node):
@@ -383,16 +403,20 @@ def _run_checker(model: onnx.ModelProto, source: str, model_path: Path | None) -
     """onnx.checker at the model's own IR/opset; when it fails, onnxruntime decides."""
     from onnx.external_data_helper import uses_external_data
 
-    external = any(uses_external_data(t) for t in _all_tensors(model))
+    # Big initializers (inline or external) are left out of what the checker sees: their sizes and
+    # locations were checked by _check_tensors, and serialising them costs seconds per GB.
+    light = light_for_checker(model)
+    target = light if light is not None else model
+    external = any(uses_external_data(t) for t in _all_tensors(target))
     try:
         if external and model_path is not None:
             onnx.checker.check_model(str(model_path))  # the path form finds the data files
         elif external:
             return  # cannot check a model whose data was left behind; ort fails later with a clear error
-        elif model.ByteSize() > PROTOBUF_LIMIT:
-            return  # too big to hand to the checker in one message; the structure checks above ran
         else:
-            onnx.checker.check_model(model)
+            if light is None and model.ByteSize() > PROTOBUF_LIMIT:
+                return  # too big to hand to the checker in one message; the structure checks above ran
+            onnx.checker.check_model(target)
     except (onnx.checker.ValidationError, ValueError) as e:
         if _onnxruntime_loads(model, model_path):
             # Not shown by default: the user's model is fine for onnxruntime, which is what counts.
@@ -404,13 +428,67 @@ def _run_checker(model: onnx.ModelProto, source: str, model_path: Path | None) -
 def checker_message(model: onnx.ModelProto) -> str | None:
     """What onnx.checker says about an in-memory model (None: it passes). For callers that must
     tell a problem they introduced from one the input already had (see `_run_checker`)."""
-    if model.ByteSize() > PROTOBUF_LIMIT:
+    light = light_for_checker(model)
+    if light is None and model.ByteSize() > PROTOBUF_LIMIT:
         return None
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(light if light is not None else model)
     except (onnx.checker.ValidationError, ValueError) as e:
         return _checker_message(e)
     return None
+
+
+# Initializers at least this big are left out of the copy handed to onnx.checker (see below).
+_CHECKER_LIGHT_BYTES = 2**20
+
+
+def light_for_checker(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """A copy of `model` for onnx.checker without its big top-level initializers (inline or external).
+
+    The checker needs the model serialised (and upb's ByteSize() serialises too): for a 550 MB
+    model that is two full copies and ~3 s, for checks that never look at weight values. Each
+    initializer of >= 1 MiB becomes a graph input of the same name, type and shape instead (valid
+    ONNX at any IR version; its data size was checked by `_check_tensors`). None: nothing to drop.
+    """
+    g = model.graph
+    big = {
+        t.name
+        for t in g.initializer
+        if t.data_type in _ITEMSIZE
+        and math.prod(t.dims) * _ITEMSIZE[t.data_type] >= _CHECKER_LIGHT_BYTES
+    }
+    if not big:
+        return None
+    light = onnx.ModelProto()
+    _copy_fields_except(model, light, {"graph"})
+    _copy_fields_except(g, light.graph, {"initializer", "input"})
+    light.graph.initializer.extend(t for t in g.initializer if t.name not in big)
+    light.graph.input.extend(g.input)
+    listed = {i.name for i in g.input}
+    for t in g.initializer:
+        if t.name in big and t.name not in listed:
+            light.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return light
+
+
+def _copy_fields_except(src, dst, skip: set[str]) -> None:  # type: ignore[no-untyped-def]
+    for fd, value in src.ListFields():
+        if fd.name in skip:
+            continue
+        target = getattr(dst, fd.name)
+        if fd.type == fd.TYPE_MESSAGE and _is_repeated_field(fd):
+            target.extend(value)
+        elif _is_repeated_field(fd):
+            target.extend(value)
+        elif fd.type == fd.TYPE_MESSAGE:
+            target.CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _is_repeated_field(fd) -> bool:  # type: ignore[no-untyped-def]
+    rep = getattr(fd, "is_repeated", None)  # protobuf >= 5 (upb); older releases only have label
+    return bool(rep) if rep is not None else fd.label == fd.LABEL_REPEATED
 
 
 def _checker_message(e: BaseException) -> str:

@@ -165,6 +165,8 @@ def _chain(
         nd = len(rep.factors.arrays[0].shape) - 2
         ones = helper.make_attribute("kernel_shape", [1] * nd)
         spatial = _spatial_attrs(node)
+        # A grouped conv's factors are block-diagonal: every node of the chain keeps its group.
+        group = [a for a in node.attribute if a.name == "group" and a.i != 1]
         for j, label in enumerate(labels):
             arr = rep.factors.arrays[j]
             is_spatial_step = (kind in ("tucker2",) and label == "tucker_core") or (kind == "tucker1" and j == 0) or (
@@ -181,7 +183,7 @@ def _chain(
                 [outs[j]],
                 name=names.fresh(f"{base}/{label}"),
             )
-            n.attribute.extend(attrs)
+            n.attribute.extend(attrs + group)
             nodes.append(n)
         return nodes
     if node.op_type == "Gemm":

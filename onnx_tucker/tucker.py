@@ -5,7 +5,8 @@ channel modes are ever factorised; the spatial modes stay in the core.
 
 Leading singular vectors come from an eigendecomposition of the smaller Gram matrix of each
 unfolding (channels x channels for a conv), which is exact and much cheaper than an SVD of the
-wide unfolding.
+wide unfolding. Pass the `LayerSpectra` the planner filled (`spectra=`) and the Gram matrices and
+their tridiagonal reductions are reused instead of computed again (see `spectral`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
+
+from .spectral import GramEigen, LayerSpectra
+
+# Column block (float64 bytes) of the truncated SVD's projection: the weight is never copied whole.
+_BLOCK_BYTES = 32 * 2**20
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,8 @@ class SVDFactors:
 
     left: np.ndarray
     right: np.ndarray
+    # ||W - left @ right||_F / ||W||_F, computed without forming left @ right (None: not computed).
+    rel_error: float | None = None
 
 
 def unfold(tensor: np.ndarray, mode: int) -> np.ndarray:
@@ -46,38 +53,45 @@ def unfold(tensor: np.ndarray, mode: int) -> np.ndarray:
     return np.moveaxis(tensor, mode, 0).reshape(tensor.shape[mode], -1)
 
 
-def leading_left_vectors(matrix: np.ndarray, rank: int) -> np.ndarray:
-    """Orthonormal basis (L x rank) of the leading left singular subspace of `matrix` (L x M)."""
-    a = np.asarray(matrix, dtype=np.float64)
-    L, M = a.shape
-    rank = int(min(rank, L))
-    if rank <= 0:
-        return np.zeros((L, 0))
-    if L <= M:
-        _, vecs = scipy.linalg.eigh(a @ a.T, subset_by_index=[L - rank, L - 1])
-        return np.ascontiguousarray(vecs[:, ::-1])
-    # Tall: the left subspace is A times the leading right vectors; beyond rank(A) = M it is
-    # completed with any orthonormal directions (they carry no energy).
-    k = min(rank, M)
-    _, v = scipy.linalg.eigh(a.T @ a, subset_by_index=[M - k, M - 1])
-    basis = a @ v[:, ::-1]
-    if rank > k:
-        basis = np.concatenate([basis, np.random.default_rng(0).standard_normal((L, rank - k))], axis=1)
-    q, _ = np.linalg.qr(basis)
-    return q
+def leading_left_vectors(matrix: np.ndarray, rank: int, eigen: GramEigen | None = None) -> np.ndarray:
+    """Orthonormal basis (L x rank) of the leading left singular subspace of `matrix` (L x M).
+
+    `eigen`: the matrix's `GramEigen` when already computed (the planner's), else computed here.
+    """
+    a = np.asarray(matrix)
+    if a.ndim != 2:
+        raise ValueError(f"expected a 2-D matrix, got shape {a.shape}")
+    if min(rank, a.shape[0]) <= 0:
+        return np.zeros((a.shape[0], 0))
+    return (eigen if eigen is not None else GramEigen(a)).left_vectors(rank, a)
+
+
+def _eigen(spectra: LayerSpectra | None, key: int, matrix: np.ndarray) -> GramEigen | None:
+    return spectra.eigen(key, matrix) if spectra is not None else None
 
 
 def _mode_product(tensor: np.ndarray, matrix: np.ndarray, mode: int) -> np.ndarray:
     """tensor x_mode matrix^T, i.e. project mode `mode` onto the columns of `matrix`."""
     moved = np.moveaxis(tensor, mode, -1)
-    return np.moveaxis(moved @ matrix, -1, mode)
+    # One 2-D BLAS product: `moved @ matrix` on the 4-D view is a batched matmul of thin slices,
+    # ~50x slower (3.9 s vs 0.09 s for a 512x512x3x3 kernel).
+    lead = moved.shape[:-1]
+    out = (moved.reshape(-1, moved.shape[-1]) @ matrix).reshape(*lead, matrix.shape[1])
+    return np.moveaxis(out, -1, mode)
 
 
-def tucker2(kernel: np.ndarray, rank_out: int, rank_in: int, hooi_iters: int = 0) -> Tucker2Factors:
-    """Tucker-2 of a T x S x k... kernel: HOSVD start, then `hooi_iters` HOOI sweeps."""
+def tucker2(
+    kernel: np.ndarray, rank_out: int, rank_in: int, hooi_iters: int = 0, spectra: LayerSpectra | None = None
+) -> Tucker2Factors:
+    """Tucker-2 of a T x S x k... kernel: HOSVD start, then `hooi_iters` HOOI sweeps.
+
+    `spectra` (keys 0 and 1: the output- and input-mode unfoldings) reuses the planner's work.
+    """
     k = np.asarray(kernel, dtype=np.float64)
-    u_out = leading_left_vectors(unfold(k, 0), rank_out)
-    u_in = leading_left_vectors(unfold(k, 1), rank_in)
+    m0, m1 = unfold(k, 0), unfold(k, 1)
+    u_out = leading_left_vectors(m0, rank_out, _eigen(spectra, 0, m0))
+    u_in = leading_left_vectors(m1, rank_in, _eigen(spectra, 1, m1))
+    del m0, m1
     for _ in range(hooi_iters):
         u_out = leading_left_vectors(unfold(_mode_product(k, u_in, 1), 0), rank_out)
         u_in = leading_left_vectors(unfold(_mode_product(k, u_out, 0), 1), rank_in)
@@ -85,20 +99,44 @@ def tucker2(kernel: np.ndarray, rank_out: int, rank_in: int, hooi_iters: int = 0
     return Tucker2Factors(core=core, u_out=u_out, u_in=u_in)
 
 
-def tucker1(kernel: np.ndarray, rank_out: int) -> Tucker1Factors:
+def tucker1(kernel: np.ndarray, rank_out: int, spectra: LayerSpectra | None = None) -> Tucker1Factors:
     """Tucker-1 on the output mode: a k x k conv S -> R4 followed by a 1x1 conv R4 -> T."""
     k = np.asarray(kernel, dtype=np.float64)
-    u_out = leading_left_vectors(unfold(k, 0), rank_out)
+    m0 = unfold(k, 0)
+    u_out = leading_left_vectors(m0, rank_out, _eigen(spectra, 0, m0))
     return Tucker1Factors(core=_mode_product(k, u_out, 0), u_out=u_out)
 
 
-def truncated_svd(matrix: np.ndarray, rank: int) -> SVDFactors:
-    """Best rank-`rank` factorisation W ~ left @ right of an N x K matrix."""
-    w = np.asarray(matrix, dtype=np.float64)
+def truncated_svd(matrix: np.ndarray, rank: int, spectra: LayerSpectra | None = None) -> SVDFactors:
+    """Best rank-`rank` factorisation W ~ left @ right of an N x K matrix.
+
+    The matrix keeps its dtype: a float32 weight is read in float64 blocks, never copied whole, and
+    the error is computed without forming left @ right. `spectra` (key 0: this matrix) reuses the
+    planner's eigendecomposition.
+    """
+    w = np.asarray(matrix)
+    if w.dtype not in (np.float32, np.float64):
+        w = w.astype(np.float64)
     transposed = w.shape[0] > w.shape[1]
     a = w.T if transposed else w  # work on the wide orientation: Gram is min(N, K) square
-    u = leading_left_vectors(a, rank)
-    proj = u.T @ a  # R x long side; rows have norms = singular values
+    eigen = _eigen(spectra, 0, w) or GramEigen(w)
+    u = eigen.eigenvectors(rank)  # the wide orientation's left vectors: the short-side eigenvectors
+    n, m = a.shape
+    proj = np.empty((u.shape[1], m))  # R x long side; rows have norms = singular values
+    total = eigen.trace  # ||A||_F^2, from the Gram matrix
+    step = max(1, _BLOCK_BYTES // (8 * max(n, 1)))
+    for j in range(0, m, step):
+        proj[:, j : j + step] = u.T @ np.asarray(a[:, j : j + step], dtype=np.float64)
+    # ||A - U U^T A||^2 = ||A||^2 - ||U^T A||^2 (U orthonormal); recomputed exactly, block by block,
+    # when the difference is too small to trust (near-full rank).
+    resid = total - float(np.sum(proj * proj))
+    if resid <= 1e-6 * total:
+        resid = 0.0
+        for j in range(0, m, step):
+            blk = np.asarray(a[:, j : j + step], dtype=np.float64)
+            d = blk - u @ proj[:, j : j + step]
+            resid += float(np.sum(d * d))
+    rel = float(np.sqrt(max(resid, 0.0) / total)) if total > 0 else float(np.sqrt(max(resid, 0.0)))
     norms = np.linalg.norm(proj, axis=1)
     if norms.size and norms.min() > 1e-12 * max(norms.max(), 1e-300):
         scale = np.sqrt(norms)
@@ -106,8 +144,8 @@ def truncated_svd(matrix: np.ndarray, rank: int) -> SVDFactors:
     else:
         left, right = u, proj
     if transposed:  # W = a^T ~ right^T @ left^T
-        return SVDFactors(left=right.T, right=left.T)
-    return SVDFactors(left=left, right=right)
+        return SVDFactors(left=right.T, right=left.T, rel_error=rel)
+    return SVDFactors(left=left, right=right, rel_error=rel)
 
 
 def reconstruct_tucker2(f: Tucker2Factors) -> np.ndarray:

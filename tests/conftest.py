@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,11 @@ from helpers import DATA_DIR, RESNETS_DIR  # noqa: E402
 # (the first example pays for imports and BLAS warm-up).
 settings.register_profile("default", max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("default")
+# Every run, CI's included, loads the derandomized "ci" profile: the same examples each time and no
+# example database, so a failure reproduces exactly. HYPOTHESIS_PROFILE=explore draws fresh ones.
+settings.register_profile("ci", parent=settings.get_profile("default"), derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", parent=settings.get_profile("default"), max_examples=200)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture

@@ -46,10 +46,11 @@ def lowrank_conv() -> tuple[onnx.ModelProto, np.ndarray]:
 
 # ---- skip reasons -------------------------------------------------------------------------------
 
-def test_grouped_conv_skipped_with_reason() -> None:
-    lp = only(plan_of(make_conv_model(T=8, S=8, group=2)))
-    assert lp.kind == "skip" and not lp.decomposed
-    assert "grouped" in lp.reason and "group=2" in lp.reason
+def test_grouped_conv_decomposed_per_group() -> None:
+    # Grouped convs are decomposed group by group (tests/test_grouped.py, docs/grouped-convs.md).
+    lp = only(plan_of(make_conv_model(T=8, S=8, group=2), ranks=RankPolicy("full")))
+    assert lp.kind == "tucker2" and lp.decomposed
+    assert "ranks per group (group=2)" in lp.policy
 
 
 def test_depthwise_conv_skipped_with_reason() -> None:
