@@ -18,6 +18,18 @@ from .errors import UsageError
 from .fold import FoldError, WeightFolder
 
 DECOMPOSABLE_OPS = ("Conv", "Gemm", "MatMul")
+# Layer ops users expect in the report although they are never decomposed, with the reason.
+REPORTED_OPS = {
+    "ConvTranspose": "ConvTranspose is not decomposed (only Conv, Gemm and MatMul are)",
+    "QLinearConv": "quantized conv (QLinearConv): quantized layers are left alone",
+    "ConvInteger": "quantized conv (ConvInteger): quantized layers are left alone",
+    "QLinearMatMul": "quantized MatMul (QLinearMatMul): quantized layers are left alone",
+    "MatMulInteger": "quantized MatMul (MatMulInteger): quantized layers are left alone",
+    "FusedConv": "onnxruntime fused op (FusedConv): export the model without onnxruntime optimisations",
+    "FusedGemm": "onnxruntime fused op (FusedGemm): export the model without onnxruntime optimisations",
+    "FusedMatMul": "onnxruntime fused op (FusedMatMul): export the model without onnxruntime optimisations",
+    "Einsum": "Einsum is not decomposed (only Conv, Gemm and MatMul are)",
+}
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
 Shape = tuple[int | None, ...]
@@ -289,9 +301,18 @@ def find_layers(model: onnx.ModelProto, shapes: Mapping[str, Shape], index: Mode
     for i, node in enumerate(model.graph.node):
         for sub in _subgraphs(node):
             layers.extend(_subgraph_layers(sub, layer_id_of(node)))
+        if node.op_type in REPORTED_OPS:
+            layers.append(Layer(layer_id=layer_id_of(node), op_type=node.op_type, node_index=i,
+                                skip_reason=REPORTED_OPS[node.op_type]))
+            continue
         if node.op_type not in DECOMPOSABLE_OPS or node.domain not in ("", "ai.onnx"):
             continue
         layers.append(_describe(node, i, idx, shapes, weight_uses))
+    for fn in model.functions:
+        for node in fn.node:
+            if node.op_type in DECOMPOSABLE_OPS:
+                layers.append(Layer(layer_id=layer_id_of(node), op_type=node.op_type, node_index=-1,
+                                    skip_reason=f"inside model-local function '{fn.name}' (functions are left alone)"))
     return layers
 
 

@@ -64,7 +64,7 @@ def _session(model: onnx.ModelProto | str | os.PathLike[str], what: str, tmpdir:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # errors become our one-line message, not ORT's log lines
     try:
         if isinstance(model, onnx.ModelProto):
             if model.ByteSize() > PROTOBUF_LIMIT:
@@ -79,6 +79,17 @@ def _session(model: onnx.ModelProto | str | os.PathLike[str], what: str, tmpdir:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValidationError(
             f"the {what} model does not load in onnxruntime ({msg}); use --no-validate to skip validation"
+        ) from None
+
+
+def _run(session, names: list[str], feeds: Mapping[str, np.ndarray], what: str) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+    try:
+        return list(session.run(names, feeds))
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated exception types
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = "the input model itself does not run there" if what == "original" else "please report this"
+        raise ValidationError(
+            f"onnxruntime failed to run the {what} model ({msg}); {hint}: check --input-shape, or use --no-validate"
         ) from None
 
 
@@ -234,12 +245,8 @@ def validate_models(
         refs: list[list[np.ndarray]] = [[] for _ in names]
         news: list[list[np.ndarray]] = [[] for _ in names]
         for feeds in batches:
-            try:
-                r0 = s0.run(names, feeds)
-                r1 = s1.run(names, feeds)
-            except Exception as e:  # noqa: BLE001
-                raise ValidationError(f"onnxruntime failed to run the models ({str(e).splitlines()[0]}); "
-                                      "check --input-shape or use --no-validate") from None
+            r0 = _run(s0, names, feeds, "original")
+            r1 = _run(s1, names, feeds, "compressed")
             for k in range(len(names)):
                 refs[k].append(np.asarray(r0[k]))
                 news[k].append(np.asarray(r1[k]))

@@ -677,3 +677,24 @@ def test_conv_helper_model_at_opset_7_ir3() -> None:
     model = make_conv_model(pads=(1, 1, 1, 1), opset=7, ir_version=3)
     res = ot.compress(model, _full(validate=True, samples=1))
     assert res.validation is not None and res.validation.passed
+
+
+def test_conv_transpose_and_quantized_ops_are_reported_with_reasons() -> None:
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    import onnx_tucker as ot
+
+    w = numpy_helper.from_array(np.ones((4, 4, 3, 3), np.float32), "W")
+    node = helper.make_node("ConvTranspose", ["x", "W"], ["y"], name="up")
+    g = helper.make_graph(
+        [node], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [w],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    plan = ot.plan(m, ot.CompressionConfig())
+    (layer,) = plan.layers
+    assert layer.name == "up" and layer.kind == "skip" and "ConvTranspose is not decomposed" in (layer.reason or "")
