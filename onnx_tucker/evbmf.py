@@ -20,6 +20,7 @@ from .spectral import GramEigen
 
 # tau-bar for alpha = 1 (Nakajima et al. 2013, Eq. 34 solved numerically); scaled by sqrt(alpha).
 _TAU_UBAR_AT_ALPHA_1 = 2.5129
+_ROUNDOFF = 1e-6  # relative size of float32 round-off in a singular value (with some margin)
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,10 @@ def evbmf_from_singular_values(
         upper = total / (L * M)
         tail = s[eh_ub + 1 :] if eh_ub + 1 < H else s[-1:]
         lower = max(tail[0] ** 2 / (M * xubar), float(np.mean(tail**2)) / M)
-        lower = max(lower, upper * 1e-12)  # a noise-free matrix would give 0: keep log() finite
+        # A noise-free matrix would give 0. Weights are stored in float32 (or coarser), so singular
+        # values below ~1e-6 of the largest are round-off, not signal: keep the noise level above
+        # that floor, or exactly low-rank weights come out with spurious extra ranks.
+        lower = max(lower, upper * 1e-12, (_ROUNDOFF * s[0]) ** 2 / M)
         if lower >= upper:
             sigma2 = upper
         else:

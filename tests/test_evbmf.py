@@ -223,3 +223,16 @@ def test_property_strong_signal_gives_true_rank(L: int, M: int, frac: float, log
     rank = int(frac * min(L, M))
     a = low_rank_plus_noise(np.random.default_rng(seed), (L, M), rank, sigma=math.exp(log_sigma), snr=(3.0, 8.0))
     assert select_rank_evbmf(a).rank == rank
+
+
+def test_exactly_rank_one_float32_weight_gives_rank_one() -> None:
+    """Round-off singular values of an exactly rank-1 float32 weight are not signal (the
+    constant-filled light_* models of the onnx wheel hit this)."""
+    import numpy as np
+
+    from onnx_tucker.evbmf import select_rank_evbmf
+
+    rng = np.random.default_rng(0)
+    w = np.outer(rng.standard_normal(1000), rng.standard_normal(1024)).astype(np.float32)
+    assert select_rank_evbmf(w).rank == 1
+    assert select_rank_evbmf(np.full((512, 2000), 0.02, np.float32)).rank == 1
