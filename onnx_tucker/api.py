@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from . import lazyload
 from .bench import LatencyReport, measure_latency
@@ -155,7 +156,10 @@ def _plan_and_decompose(
     def read_weight(name: str) -> np.ndarray:
         t = prep.index.initializers.get(name)
         if t is not None and prep.base_dir is not None and lazyload.is_external(t):
-            return lazyload.read_array(t, prep.base_dir)  # straight from the file, one copy
+            try:
+                return lazyload.read_array(t, prep.base_dir)  # straight from the file, one copy
+            except (TypeError, ValueError):  # exotic dtypes (bfloat16, ...): onnx's own reader
+                return numpy_helper.to_array(t, prep.base_dir)
         with read_lock:  # protobuf reads and constant folding stay on one thread at a time
             return prep.index.constant_value(name)
 

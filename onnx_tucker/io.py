@@ -86,7 +86,7 @@ def load_model(path: str | os.PathLike[str], lazy: bool = False) -> onnx.ModelPr
         if size == 0:
             raise ModelLoadError(f"{p}: the file is empty (0 bytes); {_REEXPORT}")
         if lazy:
-            with contextlib.suppress(lazyload.SkeletonError, ValueError, OverflowError):
+            with contextlib.suppress(lazyload.SkeletonError, ValueError, OverflowError, OSError):
                 skeleton = lazyload.read_skeleton(p)
         if skeleton is None:
             with open(p, "rb") as f:

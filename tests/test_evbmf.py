@@ -200,16 +200,19 @@ def test_float32_input_matches_float64() -> None:
     assert e32.sigma2 == pytest.approx(e64.sigma2, rel=1e-3)
 
 
-def test_large_fc_matrix_is_cheap() -> None:
-    """A 768 x 6144 FC weight: Gram-based, well under a second (a full SVD takes several)."""
-    import time
+def test_large_fc_matrix_never_takes_a_full_svd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 768 x 6144 FC weight goes through the small Gram matrix, never an SVD of the wide matrix
+    (speed itself is measured in tools/bench_scale.py, not in unit tests)."""
 
+    def no_svd(*args: object, **kwargs: object) -> None:
+        raise AssertionError("full SVD called")
+
+    monkeypatch.setattr(np.linalg, "svd", no_svd)
+    import scipy.linalg
+
+    monkeypatch.setattr(scipy.linalg, "svd", no_svd)
     a = low_rank_plus_noise(np.random.default_rng(9), (768, 6144), 50, sigma=0.01).astype(np.float32)
-    t0 = time.perf_counter()
-    est = select_rank_evbmf(a)
-    elapsed = time.perf_counter() - t0
-    assert est.rank == 50
-    assert elapsed < 5.0
+    assert select_rank_evbmf(a).rank == 50
 
 
 @given(

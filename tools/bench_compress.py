@@ -39,8 +39,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", type=Path)
     ap.add_argument("--runs", type=int, default=3, help="timed runs per model (median reported)")
-    args, extra = ap.parse_known_args()
-    extra = [a for a in extra if a != "--"]
+    argv = sys.argv[1:]
+    # Everything after "--" goes to `compress` (argparse would take it for more model paths).
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args, extra = ap.parse_known_args(argv[:cut])
+    extra += argv[cut + 1 :]
     import numpy
     import onnx
     import onnxruntime
