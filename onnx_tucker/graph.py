@@ -7,7 +7,7 @@ is plain Python / numpy (`Layer`, shape dicts), so planning and decomposition ne
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +16,7 @@ from onnx import helper, numpy_helper
 
 from .errors import UsageError
 from .fold import FoldError, WeightFolder
+from .io import _subgraphs
 
 DECOMPOSABLE_OPS = ("Conv", "Gemm", "MatMul")
 # Layer ops users expect in the report although they are never decomposed, with the reason.
@@ -151,14 +152,6 @@ class ModelIndex:
                 return np.array(list(a.ints), dtype=np.int64)
         # sparse_value and friends: let the reference runtime materialise them.
         return self.folder.value(name)
-
-
-def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
-    for a in node.attribute:
-        if a.type == onnx.AttributeProto.GRAPH:
-            yield a.g
-        elif a.type == onnx.AttributeProto.GRAPHS:
-            yield from a.graphs
 
 
 def _outer_names_used(graph: onnx.GraphProto) -> set[str]:
