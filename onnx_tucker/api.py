@@ -282,6 +282,16 @@ def compress(
     )
 
 
+def _load_pair(
+    original: ModelLike, compressed: ModelLike, config: CompressionConfig
+) -> tuple[onnx.ModelProto, onnx.ModelProto, dict[str, tuple[int, ...]]]:
+    """Both models (loaded and checked when given as paths) and the original's resolved input shapes."""
+    orig = original if isinstance(original, onnx.ModelProto) else load_model(original)
+    comp = compressed if isinstance(compressed, onnx.ModelProto) else load_model(compressed)
+    source = "model" if isinstance(original, onnx.ModelProto) else str(original)
+    return orig, comp, resolve_input_shapes(orig, dict(config.input_shapes), source)
+
+
 def bench(
     original: ModelLike,
     compressed: ModelLike,
@@ -292,9 +302,7 @@ def bench(
 ) -> LatencyReport:
     """Latency of both models in onnxruntime CPU, interleaved (see `onnx_tucker.bench`)."""
     config = config or CompressionConfig()
-    orig = original if isinstance(original, onnx.ModelProto) else load_model(original)
-    comp = compressed if isinstance(compressed, onnx.ModelProto) else load_model(compressed)
-    shapes = resolve_input_shapes(orig, dict(config.input_shapes), str(original) if not isinstance(original, onnx.ModelProto) else "model")
+    orig, comp, shapes = _load_pair(original, compressed, config)
     return measure_latency(orig, comp, orig, shapes, threads, warmup, runs, config.seed)
 
 
@@ -305,8 +313,6 @@ def validate(
 ) -> ValidationReport:
     """Compare two models with the same inputs and outputs on seeded random inputs."""
     config = config or CompressionConfig()
-    orig = original if isinstance(original, onnx.ModelProto) else load_model(original)
-    comp = compressed if isinstance(compressed, onnx.ModelProto) else load_model(compressed)
-    shapes = resolve_input_shapes(orig, dict(config.input_shapes), str(original) if not isinstance(original, onnx.ModelProto) else "model")
+    orig, comp, shapes = _load_pair(original, compressed, config)
     data = load_validation_data(config.data, orig, config.samples) if config.data else None
     return validate_models(orig, comp, shapes, config.samples, config.seed, config.effective_rtol, data)
