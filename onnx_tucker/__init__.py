@@ -16,10 +16,10 @@ from .errors import (
     UsageError,
     ValidationError,
 )
-from .evbmf import EVBMFEstimate, select_rank_evbmf
-from .plan import CompressionPlan, LayerPlan
-from .tucker import truncated_svd, tucker1, tucker2
-from .validate import OutputComparison, ValidationReport
+from .numerics.evbmf import EVBMFEstimate, select_rank_evbmf
+from .numerics.tucker import truncated_svd, tucker1, tucker2
+from .plan.planner import CompressionPlan, LayerPlan
+from .runtime.validate import OutputComparison, ValidationReport
 
 __version__ = "0.1.0"
 

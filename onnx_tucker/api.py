@@ -17,18 +17,27 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from . import lazyload
-from .bench import LatencyReport, measure_latency
 from .config import CompressionConfig
-from .decompose import LayerFactors, decompose_layer
 from .errors import ModelLoadError
-from .fold import float_parameter_count
-from .graph import Layer, ModelIndex, factorised_as, find_layers, infer_shapes, resolve_input_shapes
-from .io import check_model, check_output_path, load_model, save_model
-from .plan import CompressionPlan, LayerPlan, check_plan_covers, finish_plan, load_plan_file, plan_layer
-from .rewrite import Replacement, apply_replacements
-from .spectral import LayerSpectra, single_threaded_lapack
-from .validate import ValidationReport, load_validation_data, validate_models
+from .graph import lazyload
+from .graph.fold import float_parameter_count
+from .graph.load import check_model, load_model
+from .graph.model import ModelIndex, find_layers, infer_shapes, resolve_input_shapes
+from .graph.rewrite import Replacement, apply_replacements
+from .graph.save import check_output_path, save_model
+from .numerics.spectral import LayerSpectra, single_threaded_lapack
+from .ops.layer import Layer, LayerFactors, factorised_as
+from .plan.decompose import decompose_layer
+from .plan.planner import (
+    CompressionPlan,
+    LayerPlan,
+    check_plan_covers,
+    finish_plan,
+    load_plan_file,
+    plan_layer,
+)
+from .runtime.bench import LatencyReport, measure_latency
+from .runtime.validate import ValidationReport, load_validation_data, validate_models
 
 ModelLike = onnx.ModelProto | str | os.PathLike[str]
 Progress = Callable[[str, int, int], None]  # (layer name, done, total)

@@ -132,7 +132,7 @@ def _errors(verbose: bool = False):  # type: ignore[no-untyped-def]
 
 def _check_outputs(input: Path, output: Path | None, sides: dict[str, Path | None]) -> None:
     """Every output file is writable, is not the input, and no two outputs are the same file."""
-    from .io import check_output_path
+    from .graph.save import check_output_path
 
     taken: dict[Path, str] = {}
     if output is not None:
@@ -224,8 +224,8 @@ def compress(
     import json
 
     from . import api
-    from . import report as rep
-    from .io import OutputBatch
+    from .graph.save import OutputBatch
+    from .report import render as rep
 
     with _errors(verbose):
         cfg = _config(ranks, rank_scale, min_rank, round_to, include, exclude, hooi_iters, input_shape, plan,
@@ -290,8 +290,8 @@ def inspect(
     import json
 
     from . import api
-    from . import report as rep
-    from .io import OutputBatch
+    from .graph.save import OutputBatch
+    from .report import render as rep
 
     with _errors(verbose):
         cfg = _config(ranks, rank_scale, min_rank, round_to, include, exclude, hooi_iters, input_shape, plan,
@@ -324,8 +324,8 @@ def validate_cmd(
 ) -> None:
     """Compare two models' outputs on seeded random inputs in onnxruntime."""
     from . import api
-    from . import report as rep
-    from .io import write_text_atomic
+    from .graph.save import write_text_atomic
+    from .report import render as rep
 
     with _errors(verbose):
         cfg = _config("vbmf", 1.0, None, 1, None, None, 0, input_shape, None, True, samples, seed, rtol, data)
@@ -355,8 +355,8 @@ def bench_cmd(
 ) -> None:
     """Latency of two models in onnxruntime CPU, measured side by side (medians, p90, ratio)."""
     from . import api
-    from . import report as rep
-    from .io import write_text_atomic
+    from .graph.save import write_text_atomic
+    from .report import render as rep
 
     with _errors(verbose):
         cfg = _config("vbmf", 1.0, None, 1, None, None, 0, input_shape, None, False, None, seed, None)

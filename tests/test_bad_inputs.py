@@ -34,9 +34,10 @@ from helpers import make_conv_model, make_gemm_model, make_small_cnn, save
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-from onnx_tucker import io as tio
 from onnx_tucker.cli import app
 from onnx_tucker.errors import ModelLoadError
+from onnx_tucker.graph import load as tio
+from onnx_tucker.graph import save as tio_save
 
 runner = CliRunner()
 
@@ -747,7 +748,7 @@ def test_external_data_model_round_trips(tmp_path: Path) -> None:
     assert [numpy_helper.to_array(t).tobytes() for t in m.graph.initializer] == [
         numpy_helper.to_array(t).tobytes() for t in ref.graph.initializer
     ]
-    tio.save_model(m, out, inp, external_data=True)
+    tio_save.save_model(m, out, inp, external_data=True)
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.tucker.onnx", "model.tucker.onnx.data"]
     back = tio.load_model(out)
     assert [t.name for t in back.graph.initializer] == [t.name for t in ref.graph.initializer]
@@ -760,7 +761,7 @@ def test_external_data_model_round_trips(tmp_path: Path) -> None:
 def test_output_batch_discards_everything_on_failure(tmp_path: Path) -> None:
     (tmp_path / "b.txt").write_text("old")
     before = snapshot(tmp_path)
-    with pytest.raises(RuntimeError), tio.OutputBatch() as batch:
+    with pytest.raises(RuntimeError), tio_save.OutputBatch() as batch:
         batch.add_text(tmp_path / "a.txt", "new a")
         batch.add_text(tmp_path / "b.txt", "new b")
         raise RuntimeError("stop before commit")

@@ -10,7 +10,7 @@ from helpers import low_rank_plus_noise
 from hypothesis import given
 from hypothesis import strategies as st
 
-from onnx_tucker.evbmf import evbmf_from_singular_values, select_rank_evbmf, singular_values
+from onnx_tucker.numerics.evbmf import evbmf_from_singular_values, select_rank_evbmf, singular_values
 
 # (L, M, true rank): tall and wide, square, conv-unfolding-like (64 x 576 = 64 x 64*3*3).
 SHAPES = [
@@ -233,7 +233,7 @@ def test_exactly_rank_one_float32_weight_gives_rank_one() -> None:
     constant-filled light_* models of the onnx wheel hit this)."""
     import numpy as np
 
-    from onnx_tucker.evbmf import select_rank_evbmf
+    from onnx_tucker.numerics.evbmf import select_rank_evbmf
 
     rng = np.random.default_rng(0)
     w = np.outer(rng.standard_normal(1000), rng.standard_normal(1024)).astype(np.float32)

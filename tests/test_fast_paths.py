@@ -18,15 +18,16 @@ import pytest
 from helpers import low_rank_kernel, low_rank_plus_noise, make_gemm_model, make_small_cnn, save
 
 import onnx_tucker as ot
-from onnx_tucker import lazyload, spectral
 from onnx_tucker.config import CompressionConfig
-from onnx_tucker.decompose import decompose_layer
-from onnx_tucker.evbmf import evbmf_from_singular_values, singular_values
-from onnx_tucker.graph import Layer
-from onnx_tucker.io import light_for_checker, load_model
-from onnx_tucker.plan import plan_layer, svd_matrix
-from onnx_tucker.spectral import GramEigen, LayerSpectra, gram_short_side
-from onnx_tucker.tucker import leading_left_vectors, truncated_svd, tucker2, unfold
+from onnx_tucker.graph import lazyload
+from onnx_tucker.graph.load import light_for_checker, load_model
+from onnx_tucker.numerics import spectral
+from onnx_tucker.numerics.evbmf import evbmf_from_singular_values, singular_values
+from onnx_tucker.numerics.spectral import GramEigen, LayerSpectra, gram_short_side
+from onnx_tucker.numerics.tucker import leading_left_vectors, truncated_svd, tucker2, unfold
+from onnx_tucker.ops.layer import Layer
+from onnx_tucker.plan.decompose import decompose_layer
+from onnx_tucker.plan.planner import plan_layer, svd_matrix
 
 SHAPES = [(1, 7), (7, 1), (5, 5), (12, 40), (40, 12), (64, 576), (300, 45), (256, 2304)]
 
@@ -105,7 +106,7 @@ def test_evbmf_rank_is_the_same_as_on_the_svd_spectrum(shape: tuple[int, int], r
 @pytest.mark.parametrize("shape", [(300, 40), (40, 300)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_truncated_svd_matches_reference(shape: tuple[int, int], dtype: type, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("onnx_tucker.tucker._BLOCK_BYTES", 8 * 40 * 7)  # several projection blocks
+    monkeypatch.setattr("onnx_tucker.numerics.tucker._BLOCK_BYTES", 8 * 40 * 7)  # several projection blocks
     r = 6
     w = low_rank_plus_noise(np.random.default_rng(5), shape, r, sigma=0.05).astype(dtype)
     f = truncated_svd(w, r)
@@ -229,7 +230,7 @@ def test_weights_feeding_other_ops_are_loaded(tmp_path, small_lazy) -> None:  # 
 
 def test_checker_light_copy_drops_big_initializers_only() -> None:
     model = make_small_cnn(c1=16, c2=64, low_rank=True)
-    import onnx_tucker.io as io
+    import onnx_tucker.graph.load as io
 
     big = {t.name for t in model.graph.initializer if t.ByteSize() >= 2**14}
     old = io._CHECKER_LIGHT_BYTES

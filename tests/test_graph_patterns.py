@@ -27,8 +27,9 @@ from onnx import TensorProto, helper, numpy_helper
 import onnx_tucker as ot
 from onnx_tucker import CompressionConfig, RankPolicy
 from onnx_tucker.errors import ValidationError
-from onnx_tucker.graph import ModelIndex, find_layers
-from onnx_tucker.io import load_model, save_model
+from onnx_tucker.graph.load import load_model
+from onnx_tucker.graph.model import ModelIndex, find_layers
+from onnx_tucker.graph.save import save_model
 
 MAX_OPSET = onnx.defs.onnx_opset_version()
 

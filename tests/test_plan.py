@@ -23,9 +23,9 @@ from onnx import TensorProto, helper
 
 import onnx_tucker as ot
 from onnx_tucker import CompressionConfig, PlanError, RankPolicy, UsageError
-from onnx_tucker.cost import layer_cost
-from onnx_tucker.graph import Layer
-from onnx_tucker.tucker import unfold
+from onnx_tucker.numerics.tucker import unfold
+from onnx_tucker.ops.cost import layer_cost
+from onnx_tucker.ops.layer import Layer
 
 
 def plan_of(model: onnx.ModelProto, **kw: object) -> ot.CompressionPlan:

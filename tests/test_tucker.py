@@ -6,10 +6,7 @@ import numpy as np
 import pytest
 from helpers import low_rank_kernel
 
-from onnx_tucker.decompose import decompose_layer
-from onnx_tucker.graph import Layer
-from onnx_tucker.plan import LayerPlan
-from onnx_tucker.tucker import (
+from onnx_tucker.numerics.tucker import (
     leading_left_vectors,
     reconstruct_tucker1,
     reconstruct_tucker2,
@@ -19,6 +16,9 @@ from onnx_tucker.tucker import (
     tucker2,
     unfold,
 )
+from onnx_tucker.ops.layer import Layer
+from onnx_tucker.plan.decompose import decompose_layer
+from onnx_tucker.plan.planner import LayerPlan
 
 # (T, S, kernel): square, tall and wide unfoldings, 1-D / 3-D kernels, S > T*k (input unfolding
 # rank-capped) and T > S*k (output unfolding rank-capped).

@@ -91,7 +91,7 @@ def test_compress_bench_adds_latency_to_report(tmp_path: Path) -> None:
 
 
 def test_matching_nans_are_agreement_and_new_nans_are_errors() -> None:
-    from onnx_tucker.validate import compare_outputs
+    from onnx_tucker.runtime.validate import compare_outputs
 
     a = np.array([[1.0, np.nan, 3.0, np.inf]])
     same = compare_outputs("y", a, a.copy())

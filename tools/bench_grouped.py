@@ -9,7 +9,7 @@ builds the original Conv and per-group decompositions at ranks that cut MACs abo
 
 Weights are synthetic low-rank-plus-noise per group; the chains come from a per-group HOSVD with
 the same ranks in every group, so the factors stay block-diagonal. Latency: onnxruntime CPU,
-1 thread, interleaved runs, medians (`onnx_tucker.bench.measure_latency`). A second table runs
+1 thread, interleaved runs, medians (`onnx_tucker.runtime.bench.measure_latency`). A second table runs
 the tool itself (`onnx_tucker.compress`, default EVBMF ranks) on the same layers. Results go to
 docs/grouped-convs.md by hand.
 
@@ -30,8 +30,8 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import onnx_tucker as ot  # noqa: E402
-from onnx_tucker.bench import measure_latency  # noqa: E402
-from onnx_tucker.tucker import tucker1, tucker2  # noqa: E402
+from onnx_tucker.numerics.tucker import tucker1, tucker2  # noqa: E402
+from onnx_tucker.runtime.bench import measure_latency  # noqa: E402
 
 # name -> (T, S, kernel, group, spatial, pads)
 LAYERS = {

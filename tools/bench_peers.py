@@ -33,13 +33,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from onnx_tucker import lazyload  # noqa: E402
 from onnx_tucker.config import CompressionConfig  # noqa: E402
-from onnx_tucker.decompose import decompose_layer  # noqa: E402
-from onnx_tucker.graph import ModelIndex, find_layers, infer_shapes, resolve_input_shapes  # noqa: E402
-from onnx_tucker.io import load_model  # noqa: E402
-from onnx_tucker.plan import plan_layer, svd_matrix  # noqa: E402
-from onnx_tucker.spectral import LayerSpectra, single_threaded_lapack  # noqa: E402
+from onnx_tucker.graph import lazyload  # noqa: E402
+from onnx_tucker.graph.load import load_model  # noqa: E402
+from onnx_tucker.graph.model import ModelIndex, find_layers, infer_shapes, resolve_input_shapes  # noqa: E402
+from onnx_tucker.numerics.spectral import LayerSpectra, single_threaded_lapack  # noqa: E402
+from onnx_tucker.plan.decompose import decompose_layer  # noqa: E402
+from onnx_tucker.plan.planner import plan_layer, svd_matrix  # noqa: E402
 
 
 def _rel(w: np.ndarray, approx: np.ndarray) -> float:

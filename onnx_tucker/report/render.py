@@ -12,10 +12,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .api import CompressionResult, ModelTotals
-from .bench import LatencyReport
-from .plan import CompressionPlan, LayerPlan
-from .validate import ValidationReport
+from ..api import CompressionResult, ModelTotals
+from ..plan.planner import CompressionPlan, LayerPlan
+from ..runtime.bench import LatencyReport
+from ..runtime.validate import ValidationReport
 
 
 def _fmt_int(n: int | None) -> str:

@@ -10,9 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .errors import ValidationError
-from .graph import graph_input_names
-from .io import PROTOBUF_LIMIT
+from ..errors import ValidationError
+from ..graph.protos import PROTOBUF_LIMIT, graph_input_names
 
 DEFAULT_RANDOM_SAMPLES = 8
 
@@ -153,7 +152,7 @@ class ValidationData:
 def load_validation_data(path: str | os.PathLike[str], model: onnx.ModelProto, limit: int | None = None) -> ValidationData:
     """Read a .npz holding an array per model input (named as the input, or `input` for a
     single-input model) and optionally `labels` (int class ids), first axis = samples."""
-    from .errors import UsageError
+    from ..errors import UsageError
 
     try:
         with np.load(str(path), allow_pickle=False) as z:
@@ -196,7 +195,7 @@ def _data_batches(
     data: ValidationData, input_shapes: Mapping[str, tuple[int, ...]], model: onnx.ModelProto
 ) -> list[dict[str, np.ndarray]]:
     """Split the data along the batch axis: chunks of 256 for a dynamic batch, else the model's batch."""
-    from .errors import UsageError
+    from ..errors import UsageError
 
     first = next(iter(input_shapes.values()))
     batch = first[0] if first else 1

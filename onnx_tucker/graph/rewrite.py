@@ -17,14 +17,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from google.protobuf.descriptor import FieldDescriptor
 from onnx import helper, numpy_helper
 
-from .decompose import LayerFactors
-from .errors import RewriteError
+from ..errors import RewriteError
+from ..ops.layer import Layer, LayerFactors, factorised_as
 from .fold import dead_weight_producers, removed_tensor_names
-from .graph import Layer, ModelIndex, factorised_as, opset_version
-from .io import checker_message
+from .load import checker_message
+from .model import ModelIndex
+from .protos import copy_fields, opset_version
 
 
 @dataclass(frozen=True)
@@ -51,24 +51,6 @@ class _Names:
             name, k = f"{base}_{k}", k + 1
         self.used.add(name)
         return name
-
-
-def _is_repeated(fd: FieldDescriptor) -> bool:
-    # protobuf >= 5 (upb) has is_repeated; older releases only label.
-    rep = getattr(fd, "is_repeated", None)
-    return bool(rep) if rep is not None else fd.label == FieldDescriptor.LABEL_REPEATED
-
-
-def _copy_fields(src: object, dst: object, skip: set[str]) -> None:
-    for fd, value in src.ListFields():  # type: ignore[attr-defined]
-        if fd.name in skip:
-            continue
-        if _is_repeated(fd):
-            getattr(dst, fd.name).extend(value)
-        elif fd.type == FieldDescriptor.TYPE_MESSAGE:
-            getattr(dst, fd.name).CopyFrom(value)
-        else:
-            setattr(dst, fd.name, value)
 
 
 def _spatial_attrs(node: onnx.NodeProto) -> list[onnx.AttributeProto]:
@@ -116,8 +98,8 @@ def apply_replacements(model: onnx.ModelProto, replacements: Mapping[int, Replac
     new_nodes = [n for n, src in zip(new_nodes, sources, strict=True) if src is None or src not in dead_nodes]
 
     out = onnx.ModelProto()
-    _copy_fields(model, out, {"graph"})
-    _copy_fields(g, out.graph, {"node", "initializer", "input", "value_info"})
+    copy_fields(model, out, {"graph"})
+    copy_fields(g, out.graph, {"node", "initializer", "input", "value_info"})
     out.graph.node.extend(new_nodes)
     out.graph.value_info.extend(v for v in g.value_info if v.name not in gone)
     out.graph.initializer.extend(t for t in g.initializer if t.name not in dropped)

@@ -12,22 +12,22 @@ Layouts (ONNX conventions, float64 here; the rewrite casts back to the model's d
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 
-from .cost import conv_groups
-from .graph import Layer
-from .plan import LayerPlan, svd_matrix
-from .spectral import LayerSpectra
-from .tucker import reconstruct_tucker1, reconstruct_tucker2, relative_error, truncated_svd, tucker1, tucker2
-
-
-@dataclass(frozen=True)
-class LayerFactors:
-    kind: str
-    arrays: tuple[np.ndarray, ...]
-    rel_error: float
+from ..numerics.spectral import LayerSpectra
+from ..numerics.tucker import (
+    reconstruct_tucker1,
+    reconstruct_tucker2,
+    relative_error,
+    truncated_svd,
+    tucker1,
+    tucker2,
+)
+from ..ops.cost import conv_groups
+from ..ops.layer import Layer, LayerFactors
+from .planner import LayerPlan, svd_matrix
 
 
 def _as_1x1(m: np.ndarray, spatial_dims: int) -> np.ndarray:

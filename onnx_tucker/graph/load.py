@@ -1,59 +1,40 @@
-"""Loading and saving ONNX models: clear errors for bad files, atomic writes, input never overwritten.
+"""Loading ONNX models with clear errors: every check on a model happens here, before planning.
 
-One of the modules (with `graph` and `rewrite`) that touch ONNX protobuf.
-
-Every check on a model happens here, before planning: a bad file gives one `ModelLoadError` of the
-form "<file>: <problem>; <fix>", never a traceback from deep inside numpy or onnxruntime. We refuse a
-model only where onnxruntime would refuse it too: when `onnx.checker` is stricter than onnxruntime
-(a graph output without a shape, an unsorted graph), onnxruntime has the last word.
-
-Writing: every output goes to a temporary file in its own folder and is renamed into place only when
-everything has been written (`OutputBatch`), so a failure (disk full, Ctrl-C) leaves no half-written
-file and a pre-existing output untouched.
+A bad file gives one `ModelLoadError` of the form "<file>: <problem>; <fix>", never a traceback from
+deep inside numpy or onnxruntime. We refuse a model only where onnxruntime would refuse it too: when
+`onnx.checker` is stricter than onnxruntime (a graph output without a shape, an unsorted graph),
+onnxruntime has the last word.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import math
 import os
 import re
-import tempfile
 from collections import defaultdict, deque
-from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
 
-from .errors import ModelLoadError, ModelSaveError, UsageError
+from ..errors import ModelLoadError
+from .protos import (
+    ITEMSIZE,
+    PROTOBUF_LIMIT,
+    TYPED_FIELD,
+    all_tensors,
+    copy_fields,
+    first_line,
+    node_label,
+    subgraph_outer_reads,
+)
 
 log = logging.getLogger("onnx_tucker")
 
-# Protobuf refuses to serialise a message over 2 GiB; stay clearly below it.
-PROTOBUF_LIMIT = 2**31 - 2**24
 # The oldest default-domain opset onnx-tucker supports (issue 2: "opset 7 and up").
 MIN_OPSET = 7
-# Tensors at least this big go to the external data file when a model is saved with external data.
-EXTERNAL_THRESHOLD = 1024
-
-_TP = onnx.TensorProto
-# Bytes per element of the fixed-size dtypes (packed 4-bit and string tensors are not size-checked).
-_ITEMSIZE: dict[int, int] = {
-    _TP.FLOAT: 4, _TP.DOUBLE: 8, _TP.FLOAT16: 2, _TP.BFLOAT16: 2, _TP.INT8: 1, _TP.UINT8: 1,
-    _TP.INT16: 2, _TP.UINT16: 2, _TP.INT32: 4, _TP.UINT32: 4, _TP.INT64: 8, _TP.UINT64: 8,
-    _TP.BOOL: 1, _TP.COMPLEX64: 8, _TP.COMPLEX128: 16,
-}
-# Which typed field holds the values when raw_data is not used (and values per element).
-_TYPED_FIELD: dict[int, tuple[str, int]] = {
-    _TP.FLOAT: ("float_data", 1), _TP.DOUBLE: ("double_data", 1), _TP.INT64: ("int64_data", 1),
-    _TP.INT32: ("int32_data", 1), _TP.INT16: ("int32_data", 1), _TP.INT8: ("int32_data", 1),
-    _TP.UINT16: ("int32_data", 1), _TP.UINT8: ("int32_data", 1), _TP.BOOL: ("int32_data", 1),
-    _TP.FLOAT16: ("int32_data", 1), _TP.BFLOAT16: ("int32_data", 1), _TP.UINT32: ("uint64_data", 1),
-    _TP.UINT64: ("uint64_data", 1), _TP.COMPLEX64: ("float_data", 2), _TP.COMPLEX128: ("double_data", 2),
-}
 
 _REEXPORT = "re-export or re-download the model"
 
@@ -103,7 +84,7 @@ def load_model(path: str | os.PathLike[str], lazy: bool = False) -> onnx.ModelPr
         try:
             lazyload.keep_weights_lazy(model, p.resolve().parent)
         except (OSError, ValueError, onnx.checker.ValidationError) as e:
-            raise ModelLoadError(f"{p}: cannot read external data ({_first_line(e)}); check the data files") from None
+            raise ModelLoadError(f"{p}: cannot read external data ({first_line(e)}); check the data files") from None
     else:
         _load_external_data(model, p)
     return model
@@ -114,7 +95,7 @@ def _parse(data: bytes, p: Path) -> onnx.ModelProto:
     try:
         model.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as e:
-        raise ModelLoadError(f"{p}: not a readable ONNX model ({_sniff(data) or _first_line(e)}); {_REEXPORT}") from None
+        raise ModelLoadError(f"{p}: not a readable ONNX model ({_sniff(data) or first_line(e)}); {_REEXPORT}") from None
     if not model.HasField("graph"):
         raise ModelLoadError(f"{p}: parses as protobuf but is not an ONNX model ({_not_a_model(data)}); {_REEXPORT}")
     return model
@@ -203,22 +184,16 @@ def _check_header(model: onnx.ModelProto, source: str) -> None:
             )
 
 
-def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    from onnx.external_data_helper import _get_all_tensors
-
-    return iter(_get_all_tensors(model))
-
-
 def _check_tensors(model: onnx.ModelProto, source: str, model_path: Path | None) -> None:
     """Sizes of every tensor's data, and external data references (inside the folder, present)."""
     from onnx.external_data_helper import uses_external_data
 
     base = model_path.resolve().parent if model_path is not None else None
-    for t in _all_tensors(model):
+    for t in all_tensors(model):
         if any(d < 0 for d in t.dims):
             raise ModelLoadError(f"{source}: tensor '{t.name}' has a negative dimension {list(t.dims)}; {_REEXPORT}")
         n = math.prod(t.dims)
-        itemsize = _ITEMSIZE.get(t.data_type)
+        itemsize = ITEMSIZE.get(t.data_type)
         if uses_external_data(t):
             _check_external(t, n * itemsize if itemsize else None, source, base)
         elif itemsize is not None and t.HasField("raw_data"):
@@ -227,8 +202,8 @@ def _check_tensors(model: onnx.ModelProto, source: str, model_path: Path | None)
                     f"{source}: tensor '{t.name}' holds {len(t.raw_data)} bytes but its shape {list(t.dims)} "
                     f"needs {n * itemsize}; the file is corrupt: {_REEXPORT}"
                 )
-        elif t.data_type in _TYPED_FIELD:
-            field, per = _TYPED_FIELD[t.data_type]
+        elif t.data_type in TYPED_FIELD:
+            field, per = TYPED_FIELD[t.data_type]
             have = len(getattr(t, field))
             if have != n * per:
                 raise ModelLoadError(
@@ -275,37 +250,6 @@ def _check_external(t: onnx.TensorProto, nbytes: int | None, source: str, base: 
         )
 
 
-def _node_label(node: onnx.NodeProto) -> str:
-    out = node.output[0] if node.output else "?"
-    return f"node '{node.name}' ({node.op_type})" if node.name else f"{node.op_type} node writing '{out}'"
-
-
-def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
-    for a in node.attribute:
-        if a.type == onnx.AttributeProto.GRAPH:
-            yield a.g
-        elif a.type == onnx.AttributeProto.GRAPHS:
-            yield from a.graphs
-
-
-def _subgraph_outer_reads(node: onnx.NodeProto) -> set[str]:
-    """Names an If/Loop/Scan body reads from the enclosing graph (implicit inputs of `node`)."""
-    reads: set[str] = set()
-
-    def visit(g: onnx.GraphProto, enclosing: set[str]) -> None:
-        local = {i.name for i in g.input} | {t.name for t in g.initializer}
-        for n in g.node:
-            local.update(n.output)
-        for n in g.node:
-            reads.update(x for x in n.input if x and x not in local and x not in enclosing)
-            for sub in _subgraphs(n):
-                visit(sub, enclosing | local)
-
-    for sub in _subgraphs(node):
-        visit(sub, set())
-    return reads
-
-
 def _check_structure(model: onnx.ModelProto, source: str) -> list[int] | None:
     """One producer per tensor, every tensor read is defined, and no cycle.
 
@@ -335,22 +279,22 @@ def _check_structure(model: onnx.ModelProto, source: str) -> list[int] | None:
             if not out:
                 continue
             if out in producer or out in where:
-                first = _node_label(g.node[producer[out]]) if out in producer else where[out]
+                first = node_label(g.node[producer[out]]) if out in producer else where[out]
                 raise ModelLoadError(
-                    f"{source}: tensor '{out}' is written by both {first} and {_node_label(node)}; "
+                    f"{source}: tensor '{out}' is written by both {first} and {node_label(node)}; "
                     f"every tensor needs one producer: {_REEXPORT}"
                 )
             producer[out] = k
     deps: list[set[int]] = []
     for node in g.node:
-        reads = [x for x in node.input if x] + sorted(_subgraph_outer_reads(node))
+        reads = [x for x in node.input if x] + sorted(subgraph_outer_reads(node))
         mine: set[int] = set()
         for name in reads:
             if name in producer:
                 mine.add(producer[name])
             elif name not in where and name in node.input:
                 raise ModelLoadError(
-                    f"{source}: {_node_label(node)} reads tensor '{name}', which no node, initializer or graph "
+                    f"{source}: {node_label(node)} reads tensor '{name}', which no node, initializer or graph "
                     f"input defines; the graph is broken: {_REEXPORT}"
                 )
         deps.append(mine)
@@ -407,7 +351,7 @@ def _run_checker(model: onnx.ModelProto, source: str, model_path: Path | None) -
     # locations were checked by _check_tensors, and serialising them costs seconds per GB.
     light = light_for_checker(model)
     target = light if light is not None else model
-    external = any(uses_external_data(t) for t in _all_tensors(target))
+    external = any(uses_external_data(t) for t in all_tensors(target))
     try:
         if external and model_path is not None:
             onnx.checker.check_model(str(model_path))  # the path form finds the data files
@@ -420,7 +364,7 @@ def _run_checker(model: onnx.ModelProto, source: str, model_path: Path | None) -
     except (onnx.checker.ValidationError, ValueError) as e:
         if _onnxruntime_loads(model, model_path):
             # Not shown by default: the user's model is fine for onnxruntime, which is what counts.
-            log.info("%s: onnx.checker: %s (onnxruntime loads it: continuing)", source, _first_line(e))
+            log.info("%s: onnx.checker: %s (onnxruntime loads it: continuing)", source, first_line(e))
             return
         raise ModelLoadError(f"{source}: fails onnx.checker: {_checker_message(e)}; {_REEXPORT}") from None
 
@@ -454,14 +398,14 @@ def light_for_checker(model: onnx.ModelProto) -> onnx.ModelProto | None:
     big = {
         t.name
         for t in g.initializer
-        if t.data_type in _ITEMSIZE
-        and math.prod(t.dims) * _ITEMSIZE[t.data_type] >= _CHECKER_LIGHT_BYTES
+        if t.data_type in ITEMSIZE
+        and math.prod(t.dims) * ITEMSIZE[t.data_type] >= _CHECKER_LIGHT_BYTES
     }
     if not big:
         return None
     light = onnx.ModelProto()
-    _copy_fields_except(model, light, {"graph"})
-    _copy_fields_except(g, light.graph, {"initializer", "input"})
+    copy_fields(model, light, {"graph"})
+    copy_fields(g, light.graph, {"initializer", "input"})
     light.graph.initializer.extend(t for t in g.initializer if t.name not in big)
     light.graph.input.extend(g.input)
     listed = {i.name for i in g.input}
@@ -471,30 +415,10 @@ def light_for_checker(model: onnx.ModelProto) -> onnx.ModelProto | None:
     return light
 
 
-def _copy_fields_except(src, dst, skip: set[str]) -> None:  # type: ignore[no-untyped-def]
-    for fd, value in src.ListFields():
-        if fd.name in skip:
-            continue
-        target = getattr(dst, fd.name)
-        if fd.type == fd.TYPE_MESSAGE and _is_repeated_field(fd):
-            target.extend(value)
-        elif _is_repeated_field(fd):
-            target.extend(value)
-        elif fd.type == fd.TYPE_MESSAGE:
-            target.CopyFrom(value)
-        else:
-            setattr(dst, fd.name, value)
-
-
-def _is_repeated_field(fd) -> bool:  # type: ignore[no-untyped-def]
-    rep = getattr(fd, "is_repeated", None)  # protobuf >= 5 (upb); older releases only have label
-    return bool(rep) if rep is not None else fd.label == fd.LABEL_REPEATED
-
-
 def _checker_message(e: BaseException) -> str:
     text = str(e)
     m = re.search(r"Name:\s*(\S*)\s+OpType:\s*(\S+)", text)
-    first = _first_line(e)
+    first = first_line(e)
     if m:
         who = f"node '{m.group(1)}' ({m.group(2)})" if m.group(1) else f"a {m.group(2)} node"
         return f"{who}: {first}"
@@ -524,214 +448,9 @@ def _onnxruntime_loads(model: onnx.ModelProto, model_path: Path | None) -> bool:
 def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
     from onnx.external_data_helper import uses_external_data
 
-    if not any(uses_external_data(t) for t in _all_tensors(model)):
+    if not any(uses_external_data(t) for t in all_tensors(model)):
         return
     try:
         onnx.load_external_data_for_model(model, str(path.resolve().parent))
     except (OSError, ValueError, onnx.checker.ValidationError) as e:
-        raise ModelLoadError(f"{path}: cannot read external data ({_first_line(e)}); check the data files") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0].strip() if text else type(e).__name__
-
-
-# ---- writing ------------------------------------------------------------------------------------
-
-
-def check_output_path(output: str | os.PathLike[str], input_path: str | os.PathLike[str] | None) -> Path:
-    """Refuse an output that would overwrite the input or cannot be created, before any work."""
-    out = Path(output)
-    if input_path is not None:
-        inp = Path(input_path)
-        same = out.resolve() == inp.resolve()
-        if not same and out.exists() and inp.exists():
-            with contextlib.suppress(OSError):
-                same = os.path.samefile(out, inp)  # a hard link to the input
-        if same:
-            raise UsageError(f"{out}: output is the input file {inp}; refusing to overwrite it: choose another OUT path")
-    if out.is_dir():
-        raise UsageError(f"{out}: is a folder; give a file name such as {out / 'model.tucker.onnx'}")
-    parent = out.resolve().parent
-    if parent.exists() and not parent.is_dir():
-        raise UsageError(f"{out}: {parent} is a file, not a folder; choose another OUT path")
-    if not parent.is_dir():
-        raise UsageError(f"{out}: the folder {parent} does not exist; create it first (mkdir -p {parent})")
-    if not os.access(parent, os.W_OK):
-        raise ModelSaveError(f"{out}: the folder {parent} is not writable; choose another OUT path")
-    return out
-
-
-def serialized_size(model: onnx.ModelProto) -> int:
-    return model.ByteSize()
-
-
-def _write_error(target: Path, e: OSError) -> ModelSaveError:
-    reason = e.strerror or str(e) or type(e).__name__
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        fix = "free some disk space or choose another folder"
-    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        fix = "choose a writable folder"
-    else:
-        fix = "check the folder"
-    return ModelSaveError(f"{target}: could not write ({reason}); nothing was written: {fix}")
-
-
-class OutputBatch:
-    """Files that appear together or not at all: each is written to a temporary file beside its
-    final path, and all are renamed into place by `commit()`.
-
-    Used as a context manager, leaving the block with an exception (disk full, Ctrl-C) deletes
-    every temporary file; outputs that existed before stay byte-identical.
-    """
-
-    def __init__(self) -> None:
-        self._staged: list[tuple[str, Path]] = []  # (temporary file, final path)
-
-    def __enter__(self) -> OutputBatch:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.discard()
-
-    def _temp(self, final: Path) -> str:
-        parent = final.resolve().parent
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=parent)
-        except OSError as e:
-            raise _write_error(final, e) from None
-        os.close(fd)
-        self._staged.append((tmp, final))
-        return tmp
-
-    def _write(self, final: Path, chunks: Iterator[bytes] | list[bytes]) -> None:
-        tmp = self._temp(final)
-        try:
-            with open(tmp, "wb") as f:
-                for chunk in chunks:
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as e:
-            raise _write_error(final, e) from None
-
-    def add_text(self, path: str | os.PathLike[str], text: str) -> Path:
-        out = Path(path)
-        parent = out.resolve().parent
-        if not parent.is_dir():
-            raise UsageError(f"{out}: the folder {parent} does not exist; create it first (mkdir -p {parent})")
-        self._write(out, [text.encode("utf-8")])
-        return out
-
-    def add_model(
-        self,
-        model: onnx.ModelProto,
-        output: str | os.PathLike[str],
-        input_path: str | os.PathLike[str] | None = None,
-        external_data: bool | None = None,
-    ) -> Path:
-        """Stage `model` for `output`; with external data, its weights go to `<OUT name>.data` beside it."""
-        out = check_output_path(output, input_path)
-        use_external = external_data if external_data is not None else serialized_size(model) > PROTOBUF_LIMIT
-        if not use_external:
-            self._write(out, [model.SerializeToString()])
-            return out
-        data_path = out.with_name(out.name + ".data")
-        if input_path is not None:
-            check_output_path(data_path, input_path)
-        tmp_data = self._temp(data_path)
-        try:
-            with open(tmp_data, "wb") as f, _externalized(model, f, data_path.name):
-                f.flush()
-                os.fsync(f.fileno())
-                payload = model.SerializeToString()
-        except OSError as e:
-            raise _write_error(data_path, e) from None
-        self._write(out, [payload])
-        return out
-
-    def commit(self) -> None:
-        """Rename every staged file into place, data files before the models that point at them."""
-        staged, self._staged = self._staged, []
-        try:
-            while staged:
-                tmp, final = staged[0]
-                os.replace(tmp, final)
-                staged.pop(0)
-        except OSError as e:
-            self._staged = staged
-            raise _write_error(staged[0][1], e) from None
-
-    def discard(self) -> None:
-        for tmp, _ in self._staged:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        self._staged = []
-
-
-@contextlib.contextmanager
-def _externalized(model: onnx.ModelProto, f, location: str):  # type: ignore[no-untyped-def]
-    """Move every big tensor's bytes into the open file `f` and point the tensor at `location`,
-    then put the model back as it was. The bytes are moved, not copied: no second copy of the
-    weights is ever held, which matters for the > 2 GB models that need external data at all."""
-    from onnx import numpy_helper
-
-    # (tensor, its raw bytes, or a copy of the tensor when it held typed fields instead)
-    saved: list[tuple[onnx.TensorProto, bytes | None, onnx.TensorProto | None]] = []
-    try:
-        for t in _all_tensors(model):
-            if t.data_location == _TP.EXTERNAL or t.data_type not in _ITEMSIZE:
-                continue
-            if math.prod(t.dims) * _ITEMSIZE[t.data_type] < EXTERNAL_THRESHOLD:
-                continue
-            if t.HasField("raw_data"):
-                raw, keep = t.raw_data, None
-                t.ClearField("raw_data")
-            else:
-                keep = onnx.TensorProto()
-                keep.CopyFrom(t)
-                raw = numpy_helper.to_array(t).tobytes()
-                t.ClearField(_TYPED_FIELD[t.data_type][0])
-            saved.append((t, raw if keep is None else None, keep))
-            offset = f.tell()
-            f.write(raw)
-            del raw
-            t.data_location = _TP.EXTERNAL
-            for k, v in (("location", location), ("offset", str(offset)), ("length", str(f.tell() - offset))):
-                entry = t.external_data.add()
-                entry.key, entry.value = k, v
-        yield
-    finally:
-        for t, moved, keep in saved:
-            if keep is not None:
-                t.CopyFrom(keep)
-            else:
-                del t.external_data[:]
-                t.data_location = _TP.DEFAULT
-                t.raw_data = moved or b""
-
-
-def save_model(
-    model: onnx.ModelProto,
-    output: str | os.PathLike[str],
-    input_path: str | os.PathLike[str] | None = None,
-    external_data: bool | None = None,
-) -> Path:
-    """Write `model` atomically to `output` (temp file in the same folder, then rename).
-
-    Models too big for one protobuf (or `external_data=True`) are written with their weights in
-    `<OUT name>.data` beside OUT, also atomically. The input is never overwritten.
-    """
-    with OutputBatch() as batch:
-        out = batch.add_model(model, output, input_path, external_data)
-        batch.commit()
-    return out
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write a text file (report, plan) atomically: temp file in the same folder, then rename."""
-    with OutputBatch() as batch:
-        out = batch.add_text(path, text)
-        batch.commit()
-    return out
+        raise ModelLoadError(f"{path}: cannot read external data ({first_line(e)}); check the data files") from None

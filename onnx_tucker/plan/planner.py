@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import CompressionConfig, RankPolicy, compile_pattern
-from .cost import conv_groups, gemm_dims, layer_cost
-from .errors import PlanError
-from .evbmf import EVBMFEstimate, evbmf_from_singular_values, singular_values
-from .graph import Layer, factorised_as
-from .spectral import LayerSpectra
-from .tucker import unfold
+from ..config import CompressionConfig, RankPolicy, compile_pattern
+from ..errors import PlanError
+from ..numerics.evbmf import EVBMFEstimate, evbmf_from_singular_values, singular_values
+from ..numerics.spectral import LayerSpectra
+from ..numerics.tucker import unfold
+from ..ops.cost import conv_groups, gemm_dims, layer_cost
+from ..ops.layer import Layer, factorised_as
 
 PLAN_FORMAT_VERSION = 1
 KINDS = ("tucker2", "tucker1", "svd", "skip")
@@ -69,7 +69,7 @@ class CompressionPlan:
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        from .io import write_text_atomic
+        from ..graph.save import write_text_atomic
 
         write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 

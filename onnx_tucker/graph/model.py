@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .errors import UsageError
+from ..errors import UsageError
+from ..ops.layer import Layer, Shape
 from .fold import FoldError, WeightFolder
-from .io import _subgraphs
+from .protos import graph_input_names, layer_id_of, outer_names_used, subgraphs
 
 DECOMPOSABLE_OPS = ("Conv", "Gemm", "MatMul")
 # Layer ops users expect in the report although they are never decomposed, with the reason.
@@ -33,43 +33,6 @@ REPORTED_OPS = {
 }
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
-Shape = tuple[int | None, ...]
-
-
-@dataclass(frozen=True)
-class Layer:
-    """One Conv / Gemm / MatMul node as the planner sees it (no protobuf inside)."""
-
-    layer_id: str  # node name, or "<op>:<first output>" for unnamed nodes
-    op_type: str
-    node_index: int  # position in graph.node (-1 inside subgraphs)
-    weight_name: str | None = None
-    weight_shape: tuple[int, ...] | None = None
-    weight_dtype: str | None = None
-    bias_name: str | None = None
-    attrs: Mapping[str, object] = field(default_factory=dict)
-    input_shape: Shape | None = None
-    output_shape: Shape | None = None
-    skip_reason: str | None = None  # set when the node can never be decomposed
-    shared_weight: bool = False  # the weight also feeds other nodes
-    weight_folded: bool = False  # the weight is computed from constants (ConstantOfShape, Cast, ...), folded
-
-
-def factorised_as(layer: Layer) -> tuple[int, float]:
-    """What decides how a weight is factorised, beyond the weight itself: Gemm (transB, alpha), Conv
-    (group, 1.0): a grouped conv's factors are block-diagonal per group.
-
-    Layers sharing one weight can share one set of factors only when these agree.
-    """
-    if layer.op_type == "Conv":
-        return (int(layer.attrs.get("group", 1)), 1.0)  # type: ignore[call-overload]
-    if layer.op_type != "Gemm":
-        return (0, 1.0)
-    return (int(layer.attrs.get("transB", 0)), float(layer.attrs.get("alpha", 1.0)))  # type: ignore[call-overload,arg-type]
-
-
-def layer_id_of(node: onnx.NodeProto) -> str:
-    return node.name if node.name else f"{node.op_type}:{node.output[0] if node.output else '?'}"
 
 
 class ModelIndex:
@@ -93,8 +56,8 @@ class ModelIndex:
                     self.consumers[name].append(i)
         # Subgraphs may read outer-scope tensors: count those uses too, so we never drop them.
         for node in g.node:
-            for sub in _subgraphs(node):
-                for name in _outer_names_used(sub):
+            for sub in subgraphs(node):
+                for name in outer_names_used(sub):
                     self.consumers[name].append(-1)
         self.graph_outputs = {o.name for o in g.output}
         self.graph_inputs = {i.name for i in g.input}
@@ -152,31 +115,6 @@ class ModelIndex:
                 return np.array(list(a.ints), dtype=np.int64)
         # sparse_value and friends: let the reference runtime materialise them.
         return self.folder.value(name)
-
-
-def _outer_names_used(graph: onnx.GraphProto) -> set[str]:
-    local = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    for n in graph.node:
-        local.update(n.output)
-    used: set[str] = set()
-    for n in graph.node:
-        used.update(x for x in n.input if x and x not in local)
-        for sub in _subgraphs(n):
-            used.update(x for x in _outer_names_used(sub) if x not in local)
-    return used
-
-
-def opset_version(model: onnx.ModelProto) -> int:
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            return int(imp.version)
-    return 1
-
-
-def graph_input_names(model: onnx.ModelProto) -> list[str]:
-    """Real inputs: graph inputs that are not initializers (old IR lists weights as inputs)."""
-    inits = {t.name for t in model.graph.initializer}
-    return [i.name for i in model.graph.input if i.name not in inits]
 
 
 def _dims(vi: onnx.ValueInfoProto) -> Shape | None:
@@ -292,7 +230,7 @@ def find_layers(model: onnx.ModelProto, shapes: Mapping[str, Shape], index: Mode
         node.input[1] for node in model.graph.node if node.op_type in DECOMPOSABLE_OPS and len(node.input) > 1
     )
     for i, node in enumerate(model.graph.node):
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             layers.extend(_subgraph_layers(sub, layer_id_of(node)))
         if node.op_type in REPORTED_OPS:
             layers.append(Layer(layer_id=layer_id_of(node), op_type=node.op_type, node_index=i,
@@ -312,7 +250,7 @@ def find_layers(model: onnx.ModelProto, shapes: Mapping[str, Shape], index: Mode
 def _subgraph_layers(graph: onnx.GraphProto, owner: str) -> list[Layer]:
     found = []
     for node in graph.node:
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             found.extend(_subgraph_layers(sub, owner))
         if node.op_type in DECOMPOSABLE_OPS:
             found.append(

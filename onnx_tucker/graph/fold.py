@@ -20,6 +20,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from .protos import outer_scope_reads
+
 # Ops whose output is not a function of their inputs: never folded.
 RANDOM_OPS = frozenset(
     {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"}
@@ -212,17 +214,6 @@ def _run_onnxruntime(m: onnx.ModelProto, names: list[str]) -> list[np.ndarray]:
     opts.log_severity_level = 3
     sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     return list(sess.run(names, {}))
-
-
-def outer_scope_reads(graph: onnx.GraphProto) -> set[str]:
-    """Names the subgraphs of `graph`'s nodes read from the enclosing scope (must never be dropped)."""
-    from .graph import _outer_names_used, _subgraphs
-
-    used: set[str] = set()
-    for node in graph.node:
-        for sub in _subgraphs(node):
-            used |= _outer_names_used(sub)
-    return used
 
 
 def dead_weight_producers(

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .errors import ValidationError
+from ..errors import ValidationError
 from .validate import random_inputs
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from .graph import Layer
+from .layer import Layer
 
 
 def _prod(dims: tuple[int | None, ...] | None) -> int | None:

@@ -1,0 +1,229 @@
+"""Writing models and reports atomically; the input is never overwritten.
+
+Every output goes to a temporary file in its own folder and is renamed into place only when
+everything has been written (`OutputBatch`), so a failure (disk full, Ctrl-C) leaves no half-written
+file and a pre-existing output untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+
+from ..errors import ModelSaveError, UsageError
+from .protos import ITEMSIZE, PROTOBUF_LIMIT, TYPED_FIELD, all_tensors
+
+log = logging.getLogger("onnx_tucker")
+
+# Tensors at least this big go to the external data file when a model is saved with external data.
+EXTERNAL_THRESHOLD = 1024
+
+
+
+# ---- writing ------------------------------------------------------------------------------------
+
+
+def check_output_path(output: str | os.PathLike[str], input_path: str | os.PathLike[str] | None) -> Path:
+    """Refuse an output that would overwrite the input or cannot be created, before any work."""
+    out = Path(output)
+    if input_path is not None:
+        inp = Path(input_path)
+        same = out.resolve() == inp.resolve()
+        if not same and out.exists() and inp.exists():
+            with contextlib.suppress(OSError):
+                same = os.path.samefile(out, inp)  # a hard link to the input
+        if same:
+            raise UsageError(f"{out}: output is the input file {inp}; refusing to overwrite it: choose another OUT path")
+    if out.is_dir():
+        raise UsageError(f"{out}: is a folder; give a file name such as {out / 'model.tucker.onnx'}")
+    parent = out.resolve().parent
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"{out}: {parent} is a file, not a folder; choose another OUT path")
+    if not parent.is_dir():
+        raise UsageError(f"{out}: the folder {parent} does not exist; create it first (mkdir -p {parent})")
+    if not os.access(parent, os.W_OK):
+        raise ModelSaveError(f"{out}: the folder {parent} is not writable; choose another OUT path")
+    return out
+
+
+def serialized_size(model: onnx.ModelProto) -> int:
+    return model.ByteSize()
+
+
+def _write_error(target: Path, e: OSError) -> ModelSaveError:
+    reason = e.strerror or str(e) or type(e).__name__
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some disk space or choose another folder"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "choose a writable folder"
+    else:
+        fix = "check the folder"
+    return ModelSaveError(f"{target}: could not write ({reason}); nothing was written: {fix}")
+
+
+class OutputBatch:
+    """Files that appear together or not at all: each is written to a temporary file beside its
+    final path, and all are renamed into place by `commit()`.
+
+    Used as a context manager, leaving the block with an exception (disk full, Ctrl-C) deletes
+    every temporary file; outputs that existed before stay byte-identical.
+    """
+
+    def __init__(self) -> None:
+        self._staged: list[tuple[str, Path]] = []  # (temporary file, final path)
+
+    def __enter__(self) -> OutputBatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+    def _temp(self, final: Path) -> str:
+        parent = final.resolve().parent
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=parent)
+        except OSError as e:
+            raise _write_error(final, e) from None
+        os.close(fd)
+        self._staged.append((tmp, final))
+        return tmp
+
+    def _write(self, final: Path, chunks: Iterator[bytes] | list[bytes]) -> None:
+        tmp = self._temp(final)
+        try:
+            with open(tmp, "wb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise _write_error(final, e) from None
+
+    def add_text(self, path: str | os.PathLike[str], text: str) -> Path:
+        out = Path(path)
+        parent = out.resolve().parent
+        if not parent.is_dir():
+            raise UsageError(f"{out}: the folder {parent} does not exist; create it first (mkdir -p {parent})")
+        self._write(out, [text.encode("utf-8")])
+        return out
+
+    def add_model(
+        self,
+        model: onnx.ModelProto,
+        output: str | os.PathLike[str],
+        input_path: str | os.PathLike[str] | None = None,
+        external_data: bool | None = None,
+    ) -> Path:
+        """Stage `model` for `output`; with external data, its weights go to `<OUT name>.data` beside it."""
+        out = check_output_path(output, input_path)
+        use_external = external_data if external_data is not None else serialized_size(model) > PROTOBUF_LIMIT
+        if not use_external:
+            self._write(out, [model.SerializeToString()])
+            return out
+        data_path = out.with_name(out.name + ".data")
+        if input_path is not None:
+            check_output_path(data_path, input_path)
+        tmp_data = self._temp(data_path)
+        try:
+            with open(tmp_data, "wb") as f, _externalized(model, f, data_path.name):
+                f.flush()
+                os.fsync(f.fileno())
+                payload = model.SerializeToString()
+        except OSError as e:
+            raise _write_error(data_path, e) from None
+        self._write(out, [payload])
+        return out
+
+    def commit(self) -> None:
+        """Rename every staged file into place, data files before the models that point at them."""
+        staged, self._staged = self._staged, []
+        try:
+            while staged:
+                tmp, final = staged[0]
+                os.replace(tmp, final)
+                staged.pop(0)
+        except OSError as e:
+            self._staged = staged
+            raise _write_error(staged[0][1], e) from None
+
+    def discard(self) -> None:
+        for tmp, _ in self._staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        self._staged = []
+
+
+@contextlib.contextmanager
+def _externalized(model: onnx.ModelProto, f, location: str):  # type: ignore[no-untyped-def]
+    """Move every big tensor's bytes into the open file `f` and point the tensor at `location`,
+    then put the model back as it was. The bytes are moved, not copied: no second copy of the
+    weights is ever held, which matters for the > 2 GB models that need external data at all."""
+    from onnx import numpy_helper
+
+    # (tensor, its raw bytes, or a copy of the tensor when it held typed fields instead)
+    saved: list[tuple[onnx.TensorProto, bytes | None, onnx.TensorProto | None]] = []
+    try:
+        for t in all_tensors(model):
+            if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type not in ITEMSIZE:
+                continue
+            if math.prod(t.dims) * ITEMSIZE[t.data_type] < EXTERNAL_THRESHOLD:
+                continue
+            if t.HasField("raw_data"):
+                raw, keep = t.raw_data, None
+                t.ClearField("raw_data")
+            else:
+                keep = onnx.TensorProto()
+                keep.CopyFrom(t)
+                raw = numpy_helper.to_array(t).tobytes()
+                t.ClearField(TYPED_FIELD[t.data_type][0])
+            saved.append((t, raw if keep is None else None, keep))
+            offset = f.tell()
+            f.write(raw)
+            del raw
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in (("location", location), ("offset", str(offset)), ("length", str(f.tell() - offset))):
+                entry = t.external_data.add()
+                entry.key, entry.value = k, v
+        yield
+    finally:
+        for t, moved, keep in saved:
+            if keep is not None:
+                t.CopyFrom(keep)
+            else:
+                del t.external_data[:]
+                t.data_location = onnx.TensorProto.DEFAULT
+                t.raw_data = moved or b""
+
+
+def save_model(
+    model: onnx.ModelProto,
+    output: str | os.PathLike[str],
+    input_path: str | os.PathLike[str] | None = None,
+    external_data: bool | None = None,
+) -> Path:
+    """Write `model` atomically to `output` (temp file in the same folder, then rename).
+
+    Models too big for one protobuf (or `external_data=True`) are written with their weights in
+    `<OUT name>.data` beside OUT, also atomically. The input is never overwritten.
+    """
+    with OutputBatch() as batch:
+        out = batch.add_model(model, output, input_path, external_data)
+        batch.commit()
+    return out
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write a text file (report, plan) atomically: temp file in the same folder, then rename."""
+    with OutputBatch() as batch:
+        out = batch.add_text(path, text)
+        batch.commit()
+    return out
+
