@@ -26,7 +26,8 @@ from .graph.model import ModelIndex, find_layers, infer_shapes, resolve_input_sh
 from .graph.rewrite import Replacement, apply_replacements
 from .graph.save import check_output_path, save_model
 from .numerics.spectral import LayerSpectra, single_threaded_lapack
-from .ops.layer import Layer, LayerFactors, factorised_as
+from .ops.layer import Layer, LayerFactors
+from .ops.registry import HANDLERS, handler_for
 from .plan.decompose import decompose_layer
 from .plan.planner import (
     CompressionPlan,
@@ -123,21 +124,12 @@ def _check_weight_shapes(layers: list[Layer], source: str) -> None:
     """A weight that does not fit its input makes onnxruntime fail at run time (neither onnx.checker
     nor shape inference notices): say so before planning, naming the node."""
     for lay in layers:
-        w, x = lay.weight_shape, lay.input_shape
-        if w is None or x is None or not x:
+        if lay.op_type not in HANDLERS or lay.weight_shape is None:
             continue
-        what, have, want = "", None, None
-        if lay.op_type == "Conv" and len(w) >= 3:
-            if len(x) != len(w):
-                what, have, want = "rank", len(x), len(w)
-            elif x[1] is not None:
-                what, have, want = "channels", x[1], w[1] * int(lay.attrs.get("group", 1))  # type: ignore[call-overload]
-        elif lay.op_type == "Gemm" and len(w) == 2 and len(x) == 2:
-            k = x[0] if int(lay.attrs.get("transA", 0)) else x[1]  # type: ignore[call-overload]
-            what, have, want = "K", k, w[1] if int(lay.attrs.get("transB", 0)) else w[0]  # type: ignore[call-overload]
-        elif lay.op_type == "MatMul" and len(w) == 2:
-            what, have, want = "K", x[-1], w[0]
-        if have is not None and have != want:
+        found = handler_for(lay).input_mismatch(lay)
+        if found is not None:
+            what, have, want = found
+            w, x = lay.weight_shape, lay.input_shape or ()
             raise ModelLoadError(
                 f"{source}: node '{lay.layer_id}' ({lay.op_type}) has weight {list(w)} expecting input {what} {want}, "
                 f"but its input {list(x)} has {have}; the model is inconsistent (onnxruntime would fail at run "
@@ -214,7 +206,7 @@ def _plan_and_decompose(
             continue
         if factors is None:
             # Layers sharing a weight (and the way it is factorised) share one decomposition.
-            key = (layer.weight_name or "", lp.kind, lp.ranks or (), factorised_as(layer))
+            key = (layer.weight_name or "", lp.kind, lp.ranks or (), handler_for(layer).factorisation_key(layer))
             factors = shared.get(key)
             if factors is None:
                 factors = decompose_layer(layer, lp, read_weight(layer.weight_name or ""), config.hooi_iters)

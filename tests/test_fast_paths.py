@@ -25,9 +25,10 @@ from onnx_tucker.numerics import spectral
 from onnx_tucker.numerics.evbmf import evbmf_from_singular_values, singular_values
 from onnx_tucker.numerics.spectral import GramEigen, LayerSpectra, gram_short_side
 from onnx_tucker.numerics.tucker import leading_left_vectors, truncated_svd, tucker2, unfold
+from onnx_tucker.ops import svd_matrix
 from onnx_tucker.ops.layer import Layer
 from onnx_tucker.plan.decompose import decompose_layer
-from onnx_tucker.plan.planner import plan_layer, svd_matrix
+from onnx_tucker.plan.planner import plan_layer
 
 SHAPES = [(1, 7), (7, 1), (5, 5), (12, 40), (40, 12), (64, 576), (300, 45), (256, 2304)]
 

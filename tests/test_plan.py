@@ -24,7 +24,7 @@ from onnx import TensorProto, helper
 import onnx_tucker as ot
 from onnx_tucker import CompressionConfig, PlanError, RankPolicy, UsageError
 from onnx_tucker.numerics.tucker import unfold
-from onnx_tucker.ops.cost import layer_cost
+from onnx_tucker.ops import layer_cost
 from onnx_tucker.ops.layer import Layer
 
 

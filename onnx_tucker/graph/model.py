@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Mapping
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -15,22 +16,10 @@ from onnx import helper, numpy_helper
 
 from ..errors import UsageError
 from ..ops.layer import Layer, Shape
+from ..ops.registry import DECOMPOSABLE_OPS, REPORTED_OPS, handler_for
 from .fold import FoldError, WeightFolder
-from .protos import graph_input_names, layer_id_of, outer_names_used, subgraphs
+from .protos import DEFAULT_DOMAINS, graph_input_names, layer_id_of, outer_names_used, subgraphs
 
-DECOMPOSABLE_OPS = ("Conv", "Gemm", "MatMul")
-# Layer ops users expect in the report although they are never decomposed, with the reason.
-REPORTED_OPS = {
-    "ConvTranspose": "ConvTranspose is not decomposed (only Conv, Gemm and MatMul are)",
-    "QLinearConv": "quantized conv (QLinearConv): quantized layers are left alone",
-    "ConvInteger": "quantized conv (ConvInteger): quantized layers are left alone",
-    "QLinearMatMul": "quantized MatMul (QLinearMatMul): quantized layers are left alone",
-    "MatMulInteger": "quantized MatMul (MatMulInteger): quantized layers are left alone",
-    "FusedConv": "onnxruntime fused op (FusedConv): export the model without onnxruntime optimisations",
-    "FusedGemm": "onnxruntime fused op (FusedGemm): export the model without onnxruntime optimisations",
-    "FusedMatMul": "onnxruntime fused op (FusedMatMul): export the model without onnxruntime optimisations",
-    "Einsum": "Einsum is not decomposed (only Conv, Gemm and MatMul are)",
-}
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
 
@@ -236,7 +225,7 @@ def find_layers(model: onnx.ModelProto, shapes: Mapping[str, Shape], index: Mode
             layers.append(Layer(layer_id=layer_id_of(node), op_type=node.op_type, node_index=i,
                                 skip_reason=REPORTED_OPS[node.op_type]))
             continue
-        if node.op_type not in DECOMPOSABLE_OPS or node.domain not in ("", "ai.onnx"):
+        if node.op_type not in DECOMPOSABLE_OPS or node.domain not in DEFAULT_DOMAINS:
             continue
         layers.append(_describe(node, i, idx, shapes, weight_uses))
     for fn in model.functions:
@@ -267,24 +256,29 @@ def _subgraph_layers(graph: onnx.GraphProto, owner: str) -> list[Layer]:
 def _describe(
     node: onnx.NodeProto, i: int, idx: ModelIndex, shapes: Mapping[str, Shape], weight_uses: Counter[str]
 ) -> Layer:
-    lid = layer_id_of(node)
+    """The generic checks of a layer's weight here; what the operator itself requires, its handler."""
+    handler = handler_for(node.op_type)
     attrs = {k: _normalise(v) for k, v in _attrs(node).items()}
     x = node.input[0] if node.input else ""
     w = node.input[1] if len(node.input) > 1 else ""
     base = dict(
-        layer_id=lid,
+        layer_id=layer_id_of(node),
         op_type=node.op_type,
         node_index=i,
         attrs=attrs,
         input_shape=shapes.get(x),
         output_shape=shapes.get(node.output[0]) if node.output else None,
+        inputs=tuple(node.input),
+        outputs=tuple(node.output),
+        node_name=node.name,
     )
 
     def skip(reason: str, **extra: object) -> Layer:
         return Layer(**base, **extra, skip_reason=reason)  # type: ignore[arg-type]
 
-    if node.op_type == "MatMul" and x and idx.is_constant(x) and not idx.is_constant(w):
-        return skip("the constant is the left operand (W @ X); only X @ W is decomposed")
+    why_operands = handler.operands_reason(bool(x) and idx.is_constant(x), bool(w) and idx.is_constant(w))
+    if why_operands is not None:
+        return skip(why_operands)
     if not w:
         return skip(f"{node.op_type} has no weight input")
     why = idx.not_constant_reason(w)
@@ -298,43 +292,20 @@ def _describe(
     except FoldError as e:
         return skip(f"{e}; layer left as is")
     dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype_code).name if dtype_code else "?"
-    info = dict(
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    layer = Layer(
+        **base,  # type: ignore[arg-type]
         weight_name=w,
         weight_shape=tuple(int(d) for d in wshape),
         weight_dtype=dtype,
         shared_weight=weight_uses[w] > 1,
         weight_folded=folded,
+        bias_name=bias,
     )
     if dtype_code not in _FLOAT_TYPES:
-        return skip(f"weight dtype {dtype} is not floating point (quantized layers are left alone)", **info)
-    if any(d == 0 for d in wshape):
-        return skip(f"weight has a zero-size dimension {tuple(wshape)}", **info)
-    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    if node.op_type == "Conv":
-        if len(wshape) < 3:
-            return skip(f"Conv weight has rank {len(wshape)}; expected T x S x k...", **info)
-        group = int(attrs.get("group", 1))  # type: ignore[call-overload]
-        # Grouped convs are decomposed group by group (docs/grouped-convs.md); depthwise ones have
-        # a single input channel per group: no channel mode left to factorise.
-        if group != 1 and wshape[1] == 1:
-            return skip(
-                f"depthwise conv (group={group}): one input channel per group leaves no channel mode to "
-                "factorise; kept as is",
-                **info,
-            )
-        if group < 1 or wshape[0] % group:
-            return skip(f"grouped conv (group={group}): {wshape[0]} output channels do not split into {group} groups", **info)
-        if bias is not None and not idx.is_constant(bias):
-            return skip(f"bias '{bias}' is {idx.not_constant_reason(bias)}: a Conv bias must be constant", **info)
-    elif node.op_type == "Gemm":
-        if len(wshape) != 2:
-            return skip(f"Gemm weight has rank {len(wshape)}; expected 2", **info)
-        if bias is not None and not idx.is_constant(bias):
-            # A run-time C is fine: it is added by the second Gemm unchanged.
-            pass
-    elif node.op_type == "MatMul":
-        if len(wshape) != 2:
-            return skip(f"MatMul weight has rank {len(wshape)}; only 2-D constant weights are decomposed", **info)
-        if base["input_shape"] is not None and len(base["input_shape"]) < 1:  # type: ignore[arg-type]
-            return skip("MatMul input is a scalar", **info)
-    return Layer(**base, **info, bias_name=bias)  # type: ignore[arg-type]
+        reason: str | None = f"weight dtype {dtype} is not floating point (quantized layers are left alone)"
+    elif any(d == 0 for d in wshape):
+        reason = f"weight has a zero-size dimension {tuple(wshape)}"
+    else:
+        reason = handler.skip_reason(layer, idx.not_constant_reason(bias) if bias is not None else None)
+    return layer if reason is None else replace(layer, skip_reason=reason, bias_name=None)

@@ -20,7 +20,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import RewriteError
-from ..ops.layer import Layer, LayerFactors, factorised_as
+from ..ops.base import LABELS
+from ..ops.layer import COPY, Layer, LayerFactors, NodeSpec
+from ..ops.registry import handler_for
 from .fold import dead_weight_producers, removed_tensor_names
 from .load import checker_message
 from .model import ModelIndex
@@ -76,18 +78,21 @@ def apply_replacements(model: onnx.ModelProto, replacements: Mapping[int, Replac
         dtype = _weight_dtype(index, rep.layer)
         # Nodes sharing one weight share one set of factors (same arrays: identical decomposition).
         # Gemm transB / alpha change the factorised matrix, so they are part of the key.
+        handler = handler_for(rep.layer)
         key = (rep.layer.weight_name or "", rep.factors.kind, tuple(a.shape for a in rep.factors.arrays),
-               factorised_as(rep.layer))
+               handler.factorisation_key(rep.layer))
         if key not in shared:
             base = node.name or node.output[0]
-            labels = _labels(rep.factors.kind, len(rep.factors.arrays))
+            labels = LABELS[rep.factors.kind][: len(rep.factors.arrays)]
             init_names = []
-            for label, arr in zip(labels, _stored_arrays(node, rep), strict=True):
+            for label, arr in zip(labels, handler.stored(rep.layer, rep.factors), strict=True):
                 t = numpy_helper.from_array(np.ascontiguousarray(arr.astype(dtype)), names.fresh(f"{base}/{label}/W"))
                 new_inits.append(t)
                 init_names.append(t.name)
             shared[key] = init_names
-        chain = _chain(node, rep, shared[key], names, opset, dtype, new_inits)
+        built = handler.chain(rep.layer, rep.factors, shared[key], names.fresh, opset)
+        new_inits.extend(numpy_helper.from_array(np.ascontiguousarray(v.astype(dtype)), n) for n, v in built.constants)
+        chain = [_node(spec, node) for spec in built.nodes]
         new_nodes.extend(chain)
         sources.extend([None] * len(chain))
     # Drop what computed the replaced weights (initializers, Constant / folded nodes) once nobody
@@ -119,82 +124,14 @@ def _weight_dtype(index: ModelIndex, layer: Layer) -> np.dtype:
     return np.dtype(helper.tensor_dtype_to_np_dtype(code or onnx.TensorProto.FLOAT))
 
 
-def _labels(kind: str, n: int) -> list[str]:
-    return {"tucker2": ["tucker_first", "tucker_core", "tucker_last"], "tucker1": ["tucker_core", "tucker_last"]}.get(
-        kind, ["svd_first", "svd_last"]
-    )[:n]
-
-
-def _chain(
-    node: onnx.NodeProto,
-    rep: Replacement,
-    weights: list[str],
-    names: _Names,
-    opset: int,
-    dtype: np.dtype,
-    new_inits: list[onnx.TensorProto],
-) -> list[onnx.NodeProto]:
-    base = node.name or node.output[0]
-    kind = rep.factors.kind
-    labels = _labels(kind, len(weights))
-    x = node.input[0]
-    bias = [node.input[2]] if len(node.input) > 2 and node.input[2] else []
-    mids = [names.fresh(f"{base}/{label}/out") for label in labels[:-1]]
-    ins = [x, *mids]
-    outs = [*mids, node.output[0]]
-    nodes = []
-    if node.op_type == "Conv":
-        nd = len(rep.factors.arrays[0].shape) - 2
-        ones = helper.make_attribute("kernel_shape", [1] * nd)
-        spatial = _spatial_attrs(node)
-        # A grouped conv's factors are block-diagonal: every node of the chain keeps its group.
-        group = [a for a in node.attribute if a.name == "group" and a.i != 1]
-        for j, label in enumerate(labels):
-            arr = rep.factors.arrays[j]
-            is_spatial_step = (kind in ("tucker2",) and label == "tucker_core") or (kind == "tucker1" and j == 0) or (
-                kind == "svd" and j == 0
-            )
-            if is_spatial_step:
-                attrs = [a for a in spatial if a.name != "kernel_shape"]
-                attrs.append(helper.make_attribute("kernel_shape", list(arr.shape[2:])))
-            else:
-                attrs = [ones]
-            n = helper.make_node(
-                "Conv",
-                [ins[j], weights[j], *(bias if j == len(labels) - 1 else [])],
-                [outs[j]],
-                name=names.fresh(f"{base}/{label}"),
-            )
-            n.attribute.extend(attrs + group)
-            nodes.append(n)
-        return nodes
-    if node.op_type == "Gemm":
-        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
-        trans_b = int(a.get("transB", 0))
-        w1, w2 = weights
-        first_inputs = [x, w1]
-        if opset < 11:  # C is optional only from Gemm-11 on
-            zero = numpy_helper.from_array(
-                np.zeros((rep.factors.arrays[0].shape[1],), dtype=dtype), names.fresh(f"{base}/svd_first/C")
-            )
-            new_inits.append(zero)
-            first_inputs.append(zero.name)
-        n1 = helper.make_node("Gemm", first_inputs, [mids[0]], name=names.fresh(f"{base}/svd_first"),
-                              transA=int(a.get("transA", 0)), transB=trans_b)
-        second_inputs = [mids[0], w2, *bias]
-        n2 = helper.make_node("Gemm", second_inputs, [node.output[0]], name=names.fresh(f"{base}/svd_last"), transB=trans_b)
-        if bias:
-            n2.attribute.append(helper.make_attribute("beta", float(a.get("beta", 1.0))))
-        return [n1, n2]
-    if node.op_type == "MatMul":
-        n1 = helper.make_node("MatMul", [x, weights[0]], [mids[0]], name=names.fresh(f"{base}/svd_first"))
-        n2 = helper.make_node("MatMul", [mids[0], weights[1]], [node.output[0]], name=names.fresh(f"{base}/svd_last"))
-        return [n1, n2]
-    raise RewriteError(f"node '{base}': cannot rewrite op {node.op_type}")
-
-
-def _stored_arrays(node: onnx.NodeProto, rep: Replacement) -> tuple[np.ndarray, ...]:
-    """Factors as stored: a Gemm with transB=1 keeps its weights transposed (PyTorch's Linear layout)."""
-    if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
-        return tuple(a.T for a in rep.factors.arrays)
-    return rep.factors.arrays
+def _node(spec: NodeSpec, original: onnx.NodeProto) -> onnx.NodeProto:
+    """The protobuf of one chain node; `COPY` attributes come from the replaced node unchanged."""
+    node = helper.make_node(spec.op_type, list(spec.inputs), list(spec.outputs), name=spec.name)
+    kept = {a.name: a for a in original.attribute}
+    for name, value in spec.attrs:
+        if value is COPY:
+            if name in kept:
+                node.attribute.append(kept[name])
+        else:
+            node.attribute.append(helper.make_attribute(name, value))
+    return node

@@ -1,4 +1,9 @@
-"""`Layer`: one weight-carrying node as planning, costing and decomposition see it (no protobuf inside)."""
+"""What flows between the graph layer, the handlers, planning and decomposition: no protobuf inside.
+
+`Layer` is one weight-carrying node as the rest of the pipeline sees it; `LayerFactors` the arrays a
+handler's decomposition produced; `NodeSpec` one node of a replacement chain, which the graph layer
+turns into protobuf.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ Shape = tuple[int | None, ...]
 
 @dataclass(frozen=True)
 class Layer:
-    """One Conv / Gemm / MatMul node as the planner sees it (no protobuf inside)."""
+    """One Conv / ConvTranspose / Gemm / MatMul node as the planner sees it (no protobuf inside)."""
 
     layer_id: str  # node name, or "<op>:<first output>" for unnamed nodes
     op_type: str
@@ -27,22 +32,9 @@ class Layer:
     skip_reason: str | None = None  # set when the node can never be decomposed
     shared_weight: bool = False  # the weight also feeds other nodes
     weight_folded: bool = False  # the weight is computed from constants (ConstantOfShape, Cast, ...), folded
-
-
-
-def factorised_as(layer: Layer) -> tuple[int, float]:
-    """What decides how a weight is factorised, beyond the weight itself: Gemm (transB, alpha), Conv
-    (group, 1.0): a grouped conv's factors are block-diagonal per group.
-
-    Layers sharing one weight can share one set of factors only when these agree.
-    """
-    if layer.op_type == "Conv":
-        return (int(layer.attrs.get("group", 1)), 1.0)  # type: ignore[call-overload]
-    if layer.op_type != "Gemm":
-        return (0, 1.0)
-    return (int(layer.attrs.get("transB", 0)), float(layer.attrs.get("alpha", 1.0)))  # type: ignore[call-overload,arg-type]
-
-
+    inputs: tuple[str, ...] = ()  # the node's input tensor names ("" for an omitted optional input)
+    outputs: tuple[str, ...] = ()
+    node_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -50,3 +42,33 @@ class LayerFactors:
     kind: str
     arrays: tuple[np.ndarray, ...]
     rel_error: float
+
+
+class _CopyAttr:
+    """Marker: take this attribute from the replaced node as it is (when the node has it)."""
+
+    def __repr__(self) -> str:
+        return "COPY"
+
+
+COPY = _CopyAttr()
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One node of a replacement chain. `attrs` in order; a value of `COPY` carries the replaced node's
+    attribute of that name over unchanged (left out when the node does not have it)."""
+
+    op_type: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    name: str
+    attrs: tuple[tuple[str, object], ...] = ()
+
+
+@dataclass(frozen=True)
+class Chain:
+    """What replaces one node: its nodes in execution order and any extra constants they read."""
+
+    nodes: tuple[NodeSpec, ...]
+    constants: tuple[tuple[str, np.ndarray], ...] = ()

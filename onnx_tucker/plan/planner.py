@@ -19,9 +19,9 @@ from ..config import CompressionConfig, RankPolicy, compile_pattern
 from ..errors import PlanError
 from ..numerics.evbmf import EVBMFEstimate, evbmf_from_singular_values, singular_values
 from ..numerics.spectral import LayerSpectra
-from ..numerics.tucker import unfold
-from ..ops.cost import conv_groups, gemm_dims, layer_cost
-from ..ops.layer import Layer, factorised_as
+from ..ops.base import MODE_NAMES, OpHandler
+from ..ops.layer import Layer
+from ..ops.registry import handler_for
 
 PLAN_FORMAT_VERSION = 1
 KINDS = ("tucker2", "tucker1", "svd", "skip")
@@ -149,53 +149,6 @@ def _adjust(rank: int, dim: int, cfg: CompressionConfig) -> int:
     return min(r, dim)
 
 
-def default_kind(layer: Layer, cfg: CompressionConfig) -> str:
-    assert layer.weight_shape is not None
-    if layer.op_type != "Conv":
-        return "svd"
-    if math.prod(layer.weight_shape[2:]) == 1:
-        return "svd"
-    # Grouped convs count all their input channels: a per-group Tucker-2 of ResNeXt's 4-channel groups
-    # ran 1.5x faster than the original where Tucker-1 ran no faster (docs/grouped-convs.md).
-    channels = layer.weight_shape[1] * conv_groups(layer)
-    return "tucker2" if channels >= cfg.min_tucker2_channels else "tucker1"
-
-
-def _kinds_for(layer: Layer) -> tuple[str, ...]:
-    """The decompositions the rewrite can build for this layer (a plan file may name any of them)."""
-    assert layer.weight_shape is not None
-    if layer.op_type != "Conv":
-        return ("svd",)
-    if math.prod(layer.weight_shape[2:]) == 1:
-        return ("svd", "tucker2", "tucker1")
-    return ("tucker2", "tucker1")
-
-
-def layer_matrices(layer: Layer, weight: np.ndarray, kind: str) -> list[np.ndarray]:
-    """The matrices whose ranks are chosen: channel-mode unfoldings, or the weight as used."""
-    if kind == "tucker2":
-        return [unfold(weight, 0), unfold(weight, 1)]
-    if kind == "tucker1":
-        return [unfold(weight, 0)]
-    return [svd_matrix(layer, weight)]
-
-
-def svd_matrix(layer: Layer, weight: np.ndarray) -> np.ndarray:
-    """The matrix an SVD layer factorises: T x S for a 1x1 conv, W_eff (K x N, y = x W_eff) for FC."""
-    if layer.op_type == "Conv":
-        return weight.reshape(weight.shape[0], -1)
-    # A view in the weight's own dtype where possible: a float64 copy of a 4096 x 25088 FC weight
-    # alone would be 822 MB (the spectral code reads float32 in float64 blocks).
-    w = weight
-    if layer.op_type == "Gemm":
-        if int(layer.attrs.get("transB", 0)):  # type: ignore[call-overload]
-            w = w.T
-        alpha = float(layer.attrs.get("alpha", 1.0))  # type: ignore[arg-type]
-        if alpha != 1.0:
-            w = w.astype(np.float64) * alpha
-    return w
-
-
 def plan_layers(
     layers: Iterable[Layer],
     read_weight: Callable[[str], np.ndarray],
@@ -251,7 +204,8 @@ def _plan_one(layer, read_weight, cfg, include, exclude, planned, spectra=None) 
     base = LayerPlan(name=layer.layer_id, op_type=layer.op_type, kind="skip", weight_shape=layer.weight_shape)
     if layer.skip_reason:
         return replace(base, reason=layer.skip_reason)
-    params0, macs0 = layer_cost(layer, "original")
+    handler = handler_for(layer)
+    params0, macs0 = handler.cost(layer, "original")
     base = replace(base, params_before=params0, macs_before=macs0, params_after=params0, macs_after=macs0)
     if planned is not None:
         entry = planned.entries.get(layer.layer_id)
@@ -265,10 +219,10 @@ def _plan_one(layer, read_weight, cfg, include, exclude, planned, spectra=None) 
             )
         if kind == "skip":
             return replace(base, reason="skipped in the plan file", policy="plan file")
-        if kind not in _kinds_for(layer):
+        if kind not in handler.kinds(layer):
             raise PlanError(
                 f"{planned.source}: layer '{layer.layer_id}' ({conv_shape_hint(layer)}) cannot be decomposed as "
-                f"{kind}; use one of {', '.join(_kinds_for(layer))} or skip (was the plan edited by hand?)"
+                f"{kind}; use one of {', '.join(handler.kinds(layer))} or skip (was the plan edited by hand?)"
             )
     if include is not None and not include.search(layer.layer_id):
         return replace(base, reason=f"name does not match --include {cfg.include!r}")
@@ -279,12 +233,13 @@ def _plan_one(layer, read_weight, cfg, include, exclude, planned, spectra=None) 
     if not np.all(np.isfinite(weight)):
         bad = int(np.size(weight) - np.count_nonzero(np.isfinite(weight)))
         return replace(base, reason=f"weight holds {bad} NaN/Inf values; fix the model (layer left as is)")
-    kind = default_kind(layer, cfg) if planned is None else planned.entries[layer.layer_id][0]
-    groups = conv_groups(layer)
+    kind = handler.default_kind(layer, cfg.min_tucker2_channels) if planned is None else planned.entries[layer.layer_id][0]
+    blocks = handler.blocks(layer, weight)
+    groups = len(blocks)
     if groups > 1:
-        mats, specs, ests = _grouped_spectra(layer, weight, kind, groups, cfg.ranks)
+        mats, specs, ests = _grouped_spectra(handler, blocks, kind, cfg.ranks)
     else:
-        mats = layer_matrices(layer, weight, kind)
+        mats = handler.matrices(blocks[0], kind)
         specs = [
             _Spectrum(spectra.eigen(i, m).singular_values if spectra is not None else singular_values(m), (m.shape[0], m.shape[1]))
             for i, m in enumerate(mats)
@@ -307,7 +262,7 @@ def _plan_one(layer, read_weight, cfg, include, exclude, planned, spectra=None) 
         raw = [_rank_by_policy(sp, cfg.ranks, e) for sp, e in zip(specs, ests, strict=True)]
         policy = str(cfg.ranks)
         if min(raw) == 0 and cfg.min_rank is None:
-            which = " and ".join(f"{n} mode" for n, r in zip(_mode_names(kind), raw, strict=True) if r == 0)
+            which = " and ".join(f"{n} mode" for n, r in zip(MODE_NAMES[kind], raw, strict=True) if r == 0)
             return replace(
                 base,
                 reason=f"EVBMF rank 0 on the {which}: the weights look like noise; kept as is (--min-rank N forces a rank)",
@@ -325,7 +280,7 @@ def _plan_one(layer, read_weight, cfg, include, exclude, planned, spectra=None) 
         policy += ";input mode full -> tucker1"
     if groups > 1:
         policy += f";ranks per group (group={groups})"
-    params1, macs1 = layer_cost(layer, kind, ranks)
+    params1, macs1 = handler.cost(layer, kind, ranks)
     plan = replace(base, kind=kind, ranks=ranks, params_after=params1, macs_after=macs1, policy=policy)
     if cfg.ranks.method == "full" or planned is not None:
         return plan
@@ -347,7 +302,7 @@ def _plan_one(layer, read_weight, cfg, include, exclude, planned, spectra=None) 
 
 
 def _grouped_spectra(
-    layer: Layer, weight: np.ndarray, kind: str, groups: int, policy: RankPolicy
+    handler: OpHandler, weights: list[np.ndarray], kind: str, policy: RankPolicy
 ) -> tuple[list[np.ndarray], list[_Spectrum], list[EVBMFEstimate]]:
     """Spectra of a grouped conv, chosen per mode over its groups.
 
@@ -355,8 +310,7 @@ def _grouped_spectra(
     per mode, the group whose rank under `policy` is largest decides; the EVBMF estimate reported is
     the largest over the groups. Returns group 0's matrices (all groups have the same shapes).
     """
-    per_group = weight.shape[0] // groups
-    blocks = [layer_matrices(layer, weight[g * per_group : (g + 1) * per_group], kind) for g in range(groups)]
+    blocks = [handler.matrices(w, kind) for w in weights]
     specs: list[_Spectrum] = []
     ests: list[EVBMFEstimate] = []
     for mode in range(len(blocks[0])):
@@ -381,14 +335,13 @@ def _one_factorisation_per_weight(layers: list[Layer], plans: list[LayerPlan]) -
     for weight, members in groups.items():
         if len(members) < 2 or not any(plans[k].decomposed for k in members):
             continue
-        ways = {(plans[k].kind, plans[k].ranks, factorised_as(layers[k])) for k in members}
+        ways = {(plans[k].kind, plans[k].ranks, handler_for(layers[k]).factorisation_key(layers[k])) for k in members}
         if len(ways) == 1:
             continue  # all decomposed the same way: the rewrite shares one set of factors
         how = ", ".join(
             f"'{plans[k].name}' "
             + (f"{plans[k].kind} {plans[k].ranks}" if plans[k].decomposed else f"kept ({plans[k].reason})")
-            + (" as Gemm transB={} alpha={:g}".format(*factorised_as(layers[k])) if layers[k].op_type == "Gemm" else "")
-            + (f" group={factorised_as(layers[k])[0]}" if factorised_as(layers[k])[0] > 1 and layers[k].op_type == "Conv" else "")
+            + handler_for(layers[k]).factorisation_note(layers[k])
             for k in members
         )
         for k in members:
@@ -406,10 +359,6 @@ def _one_factorisation_per_weight(layers: list[Layer], plans: list[LayerPlan]) -
     return out
 
 
-def _mode_names(kind: str) -> tuple[str, ...]:
-    return {"tucker2": ("output", "input"), "tucker1": ("output",)}.get(kind, ("matrix",))
-
-
 def conv_shape_hint(layer: Layer) -> str:
     """For messages: 'Conv 64x32x3x3' or 'Gemm 256x1152'."""
     return f"{layer.op_type} " + "x".join(map(str, layer.weight_shape or ()))
@@ -419,7 +368,6 @@ __all__ = [
     "CompressionPlan",
     "LayerPlan",
     "PlannedRanks",
-    "gemm_dims",
     "check_plan_covers",
     "finish_plan",
     "load_plan_file",

@@ -1,0 +1,173 @@
+"""The operator handler: everything one operator means to onnx-tucker, in one class.
+
+A handler recognises its node's weight and checks it (`skip_reason`, `input_mismatch`), says which
+decompositions it allows and which is the default (`kinds`, `default_kind`), which matrices they
+factorise (`blocks`, `matrices`), what each costs at real resolutions (`cost`), computes the factors
+(`decompose`, pure numpy) and builds the replacement chain (`chain`, protobuf-free `NodeSpec`s the
+graph layer writes). Planning, decomposition, costing and rewriting ask the handler found through
+`registry.handler_for` and never branch on the op type.
+
+Ranks are (R_out, R_in) for tucker2, (R_out,) for tucker1 and (R,) for svd. Grouped layers are
+decomposed group by group with the same ranks in every group: `blocks` splits the weight into its
+groups once, and every factor of the chain is itself a grouped (block-diagonal) operator.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from ..numerics.spectral import LayerSpectra
+from ..numerics.tucker import (
+    reconstruct_tucker1,
+    reconstruct_tucker2,
+    relative_error,
+    truncated_svd,
+    tucker1,
+    tucker2,
+    unfold,
+)
+from .layer import Chain, Layer, LayerFactors
+
+Fresh = Callable[[str], str]  # a name derived from the argument that collides with nothing in the graph
+
+LABELS = {
+    "tucker2": ("tucker_first", "tucker_core", "tucker_last"),
+    "tucker1": ("tucker_core", "tucker_last"),
+    "svd": ("svd_first", "svd_last"),
+}
+MODE_NAMES = {"tucker2": ("output", "input"), "tucker1": ("output",), "svd": ("matrix",)}
+
+
+def prod(dims: tuple[int | None, ...] | None) -> int | None:
+    """Product of known dims (None when any is unknown)."""
+    if dims is None or any(d is None for d in dims):
+        return None
+    return math.prod(int(d) for d in dims if d is not None)
+
+
+def as_1x1(m: np.ndarray, spatial_dims: int) -> np.ndarray:
+    return m.reshape(m.shape + (1,) * spatial_dims)
+
+
+class OpHandler:
+    """Base class; the defaults suit a layer whose weight is one matrix factorised by SVD."""
+
+    op_type: str = ""
+
+    # ---- recognising ---------------------------------------------------------------------------
+    def operands_reason(self, input_is_constant: bool, weight_is_constant: bool) -> str | None:
+        """Why the node is not a layer with a constant weight at all (None: it may be)."""
+        return None
+
+    def skip_reason(self, layer: Layer, bias_reason: str | None) -> str | None:
+        """Why this layer (constant float weight of `layer.weight_shape`) can never be decomposed.
+        `bias_reason`: why the bias input is not a constant (None: constant or absent)."""
+        return None
+
+    def input_mismatch(self, layer: Layer) -> tuple[str, int, int] | None:
+        """(what, input has, weight expects) when the weight does not fit the input's shape."""
+        return None
+
+    # ---- factorising ---------------------------------------------------------------------------
+    def groups(self, layer: Layer) -> int:
+        return 1
+
+    def kinds(self, layer: Layer) -> tuple[str, ...]:
+        """The decompositions `chain` can build for this layer (a plan file may name any of them)."""
+        return ("svd",)
+
+    def default_kind(self, layer: Layer, min_tucker2_channels: int) -> str:
+        return "svd"
+
+    def blocks(self, layer: Layer, weight: np.ndarray) -> list[np.ndarray]:
+        """The weight in the layout the numerics factorise, one array per group."""
+        return [weight]
+
+    def matrices(self, block: np.ndarray, kind: str) -> list[np.ndarray]:
+        """The matrices whose ranks are chosen: channel-mode unfoldings of a kernel, or the matrix."""
+        if kind == "tucker2":
+            return [unfold(block, 0), unfold(block, 1)]
+        if kind == "tucker1":
+            return [unfold(block, 0)]
+        return [block if block.ndim == 2 else block.reshape(block.shape[0], -1)]  # a 1x1 kernel: T x S
+
+    def cost(self, layer: Layer, kind: str, ranks: tuple[int, ...] = ()) -> tuple[int, int | None]:
+        """(parameters, MACs) of the layer decomposed as `kind` ("original" for the layer as it is).
+        MACs are None when shapes are unknown; biases are left out (they are carried over)."""
+        raise NotImplementedError
+
+    def factorisation_key(self, layer: Layer) -> tuple[object, ...]:
+        """What decides the factors beyond the weight itself: layers sharing a weight share one set of
+        factors only when these agree."""
+        return ()
+
+    def factorisation_note(self, layer: Layer) -> str:
+        """For messages about shared weights: how this layer reads its weight, when it matters."""
+        return ""
+
+    def decompose(
+        self, layer: Layer, kind: str, ranks: tuple[int, ...], weight: np.ndarray,
+        hooi_iters: int = 0, spectra: LayerSpectra | None = None,
+    ) -> LayerFactors:
+        """Factor arrays in the chain's execution order and layout. `spectra`: the planner's
+        eigendecompositions of this weight's matrices, reused when given (single-group layers)."""
+        blocks = self.blocks(layer, np.asarray(weight))
+        if len(blocks) == 1:
+            arrays, err = self.factor_block(kind, ranks, blocks[0], hooi_iters, spectra)
+            return LayerFactors(kind, self.to_layout(layer, kind, arrays), err)
+        parts = [self.factor_block(kind, ranks, b, hooi_iters, None) for b in blocks]
+        arrays = tuple(np.concatenate(fs, axis=0) for fs in zip(*(p[0] for p in parts), strict=True))
+        # ||W - W~||^2 is the sum over the groups' errors, each relative to its own block.
+        sq = [float(np.sum(np.square(b, dtype=np.float64))) for b in blocks]
+        total = sum(sq)
+        err = float(np.sqrt(sum(p[1] ** 2 * n for p, n in zip(parts, sq, strict=True)) / total)) if total > 0 else 0.0
+        return LayerFactors(kind, self.to_layout(layer, kind, arrays), err)
+
+    def factor_block(
+        self, kind: str, ranks: tuple[int, ...], block: np.ndarray, hooi_iters: int, spectra: LayerSpectra | None
+    ) -> tuple[tuple[np.ndarray, ...], float]:
+        """One block's factors and relative error. Matrix handlers: (P, Q) with block ~ P @ Q."""
+        if kind != "svd":
+            raise ValueError(f"cannot decompose a {self.op_type} as {kind!r}")
+        s = truncated_svd(block, ranks[0], spectra=spectra)
+        err = s.rel_error if s.rel_error is not None else relative_error(block, s.left @ s.right)
+        return (s.left, s.right), err
+
+    def to_layout(self, layer: Layer, kind: str, arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+        """The concatenated per-group factors in the layout the chain's nodes read."""
+        return arrays
+
+    # ---- rewriting -----------------------------------------------------------------------------
+    def stored(self, layer: Layer, factors: LayerFactors) -> tuple[np.ndarray, ...]:
+        """The factors as stored in the model (e.g. transposed for a Gemm with transB=1)."""
+        return factors.arrays
+
+    def chain(self, layer: Layer, factors: LayerFactors, weights: list[str], fresh: Fresh, opset: int) -> Chain:
+        """The nodes replacing `layer`, reading the factor initializers `weights`; the last one writes
+        the layer's own output, so every consumer stays attached."""
+        raise NotImplementedError
+
+
+def tensor_factors(
+    kind: str, ranks: tuple[int, ...], block: np.ndarray, hooi_iters: int, spectra: LayerSpectra | None
+) -> tuple[tuple[np.ndarray, ...], float]:
+    """Factors of a T x S x k... kernel block as conv weights: tucker2 (1x1 S->R3, core R3->R4, 1x1
+    R4->T), tucker1 (core S->R4, 1x1 R4->T) or svd of a 1x1 kernel (1x1 S->R, 1x1 R->T)."""
+    nd = block.ndim - 2
+    if kind == "svd":
+        # Kept in its own dtype: truncated_svd reads float32 in float64 blocks.
+        m = block.reshape(block.shape[0], -1)
+        s = truncated_svd(m, ranks[0], spectra=spectra)
+        err = s.rel_error if s.rel_error is not None else relative_error(m, s.left @ s.right)
+        return (as_1x1(s.right, nd), as_1x1(s.left, nd)), err
+    w = np.asarray(block, dtype=np.float64)
+    if kind == "tucker2":
+        f = tucker2(w, ranks[0], ranks[1], hooi_iters=hooi_iters, spectra=spectra)
+        return (as_1x1(f.u_in.T, nd), f.core, as_1x1(f.u_out, nd)), relative_error(w, reconstruct_tucker2(f))
+    if kind == "tucker1":
+        g = tucker1(w, ranks[0], spectra=spectra)
+        return (g.core, as_1x1(g.u_out, nd)), relative_error(w, reconstruct_tucker1(g))
+    raise ValueError(f"cannot decompose a kernel as {kind!r}")

@@ -1,0 +1,179 @@
+"""Conv (1-D, 2-D, 3-D, grouped): Tucker-2, Tucker-1, or SVD of a 1x1 kernel.
+
+Weight T x S x k... (S: input channels per group). The chain (the paper's Tucker-2 layer):
+1x1 S->R3 at the input resolution, stride 1, no pads; the core R3->R4 with the original strides,
+pads, dilations and auto_pad; 1x1 R4->T carrying the original bias. Tucker-1 drops the first 1x1
+(few input channels, as for the first RGB conv); an SVD-split 1x1 conv carries its stride on the
+first factor. A grouped conv is decomposed group by group (docs/grouped-convs.md): every node of the
+chain keeps the original `group`; depthwise convs (one input channel per group) are kept.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..numerics.spectral import LayerSpectra
+from .base import LABELS, Fresh, OpHandler, prod, tensor_factors
+from .layer import COPY, Chain, Layer, LayerFactors, NodeSpec
+
+# Attributes of the replaced node that the spatial step of the chain keeps (in the node's order).
+SPATIAL_ATTRS = ("strides", "pads", "dilations", "auto_pad")
+
+
+class ConvHandler(OpHandler):
+    op_type = "Conv"
+    spatial_attrs = SPATIAL_ATTRS
+    rank_words = "T x S x k..."
+
+    # ---- recognising ---------------------------------------------------------------------------
+    def skip_reason(self, layer: Layer, bias_reason: str | None) -> str | None:
+        wshape = layer.weight_shape or ()
+        if len(wshape) < 3:
+            return f"{self.op_type} weight has rank {len(wshape)}; expected {self.rank_words}"
+        group = int(layer.attrs.get("group", 1))  # type: ignore[call-overload]
+        # Depthwise layers have a single input channel per group: no channel mode left to factorise.
+        if group != 1 and self.in_channels_per_group(layer) == 1:
+            return (
+                f"depthwise {self.kind_word} (group={group}): one input channel per group leaves no channel "
+                "mode to factorise; kept as is"
+            )
+        if group < 1 or wshape[self.grouped_axis] % group:
+            return (
+                f"grouped {self.kind_word} (group={group}): {wshape[self.grouped_axis]} {self.grouped_axis_word} "
+                f"channels do not split into {group} groups"
+            )
+        if layer.bias_name is not None and bias_reason is not None:
+            return f"bias '{layer.bias_name}' is {bias_reason}: a {self.op_type} bias must be constant"
+        return None
+
+    kind_word = "conv"
+    grouped_axis = 0  # the weight axis holding every group's channels
+    grouped_axis_word = "output"
+
+    def in_channels_per_group(self, layer: Layer) -> int:
+        assert layer.weight_shape is not None
+        return layer.weight_shape[1]
+
+    def input_channels(self, layer: Layer) -> int:
+        """Input channels of the whole layer (all groups)."""
+        return self.in_channels_per_group(layer) * self.groups(layer)
+
+    def out_channels(self, layer: Layer) -> int:
+        assert layer.weight_shape is not None
+        return layer.weight_shape[0]
+
+    def input_mismatch(self, layer: Layer) -> tuple[str, int, int] | None:
+        w, x = layer.weight_shape, layer.input_shape
+        if w is None or x is None or not x or len(w) < 3:
+            return None
+        if len(x) != len(w):
+            return "rank", len(x), len(w)
+        if x[1] is not None and x[1] != self.input_channels(layer):
+            return "channels", x[1], self.input_channels(layer)
+        return None
+
+    # ---- factorising ---------------------------------------------------------------------------
+    def groups(self, layer: Layer) -> int:
+        return int(layer.attrs.get("group", 1))  # type: ignore[call-overload]
+
+    def kernel_size(self, layer: Layer) -> int:
+        assert layer.weight_shape is not None
+        return math.prod(layer.weight_shape[2:])
+
+    def kinds(self, layer: Layer) -> tuple[str, ...]:
+        if self.kernel_size(layer) == 1:
+            return ("svd", "tucker2", "tucker1")
+        return ("tucker2", "tucker1")
+
+    def default_kind(self, layer: Layer, min_tucker2_channels: int) -> str:
+        if self.kernel_size(layer) == 1:
+            return "svd"
+        # Grouped convs count all their input channels: a per-group Tucker-2 of ResNeXt's 4-channel
+        # groups ran 1.5x faster than the original where Tucker-1 ran no faster (docs/grouped-convs.md).
+        return "tucker2" if self.input_channels(layer) >= min_tucker2_channels else "tucker1"
+
+    def blocks(self, layer: Layer, weight: np.ndarray) -> list[np.ndarray]:
+        g = self.groups(layer)
+        if g == 1:
+            return [weight]
+        per = weight.shape[0] // g
+        return [weight[i * per : (i + 1) * per] for i in range(g)]
+
+    def factor_block(
+        self, kind: str, ranks: tuple[int, ...], block: np.ndarray, hooi_iters: int, spectra: LayerSpectra | None
+    ) -> tuple[tuple[np.ndarray, ...], float]:
+        return tensor_factors(kind, ranks, block, hooi_iters, spectra)
+
+    def factorisation_key(self, layer: Layer) -> tuple[object, ...]:
+        return (self.groups(layer),)
+
+    def factorisation_note(self, layer: Layer) -> str:
+        g = self.groups(layer)
+        return f" group={g}" if g > 1 else ""
+
+    def pixels(self, layer: Layer) -> tuple[int | None, int | None, int]:
+        """(input pixels, output pixels, batch) of one image, None where unknown."""
+        out_px = prod(layer.output_shape[2:]) if layer.output_shape else None
+        in_px = prod(layer.input_shape[2:]) if layer.input_shape else None
+        batch = layer.output_shape[0] if layer.output_shape and layer.output_shape[0] else 1
+        return in_px, out_px, batch
+
+    def cost(self, layer: Layer, kind: str, ranks: tuple[int, ...] = ()) -> tuple[int, int | None]:
+        # In a Tucker-2 chain the first 1x1 runs at the *input* resolution and the stride sits on the
+        # core; an SVD-split 1x1 conv carries its stride on the first factor, so both factors run at
+        # the output resolution.
+        T, S, G, k = self.out_channels(layer), self.in_channels_per_group(layer), self.groups(layer), self.kernel_size(layer)
+        in_px, out_px, batch = self.pixels(layer)
+        if kind == "original":
+            params = T * S * k
+            return params, None if out_px is None else params * out_px * batch
+        if kind == "tucker2":
+            r4, r3 = ranks
+            first, rest = G * S * r3, G * r3 * r4 * k + r4 * T
+            macs = None if out_px is None or in_px is None else batch * (first * in_px + rest * out_px)
+            return first + rest, macs
+        if kind == "tucker1":
+            (r4,) = ranks
+            params = G * r4 * S * k + r4 * T
+        elif kind == "svd":
+            (r,) = ranks
+            params = r * (G * S * k + T)
+        else:
+            raise ValueError(kind)
+        return params, None if out_px is None else params * out_px * batch
+
+    # ---- rewriting -----------------------------------------------------------------------------
+    spatial_op = "Conv"  # the op of the chain's spatial step
+
+    def spatial_step(self, kind: str, j: int) -> bool:
+        return (kind == "tucker2" and j == 1) or (kind in ("tucker1", "svd") and j == 0)
+
+    def chain(self, layer: Layer, factors: LayerFactors, weights: list[str], fresh: Fresh, opset: int) -> Chain:
+        base = layer.node_name or layer.outputs[0]
+        kind = factors.kind
+        labels = LABELS[kind][: len(weights)]
+        x = layer.inputs[0]
+        bias = (layer.bias_name,) if layer.bias_name else ()
+        mids = [fresh(f"{base}/{label}/out") for label in labels[:-1]]
+        ins, outs = [x, *mids], [*mids, layer.outputs[0]]
+        nd = factors.arrays[0].ndim - 2
+        nodes = []
+        for j, label in enumerate(labels):
+            arr = factors.arrays[j]
+            if self.spatial_step(kind, j):
+                op = self.spatial_op
+                attrs: list[tuple[str, object]] = [(a, COPY) for a in layer.attrs if a in self.spatial_attrs]
+                attrs.append(("kernel_shape", list(arr.shape[2:])))
+            else:
+                op, attrs = "Conv", [("kernel_shape", [1] * nd)]
+            if self.groups(layer) != 1:  # block-diagonal factors: every node keeps the group
+                attrs.append(("group", COPY))
+            last = j == len(labels) - 1
+            nodes.append(NodeSpec(op, (ins[j], weights[j], *(bias if last else ())), (outs[j],),
+                                  fresh(f"{base}/{label}"), tuple(attrs)))
+        return Chain(tuple(nodes))
+
+
+HANDLER = ConvHandler()

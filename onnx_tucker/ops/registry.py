@@ -1,0 +1,47 @@
+"""Op type -> handler. Adding an operator is one new module in `ops/` with a `HANDLER`, listed here.
+
+Also the layer ops users expect to see in the report although they are never decomposed, each with
+the reason.
+"""
+
+from __future__ import annotations
+
+from . import conv, conv_transpose, gemm, matmul
+from .base import OpHandler
+from .layer import Layer
+
+HANDLERS: dict[str, OpHandler] = {h.op_type: h for h in (conv.HANDLER, conv_transpose.HANDLER, gemm.HANDLER, matmul.HANDLER)}
+DECOMPOSABLE_OPS = tuple(HANDLERS)
+
+_ONLY = "only " + ", ".join(DECOMPOSABLE_OPS[:-1]) + f" and {DECOMPOSABLE_OPS[-1]} are"
+REPORTED_OPS = {
+    "QLinearConv": "quantized conv (QLinearConv): quantized layers are left alone",
+    "ConvInteger": "quantized conv (ConvInteger): quantized layers are left alone",
+    "QLinearMatMul": "quantized MatMul (QLinearMatMul): quantized layers are left alone",
+    "MatMulInteger": "quantized MatMul (MatMulInteger): quantized layers are left alone",
+    "FusedConv": "onnxruntime fused op (FusedConv): export the model without onnxruntime optimisations",
+    "FusedGemm": "onnxruntime fused op (FusedGemm): export the model without onnxruntime optimisations",
+    "FusedMatMul": "onnxruntime fused op (FusedMatMul): export the model without onnxruntime optimisations",
+    "Einsum": f"Einsum is not decomposed ({_ONLY})",
+}
+
+
+def handler_for(layer_or_op: Layer | str) -> OpHandler:
+    op = layer_or_op if isinstance(layer_or_op, str) else layer_or_op.op_type
+    try:
+        return HANDLERS[op]
+    except KeyError:
+        raise ValueError(f"no handler for op {op!r}") from None
+
+
+def layer_cost(layer: Layer, kind: str, ranks: tuple[int, ...] = ()) -> tuple[int, int | None]:
+    """(parameters, MACs) of `layer` decomposed as `kind` ("original", "tucker2", "tucker1", "svd")."""
+    return handler_for(layer).cost(layer, kind, ranks)
+
+
+def svd_matrix(layer: Layer, weight):  # type: ignore[no-untyped-def]
+    """The matrix an SVD of this layer factorises (a view in the weight's dtype where possible)."""
+    h = handler_for(layer)
+    (block,) = h.blocks(layer, weight)
+    (matrix,) = h.matrices(block, "svd")
+    return matrix
