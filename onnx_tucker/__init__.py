@@ -5,8 +5,8 @@
     print(result.totals.macs_ratio, result.validation.outputs[0].cosine)
 """
 
-from .api import CompressionResult, ModelTotals, compress, plan, validate
-from .config import CompressionConfig, RankPolicy
+from .api import bench, compress, plan, validate
+from .config import BenchConfig, CompressionConfig, RankPolicy
 from .errors import (
     ModelLoadError,
     ModelSaveError,
@@ -19,11 +19,16 @@ from .errors import (
 from .numerics.evbmf import EVBMFEstimate, select_rank_evbmf
 from .numerics.tucker import truncated_svd, tucker1, tucker2
 from .plan.planner import CompressionPlan, LayerPlan
+from .results import CompressionResult, ModelTotals
+from .runtime.bench import LatencyReport
 from .runtime.validate import OutputComparison, ValidationReport
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BenchConfig",
+    "LatencyReport",
+    "bench",
     "CompressionConfig",
     "CompressionPlan",
     "CompressionResult",

@@ -1,30 +1,34 @@
 """The pipeline as library calls: load -> plan -> decompose -> rewrite -> validate -> save.
 
-`compress()` is what `onnx-tucker compress` runs; `plan()` is `onnx-tucker inspect`.
+`compress()` is what `onnx-tucker compress` runs, `plan()` is `onnx-tucker inspect`, `validate()` and
+`bench()` the commands of those names. The library owns every write: each function checks its output
+paths before any work and writes its files atomically, together (`graph.save.OutputBatch`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .config import CompressionConfig
+from .config import BenchConfig, CompressionConfig
 from .errors import ModelLoadError
 from .graph import lazyload
 from .graph.fold import float_parameter_count
 from .graph.load import check_model, load_model
-from .graph.model import ModelIndex, find_layers, infer_shapes, resolve_input_shapes
+from .graph.model import ModelIndex, find_layers, infer_shapes, lowest_float_eps, resolve_input_shapes
+from .graph.protos import serialized_size
 from .graph.rewrite import Replacement, apply_replacements
-from .graph.save import check_output_path, save_model
+from .graph.save import OutputBatch, check_output_paths, write_text_atomic
 from .numerics.spectral import LayerSpectra, single_threaded_lapack
 from .ops.layer import Layer, LayerFactors
 from .ops.registry import HANDLERS, handler_for
@@ -37,52 +41,14 @@ from .plan.planner import (
     load_plan_file,
     plan_layer,
 )
+from .report import latency_dict, result_json, result_markdown, validation_dict
+from .results import CompressionResult, ModelTotals
 from .runtime.bench import LatencyReport, measure_latency
 from .runtime.validate import ValidationReport, load_validation_data, validate_models
 
 ModelLike = onnx.ModelProto | str | os.PathLike[str]
+PathLike = str | os.PathLike[str]
 Progress = Callable[[str, int, int], None]  # (layer name, done, total)
-
-
-@dataclass(frozen=True)
-class ModelTotals:
-    params_before: int
-    params_after: int
-    macs_before: int
-    macs_after: int
-    size_before: int
-    size_after: int
-
-    @staticmethod
-    def _ratio(a: int, b: int) -> float:
-        return a / b if b else float("inf")
-
-    @property
-    def params_ratio(self) -> float:
-        return self._ratio(self.params_before, self.params_after)
-
-    @property
-    def macs_ratio(self) -> float:
-        return self._ratio(self.macs_before, self.macs_after)
-
-    @property
-    def size_ratio(self) -> float:
-        return self._ratio(self.size_before, self.size_after)
-
-
-@dataclass(frozen=True)
-class CompressionResult:
-    plan: CompressionPlan
-    model: onnx.ModelProto = field(repr=False)
-    totals: ModelTotals
-    validation: ValidationReport | None
-    input_path: str | None = None
-    output_path: str | None = None
-    seconds: float = 0.0
-
-    @property
-    def decomposed_layers(self) -> int:
-        return len(self.plan.decomposed)
 
 
 @dataclass(frozen=True)
@@ -216,71 +182,105 @@ def _plan_and_decompose(
     return replace(plan, layers=tuple(new_plans)), replacements
 
 
-def _float_params(model: onnx.ModelProto) -> int:
-    # Counts folded weights too (ConstantOfShape, Cast, ...), each constant once as the graph reads it.
-    return float_parameter_count(model)
-
-
-def plan(model_or_path: ModelLike, config: CompressionConfig | None = None, progress: Progress | None = None) -> CompressionPlan:
-    """The plan `compress` would apply (ranks, costs and kernel errors), without rewriting anything."""
+def plan(
+    model_or_path: ModelLike,
+    config: CompressionConfig | None = None,
+    progress: Progress | None = None,
+    *,
+    save_plan: PathLike | None = None,
+    report: PathLike | None = None,
+) -> CompressionPlan:
+    """The plan `compress` would apply (ranks, costs and kernel errors), without rewriting anything.
+    `save_plan` / `report`: also write the plan file / the JSON report (atomically, together)."""
     config = config or CompressionConfig()
+    in_path = None if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
+    check_output_paths(in_path, {"--save-plan": save_plan, "--report": report})
     prep = _prepare(model_or_path, config)
     p, _ = _plan_and_decompose(prep, config, progress)
+    with OutputBatch() as batch:
+        if save_plan is not None:
+            batch.add_text(save_plan, p.to_json())
+        if report is not None:
+            batch.add_text(report, result_json(p))
+        batch.commit()
     return p
 
 
 def compress(
     model_or_path: ModelLike,
     config: CompressionConfig | None = None,
-    output: str | os.PathLike[str] | None = None,
+    output: PathLike | None = None,
     progress: Progress | None = None,
+    *,
+    bench: BenchConfig | None = None,
+    save_plan: PathLike | None = None,
+    report: PathLike | None = None,
+    markdown: PathLike | None = None,
 ) -> CompressionResult:
-    """Compress a model; write it to `output` (atomically) unless validation fails.
+    """Compress a model; write it to `output` unless validation fails.
 
+    `bench`: also time both models in onnxruntime (`result.latency`). `save_plan`, `report`, `markdown`:
+    also write the plan file, the JSON report, the Markdown report. Every path is checked before any
+    work (never the input, no two outputs the same file); all files appear together or not at all.
     A model in which no layer is decomposed is still written (unchanged); check
-    `result.decomposed_layers`. When validation fails the result is returned with
-    `output_path=None` and nothing is written.
+    `result.decomposed_layers`. When validation fails the model is not written (`output_path` is None;
+    the side files are, so the user can see why) and `result.validation_error()` says so.
     """
     config = config or CompressionConfig()
     t0 = time.perf_counter()
     in_path = None if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
-    if output is not None:
-        check_output_path(output, in_path)
+    check_output_paths(in_path, {"OUT": output, "--save-plan": save_plan, "--report": report, "--markdown": markdown})
     prep = _prepare(model_or_path, config)
     p, replacements = _plan_and_decompose(prep, config, progress)
     new_model = apply_replacements(prep.model, replacements)
     # Weights kept as they were come back from the file now (most are gone when decomposed).
     prep.materialize(new_model)
 
-    report = None
-    if config.validate:
+    validation = None
+    if config.validate or bench is not None:
         prep.materialize(prep.model)
+    if config.validate:
         data = load_validation_data(config.data, prep.model, config.samples) if config.data else None
-        report = validate_models(
-            prep.model, new_model, prep.input_shapes, config.samples, config.seed, config.effective_rtol, data
+        validation = validate_models(
+            prep.model, new_model, prep.input_shapes, config.samples, config.seed, config.effective_rtol(lowest_float_eps(prep.model)), data
         )
-    known = [lp for lp in p.layers if lp.macs_before is not None]
-    size_before = Path(in_path).stat().st_size if in_path else prep.model.ByteSize()
+    latency = None
+    if bench is not None:
+        latency = measure_latency(
+            in_path or prep.model, new_model, prep.model, prep.input_shapes, bench.threads, bench.warmup, bench.runs, config.seed
+        )
+    plan_totals = p.totals()
     totals = ModelTotals(
         params_before=float_parameter_count(prep.model, prep.index.folder),  # reuses the folded shapes
-        params_after=_float_params(new_model),
-        macs_before=sum(lp.macs_before or 0 for lp in known),
-        macs_after=sum(lp.macs_after if lp.macs_after is not None else (lp.macs_before or 0) for lp in known),
-        size_before=size_before,
-        size_after=new_model.ByteSize(),
+        params_after=float_parameter_count(new_model),
+        macs_before=plan_totals["macs_before"],
+        macs_after=plan_totals["macs_after"],
+        size_before=Path(in_path).stat().st_size if in_path else serialized_size(prep.model),
+        size_after=serialized_size(new_model),
     )
-    written = None
-    if output is not None and (report is None or report.passed):
-        written = str(save_model(new_model, output, in_path))
-    return CompressionResult(
+    passed = validation is None or validation.passed
+    result = CompressionResult(
         plan=p,
         model=new_model,
         totals=totals,
-        validation=report,
+        validation=validation,
         input_path=in_path,
-        output_path=written,
+        output_path=str(output) if output is not None and passed else None,
         seconds=time.perf_counter() - t0,
+        latency=latency,
+        requested_output=str(output) if output is not None else None,
     )
+    with OutputBatch() as batch:
+        if result.output_path is not None:
+            batch.add_model(new_model, result.output_path, in_path)
+        if save_plan is not None:
+            batch.add_text(save_plan, p.to_json())
+        if report is not None:
+            batch.add_text(report, result_json(result))
+        if markdown is not None:
+            batch.add_text(markdown, result_markdown(result))
+        batch.commit()
+    return result
 
 
 def _load_pair(
@@ -293,27 +293,46 @@ def _load_pair(
     return orig, comp, resolve_input_shapes(orig, dict(config.input_shapes), source)
 
 
+def _paths(*models: ModelLike) -> list[str]:
+    return [str(m) for m in models if not isinstance(m, onnx.ModelProto)]
+
+
 def bench(
     original: ModelLike,
     compressed: ModelLike,
     config: CompressionConfig | None = None,
-    threads: int = 1,
-    warmup: int = 5,
-    runs: int = 20,
+    bench_config: BenchConfig | None = None,
+    *,
+    report: PathLike | None = None,
 ) -> LatencyReport:
-    """Latency of both models in onnxruntime CPU, interleaved (see `onnx_tucker.bench`)."""
+    """Latency of both models in onnxruntime CPU, interleaved (see `runtime.bench`); `report`: write it
+    as JSON too."""
     config = config or CompressionConfig()
+    b = bench_config or BenchConfig()
+    for path in _paths(original, compressed):
+        check_output_paths(path, {"--report": report})
     orig, comp, shapes = _load_pair(original, compressed, config)
-    return measure_latency(orig, comp, orig, shapes, threads, warmup, runs, config.seed)
+    latency = measure_latency(orig, comp, orig, shapes, b.threads, b.warmup, b.runs, config.seed)
+    if report is not None:
+        write_text_atomic(report, json.dumps({"latency": latency_dict(latency)}, indent=2) + "\n")
+    return latency
 
 
 def validate(
     original: ModelLike,
     compressed: ModelLike,
     config: CompressionConfig | None = None,
+    *,
+    report: PathLike | None = None,
 ) -> ValidationReport:
-    """Compare two models with the same inputs and outputs on seeded random inputs."""
+    """Compare two models with the same inputs and outputs on seeded random inputs (or `config.data`);
+    `report`: write the comparison as JSON too. Check `.passed`: a failed comparison is a result."""
     config = config or CompressionConfig()
+    for path in _paths(original, compressed):
+        check_output_paths(path, {"--report": report})
     orig, comp, shapes = _load_pair(original, compressed, config)
     data = load_validation_data(config.data, orig, config.samples) if config.data else None
-    return validate_models(orig, comp, shapes, config.samples, config.seed, config.effective_rtol, data)
+    v = validate_models(orig, comp, shapes, config.samples, config.seed, config.effective_rtol(lowest_float_eps(orig)), data)
+    if report is not None:
+        write_text_atomic(report, json.dumps({"validation": validation_dict(v)}, indent=2) + "\n")
+    return v

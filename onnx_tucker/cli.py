@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-from .config import CompressionConfig, RankPolicy, parse_input_shape
+from .config import BenchConfig, CompressionConfig
 from .errors import OnnxTuckerError, UsageError
 
 try:  # recent typer vendors click as typer._click; older typer uses click itself
@@ -130,46 +130,13 @@ def _errors(verbose: bool = False):  # type: ignore[no-untyped-def]
         raise typer.Exit(1) from None
 
 
-def _check_outputs(input: Path, output: Path | None, sides: dict[str, Path | None]) -> None:
-    """Every output file is writable, is not the input, and no two outputs are the same file."""
-    from .graph.save import check_output_path
-
-    taken: dict[Path, str] = {}
-    if output is not None:
-        check_output_path(output, input)
-        taken[output.resolve()] = "OUT"
-    for option, path in sides.items():
-        if path is None:
-            continue
-        check_output_path(path, input)
-        other = taken.get(path.resolve())
-        if other is not None:
-            raise UsageError(f"{option} {path}: the same file as {other}; give each output its own path")
-        taken[path.resolve()] = option
+def _print(tables: list[Any]) -> None:
+    for table in tables:
+        out_console.print(table)
 
 
-def _config(
-    ranks: str, rank_scale: float, min_rank: int | None, round_to: int, include: str | None, exclude: str | None,
-    hooi_iters: int, input_shape: list[str] | None, plan: Path | None, validate: bool, samples: int | None, seed: int,
-    rtol: float | None, data: Path | None = None, jobs: int = 1,
-) -> CompressionConfig:
-    return CompressionConfig(
-        ranks=RankPolicy.parse(ranks),
-        rank_scale=rank_scale,
-        min_rank=min_rank,
-        round_to=round_to,
-        include=include,
-        exclude=exclude,
-        hooi_iters=hooi_iters,
-        input_shapes=tuple(parse_input_shape(s) for s in input_shape or []),
-        plan_file=str(plan) if plan else None,
-        validate=validate,
-        samples=samples,
-        seed=seed,
-        rtol=rtol,
-        data=str(data) if data else None,
-        jobs=jobs,
-    )
+def _note(text: str) -> None:
+    err_console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 @contextmanager
@@ -219,53 +186,31 @@ def compress(
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Decompose every Conv / Gemm / MatMul that gains, validate, and write OUTPUT atomically."""
-    import dataclasses
-    import json
-
+    """Decompose every Conv / ConvTranspose / Gemm / MatMul that gains, validate, and write OUTPUT atomically."""
     from . import api
-    from .graph.save import OutputBatch
-    from .report import render as rep
+    from .report.tables import result_tables
 
     with _errors(verbose):
-        cfg = _config(ranks, rank_scale, min_rank, round_to, include, exclude, hooi_iters, input_shape, plan,
-                      validate, samples, seed, rtol, data, jobs)
-        _check_outputs(input, output, {"--save-plan": save_plan, "--report": report, "--markdown": markdown})
+        cfg = CompressionConfig.from_options(
+            ranks=ranks, rank_scale=rank_scale, min_rank=min_rank, round_to=round_to, include=include, exclude=exclude,
+            hooi_iters=hooi_iters, jobs=jobs, input_shape=input_shape, plan=plan, validate=validate, samples=samples,
+            data=data, seed=seed, rtol=rtol,
+        )
+        timing = BenchConfig(threads=threads, warmup=warmup, runs=runs) if bench else None
         with _progress(not quiet) as progress:
-            result = api.compress(input, cfg, output=None, progress=progress)
-        passed = result.validation is None or result.validation.passed
-        if passed:
-            result = dataclasses.replace(result, output_path=str(output))
-        latency = api.bench(input, result.model, cfg, threads, warmup, runs) if bench else None
+            result = api.compress(input, cfg, output, progress, bench=timing, save_plan=save_plan, report=report,
+                                  markdown=markdown)
         if not quiet:
-            rep.print_result(result, out_console, verbose, latency)
-        # OUT and the side files appear together or not at all (disk full, Ctrl-C: nothing changes).
-        with OutputBatch() as batch:
-            if passed:
-                batch.add_model(result.model, output, input)
-            if save_plan is not None:
-                batch.add_text(save_plan, json.dumps(result.plan.to_dict(), indent=2) + "\n")
-            if report is not None:
-                batch.add_text(report, rep.result_json(result, latency))
-            if markdown is not None:
-                batch.add_text(markdown, rep.result_markdown(result, latency))
-            batch.commit()
-        if not passed:
-            v = result.validation
-            assert v is not None
-            raise OnnxTuckerError(
-                f"{input}: validation failed: max relative output error {v.passing_rtol:.3g} > --rtol {v.rtol:g}; "
-                f"{output} was not written (raise --rtol, or keep more rank: --rank-scale / --ranks energy:F)"
-            )
-        if not quiet:
-            if result.decomposed_layers == 0:
-                err_console.print(
-                    f"note: no layer of {input} was decomposed (see the reasons above); {output} is an unchanged copy",
-                    markup=False, highlight=False, soft_wrap=True,
-                )
-            else:
-                err_console.print(f"wrote {result.output_path} ({result.decomposed_layers} layers decomposed, "
-                                  f"{result.seconds:.1f} s)", markup=False, highlight=False)
+            _print(result_tables(result))
+        failure = result.validation_error()
+        if failure is not None:
+            raise failure
+        if quiet:
+            return
+        if result.decomposed_layers == 0:
+            _note(f"note: no layer of {input} was decomposed (see the reasons above); {output} is an unchanged copy")
+        else:
+            _note(f"wrote {result.output_path} ({result.decomposed_layers} layers decomposed, {result.seconds:.1f} s)")
 
 
 @app.command(epilog="Example: onnx-tucker inspect model.onnx --ranks ratio:0.25")
@@ -287,26 +232,18 @@ def inspect(
     verbose: VerboseOpt = False,
 ) -> None:
     """Print the plan (kinds, ranks, predicted savings, kernel errors); write no model."""
-    import json
-
     from . import api
-    from .graph.save import OutputBatch
-    from .report import render as rep
+    from .report.tables import result_tables
 
     with _errors(verbose):
-        cfg = _config(ranks, rank_scale, min_rank, round_to, include, exclude, hooi_iters, input_shape, plan,
-                      False, None, 0, None, jobs=jobs)
-        _check_outputs(input, None, {"--save-plan": save_plan, "--report": report})
+        cfg = CompressionConfig.from_options(
+            ranks=ranks, rank_scale=rank_scale, min_rank=min_rank, round_to=round_to, include=include, exclude=exclude,
+            hooi_iters=hooi_iters, jobs=jobs, input_shape=input_shape, plan=plan, validate=False,
+        )
         with _progress(not quiet) as progress:
-            p = api.plan(input, cfg, progress=progress)
+            p = api.plan(input, cfg, progress, save_plan=save_plan, report=report)
         if not quiet:
-            rep.print_result(p, out_console, verbose)
-        with OutputBatch() as batch:
-            if save_plan is not None:
-                batch.add_text(save_plan, json.dumps(p.to_dict(), indent=2) + "\n")
-            if report is not None:
-                batch.add_text(report, rep.result_json(p))
-            batch.commit()
+            _print(result_tables(p))
 
 
 @app.command(name="validate", epilog="Example: onnx-tucker validate model.onnx model.tucker.onnx --rtol 0.05")
@@ -322,20 +259,15 @@ def validate_cmd(
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Compare two models' outputs on seeded random inputs in onnxruntime."""
+    """Compare two models' outputs on seeded random inputs (or --data) in onnxruntime."""
     from . import api
-    from .graph.save import write_text_atomic
-    from .report import render as rep
+    from .report.tables import validation_table
 
     with _errors(verbose):
-        cfg = _config("vbmf", 1.0, None, 1, None, None, 0, input_shape, None, True, samples, seed, rtol, data)
-        _check_outputs(original, None, {"--report": report})
-        _check_outputs(compressed, None, {"--report": report})
-        v = api.validate(original, compressed, cfg)
+        cfg = CompressionConfig.from_options(input_shape=input_shape, samples=samples, data=data, seed=seed, rtol=rtol)
+        v = api.validate(original, compressed, cfg, report=report)
         if not quiet:
-            out_console.print(rep.validation_table(v))
-        if report is not None:
-            write_text_atomic(report, rep.json.dumps({"validation": rep.validation_dict(v)}, indent=2) + "\n")
+            _print([validation_table(v)])
         if not v.passed:
             raise OnnxTuckerError(f"{compressed}: validation failed: max relative output error {v.passing_rtol:.3g} > --rtol {v.rtol:g}")
 
@@ -355,16 +287,13 @@ def bench_cmd(
 ) -> None:
     """Latency of two models in onnxruntime CPU, measured side by side (medians, p90, ratio)."""
     from . import api
-    from .graph.save import write_text_atomic
-    from .report import render as rep
+    from .report.tables import latency_table
 
     with _errors(verbose):
-        cfg = _config("vbmf", 1.0, None, 1, None, None, 0, input_shape, None, False, None, seed, None)
-        lat = api.bench(original, compressed, cfg, threads, warmup, runs)
+        cfg = CompressionConfig.from_options(input_shape=input_shape, seed=seed, validate=False)
+        lat = api.bench(original, compressed, cfg, BenchConfig(threads=threads, warmup=warmup, runs=runs), report=report)
         if not quiet:
-            out_console.print(rep.latency_table(lat))
-        if report is not None:
-            write_text_atomic(report, rep.json.dumps({"latency": rep.latency_dict(lat)}, indent=2) + "\n")
+            _print([latency_table(lat)])
 
 
 def main() -> None:

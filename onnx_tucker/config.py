@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import UsageError
 
@@ -110,11 +112,33 @@ class CompressionConfig:
         compile_pattern(self.include, "--include")
         compile_pattern(self.exclude, "--exclude")
 
-    @property
-    def effective_rtol(self) -> float | None:
+    def effective_rtol(self, weight_eps: float = 2.0**-23) -> float | None:
+        """The tolerance validation checks: --rtol, else under --ranks full one that follows the
+        precision of the model's weights (`weight_eps`: machine epsilon of the least precise float
+        dtype: 1e-4 for float32, 1e-2 for float16, 8e-2 for bfloat16), else None (report only)."""
         if self.rtol is not None:
             return self.rtol
-        return 1e-4 if self.ranks.method == "full" else None
+        return max(1e-4, 10 * weight_eps) if self.ranks.method == "full" else None
+
+    @classmethod
+    def from_options(
+        cls,
+        *,
+        ranks: str = "vbmf",
+        input_shape: list[str] | tuple[str, ...] | None = None,
+        plan: str | os.PathLike[str] | None = None,
+        data: str | os.PathLike[str] | None = None,
+        **options: Any,
+    ) -> CompressionConfig:
+        """From command-line values: `ranks` as text (`ratio:0.5`), `input_shape` as `NAME:D0,D1,...`
+        strings, paths as paths; every other option by its field name."""
+        return cls(
+            ranks=RankPolicy.parse(ranks),
+            input_shapes=tuple(parse_input_shape(s) for s in input_shape or ()),
+            plan_file=str(plan) if plan else None,
+            data=str(data) if data else None,
+            **options,
+        )
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -134,3 +158,21 @@ class CompressionConfig:
             "plan_file": self.plan_file,
             "data": self.data,
         }
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """How latency is measured: onnxruntime CPU, `threads` intra-op threads, `warmup` untimed runs,
+    then `runs` timed runs of each model, interleaved."""
+
+    threads: int = 1
+    warmup: int = 5
+    runs: int = 20
+
+    def __post_init__(self) -> None:
+        if self.threads < 1:
+            raise UsageError(f"--threads {self.threads}: must be >= 1; e.g. --threads 1")
+        if self.warmup < 0:
+            raise UsageError(f"--warmup {self.warmup}: must be >= 0; e.g. --warmup 5")
+        if self.runs < 1:
+            raise UsageError(f"--runs {self.runs}: must be >= 1; e.g. --runs 20")

@@ -29,7 +29,7 @@ from onnx import helper
 import onnx_tucker as ot
 from onnx_tucker import CompressionConfig, RankPolicy
 from onnx_tucker.graph.load import load_model
-from onnx_tucker.report.render import result_json
+from onnx_tucker.report import result_json
 
 LIGHT_DIR = Path(onnx.__file__).resolve().parent / "backend" / "test" / "data" / "light"
 MODELS = sorted(p.stem for p in LIGHT_DIR.glob("light_*.onnx"))

@@ -13,7 +13,7 @@ from helpers import assert_outputs_close, make_conv_model, make_small_cnn, rando
 
 import onnx_tucker as ot
 from onnx_tucker import CompressionConfig, RankPolicy
-from onnx_tucker.report.render import result_dict
+from onnx_tucker.report import result_dict
 
 
 def sha256(path: Path) -> str:

@@ -208,12 +208,9 @@ class FoldError(RuntimeError):
 
 
 def _run_onnxruntime(m: onnx.ModelProto, names: list[str]) -> list[np.ndarray]:
-    import onnxruntime as ort
+    from ..runtime.session import ort_session
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return list(sess.run(names, {}))
+    return list(ort_session(m, "constant subgraph").run(names, {}))
 
 
 def dead_weight_producers(

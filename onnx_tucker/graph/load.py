@@ -28,6 +28,7 @@ from .protos import (
     copy_fields,
     first_line,
     node_label,
+    serialized_size,
     subgraph_outer_reads,
 )
 
@@ -358,7 +359,7 @@ def _run_checker(model: onnx.ModelProto, source: str, model_path: Path | None) -
         elif external:
             return  # cannot check a model whose data was left behind; ort fails later with a clear error
         else:
-            if light is None and model.ByteSize() > PROTOBUF_LIMIT:
+            if light is None and serialized_size(model) > PROTOBUF_LIMIT:
                 return  # too big to hand to the checker in one message; the structure checks above ran
             onnx.checker.check_model(target)
     except (onnx.checker.ValidationError, ValueError) as e:
@@ -373,7 +374,7 @@ def checker_message(model: onnx.ModelProto) -> str | None:
     """What onnx.checker says about an in-memory model (None: it passes). For callers that must
     tell a problem they introduced from one the input already had (see `_run_checker`)."""
     light = light_for_checker(model)
-    if light is None and model.ByteSize() > PROTOBUF_LIMIT:
+    if light is None and serialized_size(model) > PROTOBUF_LIMIT:
         return None
     try:
         onnx.checker.check_model(light if light is not None else model)
@@ -426,21 +427,14 @@ def _checker_message(e: BaseException) -> str:
 
 
 def _onnxruntime_loads(model: onnx.ModelProto, model_path: Path | None) -> bool:
-    try:
-        import onnxruntime as ort
-    except ImportError:
+    from ..errors import ValidationError
+    from ..runtime.session import ort_session
+
+    if model_path is None and serialized_size(model) > PROTOBUF_LIMIT:
         return False
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 4
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        if model_path is not None:
-            ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-        elif model.ByteSize() <= PROTOBUF_LIMIT:
-            ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        else:
-            return False
-    except Exception:  # noqa: BLE001 - onnxruntime raises several unrelated exception types
+        ort_session(model_path if model_path is not None else model, optimize=False)
+    except (ValidationError, ImportError):
         return False
     return True
 

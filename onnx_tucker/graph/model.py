@@ -106,6 +106,21 @@ class ModelIndex:
         return self.folder.value(name)
 
 
+def lowest_float_eps(model: onnx.ModelProto) -> float:
+    """Machine epsilon of the least precise floating-point dtype among the top-level initializers (and
+    Constant nodes): the precision factors are stored in (float32's when there is none)."""
+    eps = float(np.finfo(np.float32).eps)
+    codes = {t.data_type for t in model.graph.initializer}
+    codes |= {a.t.data_type for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"}
+    for code in codes & _FLOAT_TYPES:
+        eps = max(eps, _EPS.get(code, eps))
+    return eps
+
+
+_EPS = {onnx.TensorProto.FLOAT16: float(np.finfo(np.float16).eps), onnx.TensorProto.BFLOAT16: 2.0**-7,
+        onnx.TensorProto.DOUBLE: float(np.finfo(np.float64).eps)}
+
+
 def _dims(vi: onnx.ValueInfoProto) -> Shape | None:
     t = vi.type.tensor_type
     if not t.HasField("shape"):

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import onnx
 from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import EncodeError
 
 # Protobuf refuses to serialise a message over 2 GiB; stay clearly below it.
 PROTOBUF_LIMIT = 2**31 - 2**24
@@ -123,6 +124,15 @@ def graph_input_names(model: onnx.ModelProto) -> list[str]:
     """Real inputs: graph inputs that are not initializers (old IR lists weights as inputs)."""
     inits = {t.name for t in model.graph.initializer}
     return [i.name for i in model.graph.input if i.name not in inits]
+
+
+def serialized_size(model: onnx.ModelProto) -> int:
+    """Bytes of the serialised model, or a number above PROTOBUF_LIMIT when protobuf cannot serialise
+    it (protobuf >= 7 raises in ByteSize() itself above 2 GiB)."""
+    try:
+        return model.ByteSize()
+    except EncodeError:
+        return 2**31
 
 
 def first_line(e: BaseException) -> str:

@@ -13,13 +13,13 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import onnx
 
 from ..errors import ModelSaveError, UsageError
-from .protos import ITEMSIZE, PROTOBUF_LIMIT, TYPED_FIELD, all_tensors
+from .protos import ITEMSIZE, PROTOBUF_LIMIT, TYPED_FIELD, all_tensors, serialized_size
 
 log = logging.getLogger("onnx_tucker")
 
@@ -54,8 +54,20 @@ def check_output_path(output: str | os.PathLike[str], input_path: str | os.PathL
     return out
 
 
-def serialized_size(model: onnx.ModelProto) -> int:
-    return model.ByteSize()
+def check_output_paths(
+    input_path: str | os.PathLike[str] | None, outputs: Mapping[str, str | os.PathLike[str] | None]
+) -> None:
+    """Every output (label -> path; None: not asked for) is writable, is not the input, and no two
+    outputs are the same file. Labels name the option in messages ("OUT", "--report", ...)."""
+    taken: dict[Path, str] = {}
+    for label, path in outputs.items():
+        if path is None:
+            continue
+        p = check_output_path(path, input_path)
+        other = taken.get(p.resolve())
+        if other is not None:
+            raise UsageError(f"{label} {p}: the same file as {other}; give each output its own path")
+        taken[p.resolve()] = label
 
 
 def _write_error(target: Path, e: OSError) -> ModelSaveError:

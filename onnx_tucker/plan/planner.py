@@ -60,6 +60,17 @@ class CompressionPlan:
     def decomposed(self) -> tuple[LayerPlan, ...]:
         return tuple(p for p in self.layers if p.decomposed)
 
+    def totals(self) -> dict[str, int]:
+        """Parameters and MACs of the planned layers before and after (kept layers count as before)."""
+        known = [p for p in self.layers if p.params_before is not None]
+        with_macs = [p for p in known if p.macs_before is not None]
+        return {
+            "params_before": sum(p.params_before or 0 for p in known),
+            "params_after": sum(p.params_after or 0 for p in known),
+            "macs_before": sum(p.macs_before or 0 for p in with_macs),
+            "macs_after": sum(p.macs_after if p.macs_after is not None else (p.macs_before or 0) for p in with_macs),
+        }
+
     def to_dict(self) -> dict[str, object]:
         return {
             "format": "onnx-tucker-plan",
@@ -68,10 +79,15 @@ class CompressionPlan:
             "layers": [_layer_to_dict(p) for p in self.layers],
         }
 
+    def to_json(self) -> str:
+        """The plan file's text (`--save-plan`; `--plan` replays it)."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
     def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the plan file atomically."""
         from ..graph.save import write_text_atomic
 
-        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        write_text_atomic(path, self.to_json())
 
 
 def _layer_to_dict(p: LayerPlan) -> dict[str, object]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..errors import ValidationError
+from .session import ort_session, session_folder
 from .validate import random_inputs
 
 
@@ -58,22 +58,6 @@ class LatencyReport:
         return self.original_median / self.compressed_median if self.compressed_median > 0 else float("inf")
 
 
-def _session(model: onnx.ModelProto | str | os.PathLike[str], threads: int, what: str):  # type: ignore[no-untyped-def]
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    try:
-        return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001
-        raise ValidationError(f"the {what} model does not load in onnxruntime ({str(e).splitlines()[0]})") from None
-
-
 def measure_latency(
     original: onnx.ModelProto | str | os.PathLike[str],
     compressed: onnx.ModelProto | str | os.PathLike[str],
@@ -85,8 +69,9 @@ def measure_latency(
     seed: int = 0,
 ) -> LatencyReport:
     """Median/p90 latency of both models, interleaved run by run, on one seeded random input."""
-    s0 = _session(original, threads, "original")
-    s1 = _session(compressed, threads, "compressed")
+    with session_folder() as tmp:  # models over 2 GB are saved there first
+        s0 = ort_session(original, "original", tmpdir=tmp, threads=threads)
+        s1 = ort_session(compressed, "compressed", tmpdir=tmp, threads=threads)
     feeds = random_inputs(reference, input_shapes, np.random.default_rng(seed))
     for _ in range(warmup):
         s0.run(None, feeds)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -11,7 +10,8 @@ import numpy as np
 import onnx
 
 from ..errors import ValidationError
-from ..graph.protos import PROTOBUF_LIMIT, graph_input_names
+from ..graph.protos import first_line, graph_input_names
+from .session import ort_session, session_folder
 
 DEFAULT_RANDOM_SAMPLES = 8
 
@@ -59,33 +59,11 @@ class ValidationReport:
         return "passed" if self.passed else "failed"
 
 
-def _session(model: onnx.ModelProto | str | os.PathLike[str], what: str, tmpdir: str):  # type: ignore[no-untyped-def]
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 4  # errors become our one-line message, not ORT's log lines
-    try:
-        if isinstance(model, onnx.ModelProto):
-            if model.ByteSize() > PROTOBUF_LIMIT:
-                from .io import save_model
-
-                path = os.path.join(tmpdir, f"{what}.onnx")
-                save_model(model, path, external_data=True)
-                return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-            return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated exception types
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValidationError(
-            f"the {what} model does not load in onnxruntime ({msg}); use --no-validate to skip validation"
-        ) from None
-
-
 def _run(session, names: list[str], feeds: Mapping[str, np.ndarray], what: str) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
     try:
         return list(session.run(names, feeds))
     except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated exception types
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         hint = "the input model itself does not run there" if what == "original" else "please report this"
         raise ValidationError(
             f"onnxruntime failed to run the {what} model ({msg}); {hint}: check --input-shape, or use --no-validate"
@@ -234,9 +212,10 @@ def validate_models(
         batches = _data_batches(data, input_shapes, ref_proto)
     else:
         batches = [random_inputs(ref_proto, input_shapes, rng) for _ in range(samples or DEFAULT_RANDOM_SAMPLES)]
-    with tempfile.TemporaryDirectory(prefix="onnx-tucker-") as tmp:
-        s0 = _session(original, "original", tmp)
-        s1 = _session(compressed, "compressed", tmp)
+    with session_folder() as tmp:
+        hint = "use --no-validate to skip validation"
+        s0 = ort_session(original, "original", tmpdir=tmp, hint=hint)
+        s1 = ort_session(compressed, "compressed", tmpdir=tmp, hint=hint)
         names = [o.name for o in s0.get_outputs()]
         new_names = [o.name for o in s1.get_outputs()]
         if names != new_names:

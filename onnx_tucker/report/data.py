@@ -1,0 +1,111 @@
+"""The JSON report: one dict per result, built from the frozen results only."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from ..plan.planner import CompressionPlan, LayerPlan
+from ..results import CompressionResult
+from ..runtime.bench import LatencyReport
+from ..runtime.validate import ValidationReport
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def layer_dict(p: LayerPlan) -> dict[str, Any]:
+    return {
+        "name": p.name,
+        "op_type": p.op_type,
+        "kind": p.kind,
+        "weight_shape": list(p.weight_shape) if p.weight_shape else None,
+        "evbmf_ranks": list(p.evbmf_ranks) if p.evbmf_ranks else None,
+        "ranks": list(p.ranks) if p.ranks and p.decomposed else None,
+        "sigma2": list(p.sigma2) if p.sigma2 else None,
+        "params_before": p.params_before,
+        "params_after": p.params_after,
+        "macs_before": p.macs_before,
+        "macs_after": p.macs_after,
+        "rel_error": p.rel_error,
+        "policy": p.policy,
+        "reason": p.reason,
+    }
+
+
+def validation_dict(v: ValidationReport | None) -> dict[str, Any] | None:
+    if v is None:
+        return None
+    return {
+        "status": v.status,
+        "passed": v.passed,
+        "rtol": v.rtol,
+        "passing_rtol": v.passing_rtol,
+        "samples": v.samples,
+        "seed": v.seed,
+        "source": v.source,
+        "accuracy_before": v.accuracy_before,
+        "accuracy_after": v.accuracy_after,
+        "input_shapes": {k: list(s) for k, s in v.input_shapes.items()},
+        "outputs": [o.__dict__ | {"shape": list(o.shape)} for o in v.outputs],
+    }
+
+
+def latency_dict(r: LatencyReport | None) -> dict[str, Any] | None:
+    if r is None:
+        return None
+    return {
+        "threads": r.threads,
+        "warmup": r.warmup,
+        "runs": r.runs,
+        "input_shapes": {k: list(v) for k, v in r.input_shapes.items()},
+        "original_median_ms": r.original_median,
+        "original_p90_ms": r.original_p90,
+        "compressed_median_ms": r.compressed_median,
+        "compressed_p90_ms": r.compressed_p90,
+        "speedup": r.speedup,
+    }
+
+
+def result_dict(result: CompressionResult | CompressionPlan, latency: LatencyReport | None = None) -> dict[str, Any]:
+    """The JSON report: top-level keys `layers`, `totals`, `validation`, `latency` (and `config`, `model`)."""
+    if isinstance(result, CompressionPlan):
+        totals: dict[str, Any] = result.totals()
+        totals |= {"params_ratio": _r(totals["params_before"], totals["params_after"]),
+                   "macs_ratio": _r(totals["macs_before"], totals["macs_after"])}
+        return _clean({"layers": [layer_dict(p) for p in result.layers], "totals": totals, "validation": None,
+                       "config": result.config.to_dict()})
+    t = result.totals
+    totals = dict(t.__dict__) | {"params_ratio": t.params_ratio, "macs_ratio": t.macs_ratio, "size_ratio": t.size_ratio}
+    return _clean(
+        {
+            "layers": [layer_dict(p) for p in result.plan.layers],
+            "totals": totals,
+            "validation": validation_dict(result.validation),
+            "latency": latency_dict(latency if latency is not None else result.latency),
+            "config": result.plan.config.to_dict(),
+            "model": {
+                "input": result.input_path,
+                "output": result.output_path,
+                "decomposed_layers": result.decomposed_layers,
+                "seconds": result.seconds,
+            },
+        }
+    )
+
+
+def _r(a: int, b: int) -> float | None:
+    return a / b if b else None
+
+
+def result_json(result: CompressionResult | CompressionPlan, latency: LatencyReport | None = None) -> str:
+    """`result_dict` as indented JSON text (what `--report FILE` writes)."""
+    return json.dumps(result_dict(result, latency), indent=2) + "\n"

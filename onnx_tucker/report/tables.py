@@ -1,0 +1,107 @@
+"""The tables a user reads in the terminal (rich `Table`s; the CLI prints them)."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from ..plan.planner import CompressionPlan
+from ..results import CompressionResult, ModelTotals
+from ..runtime.bench import LatencyReport
+from ..runtime.validate import ValidationReport
+from . import fmt
+
+
+def layer_table(plan: CompressionPlan, title: str = "Layers") -> Table:
+    t = Table(title=title, title_justify="left", show_lines=False)
+    for col, just in (
+        ("layer", "left"),
+        ("kind", "left"),
+        ("weight", "left"),
+        ("EVBMF", "right"),
+        ("ranks", "right"),
+        ("params", "right"),
+        ("MACs", "right"),
+        ("rel. err", "right"),
+        ("note", "left"),
+    ):
+        t.add_column(col, justify=just, overflow="fold", no_wrap=col != "note")  # type: ignore[arg-type]
+    for p in plan.layers:
+        t.add_row(
+            p.name,
+            p.kind,
+            "x".join(map(str, p.weight_shape)) if p.weight_shape else "-",
+            fmt.ranks(p.evbmf_ranks),
+            fmt.ranks(p.ranks) if p.decomposed else "-",
+            f"{fmt.fmt_int(p.params_before)} -> {fmt.fmt_int(p.params_after)}" if p.params_before is not None else "-",
+            f"{fmt.fmt_int(p.macs_before)} -> {fmt.fmt_int(p.macs_after)}" if p.macs_before is not None else "-",
+            f"{p.rel_error:.3f}" if p.rel_error is not None else "-",
+            p.reason or "",
+            style=None if p.decomposed else "dim",
+        )
+    return t
+
+
+def summary_table(totals: ModelTotals | dict[str, int], latency: tuple[float, float] | None = None) -> Table:
+    d = totals if isinstance(totals, dict) else totals.__dict__
+    t = Table(title="Summary", title_justify="left")
+    for col in ("", "before", "after", "ratio"):
+        t.add_column(col, justify="left" if not col else "right")
+    t.add_row("parameters", fmt.fmt_int(d["params_before"]), fmt.fmt_int(d["params_after"]), fmt.ratio(d["params_before"], d["params_after"]))
+    t.add_row("MACs (Conv/Gemm/MatMul)", fmt.fmt_int(d["macs_before"]), fmt.fmt_int(d["macs_after"]), fmt.ratio(d["macs_before"], d["macs_after"]))
+    if "size_before" in d:
+        t.add_row("file size", fmt.fmt_bytes(d["size_before"]), fmt.fmt_bytes(d["size_after"]), fmt.ratio(d["size_before"], d["size_after"]))
+    if latency is not None:
+        t.add_row("latency (ms, median)", f"{latency[0]:.2f}", f"{latency[1]:.2f}", f"x{latency[0] / latency[1]:.2f}")
+    return t
+
+
+def latency_table(r: LatencyReport) -> Table:
+    t = Table(
+        title=f"Latency in onnxruntime CPU ({r.threads} thread{'s' if r.threads != 1 else ''}, {r.warmup} warm-up, "
+        f"{r.runs} interleaved runs each)",
+        title_justify="left",
+    )
+    for col in ("", "median ms", "p90 ms"):
+        t.add_column(col, justify="left" if not col else "right")
+    t.add_row("original", f"{r.original_median:.3f}", f"{r.original_p90:.3f}")
+    t.add_row("compressed", f"{r.compressed_median:.3f}", f"{r.compressed_p90:.3f}")
+    t.add_row("speed-up (ratio of medians)", f"x{r.speedup:.2f}", "")
+    return t
+
+
+def validation_table(v: ValidationReport) -> Table:
+    what = f"{v.samples} seeded random inputs, seed {v.seed}" if v.source == "random" else f"{v.samples} samples of {v.source}"
+    title = f"Validation in onnxruntime ({what}): {v.status}"
+    if v.accuracy_before is not None and v.accuracy_after is not None:
+        title += f"; top-1 accuracy {100 * v.accuracy_before:.2f}% -> {100 * v.accuracy_after:.2f}%"
+    if v.rtol is not None:
+        title += f" at rtol {v.rtol:g}"
+    t = Table(title=title, title_justify="left")
+    for col in ("output", "shape", "max abs err", "max rel err", "cosine", "top-1 agree", "top-5 agree"):
+        t.add_column(col, justify="left" if col == "output" else "right")
+    for o in v.outputs:
+        t.add_row(
+            o.name,
+            "x".join(map(str, o.shape)),
+            f"{o.max_abs_error:.3g}",
+            f"{o.max_rel_error:.3g}",
+            f"{o.cosine:.6f}",
+            "-" if o.top1_agreement is None else f"{100 * o.top1_agreement:.1f}%",
+            "-" if o.top5_agreement is None else f"{100 * o.top5_agreement:.1f}%",
+        )
+    return t
+
+
+def result_tables(result: CompressionResult | CompressionPlan, latency: LatencyReport | None = None) -> list[Table]:
+    """The tables of a result in reading order: per-layer, summary, validation, latency."""
+    plan = result if isinstance(result, CompressionPlan) else result.plan
+    if isinstance(result, CompressionPlan):
+        return [layer_table(plan), summary_table(plan.totals())]
+    latency = latency if latency is not None else result.latency
+    lat = (latency.original_median, latency.compressed_median) if latency is not None else None
+    tables = [layer_table(plan), summary_table(result.totals, lat)]
+    if result.validation is not None:
+        tables.append(validation_table(result.validation))
+    if latency is not None:
+        tables.append(latency_table(latency))
+    return tables

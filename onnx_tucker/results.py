@@ -1,0 +1,67 @@
+"""The frozen results the library returns and the report renders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import OnnxTuckerError
+from .plan.planner import CompressionPlan
+from .runtime.bench import LatencyReport
+from .runtime.validate import ValidationReport
+
+
+def ratio(before: float, after: float) -> float:
+    """before / after: how many times smaller (or faster); inf when `after` is 0."""
+    return before / after if after else float("inf")
+
+
+@dataclass(frozen=True)
+class ModelTotals:
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    size_before: int
+    size_after: int
+
+    @property
+    def params_ratio(self) -> float:
+        return ratio(self.params_before, self.params_after)
+
+    @property
+    def macs_ratio(self) -> float:
+        return ratio(self.macs_before, self.macs_after)
+
+    @property
+    def size_ratio(self) -> float:
+        return ratio(self.size_before, self.size_after)
+
+
+@dataclass(frozen=True)
+class CompressionResult:
+    plan: CompressionPlan
+    model: Any = field(repr=False)  # the compressed onnx.ModelProto
+    totals: ModelTotals
+    validation: ValidationReport | None
+    input_path: str | None = None
+    output_path: str | None = None
+    seconds: float = 0.0
+    latency: LatencyReport | None = None  # when measured (`compress(..., bench=BenchConfig())`)
+    requested_output: str | None = None  # where the model was to be written (None: not asked to write)
+
+    @property
+    def decomposed_layers(self) -> int:
+        return len(self.plan.decomposed)
+
+    def validation_error(self) -> OnnxTuckerError | None:
+        """The error to raise when validation failed (the model was then not written), else None."""
+        v = self.validation
+        if v is None or v.passed:
+            return None
+        where = self.input_path or "model"
+        out = f"{self.requested_output} was not written" if self.requested_output else "nothing was written"
+        return OnnxTuckerError(
+            f"{where}: validation failed: max relative output error {v.passing_rtol:.3g} > --rtol {v.rtol:g}; "
+            f"{out} (raise --rtol, or keep more rank: --rank-scale / --ranks energy:F)"
+        )
