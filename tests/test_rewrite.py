@@ -376,3 +376,23 @@ def test_conv_without_kernel_shape_attribute() -> None:
     new = compress_full(model).model
     assert [node_attrs(n)["kernel_shape"] for n in new.graph.node] == [[1, 1], [3, 3], [1, 1]]
     assert_outputs_close(model, new)
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT16, TensorProto.FLOAT])
+def test_full_rank_default_tolerance_follows_the_weight_dtype(dtype: int) -> None:
+    """`--ranks full` validates by default; a float16 model (rounding of three factors, measured 7.6e-4
+    on this conv) must pass its own default tolerance; a float32 one keeps 1e-4."""
+    model = make_conv_model(T=32, S=16, pads=(1, 1, 1, 1), spatial=(12, 12))
+    np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype)
+    for t in model.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np_dtype), t.name))
+    model.graph.input[0].type.tensor_type.elem_type = dtype
+    model.graph.output[0].type.tensor_type.elem_type = dtype
+    res = ot.compress(model, CompressionConfig(ranks=RankPolicy("full")))
+    v = res.validation
+    assert v is not None and v.rtol is not None
+    assert v.passed, (v.passing_rtol, v.rtol)
+    if dtype == TensorProto.FLOAT16:
+        assert 1e-4 < v.passing_rtol <= v.rtol <= 1e-2  # the float32 tolerance would have failed it
+    else:
+        assert v.rtol == 1e-4 and v.passing_rtol < 1e-6
