@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .protos import outer_scope_reads
+from .protos import DEFAULT_DOMAINS, outer_scope_reads
 
 # Ops whose output is not a function of their inputs: never folded.
 RANDOM_OPS = frozenset(
@@ -28,7 +28,7 @@ RANDOM_OPS = frozenset(
 )
 # Quantized weights stay quantized: decomposing a dequantized copy would silently de-quantize the model.
 QUANTIZED_OPS = frozenset({"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear"})
-DEFAULT_DOMAINS = ("", "ai.onnx")
+
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ check and `onnx.load_external_data_for_model` handle it; the model costs a few M
 the file size, and loading, `onnx.checker` and `ByteSize()` stop serialising hundreds of MB.
 
 `keep_weights_lazy(model, base_dir)` then loads back every referenced tensor that is not read
-solely as the weight of a Conv / Gemm / MatMul (constant folding, subgraphs and graph outputs see
+solely as the weight of a Conv / ConvTranspose / Gemm / MatMul (constant folding, subgraphs and graph outputs see
 ordinary tensors); `read_array(tensor, base_dir)` reads one weight; `materialize(model, base_dir)`
 loads whatever is still external (before handing the model to onnxruntime or to the user).
 """
@@ -24,12 +24,15 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from ..ops.registry import DECOMPOSABLE_OPS
+from .protos import DEFAULT_DOMAINS
+
 _TP = onnx.TensorProto
 # Inline tensors at least this big are left in the file.
 LAZY_BYTES = 2**20
 # Files smaller than this are parsed the ordinary way (nothing to gain).
 MIN_FILE_BYTES = 64 * 2**20
-_WEIGHT_OPS = {"Conv": 1, "Gemm": 1, "MatMul": 1}  # op -> input position of the weight
+_WEIGHT_OPS = dict.fromkeys(DECOMPOSABLE_OPS, 1)  # op -> input position of the weight
 
 # Field numbers (onnx.proto): ModelProto.graph, GraphProto.initializer, TensorProto.raw_data /
 # external_data / data_location, StringStringEntryProto.key / value.
@@ -159,11 +162,11 @@ def is_external(t: onnx.TensorProto) -> bool:
 
 
 def _weight_only(model: onnx.ModelProto) -> set[str]:
-    """Top-level initializers read only as the weight input of Conv / Gemm / MatMul nodes."""
+    """Top-level initializers read only as the weight input of Conv / ConvTranspose / Gemm / MatMul nodes."""
     g = model.graph
     ok: dict[str, bool] = {}
     for node in g.node:
-        pos = _WEIGHT_OPS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        pos = _WEIGHT_OPS.get(node.op_type) if node.domain in DEFAULT_DOMAINS else None
         for i, name in enumerate(node.input):
             if name:
                 ok[name] = ok.get(name, True) and i == pos
@@ -196,7 +199,7 @@ def load_tensor(t: onnx.TensorProto, base_dir: str | os.PathLike[str]) -> None:
 
 
 def keep_weights_lazy(model: onnx.ModelProto, base_dir: str | os.PathLike[str]) -> int:
-    """Load every external tensor except the Conv / Gemm / MatMul weights; return how many stay external."""
+    """Load every external tensor except the Conv / ConvTranspose / Gemm / MatMul weights; return how many stay external."""
     weights = _weight_only(model)
     left = 0
     for t in model.graph.initializer:

@@ -21,6 +21,7 @@ from google.protobuf.message import DecodeError
 
 from ..errors import ModelLoadError
 from .protos import (
+    DEFAULT_DOMAINS,
     ITEMSIZE,
     PROTOBUF_LIMIT,
     TYPED_FIELD,
@@ -47,7 +48,7 @@ def load_model(path: str | os.PathLike[str], lazy: bool = False) -> onnx.ModelPr
     """Read and check an ONNX model (with its external data) or raise ModelLoadError.
 
     The returned model passed every check of `check_model`; its nodes are in topological order.
-    `lazy=True`: big Conv / Gemm / MatMul weights stay in the file as external data relative to the
+    `lazy=True`: big Conv / ConvTranspose / Gemm / MatMul weights stay in the file as external data relative to the
     model's folder (inline ones too: see `lazyload`), to be read one at a time.
     """
     p = Path(path)
@@ -171,7 +172,7 @@ def _check_header(model: onnx.ModelProto, source: str) -> None:
         raise ModelLoadError(f"{source}: the model declares no opset_import; re-export it with an opset")
     newest = onnx.defs.onnx_opset_version()
     for imp in model.opset_import:
-        if imp.domain not in ("", "ai.onnx"):
+        if imp.domain not in DEFAULT_DOMAINS:
             continue
         if imp.version < MIN_OPSET:
             raise ModelLoadError(

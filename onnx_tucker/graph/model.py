@@ -38,7 +38,7 @@ class ModelIndex:
         self.constant_nodes: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[int]] = defaultdict(list)
         for i, node in enumerate(g.node):
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.output) == 1:
+            if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS and len(node.output) == 1:
                 self.constant_nodes[node.output[0]] = node
             for name in node.input:
                 if name:
@@ -227,7 +227,7 @@ def _normalise(value: object) -> object:
 
 
 def find_layers(model: onnx.ModelProto, shapes: Mapping[str, Shape], index: ModelIndex | None = None) -> list[Layer]:
-    """Every Conv / Gemm / MatMul of the model, with the reason when it can never be decomposed."""
+    """Every Conv / ConvTranspose / Gemm / MatMul of the model, with the reason when it can never be decomposed."""
     idx = index or ModelIndex(model)
     layers: list[Layer] = []
     weight_uses = Counter(
