@@ -165,3 +165,38 @@ def test_depthwise_and_bad_groups_are_kept_with_reasons() -> None:
     dw = make_convt_model(cin=8, cout=8, group=8)
     (lp,) = ot.plan(dw, CompressionConfig()).layers
     assert lp.kind == "skip" and "depthwise transposed conv" in (lp.reason or "")
+
+
+def test_pytorch_decoder_exported_with_external_data(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A small PyTorch decoder (ConvTranspose2d with output_padding, grouped, and a 1x1 head) exported
+    by the TorchScript exporter at opset 17 and saved with external data: compressed from the file
+    (weights read lazily), full ranks reproduce it in onnxruntime."""
+    torch = pytest.importorskip("torch")
+    import warnings
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.ConvTranspose2d(32, 16, 3, stride=2, padding=1, output_padding=1),
+        torch.nn.ReLU(),
+        torch.nn.ConvTranspose2d(16, 16, 4, stride=2, padding=1, groups=2),
+        torch.nn.ReLU(),
+        torch.nn.ConvTranspose2d(16, 3, 1),
+    ).eval()
+    path = tmp_path / "decoder.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(1, 32, 6, 6),), str(path), opset_version=17, dynamo=False,
+                          input_names=["z"], output_names=["img"], dynamic_axes={"z": {0: "batch"}})
+    m = onnx.load(str(path))
+    onnx.save(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="decoder.data",
+              size_threshold=0)
+    out = tmp_path / "decoder.tucker.onnx"
+    res = ot.compress(path, CompressionConfig(ranks=RankPolicy("full")), output=out)
+    assert res.validation is not None and res.validation.passed, res.validation
+    assert [lp.op_type for lp in res.plan.layers] == ["ConvTranspose"] * 3
+    assert [lp.kind for lp in res.plan.layers] == ["tucker2", "tucker2", "tucker1"]
+    feeds = {"z": np.random.default_rng(0).standard_normal((2, 32, 6, 6)).astype(np.float32)}
+    new = onnx.load(str(out))
+    a, b = run_ort(onnx.load(str(path)), feeds)["img"], run_ort(new, feeds)["img"]
+    assert a.shape == b.shape == (2, 3, 24, 24)
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(a))))
