@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -165,25 +165,9 @@ def _adjust(rank: int, dim: int, cfg: CompressionConfig) -> int:
     return min(r, dim)
 
 
-def plan_layers(
-    layers: Iterable[Layer],
-    read_weight: Callable[[str], np.ndarray],
-    config: CompressionConfig,
-    planned: PlannedRanks | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> CompressionPlan:
-    plans: list[LayerPlan] = []
-    layers = list(layers)
-    check_plan_covers(layers, planned)
-    for layer in layers:
-        if progress is not None:
-            progress(layer.layer_id)
-        plans.append(plan_layer(layer, read_weight, config, planned))
-    return finish_plan(layers, plans, config)
-
-
-# plan_layers in three steps, for callers that decompose each layer right after planning it
-# (api: one weight in memory at a time, layers in parallel with --jobs, the Gram matrices shared).
+# Planning in three steps (check_plan_covers, plan_layer per layer, finish_plan), so that the caller can
+# decompose each layer right after planning it (api: one weight in memory at a time, layers in parallel
+# with --jobs, the Gram matrices shared).
 
 
 def check_plan_covers(layers: list[Layer], planned: PlannedRanks | None) -> None:
@@ -388,5 +372,4 @@ __all__ = [
     "finish_plan",
     "load_plan_file",
     "plan_layer",
-    "plan_layers",
 ]

@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from ..plan.planner import CompressionPlan, LayerPlan
-from ..results import CompressionResult
+from ..results import CompressionResult, ratio
 from ..runtime.bench import LatencyReport
 from ..runtime.validate import ValidationReport
 
@@ -79,8 +79,8 @@ def result_dict(result: CompressionResult | CompressionPlan, latency: LatencyRep
     """The JSON report: top-level keys `layers`, `totals`, `validation`, `latency` (and `config`, `model`)."""
     if isinstance(result, CompressionPlan):
         totals: dict[str, Any] = result.totals()
-        totals |= {"params_ratio": _r(totals["params_before"], totals["params_after"]),
-                   "macs_ratio": _r(totals["macs_before"], totals["macs_after"])}
+        totals |= {"params_ratio": ratio(totals["params_before"], totals["params_after"]),
+                   "macs_ratio": ratio(totals["macs_before"], totals["macs_after"])}
         return _clean({"layers": [layer_dict(p) for p in result.layers], "totals": totals, "validation": None,
                        "config": result.config.to_dict()})
     t = result.totals
@@ -100,10 +100,6 @@ def result_dict(result: CompressionResult | CompressionPlan, latency: LatencyRep
             },
         }
     )
-
-
-def _r(a: int, b: int) -> float | None:
-    return a / b if b else None
 
 
 def result_json(result: CompressionResult | CompressionPlan, latency: LatencyReport | None = None) -> str:
