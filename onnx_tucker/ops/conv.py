@@ -24,7 +24,7 @@ SPATIAL_ATTRS = ("strides", "pads", "dilations", "auto_pad")
 
 class ConvHandler(OpHandler):
     op_type = "Conv"
-    spatial_attrs = SPATIAL_ATTRS
+    spatial_attrs: tuple[str, ...] = SPATIAL_ATTRS
     rank_words = "T x S x k..."
 
     # ---- recognising ---------------------------------------------------------------------------

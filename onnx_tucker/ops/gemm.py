@@ -63,7 +63,7 @@ class GemmHandler(OpHandler):
         return (self._int(layer, "transB"), float(layer.attrs.get("alpha", 1.0)))  # type: ignore[arg-type]
 
     def factorisation_note(self, layer: Layer) -> str:
-        return " as Gemm transB={} alpha={:g}".format(*self.factorisation_key(layer))
+        return f" as Gemm transB={self._int(layer, 'transB')} alpha={float(layer.attrs.get('alpha', 1.0)):g}"  # type: ignore[arg-type]
 
     def stored(self, layer: Layer, factors: LayerFactors) -> tuple[np.ndarray, ...]:
         if self._int(layer, "transB"):
