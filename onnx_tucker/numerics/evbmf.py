@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 
 from .spectral import GramEigen
 
@@ -103,7 +102,10 @@ def evbmf_from_singular_values(
             sigma2 = upper
         else:
             # Optimise over log(sigma2): the free energy varies over decades, bounded Brent in
-            # log space converges in a few dozen evaluations.
+            # log space converges in a few dozen evaluations. (Imported here: scipy.optimize alone
+            # costs ~0.5 s of start-up, which every `onnx-tucker --help` would pay.)
+            from scipy.optimize import minimize_scalar
+
             res = minimize_scalar(
                 lambda t: _free_energy(float(np.exp(t)), L, M, s, residual, xubar),
                 bounds=(np.log(lower), np.log(upper)),
