@@ -5,23 +5,59 @@
     print(result.totals.macs_ratio, result.validation.outputs[0].cosine)
 """
 
-from .api import bench, compress, plan, validate
-from .config import BenchConfig, CompressionConfig, RankPolicy
-from .errors import (
-    ModelLoadError,
-    ModelSaveError,
-    OnnxTuckerError,
-    PlanError,
-    RewriteError,
-    UsageError,
-    ValidationError,
-)
-from .numerics.evbmf import EVBMFEstimate, select_rank_evbmf
-from .numerics.tucker import truncated_svd, tucker1, tucker2
-from .plan.planner import CompressionPlan, LayerPlan
-from .results import CompressionResult, ModelTotals
-from .runtime.bench import LatencyReport
-from .runtime.validate import OutputComparison, ValidationReport
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .api import bench, compress, plan, validate
+    from .config import BenchConfig, CompressionConfig, RankPolicy
+    from .errors import (
+        ModelLoadError,
+        ModelSaveError,
+        OnnxTuckerError,
+        PlanError,
+        RewriteError,
+        UsageError,
+        ValidationError,
+    )
+    from .numerics.evbmf import EVBMFEstimate, select_rank_evbmf
+    from .numerics.tucker import truncated_svd, tucker1, tucker2
+    from .plan.planner import CompressionPlan, LayerPlan
+    from .results import CompressionResult, ModelTotals
+    from .runtime.bench import LatencyReport
+    from .runtime.validate import OutputComparison, ValidationReport
+
+# Names are loaded on first use (PEP 562): `import onnx_tucker.numerics` must not pull in onnx,
+# onnxruntime or scipy.optimize, and `onnx-tucker --help` should not pay for them either.
+_EXPORTS = {
+    "bench": "api", "compress": "api", "plan": "api", "validate": "api",
+    "BenchConfig": "config", "CompressionConfig": "config", "RankPolicy": "config",
+    "ModelLoadError": "errors", "ModelSaveError": "errors", "OnnxTuckerError": "errors", "PlanError": "errors",
+    "RewriteError": "errors", "UsageError": "errors", "ValidationError": "errors",
+    "EVBMFEstimate": "numerics.evbmf", "select_rank_evbmf": "numerics.evbmf",
+    "truncated_svd": "numerics.tucker", "tucker1": "numerics.tucker", "tucker2": "numerics.tucker",
+    "CompressionPlan": "plan.planner", "LayerPlan": "plan.planner",
+    "CompressionResult": "results", "ModelTotals": "results",
+    "LatencyReport": "runtime.bench",
+    "OutputComparison": "runtime.validate", "ValidationReport": "runtime.validate",
+}
+
+
+def __getattr__(name: str) -> Any:
+    where = _EXPORTS.get(name)
+    if where is None:
+        try:  # sub-modules and sub-packages: onnx_tucker.api, onnx_tucker.graph, ...
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError:
+            raise AttributeError(f"module 'onnx_tucker' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f".{where}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __version__ = "0.1.0"
 
