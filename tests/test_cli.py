@@ -15,11 +15,11 @@ from pathlib import Path
 
 import onnx
 import pytest
-from helpers import make_small_cnn, save
 from typer.testing import CliRunner
 
 from onnx_tucker import api
 from onnx_tucker.cli import app
+from tests.helpers import make_small_cnn, save
 
 runner = CliRunner()
 

@@ -6,11 +6,11 @@ import math
 
 import numpy as np
 import pytest
-from helpers import low_rank_plus_noise
 from hypothesis import given
 from hypothesis import strategies as st
 
 from onnx_tucker.numerics.evbmf import evbmf_from_singular_values, select_rank_evbmf, singular_values
+from tests.helpers import low_rank_plus_noise
 
 # (L, M, true rank): tall and wide, square, conv-unfolding-like (64 x 576 = 64 x 64*3*3).
 SHAPES = [

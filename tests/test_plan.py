@@ -9,7 +9,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import (
+from onnx import TensorProto, helper
+
+import onnx_tucker as ot
+from onnx_tucker import CompressionConfig, PlanError, RankPolicy, UsageError
+from onnx_tucker.numerics.tucker import unfold
+from onnx_tucker.ops import layer_cost
+from onnx_tucker.ops.layer import Layer
+from tests.helpers import (
     assert_outputs_close,
     low_rank_kernel,
     low_rank_plus_noise,
@@ -19,13 +26,6 @@ from helpers import (
     make_small_cnn,
     save,
 )
-from onnx import TensorProto, helper
-
-import onnx_tucker as ot
-from onnx_tucker import CompressionConfig, PlanError, RankPolicy, UsageError
-from onnx_tucker.numerics.tucker import unfold
-from onnx_tucker.ops import layer_cost
-from onnx_tucker.ops.layer import Layer
 
 
 def plan_of(model: onnx.ModelProto, **kw: object) -> ot.CompressionPlan:
