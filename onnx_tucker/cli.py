@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from .config import BenchConfig, CompressionConfig
 from .errors import OnnxTuckerError, UsageError
@@ -57,6 +57,22 @@ class _OneLineErrors(TyperGroup):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
+class _Command(TyperCommand):
+    """Usage line as click writes it, `compress [OPTIONS] INPUT OUTPUT`: typer wraps required
+    arguments in braces (`{INPUT}`), which reads like a choice set."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name != "argument":
+                pieces.extend(param.get_usage_pieces(ctx))
+                continue
+            name = param.metavar or (param.name or "").upper()
+            name = name if param.required else f"[{name}]"
+            pieces.append(name if param.nargs == 1 else f"{name}...")
+        return pieces
+
+
 app = typer.Typer(
     cls=_OneLineErrors,
     name="onnx-tucker",
@@ -69,7 +85,12 @@ app = typer.Typer(
 )
 
 # ---- shared options (one definition each) -------------------------------------------------------
-InPath = Annotated[Path, typer.Argument(help="Input ONNX model.", show_default=False)]
+# Arguments get explicit metavars: typer would print them as `{input}`.
+InPath = Annotated[Path, typer.Argument(metavar="INPUT", help="Input ONNX model.", show_default=False)]
+OutPath = Annotated[Path, typer.Argument(metavar="OUTPUT", help="Where to write the compressed model (never the input).", show_default=False)]
+OriginalPath = Annotated[Path, typer.Argument(metavar="ORIGINAL", help="The original model.", show_default=False)]
+CompareToPath = Annotated[Path, typer.Argument(metavar="COMPRESSED", help="The model to compare with it.", show_default=False)]
+TimeAgainstPath = Annotated[Path, typer.Argument(metavar="COMPRESSED", help="The model to time against it.", show_default=False)]
 RanksOpt = Annotated[str, typer.Option("--ranks", help="Rank policy: vbmf (EVBMF, default), ratio:F, energy:F, or full (verification: no truncation).")]
 RankScaleOpt = Annotated[float, typer.Option("--rank-scale", help="Multiply every chosen rank by F (rounded up).")]
 MinRankOpt = Annotated[int | None, typer.Option("--min-rank", help="Floor on every rank (also turns an EVBMF rank of 0 into N).", show_default=False)]
@@ -78,10 +99,14 @@ IncludeOpt = Annotated[str | None, typer.Option("--include", help="Only decompos
 ExcludeOpt = Annotated[str | None, typer.Option("--exclude", help="Never decompose nodes whose name matches this regex.", show_default=False)]
 HooiOpt = Annotated[int, typer.Option("--hooi-iters", help="HOOI sweeps after the HOSVD start (0: plain HOSVD).")]
 JobsOpt = Annotated[int, typer.Option("--jobs", "-j", help="Layers planned and decomposed in parallel (threads); the result is the same for every N.")]
-InputShapeOpt = Annotated[list[str] | None, typer.Option("--input-shape", help="NAME:D0,D1,... fixes an input's dynamic dims (repeatable).", show_default=False)]
+InputShapeOpt = Annotated[list[str] | None, typer.Option("--input-shape", metavar="NAME:D0,D1,...", help="NAME:D0,D1,... fixes an input's dynamic dims (repeatable).", show_default=False)]
 PlanOpt = Annotated[Path | None, typer.Option("--plan", help="Replay the kinds and ranks of a plan file written by --save-plan.", show_default=False)]
 SavePlanOpt = Annotated[Path | None, typer.Option("--save-plan", help="Write the plan (kinds and ranks per layer) as JSON.", show_default=False)]
-ReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the full report as JSON (keys: layers, totals, validation).", show_default=False)]
+# --report writes a different JSON per command (report/data.py); each help names its top-level keys.
+ReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the full report as JSON (keys: layers, totals, validation, latency, config, model; latency is null without --bench, validation null under --no-validate).", show_default=False)]
+InspectReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the plan as a JSON report (keys: layers, totals, validation, config; validation is always null: nothing is run).", show_default=False)]
+ValidateReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the comparison as JSON (keys: validation).", show_default=False)]
+BenchReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the latencies as JSON (keys: latency).", show_default=False)]
 MarkdownOpt = Annotated[Path | None, typer.Option("--markdown", help="Write the report as Markdown.", show_default=False)]
 ValidateOpt = Annotated[bool, typer.Option("--validate/--no-validate", help="Compare original and compressed outputs in onnxruntime.")]
 SamplesOpt = Annotated[int | None, typer.Option("--samples", help="Random inputs used for validation (default 8), or how many --data samples to use (default all).", show_default=False)]
@@ -157,10 +182,10 @@ def _progress(enabled: bool):  # type: ignore[no-untyped-def]
         yield update
 
 
-@app.command(epilog="Example: onnx-tucker compress model.onnx model.tucker.onnx --report report.json")
+@app.command(cls=_Command, epilog="Example: onnx-tucker compress model.onnx model.tucker.onnx --report report.json")
 def compress(
     input: InPath,
-    output: Annotated[Path, typer.Argument(help="Where to write the compressed model (never the input).", show_default=False)],
+    output: OutPath,
     ranks: RanksOpt = "vbmf",
     rank_scale: RankScaleOpt = 1.0,
     min_rank: MinRankOpt = None,
@@ -213,7 +238,7 @@ def compress(
             _note(f"wrote {result.output_path} ({result.decomposed_layers} layers decomposed, {result.seconds:.1f} s)")
 
 
-@app.command(epilog="Example: onnx-tucker inspect model.onnx --ranks ratio:0.25")
+@app.command(cls=_Command, epilog="Example: onnx-tucker inspect model.onnx --ranks ratio:0.25")
 def inspect(
     input: InPath,
     ranks: RanksOpt = "vbmf",
@@ -227,7 +252,7 @@ def inspect(
     input_shape: InputShapeOpt = None,
     plan: PlanOpt = None,
     save_plan: SavePlanOpt = None,
-    report: ReportOpt = None,
+    report: InspectReportOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -246,16 +271,16 @@ def inspect(
             _print(result_tables(p))
 
 
-@app.command(name="validate", epilog="Example: onnx-tucker validate model.onnx model.tucker.onnx --rtol 0.05")
+@app.command(cls=_Command, name="validate", epilog="Example: onnx-tucker validate model.onnx model.tucker.onnx --rtol 0.05")
 def validate_cmd(
-    original: Annotated[Path, typer.Argument(help="The original model.", show_default=False)],
-    compressed: Annotated[Path, typer.Argument(help="The model to compare with it.", show_default=False)],
+    original: OriginalPath,
+    compressed: CompareToPath,
     input_shape: InputShapeOpt = None,
     samples: SamplesOpt = None,
     data: DataOpt = None,
     seed: SeedOpt = 0,
     rtol: RtolOpt = None,
-    report: ReportOpt = None,
+    report: ValidateReportOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -272,16 +297,16 @@ def validate_cmd(
             raise OnnxTuckerError(f"{compressed}: validation failed: max relative output error {v.passing_rtol:.3g} > --rtol {v.rtol:g}")
 
 
-@app.command(name="bench", epilog="Example: onnx-tucker bench model.onnx model.tucker.onnx --threads 1 --runs 50")
+@app.command(cls=_Command, name="bench", epilog="Example: onnx-tucker bench model.onnx model.tucker.onnx --threads 1 --runs 50")
 def bench_cmd(
-    original: Annotated[Path, typer.Argument(help="The original model.", show_default=False)],
-    compressed: Annotated[Path, typer.Argument(help="The model to time against it.", show_default=False)],
+    original: OriginalPath,
+    compressed: TimeAgainstPath,
     input_shape: InputShapeOpt = None,
     threads: ThreadsOpt = 1,
     runs: RunsOpt = 20,
     warmup: WarmupOpt = 5,
     seed: SeedOpt = 0,
-    report: ReportOpt = None,
+    report: BenchReportOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:

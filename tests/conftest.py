@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
-# `from helpers import ...` works whichever directory pytest is started from.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from helpers import DATA_DIR, RESNETS_DIR  # noqa: E402
+from tests.helpers import DATA_DIR, RESNETS_DIR
 
 # Property tests must stay fast on a shared 2-core machine: few examples, no per-example deadline
 # (the first example pays for imports and BLAS warm-up).

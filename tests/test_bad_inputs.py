@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import make_conv_model, make_gemm_model, make_small_cnn, save
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
@@ -38,6 +37,7 @@ from onnx_tucker.cli import app
 from onnx_tucker.errors import ModelLoadError
 from onnx_tucker.graph import load as tio
 from onnx_tucker.graph import save as tio_save
+from tests.helpers import make_conv_model, make_gemm_model, make_small_cnn, save
 
 runner = CliRunner()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -15,11 +16,12 @@ from pathlib import Path
 
 import onnx
 import pytest
-from helpers import make_small_cnn, save
+import typer
 from typer.testing import CliRunner
 
 from onnx_tucker import api
 from onnx_tucker.cli import app
+from tests.helpers import make_small_cnn, save
 
 runner = CliRunner()
 
@@ -43,6 +45,67 @@ def test_help_shows_an_example(command: str) -> None:
     assert result.exit_code == 0
     assert f"Example: onnx-tucker {command} model.onnx" in result.stdout
     assert "Usage:" in result.stdout
+
+
+COMMANDS = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+USAGE = {  # what each usage line ends with: plain upper-case metavars, no typer `{input}`
+    "compress": "[OPTIONS] INPUT OUTPUT",
+    "inspect": "[OPTIONS] INPUT",
+    "validate": "[OPTIONS] ORIGINAL COMPRESSED",
+    "bench": "[OPTIONS] ORIGINAL COMPRESSED",
+}
+
+
+def render_help(command: str) -> str:
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def report_keys_in_help(text: str) -> list[str]:
+    """The top-level keys that the --report help of a command promises ("keys: a, b, c; ...")."""
+    flat = " ".join(text.split())
+    m = re.search(r"--report <path> .*?\(keys: ([a-z_, ]+)[;)]", flat)
+    assert m, flat
+    return [k.strip() for k in m.group(1).split(",")]
+
+
+def test_every_command_is_covered_by_the_help_tests() -> None:
+    assert COMMANDS == sorted(USAGE)
+
+
+@pytest.mark.parametrize("command", sorted(USAGE))
+def test_help_metavars_are_readable(command: str) -> None:
+    text = render_help(command)
+    assert "<list[" not in text, text
+    assert not re.search(r"\{[A-Za-z_]+\}", text), text
+    usage = next(line for line in text.splitlines() if line.startswith("Usage:"))
+    assert usage.endswith(f" {command} {USAGE[command]}"), usage
+    assert "--input-shape NAME:D0,D1,..." in text
+
+
+def _report_of(command: str, model_path: Path, tmp_path: Path) -> dict[str, object]:
+    report = tmp_path / f"{command}.json"
+    compressed = tmp_path / "compressed.onnx"
+    if command != "compress":
+        assert runner.invoke(app, ["compress", str(model_path), str(compressed), "--no-validate", "-q"]).exit_code == 0
+    args = {
+        "compress": ["compress", str(model_path), str(tmp_path / "out.onnx"), "--samples", "2"],
+        "inspect": ["inspect", str(model_path)],
+        "validate": ["validate", str(model_path), str(compressed), "--samples", "2"],
+        "bench": ["bench", str(model_path), str(compressed), "--runs", "1", "--warmup", "0"],
+    }[command]
+    result = runner.invoke(app, [*args, "--report", str(report), "-q"])
+    assert result.exit_code == 0, result.output
+    return json.loads(report.read_text())
+
+
+@pytest.mark.parametrize("command", sorted(USAGE))
+def test_report_help_names_the_keys_the_command_writes(command: str, model_path: Path, tmp_path: Path) -> None:
+    """Each command's --report help lists exactly the top-level keys of the JSON it writes (before:
+    every command claimed compress's "layers, totals, validation")."""
+    promised = report_keys_in_help(render_help(command))
+    assert promised == list(_report_of(command, model_path, tmp_path))
 
 
 def test_no_arguments_shows_help() -> None:

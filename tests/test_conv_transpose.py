@@ -13,11 +13,11 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 import pytest
-from helpers import assert_outputs_close, he_normal, low_rank_kernel, op_counts, random_feeds, run_ort
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_tucker as ot
 from onnx_tucker import CompressionConfig, RankPolicy
+from tests.helpers import assert_outputs_close, he_normal, low_rank_kernel, op_counts, random_feeds, run_ort
 
 FULL = CompressionConfig(ranks=RankPolicy("full"), validate=False)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from helpers import low_rank_kernel, low_rank_plus_noise, make_gemm_model, make_small_cnn, save
 
 import onnx_tucker as ot
 from onnx_tucker.config import CompressionConfig
@@ -29,6 +28,7 @@ from onnx_tucker.ops import svd_matrix
 from onnx_tucker.ops.layer import Layer
 from onnx_tucker.plan.decompose import decompose_layer
 from onnx_tucker.plan.planner import plan_layer
+from tests.helpers import low_rank_kernel, low_rank_plus_noise, make_gemm_model, make_small_cnn, save
 
 SHAPES = [(1, 7), (7, 1), (5, 5), (12, 40), (40, 12), (64, 576), (300, 45), (256, 2304)]
 

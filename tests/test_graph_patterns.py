@@ -13,15 +13,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import (
-    assert_outputs_close,
-    he_normal,
-    make_conv_model,
-    make_gemm_model,
-    op_counts,
-    random_feeds,
-    run_ort,
-)
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_tucker as ot
@@ -30,6 +21,15 @@ from onnx_tucker.errors import ValidationError
 from onnx_tucker.graph.load import load_model
 from onnx_tucker.graph.model import ModelIndex, find_layers
 from onnx_tucker.graph.save import save_model
+from tests.helpers import (
+    assert_outputs_close,
+    he_normal,
+    make_conv_model,
+    make_gemm_model,
+    op_counts,
+    random_feeds,
+    run_ort,
+)
 
 MAX_OPSET = onnx.defs.onnx_opset_version()
 

@@ -14,17 +14,17 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import (
+
+import onnx_tucker as ot
+from onnx_tucker import CompressionConfig, RankPolicy
+from onnx_tucker.errors import PlanError
+from tests.helpers import (
     assert_outputs_close,
     initializer,
     low_rank_kernel,
     make_conv_model,
     node_attrs,
 )
-
-import onnx_tucker as ot
-from onnx_tucker import CompressionConfig, RankPolicy
-from onnx_tucker.errors import PlanError
 
 
 def grouped_weight(ranks: list[tuple[int, int]], tg: int, sg: int, kernel: tuple[int, ...], seed: int = 0) -> np.ndarray:

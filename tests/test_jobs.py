@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from helpers import he_normal, low_rank_kernel, low_rank_plus_noise, save
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
@@ -17,6 +16,7 @@ import onnx_tucker as ot
 from onnx_tucker.cli import app
 from onnx_tucker.config import CompressionConfig
 from onnx_tucker.errors import UsageError
+from tests.helpers import he_normal, low_rank_kernel, low_rank_plus_noise, save
 
 
 def _wide_cnn(seed: int = 0) -> onnx.ModelProto:

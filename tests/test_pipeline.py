@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import assert_outputs_close, make_conv_model, make_small_cnn, random_feeds, run_ort, save
 
 import onnx_tucker as ot
 from onnx_tucker import CompressionConfig, RankPolicy
 from onnx_tucker.report import result_dict
+from tests.helpers import assert_outputs_close, make_conv_model, make_small_cnn, random_feeds, run_ort, save
 
 
 def sha256(path: Path) -> str:

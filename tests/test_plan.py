@@ -9,7 +9,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import (
+from onnx import TensorProto, helper
+
+import onnx_tucker as ot
+from onnx_tucker import CompressionConfig, PlanError, RankPolicy, UsageError
+from onnx_tucker.numerics.tucker import unfold
+from onnx_tucker.ops import layer_cost
+from onnx_tucker.ops.layer import Layer
+from tests.helpers import (
     assert_outputs_close,
     low_rank_kernel,
     low_rank_plus_noise,
@@ -19,13 +26,6 @@ from helpers import (
     make_small_cnn,
     save,
 )
-from onnx import TensorProto, helper
-
-import onnx_tucker as ot
-from onnx_tucker import CompressionConfig, PlanError, RankPolicy, UsageError
-from onnx_tucker.numerics.tucker import unfold
-from onnx_tucker.ops import layer_cost
-from onnx_tucker.ops.layer import Layer
 
 
 def plan_of(model: onnx.ModelProto, **kw: object) -> ot.CompressionPlan:
@@ -116,8 +116,27 @@ def test_no_gain_skipped_with_reason() -> None:
 
 def test_every_skipped_layer_has_a_reason() -> None:
     model = make_small_cnn()  # random weights: EVBMF judges several layers to be noise
-    for lp in plan_of(model).layers + plan_of(model, exclude=".").layers:
+    layers = plan_of(model).layers
+    assert any(not lp.decomposed for lp in layers)  # not vacuous: there are skips to explain
+    for lp in layers:
         assert lp.decomposed or lp.reason, lp
+
+
+def test_exclude_pattern_skips_exactly_the_named_layer() -> None:
+    """An anchored --exclude keeps that one layer (with the pattern in its reason) and leaves every
+    other layer planned exactly as without it."""
+    model = make_small_cnn(low_rank=True)
+    base = {lp.name: lp for lp in plan_of(model).layers}
+    assert set(base) == {"conv1", "conv2", "fc"} and all(lp.decomposed for lp in base.values())
+    p = {lp.name: lp for lp in plan_of(model, exclude="^conv2$").layers}
+    assert p["conv2"].kind == "skip" and not p["conv2"].decomposed
+    assert "--exclude" in p["conv2"].reason and "^conv2$" in p["conv2"].reason
+    for name in ("conv1", "fc"):
+        assert p[name].decomposed and not p[name].reason
+        assert (p[name].kind, p[name].ranks) == (base[name].kind, base[name].ranks)
+    # The exclusion is the stated reason even where EVBMF alone would also have skipped the layer.
+    noisy = {lp.name: lp for lp in plan_of(make_small_cnn(), exclude="^conv2$").layers}
+    assert "--exclude" in noisy["conv2"].reason and "--exclude" not in noisy["conv1"].reason
 
 
 # ---- rank policies ------------------------------------------------------------------------------

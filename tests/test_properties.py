@@ -21,13 +21,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import pytest
-from helpers import he_normal, make_conv_model, node_attrs, run_ort
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_tucker as ot
 from onnx_tucker import CompressionConfig, RankPolicy
+from tests.helpers import he_normal, make_conv_model, node_attrs, run_ort
 
 CHAIN_CONVS = {"tucker2": 3, "tucker1": 2, "svd": 2}
 SPATIAL = ("strides", "pads", "dilations", "auto_pad")

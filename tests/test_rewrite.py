@@ -9,7 +9,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from helpers import (
+from onnx import TensorProto, helper, numpy_helper
+
+import onnx_tucker as ot
+from onnx_tucker import CompressionConfig, RankPolicy
+from tests.helpers import (
     assert_outputs_close,
     consumers_of,
     make_conv_model,
@@ -23,10 +27,6 @@ from helpers import (
     random_feeds,
     run_ort,
 )
-from onnx import TensorProto, helper, numpy_helper
-
-import onnx_tucker as ot
-from onnx_tucker import CompressionConfig, RankPolicy
 
 FULL = CompressionConfig(ranks=RankPolicy("full"), validate=False)
 SPATIAL = ("strides", "pads", "dilations", "auto_pad")

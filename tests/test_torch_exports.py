@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import low_rank_kernel, low_rank_plus_noise, run_ort
 
 import onnx_tucker as ot
 from onnx_tucker import CompressionConfig, RankPolicy
+from tests.helpers import low_rank_kernel, low_rank_plus_noise, run_ort
 
 torch = pytest.importorskip("torch")
 nn = torch.nn

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import low_rank_kernel
 
 from onnx_tucker.numerics.tucker import (
     leading_left_vectors,
@@ -19,6 +18,7 @@ from onnx_tucker.numerics.tucker import (
 from onnx_tucker.ops.layer import Layer
 from onnx_tucker.plan.decompose import decompose_layer
 from onnx_tucker.plan.planner import LayerPlan
+from tests.helpers import low_rank_kernel
 
 # (T, S, kernel): square, tall and wide unfoldings, 1-D / 3-D kernels, S > T*k (input unfolding
 # rank-capped) and T > S*k (output unfolding rank-capped).

@@ -12,7 +12,7 @@ Models:
   nodes: each is replaced by an initializer with realistic values, the shape initializers and the
   graph inputs duplicating initializers are removed and IR is raised to 4.
 
-Realistic weights (after /work/shared/notes/prototype-findings.md section 1): a conv kernel
+Realistic weights (after ../shared/notes/prototype-findings.md section 1): a conv kernel
 T x S x k x k is ``G x_1 (Q_T diag(s)) x_2 (Q_S diag(s))`` with G Gaussian, Q random orthogonal and
 power-law values ``s_i = 1 / (1 + i)``; an FC weight is ``U diag(s) V^T`` with the same power law.
 Both get isotropic Gaussian noise of 0.3 x the signal rms and are scaled to He's std sqrt(2 / fan_in).

@@ -1,0 +1,1 @@
+"""Test package: shared helpers are imported as `from tests.helpers import ...`."""
