@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     )
     from .numerics.evbmf import EVBMFEstimate, select_rank_evbmf
     from .numerics.tucker import truncated_svd, tucker1, tucker2
-    from .plan.planner import CompressionPlan, LayerPlan
+    from .planning.planner import CompressionPlan, LayerPlan
     from .results import CompressionResult, ModelTotals
     from .runtime.bench import LatencyReport
     from .runtime.validate import OutputComparison, ValidationReport
@@ -36,7 +36,7 @@ _EXPORTS = {
     "RewriteError": "errors", "UsageError": "errors", "ValidationError": "errors",
     "EVBMFEstimate": "numerics.evbmf", "select_rank_evbmf": "numerics.evbmf",
     "truncated_svd": "numerics.tucker", "tucker1": "numerics.tucker", "tucker2": "numerics.tucker",
-    "CompressionPlan": "plan.planner", "LayerPlan": "plan.planner",
+    "CompressionPlan": "planning.planner", "LayerPlan": "planning.planner",
     "CompressionResult": "results", "ModelTotals": "results",
     "LatencyReport": "runtime.bench",
     "OutputComparison": "runtime.validate", "ValidationReport": "runtime.validate",

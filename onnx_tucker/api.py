@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .config import BenchConfig, CompressionConfig
 from .errors import ModelLoadError
@@ -32,8 +31,8 @@ from .graph.save import OutputBatch, check_output_paths, write_text_atomic
 from .numerics.spectral import LayerSpectra, single_threaded_lapack
 from .ops.layer import Layer, LayerFactors
 from .ops.registry import HANDLERS, handler_for
-from .plan.decompose import decompose_layer
-from .plan.planner import (
+from .planning.decompose import decompose_layer
+from .planning.planner import (
     CompressionPlan,
     LayerPlan,
     check_plan_covers,
@@ -123,10 +122,7 @@ def _plan_and_decompose(
     def read_weight(name: str) -> np.ndarray:
         t = prep.index.initializers.get(name)
         if t is not None and prep.base_dir is not None and lazyload.is_external(t):
-            try:
-                return lazyload.read_array(t, prep.base_dir)  # straight from the file, one copy
-            except (TypeError, ValueError):  # exotic dtypes (bfloat16, ...): onnx's own reader
-                return numpy_helper.to_array(t, prep.base_dir)
+            return lazyload.read_weight(t, prep.base_dir)
         with read_lock:  # protobuf reads and constant folding stay on one thread at a time
             return prep.index.constant_value(name)
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import OnnxTuckerError
-from .plan.planner import CompressionPlan
+from .planning.planner import CompressionPlan
 from .runtime.bench import LatencyReport
 from .runtime.validate import ValidationReport
 

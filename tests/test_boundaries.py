@@ -31,9 +31,6 @@ PROTOBUF_PACKAGES = {"graph", "runtime", "finetune"}
 # must still exist (test below), so the list cannot silently outgrow the code.
 PROTOBUF_EXCEPTIONS = {
     ("api.py", "import onnx"): "the public API accepts and returns onnx.ModelProto (ModelLike, load_pair)",
-    ("api.py", "from onnx import numpy_helper"): "api._plan_and_decompose.read_weight (api.py:129) falls back to "
-    "numpy_helper.to_array for external initializers of exotic dtypes: protobuf reading that belongs in "
-    "graph/lazyload (reported to the lead, issue 7)",
 }
 
 
@@ -143,14 +140,6 @@ def test_numerics_and_ops_load_no_onnx_and_no_cli_code(module: str) -> None:
     assert result["bad"] == [], f"importing {module} loads {result['bad']}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`import onnx_tucker.numerics` first runs onnx_tucker/__init__.py, which imports at module level "
-    ".api (l.8: api.py:20 `import onnx`), .results (l.22) and .runtime.bench/.validate (l.23-24; these import "
-    "onnx and runtime/validate.py:13 graph.protos, i.e. protobuf): the numerics cannot be imported without onnx "
-    "until the package __init__ resolves those names lazily (PEP 562 __getattr__; a lazy api alone is not "
-    "enough, measured). Reported to the lead; remove this marker when it XPASSes",
-)
 @pytest.mark.parametrize("module", ["onnx_tucker.numerics", "onnx_tucker.ops"])
 def test_importing_numerics_or_ops_through_the_package_loads_no_onnx(module: str) -> None:
     result = loaded_in_fresh_process(module, PROTOBUF_LIBS + CLI_LIBS, parent_stub=False)
@@ -268,7 +257,7 @@ def test_find_cycle_finds_one() -> None:
 def test_no_import_cycle_between_subpackages() -> None:
     edges = unit_import_graph()
     # The graph is real: the pipeline's known dependencies are found (relative imports resolved).
-    assert {("plan", "ops"), ("ops", "numerics"), ("runtime", "graph"), ("api", "plan")} <= set(edges)
+    assert {("planning", "ops"), ("ops", "numerics"), ("runtime", "graph"), ("api", "planning")} <= set(edges)
     cycle = find_cycle(edges)
     where = [f"{a} -> {b}: {edges[(a, b)]}" for a, b in zip(cycle, cycle[1:], strict=False)] if cycle else []
     assert cycle is None, "module-level import cycle:\n" + "\n".join(where)

@@ -26,8 +26,8 @@ from onnx_tucker.numerics.spectral import GramEigen, LayerSpectra, gram_short_si
 from onnx_tucker.numerics.tucker import leading_left_vectors, truncated_svd, tucker2, unfold
 from onnx_tucker.ops import svd_matrix
 from onnx_tucker.ops.layer import Layer
-from onnx_tucker.plan.decompose import decompose_layer
-from onnx_tucker.plan.planner import plan_layer
+from onnx_tucker.planning.decompose import decompose_layer
+from onnx_tucker.planning.planner import plan_layer
 from tests.helpers import low_rank_kernel, low_rank_plus_noise, make_gemm_model, make_small_cnn, save
 
 SHAPES = [(1, 7), (7, 1), (5, 5), (12, 40), (40, 12), (64, 576), (300, 45), (256, 2304)]

@@ -183,3 +183,20 @@ def test_resnet20_default_ranks_reduce_macs(resnet20_path: Path, tmp_path: Path)
     written = onnx.load(str(out))
     logits = run_ort(written, random_feeds(written))["logits"]
     assert logits.shape == (1, 10) and np.all(np.isfinite(logits))
+
+
+def test_public_names_are_not_shadowed_by_subpackages() -> None:
+    """The package resolves its names lazily: importing a sub-package must never replace a public
+    function of the same name (a `plan/` sub-package once turned `ot.plan` into a module)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import onnx_tucker as ot, onnx_tucker.planning.planner, onnx_tucker.api, onnx_tucker.graph.model\n"
+        "import inspect\n"
+        "bad = [n for n in ot.__all__ if inspect.ismodule(getattr(ot, n))]\n"
+        "assert not bad, bad\n"
+        "assert callable(ot.plan) and callable(ot.compress) and callable(ot.validate) and callable(ot.bench)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

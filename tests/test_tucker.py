@@ -16,8 +16,8 @@ from onnx_tucker.numerics.tucker import (
     unfold,
 )
 from onnx_tucker.ops.layer import Layer
-from onnx_tucker.plan.decompose import decompose_layer
-from onnx_tucker.plan.planner import LayerPlan
+from onnx_tucker.planning.decompose import decompose_layer
+from onnx_tucker.planning.planner import LayerPlan
 from tests.helpers import low_rank_kernel
 
 # (T, S, kernel): square, tall and wide unfoldings, 1-D / 3-D kernels, S > T*k (input unfolding

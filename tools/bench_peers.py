@@ -39,8 +39,8 @@ from onnx_tucker.graph.load import load_model  # noqa: E402
 from onnx_tucker.graph.model import ModelIndex, find_layers, infer_shapes, resolve_input_shapes  # noqa: E402
 from onnx_tucker.numerics.spectral import LayerSpectra, single_threaded_lapack  # noqa: E402
 from onnx_tucker.ops import svd_matrix
-from onnx_tucker.plan.decompose import decompose_layer  # noqa: E402
-from onnx_tucker.plan.planner import plan_layer  # noqa: E402
+from onnx_tucker.planning.decompose import decompose_layer  # noqa: E402
+from onnx_tucker.planning.planner import plan_layer  # noqa: E402
 
 
 def _rel(w: np.ndarray, approx: np.ndarray) -> float:

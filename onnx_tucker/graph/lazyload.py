@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from ..ops.registry import DECOMPOSABLE_OPS
 from .protos import DEFAULT_DOMAINS
@@ -240,6 +240,15 @@ def read_array(t: onnx.TensorProto, base_dir: str | os.PathLike[str]) -> np.ndar
     if arr.size != count:
         raise ValueError(f"tensor '{t.name}': external data '{location}' is truncated")
     return arr.astype(arr.dtype.newbyteorder("="), copy=False).reshape(tuple(t.dims))
+
+
+def read_weight(t: onnx.TensorProto, base_dir: str | os.PathLike[str]) -> np.ndarray:
+    """An external tensor's values: straight from the file (one copy), or through onnx's own reader for
+    dtypes numpy cannot map directly (bfloat16, ...)."""
+    try:
+        return read_array(t, base_dir)
+    except (TypeError, ValueError):
+        return numpy_helper.to_array(t, str(base_dir))
 
 
 def materialize(model: onnx.ModelProto, base_dir: str | os.PathLike[str]) -> None:

@@ -6,7 +6,7 @@ import json
 import math
 from typing import Any
 
-from ..plan.planner import CompressionPlan, LayerPlan
+from ..planning.planner import CompressionPlan, LayerPlan
 from ..results import CompressionResult, ratio
 from ..runtime.bench import LatencyReport
 from ..runtime.validate import ValidationReport
