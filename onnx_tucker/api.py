@@ -24,10 +24,11 @@ from .config import BenchConfig, CompressionConfig
 from .errors import ModelLoadError
 from .graph import lazyload
 from .graph.fold import float_parameter_count
+from .graph.irmodel import IRModel
 from .graph.load import check_model, load_model
 from .graph.model import ModelIndex, find_layers, infer_shapes, lowest_float_eps, resolve_input_shapes
 from .graph.protos import serialized_size
-from .graph.rewrite import Replacement, apply_replacements
+from .graph.rewrite import Replacement, check_rewrite, rewrite
 from .graph.save import OutputBatch, check_output_paths, write_text_atomic
 from .numerics.spectral import LayerSpectra, single_threaded_lapack
 from .ops.layer import Layer, LayerFactors
@@ -232,9 +233,20 @@ def compress(
     check_output_paths(in_path, {"OUT": output, "--save-plan": save_plan, "--report": report, "--markdown": markdown})
     prep = _prepare(model_or_path, config)
     p, replacements = _plan_and_decompose(prep, config, progress)
-    new_model = apply_replacements(prep.model, replacements)
-    # Weights kept as they were come back from the file now (most are gone when decomposed).
-    prep.materialize(new_model)
+    rewritten = rewrite(prep.model, replacements, prep.base_dir)
+    del replacements  # the factor arrays live on in `rewritten` (wrapped, not copied)
+    new_model: onnx.ModelProto | IRModel
+    if rewritten.over_protobuf_limit():
+        # Too big for one protobuf: stays an onnx-ir model, written straight from its arrays (and the
+        # input's file) as external data; checked and counted through a skeleton without the weights.
+        skeleton = rewritten.skeleton()
+        check_rewrite(prep.model, skeleton)
+        new_model = rewritten
+    else:
+        new_model = skeleton = rewritten.to_proto()
+        check_rewrite(prep.model, new_model)
+        # Weights kept as they were come back from the file now (most are gone when decomposed).
+        prep.materialize(new_model)
 
     validation = None
     if config.validate or bench is not None:
@@ -252,11 +264,11 @@ def compress(
     plan_totals = p.totals()
     totals = ModelTotals(
         params_before=float_parameter_count(prep.model, prep.index.folder),  # reuses the folded shapes
-        params_after=float_parameter_count(new_model),
+        params_after=float_parameter_count(skeleton),
         macs_before=plan_totals["macs_before"],
         macs_after=plan_totals["macs_after"],
         size_before=Path(in_path).stat().st_size if in_path else serialized_size(prep.model),
-        size_after=serialized_size(new_model),
+        size_after=new_model.estimated_size() if isinstance(new_model, IRModel) else serialized_size(new_model),
     )
     passed = validation is None or validation.passed
     result = CompressionResult(

@@ -146,6 +146,14 @@ class IRModel:
             if v.const_value is not None:
                 yield name, v.const_value
 
+    def loaded_tensors(self) -> dict[str, ir.TensorProtocol]:
+        """In-memory stand-ins for the initializers still in a file (for `to_proto(...)` inline)."""
+        return {
+            name: ir.Tensor(t.numpy(), name=name)
+            for name, t in self.initializer_tensors()
+            if isinstance(t, ir.ExternalTensor)
+        }
+
     def data_bytes(self) -> int:
         """Bytes of every top-level initializer's data (external or in memory)."""
         return sum(_nbytes(t) for _, t in self.initializer_tensors())

@@ -61,10 +61,9 @@ class _Names:
 
 
 def apply_replacements(model: onnx.ModelProto, replacements: Mapping[int, Replacement]) -> onnx.ModelProto:
-    """A new model with node i replaced by the chain built from replacements[i] (protobuf)."""
-    rewritten = rewrite(model, replacements)
-    out = rewritten.to_proto()
-    _check(model, out)
+    """A new model with node i replaced by the chain built from replacements[i] (protobuf), checked."""
+    out = rewrite(model, replacements).to_proto()
+    check_rewrite(model, out)
     return out
 
 
@@ -73,8 +72,8 @@ def rewrite(
 ) -> IRModel:
     """The rewritten model as onnx-ir (`IRModel`); node i is replaced by the chain of replacements[i].
 
-    `base_dir`: the folder external data (lazily loaded weights) is relative to. Call `check()` on
-    the result (or use `apply_replacements`) to run onnx.checker on what the rewrite introduced.
+    `base_dir`: the folder external data (lazily loaded weights) is relative to. `check_rewrite` runs
+    onnx.checker on the result's protobuf (or its `skeleton()` when over 2 GB).
     """
     index = ModelIndex(model)
     names = _Names(model)
@@ -141,13 +140,8 @@ def rewrite(
     return irm
 
 
-def check(original: onnx.ModelProto, rewritten: IRModel) -> None:
-    """onnx.checker on the rewritten model (a skeleton without big weights when over 2 GB)."""
-    out = rewritten.skeleton() if rewritten.over_protobuf_limit() else rewritten.to_proto()
-    _check(original, out)
-
-
-def _check(original: onnx.ModelProto, out: onnx.ModelProto) -> None:
+def check_rewrite(original: onnx.ModelProto, out: onnx.ModelProto) -> None:
+    """onnx.checker on the rewritten model; only a problem the rewrite introduced is an error."""
     problem = checker_message(out)
     # An input onnxruntime accepts may already fail the checker: only what we introduced is an error.
     if problem is not None and checker_message(original) is None:
