@@ -298,11 +298,20 @@ def compress(
 def _load_pair(
     original: ModelLike, compressed: ModelLike, config: CompressionConfig
 ) -> tuple[onnx.ModelProto, onnx.ModelProto, dict[str, tuple[int, ...]]]:
-    """Both models (loaded and checked when given as paths) and the original's resolved input shapes."""
-    orig = original if isinstance(original, onnx.ModelProto) else load_model(original)
-    comp = compressed if isinstance(compressed, onnx.ModelProto) else load_model(compressed)
+    """Both models (loaded and checked when given as paths) and the original's resolved input shapes.
+
+    Loaded lazily (big weights stay in their files): the models are only checked and read for their
+    inputs here; onnxruntime gets the files themselves (`_runnable`), so a pair over 2 GB costs no
+    protobuf copy of its weights."""
+    orig = original if isinstance(original, onnx.ModelProto) else load_model(original, lazy=True)
+    comp = compressed if isinstance(compressed, onnx.ModelProto) else load_model(compressed, lazy=True)
     source = "model" if isinstance(original, onnx.ModelProto) else str(original)
     return orig, comp, resolve_input_shapes(orig, dict(config.input_shapes), source)
+
+
+def _runnable(given: ModelLike, loaded: onnx.ModelProto) -> ModelLike:
+    """What onnxruntime loads: the file when one was given (its weights were loaded lazily)."""
+    return loaded if isinstance(given, onnx.ModelProto) else str(given)
 
 
 def _paths(*models: ModelLike) -> list[str]:
@@ -324,7 +333,9 @@ def bench(
     for path in _paths(original, compressed):
         check_output_paths(path, {"--report": report})
     orig, comp, shapes = _load_pair(original, compressed, config)
-    latency = measure_latency(orig, comp, orig, shapes, b.threads, b.warmup, b.runs, config.seed)
+    latency = measure_latency(
+        _runnable(original, orig), _runnable(compressed, comp), orig, shapes, b.threads, b.warmup, b.runs, config.seed
+    )
     if report is not None:
         write_text_atomic(report, json.dumps({"latency": latency_dict(latency)}, indent=2) + "\n")
     return latency
@@ -344,7 +355,10 @@ def validate(
         check_output_paths(path, {"--report": report})
     orig, comp, shapes = _load_pair(original, compressed, config)
     data = load_validation_data(config.data, orig, config.samples) if config.data else None
-    v = validate_models(orig, comp, shapes, config.samples, config.seed, config.effective_rtol(lowest_float_eps(orig)), data)
+    v = validate_models(
+        _runnable(original, orig), _runnable(compressed, comp), shapes, config.samples, config.seed,
+        config.effective_rtol(lowest_float_eps(orig)), data,
+    )
     if report is not None:
         write_text_atomic(report, json.dumps({"validation": validation_dict(v)}, indent=2) + "\n")
     return v
