@@ -249,17 +249,17 @@ def compress(
         prep.materialize(new_model)
 
     validation = None
-    if config.validate or bench is not None:
-        prep.materialize(prep.model)
+    # onnxruntime reads the original from its file (its weights were loaded lazily: no copy of them).
+    original = in_path or prep.model
     if config.validate:
         data = load_validation_data(config.data, prep.model, config.samples) if config.data else None
         validation = validate_models(
-            prep.model, new_model, prep.input_shapes, config.samples, config.seed, config.effective_rtol(lowest_float_eps(prep.model)), data
+            original, new_model, prep.input_shapes, config.samples, config.seed, config.effective_rtol(lowest_float_eps(prep.model)), data
         )
     latency = None
     if bench is not None:
         latency = measure_latency(
-            in_path or prep.model, new_model, prep.model, prep.input_shapes, bench.threads, bench.warmup, bench.runs, config.seed
+            original, new_model, prep.model, prep.input_shapes, bench.threads, bench.warmup, bench.runs, config.seed
         )
     plan_totals = p.totals()
     totals = ModelTotals(
