@@ -23,10 +23,11 @@ from .config import BenchConfig, CompressionConfig
 from .errors import ModelLoadError
 from .graph import lazyload
 from .graph.fold import float_parameter_count
+from .graph.irmodel import IRModel
 from .graph.load import check_model, load_model
 from .graph.model import ModelIndex, find_layers, infer_shapes, lowest_float_eps, resolve_input_shapes
 from .graph.protos import serialized_size
-from .graph.rewrite import Replacement, apply_replacements
+from .graph.rewrite import Replacement, check_rewrite, rewrite
 from .graph.save import OutputBatch, check_output_paths, write_text_atomic
 from .numerics.spectral import LayerSpectra, single_threaded_lapack
 from .ops.layer import Layer, LayerFactors
@@ -228,31 +229,42 @@ def compress(
     check_output_paths(in_path, {"OUT": output, "--save-plan": save_plan, "--report": report, "--markdown": markdown})
     prep = _prepare(model_or_path, config)
     p, replacements = _plan_and_decompose(prep, config, progress)
-    new_model = apply_replacements(prep.model, replacements)
-    # Weights kept as they were come back from the file now (most are gone when decomposed).
-    prep.materialize(new_model)
+    rewritten = rewrite(prep.model, replacements, prep.base_dir)
+    del replacements  # the factor arrays live on in `rewritten` (wrapped, not copied)
+    new_model: onnx.ModelProto | IRModel
+    if rewritten.over_protobuf_limit():
+        # Too big for one protobuf: stays an onnx-ir model, written straight from its arrays (and the
+        # input's file) as external data; checked and counted through a skeleton without the weights.
+        skeleton = rewritten.skeleton()
+        check_rewrite(prep.model, skeleton)
+        new_model = rewritten
+    else:
+        new_model = skeleton = rewritten.to_proto()
+        check_rewrite(prep.model, new_model)
+        # Weights kept as they were come back from the file now (most are gone when decomposed).
+        prep.materialize(new_model)
 
     validation = None
-    if config.validate or bench is not None:
-        prep.materialize(prep.model)
+    # onnxruntime reads the original from its file (its weights were loaded lazily: no copy of them).
+    original = in_path or prep.model
     if config.validate:
         data = load_validation_data(config.data, prep.model, config.samples) if config.data else None
         validation = validate_models(
-            prep.model, new_model, prep.input_shapes, config.samples, config.seed, config.effective_rtol(lowest_float_eps(prep.model)), data
+            original, new_model, prep.input_shapes, config.samples, config.seed, config.effective_rtol(lowest_float_eps(prep.model)), data
         )
     latency = None
     if bench is not None:
         latency = measure_latency(
-            in_path or prep.model, new_model, prep.model, prep.input_shapes, bench.threads, bench.warmup, bench.runs, config.seed
+            original, new_model, prep.model, prep.input_shapes, bench.threads, bench.warmup, bench.runs, config.seed
         )
     plan_totals = p.totals()
     totals = ModelTotals(
         params_before=float_parameter_count(prep.model, prep.index.folder),  # reuses the folded shapes
-        params_after=float_parameter_count(new_model),
+        params_after=float_parameter_count(skeleton),
         macs_before=plan_totals["macs_before"],
         macs_after=plan_totals["macs_after"],
         size_before=Path(in_path).stat().st_size if in_path else serialized_size(prep.model),
-        size_after=serialized_size(new_model),
+        size_after=new_model.estimated_size() if isinstance(new_model, IRModel) else serialized_size(new_model),
     )
     passed = validation is None or validation.passed
     result = CompressionResult(
@@ -282,11 +294,20 @@ def compress(
 def _load_pair(
     original: ModelLike, compressed: ModelLike, config: CompressionConfig
 ) -> tuple[onnx.ModelProto, onnx.ModelProto, dict[str, tuple[int, ...]]]:
-    """Both models (loaded and checked when given as paths) and the original's resolved input shapes."""
-    orig = original if isinstance(original, onnx.ModelProto) else load_model(original)
-    comp = compressed if isinstance(compressed, onnx.ModelProto) else load_model(compressed)
+    """Both models (loaded and checked when given as paths) and the original's resolved input shapes.
+
+    Loaded lazily (big weights stay in their files): the models are only checked and read for their
+    inputs here; onnxruntime gets the files themselves (`_runnable`), so a pair over 2 GB costs no
+    protobuf copy of its weights."""
+    orig = original if isinstance(original, onnx.ModelProto) else load_model(original, lazy=True)
+    comp = compressed if isinstance(compressed, onnx.ModelProto) else load_model(compressed, lazy=True)
     source = "model" if isinstance(original, onnx.ModelProto) else str(original)
     return orig, comp, resolve_input_shapes(orig, dict(config.input_shapes), source)
+
+
+def _runnable(given: ModelLike, loaded: onnx.ModelProto) -> ModelLike:
+    """What onnxruntime loads: the file when one was given (its weights were loaded lazily)."""
+    return loaded if isinstance(given, onnx.ModelProto) else str(given)
 
 
 def _paths(*models: ModelLike) -> list[str]:
@@ -308,7 +329,9 @@ def bench(
     for path in _paths(original, compressed):
         check_output_paths(path, {"--report": report})
     orig, comp, shapes = _load_pair(original, compressed, config)
-    latency = measure_latency(orig, comp, orig, shapes, b.threads, b.warmup, b.runs, config.seed)
+    latency = measure_latency(
+        _runnable(original, orig), _runnable(compressed, comp), orig, shapes, b.threads, b.warmup, b.runs, config.seed
+    )
     if report is not None:
         write_text_atomic(report, json.dumps({"latency": latency_dict(latency)}, indent=2) + "\n")
     return latency
@@ -328,7 +351,10 @@ def validate(
         check_output_paths(path, {"--report": report})
     orig, comp, shapes = _load_pair(original, compressed, config)
     data = load_validation_data(config.data, orig, config.samples) if config.data else None
-    v = validate_models(orig, comp, shapes, config.samples, config.seed, config.effective_rtol(lowest_float_eps(orig)), data)
+    v = validate_models(
+        _runnable(original, orig), _runnable(compressed, comp), shapes, config.samples, config.seed,
+        config.effective_rtol(lowest_float_eps(orig)), data,
+    )
     if report is not None:
         write_text_atomic(report, json.dumps({"validation": validation_dict(v)}, indent=2) + "\n")
     return v

@@ -41,7 +41,9 @@ class ModelTotals:
 @dataclass(frozen=True)
 class CompressionResult:
     plan: CompressionPlan
-    model: Any = field(repr=False)  # the compressed onnx.ModelProto
+    # The compressed onnx.ModelProto; over 2 GB (too big for one protobuf) a `graph.irmodel.IRModel`
+    # (`.model` the onnx_ir.Model, `.to_proto()`), which `graph.save` writes with external data.
+    model: Any = field(repr=False)
     totals: ModelTotals
     validation: ValidationReport | None
     input_path: str | None = None

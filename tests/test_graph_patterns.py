@@ -702,3 +702,43 @@ def test_einsum_is_reported_with_reason() -> None:
     (layer,) = plan.layers
     assert layer.name == "mix" and layer.kind == "skip"
     assert "Einsum is not decomposed (only Conv, ConvTranspose, Gemm and MatMul are)" in (layer.reason or "")
+
+
+@pytest.mark.parametrize("kind", ["sparse_initializer", "sparse_constant", "training_info"])
+def test_what_onnx_ir_drops_is_carried_over_when_another_layer_is_rewritten(kind: str) -> None:
+    """onnx-ir (the rewrite's graph layer) loses sparse initializers, cannot load sparse Constant
+    attributes and drops training_info: the rewrite carries them over from the input unchanged."""
+    mk = helper.make_node
+    rng = np.random.default_rng(5)
+    W = he_normal(rng, (10, 8, 3, 3))
+    s_vals = rng.standard_normal(40).astype(np.float32)
+    s_idx = np.sort(rng.choice(10 * 7 * 7, 40, replace=False)).astype(np.int64)
+    sparse = helper.make_sparse_tensor(_init("S", s_vals), _init("S_idx", s_idx), [1, 10, 7, 7])
+    nodes = [mk("Conv", ["x", "W"], ["c"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             mk("Add", ["c", "S"], ["y"], name="add")]
+    if kind == "sparse_constant":
+        nodes.insert(0, mk("Constant", [], ["S"], name="s_const", sparse_value=sparse))
+    model = _model(nodes, [_init("W", W)], [_vi("x", [1, 8, 7, 7])], [_vi("y", [1, 10, 7, 7])], check=False)
+    if kind == "sparse_initializer":
+        model.graph.sparse_initializer.append(sparse)
+    if kind == "training_info":
+        model.graph.node[1].input[1] = "c"
+        model.graph.initializer.append(_init("steps", np.array(0, np.int64)))
+        one = _init("one", np.array(1, np.int64))
+        step = helper.make_graph([mk("Add", ["steps", "one"], ["steps_next"], name="count")], "train", [],
+                                 [_vi("steps_next", [], TensorProto.INT64)], initializer=[one])
+        info = model.training_info.add()
+        info.algorithm.CopyFrom(step)
+        binding = info.update_binding.add()
+        binding.key, binding.value = "steps", "steps_next"
+    onnx.checker.check_model(model)
+    res = ot.compress(model, _full())
+    assert res.plan.layers[0].kind == "tucker2"
+    out = res.model
+    onnx.checker.check_model(out)
+    assert out.graph.sparse_initializer == model.graph.sparse_initializer
+    assert list(out.training_info) == list(model.training_info)
+    if kind == "sparse_constant":
+        assert out.graph.node[0].SerializeToString() == model.graph.node[0].SerializeToString()
+    assert out.graph.node[-1].SerializeToString() == model.graph.node[-1].SerializeToString()
+    assert_outputs_close(model, out)

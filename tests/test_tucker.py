@@ -217,3 +217,28 @@ def test_decompose_layer_svd_of_1x1_conv() -> None:
     assert first.shape == (T, S, 1, 1) and last.shape == (T, T, 1, 1)
     np.testing.assert_allclose(last[:, :, 0, 0] @ first[:, :, 0, 0], w[:, :, 0, 0], atol=1e-10)
     assert f.rel_error < 1e-10
+
+
+@pytest.mark.parametrize("shape", [(48, 700), (700, 48)])
+@pytest.mark.parametrize("rank", [48, 20, 47])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lean_projection_matches_the_float64_projection(
+    monkeypatch: pytest.MonkeyPatch, shape: tuple[int, int], rank: int, dtype: type
+) -> None:
+    """The memory-lean path for huge FC matrices (issue 7: a > 2 GB output) gives the same factors as
+    the float64 projection, up to the weight dtype's rounding, and the same relative error."""
+    import onnx_tucker.numerics.tucker as tk
+
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((shape[0], 30)) @ rng.standard_normal((30, shape[1]))
+         + 0.05 * rng.standard_normal(shape)).astype(dtype)
+    ref = truncated_svd(w, rank)
+    monkeypatch.setattr(tk, "_LEAN_BYTES", 0)
+    lean = truncated_svd(w, rank)
+    big = lean.left if shape[0] > shape[1] else lean.right
+    assert big.dtype == dtype  # written straight in the weight's dtype: no float64 copy of it
+    tol = 1e-6 if dtype == np.float32 else 1e-12
+    for a, b in ((ref.left, lean.left), (ref.right, lean.right)):
+        assert np.max(np.abs(a - b)) <= tol * np.max(np.abs(a))
+    assert lean.rel_error == pytest.approx(ref.rel_error, rel=1e-6, abs=1e-9)
+    np.testing.assert_allclose(lean.left @ lean.right, w, atol=(lean.rel_error + tol) * 10 * np.abs(w).max())

@@ -213,48 +213,6 @@ def _run_onnxruntime(m: onnx.ModelProto, names: list[str]) -> list[np.ndarray]:
     return list(ort_session(m, "constant subgraph").run(names, {}))
 
 
-def dead_weight_producers(
-    model: onnx.ModelProto,
-    new_nodes: list[onnx.NodeProto],
-    sources: list[int | None],
-    replaced_weights: Iterable[str],
-    folder: WeightFolder,
-) -> tuple[set[int], set[str]]:
-    """What the rewrite may drop: (indices in graph.node, initializer names) of replaced weights' subgraphs.
-
-    `sources[k]` is the index in graph.node that new_nodes[k] was carried over from (None: a new
-    node). Only nodes and initializers inside the subgraphs computing `replaced_weights` are
-    candidates, and only once nothing left in the graph (node, graph output, subgraph) reads any of
-    their outputs: a weight subgraph also feeding other consumers stays, the rest is never touched.
-    """
-    g = model.graph
-    cand_nodes: set[int] = set()
-    cand_inits: set[str] = set()
-    for w in replaced_weights:
-        o = folder.origin(w)
-        if o.constant:
-            cand_nodes.update(o.nodes)
-            cand_inits.update(o.initializers)
-    cand_nodes &= {s for s in sources if s is not None}
-    pinned = {o.name for o in g.output} | outer_scope_reads(g)
-    dead: set[int] = set()
-    while True:
-        read = set(pinned)
-        for n, src in zip(new_nodes, sources, strict=True):
-            if src is None or src not in dead:
-                read.update(n.input)
-        newly = {i for i in cand_nodes - dead if not any(o in read for o in g.node[i].output if o)}
-        if not newly:
-            break
-        dead |= newly
-    return dead, {t for t in cand_inits if t not in read}
-
-
-def removed_tensor_names(model: onnx.ModelProto, dead_nodes: set[int]) -> set[str]:
-    """Outputs of the dropped nodes (their value_info entries go with them)."""
-    return {x for i in dead_nodes for x in model.graph.node[i].output if x}
-
-
 FLOAT_TYPES = frozenset(
     {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import math
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -19,7 +18,8 @@ from pathlib import Path
 import onnx
 
 from ..errors import ModelSaveError, UsageError
-from .protos import ITEMSIZE, PROTOBUF_LIMIT, TYPED_FIELD, all_tensors, serialized_size
+from .irmodel import IRModel
+from .protos import PROTOBUF_LIMIT, serialized_size
 
 log = logging.getLogger("onnx_tucker")
 
@@ -129,26 +129,34 @@ class OutputBatch:
 
     def add_model(
         self,
-        model: onnx.ModelProto,
+        model: onnx.ModelProto | IRModel,
         output: str | os.PathLike[str],
         input_path: str | os.PathLike[str] | None = None,
         external_data: bool | None = None,
     ) -> Path:
-        """Stage `model` for `output`; with external data, its weights go to `<OUT name>.data` beside it."""
+        """Stage `model` for `output`; with external data, its weights go to `<OUT name>.data` beside it.
+
+        `external_data=None`: only when the model is too big for one protobuf (over 2 GB). An
+        `IRModel` (the rewrite's result) is written straight from its tensors: numpy factors with
+        `ndarray.tofile`, weights still in the input file copied file to file (copy_file_range)."""
         out = check_output_path(output, input_path)
-        use_external = external_data if external_data is not None else serialized_size(model) > PROTOBUF_LIMIT
+        if external_data is not None:
+            use_external = external_data
+        elif isinstance(model, IRModel):
+            use_external = model.over_protobuf_limit()
+        else:
+            use_external = serialized_size(model) > PROTOBUF_LIMIT
         if not use_external:
-            self._write(out, [model.SerializeToString()])
+            proto = model.to_proto(model.loaded_tensors()) if isinstance(model, IRModel) else model
+            self._write(out, [proto.SerializeToString()])
             return out
         data_path = out.with_name(out.name + ".data")
         if input_path is not None:
             check_output_path(data_path, input_path)
         tmp_data = self._temp(data_path)
+        irm = model if isinstance(model, IRModel) else IRModel(model)  # wraps the tensors, copies none
         try:
-            with open(tmp_data, "wb") as f, _externalized(model, f, data_path.name):
-                f.flush()
-                os.fsync(f.fileno())
-                payload = model.SerializeToString()
+            payload = _write_external_data(irm, Path(tmp_data), data_path.name).SerializeToString()
         except OSError as e:
             raise _write_error(data_path, e) from None
         self._write(out, [payload])
@@ -173,46 +181,24 @@ class OutputBatch:
         self._staged = []
 
 
-@contextlib.contextmanager
-def _externalized(model: onnx.ModelProto, f, location: str):  # type: ignore[no-untyped-def]
-    """Move every big tensor's bytes into the open file `f` and point the tensor at `location`,
-    then put the model back as it was. The bytes are moved, not copied: no second copy of the
-    weights is ever held, which matters for the > 2 GB models that need external data at all."""
-    from onnx import numpy_helper
+def _write_external_data(model: IRModel, tmp_data: Path, location: str) -> onnx.ModelProto:
+    """Write the initializers' data to `tmp_data` with onnx-ir (every external one, and every one of
+    at least EXTERNAL_THRESHOLD bytes), and return the model as protobuf pointing at `location` (the
+    data file's final name beside the model). No second copy of any weight is held."""
+    import onnx_ir as ir
 
-    # (tensor, its raw bytes, or a copy of the tensor when it held typed fields instead)
-    saved: list[tuple[onnx.TensorProto, bytes | None, onnx.TensorProto | None]] = []
-    try:
-        for t in all_tensors(model):
-            if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type not in ITEMSIZE:
-                continue
-            if math.prod(t.dims) * ITEMSIZE[t.data_type] < EXTERNAL_THRESHOLD:
-                continue
-            if t.HasField("raw_data"):
-                raw, keep = t.raw_data, None
-                t.ClearField("raw_data")
-            else:
-                keep = onnx.TensorProto()
-                keep.CopyFrom(t)
-                raw = numpy_helper.to_array(t).tobytes()
-                t.ClearField(TYPED_FIELD[t.data_type][0])
-            saved.append((t, raw if keep is None else None, keep))
-            offset = f.tell()
-            f.write(raw)
-            del raw
-            t.data_location = onnx.TensorProto.EXTERNAL
-            for k, v in (("location", location), ("offset", str(offset)), ("length", str(f.tell() - offset))):
-                entry = t.external_data.add()
-                entry.key, entry.value = k, v
-        yield
-    finally:
-        for t, moved, keep in saved:
-            if keep is not None:
-                t.CopyFrom(keep)
-            else:
-                del t.external_data[:]
-                t.data_location = onnx.TensorProto.DEFAULT
-                t.raw_data = moved or b""
+    chosen = [(name, t) for name, t in model.initializer_tensors()
+              if isinstance(t, ir.ExternalTensor) or t.nbytes >= EXTERNAL_THRESHOLD]
+    written = ir.external_data.convert_tensors_to_external(
+        [t for _, t in chosen], base_dir=str(tmp_data.parent), relative_path=tmp_data.name
+    )
+    with open(tmp_data, "rb+") as f:
+        os.fsync(f.fileno())
+    refs = {
+        name: ir.ExternalTensor(location, offset=e.offset, length=e.length, dtype=e.dtype, shape=e.shape, name=name)
+        for (name, _), e in zip(chosen, written, strict=True)
+    }
+    return model.to_proto(refs)
 
 
 def save_model(

@@ -19,6 +19,10 @@ from .spectral import GramEigen, LayerSpectra
 
 # Column block (float64 bytes) of the truncated SVD's projection: the weight is never copied whole.
 _BLOCK_BYTES = 32 * 2**20
+# A float64 projection (rank x long side) bigger than this is never formed whole: it is written block
+# by block straight into the factor, in the weight's own dtype (`_lean_projection`). Below it the
+# projection is computed as before, bit for bit.
+_LEAN_BYTES = 2**30
 
 
 @dataclass(frozen=True)
@@ -122,9 +126,22 @@ def truncated_svd(matrix: np.ndarray, rank: int, spectra: LayerSpectra | None = 
     eigen = _eigen(spectra, 0, w) or GramEigen(w)
     u = eigen.eigenvectors(rank)  # the wide orientation's left vectors: the short-side eigenvectors
     n, m = a.shape
-    proj = np.empty((u.shape[1], m))  # R x long side; rows have norms = singular values
-    total = eigen.trace  # ||A||_F^2, from the Gram matrix
     step = max(1, _BLOCK_BYTES // (8 * max(n, 1)))
+    total = eigen.trace  # ||A||_F^2, from the Gram matrix
+    if u.shape[1] * m * 8 > _LEAN_BYTES and w.dtype in (np.float32, np.float64):
+        left, right, rel = _lean_projection(a, u, total, step, w.dtype)
+    else:
+        left, right, rel = _projection(a, u, total, step)
+    if transposed:  # W = a^T ~ right^T @ left^T
+        return SVDFactors(left=right.T, right=left.T, rel_error=rel)
+    return SVDFactors(left=left, right=right, rel_error=rel)
+
+
+def _projection(a: np.ndarray, u: np.ndarray, total: float, step: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """left (n x R), right (R x m) with a ~ left @ right, and the relative error: the float64
+    projection U^T A formed whole (R x long side)."""
+    n, m = a.shape
+    proj = np.empty((u.shape[1], m))  # R x long side; rows have norms = singular values
     for j in range(0, m, step):
         proj[:, j : j + step] = u.T @ np.asarray(a[:, j : j + step], dtype=np.float64)
     # ||A - U U^T A||^2 = ||A||^2 - ||U^T A||^2 (U orthonormal); recomputed exactly, block by block,
@@ -140,12 +157,49 @@ def truncated_svd(matrix: np.ndarray, rank: int, spectra: LayerSpectra | None = 
     norms = np.linalg.norm(proj, axis=1)
     if norms.size and norms.min() > 1e-12 * max(norms.max(), 1e-300):
         scale = np.sqrt(norms)
-        left, right = u * scale, proj / scale[:, None]
-    else:
-        left, right = u, proj
-    if transposed:  # W = a^T ~ right^T @ left^T
-        return SVDFactors(left=right.T, right=left.T, rel_error=rel)
-    return SVDFactors(left=left, right=right, rel_error=rel)
+        return u * scale, proj / scale[:, None], rel
+    return u, proj, rel
+
+
+def _lean_projection(
+    a: np.ndarray, u: np.ndarray, total: float, step: int, dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """`_projection` for a projection too big to hold in float64 (an FC6 of 4096 x 131072 at full rank:
+    4.3 GB, plus as much again for its scaled copy): each float64 block of U^T A is written straight
+    into the R x m factor in the weight's dtype and scaled there in place, so memory is the weight
+    plus one factor of its size. Row norms and the residual are accumulated in float64 block by block
+    (the exact residual in the same pass when the rank is the full short side)."""
+    n, m = a.shape
+    r = u.shape[1]
+    right = np.empty((r, m), dtype=dtype)
+    sq = np.zeros(r)
+    exact = r >= n  # full rank: ||A||^2 - ||U^T A||^2 is all rounding, measure the residual directly
+    resid = 0.0
+    for j in range(0, m, step):
+        blk = np.asarray(a[:, j : j + step], dtype=np.float64)
+        p = u.T @ blk
+        sq += np.einsum("ij,ij->i", p, p)
+        if exact:
+            d = blk - u @ p
+            resid += float(np.sum(d * d))
+        right[:, j : j + step] = p
+    if not exact:
+        resid = total - float(np.sum(sq))
+        if resid <= 1e-6 * total:  # near full rank: the difference cannot be trusted, recompute
+            resid = 0.0
+            for j in range(0, m, step):
+                blk = np.asarray(a[:, j : j + step], dtype=np.float64)
+                d = blk - u @ (u.T @ blk)
+                resid += float(np.sum(d * d))
+    rel = float(np.sqrt(max(resid, 0.0) / total)) if total > 0 else float(np.sqrt(max(resid, 0.0)))
+    norms = np.sqrt(sq)
+    if norms.size and norms.min() > 1e-12 * max(norms.max(), 1e-300):
+        scale = np.sqrt(norms)
+        for j in range(0, m, step):
+            blk = right[:, j : j + step]
+            np.divide(blk, scale[:, None], out=blk, casting="unsafe")
+        return u * scale, right, rel
+    return u, right, rel
 
 
 def reconstruct_tucker2(f: Tucker2Factors) -> np.ndarray:

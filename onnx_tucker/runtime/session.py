@@ -16,9 +16,10 @@ from typing import Any
 import onnx
 
 from ..errors import ValidationError
+from ..graph.irmodel import IRModel
 from ..graph.protos import PROTOBUF_LIMIT, first_line, serialized_size
 
-ModelSource = onnx.ModelProto | str | os.PathLike[str] | bytes
+ModelSource = onnx.ModelProto | IRModel | str | os.PathLike[str] | bytes
 
 
 def session_options(threads: int | None = None, optimize: bool = True, quiet: bool = True) -> Any:
@@ -46,8 +47,9 @@ def ort_session(
 
     opts = session_options(threads, optimize)
     try:
-        if isinstance(model, onnx.ModelProto):
-            if serialized_size(model) > PROTOBUF_LIMIT:
+        if isinstance(model, (onnx.ModelProto, IRModel)):
+            big = model.over_protobuf_limit() if isinstance(model, IRModel) else serialized_size(model) > PROTOBUF_LIMIT
+            if big:
                 if tmpdir is None:
                     raise ValidationError(f"the {what} model is over 2 GB; save it to a file first")
                 from ..graph.save import save_model
@@ -55,7 +57,8 @@ def ort_session(
                 path = os.path.join(tmpdir, f"{what or 'model'}.onnx")
                 save_model(model, path, external_data=True)
                 return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-            return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            proto = model.to_proto(model.loaded_tensors()) if isinstance(model, IRModel) else model
+            return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         src = model if isinstance(model, bytes) else str(model)
         return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
     except ValidationError:
