@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import onnx
-import onnx_ir as ir
+
+if TYPE_CHECKING:  # imported where used: onnx-ir (and sympy with it) costs ~1 s of start-up
+    import onnx_ir as ir
 
 from .protos import ITEMSIZE, PROTOBUF_LIMIT, copy_fields, serialized_size
 
@@ -80,6 +83,8 @@ class IRModel:
     """An onnx-ir model and the protobuf it came from (see the module docstring)."""
 
     def __init__(self, source: onnx.ModelProto, base_dir: str | None = None) -> None:
+        import onnx_ir as ir
+
         self.source = source
         self._sparse: dict[str, onnx.NodeProto] = {}
         proto = source
@@ -100,6 +105,8 @@ class IRModel:
     def to_proto(self, replace: Mapping[str, ir.TensorProtocol] | None = None) -> onnx.ModelProto:
         """The model as protobuf. `replace`: initializer name -> tensor to serialise in its place
         (external references written by the saver, stand-ins for big in-memory tensors)."""
+        import onnx_ir as ir
+
         g = self.graph
         saved: list[tuple[ir.Value, ir.TensorProtocol | None]] = []
         try:
@@ -148,6 +155,8 @@ class IRModel:
 
     def loaded_tensors(self) -> dict[str, ir.TensorProtocol]:
         """In-memory stand-ins for the initializers still in a file (for `to_proto(...)` inline)."""
+        import onnx_ir as ir
+
         return {
             name: ir.Tensor(t.numpy(), name=name)
             for name, t in self.initializer_tensors()
@@ -170,6 +179,8 @@ class IRModel:
         """The model as protobuf with every initializer of >= `min_bytes` as an external reference
         (memory ones to the location '<in memory>'): shapes and dtypes without the data, for counting,
         checking and sizing a model protobuf cannot hold."""
+        import onnx_ir as ir
+
         stand_ins: dict[str, ir.TensorProtocol] = {}
         for name, t in self.initializer_tensors():
             if isinstance(t, ir.ExternalTensor) or _nbytes(t) < min_bytes:

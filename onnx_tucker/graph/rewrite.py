@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 from onnx import helper
 
 from ..errors import RewriteError
@@ -32,6 +32,9 @@ from .irmodel import IRModel
 from .load import checker_message
 from .model import ModelIndex
 from .protos import opset_version, outer_scope_reads
+
+if TYPE_CHECKING:  # imported where used (see irmodel)
+    import onnx_ir as ir
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ def rewrite(
     `base_dir`: the folder external data (lazily loaded weights) is relative to. `check_rewrite` runs
     onnx.checker on the result's protobuf (or its `skeleton()` when over 2 GB).
     """
+    import onnx_ir as ir
+
     index = ModelIndex(model)
     names = _Names(model)
     opset = opset_version(model)
@@ -150,6 +155,8 @@ def check_rewrite(original: onnx.ModelProto, out: onnx.ModelProto) -> None:
 
 def _initializer(graph: ir.Graph, name: str, arr: np.ndarray, dtype: np.dtype) -> ir.Value:
     """A new initializer wrapping `arr` in the weight's dtype (no copy when it already is)."""
+    import onnx_ir as ir
+
     data = np.ascontiguousarray(np.asarray(arr).astype(dtype, copy=False))
     tensor = ir.Tensor(data, name=name)
     v = ir.Value(name=name, shape=ir.Shape(data.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
@@ -201,6 +208,8 @@ def _weight_dtype(index: ModelIndex, layer: Layer) -> np.dtype:
 
 def _attributes(spec: NodeSpec, original: ir.Node) -> list[ir.Attr]:
     """A chain node's attributes in order; `COPY` ones come from the replaced node unchanged."""
+    import onnx_ir as ir
+
     out: list[ir.Attr] = []
     for name, value in spec.attrs:
         if value is COPY:
