@@ -26,7 +26,7 @@ from .graph.fold import float_parameter_count
 from .graph.irmodel import IRModel
 from .graph.load import check_model, load_model
 from .graph.model import ModelIndex, find_layers, infer_shapes, lowest_float_eps, resolve_input_shapes
-from .graph.protos import serialized_size
+from .graph.protos import serialized_size, size_on_disk
 from .graph.rewrite import Replacement, check_rewrite, rewrite
 from .graph.save import OutputBatch, check_output_paths, write_text_atomic
 from .numerics.spectral import LayerSpectra, single_threaded_lapack
@@ -263,7 +263,7 @@ def compress(
         params_after=float_parameter_count(skeleton),
         macs_before=plan_totals["macs_before"],
         macs_after=plan_totals["macs_after"],
-        size_before=Path(in_path).stat().st_size if in_path else serialized_size(prep.model),
+        size_before=size_on_disk(in_path, prep.model) if in_path else serialized_size(prep.model),
         size_after=new_model.estimated_size() if isinstance(new_model, IRModel) else serialized_size(new_model),
     )
     passed = validation is None or validation.passed

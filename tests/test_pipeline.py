@@ -200,3 +200,18 @@ def test_public_names_are_not_shadowed_by_subpackages() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_input_size_counts_its_external_data(tmp_path: Path) -> None:
+    """A model stored with external data: the file size before is the .onnx plus its data file."""
+    import onnx
+
+    from tests.helpers import make_small_cnn
+
+    path = tmp_path / "m.onnx"
+    onnx.save(make_small_cnn(), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="m.data", size_threshold=0)
+    res = ot.compress(path, CompressionConfig(validate=False), output=tmp_path / "o.onnx")
+    expected = path.stat().st_size + (tmp_path / "m.data").stat().st_size
+    assert (tmp_path / "m.data").stat().st_size > path.stat().st_size
+    assert res.totals.size_before == expected

@@ -186,7 +186,7 @@ class IRModel:
             if isinstance(t, ir.ExternalTensor) or _nbytes(t) < min_bytes:
                 continue
             stand_ins[name] = ir.ExternalTensor(
-                "<in memory>", offset=0, length=_nbytes(t), dtype=t.dtype, shape=t.shape, name=name
+                "<in memory>", offset=0, length=_nbytes(t), dtype=t.dtype, shape=t.shape, name=name  # type: ignore[arg-type]
             )
         return self.to_proto(stand_ins)
 
@@ -195,7 +195,7 @@ def _nbytes(t: ir.TensorProtocol) -> int:
     try:
         return int(t.nbytes)
     except Exception:  # noqa: BLE001 - exotic dtypes: estimate from the element count
-        return math.prod(int(d) for d in t.shape) * ITEMSIZE.get(int(t.dtype), 4)
+        return math.prod(int(d) for d in t.shape) * ITEMSIZE.get(int(t.dtype), 4)  # type: ignore[arg-type,misc]
 
 
 def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:

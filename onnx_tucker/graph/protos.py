@@ -7,7 +7,9 @@ of the graph layer agrees on.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import onnx
 from google.protobuf.descriptor import FieldDescriptor
@@ -133,6 +135,18 @@ def serialized_size(model: onnx.ModelProto) -> int:
         return model.ByteSize()
     except EncodeError:
         return 2**31
+
+
+def size_on_disk(path: str | os.PathLike[str], model: onnx.ModelProto) -> int:
+    """Bytes of the .onnx file plus every external data file its tensors reference (each file once)."""
+    base = Path(path).resolve()
+    files = {base}
+    for t in all_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = next((e.value for e in t.external_data if e.key == "location"), None)
+            if loc:
+                files.add((base.parent / loc).resolve())
+    return sum(f.stat().st_size for f in files if f.is_file())
 
 
 def first_line(e: BaseException) -> str:

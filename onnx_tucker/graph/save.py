@@ -202,7 +202,7 @@ def _write_external_data(model: IRModel, tmp_data: Path, location: str) -> onnx.
 
 
 def save_model(
-    model: onnx.ModelProto,
+    model: onnx.ModelProto | IRModel,
     output: str | os.PathLike[str],
     input_path: str | os.PathLike[str] | None = None,
     external_data: bool | None = None,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from ..graph.irmodel import IRModel
 from .session import ort_session, session_folder
 from .validate import random_inputs
 
@@ -60,7 +61,7 @@ class LatencyReport:
 
 def measure_latency(
     original: onnx.ModelProto | str | os.PathLike[str],
-    compressed: onnx.ModelProto | str | os.PathLike[str],
+    compressed: onnx.ModelProto | IRModel | str | os.PathLike[str],
     reference: onnx.ModelProto,
     input_shapes: Mapping[str, tuple[int, ...]],
     threads: int = 1,

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from ..errors import ValidationError
+from ..graph.irmodel import IRModel
 from ..graph.protos import first_line, graph_input_names
 from .session import ort_session, session_folder
 
@@ -198,7 +199,7 @@ def _data_batches(
 
 def validate_models(
     original: onnx.ModelProto | str | os.PathLike[str],
-    compressed: onnx.ModelProto | str | os.PathLike[str],
+    compressed: onnx.ModelProto | IRModel | str | os.PathLike[str],
     input_shapes: Mapping[str, tuple[int, ...]],
     samples: int | None = None,
     seed: int = 0,
