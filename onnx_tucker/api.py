@@ -27,6 +27,7 @@ from .graph.rewrite import Replacement, apply_replacements
 from .graph.save import check_output_path, save_model
 from .numerics.spectral import LayerSpectra, single_threaded_lapack
 from .ops.layer import Layer, LayerFactors, factorised_as
+from .plan.calibrate import calibrate_from_config
 from .plan.decompose import decompose_layer
 from .plan.planner import (
     CompressionPlan,
@@ -259,6 +260,9 @@ def compress(
     new_model = apply_replacements(prep.model, replacements)
     # Weights kept as they were come back from the file now (most are gone when decomposed).
     prep.materialize(new_model)
+    if config.calibrate:  # refit the factors on data, in place, before validating and writing
+        prep.materialize(prep.model)
+        p = calibrate_from_config(prep.model, new_model, replacements, p, prep.input_shapes, config, progress)
 
     report = None
     if config.validate:

@@ -91,6 +91,10 @@ class CompressionConfig:
     data: str | None = None
     # Layers planned and decomposed in parallel (threads). Changes speed only, never the result.
     jobs: int = 1
+    # Refit the factors on unlabeled data (.npz, one array per input) after decomposing
+    # (plan/calibrate.py); `calibration_samples` caps how many samples are read.
+    calibrate: str | None = None
+    calibration_samples: int = 500
 
     def __post_init__(self) -> None:
         if not self.rank_scale > 0:
@@ -105,6 +109,8 @@ class CompressionConfig:
             raise UsageError(f"--samples {self.samples}: must be >= 1; e.g. --samples 8")
         if self.jobs < 1:
             raise UsageError(f"--jobs {self.jobs}: must be >= 1; use 1 for one layer at a time")
+        if self.calibration_samples < 1:
+            raise UsageError(f"--calibration-samples {self.calibration_samples}: must be >= 1; e.g. 500")
         if self.rtol is not None and not self.rtol >= 0:
             raise UsageError(f"--rtol {self.rtol}: must be >= 0; e.g. --rtol 0.05")
         compile_pattern(self.include, "--include")
@@ -133,4 +139,6 @@ class CompressionConfig:
             "rtol": self.rtol,
             "plan_file": self.plan_file,
             "data": self.data,
+            "calibrate": self.calibrate,
+            "calibration_samples": self.calibration_samples,
         }

@@ -11,6 +11,7 @@ import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,9 @@ from ..numerics.spectral import LayerSpectra
 from ..numerics.tucker import unfold
 from ..ops.cost import conv_groups, gemm_dims, layer_cost
 from ..ops.layer import Layer, factorised_as
+
+if TYPE_CHECKING:
+    from .calibrate import LayerCalibration
 
 PLAN_FORMAT_VERSION = 1
 KINDS = ("tucker2", "tucker1", "svd", "skip")
@@ -45,6 +49,7 @@ class LayerPlan:
     rel_error: float | None = None
     reason: str | None = None  # why skipped (kind == "skip"), or a note on the rank policy
     policy: str = ""  # how the ranks were reached: "vbmf", "ratio:0.5", "plan file", "rank0:min-rank", ...
+    calibration: LayerCalibration | None = None  # the refit on data (compress --calibrate), see plan/calibrate.py
 
     @property
     def decomposed(self) -> bool:

@@ -197,6 +197,7 @@ def layer_dict(p: LayerPlan) -> dict[str, Any]:
         "rel_error": p.rel_error,
         "policy": p.policy,
         "reason": p.reason,
+        "calibration": None if p.calibration is None else dict(p.calibration.__dict__),
     }
 
 
