@@ -86,6 +86,8 @@ MarkdownOpt = Annotated[Path | None, typer.Option("--markdown", help="Write the 
 ValidateOpt = Annotated[bool, typer.Option("--validate/--no-validate", help="Compare original and compressed outputs in onnxruntime.")]
 SamplesOpt = Annotated[int | None, typer.Option("--samples", help="Random inputs used for validation (default 8), or how many --data samples to use (default all).", show_default=False)]
 DataOpt = Annotated[Path | None, typer.Option("--data", help="Validate on real data: a .npz with one array per model input (samples on the first axis) and optional 'labels' for accuracy.", show_default=False)]
+CalibrateOpt = Annotated[Path | None, typer.Option("--calibrate", help="Refit each decomposed layer's factors so its output matches the original's on this unlabeled data (.npz, one array per model input); same ranks and graph.", show_default=False)]
+CalibrationSamplesOpt = Annotated[int, typer.Option("--calibration-samples", help="How many --calibrate samples to use (the first N).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice (validation inputs).")]
 RtolOpt = Annotated[float | None, typer.Option("--rtol", help="Fail when max|orig-new| > RTOL * max|orig| on any output (default: report only; 1e-4 under --ranks full).", show_default=False)]
 BenchOpt = Annotated[bool, typer.Option("--bench", help="Also measure latency of both models in onnxruntime CPU (interleaved runs, medians).")]
@@ -151,7 +153,8 @@ def _check_outputs(input: Path, output: Path | None, sides: dict[str, Path | Non
 def _config(
     ranks: str, rank_scale: float, min_rank: int | None, round_to: int, include: str | None, exclude: str | None,
     hooi_iters: int, input_shape: list[str] | None, plan: Path | None, validate: bool, samples: int | None, seed: int,
-    rtol: float | None, data: Path | None = None, jobs: int = 1,
+    rtol: float | None, data: Path | None = None, jobs: int = 1, calibrate: Path | None = None,
+    calibration_samples: int = 500,
 ) -> CompressionConfig:
     return CompressionConfig(
         ranks=RankPolicy.parse(ranks),
@@ -169,6 +172,8 @@ def _config(
         rtol=rtol,
         data=str(data) if data else None,
         jobs=jobs,
+        calibrate=str(calibrate) if calibrate else None,
+        calibration_samples=calibration_samples,
     )
 
 
@@ -210,6 +215,8 @@ def compress(
     validate: ValidateOpt = True,
     samples: SamplesOpt = None,
     data: DataOpt = None,
+    calibrate: CalibrateOpt = None,
+    calibration_samples: CalibrationSamplesOpt = 500,
     seed: SeedOpt = 0,
     rtol: RtolOpt = None,
     bench: BenchOpt = False,
@@ -229,7 +236,7 @@ def compress(
 
     with _errors(verbose):
         cfg = _config(ranks, rank_scale, min_rank, round_to, include, exclude, hooi_iters, input_shape, plan,
-                      validate, samples, seed, rtol, data, jobs)
+                      validate, samples, seed, rtol, data, jobs, calibrate, calibration_samples)
         _check_outputs(input, output, {"--save-plan": save_plan, "--report": report, "--markdown": markdown})
         with _progress(not quiet) as progress:
             result = api.compress(input, cfg, output=None, progress=progress)

@@ -218,8 +218,9 @@ def im2col(
         last_needed = int(coords[:, i].max(initial=0)) * strides[i] + (kernel[i] - 1) * dilations[i] - pads_begin[i]
         pad_width.append((pads_begin[i], max(0, last_needed - (in_sp[i] - 1))))
     xp = np.pad(x, pad_width) if any(p != (0, 0) for p in pad_width) else x
-    cols = []
-    for off in itertools.product(*(range(k) for k in kernel)):
+    offsets = list(itertools.product(*(range(k) for k in kernel)))
+    out = np.empty((n_idx.size, x.shape[1], len(offsets)), dtype=x.dtype)
+    for j, off in enumerate(offsets):
         idx = tuple(coords[:, i] * strides[i] + off[i] * dilations[i] for i in range(nd))
-        cols.append(xp[(n_idx, slice(None), *idx)])  # (m, C): advanced indices around a slice go first
-    return np.stack(cols, axis=2).reshape(n_idx.size, -1)
+        out[:, :, j] = xp[(n_idx, slice(None), *idx)]  # (m, C): advanced indices around a slice go first
+    return out.reshape(n_idx.size, -1)

@@ -134,28 +134,35 @@ def _check_finite(arr: np.ndarray, tensor: str, what: str) -> None:
 
 
 class _LayerPass:
-    """Accumulates the statistics of one layer, one batch at a time."""
+    """Accumulates one layer's statistics, one batch at a time, per group, in one of three spaces:
+    "x" the im2col of the layer's input (Tucker-2 under method "full": any first factor's statistics
+    follow from it, the data-aware one included), "z" the im2col of the current first factor's output
+    (or of the input when there is none), "q" that times the current front factor (too wide a layer,
+    or method "last": only the last factor can be refit)."""
 
     def __init__(self, geo: _Geometry, opts: CalibrationOptions, per_sample: int | None, rng: np.random.Generator,
-                 data_first: list[np.ndarray] | None) -> None:
+                 tucker2: bool) -> None:
         self.geo, self.opts, self.per_sample, self.rng = geo, opts, per_sample, rng
-        self.data_first = data_first
-        self.stats: list[dict[str, GramStats]] = []
-        for k, grp in enumerate(geo.groups):
+        kk = int(np.prod(geo.kernel)) if geo.conv else 1
+        self.kk = kk
+        self.space: list[str] = []
+        self.stats: list[GramStats] = []
+        for grp in geo.groups:
             d, t = grp.front.shape[0], grp.last.shape[1]
-            wide = d > opts.max_width or opts.method == "last"
-            s = {"cur": GramStats(grp.front.shape[1] if wide else d, t)}
-            if data_first is not None and not wide:
-                s["data"] = GramStats(data_first[k].shape[0] * int(np.prod(geo.kernel)), t)
-            self.stats.append(s)
-        self.wide = [st["cur"].d != grp.front.shape[0] for st, grp in zip(self.stats, geo.groups, strict=True)]
+            if opts.method == "last" or d > opts.max_width:
+                space, width = "q", grp.front.shape[1]
+            elif tucker2 and opts.method == "full" and grp.first is not None and grp.first.shape[1] * kk <= opts.max_width:
+                space, width = "x", grp.first.shape[1] * kk
+            else:
+                space, width = "z", d
+            self.space.append(space)
+            self.stats.append(GramStats(width, t))
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
         geo = self.geo
         if not geo.conv:
             rows = x.T if geo.trans_a else x.reshape(-1, x.shape[-1])
-            yr = y.reshape(-1, y.shape[-1])
-            self._add(0, "cur", rows, yr)
+            self._add(0, rows, y.reshape(-1, y.shape[-1]))
             return
         out_sp = y.shape[2:]
         n_idx, coords = sample_positions(self.rng, x.shape[0], out_sp, self.per_sample)
@@ -164,41 +171,46 @@ class _LayerPass:
         g = len(geo.groups)
         s_g, t_g = x.shape[1] // g, y.shape[1] // g
         for k, grp in enumerate(geo.groups):
-            xg = x[:, k * s_g : (k + 1) * s_g].astype(np.float64)
-            yg = yr[:, k * t_g : (k + 1) * t_g]
-            firsts = {"cur": grp.first}
-            if "data" in self.stats[k]:
-                assert self.data_first is not None
-                firsts["data"] = self.data_first[k]
-            for name, first in firsts.items():
-                z = xg if first is None else np.tensordot(first, xg, axes=([1], [1])).swapaxes(0, 1)
-                self._add(k, name, im2col(z, n_idx, coords, geo.kernel, geo.strides, pads, geo.dilations), yg)
+            z = x[:, k * s_g : (k + 1) * s_g]
+            if self.space[k] != "x" and grp.first is not None:
+                z = np.tensordot(grp.first, z.astype(np.float64), axes=([1], [1])).swapaxes(0, 1)
+            self._add(k, im2col(z, n_idx, coords, geo.kernel, geo.strides, pads, geo.dilations), yr[:, k * t_g : (k + 1) * t_g])
 
-    def _add(self, k: int, name: str, p: np.ndarray, y: np.ndarray) -> None:
-        if name == "cur" and self.wide[k]:
+    def _add(self, k: int, p: np.ndarray, y: np.ndarray) -> None:
+        if self.space[k] == "q":
             p = p @ self.geo.groups[k].front
-        self.stats[k][name].add(p, y)
+        self.stats[k].add(p, y)
+
+    def first_space(self, k: int, first: np.ndarray) -> GramStats:
+        """Statistics of the im2col of `first` applied to the input ("x" space only)."""
+        return self.stats[k].projected(np.kron(first, np.eye(self.kk)).T)
+
+    def channel_moment(self, k: int) -> np.ndarray:
+        """Second moment of the input channels over the receptive fields ("x" space only)."""
+        pp = self.stats[k].pp
+        return sum(pp[o :: self.kk, o :: self.kk] for o in range(self.kk)) / self.kk  # type: ignore[return-value]
 
 
 def _solve(geo: _Geometry, lp: _LayerPass, intercept: bool, opts: CalibrationOptions,
-           data_first: list[np.ndarray] | None) -> tuple[str, float, float, list[_Group], int, str | None]:
+           kernel_grams: list[np.ndarray] | None) -> tuple[str, float, float, list[_Group], int, str | None]:
     """(chosen candidate, rss before, rss after, new groups, rows, note)."""
     totals: dict[str, float] = {}
     solutions: dict[str, list[_Group]] = {}
-    rows = lp.stats[0]["cur"].n
+    rows = lp.stats[0].n
     notes: list[str] = []
     for k, grp in enumerate(geo.groups):
-        st = lp.stats[k]["cur"]
+        space = lp.space[k]
+        st = lp.first_space(k, grp.first) if space == "x" and grp.first is not None else lp.stats[k]
         r = grp.front.shape[1]
-        w0 = grp.last if lp.wide[k] else grp.front @ grp.last
+        w0 = grp.last if space == "q" else grp.front @ grp.last
         cands: dict[str, tuple[float, _Group]] = {"kept": (residual(st, w0, grp.bias), grp)}
         if rows >= r:
-            qs = st if lp.wide[k] else st.projected(grp.front)
+            qs = st if space == "q" else st.projected(grp.front)
             la, b = fit_last(qs, np.eye(r), intercept, opts.ridge)
             cands["last"] = (residual(qs, la, b), _Group(grp.first, grp.front, la, b))
         elif not notes:
             notes.append(f"{rows} calibration rows for rank {r}: weight-space factors kept; use more samples")
-        if opts.method != "last" and lp.wide[k]:
+        if opts.method != "last" and space == "q":
             if not notes:
                 notes.append(f"im2col width {grp.front.shape[0]} > {opts.max_width}: only the last factor refit")
         elif opts.method != "last" and rows < st.d:
@@ -208,10 +220,11 @@ def _solve(geo: _Geometry, lp: _LayerPass, intercept: bool, opts: CalibrationOpt
         elif opts.method != "last":
             fr, la, b = fit_reduced_rank(st, r, intercept, opts.ridge)
             cands["joint"] = (residual(st, fr @ la, b), _Group(grp.first, fr, la, b))
-            sd = lp.stats[k].get("data")
-            if sd is not None and data_first is not None:
+            if space == "x" and kernel_grams is not None and grp.first is not None:
+                first = data_aware_basis(lp.channel_moment(k), kernel_grams[k], grp.first.shape[0], opts.ridge)
+                sd = lp.first_space(k, first)
                 fr, la, b = fit_reduced_rank(sd, r, intercept, opts.ridge)
-                cands["data"] = (residual(sd, fr @ la, b), _Group(data_first[k], fr, la, b))
+                cands["data"] = (residual(sd, fr @ la, b), _Group(first, fr, la, b))
         for name, (rss, new) in cands.items():
             totals[name] = totals.get(name, 0.0) + rss
             solutions.setdefault(name, []).append(new)
@@ -284,21 +297,21 @@ def calibrate_model(
             continue
         geo = _geometry(layer, f, bias, chain.beta)
         rng = np.random.default_rng([opts.seed, node_index])
-        data_first = None
+        grams = None
         if opts.method == "full" and f.kind == "tucker2" and layer.weight_name:
-            data_first = _data_first(original, compressed, x_name, batches, geo, read_weight(layer.weight_name), opts)
+            grams = _kernel_grams(read_weight(layer.weight_name), len(geo.groups))
         per_sample = None
         if geo.conv and layer.output_shape is not None and all(isinstance(d, int) for d in layer.output_shape[2:]):
             per_sample = max(1, math.ceil(opts.rows / max(count, 1)))
-        lp = _LayerPass(geo, opts, per_sample, rng, data_first)
+        lp = _LayerPass(geo, opts, per_sample, rng, f.kind == "tucker2")
         comp_iter = iter_activations(compressed, [x_name], batches, "compressed")
         orig_iter = iter_activations(original, [y_name], batches, "original")
         for (x,), (y,) in zip(comp_iter, orig_iter, strict=True):
             _check_finite(x, x_name, "compressed")
             _check_finite(y, y_name, "original")
             lp.add(x, y)
-        best, rss0, rss1, groups, rows, note = _solve(geo, lp, bias is not None, opts, data_first)
-        energy = sum(s["cur"].target_energy for s in lp.stats)
+        best, rss0, rss1, groups, rows, note = _solve(geo, lp, bias is not None, opts, grams)
+        energy = sum(s.target_energy for s in lp.stats)
         e0 = math.sqrt(rss0 / energy) if energy > 0 else math.sqrt(rss0)
         e1 = math.sqrt(rss1 / energy) if energy > 0 else math.sqrt(rss1)
         if best != "kept":
@@ -312,25 +325,6 @@ def calibrate_model(
     if progress is not None and order:
         progress(replacements[order[-1]].layer.layer_id, len(order), len(order))
     return results
-
-
-def _data_first(original: onnx.ModelProto, compressed: onnx.ModelProto, x_name: str, batches: Batches,
-                geo: _Geometry, weight: np.ndarray, opts: CalibrationOptions) -> list[np.ndarray] | None:
-    """Data-aware first factors (one per group) from the channel covariance of the layer's input."""
-    g = len(geo.groups)
-    first0 = geo.groups[0].first
-    assert first0 is not None
-    r3, s_g = first0.shape
-    if r3 >= s_g or r3 * int(np.prod(geo.kernel)) > opts.max_width:
-        return None
-    covs = [np.zeros((s_g, s_g)) for _ in range(g)]
-    for (x,) in iter_activations(compressed, [x_name], batches, "compressed"):
-        _check_finite(x, x_name, "compressed")
-        for k in range(g):
-            xg = np.moveaxis(x[:, k * s_g : (k + 1) * s_g], 1, -1).reshape(-1, s_g).astype(np.float64)
-            covs[k] += xg.T @ xg
-    grams = _kernel_grams(weight, g)
-    return [data_aware_basis(c, gm, r3, opts.ridge) for c, gm in zip(covs, grams, strict=True)]
 
 
 def calibration_batches(path: str, model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]],
