@@ -400,3 +400,42 @@ def test_calibration_batches_checks_shapes_before_any_work(tmp_path: Path) -> No
 
     with pytest.raises(UsageError, match="--calibrate"):
         calibration_batches(str(path), model, {"x": (1, 3, 8, 8)}, None)
+
+
+def _residual_block(c: int = 8, seed: int = 0) -> onnx.ModelProto:
+    """x -> convA -> Relu -> r; y = convB(r) + r: convB's output only feeds the Add."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(he_normal(rng, (c, c, 3, 3)), "WA"),
+             numpy_helper.from_array(he_normal(rng, (c, c, 3, 3)), "WB"),
+             numpy_helper.from_array((0.1 * rng.standard_normal(c)).astype(np.float32), "BB")]
+    nodes = [
+        helper.make_node("Conv", ["x", "WA"], ["a"], name="convA", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "WB", "BB"], ["b"], name="convB", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["b", "r"], ["y"], name="add"),
+    ]
+    graph = helper.make_graph(nodes, "res", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, 6, 6])], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_residual_compensation_fits_the_sum_not_the_branch(rng: np.random.Generator) -> None:
+    """With compensation, convB aims at the original Add output given the compressed skip branch, so
+    the block's output error drops below what refitting convB to its own output gives."""
+    model = _residual_block()
+    cfg = CompressionConfig(ranks=RankPolicy.parse("ratio:0.4"), validate=False)
+    prep, plan, reps = _decomposed(model, cfg)
+    assert {r.layer.layer_id for r in reps.values()} == {"convA", "convB"}
+    x = rng.standard_normal((64, 8, 6, 6)).astype(np.float32)
+    want = run_ort(model, {"x": x})["y"]
+    errs = {}
+    for residual in (False, True):
+        comp = apply_replacements(model, reps)
+        found = calibrate_model(model, comp, reps, _batches({"x": x}),
+                                CalibrationOptions(method="joint", rows=10**9, residual=residual))
+        assert found["convB"].compensated_for == ("r" if residual else None)
+        assert found["convA"].compensated_for is None
+        errs[residual] = float(np.linalg.norm(run_ort(comp, {"x": x})["y"] - want) / np.linalg.norm(want))
+    assert errs[True] < 0.99 * errs[False], errs  # the least-squares optimum of the sum; equal without it

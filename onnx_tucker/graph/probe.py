@@ -35,11 +35,11 @@ def expose_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPr
         if t in seen:
             continue
         seen.add(t)
-        i = producer.get(t)
-        if i is None or i in needed:
+        found = producer.get(t)
+        if found is None or found in needed:
             continue
-        needed.add(i)
-        node = g.node[i]
+        needed.add(found)
+        node = g.node[found]
         stack.extend(x for x in node.input if x)
         for sub in subgraphs(node):
             stack.extend(outer_names_used(sub))
@@ -144,3 +144,20 @@ def node_io(model: onnx.ModelProto, node_index: int) -> tuple[str, str]:
     """(data input, first output) of top-level node `node_index`."""
     node = model.graph.node[node_index]
     return node.input[0], node.output[0]
+
+
+def residual_partner(model: onnx.ModelProto, tensor: str) -> str | None:
+    """The other input of the `Add` that is the only reader of `tensor` (None otherwise, or when that
+    input is a constant or the tensor is a graph output)."""
+    if tensor in {o.name for o in model.graph.output}:
+        return None
+    readers = [n for n in model.graph.node if tensor in n.input]
+    if len(readers) != 1 or readers[0].op_type != "Add" or readers[0].domain not in ("", "ai.onnx"):
+        return None
+    ins = list(readers[0].input)
+    if len(ins) != 2 or ins.count(tensor) != 1:
+        return None
+    other = ins[1] if ins[0] == tensor else ins[0]
+    constants = {t.name for t in model.graph.initializer}
+    constants |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    return None if other in constants else other

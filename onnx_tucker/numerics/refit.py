@@ -222,5 +222,5 @@ def im2col(
     out = np.empty((n_idx.size, x.shape[1], len(offsets)), dtype=x.dtype)
     for j, off in enumerate(offsets):
         idx = tuple(coords[:, i] * strides[i] + off[i] * dilations[i] for i in range(nd))
-        out[:, :, j] = xp[(n_idx, slice(None), *idx)]  # (m, C): advanced indices around a slice go first
+        out[:, :, j] = xp[(n_idx, slice(None)) + idx]  # (m, C): advanced indices around a slice go first
     return out.reshape(n_idx.size, -1)

@@ -29,7 +29,7 @@ import onnx
 from ..config import CompressionConfig
 from ..errors import ValidationError
 from ..graph.model import ModelIndex
-from ..graph.probe import factor_chain, node_io, read_initializer, write_initializers
+from ..graph.probe import factor_chain, node_io, read_initializer, residual_partner, write_initializers
 from ..graph.rewrite import Replacement
 from ..numerics.refit import (
     DEFAULT_RIDGE,
@@ -59,6 +59,9 @@ class CalibrationOptions:
     # Widest joint regression (columns of im2col per group); wider layers only refit the last factor.
     max_width: int = 4096
     seed: int = 0
+    # A layer whose output only feeds an Add (a residual branch) is fitted to the original Add's output
+    # minus the compressed other branch, so it also absorbs the error the skip path carries.
+    residual: bool = True
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,9 @@ class LayerCalibration:
     error_after: float | None
     rows: int
     note: str | None = None
+    # The other input of the Add this layer feeds, when the target was compensated for its error
+    # (`CalibrationOptions.residual`): the errors are then those of the Add's output.
+    compensated_for: str | None = None
 
 
 @dataclass
@@ -166,7 +172,7 @@ class _LayerPass:
             return
         out_sp = y.shape[2:]
         n_idx, coords = sample_positions(self.rng, x.shape[0], out_sp, self.per_sample)
-        yr = y[(n_idx, slice(None), *coords.T)]  # (m, T)
+        yr = y[(n_idx, slice(None)) + tuple(coords.T)]  # (m, T)
         pads = conv_pads_begin(x.shape[2:], out_sp, geo.kernel, geo.strides, geo.dilations, geo.pads, geo.auto_pad)
         g = len(geo.groups)
         s_g, t_g = x.shape[1] // g, y.shape[1] // g
@@ -304,11 +310,19 @@ def calibrate_model(
         if geo.conv and layer.output_shape is not None and all(isinstance(d, int) for d in layer.output_shape[2:]):
             per_sample = max(1, math.ceil(opts.rows / max(count, 1)))
         lp = _LayerPass(geo, opts, per_sample, rng, f.kind == "tucker2")
-        comp_iter = iter_activations(compressed, [x_name], batches, "compressed")
-        orig_iter = iter_activations(original, [y_name], batches, "original")
-        for (x,), (y,) in zip(comp_iter, orig_iter, strict=True):
+        # Residual compensation: when the output only feeds an Add, aim at the original *sum*, i.e. the
+        # original output plus what the other branch lost in the compressed model.
+        skip = residual_partner(original, y_name) if opts.residual else None
+        extra = [skip] if skip else []
+        comp_iter = iter_activations(compressed, [x_name, *extra], batches, "compressed")
+        orig_iter = iter_activations(original, [y_name, *extra], batches, "original")
+        for xs, ys in zip(comp_iter, orig_iter, strict=True):
+            x, y = xs[0], ys[0]
             _check_finite(x, x_name, "compressed")
             _check_finite(y, y_name, "original")
+            if skip and xs[1].shape == y.shape:
+                _check_finite(xs[1], skip, "compressed")
+                y = y + (ys[1] - xs[1])
             lp.add(x, y)
         best, rss0, rss1, groups, rows, note = _solve(geo, lp, bias is not None, opts, grams)
         energy = sum(s.target_energy for s in lp.stats)
@@ -321,7 +335,7 @@ def calibrate_model(
             if chain.bias is not None:
                 values[chain.bias] = b / chain.beta if layer.op_type == "Gemm" else b
             write_initializers(compressed, values)
-        results[layer.layer_id] = LayerCalibration(best, e0, e1, rows, note)
+        results[layer.layer_id] = LayerCalibration(best, e0, e1, rows, note, skip)
     if progress is not None and order:
         progress(replacements[order[-1]].layer.layer_id, len(order), len(order))
     return results

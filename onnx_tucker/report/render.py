@@ -151,6 +151,22 @@ def validation_table(v: ValidationReport) -> Table:
     return t
 
 
+def calibration_table(plan: CompressionPlan) -> Table | None:
+    """Per refit layer (compress --calibrate): its output error on the calibration data, before -> after."""
+    rows = [p for p in plan.layers if p.calibration is not None]
+    if not rows:
+        return None
+    t = Table(title="Calibration (layer output error on the calibration data)", title_justify="left")
+    for col in ("layer", "refit", "rows", "error before", "error after", "note"):
+        t.add_column(col, justify="left" if col in ("layer", "refit", "note") else "right")
+    for p in rows:
+        c = p.calibration
+        assert c is not None
+        t.add_row(p.name, c.method, str(c.rows), "-" if c.error_before is None else f"{c.error_before:.4f}",
+                  "-" if c.error_after is None else f"{c.error_after:.4f}", c.note or "")
+    return t
+
+
 def print_result(
     result: CompressionResult | CompressionPlan,
     console: Console,
@@ -160,6 +176,9 @@ def print_result(
     """The tables a user sees: per-layer, summary, validation (and latency when measured)."""
     plan = result if isinstance(result, CompressionPlan) else result.plan
     console.print(layer_table(plan))
+    cal = calibration_table(plan)
+    if cal is not None:
+        console.print(cal)
     if isinstance(result, CompressionPlan):
         console.print(summary_table(plan_totals(plan)))
         return
