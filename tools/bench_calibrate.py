@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["last", "joint", "full"])
     ap.add_argument("--rows", type=int, default=CalibrationOptions().rows)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-residual", action="store_true", help="no residual compensation (CalibrationOptions.residual)")
     args = ap.parse_args()
 
     import onnx
@@ -70,6 +71,7 @@ def main() -> None:
     cal = {n: images(args.cal_dir, n, args.seed)[0] for n in args.cal_count}
     base = top1(model, x_test, y_test)
     print(f"{args.model.name}: original top-1 {100 * base:.2f} % on {len(y_test)} images of {args.test_dir}")
+    print(f"residual compensation: {'off' if args.no_residual else 'on'}; rows per layer: {args.rows}")
     print("| ranks | MACs | one-shot | calibration images | method | calibrated | refit time |")
     print("|---|---|---|---|---|---|---|")
     for spec in args.ranks:
@@ -84,7 +86,8 @@ def main() -> None:
             for method in args.methods:
                 comp = copy.deepcopy(one_shot)
                 t = time.perf_counter()
-                calibrate_model(model, comp, reps, batches, CalibrationOptions(method=method, rows=args.rows, seed=args.seed))
+                calibrate_model(model, comp, reps, batches, CalibrationOptions(method=method, rows=args.rows, seed=args.seed,
+                                                                            residual=not args.no_residual))
                 dt = time.perf_counter() - t
                 acc1 = top1(comp, x_test, y_test)
                 print(f"| `{spec}` | x{result.totals.macs_ratio:.2f} | {100 * acc0:.2f} % | {n} | {method} | "
