@@ -87,7 +87,7 @@ ValidateOpt = Annotated[bool, typer.Option("--validate/--no-validate", help="Com
 SamplesOpt = Annotated[int | None, typer.Option("--samples", help="Random inputs used for validation (default 8), or how many --data samples to use (default all).", show_default=False)]
 DataOpt = Annotated[Path | None, typer.Option("--data", help="Validate on real data: a .npz with one array per model input (samples on the first axis) and optional 'labels' for accuracy.", show_default=False)]
 CalibrateOpt = Annotated[Path | None, typer.Option("--calibrate", help="Refit each decomposed layer's factors so its output matches the original's on this unlabeled data (.npz, one array per model input); same ranks and graph.", show_default=False)]
-CalibrationSamplesOpt = Annotated[int, typer.Option("--calibration-samples", help="How many --calibrate samples to use (the first N).")]
+CalibrationSamplesOpt = Annotated[int, typer.Option("--calibration-samples", help="How many --calibrate samples to use (a random subset, seeded by --seed, when the file has more).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice (validation inputs).")]
 RtolOpt = Annotated[float | None, typer.Option("--rtol", help="Fail when max|orig-new| > RTOL * max|orig| on any output (default: report only; 1e-4 under --ranks full).", show_default=False)]
 BenchOpt = Annotated[bool, typer.Option("--bench", help="Also measure latency of both models in onnxruntime CPU (interleaved runs, medians).")]

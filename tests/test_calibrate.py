@@ -439,3 +439,14 @@ def test_residual_compensation_fits_the_sum_not_the_branch(rng: np.random.Genera
         assert found["convA"].compensated_for is None
         errs[residual] = float(np.linalg.norm(run_ort(comp, {"x": x})["y"] - want) / np.linalg.norm(want))
     assert errs[True] < 0.99 * errs[False], errs  # the least-squares optimum of the sum; equal without it
+
+
+def test_calibration_samples_are_a_seeded_random_subset(tmp_path: Path) -> None:
+    model = make_small_cnn(batch="N", spatial=(8, 8))
+    x = np.arange(100, dtype=np.float32)[:, None, None, None] * np.ones((1, 3, 8, 8), np.float32)
+    path = _npz(tmp_path, "c.npz", x=x)
+    ids = lambda b: sorted(int(v) for c in b for v in c["x"][:, 0, 0, 0])  # noqa: E731
+    a = ids(calibration_batches(str(path), model, {"x": (1, 3, 8, 8)}, 20, batch=8, seed=1))
+    assert len(a) == 20 and a != list(range(20)) and max(a) > 50  # not the first 20 (sorted files)
+    assert a == ids(calibration_batches(str(path), model, {"x": (1, 3, 8, 8)}, 20, batch=8, seed=1))
+    assert a != ids(calibration_batches(str(path), model, {"x": (1, 3, 8, 8)}, 20, batch=8, seed=2))

@@ -342,16 +342,20 @@ def calibrate_model(
 
 
 def calibration_batches(path: str, model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]],
-                        limit: int | None, batch: int = 64) -> list[dict[str, np.ndarray]]:
-    """The calibration data (.npz, as `--data` reads it; labels ignored) as batches of feeds (views).
+                        limit: int | None, batch: int = 64, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """The calibration data (.npz, as `--data` reads it; labels ignored) as batches of feeds.
 
-    Data that does not fit the model's inputs is a `UsageError` naming `--calibrate`, before any work.
+    With more samples than `limit`, a seeded random subset of `limit` is used (files are often sorted
+    by class). Data that does not fit the model's inputs is a `UsageError` naming `--calibrate`.
     """
     from ..errors import UsageError
-    from ..runtime.validate import _data_batches, _dynamic_batch, load_validation_data
+    from ..runtime.validate import ValidationData, _data_batches, _dynamic_batch, load_validation_data
 
     try:
-        data = load_validation_data(path, model, limit)
+        data = load_validation_data(path, model)
+        if limit is not None and data.count > limit:
+            pick = np.sort(np.random.default_rng(seed).choice(data.count, limit, replace=False))
+            data = ValidationData(data.path, {n: a[pick] for n, a in data.inputs.items()}, None)
         chunks = _data_batches(data, input_shapes, model)
     except UsageError as e:
         raise UsageError(str(e).replace("--data ", "--calibrate ", 1)) from None
@@ -366,7 +370,8 @@ def calibrate_from_config(original: onnx.ModelProto, compressed: onnx.ModelProto
                           progress: Callable[[str, int, int], None] | None = None) -> CompressionPlan:
     """`compress --calibrate`: refit `compressed` in place; the plan with each layer's `calibration`."""
     assert config.calibrate is not None
-    batches = calibration_batches(config.calibrate, original, input_shapes, config.calibration_samples)
+    batches = calibration_batches(config.calibrate, original, input_shapes, config.calibration_samples,
+                                  seed=config.seed)
     found = calibrate_model(original, compressed, replacements, batches, CalibrationOptions(seed=config.seed),
                             progress=progress)
     layers = tuple(replace(lp, calibration=found.get(lp.name)) for lp in plan.layers)
