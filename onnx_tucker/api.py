@@ -27,7 +27,7 @@ from .graph.rewrite import Replacement, apply_replacements
 from .graph.save import check_output_path, save_model
 from .numerics.spectral import LayerSpectra, single_threaded_lapack
 from .ops.layer import Layer, LayerFactors, factorised_as
-from .plan.calibrate import calibrate_from_config
+from .plan.calibrate import CalibrationSummary, calibrate_from_config
 from .plan.decompose import decompose_layer
 from .plan.planner import (
     CompressionPlan,
@@ -79,6 +79,7 @@ class CompressionResult:
     input_path: str | None = None
     output_path: str | None = None
     seconds: float = 0.0
+    calibration: CalibrationSummary | None = None  # compress --calibrate: the whole model on held-out data
 
     @property
     def decomposed_layers(self) -> int:
@@ -260,9 +261,10 @@ def compress(
     new_model = apply_replacements(prep.model, replacements)
     # Weights kept as they were come back from the file now (most are gone when decomposed).
     prep.materialize(new_model)
+    calibration = None
     if config.calibrate:  # refit the factors on data, in place, before validating and writing
         prep.materialize(prep.model)
-        p = calibrate_from_config(prep.model, new_model, replacements, p, prep.input_shapes, config, progress)
+        p, calibration = calibrate_from_config(prep.model, new_model, replacements, p, prep.input_shapes, config, progress)
 
     report = None
     if config.validate:
@@ -292,6 +294,7 @@ def compress(
         input_path=in_path,
         output_path=written,
         seconds=time.perf_counter() - t0,
+        calibration=calibration,
     )
 
 

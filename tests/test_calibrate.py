@@ -368,7 +368,12 @@ def test_cli_calibrate_writes_the_refit_into_the_report(tmp_path: Path, rng: np.
     layers = [entry for entry in json.loads(rep.read_text())["layers"] if entry["calibration"]]
     assert layers and all(entry["calibration"]["rows"] > 0 for entry in layers)
     assert all(entry["calibration"]["error_after"] <= entry["calibration"]["error_before"] + 1e-9 for entry in layers)
-    assert json.loads(rep.read_text())["config"]["calibration_samples"] == 48
+    report = json.loads(rep.read_text())
+    assert report["config"]["calibration_samples"] == 48
+    summary = report["calibration"]  # the 16 samples beyond --calibration-samples measure the whole model
+    assert summary["samples"] == 48 and summary["held_out"] == 16
+    assert summary["cosine_after"] > summary["cosine_before"]
+    assert 0 <= summary["top1_agreement_after"] <= 1
     onnx.checker.check_model(onnx.load(str(out)))
 
 

@@ -341,21 +341,47 @@ def calibrate_model(
     return results
 
 
-def calibration_batches(path: str, model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]],
-                        limit: int | None, batch: int = 64, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """The calibration data (.npz, as `--data` reads it; labels ignored) as batches of feeds.
+HELD_OUT = 500  # at most this many samples beyond --calibration-samples measure the whole model
 
-    With more samples than `limit`, a seeded random subset of `limit` is used (files are often sorted
-    by class). Data that does not fit the model's inputs is a `UsageError` naming `--calibrate`.
-    """
+
+@dataclass(frozen=True)
+class CalibrationSummary:
+    """The whole model against the original on held-out samples of the calibration file (the samples
+    not used for the refit, when it has more than `samples`): one-shot vs. calibrated."""
+
+    samples: int
+    held_out: int
+    top1_agreement_before: float | None = None
+    top1_agreement_after: float | None = None
+    cosine_before: float | None = None
+    cosine_after: float | None = None
+    seconds: float = 0.0
+
+
+def _load_calibration(path: str, model: onnx.ModelProto, limit: int | None, seed: int):  # type: ignore[no-untyped-def]
+    """(data used for the refit, held-out data or None), as `ValidationData`."""
     from ..errors import UsageError
-    from ..runtime.validate import ValidationData, _data_batches, _dynamic_batch, load_validation_data
+    from ..runtime.validate import ValidationData, load_validation_data
 
     try:
         data = load_validation_data(path, model)
-        if limit is not None and data.count > limit:
-            pick = np.sort(np.random.default_rng(seed).choice(data.count, limit, replace=False))
-            data = ValidationData(data.path, {n: a[pick] for n, a in data.inputs.items()}, None)
+    except UsageError as e:
+        raise UsageError(str(e).replace("--data ", "--calibrate ", 1)) from None
+    if limit is None or data.count <= limit:
+        return data, None
+    order = np.random.default_rng(seed).permutation(data.count)
+    pick, rest = np.sort(order[:limit]), np.sort(order[limit : limit + HELD_OUT])
+    used = ValidationData(data.path, {n: a[pick] for n, a in data.inputs.items()}, None)
+    held = ValidationData(data.path, {n: a[rest] for n, a in data.inputs.items()}, None)
+    return used, held
+
+
+def _batches_of(data, model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]],  # type: ignore[no-untyped-def]
+                batch: int) -> list[dict[str, np.ndarray]]:
+    from ..errors import UsageError
+    from ..runtime.validate import _data_batches, _dynamic_batch
+
+    try:
         chunks = _data_batches(data, input_shapes, model)
     except UsageError as e:
         raise UsageError(str(e).replace("--data ", "--calibrate ", 1)) from None
@@ -365,14 +391,40 @@ def calibration_batches(path: str, model: onnx.ModelProto, input_shapes: Mapping
             for i in range(0, next(iter(c.values())).shape[0], batch)]
 
 
+def calibration_batches(path: str, model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]],
+                        limit: int | None, batch: int = 64, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """The calibration data (.npz, as `--data` reads it; labels ignored) as batches of feeds.
+
+    With more samples than `limit`, a seeded random subset of `limit` is used (files are often sorted
+    by class). Data that does not fit the model's inputs is a `UsageError` naming `--calibrate`.
+    """
+    used, _ = _load_calibration(path, model, limit, seed)
+    return _batches_of(used, model, input_shapes, batch)
+
+
 def calibrate_from_config(original: onnx.ModelProto, compressed: onnx.ModelProto, replacements: Mapping[int, Replacement],
                           plan: CompressionPlan, input_shapes: Mapping[str, tuple[int, ...]], config: CompressionConfig,
-                          progress: Callable[[str, int, int], None] | None = None) -> CompressionPlan:
-    """`compress --calibrate`: refit `compressed` in place; the plan with each layer's `calibration`."""
+                          progress: Callable[[str, int, int], None] | None = None
+                          ) -> tuple[CompressionPlan, CalibrationSummary]:
+    """`compress --calibrate`: refit `compressed` in place; the plan with each layer's `calibration`,
+    and the whole model's agreement with the original on held-out samples before and after."""
+    import copy
+    import time
+
+    from ..runtime.validate import validate_models
+
     assert config.calibrate is not None
-    batches = calibration_batches(config.calibrate, original, input_shapes, config.calibration_samples,
-                                  seed=config.seed)
+    t0 = time.perf_counter()
+    used, held = _load_calibration(config.calibrate, original, config.calibration_samples, config.seed)
+    batches = _batches_of(used, original, input_shapes, 64)
+    one_shot = copy.deepcopy(compressed) if held is not None else None
     found = calibrate_model(original, compressed, replacements, batches, CalibrationOptions(seed=config.seed),
                             progress=progress)
     layers = tuple(replace(lp, calibration=found.get(lp.name)) for lp in plan.layers)
-    return replace(plan, layers=layers)
+    summary = CalibrationSummary(used.count, 0)
+    if held is not None and one_shot is not None:
+        before = validate_models(original, one_shot, input_shapes, data=held).outputs[0]
+        after = validate_models(original, compressed, input_shapes, data=held).outputs[0]
+        summary = CalibrationSummary(used.count, held.count, before.top1_agreement, after.top1_agreement,
+                                     before.cosine, after.cosine)
+    return replace(plan, layers=layers), replace(summary, seconds=time.perf_counter() - t0)

@@ -151,6 +151,10 @@ def validation_table(v: ValidationReport) -> Table:
     return t
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
 def calibration_table(plan: CompressionPlan) -> Table | None:
     """Per refit layer (compress --calibrate): its output error on the calibration data, before -> after."""
     rows = [p for p in plan.layers if p.calibration is not None]
@@ -184,6 +188,13 @@ def print_result(
         return
     lat = (latency.original_median, latency.compressed_median) if latency is not None else None
     console.print(summary_table(result.totals, lat))
+    c = result.calibration
+    if c is not None:
+        held = "no held-out samples (the file has no more than --calibration-samples)" if not c.held_out else (
+            f"on {c.held_out} held-out samples, top-1 agreement with the original "
+            f"{_pct(c.top1_agreement_before)} -> {_pct(c.top1_agreement_after)}, "
+            f"cosine {c.cosine_before:.4f} -> {c.cosine_after:.4f}")
+        console.print(f"Calibration: refit on {c.samples} samples in {c.seconds:.1f} s; {held}", markup=False)
     if result.validation is not None:
         console.print(validation_table(result.validation))
     if latency is not None:
@@ -254,6 +265,7 @@ def result_dict(result: CompressionResult | CompressionPlan, latency: LatencyRep
             "totals": totals,
             "validation": validation_dict(result.validation),
             "latency": latency_dict(latency),
+            "calibration": None if result.calibration is None else dict(result.calibration.__dict__),
             "config": result.plan.config.to_dict(),
             "model": {
                 "input": result.input_path,
