@@ -14,7 +14,13 @@ The candidate with the lowest calibration error wins, and the weight-space facto
 none beats them: a refit never increases a layer's error on the calibration rows.
 
 Grouped convs are refit group by group (block-diagonal factors). The `method` option caps the
-candidates: "last" < "joint" < "full" (all three).
+candidates: "last" < "joint" < "full" (all three). A layer whose output only feeds an `Add` (the
+residual branch of a ResNet block) is fitted to the original Add output minus the compressed model's
+other Add input (`residual`), so it also absorbs the error carried by the skip path.
+
+Cost: two onnxruntime passes over the calibration data per layer (the compressed model up to the
+layer's input, the original up to its output), plus Gram products of `rows` sampled output positions
+by the im2col width. Memory: a few Gram matrices of the im2col width (plus one batch of activations).
 """
 
 from __future__ import annotations
