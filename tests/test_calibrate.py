@@ -455,3 +455,21 @@ def test_calibration_samples_are_a_seeded_random_subset(tmp_path: Path) -> None:
     assert len(a) == 20 and a != list(range(20)) and max(a) > 50  # not the first 20 (sorted files)
     assert a == ids(calibration_batches(str(path), model, {"x": (1, 3, 8, 8)}, 20, batch=8, seed=1))
     assert a != ids(calibration_batches(str(path), model, {"x": (1, 3, 8, 8)}, 20, batch=8, seed=2))
+
+
+def test_too_few_samples_for_a_layer_keep_its_factors_with_a_reason(rng: np.random.Generator) -> None:
+    """3 samples give the FC layer 3 rows, fewer than its rank: its weight-space factors stay, and
+    the report says why; the convs (many pixels per sample) are still refit."""
+    model = make_small_cnn(batch="N", c1=12, c2=16, spatial=(8, 8))
+    cfg = CompressionConfig(ranks=RankPolicy.parse("ratio:0.5"), validate=False)
+    prep, plan, reps = _decomposed(model, cfg)
+    one_shot = apply_replacements(model, reps)
+    comp = copy.deepcopy(one_shot)
+    found = calibrate_model(model, comp, reps, [{"x": rng.standard_normal((3, 3, 8, 8)).astype(np.float32)}])
+    fc = found["fc"]
+    assert fc.method == "kept" and fc.rows == 3 and "use more samples" in (fc.note or "")
+    fc_chain = factor_chain(one_shot, "logits", 2)
+    assert fc_chain is not None
+    for name in fc_chain.weights:
+        np.testing.assert_array_equal(read_initializer(comp, name), read_initializer(one_shot, name))
+    assert found["conv2"].method != "kept"
