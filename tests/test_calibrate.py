@@ -263,14 +263,15 @@ def test_grouped_and_strided_convs_refit_exactly_at_full_rank(kw: dict, method: 
     assert max(errs) < 1e-3, (found, errs)
 
 
-@pytest.mark.parametrize("kind", ["gemm", "gemm-transA", "matmul"])
+@pytest.mark.parametrize("kind", ["gemm", "gemm-transA", "gemm-beta0", "matmul"])
 def test_fc_refit_reaches_the_least_squares_optimum(kind: str, rng: np.random.Generator) -> None:
     """SVD of Gemm / MatMul, method "last": the last factor and the bias are the least-squares fit of
     the original outputs on (x @ first factor), computed here directly."""
     if kind == "matmul":
         model, shape = make_matmul_model(K=16, N=12, lead=(64,)), (64, 16)
     else:
-        model = make_gemm_model(K=16, N=12, trans_b=1, rows=64, trans_a=int(kind == "gemm-transA"), beta=0.5)
+        model = make_gemm_model(K=16, N=12, trans_b=1, rows=64, trans_a=int(kind == "gemm-transA"),
+                                beta=0.0 if kind == "gemm-beta0" else 0.5)
         shape = (16, 64) if kind == "gemm-transA" else (64, 16)
     cfg = CompressionConfig(ranks=RankPolicy.parse("ratio:0.25"), validate=False)
     prep, plan, reps = _decomposed(model, cfg)
@@ -282,7 +283,7 @@ def test_fc_refit_reaches_the_least_squares_optimum(kind: str, rng: np.random.Ge
     rows = np.concatenate([x.T if kind == "gemm-transA" else x for x in xs]).astype(np.float64)
     ys = np.concatenate([run_ort(model, {"x": x})["y"] for x in xs]).astype(np.float64)
     q = rows @ rep.factors.arrays[0]
-    design = np.hstack([q, np.ones((len(q), 1))]) if kind != "matmul" else q
+    design = np.hstack([q, np.ones((len(q), 1))]) if kind in ("gemm", "gemm-transA") else q  # beta 0: C unused
     coef = np.linalg.lstsq(design, ys, rcond=None)[0]
     best = float(np.linalg.norm(design @ coef - ys) / np.linalg.norm(ys))
     got = float(np.linalg.norm(np.concatenate([run_ort(comp, {"x": x})["y"] for x in xs]) - ys) / np.linalg.norm(ys))

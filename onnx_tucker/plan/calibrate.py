@@ -312,9 +312,7 @@ def calibrate_model(
         grams = None
         if opts.method == "full" and f.kind == "tucker2" and layer.weight_name:
             grams = _kernel_grams(read_weight(layer.weight_name), len(geo.groups))
-        per_sample = None
-        if geo.conv and layer.output_shape is not None and all(isinstance(d, int) for d in layer.output_shape[2:]):
-            per_sample = max(1, math.ceil(opts.rows / max(count, 1)))
+        per_sample = max(1, math.ceil(opts.rows / max(count, 1))) if geo.conv else None
         lp = _LayerPass(geo, opts, per_sample, rng, f.kind == "tucker2")
         # Residual compensation: when the output only feeds an Add, aim at the original *sum*, i.e. the
         # original output plus what the other branch lost in the compressed model.
@@ -329,8 +327,11 @@ def calibrate_model(
             if skip and xs[1].shape == y.shape:
                 _check_finite(xs[1], skip, "compressed")
                 y = y + (ys[1] - xs[1])
+            elif skip:  # a broadcasting Add: no compensation
+                skip = None
             lp.add(x, y)
-        best, rss0, rss1, groups, rows, note = _solve(geo, lp, bias is not None, opts, grams)
+        # Gemm with beta = 0 ignores C: nothing to fit there.
+        best, rss0, rss1, groups, rows, note = _solve(geo, lp, bias is not None and chain.beta != 0, opts, grams)
         energy = sum(s.target_energy for s in lp.stats)
         e0 = math.sqrt(rss0 / energy) if energy > 0 else math.sqrt(rss0)
         e1 = math.sqrt(rss1 / energy) if energy > 0 else math.sqrt(rss1)
@@ -338,7 +339,7 @@ def calibrate_model(
             arrays, b = _arrays(layer, f, geo, groups)
             stored = [a.T for a in arrays] if layer.op_type == "Gemm" and int(layer.attrs.get("transB", 0)) else arrays  # type: ignore[call-overload]
             values = dict(zip(chain.weights, stored, strict=True))
-            if chain.bias is not None:
+            if chain.bias is not None and chain.beta != 0:
                 values[chain.bias] = b / chain.beta if layer.op_type == "Gemm" else b
             write_initializers(compressed, values)
         results[layer.layer_id] = LayerCalibration(best, e0, e1, rows, note, skip)
