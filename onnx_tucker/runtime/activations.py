@@ -19,7 +19,7 @@ def _session(model: onnx.ModelProto, what: str):  # type: ignore[no-untyped-def]
     opts.log_severity_level = 3
     try:
         if model.ByteSize() > PROTOBUF_LIMIT:
-            raise ValidationError(f"the {what} model is over 2 GB: calibration of such models is not supported yet")
+            raise ValidationError(f"the {what} model is over 2 GB: --calibrate does not support such models yet; leave it out")
         return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except ValidationError:
         raise
