@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from .config import BenchConfig, CompressionConfig
-from .errors import ModelLoadError
+from .errors import ModelLoadError, UsageError
 from .graph import lazyload
 from .graph.fold import float_parameter_count
 from .graph.irmodel import IRModel
@@ -44,6 +44,7 @@ from .planning.planner import (
 from .report import latency_dict, result_json, result_markdown, validation_dict
 from .results import CompressionResult, ModelTotals
 from .runtime.bench import LatencyReport, measure_latency
+from .runtime.calibrate import calibrate_from_config
 from .runtime.validate import ValidationReport, load_validation_data, validate_models
 
 ModelLike = onnx.ModelProto | str | os.PathLike[str]
@@ -230,7 +231,8 @@ def compress(
     prep = _prepare(model_or_path, config)
     p, replacements = _plan_and_decompose(prep, config, progress)
     rewritten = rewrite(prep.model, replacements, prep.base_dir)
-    del replacements  # the factor arrays live on in `rewritten` (wrapped, not copied)
+    if not config.calibrate:
+        del replacements  # the factor arrays live on in `rewritten` (wrapped, not copied)
     new_model: onnx.ModelProto | IRModel
     if rewritten.over_protobuf_limit():
         # Too big for one protobuf: stays an onnx-ir model, written straight from its arrays (and the
@@ -243,6 +245,16 @@ def compress(
         check_rewrite(prep.model, new_model)
         # Weights kept as they were come back from the file now (most are gone when decomposed).
         prep.materialize(new_model)
+    calibration = None
+    if config.calibrate:  # refit the factors on data, in place, before validating and writing
+        if isinstance(new_model, IRModel):
+            raise UsageError(
+                f"--calibrate {config.calibrate}: the compressed model is over 2 GB, which calibration cannot "
+                "run in memory; compress without --calibrate"
+            )
+        prep.materialize(prep.model)
+        p, calibration = calibrate_from_config(prep.model, new_model, replacements, p, prep.input_shapes, config, progress)
+        del replacements
 
     validation = None
     # onnxruntime reads the original from its file (its weights were loaded lazily: no copy of them).
@@ -277,6 +289,7 @@ def compress(
         seconds=time.perf_counter() - t0,
         latency=latency,
         requested_output=str(output) if output is not None else None,
+        calibration=calibration,
     )
     with OutputBatch() as batch:
         if result.output_path is not None:

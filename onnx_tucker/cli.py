@@ -103,7 +103,7 @@ InputShapeOpt = Annotated[list[str] | None, typer.Option("--input-shape", metava
 PlanOpt = Annotated[Path | None, typer.Option("--plan", help="Replay the kinds and ranks of a plan file written by --save-plan.", show_default=False)]
 SavePlanOpt = Annotated[Path | None, typer.Option("--save-plan", help="Write the plan (kinds and ranks per layer) as JSON.", show_default=False)]
 # --report writes a different JSON per command (report/data.py); each help names its top-level keys.
-ReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the full report as JSON (keys: layers, totals, validation, latency, config, model; latency is null without --bench, validation null under --no-validate).", show_default=False)]
+ReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the full report as JSON (keys: layers, totals, validation, latency, calibration, config, model; latency is null without --bench, calibration without --calibrate, validation under --no-validate).", show_default=False)]
 InspectReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the plan as a JSON report (keys: layers, totals, validation, config; validation is always null: nothing is run).", show_default=False)]
 ValidateReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the comparison as JSON (keys: validation).", show_default=False)]
 BenchReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the latencies as JSON (keys: latency).", show_default=False)]
@@ -111,6 +111,8 @@ MarkdownOpt = Annotated[Path | None, typer.Option("--markdown", help="Write the 
 ValidateOpt = Annotated[bool, typer.Option("--validate/--no-validate", help="Compare original and compressed outputs in onnxruntime.")]
 SamplesOpt = Annotated[int | None, typer.Option("--samples", help="Random inputs used for validation (default 8), or how many --data samples to use (default all).", show_default=False)]
 DataOpt = Annotated[Path | None, typer.Option("--data", help="Validate on real data: a .npz with one array per model input (samples on the first axis) and optional 'labels' for accuracy.", show_default=False)]
+CalibrateOpt = Annotated[Path | None, typer.Option("--calibrate", help="Refit each decomposed layer's factors so its output matches the original's on this unlabeled data (.npz, one array per model input); same ranks and graph.", show_default=False)]
+CalibrationSamplesOpt = Annotated[int, typer.Option("--calibration-samples", help="How many --calibrate samples to use (a random subset, seeded by --seed, when the file has more).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice (validation inputs).")]
 RtolOpt = Annotated[float | None, typer.Option("--rtol", help="Fail when max|orig-new| > RTOL * max|orig| on any output (default: report only; 1e-4 under --ranks full).", show_default=False)]
 BenchOpt = Annotated[bool, typer.Option("--bench", help="Also measure latency of both models in onnxruntime CPU (interleaved runs, medians).")]
@@ -202,6 +204,8 @@ def compress(
     validate: ValidateOpt = True,
     samples: SamplesOpt = None,
     data: DataOpt = None,
+    calibrate: CalibrateOpt = None,
+    calibration_samples: CalibrationSamplesOpt = 500,
     seed: SeedOpt = 0,
     rtol: RtolOpt = None,
     bench: BenchOpt = False,
@@ -219,7 +223,7 @@ def compress(
         cfg = CompressionConfig.from_options(
             ranks=ranks, rank_scale=rank_scale, min_rank=min_rank, round_to=round_to, include=include, exclude=exclude,
             hooi_iters=hooi_iters, jobs=jobs, input_shape=input_shape, plan=plan, validate=validate, samples=samples,
-            data=data, seed=seed, rtol=rtol,
+            data=data, seed=seed, rtol=rtol, calibrate=calibrate, calibration_samples=calibration_samples,
         )
         timing = BenchConfig(threads=threads, warmup=warmup, runs=runs) if bench else None
         with _progress(not quiet) as progress:

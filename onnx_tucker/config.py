@@ -93,6 +93,10 @@ class CompressionConfig:
     data: str | None = None
     # Layers planned and decomposed in parallel (threads). Changes speed only, never the result.
     jobs: int = 1
+    # Refit the factors on unlabeled data (.npz, one array per input) after decomposing
+    # (runtime/calibrate.py); `calibration_samples` caps how many samples are read.
+    calibrate: str | None = None
+    calibration_samples: int = 500
 
     def __post_init__(self) -> None:
         if not self.rank_scale > 0:
@@ -107,6 +111,8 @@ class CompressionConfig:
             raise UsageError(f"--samples {self.samples}: must be >= 1; e.g. --samples 8")
         if self.jobs < 1:
             raise UsageError(f"--jobs {self.jobs}: must be >= 1; use 1 for one layer at a time")
+        if self.calibration_samples < 1:
+            raise UsageError(f"--calibration-samples {self.calibration_samples}: must be >= 1; e.g. 500")
         if self.rtol is not None and not self.rtol >= 0:
             raise UsageError(f"--rtol {self.rtol}: must be >= 0; e.g. --rtol 0.05")
         compile_pattern(self.include, "--include")
@@ -128,6 +134,7 @@ class CompressionConfig:
         input_shape: list[str] | tuple[str, ...] | None = None,
         plan: str | os.PathLike[str] | None = None,
         data: str | os.PathLike[str] | None = None,
+        calibrate: str | os.PathLike[str] | None = None,
         **options: Any,
     ) -> CompressionConfig:
         """From command-line values: `ranks` as text (`ratio:0.5`), `input_shape` as `NAME:D0,D1,...`
@@ -137,6 +144,7 @@ class CompressionConfig:
             input_shapes=tuple(parse_input_shape(s) for s in input_shape or ()),
             plan_file=str(plan) if plan else None,
             data=str(data) if data else None,
+            calibrate=str(calibrate) if calibrate else None,
             **options,
         )
 
@@ -157,6 +165,8 @@ class CompressionConfig:
             "rtol": self.rtol,
             "plan_file": self.plan_file,
             "data": self.data,
+            "calibrate": self.calibrate,
+            "calibration_samples": self.calibration_samples,
         }
 
 

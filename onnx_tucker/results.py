@@ -8,6 +8,7 @@ from typing import Any
 from .errors import OnnxTuckerError
 from .planning.planner import CompressionPlan
 from .runtime.bench import LatencyReport
+from .runtime.calibrate import CalibrationSummary
 from .runtime.validate import ValidationReport
 
 
@@ -51,6 +52,7 @@ class CompressionResult:
     seconds: float = 0.0
     latency: LatencyReport | None = None  # when measured (`compress(..., bench=BenchConfig())`)
     requested_output: str | None = None  # where the model was to be written (None: not asked to write)
+    calibration: CalibrationSummary | None = None  # compress --calibrate: the whole model on held-out data
 
     @property
     def decomposed_layers(self) -> int:

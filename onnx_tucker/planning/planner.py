@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,6 +23,9 @@ from ..numerics.spectral import LayerSpectra
 from ..ops.base import MODE_NAMES, OpHandler
 from ..ops.layer import Layer
 from ..ops.registry import handler_for
+
+if TYPE_CHECKING:
+    from ..runtime.calibrate import LayerCalibration
 
 PLAN_FORMAT_VERSION = 1
 KINDS = ("tucker2", "tucker1", "svd", "skip")
@@ -45,6 +49,7 @@ class LayerPlan:
     rel_error: float | None = None
     reason: str | None = None  # why skipped (kind == "skip"), or a note on the rank policy
     policy: str = ""  # how the ranks were reached: "vbmf", "ratio:0.5", "plan file", "rank0:min-rank", ...
+    calibration: LayerCalibration | None = None  # the refit on data (compress --calibrate), see runtime/calibrate.py
 
     @property
     def decomposed(self) -> bool:

@@ -38,6 +38,7 @@ def layer_dict(p: LayerPlan) -> dict[str, Any]:
         "rel_error": p.rel_error,
         "policy": p.policy,
         "reason": p.reason,
+        "calibration": None if p.calibration is None else dict(p.calibration.__dict__),
     }
 
 
@@ -91,6 +92,7 @@ def result_dict(result: CompressionResult | CompressionPlan, latency: LatencyRep
             "totals": totals,
             "validation": validation_dict(result.validation),
             "latency": latency_dict(latency if latency is not None else result.latency),
+            "calibration": None if result.calibration is None else dict(result.calibration.__dict__),
             "config": result.plan.config.to_dict(),
             "model": {
                 "input": result.input_path,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from rich.table import Table
+from rich.text import Text
 
 from ..planning.planner import CompressionPlan
 from ..results import CompressionResult, ModelTotals
 from ..runtime.bench import LatencyReport
+from ..runtime.calibrate import CalibrationSummary
 from ..runtime.validate import ValidationReport
 from . import fmt
 
@@ -92,14 +94,51 @@ def validation_table(v: ValidationReport) -> Table:
     return t
 
 
-def result_tables(result: CompressionResult | CompressionPlan, latency: LatencyReport | None = None) -> list[Table]:
-    """The tables of a result in reading order: per-layer, summary, validation, latency."""
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def calibration_table(plan: CompressionPlan) -> Table | None:
+    """Per refit layer (compress --calibrate): its output error on the calibration data, before -> after."""
+    rows = [p for p in plan.layers if p.calibration is not None]
+    if not rows:
+        return None
+    t = Table(title="Calibration (layer output error on the calibration data)", title_justify="left")
+    for col in ("layer", "refit", "rows", "error before", "error after", "note"):
+        t.add_column(col, justify="left" if col in ("layer", "refit", "note") else "right")
+    for p in rows:
+        c = p.calibration
+        assert c is not None
+        t.add_row(p.name, c.method, str(c.rows), "-" if c.error_before is None else f"{c.error_before:.4f}",
+                  "-" if c.error_after is None else f"{c.error_after:.4f}", c.note or "")
+    return t
+
+
+def calibration_line(c: CalibrationSummary) -> Text:
+    """The whole model after calibration, on the held-out samples of the calibration file."""
+    held = "no held-out samples (the file has no more than --calibration-samples)" if not c.held_out else (
+        f"on {c.held_out} held-out samples, top-1 agreement with the original "
+        f"{_pct(c.top1_agreement_before)} -> {_pct(c.top1_agreement_after)}, "
+        f"cosine {c.cosine_before:.4f} -> {c.cosine_after:.4f}")
+    return Text(f"Calibration: refit on {c.samples} samples in {c.seconds:.1f} s; {held}")
+
+
+def result_tables(
+    result: CompressionResult | CompressionPlan, latency: LatencyReport | None = None
+) -> list[Table | Text]:
+    """What a result shows in reading order: per-layer, calibration, summary, validation, latency."""
     plan = result if isinstance(result, CompressionPlan) else result.plan
     if isinstance(result, CompressionPlan):
         return [layer_table(plan), summary_table(plan.totals())]
     latency = latency if latency is not None else result.latency
     lat = (latency.original_median, latency.compressed_median) if latency is not None else None
-    tables = [layer_table(plan), summary_table(result.totals, lat)]
+    tables: list[Table | Text] = [layer_table(plan)]
+    cal = calibration_table(plan)
+    if cal is not None:
+        tables.append(cal)
+    tables.append(summary_table(result.totals, lat))
+    if result.calibration is not None:
+        tables.append(calibration_line(result.calibration))
     if result.validation is not None:
         tables.append(validation_table(result.validation))
     if latency is not None:

@@ -1,0 +1,163 @@
+"""What calibration needs from the protobuf: expose intermediate tensors as outputs, find a replaced
+node's factor chain, and write refitted factor values back into the rewritten model.
+
+Everything leaving this module is names and numpy arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .protos import copy_fields, outer_names_used, subgraphs
+
+
+def expose_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of `model` whose only outputs are the tensors `names`, keeping only the nodes they need.
+
+    Element types come from the graph's value_info / inputs / outputs / initializers when known,
+    else from shape inference, else float (onnxruntime needs an element type per output).
+    """
+    g = model.graph
+    producer: dict[str, int] = {}
+    for i, node in enumerate(g.node):
+        for o in node.output:
+            producer[o] = i
+    needed: set[int] = set()
+    stack = [n for n in names]
+    seen: set[str] = set()
+    while stack:
+        t = stack.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        found = producer.get(t)
+        if found is None or found in needed:
+            continue
+        needed.add(found)
+        node = g.node[found]
+        stack.extend(x for x in node.input if x)
+        for sub in subgraphs(node):
+            stack.extend(outer_names_used(sub))
+    types = _elem_types(model, names)
+    out = onnx.ModelProto()
+    copy_fields(model, out, {"graph"})
+    copy_fields(g, out.graph, {"node", "output"})
+    out.graph.node.extend(node for i, node in enumerate(g.node) if i in needed)
+    out.graph.output.extend(helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None) for n in names)
+    return out
+
+
+def _elem_types(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, int]:
+    g = model.graph
+    known = {v.name: v.type.tensor_type.elem_type for v in (*g.value_info, *g.input, *g.output)}
+    known.update({t.name: t.data_type for t in g.initializer})
+    missing = [n for n in names if not known.get(n)]
+    if missing:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model)
+            known.update({v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info})
+        except Exception:  # noqa: BLE001 - inference is a convenience here; float is the fallback
+            pass
+    return {n: known[n] for n in names if known.get(n)}
+
+
+@dataclass(frozen=True)
+class FactorChain:
+    """The nodes that replaced one layer, read back from the rewritten model."""
+
+    input: str  # the chain's (= the original node's) data input
+    weights: tuple[str, ...]  # initializer names, in execution order
+    bias: str | None  # the last node's bias input (Conv B / Gemm C), if any
+    beta: float  # Gemm's beta on the bias (1 for Conv)
+    problem: str | None  # why the factors cannot be written back (shared, not initializers), else None
+
+
+def factor_chain(model: onnx.ModelProto, output: str, length: int) -> FactorChain | None:
+    """The chain of `length` nodes ending in the node that writes `output` (None when not found)."""
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    inits = {t.name: t for t in g.initializer}
+    uses: dict[str, int] = {}
+    for n in g.node:
+        for x in n.input:
+            uses[x] = uses.get(x, 0) + 1
+    nodes = []
+    t = output
+    for _ in range(length):
+        node = producer.get(t)
+        if node is None or len(node.input) < 2:
+            return None
+        nodes.append(node)
+        t = node.input[0]
+    nodes.reverse()
+    weights = tuple(n.input[1] for n in nodes)
+    last = nodes[-1]
+    bias = last.input[2] if len(last.input) > 2 and last.input[2] else None
+    beta = 1.0
+    if last.op_type == "Gemm":
+        beta = float(next((a.f for a in last.attribute if a.name == "beta"), 1.0))
+    problem = None
+    for w in weights:
+        if w not in inits:
+            problem = f"factor '{w}' is not an initializer"
+        elif uses.get(w, 0) != 1:
+            problem = f"factor '{w}' is shared by {uses[w]} nodes"
+    if bias is not None and problem is None:
+        if bias not in inits:
+            problem = f"bias '{bias}' is not an initializer"
+        elif uses.get(bias, 0) != 1:
+            problem = f"bias '{bias}' is shared by {uses[bias]} nodes"
+    return FactorChain(t, weights, bias, beta, problem)
+
+
+def read_initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
+    for t in model.graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    raise KeyError(name)
+
+
+def write_initializers(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> None:
+    """Replace the values of initializers in place, keeping each one's name, dtype and shape."""
+    todo = dict(values)
+    for i, t in enumerate(model.graph.initializer):
+        if t.name not in todo:
+            continue
+        arr = np.asarray(todo.pop(t.name))
+        shape = tuple(t.dims)
+        if arr.size != int(np.prod(shape)):
+            raise ValueError(f"initializer '{t.name}': {arr.shape} does not fit {shape}")
+        dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+        model.graph.initializer[i].CopyFrom(
+            numpy_helper.from_array(np.ascontiguousarray(arr.reshape(shape).astype(dtype)), t.name)
+        )
+    if todo:
+        raise KeyError(f"no initializer named {sorted(todo)[0]!r}")
+
+
+def node_io(model: onnx.ModelProto, node_index: int) -> tuple[str, str]:
+    """(data input, first output) of top-level node `node_index`."""
+    node = model.graph.node[node_index]
+    return node.input[0], node.output[0]
+
+
+def residual_partner(model: onnx.ModelProto, tensor: str) -> str | None:
+    """The other input of the `Add` that is the only reader of `tensor` (None otherwise, or when that
+    input is a constant or the tensor is a graph output)."""
+    if tensor in {o.name for o in model.graph.output}:
+        return None
+    readers = [n for n in model.graph.node if tensor in n.input]
+    if len(readers) != 1 or readers[0].op_type != "Add" or readers[0].domain not in ("", "ai.onnx"):
+        return None
+    ins = list(readers[0].input)
+    if len(ins) != 2 or ins.count(tensor) != 1:
+        return None
+    other = ins[1] if ins[0] == tensor else ins[0]
+    constants = {t.name for t in model.graph.initializer}
+    constants |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    return None if other in constants else other

@@ -1,0 +1,437 @@
+"""Calibration: refit each decomposed layer's factors on unlabeled data ("asymmetric" reconstruction,
+Zhang et al., TPAMI 2016), keeping its ranks and the graph's structure.
+
+Layers are visited in graph order. For each one, the *input* comes from the compressed model with
+every earlier layer already refit, the *target* is the original model's output of that layer, both
+from onnxruntime batch by batch; only Gram statistics are kept (`numerics.refit`), so memory is
+bounded by the layer's width. Candidates, each solved exactly on those statistics:
+- `last`:  the last 1x1 factor and the bias by ridge least squares (front factors kept);
+- `joint`: the core (or the SVD's first factor) and the last factor together, as a reduced-rank
+  ridge regression on the im2col of the spatial step's input (strides, pads, dilations, groups kept);
+- `data`:  as `joint`, after replacing a Tucker-2 first factor by a data-aware one chosen from the
+  input activations' channel covariance (`numerics.refit.data_aware_basis`).
+The candidate with the lowest calibration error wins, and the weight-space factors are kept when
+none beats them: a refit never increases a layer's error on the calibration rows.
+
+Grouped convs are refit group by group (block-diagonal factors). The `method` option caps the
+candidates: "last" < "joint" < "full" (all three). A layer whose output only feeds an `Add` (the
+residual branch of a ResNet block) is fitted to the original Add output minus the compressed model's
+other Add input (`residual`), so it also absorbs the error carried by the skip path.
+
+Cost: two onnxruntime passes over the calibration data per layer (the compressed model up to the
+layer's input, the original up to its output), plus Gram products of `rows` sampled output positions
+by the im2col width. Memory: a few Gram matrices of the im2col width (plus one batch of activations).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import onnx
+
+from ..config import CompressionConfig
+from ..errors import ValidationError
+from ..graph.model import ModelIndex
+from ..graph.probe import factor_chain, node_io, read_initializer, residual_partner, write_initializers
+from ..graph.rewrite import Replacement
+from ..numerics.refit import (
+    DEFAULT_RIDGE,
+    GramStats,
+    conv_pads_begin,
+    data_aware_basis,
+    fit_last,
+    fit_reduced_rank,
+    im2col,
+    residual,
+    sample_positions,
+)
+from ..ops.layer import Layer, LayerFactors
+from ..planning.planner import CompressionPlan
+from .activations import iter_activations
+
+METHODS = ("last", "joint", "full")
+Batches = Sequence[Mapping[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    method: str = "full"  # "last", "joint" or "full" (see the module docstring)
+    ridge: float = DEFAULT_RIDGE
+    # Output positions sampled per layer over the whole calibration set (all when there are fewer).
+    rows: int = 32768
+    # Widest joint regression (columns of im2col per group); wider layers only refit the last factor.
+    max_width: int = 4096
+    seed: int = 0
+    # A layer whose output only feeds an Add (a residual branch) is fitted to the original Add's output
+    # minus the compressed other branch, so it also absorbs the error the skip path carries.
+    residual: bool = True
+
+
+@dataclass(frozen=True)
+class LayerCalibration:
+    """One layer's refit: relative output error ||y - y_orig|| / ||y_orig|| on the calibration rows,
+    with the input from the already-refit compressed model, before and after."""
+
+    method: str  # "last", "joint", "data", or "kept" (weight-space factors kept)
+    error_before: float | None
+    error_after: float | None
+    rows: int
+    note: str | None = None
+    # The other input of the Add this layer feeds, when the target was compensated for its error
+    # (`CalibrationOptions.residual`): the errors are then those of the Add's output.
+    compensated_for: str | None = None
+
+
+@dataclass
+class _Group:
+    first: np.ndarray | None  # R3 x S_g (Tucker-2 only)
+    front: np.ndarray  # d x R
+    last: np.ndarray  # R x T_g
+    bias: np.ndarray  # T_g (zeros without a bias)
+    kernel_gram: np.ndarray | None = None  # S_g x S_g, for the data-aware first factor
+
+
+@dataclass
+class _Geometry:
+    conv: bool
+    groups: list[_Group]
+    kernel: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
+    dilations: tuple[int, ...] = ()
+    pads: tuple[int, ...] | None = None
+    auto_pad: str = "NOTSET"
+    trans_a: bool = False
+
+
+def _ints(v: object, n: int, default: int) -> tuple[int, ...]:
+    return tuple(int(x) for x in v) if isinstance(v, (list, tuple)) and v else (default,) * n  # type: ignore[union-attr]
+
+
+def _geometry(layer: Layer, f: LayerFactors, bias: np.ndarray | None, beta: float) -> _Geometry:
+    a = [np.asarray(x, dtype=np.float64) for x in f.arrays]
+    if layer.op_type != "Conv":
+        b = np.zeros(a[1].shape[1]) if bias is None else beta * np.broadcast_to(bias.astype(np.float64).ravel(), (a[1].shape[1],))
+        return _Geometry(False, [_Group(None, a[0], a[1], np.array(b))], trans_a=bool(layer.attrs.get("transA", 0)))
+    g = int(layer.attrs.get("group", 1))  # type: ignore[call-overload]
+    first = a[0] if f.kind == "tucker2" else None
+    core, last = (a[1], a[2]) if f.kind == "tucker2" else (a[0], a[1])
+    r, t = core.shape[0] // g, last.shape[0] // g
+    groups = []
+    for k in range(g):
+        fr = core[k * r : (k + 1) * r].reshape(r, -1).T
+        la = last[k * t : (k + 1) * t].reshape(t, r).T
+        fi = None
+        if first is not None:
+            r3 = first.shape[0] // g
+            fi = first[k * r3 : (k + 1) * r3].reshape(r3, -1)
+        b = np.zeros(t) if bias is None else bias.astype(np.float64).ravel()[k * t : (k + 1) * t]
+        groups.append(_Group(fi, fr, la, b))
+    nd = core.ndim - 2
+    attrs = layer.attrs
+    return _Geometry(
+        True, groups, tuple(core.shape[2:]), _ints(attrs.get("strides"), nd, 1), _ints(attrs.get("dilations"), nd, 1),
+        _ints(attrs.get("pads"), 2 * nd, 0) if attrs.get("pads") else None, str(attrs.get("auto_pad", "NOTSET")),
+    )
+
+
+def _check_finite(arr: np.ndarray, tensor: str, what: str) -> None:
+    if not np.all(np.isfinite(arr)):
+        raise ValidationError(
+            f"calibration: tensor '{tensor}' of the {what} model is not finite on the calibration data; "
+            "check the data (scaling, NaN) or leave out --calibrate; nothing was written"
+        )
+
+
+class _LayerPass:
+    """Accumulates one layer's statistics, one batch at a time, per group, in one of three spaces:
+    "x" the im2col of the layer's input (Tucker-2 under method "full": any first factor's statistics
+    follow from it, the data-aware one included), "z" the im2col of the current first factor's output
+    (or of the input when there is none), "q" that times the current front factor (too wide a layer,
+    or method "last": only the last factor can be refit)."""
+
+    def __init__(self, geo: _Geometry, opts: CalibrationOptions, per_sample: int | None, rng: np.random.Generator,
+                 tucker2: bool) -> None:
+        self.geo, self.opts, self.per_sample, self.rng = geo, opts, per_sample, rng
+        kk = int(np.prod(geo.kernel)) if geo.conv else 1
+        self.kk = kk
+        self.space: list[str] = []
+        self.stats: list[GramStats] = []
+        for grp in geo.groups:
+            d, t = grp.front.shape[0], grp.last.shape[1]
+            if opts.method == "last" or d > opts.max_width:
+                space, width = "q", grp.front.shape[1]
+            elif tucker2 and opts.method == "full" and grp.first is not None and grp.first.shape[1] * kk <= opts.max_width:
+                space, width = "x", grp.first.shape[1] * kk
+            else:
+                space, width = "z", d
+            self.space.append(space)
+            self.stats.append(GramStats(width, t))
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        geo = self.geo
+        if not geo.conv:
+            rows = x.T if geo.trans_a else x.reshape(-1, x.shape[-1])
+            self._add(0, rows, y.reshape(-1, y.shape[-1]))
+            return
+        out_sp = y.shape[2:]
+        n_idx, coords = sample_positions(self.rng, x.shape[0], out_sp, self.per_sample)
+        yr = y[(n_idx, slice(None)) + tuple(coords.T)]  # (m, T)
+        pads = conv_pads_begin(x.shape[2:], out_sp, geo.kernel, geo.strides, geo.dilations, geo.pads, geo.auto_pad)
+        g = len(geo.groups)
+        s_g, t_g = x.shape[1] // g, y.shape[1] // g
+        for k, grp in enumerate(geo.groups):
+            z = x[:, k * s_g : (k + 1) * s_g]
+            if self.space[k] != "x" and grp.first is not None:
+                z = np.tensordot(grp.first, z.astype(np.float64), axes=([1], [1])).swapaxes(0, 1)
+            self._add(k, im2col(z, n_idx, coords, geo.kernel, geo.strides, pads, geo.dilations), yr[:, k * t_g : (k + 1) * t_g])
+
+    def _add(self, k: int, p: np.ndarray, y: np.ndarray) -> None:
+        if self.space[k] == "q":
+            p = p @ self.geo.groups[k].front
+        self.stats[k].add(p, y)
+
+    def first_space(self, k: int, first: np.ndarray) -> GramStats:
+        """Statistics of the im2col of `first` applied to the input ("x" space only)."""
+        return self.stats[k].projected(np.kron(first, np.eye(self.kk)).T)
+
+    def channel_moment(self, k: int) -> np.ndarray:
+        """Second moment of the input channels over the receptive fields ("x" space only)."""
+        pp = self.stats[k].pp
+        return sum(pp[o :: self.kk, o :: self.kk] for o in range(self.kk)) / self.kk  # type: ignore[return-value]
+
+
+def _solve(geo: _Geometry, lp: _LayerPass, intercept: bool, opts: CalibrationOptions,
+           kernel_grams: list[np.ndarray] | None) -> tuple[str, float, float, list[_Group], int, str | None]:
+    """(chosen candidate, rss before, rss after, new groups, rows, note)."""
+    totals: dict[str, float] = {}
+    solutions: dict[str, list[_Group]] = {}
+    rows = lp.stats[0].n
+    notes: list[str] = []
+    for k, grp in enumerate(geo.groups):
+        space = lp.space[k]
+        st = lp.first_space(k, grp.first) if space == "x" and grp.first is not None else lp.stats[k]
+        r = grp.front.shape[1]
+        w0 = grp.last if space == "q" else grp.front @ grp.last
+        cands: dict[str, tuple[float, _Group]] = {"kept": (residual(st, w0, grp.bias), grp)}
+        if rows >= r:
+            qs = st if space == "q" else st.projected(grp.front)
+            la, b = fit_last(qs, np.eye(r), intercept, opts.ridge)
+            cands["last"] = (residual(qs, la, b), _Group(grp.first, grp.front, la, b))
+        elif not notes:
+            notes.append(f"{rows} calibration rows for rank {r}: weight-space factors kept; use more samples")
+        if opts.method != "last" and space == "q":
+            if not notes:
+                notes.append(f"im2col width {grp.front.shape[0]} > {opts.max_width}: only the last factor refit")
+        elif opts.method != "last" and rows < st.d:
+            if not notes:
+                notes.append(f"{rows} calibration rows for a {st.d}-wide regression: only the last factor refit; "
+                             "use more samples")
+        elif opts.method != "last":
+            fr, la, b = fit_reduced_rank(st, r, intercept, opts.ridge)
+            cands["joint"] = (residual(st, fr @ la, b), _Group(grp.first, fr, la, b))
+            if space == "x" and kernel_grams is not None and grp.first is not None:
+                first = data_aware_basis(lp.channel_moment(k), kernel_grams[k], grp.first.shape[0], opts.ridge)
+                sd = lp.first_space(k, first)
+                fr, la, b = fit_reduced_rank(sd, r, intercept, opts.ridge)
+                cands["data"] = (residual(sd, fr @ la, b), _Group(first, fr, la, b))
+        for name, (rss, new) in cands.items():
+            totals[name] = totals.get(name, 0.0) + rss
+            solutions.setdefault(name, []).append(new)
+    # A candidate counts only when every group has it (a layer is refit one way); ties keep the factors.
+    complete = [n for n in totals if len(solutions[n]) == len(geo.groups)]
+    best = min(complete, key=lambda n: (totals[n], n != "kept"))
+    return best, totals["kept"], totals[best], solutions[best], rows, notes[0] if notes else None
+
+
+def _arrays(layer: Layer, f: LayerFactors, geo: _Geometry, groups: list[_Group]) -> tuple[list[np.ndarray], np.ndarray]:
+    """Factor arrays in `LayerFactors` layout (execution order) and the bias, from refit groups."""
+    if not geo.conv:
+        return [groups[0].front, groups[0].last], groups[0].bias
+    old = list(f.arrays)
+    core_old = old[1] if f.kind == "tucker2" else old[0]
+    last_old = old[-1]
+    cores = [g.front.T.reshape((g.front.shape[1], *core_old.shape[1:])) for g in groups]
+    lasts = [g.last.T.reshape((g.last.shape[1], *last_old.shape[1:])) for g in groups]
+    arrays = [np.concatenate(cores), np.concatenate(lasts)]
+    if f.kind == "tucker2":
+        firsts = [g.first for g in groups]
+        arrays.insert(0, np.concatenate(firsts).reshape(old[0].shape))  # type: ignore[arg-type]
+    return arrays, np.concatenate([g.bias for g in groups])
+
+
+def _kernel_grams(weight: np.ndarray, groups: int) -> list[np.ndarray]:
+    w = np.asarray(weight, dtype=np.float64)
+    t = w.shape[0] // groups
+    out = []
+    for k in range(groups):
+        m = np.moveaxis(w[k * t : (k + 1) * t], 1, 0).reshape(w.shape[1], -1)
+        out.append(m @ m.T)
+    return out
+
+
+def calibrate_model(
+    original: onnx.ModelProto,
+    compressed: onnx.ModelProto,
+    replacements: Mapping[int, Replacement],
+    batches: Batches,
+    options: CalibrationOptions | None = None,
+    read_weight: Callable[[str], np.ndarray] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, LayerCalibration]:
+    """Refit every replaced layer of `compressed` (modified in place) on `batches` of feeds; per layer id,
+    what was done. `read_weight` reads an original weight by name (the data-aware first factor)."""
+    opts = options or CalibrationOptions()
+    if opts.method not in METHODS:
+        raise ValueError(f"calibration method {opts.method!r} not in {METHODS}")
+    if read_weight is None:
+        index = ModelIndex(original)
+        read_weight = index.constant_value
+    count = sum(int(next(iter(b.values())).shape[0]) for b in batches)
+    results: dict[str, LayerCalibration] = {}
+    order = sorted(replacements)
+    for step, node_index in enumerate(order):
+        rep = replacements[node_index]
+        layer, f = rep.layer, rep.factors
+        if progress is not None:
+            progress(layer.layer_id, step, len(order))
+        x_name, y_name = node_io(original, node_index)
+        chain = factor_chain(compressed, y_name, len(f.arrays))
+        if chain is None or chain.problem is not None:
+            why = chain.problem if chain is not None else "its factor chain was not found"
+            results[layer.layer_id] = LayerCalibration("kept", None, None, 0, f"not refit: {why}")
+            continue
+        bias = read_initializer(compressed, chain.bias) if chain.bias else None
+        if layer.op_type == "Gemm" and bias is not None and bias.size != f.arrays[1].shape[1]:
+            results[layer.layer_id] = LayerCalibration("kept", None, None, 0, f"not refit: Gemm C of shape {bias.shape}")
+            continue
+        geo = _geometry(layer, f, bias, chain.beta)
+        rng = np.random.default_rng([opts.seed, node_index])
+        grams = None
+        if opts.method == "full" and f.kind == "tucker2" and layer.weight_name:
+            grams = _kernel_grams(read_weight(layer.weight_name), len(geo.groups))
+        per_sample = max(1, math.ceil(opts.rows / max(count, 1))) if geo.conv else None
+        lp = _LayerPass(geo, opts, per_sample, rng, f.kind == "tucker2")
+        # Residual compensation: when the output only feeds an Add, aim at the original *sum*, i.e. the
+        # original output plus what the other branch lost in the compressed model.
+        skip = residual_partner(original, y_name) if opts.residual else None
+        extra = [skip] if skip else []
+        comp_iter = iter_activations(compressed, [x_name, *extra], batches, "compressed")
+        orig_iter = iter_activations(original, [y_name, *extra], batches, "original")
+        for xs, ys in zip(comp_iter, orig_iter, strict=True):
+            x, y = xs[0], ys[0]
+            _check_finite(x, x_name, "compressed")
+            _check_finite(y, y_name, "original")
+            if skip and xs[1].shape == y.shape:
+                _check_finite(xs[1], skip, "compressed")
+                y = y + (ys[1] - xs[1])
+            elif skip:  # a broadcasting Add: no compensation
+                skip = None
+            lp.add(x, y)
+        # Gemm with beta = 0 ignores C: nothing to fit there.
+        best, rss0, rss1, groups, rows, note = _solve(geo, lp, bias is not None and chain.beta != 0, opts, grams)
+        energy = sum(s.target_energy for s in lp.stats)
+        e0 = math.sqrt(rss0 / energy) if energy > 0 else math.sqrt(rss0)
+        e1 = math.sqrt(rss1 / energy) if energy > 0 else math.sqrt(rss1)
+        if best != "kept":
+            arrays, b = _arrays(layer, f, geo, groups)
+            stored = [a.T for a in arrays] if layer.op_type == "Gemm" and int(layer.attrs.get("transB", 0)) else arrays  # type: ignore[call-overload]
+            values = dict(zip(chain.weights, stored, strict=True))
+            if chain.bias is not None and chain.beta != 0:
+                values[chain.bias] = b / chain.beta if layer.op_type == "Gemm" else b
+            write_initializers(compressed, values)
+        results[layer.layer_id] = LayerCalibration(best, e0, e1, rows, note, skip)
+    if progress is not None and order:
+        progress(replacements[order[-1]].layer.layer_id, len(order), len(order))
+    return results
+
+
+HELD_OUT = 500  # at most this many samples beyond --calibration-samples measure the whole model
+
+
+@dataclass(frozen=True)
+class CalibrationSummary:
+    """The whole model against the original on held-out samples of the calibration file (the samples
+    not used for the refit, when it has more than `samples`): one-shot vs. calibrated."""
+
+    samples: int
+    held_out: int
+    top1_agreement_before: float | None = None
+    top1_agreement_after: float | None = None
+    cosine_before: float | None = None
+    cosine_after: float | None = None
+    seconds: float = 0.0
+
+
+def _load_calibration(path: str, model: onnx.ModelProto, limit: int | None, seed: int):  # type: ignore[no-untyped-def]
+    """(data used for the refit, held-out data or None), as `ValidationData`."""
+    from ..errors import UsageError
+    from .validate import ValidationData, load_validation_data
+
+    try:
+        data = load_validation_data(path, model)
+    except UsageError as e:
+        raise UsageError(str(e).replace("--data ", "--calibrate ", 1)) from None
+    if limit is None or data.count <= limit:
+        return data, None
+    order = np.random.default_rng(seed).permutation(data.count)
+    pick, rest = np.sort(order[:limit]), np.sort(order[limit : limit + HELD_OUT])
+    used = ValidationData(data.path, {n: a[pick] for n, a in data.inputs.items()}, None)
+    held = ValidationData(data.path, {n: a[rest] for n, a in data.inputs.items()}, None)
+    return used, held
+
+
+def _batches_of(data, model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]],  # type: ignore[no-untyped-def]
+                batch: int) -> list[dict[str, np.ndarray]]:
+    from ..errors import UsageError
+    from .validate import _data_batches, _dynamic_batch
+
+    try:
+        chunks = _data_batches(data, input_shapes, model)
+    except UsageError as e:
+        raise UsageError(str(e).replace("--data ", "--calibrate ", 1)) from None
+    if not _dynamic_batch(model):
+        return chunks
+    return [{n: a[i : i + batch] for n, a in c.items()} for c in chunks
+            for i in range(0, next(iter(c.values())).shape[0], batch)]
+
+
+def calibration_batches(path: str, model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]],
+                        limit: int | None, batch: int = 64, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """The calibration data (.npz, as `--data` reads it; labels ignored) as batches of feeds.
+
+    With more samples than `limit`, a seeded random subset of `limit` is used (files are often sorted
+    by class). Data that does not fit the model's inputs is a `UsageError` naming `--calibrate`.
+    """
+    used, _ = _load_calibration(path, model, limit, seed)
+    return _batches_of(used, model, input_shapes, batch)
+
+
+def calibrate_from_config(original: onnx.ModelProto, compressed: onnx.ModelProto, replacements: Mapping[int, Replacement],
+                          plan: CompressionPlan, input_shapes: Mapping[str, tuple[int, ...]], config: CompressionConfig,
+                          progress: Callable[[str, int, int], None] | None = None
+                          ) -> tuple[CompressionPlan, CalibrationSummary]:
+    """`compress --calibrate`: refit `compressed` in place; the plan with each layer's `calibration`,
+    and the whole model's agreement with the original on held-out samples before and after."""
+    import copy
+    import time
+
+    from .validate import validate_models
+
+    assert config.calibrate is not None
+    t0 = time.perf_counter()
+    used, held = _load_calibration(config.calibrate, original, config.calibration_samples, config.seed)
+    batches = _batches_of(used, original, input_shapes, 64)
+    one_shot = copy.deepcopy(compressed) if held is not None else None
+    found = calibrate_model(original, compressed, replacements, batches, CalibrationOptions(seed=config.seed),
+                            progress=progress)
+    layers = tuple(replace(lp, calibration=found.get(lp.name)) for lp in plan.layers)
+    summary = CalibrationSummary(used.count, 0)
+    if held is not None and one_shot is not None:
+        before = validate_models(original, one_shot, input_shapes, data=held).outputs[0]
+        after = validate_models(original, compressed, input_shapes, data=held).outputs[0]
+        summary = CalibrationSummary(used.count, held.count, before.top1_agreement, after.top1_agreement,
+                                     before.cosine, after.cosine)
+    return replace(plan, layers=layers), replace(summary, seconds=time.perf_counter() - t0)
