@@ -20,6 +20,9 @@ from .numerics.evbmf import EVBMFEstimate, select_rank_evbmf
 from .numerics.tucker import truncated_svd, tucker1, tucker2
 from .plan.planner import CompressionPlan, LayerPlan
 from .runtime.validate import OutputComparison, ValidationReport
+# Fine-tuning (issue 8): the sub-package is callable, ot.finetune(...); torch is imported only when it runs.
+from . import finetune
+from .finetune import EpochStats, FinetuneConfig, FinetuneResult
 
 __version__ = "0.1.0"
 
@@ -28,6 +31,9 @@ __all__ = [
     "CompressionPlan",
     "CompressionResult",
     "EVBMFEstimate",
+    "EpochStats",
+    "FinetuneConfig",
+    "FinetuneResult",
     "LayerPlan",
     "ModelLoadError",
     "ModelSaveError",
@@ -41,6 +47,7 @@ __all__ = [
     "ValidationError",
     "ValidationReport",
     "compress",
+    "finetune",
     "plan",
     "select_rank_evbmf",
     "truncated_svd",
