@@ -34,26 +34,31 @@ def import_torch() -> Any:
 
 
 def import_onnx2torch() -> Any:
-    """onnx2torch imports torchvision at import time, for NMS / RoiAlign converters only. Where
-    torchvision is missing or broken (a mismatched build), a stub lets every CNN op convert."""
+    """onnx2torch imports torchvision at import time, for its NMS / RoiAlign converters only. Where
+    torchvision is missing or broken (PyPI's torchvision next to a local CPU torch build fails with
+    "operator torchvision::nms does not exist"), a stub module lets every CNN op convert."""
     import_torch()
     try:
         import onnx2torch
-    except ImportError as e:
-        if "torchvision" not in str(e) and "nms" not in str(e):
-            raise OnnxTuckerError(f"fine-tuning needs onnx2torch ({e}); {INSTALL_HINT}") from None
-        for k in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
+    except Exception as e:  # noqa: BLE001 - ImportError, or RuntimeError from a mismatched torchvision
+        if not any(k == "torchvision" or k.startswith("torchvision.") for k in sys.modules) and "torchvision" not in str(e):
+            raise OnnxTuckerError(f"fine-tuning needs onnx2torch ({type(e).__name__}: {e}); {INSTALL_HINT}") from None
+        for k in [k for k in sys.modules if k.split(".")[0] in ("torchvision", "onnx2torch")]:
             del sys.modules[k]
         stub = types.ModuleType("torchvision")
         stub.ops = types.ModuleType("torchvision.ops")  # type: ignore[attr-defined]
+        stub.__onnx_tucker_stub__ = True  # type: ignore[attr-defined]
+
+        def _absent(*_: Any, **__: Any) -> Any:
+            raise OnnxTuckerError("this model needs torchvision (NMS / RoiAlign), which does not import here")
+
+        stub.ops.nms = stub.ops.roi_align = _absent  # type: ignore[attr-defined]
         sys.modules["torchvision"] = stub
         sys.modules["torchvision.ops"] = stub.ops  # type: ignore[attr-defined]
         try:
             import onnx2torch
-        except ImportError as e2:
-            raise OnnxTuckerError(f"fine-tuning needs onnx2torch ({e2}); {INSTALL_HINT}") from None
-    except Exception as e:  # noqa: BLE001 - torchvision's operator registration fails with RuntimeError
-        raise OnnxTuckerError(f"onnx2torch does not import ({type(e).__name__}: {e}); {INSTALL_HINT}") from None
+        except Exception as e2:  # noqa: BLE001
+            raise OnnxTuckerError(f"fine-tuning needs onnx2torch ({type(e2).__name__}: {e2}); {INSTALL_HINT}") from None
     return onnx2torch
 
 

@@ -233,9 +233,7 @@ def finetune(
     best_epoch: int | None = None
     if val_ds is not None and val_ds.labels is not None and label_output is not None:
         metric, higher = "val_accuracy", True
-    elif val_ds is not None and t_module is not None and label_output is not None:
-        metric, higher = "val_agreement", True
-    elif val_ds is not None:
+    elif val_ds is not None:  # distillation: its own loss (top-1 agreement is too coarse, it saturates early)
         metric, higher = "val_loss", False
     else:
         metric, higher = "train_loss", False
