@@ -5,6 +5,8 @@
     print(result.totals.macs_ratio, result.validation.outputs[0].cosine)
 """
 
+# Fine-tuning (issue 8): the sub-package is callable, ot.finetune(...); torch is imported only when it runs.
+from . import finetune
 from .api import CompressionResult, ModelTotals, compress, plan, validate
 from .config import CompressionConfig, RankPolicy
 from .errors import (
@@ -16,13 +18,11 @@ from .errors import (
     UsageError,
     ValidationError,
 )
+from .finetune import EpochStats, FinetuneConfig, FinetuneResult
 from .numerics.evbmf import EVBMFEstimate, select_rank_evbmf
 from .numerics.tucker import truncated_svd, tucker1, tucker2
 from .plan.planner import CompressionPlan, LayerPlan
 from .runtime.validate import OutputComparison, ValidationReport
-# Fine-tuning (issue 8): the sub-package is callable, ot.finetune(...); torch is imported only when it runs.
-from . import finetune
-from .finetune import EpochStats, FinetuneConfig, FinetuneResult
 
 __version__ = "0.1.0"
 

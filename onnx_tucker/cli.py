@@ -85,7 +85,7 @@ ReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the full
 MarkdownOpt = Annotated[Path | None, typer.Option("--markdown", help="Write the report as Markdown.", show_default=False)]
 ValidateOpt = Annotated[bool, typer.Option("--validate/--no-validate", help="Compare original and compressed outputs in onnxruntime.")]
 SamplesOpt = Annotated[int | None, typer.Option("--samples", help="Random inputs used for validation (default 8), or how many --data samples to use (default all).", show_default=False)]
-DataOpt = Annotated[Path | None, typer.Option("--data", help="Validate on real data: a .npz with one array per model input (samples on the first axis) and optional 'labels' for accuracy.", show_default=False)]
+DataOpt = Annotated[Path | None, typer.Option("--data", help="Validate on real data: a .npz with one array per model input (samples on the first axis) and optional 'labels' for accuracy, or an image folder (one sub-folder per class: labels; pixels scaled to [0, 1]).", show_default=False)]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice (validation inputs).")]
 RtolOpt = Annotated[float | None, typer.Option("--rtol", help="Fail when max|orig-new| > RTOL * max|orig| on any output (default: report only; 1e-4 under --ranks full).", show_default=False)]
 BenchOpt = Annotated[bool, typer.Option("--bench", help="Also measure latency of both models in onnxruntime CPU (interleaved runs, medians).")]

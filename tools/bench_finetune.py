@@ -69,8 +69,14 @@ def main() -> None:
     from onnx_tucker.runtime.data import Preprocess, load_data, parse_floats
 
     pre = Preprocess(None, parse_floats(a.mean, "--mean"), parse_floats(a.std, "--std"))
-    test = load_data(a.test, ["input"], {"input": [None, 3, 32, 32]}, None, pre)
-    x, y = test.inputs["input"], test.labels
+    import onnx
+
+    from onnx_tucker.graph.torchready import graph_io, io_dtypes, io_shapes
+
+    proto = onnx.load(str(a.model), load_external_data=False)
+    (name,), _ = graph_io(proto)
+    test = load_data(a.test, [name], io_shapes(proto), io_dtypes(proto), pre)
+    x, y = test.inputs[name], test.labels
     assert y is not None
     base = {"model": str(a.model), "test_images": int(len(y)), "totals": totals, "threads": a.threads}
     rows = [("original", a.model), ("compressed", compressed)]

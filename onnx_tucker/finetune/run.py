@@ -24,7 +24,16 @@ from ..runtime.data import DataSet, load_data
 from ..runtime.validate import compare_outputs
 from . import convert
 from .config import EpochStats, FinetuneConfig, FinetuneInterrupted, FinetuneResult
-from .train import Batches, Progress, evaluate, is_class_scores, make_optimizer, run_model, train_epoch
+from .train import (
+    Batches,
+    EvalStats,
+    Progress,
+    evaluate,
+    is_class_scores,
+    make_optimizer,
+    run_model,
+    train_epoch,
+)
 
 CHECKPOINT_VERSION = 1
 
@@ -157,6 +166,7 @@ def finetune(
 
     ds = load_data(data, in_names, shapes, dtypes, cfg.preprocess, option="--data")
     _check_samples(ds, shapes, "--data")
+    val_ds: DataSet | None
     if val_data is not None:
         train_ds, val_ds = ds, load_data(val_data, in_names, shapes, dtypes, cfg.preprocess, option="--val-data")
         _check_samples(val_ds, shapes, "--val-data")
@@ -196,14 +206,16 @@ def finetune(
         if len(s_out) != len(out_names):
             raise ModelLoadError(f"{src}: the converted model gives {len(s_out)} outputs, the ONNX model {len(out_names)}; please report this")
         if t_module is not None:
-            t_out = run_model(t_module, probe, in_names, device)
-            for name, a, b in zip(out_names, s_out, t_out, strict=True):
-                if tuple(a.shape) != tuple(b.shape):
+            t_probe = run_model(t_module, probe, in_names, device)
+            s_shapes = [tuple(o.shape) for o in s_out]
+            t_shapes = [tuple(o.shape) for o in t_probe]
+            for name, s_shape, t_shape in zip(out_names, s_shapes, t_shapes, strict=True):
+                if s_shape != t_shape:
                     raise UsageError(
-                        f"--teacher {teacher}: output '{name}' has shape {tuple(b.shape)}, the student's {tuple(a.shape)}; "
+                        f"--teacher {teacher}: output '{name}' has shape {t_shape}, the student's {s_shape}; "
                         "the teacher must be the model the student was compressed from"
                     )
-    label_output = next((k for k, a in enumerate(s_out) if is_class_scores(tuple(a.shape))), None)
+    label_output = next((k for k, so in enumerate(s_out) if is_class_scores(tuple(so.shape))), None)
     labelled = train_ds.labels is not None
     if labelled:
         if label_output is None:
@@ -255,8 +267,8 @@ def finetune(
         before = state["before"]
     t_start = time.perf_counter()
     if before is None:
-        ev = evaluate(student, t_module, eval_b, in_names, cfg, label_output, device)
-        before = {"accuracy": ev.accuracy, "agreement": ev.agreement, "loss": ev.loss}
+        ev0 = evaluate(student, t_module, eval_b, in_names, cfg, label_output, device)
+        before = {"accuracy": ev0.accuracy, "agreement": ev0.agreement, "loss": ev0.loss}
     if progress is not None:
         progress("start", {"epochs": cfg.epochs, "first_epoch": start_epoch + 1, "steps": len(train_b), "mode": mode,
                            "device": str(device), "train": train_b.count, "val": 0 if val_ds is None else val_ds.count,
@@ -275,15 +287,20 @@ def finetune(
             loss, acc, steps, ips = train_epoch(student, t_module, train_b, in_names, cfg, label_output, device, opt,
                                                 sched, rng, epoch, left, progress)
             steps_done += steps
-            ev = evaluate(student, t_module, eval_b, in_names, cfg, label_output, device) if val_ds is not None else None
-            values = {"val_accuracy": ev and ev.accuracy, "val_agreement": ev and ev.agreement,
-                      "val_loss": ev and ev.loss, "train_loss": loss}
+            ev: EvalStats | None = (
+                evaluate(student, t_module, eval_b, in_names, cfg, label_output, device) if val_ds is not None else None
+            )
+            v_loss = ev.loss if ev is not None else None
+            v_acc = ev.accuracy if ev is not None else None
+            v_agree = ev.agreement if ev is not None else None
+            values: dict[str, float | None] = {"val_accuracy": v_acc, "val_agreement": v_agree, "val_loss": v_loss,
+                                               "train_loss": loss}
             value = values[metric]
             is_best = value is not None and (best_value is None or (value > best_value if higher else value < best_value))
             if is_best:
                 best_value, best_epoch = float(value), epoch  # type: ignore[arg-type]
                 best_state = {k: v.detach().to("cpu").clone() for k, v in student.state_dict().items()}
-            stats = EpochStats(epoch, steps, lr, loss, acc, ev and ev.loss, ev and ev.accuracy, ev and ev.agreement,
+            stats = EpochStats(epoch, steps, lr, loss, acc, v_loss, v_acc, v_agree,
                                ips, time.perf_counter() - t0, is_best)
             history.append(stats)
             if ckpt is not None:
@@ -307,7 +324,8 @@ def finetune(
 
     # Back to ONNX: same names, the structure of the compressed model, checked in onnxruntime.
     sample = {n: a[: min(2, eval_ds.count)] for n, a in eval_ds.inputs.items()}
-    dynamic = all(not (isinstance(shapes[n][0], int) and shapes[n][0] > 0) for n in in_names if shapes[n]) or bool(norm.changes)
+    norm_shapes = torchready.io_shapes(norm.model)
+    dynamic = all(not isinstance(norm_shapes[n][0], int) for n in in_names if norm_shapes[n])
     exported = convert.export(copy.deepcopy(student).to("cpu"), sample, in_names, out_names, norm.opset, dynamic)
     want, got = torchready.weight_structure(norm.model), torchready.weight_structure(exported)
     if want != got:
@@ -323,8 +341,8 @@ def finetune(
     ref = [t.detach().cpu().numpy() for t in run_model(student.to("cpu"), check, in_names, "cpu")]
     got_out = _ort_outputs(exported, check)
     worst = 0.0
-    for name, a, b in zip(out_names, ref, got_out, strict=True):
-        c = compare_outputs(name, a, b)
+    for name, r_out, o_out in zip(out_names, ref, got_out, strict=True):
+        c = compare_outputs(name, r_out, o_out)
         worst = max(worst, c.max_rel_error)
     if not worst <= cfg.rtol:
         raise ValidationError(

@@ -233,7 +233,7 @@ def _load_folder(
         )
     mode = "L" if channels == 1 else ("RGBA" if channels == 4 else "RGB")
     target = pre.size
-    fixed = tuple(hw) if all(isinstance(d, int) and d > 0 for d in hw) else None
+    fixed = tuple(int(d) for d in hw if isinstance(d, int)) if all(isinstance(d, int) and d > 0 for d in hw) else None
     if target is not None and fixed is not None and tuple(target) != fixed:
         raise UsageError(f"{option} {folder}: --size {target[0]},{target[1]} but model input '{name}' is {fixed[0]}x{fixed[1]}")
     x = _decode(paths, mode, target, fixed, option)
@@ -268,7 +268,7 @@ def _decode(paths: list[Path], mode: str, target: tuple[int, int] | None, fixed:
             with Image.open(p) as im:
                 im = im.convert(mode)
                 if target is not None and im.size != (target[1], target[0]):
-                    im = im.resize((target[1], target[0]), Image.BILINEAR)
+                    im = im.resize((target[1], target[0]), Image.Resampling.BILINEAR)
                 a = np.asarray(im, dtype=np.uint8)
         except (UnidentifiedImageError, OSError, ValueError) as e:
             why = "not an image Pillow can read" if isinstance(e, UnidentifiedImageError) else (str(e) or type(e).__name__)
