@@ -436,6 +436,10 @@ def finetune_cmd(
                 f"accuracy {pct(result.accuracy_before)} -> {pct(result.accuracy_after)}, agreement with the teacher "
                 f"{pct(result.agreement_before)} -> {pct(result.agreement_after)}; onnxruntime vs torch max rel error "
                 f"{result.export_max_rel_error:.2g}", markup=False, highlight=False, soft_wrap=True)
+            if result.best_epoch == 0:
+                err_console.print(
+                    f"note: no epoch improved {result.best_metric} on the held-out data; {result.output_path} holds the "
+                    "starting weights (lower --lr, or more data)", markup=False, highlight=False, soft_wrap=True)
 
 
 class _FinetuneProgress:

@@ -369,3 +369,21 @@ def test_a_broken_torchvision_is_stubbed(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().endswith("stub")
+
+
+def test_an_epoch_that_hurts_never_reaches_out(tmp_path: Path) -> None:
+    """Held-out labels = the model's own predictions (100 % to start); training labels are wrong on
+    purpose, so every epoch is worse and OUT keeps the starting weights (best epoch 0)."""
+    model = make_small_cnn(batch="N", low_rank=True)
+    src = save(model, tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((96, 3, 16, 16)).astype(np.float32)
+    pred = np.argmax(run_ort(model, {"x": x})["logits"], axis=1)
+    np.savez(tmp_path / "train.npz", x=x[:64], labels=(pred[:64] + 1) % 10)
+    np.savez(tmp_path / "val.npz", x=x[64:], labels=pred[64:])
+    cfg = FinetuneConfig(epochs=2, lr=0.05, threads=1, augment=False)
+    r = ot.finetune(src, tmp_path / "o.onnx", tmp_path / "train.npz", val_data=tmp_path / "val.npz", config=cfg)
+    assert r.accuracy_before == 1.0 and all(h.val_accuracy < 1.0 for h in r.history), r.history
+    assert r.best_epoch == 0 and r.accuracy_after == 1.0
+    for a, b in zip(_weights_in_order(onnx.load(tmp_path / "o.onnx")), _weights_in_order(model), strict=True):
+        np.testing.assert_allclose(a if a.shape == b.shape else a.T, b, rtol=1e-6, atol=1e-7)

@@ -36,6 +36,11 @@ def top1(model: Path, x: np.ndarray, y: np.ndarray, threads: int) -> float:
     return float(np.mean(pred == y))
 
 
+def _append(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", type=Path)
@@ -48,7 +53,7 @@ def main() -> None:
     ap.add_argument("--lr", default=None)
     ap.add_argument("--schedule", default="step")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads (1: steadiest on a shared machine)")
     ap.add_argument("--variants", default="labels,distill,control")
     ap.add_argument("--compress-args", default="", help="extra arguments for `compress` (quoted)")
     ap.add_argument("--extra", default="", help="extra arguments for every `finetune` run (quoted)")
@@ -115,9 +120,10 @@ def main() -> None:
                          "val_history": [(h["val_accuracy"], h["val_agreement"]) for h in ft["history"]],
                          "command": "onnx-tucker " + " ".join(shlex.quote(c) for c in cmd[3:])})
         print(json.dumps(out_rows[-1]), flush=True)
-    with open(a.results, "a") as f:
-        for r in out_rows:
-            f.write(json.dumps(r) + "\n")
+        if len(out_rows) == 3:  # the original and compressed rows with the first run
+            for r in out_rows[:2]:
+                _append(a.results, r)
+        _append(a.results, out_rows[-1])
     for r in out_rows:
         print(f"{r['row']:>12}: top-1 {100 * r['top1']:.2f} %" + (f", {r['wall_s']:.0f} s" if "wall_s" in r else ""))
 

@@ -115,7 +115,7 @@ class FinetuneResult:
     epochs: int  # epochs run in this call (plus those resumed from the checkpoint)
     steps: int
     history: tuple[EpochStats, ...]
-    best_epoch: int | None
+    best_epoch: int | None  # 0: no epoch beat the starting weights on the held-out data; OUT holds those
     best_metric: str  # val_accuracy | val_agreement | val_loss | train_loss
     # On the validation data (or the training data without a split), before training and for OUT.
     accuracy_before: float | None

@@ -269,6 +269,12 @@ def finetune(
     if before is None:
         ev0 = evaluate(student, t_module, eval_b, in_names, cfg, label_output, device)
         before = {"accuracy": ev0.accuracy, "agreement": ev0.agreement, "loss": ev0.loss}
+        # The starting weights are "epoch 0" of the best-checkpoint race: an epoch that makes the
+        # held-out metric worse (too high a learning rate for a well-trained model) never reaches OUT.
+        start = {"val_accuracy": ev0.accuracy, "val_agreement": ev0.agreement, "val_loss": ev0.loss}.get(metric)
+        if start is not None and val_ds is not None:
+            best_value, best_epoch = float(start), 0
+            best_state = {k: v.detach().to("cpu").clone() for k, v in student.state_dict().items()}
     if progress is not None:
         progress("start", {"epochs": cfg.epochs, "first_epoch": start_epoch + 1, "steps": len(train_b), "mode": mode,
                            "device": str(device), "train": train_b.count, "val": 0 if val_ds is None else val_ds.count,
