@@ -387,3 +387,10 @@ def test_an_epoch_that_hurts_never_reaches_out(tmp_path: Path) -> None:
     assert r.best_epoch == 0 and r.accuracy_after == 1.0
     for a, b in zip(_weights_in_order(onnx.load(tmp_path / "o.onnx")), _weights_in_order(model), strict=True):
         np.testing.assert_allclose(a if a.shape == b.shape else a.T, b, rtol=1e-6, atol=1e-7)
+
+
+def test_the_papers_schedule_divides_the_rate_by_ten(tmp_path: Path) -> None:
+    _, comp = _compressed(tmp_path, make_small_cnn(batch="N", low_rank=True))
+    cfg = FinetuneConfig(epochs=3, optimizer="sgd", schedule="step", step_epochs=2, threads=1)
+    r = ot.finetune(comp, tmp_path / "o.onnx", _npz(tmp_path / "d.npz"), config=cfg)
+    assert [h.lr for h in r.history] == pytest.approx([1e-3, 1e-3, 1e-4])
