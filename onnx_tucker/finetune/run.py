@@ -261,6 +261,9 @@ def finetune(
         student.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        if cfg.schedule == "cosine":  # more --epochs than the interrupted run: stretch the cosine to the new end
+            total = cfg.epochs * len(train_b) if cfg.max_steps is None else min(cfg.epochs * len(train_b), cfg.max_steps)
+            sched.T_max = max(1, total)
         start_epoch, steps_done = int(state["epoch"]), int(state["steps"])
         best_state, best_value, best_epoch = state["best_state"], state["best_value"], state["best_epoch"]
         history = [EpochStats(**h) for h in state["history"]]
