@@ -130,7 +130,6 @@ class FinetuneResult:
     export_max_rel_error: float  # onnxruntime on OUT vs the torch module, same inputs
     normalisation: tuple[str, ...]
     checkpoint: str
-    interrupted: bool = False
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)

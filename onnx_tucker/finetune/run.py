@@ -369,7 +369,7 @@ def finetune(
         accuracy_before=before["accuracy"], accuracy_after=after.accuracy,
         agreement_before=before["agreement"], agreement_after=after.agreement,
         seconds=seconds, export_opset=torchready.default_opset(exported), export_max_rel_error=worst,
-        normalisation=norm.changes, checkpoint=str(ckpt) if ckpt is not None else "", interrupted=False,
+        normalisation=norm.changes, checkpoint=str(ckpt) if ckpt is not None else "",
     )
 
 
