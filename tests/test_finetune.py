@@ -394,3 +394,9 @@ def test_the_papers_schedule_divides_the_rate_by_ten(tmp_path: Path) -> None:
     cfg = FinetuneConfig(epochs=3, optimizer="sgd", schedule="step", step_epochs=2, threads=1)
     r = ot.finetune(comp, tmp_path / "o.onnx", _npz(tmp_path / "d.npz"), config=cfg)
     assert [h.lr for h in r.history] == pytest.approx([1e-3, 1e-3, 1e-4])
+
+
+def test_train_factors_needs_a_compressed_model(tmp_path: Path) -> None:
+    src = save(make_small_cnn(batch="N"), tmp_path / "m.onnx")
+    rc, output = _cli([str(src), str(tmp_path / "o.onnx"), "--data", str(_npz(tmp_path / "d.npz")), "--train", "factors"])
+    assert rc == 2 and "has no decomposed layers" in output and not (tmp_path / "o.onnx").exists()
