@@ -9,6 +9,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from . import finetune
     from .api import bench, compress, plan, validate
     from .config import BenchConfig, CompressionConfig, RankPolicy
     from .errors import (
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
         UsageError,
         ValidationError,
     )
+    from .finetune import EpochStats, FinetuneConfig, FinetuneResult
     from .numerics.evbmf import EVBMFEstimate, select_rank_evbmf
     from .numerics.tucker import truncated_svd, tucker1, tucker2
     from .planning.planner import CompressionPlan, LayerPlan
@@ -39,6 +41,9 @@ _EXPORTS = {
     "CompressionPlan": "planning.planner", "LayerPlan": "planning.planner",
     "CompressionResult": "results", "ModelTotals": "results",
     "LatencyReport": "runtime.bench",
+    # `onnx_tucker.finetune` is both the sub-package and the function (calling the module runs it);
+    # torch is imported only when it runs.
+    "EpochStats": "finetune", "FinetuneConfig": "finetune", "FinetuneResult": "finetune",
     "OutputComparison": "runtime.validate", "ValidationReport": "runtime.validate",
 }
 
@@ -62,6 +67,10 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
+    "EpochStats",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "finetune",
     "BenchConfig",
     "LatencyReport",
     "bench",

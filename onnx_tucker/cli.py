@@ -106,11 +106,12 @@ SavePlanOpt = Annotated[Path | None, typer.Option("--save-plan", help="Write the
 ReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the full report as JSON (keys: layers, totals, validation, latency, calibration, config, model; latency is null without --bench, calibration without --calibrate, validation under --no-validate).", show_default=False)]
 InspectReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the plan as a JSON report (keys: layers, totals, validation, config; validation is always null: nothing is run).", show_default=False)]
 ValidateReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the comparison as JSON (keys: validation).", show_default=False)]
+FinetuneReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the fine-tuning result as JSON (keys: finetune).", show_default=False)]
 BenchReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the latencies as JSON (keys: latency).", show_default=False)]
 MarkdownOpt = Annotated[Path | None, typer.Option("--markdown", help="Write the report as Markdown.", show_default=False)]
 ValidateOpt = Annotated[bool, typer.Option("--validate/--no-validate", help="Compare original and compressed outputs in onnxruntime.")]
 SamplesOpt = Annotated[int | None, typer.Option("--samples", help="Random inputs used for validation (default 8), or how many --data samples to use (default all).", show_default=False)]
-DataOpt = Annotated[Path | None, typer.Option("--data", help="Validate on real data: a .npz with one array per model input (samples on the first axis) and optional 'labels' for accuracy.", show_default=False)]
+DataOpt = Annotated[Path | None, typer.Option("--data", help="Validate on real data: a .npz with one array per model input (samples on the first axis) and optional 'labels' for accuracy, or an image folder (one sub-folder per class: labels; pixels scaled to [0, 1]).", show_default=False)]
 CalibrateOpt = Annotated[Path | None, typer.Option("--calibrate", help="Refit each decomposed layer's factors so its output matches the original's on this unlabeled data (.npz, one array per model input); same ranks and graph.", show_default=False)]
 CalibrationSamplesOpt = Annotated[int, typer.Option("--calibration-samples", help="How many --calibrate samples to use (a random subset, seeded by --seed, when the file has more).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice (validation inputs).")]
@@ -323,6 +324,108 @@ def bench_cmd(
         lat = api.bench(original, compressed, cfg, BenchConfig(threads=threads, warmup=warmup, runs=runs), report=report)
         if not quiet:
             _print([latency_table(lat)])
+
+
+# ---- finetune (issue 8): ONNX -> torch -> train -> ONNX; torch is imported only when it runs ----------
+FtData = Annotated[Path, typer.Option("--data", help="Training data: an image folder (one sub-folder per class: labels), a flat image folder, or a .npz (one array per input, optional 'labels').", show_default=False)]
+
+
+@app.command(cls=_Command, name="finetune", epilog="Example: onnx-tucker finetune model.tucker.onnx model.ft.onnx --data train/ --teacher model.onnx "
+             "--mean 0.4914,0.4822,0.4465 --std 0.2470,0.2435,0.2616")
+def finetune_cmd(
+    input: InPath,
+    output: Annotated[Path, typer.Argument(metavar="OUTPUT", help="Where to write the fine-tuned model (never the input).", show_default=False)],
+    data: FtData,
+    teacher: Annotated[Path | None, typer.Option("--teacher", help="The original model: distil from its outputs (no labels needed).", show_default=False)] = None,
+    val_data: Annotated[Path | None, typer.Option("--val-data", help="Held-out data for validation after each epoch (default: --val-split of DATA).", show_default=False)] = None,
+    val_split: Annotated[float, typer.Option("--val-split", help="Share of DATA held out when there is no --val-data (0: none).")] = 0.1,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training data.")] = 3,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per optimiser step.")] = 64,
+    optimizer: Annotated[str, typer.Option("--optimizer", help="adam, or sgd (momentum 0.9: with --schedule step, the paper's schedule).")] = "adam",
+    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate (default 2e-3 for adam; 1e-3 for sgd, the paper).", show_default=False)] = None,
+    schedule: Annotated[str, typer.Option("--schedule", help="cosine (to 0 over the run), step (lr / 10 every --step-epochs, the paper), or constant.")] = "cosine",
+    step_epochs: Annotated[int, typer.Option("--step-epochs", help="Epochs between the step schedule's lr / 10.")] = 5,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="L2 weight decay.")] = 0.0,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after this many optimiser steps in all.", show_default=False)] = None,
+    temperature: Annotated[float, typer.Option("--temperature", help="Distillation temperature for class-score outputs.")] = 4.0,
+    alpha: Annotated[float, typer.Option("--alpha", help="Weight of the labelled loss when DATA has labels and --teacher is given.")] = 0.5,
+    labels: Annotated[bool, typer.Option("--labels/--no-labels", help="Use DATA's labels; --no-labels: pure distillation from --teacher.")] = True,
+    train: Annotated[str, typer.Option("--train", help="all weights, or only the decomposed layers' factors.")] = "all",
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random crop (zero padding) and horizontal flip of image inputs.")] = True,
+    size: Annotated[str | None, typer.Option("--size", help="Resize images to N or H,W.", show_default=False)] = None,
+    mean: Annotated[str | None, typer.Option("--mean", help="Per-channel mean subtracted from images scaled to [0, 1], e.g. 0.485,0.456,0.406.", show_default=False)] = None,
+    std: Annotated[str | None, typer.Option("--std", help="Per-channel std images are divided by, e.g. 0.229,0.224,0.225.", show_default=False)] = None,
+    layout: Annotated[str, typer.Option("--layout", help="Image layout fed to the model: auto, nchw or nhwc.")] = "auto",
+    device: Annotated[str, typer.Option("--device", help="auto (cuda when available), cpu or cuda.")] = "auto",
+    threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's).", show_default=False)] = None,
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Checkpoint written after each epoch (default OUT.finetune.pt).", show_default=False)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint (after Ctrl-C, or with more --epochs).")] = False,
+    seed: SeedOpt = 0,
+    report: FinetuneReportOpt = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Fine-tune a compressed model with labels or by distillation from the original; write OUTPUT as ONNX."""
+    from . import finetune as ft
+    from .runtime.data import Preprocess, parse_floats, parse_size
+
+    with _errors(verbose):
+        cfg = ft.FinetuneConfig(
+            epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, schedule=schedule, step_epochs=step_epochs,
+            weight_decay=weight_decay, max_steps=max_steps, temperature=temperature, alpha=alpha, use_labels=labels, train=train,
+            augment=augment, val_split=val_split, device=device, seed=seed, threads=threads,
+            checkpoint=str(checkpoint) if checkpoint else None, resume=resume,
+            preprocess=Preprocess(parse_size(size), parse_floats(mean, "--mean"), parse_floats(std, "--std"), layout),
+        )
+        result = ft.finetune(input, output, data, teacher=teacher, val_data=val_data, config=cfg,
+                             progress=None if quiet else _FinetuneProgress(), report=report)
+        if not quiet:
+            def pct(v: float | None) -> str:
+                return "-" if v is None else f"{100 * v:.2f} %"
+
+            err_console.print(
+                f"wrote {result.output_path}: {result.mode}, {result.epochs} epoch(s), {result.steps} steps, "
+                f"{result.seconds:.0f} s on {result.device}; best epoch {result.best_epoch} ({result.best_metric}); "
+                f"accuracy {pct(result.accuracy_before)} -> {pct(result.accuracy_after)}, agreement with the teacher "
+                f"{pct(result.agreement_before)} -> {pct(result.agreement_after)}; onnxruntime vs torch max rel error "
+                f"{result.export_max_rel_error:.2g}", markup=False, highlight=False, soft_wrap=True)
+            if result.best_epoch == 0:
+                err_console.print(
+                    f"note: no epoch improved {result.best_metric} on the held-out data; {result.output_path} holds the "
+                    "starting weights (lower --lr, or more data)", markup=False, highlight=False, soft_wrap=True)
+
+
+class _FinetuneProgress:
+    """One line per epoch on stderr; a live bar for the steps on a terminal."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, kind: str, d: Any) -> None:
+        def pct(v: float | None) -> str:
+            return "-" if v is None else f"{100 * v:.2f}%"
+
+        if kind == "start":
+            b = d["before"]
+            changes = "; ".join(d["changes"]) or "none"
+            err_console.print(
+                f"finetune: {d['mode']} on {d['device']}, {d['train']} training / {d['val']} validation samples, "
+                f"{d['trainable']:,} of {d['total']:,} weights trained; graph normalisation: {changes}; "
+                f"before: accuracy {pct(b['accuracy'])}, agreement {pct(b['agreement'])}",
+                markup=False, highlight=False, soft_wrap=True)
+        elif kind == "step" and self.tty:
+            sys.stderr.write(f"\r  epoch {d['epoch']} {d['step']}/{d['steps']} loss {d['loss']:.4f} "
+                             f"acc {pct(d['accuracy'])} {d['images_per_s']:.0f} img/s   ")
+            sys.stderr.flush()
+        elif kind == "epoch":
+            s = d["stats"]
+            if self.tty:
+                sys.stderr.write("\r" + " " * 78 + "\r")
+            err_console.print(
+                f"epoch {s.epoch}/{d['epochs']}: lr {s.lr:.2g} loss {s.train_loss:.4f} train acc {pct(s.train_accuracy)} | "
+                f"val loss {'-' if s.val_loss is None else f'{s.val_loss:.4f}'} acc {pct(s.val_accuracy)} "
+                f"agreement {pct(s.val_agreement)} | {s.images_per_s:.0f} img/s, {s.seconds:.0f} s{' *best' if s.best else ''}",
+                markup=False, highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -128,37 +128,23 @@ class ValidationData:
         return int(next(iter(self.inputs.values())).shape[0])
 
 
-def load_validation_data(path: str | os.PathLike[str], model: onnx.ModelProto, limit: int | None = None) -> ValidationData:
-    """Read a .npz holding an array per model input (named as the input, or `input` for a
-    single-input model) and optionally `labels` (int class ids), first axis = samples."""
-    from ..errors import UsageError
+def load_validation_data(
+    path: str | os.PathLike[str], model: onnx.ModelProto, limit: int | None = None, preprocess=None  # type: ignore[no-untyped-def]
+) -> ValidationData:
+    """Read user data through the shared loader (runtime/data.py): a .npz holding an array per model
+    input (named as the input, or `input` for a single-input model) and optionally `labels` (int
+    class ids), or an image folder (one sub-folder per class, or a flat folder); first axis = samples."""
+    from .data import load_data
 
-    try:
-        with np.load(str(path), allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise UsageError(f"--data {path}: no such file") from None
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--data {path}: not a readable .npz file ({e}); save one with numpy.savez") from None
     names = graph_input_names(model)
-    labels = arrays.pop("labels", None)
-    if len(names) == 1 and names[0] not in arrays and len(arrays) == 1:
-        arrays = {names[0]: next(iter(arrays.values()))}
-    missing = [n for n in names if n not in arrays]
-    if missing:
-        raise UsageError(
-            f"--data {path}: no array for model input '{missing[0]}'; the file has {sorted(arrays) or 'none'}: "
-            "name one array per input (and optionally 'labels')"
-        )
-    counts = {arrays[n].shape[0] if arrays[n].ndim else 0 for n in names}
-    if len(counts) != 1 or 0 in counts or (labels is not None and labels.shape[0] not in counts):
-        raise UsageError(f"--data {path}: arrays (and labels) must share the same non-zero first axis (samples)")
     by_name = {i.name: i for i in model.graph.input}
-    inputs = {}
-    for n in names:
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(by_name[n].type.tensor_type.elem_type))
-        inputs[n] = arrays[n][:limit].astype(dtype, copy=False)
-    return ValidationData(str(path), inputs, None if labels is None else labels[:limit].astype(np.int64))
+    dtypes = {n: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(by_name[n].type.tensor_type.elem_type)) for n in names}
+    shapes = {
+        n: [d.dim_value if d.HasField("dim_value") else None for d in by_name[n].type.tensor_type.shape.dim]
+        for n in names
+    }
+    d = load_data(path, names, shapes, dtypes, preprocess, limit)
+    return ValidationData(d.path, d.inputs, d.labels)
 
 
 def _dynamic_batch(model: onnx.ModelProto) -> bool:

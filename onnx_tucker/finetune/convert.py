@@ -1,0 +1,141 @@
+"""ONNX -> torch (onnx2torch, after graph normalisation) and torch -> ONNX (TorchScript exporter)."""
+
+from __future__ import annotations
+
+import io
+import re
+import sys
+import types
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ..errors import ModelLoadError, OnnxTuckerError
+from ..graph import torchready
+
+INSTALL_HINT = "pip install 'onnx-tucker[finetune]' after a CPU torch (see the README: Fine-tuning)"
+
+# Names given by the compressor to the nodes of a decomposed layer (graph/rewrite.py), as
+# onnx2torch turns them into module names: '.../tucker_core', '.../svd_last_1', ...
+FACTOR_MODULE = re.compile(r"(^|/)(tucker_first|tucker_core|tucker_last|svd_first|svd_last)(_\d+)?$")
+
+MAX_EXPORT_OPSET = 17
+MIN_EXPORT_OPSET = 9
+
+
+def import_torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise OnnxTuckerError(f"fine-tuning needs torch, which is not installed; {INSTALL_HINT}") from None
+    return torch
+
+
+def import_onnx2torch() -> Any:
+    """onnx2torch imports torchvision at import time, for its NMS / RoiAlign converters only. Where
+    torchvision is missing or broken (PyPI's torchvision next to a local CPU torch build fails with
+    "operator torchvision::nms does not exist"), a stub module lets every CNN op convert."""
+    import_torch()
+    try:
+        import onnx2torch
+    except Exception as e:  # noqa: BLE001 - ImportError, or RuntimeError from a mismatched torchvision
+        if not any(k == "torchvision" or k.startswith("torchvision.") for k in sys.modules) and "torchvision" not in str(e):
+            raise OnnxTuckerError(f"fine-tuning needs onnx2torch ({type(e).__name__}: {e}); {INSTALL_HINT}") from None
+        for k in [k for k in sys.modules if k.split(".")[0] in ("torchvision", "onnx2torch")]:
+            del sys.modules[k]
+        stub = types.ModuleType("torchvision")
+        stub.ops = types.ModuleType("torchvision.ops")  # type: ignore[attr-defined]
+        stub.__onnx_tucker_stub__ = True  # type: ignore[attr-defined]
+
+        def _absent(*_: Any, **__: Any) -> Any:
+            raise OnnxTuckerError("this model needs torchvision (NMS / RoiAlign), which does not import here")
+
+        stub.ops.nms = stub.ops.roi_align = _absent  # type: ignore[attr-defined]
+        sys.modules["torchvision"] = stub
+        sys.modules["torchvision.ops"] = stub.ops  # type: ignore[attr-defined]
+        try:
+            import onnx2torch
+        except Exception as e2:  # noqa: BLE001
+            raise OnnxTuckerError(f"fine-tuning needs onnx2torch ({type(e2).__name__}: {e2}); {INSTALL_HINT}") from None
+    return onnx2torch
+
+
+def _supported() -> torchready.Supported:
+    import_onnx2torch()
+    from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY
+
+    keys = {(k.domain, k.operation_type, k.version) for k in _CONVERTER_REGISTRY}
+
+    def supported(domain: str, op: str, version: int) -> bool:
+        return (domain if domain != "ai.onnx" else "", op, version) in keys
+
+    return supported
+
+
+def to_torch(model: onnx.ModelProto, source: str) -> tuple[Any, torchready.Normalized]:
+    """Normalise, then convert. Raises one ModelLoadError naming every op onnx2torch cannot take."""
+    onnx2torch = import_onnx2torch()
+    norm, bad = torchready.normalize(model, _supported())
+    if bad:
+        raise ModelLoadError(
+            f"{source}: onnx2torch cannot convert {len(bad)} op type(s) at opset {norm.source_opset} or any opset tried: "
+            f"{', '.join(bad)}; fine-tuning needs every op converted (replace them, or fine-tune the model in its own framework)"
+        )
+    try:
+        module = onnx2torch.convert(norm.model)
+    except Exception as e:  # noqa: BLE001 - onnx2torch raises NotImplementedError, KeyError, ...
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise ModelLoadError(f"{source}: onnx2torch failed to convert the model ({msg[:300]}); please report this") from None
+    return module, norm
+
+
+def select_trainable(module: Any, train: str, source: str) -> tuple[list[str], int, int]:
+    """Set requires_grad per `train` (all | factors); returns (trainable names, trainable count, total)."""
+    from ..errors import UsageError
+
+    names = []
+    total = trainable = 0
+    for name, p in module.named_parameters():
+        owner = name.rsplit(".", 1)[0]
+        on = train == "all" or bool(FACTOR_MODULE.search(owner))
+        p.requires_grad_(on)
+        total += p.numel()
+        if on:
+            trainable += p.numel()
+            names.append(name)
+    if not names:
+        why = "has no decomposed layers (nodes named .../tucker_* or .../svd_*)" if train == "factors" else "has no weights"
+        raise UsageError(f"{source}: the model {why}; nothing to train: use --train all, or compress it first")
+    return names, trainable, total
+
+
+def export(
+    module: Any,
+    sample: dict[str, np.ndarray],
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    opset: int,
+    dynamic_batch: bool,
+) -> onnx.ModelProto:
+    """torch.onnx.export(dynamo=False) of the module (on CPU, eval mode), same input/output names."""
+    torch = import_torch()
+    module = module.to("cpu").eval()
+    args = tuple(torch.from_numpy(np.ascontiguousarray(sample[n])) for n in input_names)
+    axes = {n: {0: "batch"} for n in [*input_names, *output_names]} if dynamic_batch else None
+    target = max(MIN_EXPORT_OPSET, min(MAX_EXPORT_OPSET, opset))
+    buf = io.BytesIO()
+    try:
+        import warnings
+
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module, args, buf, input_names=list(input_names), output_names=list(output_names),
+                dynamic_axes=axes, opset_version=target, dynamo=False, do_constant_folding=True,
+            )
+    except Exception as e:  # noqa: BLE001 - the exporter raises many kinds
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise OnnxTuckerError(f"torch.onnx.export failed at opset {target} ({msg[:300]}); please report this") from None
+    return onnx.load_from_string(buf.getvalue())

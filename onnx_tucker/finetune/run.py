@@ -1,0 +1,385 @@
+"""`finetune()`: ONNX -> torch -> train -> ONNX, validated in onnxruntime, written atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ..errors import ModelLoadError, OnnxTuckerError, UsageError, ValidationError
+from ..graph import torchready
+from ..graph.load import load_model
+from ..graph.save import OutputBatch, check_output_path, check_output_paths
+from ..runtime.data import DataSet, load_data
+from ..runtime.validate import compare_outputs
+from . import convert
+from .config import EpochStats, FinetuneConfig, FinetuneInterrupted, FinetuneResult
+from .train import (
+    Batches,
+    EvalStats,
+    Progress,
+    evaluate,
+    is_class_scores,
+    make_optimizer,
+    run_model,
+    train_epoch,
+)
+
+CHECKPOINT_VERSION = 1
+
+
+def _device(torch: Any, wanted: str) -> Any:
+    if wanted == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if wanted.startswith("cuda"):
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise UsageError(f"--device {wanted}: torch sees no CUDA device (torch {torch.__version__}, {build}); use --device cpu")
+        return torch.device(wanted)
+    return torch.device("cpu")
+
+
+def _check_samples(ds: DataSet, shapes: Mapping[str, list[Any]], option: str) -> None:
+    for n, a in ds.inputs.items():
+        want = shapes[n][1:]
+        got = a.shape[1:]
+        if len(want) != len(got) or any(isinstance(w, int) and w > 0 and w != g for w, g in zip(want, got, strict=False)):
+            shown = tuple(w if isinstance(w, int) and w > 0 else "?" for w in want)
+            raise UsageError(
+                f"{option} {ds.path}: samples of '{n}' have shape {tuple(got)}, the model expects {shown}; "
+                "fix the data (or --size / --layout for images)"
+            )
+
+
+def _split(ds: DataSet, share: float, seed: int) -> tuple[DataSet, DataSet | None]:
+    if share <= 0 or ds.count < 2:
+        return ds, None
+    n_val = max(1, int(round(ds.count * share)))
+    order = np.random.default_rng(seed + 7919).permutation(ds.count)
+    return ds.take(np.sort(order[n_val:])), ds.take(np.sort(order[:n_val]))
+
+
+def _layouts(ds: DataSet, shapes: Mapping[str, list[Any]], cfg: FinetuneConfig) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for n, a in ds.inputs.items():
+        if a.ndim != 4 or not np.issubdtype(a.dtype, np.floating):
+            out[n] = None
+        elif cfg.preprocess.layout != "auto":
+            out[n] = cfg.preprocess.layout
+        else:
+            out[n] = "nhwc" if a.shape[1] not in (1, 3, 4) and a.shape[3] in (1, 3, 4) else "nchw"
+    return out
+
+
+def _sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _save_checkpoint(torch: Any, path: Path, state: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _ort_outputs(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return list(sess.run(None, dict(feeds)))
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated types
+        msg = " ".join(str(e).split())[:300] or type(e).__name__
+        raise ValidationError(f"the exported model does not run in onnxruntime ({msg}); please report this") from None
+
+
+def finetune(
+    model: str | os.PathLike[str],
+    output: str | os.PathLike[str] | None,
+    data: str | os.PathLike[str],
+    *,
+    teacher: str | os.PathLike[str] | None = None,
+    val_data: str | os.PathLike[str] | None = None,
+    config: FinetuneConfig | None = None,
+    progress: Progress | None = None,
+    report: str | os.PathLike[str] | None = None,
+) -> FinetuneResult:
+    """Fine-tune the (compressed) ONNX `model` on `data` and write it to `output` (None: write nothing).
+
+    With labels in DATA: cross-entropy; with `teacher` (the original ONNX model): distillation,
+    no labels needed; with both: `alpha` * labelled + (1 - alpha) * distillation. The best epoch's
+    weights (on the held-out data) are exported with the same input/output names, checked in
+    onnxruntime against the torch module, and written atomically; the input is never overwritten.
+    A checkpoint (`config.checkpoint`, default OUT.finetune.pt) is kept after every epoch for `resume`.
+    `report`: also write the result as JSON (key `finetune`), together with OUT.
+    """
+    cfg = config or FinetuneConfig()
+    src = Path(model)
+    out = Path(output) if output is not None else None
+    if out is not None:
+        check_output_path(out, src)
+        if teacher is not None:
+            check_output_path(out, teacher)
+        check_output_path(out, data)
+    ckpt = Path(cfg.checkpoint) if cfg.checkpoint else (Path(f"{out}.finetune.pt") if out is not None else None)
+    if ckpt is not None:
+        check_output_path(ckpt, src)
+        if out is not None and ckpt.resolve() == out.resolve():
+            raise UsageError(f"--checkpoint {ckpt}: the same file as OUT; give the checkpoint its own path")
+    check_output_paths(src, {"OUT": out, "--checkpoint": ckpt, "--report": report})
+    if cfg.resume and (ckpt is None or not ckpt.is_file()):
+        raise UsageError(f"--resume: no checkpoint at {ckpt}; run without --resume first (or give --checkpoint)")
+
+    torch = convert.import_torch()
+    device = _device(torch, cfg.device)
+    student_proto = load_model(src)
+    in_names, out_names = torchready.graph_io(student_proto)
+    shapes = torchready.io_shapes(student_proto)
+    dtypes = torchready.io_dtypes(student_proto)
+    teacher_proto = None
+    if teacher is not None:
+        teacher_proto = load_model(teacher)
+        t_in, t_out = torchready.graph_io(teacher_proto)
+        if t_in != in_names or len(t_out) != len(out_names):
+            raise UsageError(
+                f"--teacher {teacher}: inputs {t_in} / {len(t_out)} output(s) do not match the student's "
+                f"{in_names} / {len(out_names)}; the teacher must be the model the student was compressed from"
+            )
+
+    ds = load_data(data, in_names, shapes, dtypes, cfg.preprocess, option="--data")
+    _check_samples(ds, shapes, "--data")
+    val_ds: DataSet | None
+    if val_data is not None:
+        train_ds, val_ds = ds, load_data(val_data, in_names, shapes, dtypes, cfg.preprocess, option="--val-data")
+        _check_samples(val_ds, shapes, "--val-data")
+    else:
+        train_ds, val_ds = _split(ds, cfg.val_split, cfg.seed)
+    if not cfg.use_labels:
+        if teacher is None:
+            raise UsageError("--no-labels: needs --teacher ORIG.onnx (distillation is the only loss without labels)")
+        train_ds = replace(train_ds, labels=None)
+        val_ds = None if val_ds is None else replace(val_ds, labels=None)
+    if train_ds.labels is None and teacher is None:
+        raise UsageError(
+            f"--data {data}: no labels (a flat folder, or a .npz without 'labels'); give --teacher ORIG.onnx "
+            "to distil from the original model, or labelled data (one sub-folder per class)"
+        )
+    eval_ds = val_ds if val_ds is not None else train_ds
+
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    student, norm = convert.to_torch(student_proto, str(src))
+    t_module = None
+    if teacher_proto is not None:
+        t_module, _ = convert.to_torch(teacher_proto, str(teacher))
+        t_module = t_module.to(device).eval()
+        for p in t_module.parameters():
+            p.requires_grad_(False)
+    student = student.to(device).eval()  # eval mode throughout: frozen BatchNorm statistics (train.py)
+    trainable, n_train, n_total = convert.select_trainable(student, cfg.train, str(src))
+
+    # What the outputs look like, from one small batch; the teacher must give the same shapes.
+    probe = {n: a[: min(2, eval_ds.count)] for n, a in eval_ds.inputs.items()}
+    with torch.no_grad():
+        s_out = run_model(student, probe, in_names, device)
+        if len(s_out) != len(out_names):
+            raise ModelLoadError(f"{src}: the converted model gives {len(s_out)} outputs, the ONNX model {len(out_names)}; please report this")
+        if t_module is not None:
+            t_probe = run_model(t_module, probe, in_names, device)
+            s_shapes = [tuple(o.shape) for o in s_out]
+            t_shapes = [tuple(o.shape) for o in t_probe]
+            for name, s_shape, t_shape in zip(out_names, s_shapes, t_shapes, strict=True):
+                if s_shape != t_shape:
+                    raise UsageError(
+                        f"--teacher {teacher}: output '{name}' has shape {t_shape}, the student's {s_shape}; "
+                        "the teacher must be the model the student was compressed from"
+                    )
+    label_output = next((k for k, so in enumerate(s_out) if is_class_scores(tuple(so.shape))), None)
+    labelled = train_ds.labels is not None
+    if labelled:
+        if label_output is None:
+            raise UsageError(
+                f"--data {data}: has labels but no model output looks like class scores [N, C]; "
+                "give --teacher ORIG.onnx and unlabelled data instead"
+            )
+        classes = int(s_out[label_output].shape[1])
+        top = int(max(train_ds.labels.max(), -1 if val_ds is None or val_ds.labels is None else val_ds.labels.max()))  # type: ignore[union-attr]
+        if top >= classes or int(train_ds.labels.min()) < 0:  # type: ignore[union-attr]
+            raise UsageError(f"--data {data}: label {top} is out of range for the model's {classes} classes (output '{out_names[label_output]}')")
+    mode = "labels+distill" if labelled and teacher is not None else ("labels" if labelled else "distill")
+    train_labels = train_ds.labels if labelled else None
+    layouts = _layouts(train_ds, shapes, cfg)
+    train_b = Batches(train_ds.inputs, train_labels, cfg.batch_size, layouts)
+    eval_b = Batches(eval_ds.inputs, eval_ds.labels if labelled or eval_ds.labels is not None else None,
+                     max(cfg.batch_size, 256), layouts)
+    params = [p for n, p in student.named_parameters() if p.requires_grad]
+    opt, sched = make_optimizer(params, cfg, len(train_b))
+
+    fingerprint = _sha(src)
+    history: list[EpochStats] = []
+    start_epoch = 0
+    steps_done = 0
+    best_state = None
+    best_value: float | None = None
+    best_epoch: int | None = None
+    if val_ds is not None and val_ds.labels is not None and label_output is not None:
+        metric, higher = "val_accuracy", True
+    elif val_ds is not None:  # distillation: its own loss (top-1 agreement is too coarse, it saturates early)
+        metric, higher = "val_loss", False
+    else:
+        metric, higher = "train_loss", False
+    before = None
+    if cfg.resume:
+        assert ckpt is not None
+        try:
+            state = torch.load(ckpt, map_location=device, weights_only=False)
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+            raise UsageError(f"--resume: {ckpt} is not a readable checkpoint ({type(e).__name__}); delete it and start again") from None
+        if state.get("version") != CHECKPOINT_VERSION or state.get("source_sha256") != fingerprint:
+            raise UsageError(f"--resume: {ckpt} was written for another model than {src}; delete it or give --checkpoint")
+        student.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        if cfg.schedule == "cosine":  # more --epochs than the interrupted run: stretch the cosine to the new end
+            total = cfg.epochs * len(train_b) if cfg.max_steps is None else min(cfg.epochs * len(train_b), cfg.max_steps)
+            sched.T_max = max(1, total)
+        start_epoch, steps_done = int(state["epoch"]), int(state["steps"])
+        best_state, best_value, best_epoch = state["best_state"], state["best_value"], state["best_epoch"]
+        history = [EpochStats(**h) for h in state["history"]]
+        before = state["before"]
+    t_start = time.perf_counter()
+    if before is None:
+        ev0 = evaluate(student, t_module, eval_b, in_names, cfg, label_output, device)
+        before = {"accuracy": ev0.accuracy, "agreement": ev0.agreement, "loss": ev0.loss}
+        # The starting weights are "epoch 0" of the best-checkpoint race: an epoch that makes the
+        # held-out metric worse (too high a learning rate for a well-trained model) never reaches OUT.
+        start = {"val_accuracy": ev0.accuracy, "val_agreement": ev0.agreement, "val_loss": ev0.loss}.get(metric)
+        if start is not None and val_ds is not None:
+            best_value, best_epoch = float(start), 0
+            best_state = {k: v.detach().to("cpu").clone() for k, v in student.state_dict().items()}
+    if progress is not None:
+        progress("start", {"epochs": cfg.epochs, "first_epoch": start_epoch + 1, "steps": len(train_b), "mode": mode,
+                           "device": str(device), "train": train_b.count, "val": 0 if val_ds is None else val_ds.count,
+                           "trainable": n_train, "total": n_total, "before": before, "metric": metric,
+                           "changes": norm.changes})
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch + 1, cfg.epochs + 1):
+            if cfg.max_steps is not None and steps_done >= cfg.max_steps:
+                break
+            rng = np.random.default_rng([cfg.seed, epoch])
+            torch.manual_seed(cfg.seed * 1000003 + epoch)
+            lr = float(opt.param_groups[0]["lr"])
+            t0 = time.perf_counter()
+            left = None if cfg.max_steps is None else cfg.max_steps - steps_done
+            loss, acc, steps, ips = train_epoch(student, t_module, train_b, in_names, cfg, label_output, device, opt,
+                                                sched, rng, epoch, left, progress)
+            steps_done += steps
+            ev: EvalStats | None = (
+                evaluate(student, t_module, eval_b, in_names, cfg, label_output, device) if val_ds is not None else None
+            )
+            v_loss = ev.loss if ev is not None else None
+            v_acc = ev.accuracy if ev is not None else None
+            v_agree = ev.agreement if ev is not None else None
+            values: dict[str, float | None] = {"val_accuracy": v_acc, "val_agreement": v_agree, "val_loss": v_loss,
+                                               "train_loss": loss}
+            value = values[metric]
+            is_best = value is not None and (best_value is None or (value > best_value if higher else value < best_value))
+            if is_best:
+                best_value, best_epoch = float(value), epoch  # type: ignore[arg-type]
+                best_state = {k: v.detach().to("cpu").clone() for k, v in student.state_dict().items()}
+            stats = EpochStats(epoch, steps, lr, loss, acc, v_loss, v_acc, v_agree,
+                               ips, time.perf_counter() - t0, is_best)
+            history.append(stats)
+            if ckpt is not None:
+                _save_checkpoint(torch, ckpt, {
+                    "version": CHECKPOINT_VERSION, "source_sha256": fingerprint, "epoch": epoch, "steps": steps_done,
+                    "model": student.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "best_state": best_state, "best_value": best_value, "best_epoch": best_epoch,
+                    "history": [asdict(h) for h in history], "before": before, "config": cfg.to_dict(),
+                })
+            if progress is not None:
+                progress("epoch", {"stats": stats, "epochs": cfg.epochs})
+    except KeyboardInterrupt:
+        done = history[-1].epoch if history else 0
+        kept = f"the checkpoint {ckpt} holds epoch {done}: rerun with --resume" if ckpt is not None and done else "no epoch finished"
+        raise FinetuneInterrupted(f"{src}: interrupted during epoch {epoch}; nothing was written to OUT; {kept}") from None
+    seconds = time.perf_counter() - t_start
+
+    if best_state is not None:
+        student.load_state_dict(best_state)
+    after = evaluate(student, t_module, eval_b, in_names, cfg, label_output, device)
+
+    # Back to ONNX: same names, the structure of the compressed model, checked in onnxruntime.
+    sample = {n: a[: min(2, eval_ds.count)] for n, a in eval_ds.inputs.items()}
+    norm_shapes = torchready.io_shapes(norm.model)
+    dynamic = all(not isinstance(norm_shapes[n][0], int) for n in in_names if norm_shapes[n])
+    exported = convert.export(copy.deepcopy(student).to("cpu"), sample, in_names, out_names, norm.opset, dynamic)
+    want, got = torchready.weight_structure(norm.model), torchready.weight_structure(exported)
+    if want != got:
+        raise OnnxTuckerError(
+            f"{src}: the exported model's layers differ from the compressed model's ({len(got)} vs {len(want)} weighted "
+            "nodes); nothing was written; please report this"
+        )
+    for p in student_proto.metadata_props:
+        exported.metadata_props.add(key=p.key, value=p.value)
+    if student_proto.doc_string:
+        exported.doc_string = student_proto.doc_string
+    check = {n: a[: min(8, eval_ds.count)] for n, a in eval_ds.inputs.items()}
+    ref = [t.detach().cpu().numpy() for t in run_model(student.to("cpu"), check, in_names, "cpu")]
+    got_out = _ort_outputs(exported, check)
+    worst = 0.0
+    for name, r_out, o_out in zip(out_names, ref, got_out, strict=True):
+        c = compare_outputs(name, r_out, o_out)
+        worst = max(worst, c.max_rel_error)
+    if not worst <= cfg.rtol:
+        raise ValidationError(
+            f"{src}: the exported model differs from the trained torch module (max relative error {worst:.3g} > {cfg.rtol:g}); "
+            "nothing was written; please report this"
+        )
+    result = FinetuneResult(
+        input_path=str(src), output_path=None if out is None else str(out),
+        teacher_path=None if teacher is None else str(teacher), mode=mode, device=str(device),
+        train_samples=train_b.count, val_samples=0 if val_ds is None else val_ds.count,
+        trainable_params=n_train, total_params=n_total, epochs=len(history), steps=steps_done,
+        history=tuple(history), best_epoch=best_epoch, best_metric=metric,
+        accuracy_before=before["accuracy"], accuracy_after=after.accuracy,
+        agreement_before=before["agreement"], agreement_after=after.agreement,
+        seconds=seconds, export_opset=torchready.default_opset(exported), export_max_rel_error=worst,
+        normalisation=norm.changes, checkpoint=str(ckpt) if ckpt is not None else "",
+    )
+    with OutputBatch() as batch:  # OUT and the report appear together or not at all
+        if out is not None:
+            batch.add_model(exported, out, src)
+        if report is not None:
+            batch.add_text(report, json.dumps({"finetune": result.to_dict()}, indent=2, default=str) + "\n")
+        batch.commit()
+    return result
+
+
+__all__ = ["finetune"]

@@ -1,0 +1,225 @@
+"""The training loop: labelled cross-entropy and/or distillation from a teacher, numpy data in.
+
+Losses, per batch:
+- labels: cross-entropy on the first class-score output (shape [N, C], C > 1);
+- teacher: summed over all outputs: KL(softmax(t / T) || softmax(s / T)) * T^2 where the teacher's
+  output looks like class scores ([N, C], C > 1), else the MSE divided by the teacher output's
+  mean square (scale-free, so outputs of different scales weigh alike: detector maps, embeddings,
+  sequence logits);
+- both: alpha * labelled + (1 - alpha) * distillation.
+
+BatchNorm: the whole network stays in eval mode while it trains: BatchNorm layers normalise with
+their frozen running statistics (their scale and shift still train) and are not re-estimated from
+small or augmented batches; Dropout was removed before conversion. The exported graph is therefore
+exactly the network that was trained.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .config import FinetuneConfig
+from .convert import import_torch
+
+Progress = Callable[[str, Mapping[str, Any]], None]
+
+
+def is_class_scores(shape: Sequence[int]) -> bool:
+    return len(shape) == 2 and shape[1] > 1
+
+
+@dataclass
+class Batches:
+    """Shuffled mini-batches of numpy arrays; augmentation (crop with zero padding, flip) on 4-D images."""
+
+    inputs: Mapping[str, np.ndarray]
+    labels: np.ndarray | None
+    batch_size: int
+    layout: Mapping[str, str | None]  # per input: nchw | nhwc | None (not an image)
+
+    @property
+    def count(self) -> int:
+        return int(next(iter(self.inputs.values())).shape[0])
+
+    def __len__(self) -> int:
+        return math.ceil(self.count / self.batch_size)
+
+    def iterate(self, rng: np.random.Generator | None, augment: bool):  # type: ignore[no-untyped-def]
+        order = rng.permutation(self.count) if rng is not None else np.arange(self.count)
+        for start in range(0, self.count, self.batch_size):
+            idx = np.sort(order[start : start + self.batch_size]) if rng is None else order[start : start + self.batch_size]
+            xs = {}
+            for n, a in self.inputs.items():
+                x = a[idx]
+                if augment and rng is not None and self.layout.get(n):
+                    x = _augment(x, self.layout[n], rng)  # type: ignore[arg-type]
+                xs[n] = x
+            yield xs, (None if self.labels is None else self.labels[idx])
+
+
+def _augment(x: np.ndarray, layout: str, rng: np.random.Generator) -> np.ndarray:
+    hw = (2, 3) if layout == "nchw" else (1, 2)
+    h, w = x.shape[hw[0]], x.shape[hw[1]]
+    if min(h, w) < 8:
+        return x
+    p = max(1, round(min(h, w) / 8))
+    pad = [(0, 0)] * x.ndim
+    pad[hw[0]] = pad[hw[1]] = (p, p)
+    xp = np.pad(x, pad)
+    out = np.empty_like(x)
+    dy = rng.integers(0, 2 * p + 1, size=len(x))
+    dx = rng.integers(0, 2 * p + 1, size=len(x))
+    flip = rng.random(len(x)) < 0.5
+    for i in range(len(x)):
+        if layout == "nchw":
+            c = xp[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
+            out[i] = c[:, :, ::-1] if flip[i] else c
+        else:
+            c = xp[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w, :]
+            out[i] = c[:, ::-1, :] if flip[i] else c
+    return out
+
+
+def loss_terms(student: Sequence[Any], teacher: Sequence[Any] | None, labels: Any, cfg: FinetuneConfig,
+               label_output: int | None) -> Any:
+    torch = import_torch()
+    F = torch.nn.functional
+    total = None
+    if labels is not None and label_output is not None:
+        ce = F.cross_entropy(student[label_output], labels)
+        total = ce if teacher is None else cfg.alpha * ce
+    if teacher is not None:
+        d = 0.0
+        for s, t in zip(student, teacher, strict=True):
+            s = s.float()
+            t = t.float()
+            if is_class_scores(tuple(t.shape)):
+                T = cfg.temperature
+                d = d + F.kl_div(F.log_softmax(s / T, dim=1), F.log_softmax(t / T, dim=1), log_target=True,
+                                 reduction="batchmean") * (T * T)
+            else:
+                d = d + F.mse_loss(s, t) / (t.pow(2).mean() + 1e-8)
+        w = 1.0 if total is None else 1.0 - cfg.alpha
+        total = w * d if total is None else total + w * d
+    return total
+
+
+def _as_list(out: Any) -> list[Any]:
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def run_model(module: Any, feeds: Mapping[str, np.ndarray], names: Sequence[str], device: Any) -> list[Any]:
+    torch = import_torch()
+    args = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(device) for n in names]
+    return _as_list(module(*args))
+
+
+@dataclass
+class EvalStats:
+    loss: float | None
+    accuracy: float | None
+    agreement: float | None
+
+
+def evaluate(student: Any, teacher: Any, data: Batches, names: Sequence[str], cfg: FinetuneConfig,
+             label_output: int | None, device: Any) -> EvalStats:
+    torch = import_torch()
+    n = correct = agree = 0
+    loss_sum = 0.0
+    with torch.no_grad():
+        for xs, ys in data.iterate(None, False):
+            s = run_model(student, xs, names, device)
+            t = run_model(teacher, xs, names, device) if teacher is not None else None
+            y = torch.from_numpy(ys).to(device) if ys is not None else None
+            loss = loss_terms(s, t, y, cfg, label_output)
+            b = len(next(iter(xs.values())))
+            if loss is not None:
+                loss_sum += float(loss) * b
+            if label_output is not None:
+                pred = s[label_output].argmax(1)
+                if y is not None:
+                    correct += int((pred == y).sum())
+                if t is not None:
+                    agree += int((pred == t[label_output].argmax(1)).sum())
+            n += b
+    return EvalStats(
+        loss_sum / n if n else None,
+        correct / n if n and label_output is not None and data.labels is not None else None,
+        agree / n if n and label_output is not None and teacher is not None else None,
+    )
+
+
+def make_optimizer(params: list[Any], cfg: FinetuneConfig, steps_per_epoch: int) -> tuple[Any, Any]:
+    torch = import_torch()
+    lr = cfg.learning_rate
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
+    if cfg.schedule == "step":
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_epochs, gamma=0.1)  # per epoch
+    elif cfg.schedule == "cosine":
+        total = cfg.epochs * steps_per_epoch
+        if cfg.max_steps is not None:
+            total = min(total, cfg.max_steps)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total))  # per step
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    return opt, sched
+
+
+def train_epoch(student: Any, teacher: Any, data: Batches, names: Sequence[str], cfg: FinetuneConfig,
+                label_output: int | None, device: Any, opt: Any, sched: Any, rng: np.random.Generator,
+                epoch: int, steps_left: int | None, progress: Progress | None) -> tuple[float, float | None, int, float]:
+    """One pass; returns (mean loss, train accuracy or None, steps, images/s)."""
+    torch = import_torch()
+    t0 = time.perf_counter()
+    n = correct = steps = 0
+    loss_sum = 0.0
+    total = len(data)
+    for xs, ys in data.iterate(rng, cfg.augment):
+        if steps_left is not None and steps >= steps_left:
+            break
+        y = torch.from_numpy(ys).to(device) if ys is not None else None
+        s = run_model(student, xs, names, device)
+        if teacher is not None:
+            with torch.no_grad():
+                t = run_model(teacher, xs, names, device)
+        else:
+            t = None
+        loss = loss_terms(s, t, y, cfg, label_output)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if cfg.schedule == "cosine":
+            sched.step()
+        lv = float(loss.detach())
+        if not math.isfinite(lv):
+            from ..errors import OnnxTuckerError
+
+            raise OnnxTuckerError(
+                f"the training loss became {lv} in epoch {epoch} (step {steps + 1}); lower --lr "
+                f"(now {opt.param_groups[0]['lr']:g}) or use --optimizer adam"
+            )
+        b = len(next(iter(xs.values())))
+        loss_sum += lv * b
+        if y is not None and label_output is not None:
+            correct += int((s[label_output].argmax(1) == y).sum())
+        n += b
+        steps += 1
+        if progress is not None:
+            dt = time.perf_counter() - t0
+            progress("step", {"epoch": epoch, "step": steps, "steps": total, "loss": loss_sum / n,
+                              "accuracy": correct / n if ys is not None and label_output is not None else None,
+                              "images_per_s": n / dt if dt > 0 else 0.0})
+    if cfg.schedule == "step":
+        sched.step()
+    dt = time.perf_counter() - t0
+    acc = correct / n if n and data.labels is not None and label_output is not None else None
+    return (loss_sum / n if n else float("nan")), acc, steps, (n / dt if dt > 0 else 0.0)
