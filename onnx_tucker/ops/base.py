@@ -48,6 +48,14 @@ def prod(dims: tuple[int | None, ...] | None) -> int | None:
     return math.prod(int(d) for d in dims if d is not None)
 
 
+def batch_rows(layer: Layer) -> int | None:
+    """How many weight-vector products a Gemm / MatMul does (batch rows)."""
+    shape = layer.output_shape
+    if shape is None or len(shape) == 0:
+        return None
+    return prod(shape[:-1]) if len(shape) > 1 else 1
+
+
 def as_1x1(m: np.ndarray, spatial_dims: int) -> np.ndarray:
     return m.reshape(m.shape + (1,) * spatial_dims)
 
@@ -94,10 +102,24 @@ class OpHandler:
             return [unfold(block, 0)]
         return [block if block.ndim == 2 else block.reshape(block.shape[0], -1)]  # a 1x1 kernel: T x S
 
+    def dims(self, layer: Layer) -> tuple[int, int]:
+        """(K, N) of the matrix as used: y = x @ W with W K x N."""
+        assert layer.weight_shape is not None
+        return layer.weight_shape[0], layer.weight_shape[1]
+
     def cost(self, layer: Layer, kind: str, ranks: tuple[int, ...] = ()) -> tuple[int, int | None]:
         """(parameters, MACs) of the layer decomposed as `kind` ("original" for the layer as it is).
-        MACs are None when shapes are unknown; biases are left out (they are carried over)."""
-        raise NotImplementedError
+        MACs are None when shapes are unknown; biases are left out (they are carried over). Here: a
+        matrix applied to every row of the input (batch and leading dims), SVD-split into two."""
+        K, N = self.dims(layer)
+        if kind == "original":
+            params = K * N
+        elif kind == "svd":
+            params = ranks[0] * (K + N)
+        else:
+            raise ValueError(kind)
+        rows = batch_rows(layer)
+        return params, None if rows is None else params * rows
 
     def factorisation_key(self, layer: Layer) -> tuple[object, ...]:
         """What decides the factors beyond the weight itself: layers sharing a weight share one set of

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import LABELS, Fresh, OpHandler, prod
+from .base import LABELS, Fresh, OpHandler
 from .layer import Chain, Layer, LayerFactors, NodeSpec
 
 
@@ -48,16 +48,6 @@ class GemmHandler(OpHandler):
             w = w.astype(np.float64) * alpha
         return [w]
 
-    def cost(self, layer: Layer, kind: str, ranks: tuple[int, ...] = ()) -> tuple[int, int | None]:
-        K, N = self.dims(layer)
-        if kind == "original":
-            params = K * N
-        elif kind == "svd":
-            params = ranks[0] * (K + N)
-        else:
-            raise ValueError(kind)
-        rows = batch_rows(layer)
-        return params, None if rows is None else params * rows
 
     def factorisation_key(self, layer: Layer) -> tuple[object, ...]:
         return (self._int(layer, "transB"), float(layer.attrs.get("alpha", 1.0)))  # type: ignore[arg-type]
@@ -89,14 +79,6 @@ class GemmHandler(OpHandler):
             attrs += (("beta", float(layer.attrs.get("beta", 1.0))),)  # type: ignore[arg-type]
         n2 = NodeSpec("Gemm", (mid, weights[1], *bias), (layer.outputs[0],), fresh(f"{base}/{last}"), attrs)
         return Chain((n1, n2), tuple(constants))
-
-
-def batch_rows(layer: Layer) -> int | None:
-    """How many weight-vector products a Gemm / MatMul does (batch rows)."""
-    shape = layer.output_shape
-    if shape is None or len(shape) == 0:
-        return None
-    return prod(shape[:-1]) if len(shape) > 1 else 1
 
 
 HANDLER = GemmHandler()

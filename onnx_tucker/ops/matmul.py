@@ -6,7 +6,6 @@ The constant on the left (W @ X) and 3-D constant weights are kept, with the rea
 from __future__ import annotations
 
 from .base import LABELS, Fresh, OpHandler
-from .gemm import batch_rows
 from .layer import Chain, Layer, LayerFactors, NodeSpec
 
 
@@ -32,17 +31,6 @@ class MatMulHandler(OpHandler):
             return None
         return "K", x[-1], w[0]
 
-    def cost(self, layer: Layer, kind: str, ranks: tuple[int, ...] = ()) -> tuple[int, int | None]:
-        assert layer.weight_shape is not None
-        K, N = layer.weight_shape[0], layer.weight_shape[1]
-        if kind == "original":
-            params = K * N
-        elif kind == "svd":
-            params = ranks[0] * (K + N)
-        else:
-            raise ValueError(kind)
-        rows = batch_rows(layer)
-        return params, None if rows is None else params * rows
 
     def factorisation_key(self, layer: Layer) -> tuple[object, ...]:
         return (0, 1.0)  # as a Gemm with transB=0, alpha=1: such layers may share one factorisation
