@@ -386,13 +386,13 @@ def _load_calibration(path: str, model: onnx.ModelProto, limit: int | None, seed
 def _batches_of(data, model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]],  # type: ignore[no-untyped-def]
                 batch: int) -> list[dict[str, np.ndarray]]:
     from ..errors import UsageError
-    from .validate import _data_batches, _dynamic_batch
+    from .validate import data_batches, dynamic_batch
 
     try:
-        chunks = _data_batches(data, input_shapes, model)
+        chunks = data_batches(data, input_shapes, model)
     except UsageError as e:
         raise UsageError(str(e).replace("--data ", "--calibrate ", 1)) from None
-    if not _dynamic_batch(model):
+    if not dynamic_batch(model):
         return chunks
     return [{n: a[i : i + batch] for n, a in c.items()} for c in chunks
             for i in range(0, next(iter(c.values())).shape[0], batch)]

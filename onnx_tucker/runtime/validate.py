@@ -147,7 +147,7 @@ def load_validation_data(
     return ValidationData(d.path, d.inputs, d.labels)
 
 
-def _dynamic_batch(model: onnx.ModelProto) -> bool:
+def dynamic_batch(model: onnx.ModelProto) -> bool:
     by_name = {i.name: i for i in model.graph.input}
     for n in graph_input_names(model):
         dims = by_name[n].type.tensor_type.shape.dim
@@ -156,7 +156,7 @@ def _dynamic_batch(model: onnx.ModelProto) -> bool:
     return True
 
 
-def _data_batches(
+def data_batches(
     data: ValidationData, input_shapes: Mapping[str, tuple[int, ...]], model: onnx.ModelProto
 ) -> list[dict[str, np.ndarray]]:
     """Split the data along the batch axis: chunks of 256 for a dynamic batch, else the model's batch."""
@@ -164,10 +164,10 @@ def _data_batches(
 
     first = next(iter(input_shapes.values()))
     batch = first[0] if first else 1
-    if _dynamic_batch(model):
+    dynamic = dynamic_batch(model)
+    if dynamic:
         batch = min(256, data.count)  # the last chunk may be smaller
         input_shapes = {n: (batch, *s[1:]) for n, s in input_shapes.items()}
-    dynamic = _dynamic_batch(model)
     batches = []
     for start in range(0, data.count if dynamic else data.count - batch + 1, batch):
         feeds = {n: a[start : start + batch] for n, a in data.inputs.items()}
@@ -196,7 +196,7 @@ def validate_models(
     ref_proto = original if isinstance(original, onnx.ModelProto) else onnx.load(str(original), load_external_data=False)
     rng = np.random.default_rng(seed)
     if data is not None:
-        batches = _data_batches(data, input_shapes, ref_proto)
+        batches = data_batches(data, input_shapes, ref_proto)
     else:
         batches = [random_inputs(ref_proto, input_shapes, rng) for _ in range(samples or DEFAULT_RANDOM_SAMPLES)]
     with session_folder() as tmp:
