@@ -18,9 +18,11 @@ candidates: "last" < "joint" < "full" (all three). A layer whose output only fee
 residual branch of a ResNet block) is fitted to the original Add output minus the compressed model's
 other Add input (`residual`), so it also absorbs the error carried by the skip path.
 
-Cost: two onnxruntime passes over the calibration data per layer (the compressed model up to the
-layer's input, the original up to its output), plus Gram products of `rows` sampled output positions
-by the im2col width. Memory: a few Gram matrices of the im2col width (plus one batch of activations).
+Cost: about one onnxruntime pass over the calibration data per model (`ActivationCache` keeps the
+frontier's activations, so each layer's request runs only the nodes after the previous one), plus
+Gram products of `rows` sampled output positions by the im2col width. Memory: a few Gram matrices of
+the im2col width plus the frontier's activations for the calibration set (capped: over the cap, each
+request runs its prefix again).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from ..numerics.refit import (
 )
 from ..ops.layer import Layer, LayerFactors
 from ..planning.planner import CompressionPlan
-from .activations import iter_activations
+from .activations import ActivationCache
 
 METHODS = ("last", "joint", "full")
 Batches = Sequence[Mapping[str, np.ndarray]]
@@ -292,6 +294,9 @@ def calibrate_model(
     count = sum(int(next(iter(b.values())).shape[0]) for b in batches)
     results: dict[str, LayerCalibration] = {}
     order = sorted(replacements)
+    # The walk runs each model about once: each request starts from the cached frontier.
+    comp_cache = ActivationCache(compressed, batches, "compressed")
+    orig_cache = ActivationCache(original, batches, "original")
     for step, node_index in enumerate(order):
         rep = replacements[node_index]
         layer, f = rep.layer, rep.factors
@@ -318,9 +323,9 @@ def calibrate_model(
         # original output plus what the other branch lost in the compressed model.
         skip = residual_partner(original, y_name) if opts.residual else None
         extra = [skip] if skip else []
-        comp_iter = iter_activations(compressed, [x_name, *extra], batches, "compressed")
-        orig_iter = iter_activations(original, [y_name, *extra], batches, "original")
-        for xs, ys in zip(comp_iter, orig_iter, strict=True):
+        comp_vals = comp_cache.values([x_name, *extra])
+        orig_vals = orig_cache.values([y_name, *extra])
+        for xs, ys in zip(comp_vals, orig_vals, strict=True):
             x, y = xs[0], ys[0]
             _check_finite(x, x_name, "compressed")
             _check_finite(y, y_name, "original")
@@ -342,6 +347,7 @@ def calibrate_model(
             if chain.bias is not None and chain.beta != 0:
                 values[chain.bias] = b / chain.beta if layer.op_type == "Gemm" else b
             write_initializers(compressed, values)
+            comp_cache.invalidate(chain.produced)
         results[layer.layer_id] = LayerCalibration(best, e0, e1, rows, note, skip)
     if progress is not None and order:
         progress(replacements[order[-1]].layer.layer_id, len(order), len(order))
