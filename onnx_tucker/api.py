@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .config import BenchConfig, CompressionConfig
+from .config import BenchConfig, CompressionConfig, RankPolicy
 from .errors import ModelLoadError, UsageError
 from .graph import lazyload
 from .graph.fold import float_parameter_count
@@ -36,6 +36,7 @@ from .planning.decompose import decompose_layer
 from .planning.planner import (
     CompressionPlan,
     LayerPlan,
+    PlannedRanks,
     check_plan_covers,
     finish_plan,
     load_plan_file,
@@ -44,7 +45,8 @@ from .planning.planner import (
 from .report import latency_dict, result_json, result_markdown, validation_dict
 from .results import CompressionResult, ModelTotals
 from .runtime.bench import LatencyReport, measure_latency
-from .runtime.calibrate import calibrate_from_config
+from .runtime.calibrate import calibrate_from_config, calibration_batches
+from .runtime.rankselect import DataRankOptions, select_ranks_data
 from .runtime.validate import ValidationReport, load_validation_data, validate_models
 
 ModelLike = onnx.ModelProto | str | os.PathLike[str]
@@ -104,21 +106,7 @@ def _check_weight_shapes(layers: list[Layer], source: str) -> None:
             )
 
 
-def _plan_and_decompose(
-    prep: _Prepared, config: CompressionConfig, progress: Progress | None
-) -> tuple[CompressionPlan, dict[int, Replacement]]:
-    """Plan every layer and decompose the ones that gain, one layer at a time (or `config.jobs` at once).
-
-    Each layer is planned and decomposed in one go: its weight is read once, the Gram matrices and
-    their eigendecompositions computed for EVBMF are reused for the factors (`LayerSpectra`), and all
-    of it is dropped before the next layer, so at most `jobs` weights are in memory beside the model.
-    Layers run in threads (numpy/LAPACK release the GIL); the results are assembled in graph order and
-    are identical to a serial run. Layers whose weight feeds other nodes are decomposed afterwards,
-    once the whole plan has decided whether they can share one factorisation.
-    """
-    planned = load_plan_file(config.plan_file) if config.plan_file else None
-    layers = prep.layers
-    check_plan_covers(layers, planned)
+def _weight_reader(prep: _Prepared) -> Callable[[str], np.ndarray]:
     read_lock = threading.Lock()
 
     def read_weight(name: str) -> np.ndarray:
@@ -127,6 +115,47 @@ def _plan_and_decompose(
             return lazyload.read_weight(t, prep.base_dir)
         with read_lock:  # protobuf reads and constant folding stay on one thread at a time
             return prep.index.constant_value(name)
+
+    return read_weight
+
+
+def _planned_ranks(prep: _Prepared, config: CompressionConfig, progress: Progress | None) -> PlannedRanks | None:
+    """The ranks to replay: a plan file's, or under `--ranks data:F` the ones chosen on the calibration
+    data (runtime/rankselect.py; the other layers keep the EVBMF plan); None: plan by the policy."""
+    if config.plan_file:
+        return load_plan_file(config.plan_file)
+    if config.ranks.method != "data":
+        return None
+    assert config.calibrate is not None and config.ranks.value is not None
+    read_weight = _weight_reader(prep)
+    fallback_cfg = replace(config, ranks=RankPolicy("vbmf"))
+    fallback = [plan_layer(lay, read_weight, fallback_cfg) for lay in prep.layers]
+    prep.materialize(prep.model)  # onnxruntime runs the original: its weights in memory
+    batches = calibration_batches(config.calibrate, prep.model, prep.input_shapes, config.calibration_samples,
+                                  seed=config.seed)
+    selection = select_ranks_data(prep.model, prep.layers, fallback, batches, config.ranks.value, read_weight,
+                                  DataRankOptions(seed=config.seed), progress)
+    return selection.planned
+
+
+def _plan_and_decompose(
+    prep: _Prepared, config: CompressionConfig, progress: Progress | None, planned: PlannedRanks | None = None
+) -> tuple[CompressionPlan, dict[int, Replacement]]:
+    """Plan every layer and decompose the ones that gain, one layer at a time (or `config.jobs` at once).
+
+    Each layer is planned and decomposed in one go: its weight is read once, the Gram matrices and
+    their eigendecompositions computed for EVBMF are reused for the factors (`LayerSpectra`), and all
+    of it is dropped before the next layer, so at most `jobs` weights are in memory beside the model.
+    Layers run in threads (numpy/LAPACK release the GIL); the results are assembled in graph order and
+    are identical to a serial run. Layers whose weight feeds other nodes are decomposed afterwards,
+    once the whole plan has decided whether they can share one factorisation. `planned`: ranks to
+    replay (`_planned_ranks`); by default the plan file's, if any.
+    """
+    if planned is None and config.plan_file:
+        planned = load_plan_file(config.plan_file)
+    layers = prep.layers
+    check_plan_covers(layers, planned)
+    read_weight = _weight_reader(prep)
 
     def work(layer: Layer) -> tuple[LayerPlan, LayerFactors | None]:
         weights: dict[str, np.ndarray] = {}
@@ -194,7 +223,7 @@ def plan(
     in_path = None if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
     check_output_paths(in_path, {"--save-plan": save_plan, "--report": report})
     prep = _prepare(model_or_path, config)
-    p, _ = _plan_and_decompose(prep, config, progress)
+    p, _ = _plan_and_decompose(prep, config, progress, _planned_ranks(prep, config, progress))
     with OutputBatch() as batch:
         if save_plan is not None:
             batch.add_text(save_plan, p.to_json())
@@ -229,7 +258,7 @@ def compress(
     in_path = None if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
     check_output_paths(in_path, {"OUT": output, "--save-plan": save_plan, "--report": report, "--markdown": markdown})
     prep = _prepare(model_or_path, config)
-    p, replacements = _plan_and_decompose(prep, config, progress)
+    p, replacements = _plan_and_decompose(prep, config, progress, _planned_ranks(prep, config, progress))
     rewritten = rewrite(prep.model, replacements, prep.base_dir)
     if not config.calibrate:
         del replacements  # the factor arrays live on in `rewritten` (wrapped, not copied)

@@ -91,7 +91,7 @@ OutPath = Annotated[Path, typer.Argument(metavar="OUTPUT", help="Where to write 
 OriginalPath = Annotated[Path, typer.Argument(metavar="ORIGINAL", help="The original model.", show_default=False)]
 CompareToPath = Annotated[Path, typer.Argument(metavar="COMPRESSED", help="The model to compare with it.", show_default=False)]
 TimeAgainstPath = Annotated[Path, typer.Argument(metavar="COMPRESSED", help="The model to time against it.", show_default=False)]
-RanksOpt = Annotated[str, typer.Option("--ranks", help="Rank policy: vbmf (EVBMF, default), ratio:F, energy:F, or full (verification: no truncation).")]
+RanksOpt = Annotated[str, typer.Option("--ranks", help="Rank policy: vbmf (EVBMF, default), ratio:F, energy:F, full (verification: no truncation), or data:F (with --calibrate: keep a fraction F of the MACs, ranks chosen from the layers' outputs on the data).")]
 RankScaleOpt = Annotated[float, typer.Option("--rank-scale", help="Multiply every chosen rank by F (rounded up).")]
 MinRankOpt = Annotated[int | None, typer.Option("--min-rank", help="Floor on every rank (also turns an EVBMF rank of 0 into N).", show_default=False)]
 RoundToOpt = Annotated[int, typer.Option("--round-to", help="Round ranks up to a multiple of N (capped at the dimension), e.g. 8 for SIMD.")]

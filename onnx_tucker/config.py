@@ -10,12 +10,14 @@ from typing import Any
 
 from .errors import UsageError
 
-RANK_METHODS = ("vbmf", "ratio", "energy", "full")
+RANK_METHODS = ("vbmf", "ratio", "energy", "full", "data")
 
 
 @dataclass(frozen=True)
 class RankPolicy:
-    """How ranks are chosen: `vbmf` (EVBMF, the paper), `ratio:F`, `energy:F` or `full`."""
+    """How ranks are chosen: `vbmf` (EVBMF, the paper), `ratio:F`, `energy:F`, `full`, or `data:F` (with
+    calibration data: the whole model keeps a fraction F of its MACs, spent where the layers' outputs on
+    the data lose least; runtime/rankselect.py)."""
 
     method: str = "vbmf"
     value: float | None = None
@@ -30,7 +32,7 @@ class RankPolicy:
             return cls("vbmf")
         if spec == "full":
             return cls("full")
-        m = re.fullmatch(r"(ratio|energy):([0-9.eE+-]+)", spec)
+        m = re.fullmatch(r"(ratio|energy|data):([0-9.eE+-]+)", spec)
         if m:
             try:
                 value = float(m.group(2))
@@ -39,7 +41,7 @@ class RankPolicy:
             if not 0.0 < value <= 1.0:
                 raise UsageError(f"--ranks {text}: {m.group(1)} must be in (0, 1]; use e.g. {m.group(1)}:0.5")
             return cls(m.group(1), value)
-        raise UsageError(f"--ranks {text}: not understood; use vbmf, full, ratio:F or energy:F (0 < F <= 1)")
+        raise UsageError(f"--ranks {text}: not understood; use vbmf, full, ratio:F, energy:F or data:F (0 < F <= 1)")
 
 
 def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
@@ -117,6 +119,9 @@ class CompressionConfig:
             raise UsageError(f"--rtol {self.rtol}: must be >= 0; e.g. --rtol 0.05")
         compile_pattern(self.include, "--include")
         compile_pattern(self.exclude, "--exclude")
+        if self.ranks.method == "data" and not self.calibrate and not self.plan_file:
+            raise UsageError(f"--ranks {self.ranks}: ranks chosen from data need the data; add --calibrate DATA.npz "
+                             "(compress), or use a weight policy such as energy:0.9")
 
     def effective_rtol(self, weight_eps: float = 2.0**-23) -> float | None:
         """The tolerance validation checks: --rtol, else under --ranks full one that follows the
