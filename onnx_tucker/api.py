@@ -132,7 +132,7 @@ def _planned_ranks(prep: _Prepared, config: CompressionConfig, progress: Progres
     fallback = [plan_layer(lay, read_weight, fallback_cfg) for lay in prep.layers]
     prep.materialize(prep.model)  # onnxruntime runs the original: its weights in memory
     batches = calibration_batches(config.calibrate, prep.model, prep.input_shapes, config.calibration_samples,
-                                  seed=config.seed)
+                                  seed=config.seed, preprocess=config.preprocess)
     selection = select_ranks_data(prep.model, prep.layers, fallback, batches, config.ranks.value, read_weight,
                                   DataRankOptions(seed=config.seed), progress)
     return selection.planned
@@ -289,7 +289,7 @@ def compress(
     # onnxruntime reads the original from its file (its weights were loaded lazily: no copy of them).
     original = in_path or prep.model
     if config.validate:
-        data = load_validation_data(config.data, prep.model, config.samples) if config.data else None
+        data = load_validation_data(config.data, prep.model, config.samples, config.preprocess) if config.data else None
         validation = validate_models(
             original, new_model, prep.input_shapes, config.samples, config.seed, config.effective_rtol(lowest_float_eps(prep.model)), data
         )
@@ -392,7 +392,7 @@ def validate(
     for path in _paths(original, compressed):
         check_output_paths(path, {"--report": report})
     orig, comp, shapes = _load_pair(original, compressed, config)
-    data = load_validation_data(config.data, orig, config.samples) if config.data else None
+    data = load_validation_data(config.data, orig, config.samples, config.preprocess) if config.data else None
     v = validate_models(
         _runnable(original, orig), _runnable(compressed, comp), shapes, config.samples, config.seed,
         config.effective_rtol(lowest_float_eps(orig)), data,

@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperCommand, TyperGroup
 
-from .config import BenchConfig, CompressionConfig
+from .config import BenchConfig, CompressionConfig, Preprocess
 from .errors import OnnxTuckerError, UsageError
 
 try:  # recent typer vendors click as typer._click; older typer uses click itself
@@ -112,8 +112,12 @@ MarkdownOpt = Annotated[Path | None, typer.Option("--markdown", help="Write the 
 ValidateOpt = Annotated[bool, typer.Option("--validate/--no-validate", help="Compare original and compressed outputs in onnxruntime.")]
 SamplesOpt = Annotated[int | None, typer.Option("--samples", help="Random inputs used for validation (default 8), or how many --data samples to use (default all).", show_default=False)]
 DataOpt = Annotated[Path | None, typer.Option("--data", help="Validate on real data: a .npz with one array per model input (samples on the first axis) and optional 'labels' for accuracy, or an image folder (one sub-folder per class: labels; pixels scaled to [0, 1]).", show_default=False)]
-CalibrateOpt = Annotated[Path | None, typer.Option("--calibrate", help="Refit each decomposed layer's factors so its output matches the original's on this unlabeled data (.npz, one array per model input); same ranks and graph.", show_default=False)]
+CalibrateOpt = Annotated[Path | None, typer.Option("--calibrate", help="Refit each decomposed layer's factors so its output matches the original's on this unlabeled data (.npz with one array per model input, or an image folder: see --size/--mean/--std); same graph.", show_default=False)]
 CalibrationSamplesOpt = Annotated[int, typer.Option("--calibration-samples", help="How many --calibrate samples to use (a random subset, seeded by --seed, when the file has more).")]
+SizeOpt = Annotated[str | None, typer.Option("--size", help="Resize images (--data / --calibrate folders) to N or H,W.", show_default=False)]
+MeanOpt = Annotated[str | None, typer.Option("--mean", help="Per-channel mean subtracted from images scaled to [0, 1], e.g. 0.485,0.456,0.406.", show_default=False)]
+StdOpt = Annotated[str | None, typer.Option("--std", help="Per-channel std images are divided by, e.g. 0.229,0.224,0.225.", show_default=False)]
+LayoutOpt = Annotated[str, typer.Option("--layout", help="Image layout fed to the model: auto, nchw or nhwc.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice (validation inputs).")]
 RtolOpt = Annotated[float | None, typer.Option("--rtol", help="Fail when max|orig-new| > RTOL * max|orig| on any output (default: report only; 1e-4 under --ranks full).", show_default=False)]
 BenchOpt = Annotated[bool, typer.Option("--bench", help="Also measure latency of both models in onnxruntime CPU (interleaved runs, medians).")]
@@ -167,6 +171,12 @@ def _note(text: str) -> None:
     err_console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
+def _preprocess(size: str | None, mean: str | None, std: str | None, layout: str) -> Preprocess:
+    from .runtime.data import parse_floats, parse_size
+
+    return Preprocess(parse_size(size), parse_floats(mean, "--mean"), parse_floats(std, "--std"), layout)
+
+
 @contextmanager
 def _progress(enabled: bool):  # type: ignore[no-untyped-def]
     """A per-layer progress bar on a terminal; nothing otherwise."""
@@ -207,6 +217,10 @@ def compress(
     data: DataOpt = None,
     calibrate: CalibrateOpt = None,
     calibration_samples: CalibrationSamplesOpt = 500,
+    size: SizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    layout: LayoutOpt = "auto",
     seed: SeedOpt = 0,
     rtol: RtolOpt = None,
     bench: BenchOpt = False,
@@ -225,6 +239,7 @@ def compress(
             ranks=ranks, rank_scale=rank_scale, min_rank=min_rank, round_to=round_to, include=include, exclude=exclude,
             hooi_iters=hooi_iters, jobs=jobs, input_shape=input_shape, plan=plan, validate=validate, samples=samples,
             data=data, seed=seed, rtol=rtol, calibrate=calibrate, calibration_samples=calibration_samples,
+            preprocess=_preprocess(size, mean, std, layout),
         )
         timing = BenchConfig(threads=threads, warmup=warmup, runs=runs) if bench else None
         with _progress(not quiet) as progress:
@@ -283,6 +298,10 @@ def validate_cmd(
     input_shape: InputShapeOpt = None,
     samples: SamplesOpt = None,
     data: DataOpt = None,
+    size: SizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    layout: LayoutOpt = "auto",
     seed: SeedOpt = 0,
     rtol: RtolOpt = None,
     report: ValidateReportOpt = None,
@@ -294,7 +313,8 @@ def validate_cmd(
     from .report.tables import validation_table
 
     with _errors(verbose):
-        cfg = CompressionConfig.from_options(input_shape=input_shape, samples=samples, data=data, seed=seed, rtol=rtol)
+        cfg = CompressionConfig.from_options(input_shape=input_shape, samples=samples, data=data, seed=seed, rtol=rtol,
+                                             preprocess=_preprocess(size, mean, std, layout))
         v = api.validate(original, compressed, cfg, report=report)
         if not quiet:
             _print([validation_table(v)])
@@ -352,10 +372,10 @@ def finetune_cmd(
     labels: Annotated[bool, typer.Option("--labels/--no-labels", help="Use DATA's labels; --no-labels: pure distillation from --teacher.")] = True,
     train: Annotated[str, typer.Option("--train", help="all weights, or only the decomposed layers' factors.")] = "all",
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random crop (zero padding) and horizontal flip of image inputs.")] = True,
-    size: Annotated[str | None, typer.Option("--size", help="Resize images to N or H,W.", show_default=False)] = None,
-    mean: Annotated[str | None, typer.Option("--mean", help="Per-channel mean subtracted from images scaled to [0, 1], e.g. 0.485,0.456,0.406.", show_default=False)] = None,
-    std: Annotated[str | None, typer.Option("--std", help="Per-channel std images are divided by, e.g. 0.229,0.224,0.225.", show_default=False)] = None,
-    layout: Annotated[str, typer.Option("--layout", help="Image layout fed to the model: auto, nchw or nhwc.")] = "auto",
+    size: SizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    layout: LayoutOpt = "auto",
     device: Annotated[str, typer.Option("--device", help="auto (cuda when available), cpu or cuda.")] = "auto",
     threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's).", show_default=False)] = None,
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Checkpoint written after each epoch (default OUT.finetune.pt).", show_default=False)] = None,
@@ -367,7 +387,6 @@ def finetune_cmd(
 ) -> None:
     """Fine-tune a compressed model with labels or by distillation from the original; write OUTPUT as ONNX."""
     from . import finetune as ft
-    from .runtime.data import Preprocess, parse_floats, parse_size
 
     with _errors(verbose):
         cfg = ft.FinetuneConfig(
@@ -375,7 +394,7 @@ def finetune_cmd(
             weight_decay=weight_decay, max_steps=max_steps, temperature=temperature, alpha=alpha, use_labels=labels, train=train,
             augment=augment, val_split=val_split, device=device, seed=seed, threads=threads,
             checkpoint=str(checkpoint) if checkpoint else None, resume=resume,
-            preprocess=Preprocess(parse_size(size), parse_floats(mean, "--mean"), parse_floats(std, "--std"), layout),
+            preprocess=_preprocess(size, mean, std, layout),
         )
         result = ft.finetune(input, output, data, teacher=teacher, val_data=val_data, config=cfg,
                              progress=None if quiet else _FinetuneProgress(), report=report)

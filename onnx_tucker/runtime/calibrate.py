@@ -371,13 +371,13 @@ class CalibrationSummary:
     seconds: float = 0.0
 
 
-def _load_calibration(path: str, model: onnx.ModelProto, limit: int | None, seed: int):  # type: ignore[no-untyped-def]
+def _load_calibration(path: str, model: onnx.ModelProto, limit: int | None, seed: int, preprocess=None):  # type: ignore[no-untyped-def]
     """(data used for the refit, held-out data or None), as `ValidationData`."""
     from ..errors import UsageError
     from .validate import ValidationData, load_validation_data
 
     try:
-        data = load_validation_data(path, model)
+        data = load_validation_data(path, model, None, preprocess)
     except UsageError as e:
         raise UsageError(str(e).replace("--data ", "--calibrate ", 1)) from None
     if limit is None or data.count <= limit:
@@ -405,13 +405,13 @@ def _batches_of(data, model: onnx.ModelProto, input_shapes: Mapping[str, tuple[i
 
 
 def calibration_batches(path: str, model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]],
-                        limit: int | None, batch: int = 64, seed: int = 0) -> list[dict[str, np.ndarray]]:
+                        limit: int | None, batch: int = 64, seed: int = 0, preprocess=None) -> list[dict[str, np.ndarray]]:  # type: ignore[no-untyped-def]
     """The calibration data (.npz, as `--data` reads it; labels ignored) as batches of feeds.
 
     With more samples than `limit`, a seeded random subset of `limit` is used (files are often sorted
     by class). Data that does not fit the model's inputs is a `UsageError` naming `--calibrate`.
     """
-    used, _ = _load_calibration(path, model, limit, seed)
+    used, _ = _load_calibration(path, model, limit, seed, preprocess)
     return _batches_of(used, model, input_shapes, batch)
 
 
@@ -428,7 +428,7 @@ def calibrate_from_config(original: onnx.ModelProto, compressed: onnx.ModelProto
 
     assert config.calibrate is not None
     t0 = time.perf_counter()
-    used, held = _load_calibration(config.calibrate, original, config.calibration_samples, config.seed)
+    used, held = _load_calibration(config.calibrate, original, config.calibration_samples, config.seed, config.preprocess)
     batches = _batches_of(used, original, input_shapes, 64)
     one_shot = copy.deepcopy(compressed) if held is not None else None
     found = calibrate_model(original, compressed, replacements, batches, CalibrationOptions(seed=config.seed),
