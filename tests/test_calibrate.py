@@ -529,3 +529,20 @@ def test_activation_cache_over_its_budget_still_answers_correctly(rng: np.random
         got = np.concatenate([v[0] for v in cache.values([name])])
         assert np.allclose(got, _tensor(model, name, {"x": x}), rtol=1e-5, atol=1e-6)
         assert cache.nbytes == 0
+
+
+def test_balance_chain_keeps_the_product_and_evens_the_scales(rng: np.random.Generator) -> None:
+    first = 1e-3 * rng.standard_normal((4, 6, 1, 1))
+    core = 1e3 * rng.standard_normal((5, 4, 3, 3))
+    last = rng.standard_normal((7, 5, 1, 1))
+    out = refit.balance_chain([first, core, last], sweeps=20)
+
+    def product(ws: list[np.ndarray]) -> np.ndarray:  # the chain as one (7, 6, 3, 3) kernel
+        return np.einsum("to,oikl,is->tskl", ws[2][:, :, 0, 0], ws[1], ws[0][:, :, 0, 0])
+
+    assert np.allclose(product(out), product([first, core, last]), rtol=1e-9, atol=1e-12)
+    for a, b in zip(out, out[1:]):  # per channel: writer's norm == reader's norm
+        na = np.linalg.norm(a.reshape(a.shape[0], -1), axis=1)
+        nb = np.linalg.norm(np.moveaxis(b, 1, 0).reshape(b.shape[1], -1), axis=1)
+        assert np.allclose(na, nb, rtol=1e-3)
+    assert max(np.abs(w).max() for w in out) < 1e-2 * np.abs(core).max()

@@ -41,6 +41,7 @@ from ..graph.probe import factor_chain, node_io, read_initializer, residual_part
 from ..graph.rewrite import Replacement
 from ..numerics.refit import (
     DEFAULT_RIDGE,
+    balance_chain,
     GramStats,
     conv_pads_begin,
     data_aware_basis,
@@ -342,6 +343,11 @@ def calibrate_model(
         e1 = math.sqrt(rss1 / energy) if energy > 0 else math.sqrt(rss1)
         if best != "kept":
             arrays, b = _arrays(layer, f, geo, groups)
+            # Balanced scales along the chain: the same function, but trainable (finetune after this).
+            if layer.op_type == "Conv" and len(geo.groups) == 1:
+                arrays = balance_chain(arrays)
+            elif layer.op_type in ("Gemm", "MatMul"):
+                arrays = [a.T for a in balance_chain([a.T for a in arrays])]
             stored = [a.T for a in arrays] if layer.op_type == "Gemm" and int(layer.attrs.get("transB", 0)) else arrays  # type: ignore[call-overload]
             values = dict(zip(chain.weights, stored, strict=True))
             if chain.bias is not None and chain.beta != 0:
