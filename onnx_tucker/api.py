@@ -15,12 +15,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 
 from .config import BenchConfig, CompressionConfig, RankPolicy
 from .errors import ModelLoadError, UsageError
+from .finetune.config import FinetuneResult, FinetuneStep
 from .graph import lazyload
 from .graph.fold import float_parameter_count
 from .graph.irmodel import IRModel
@@ -209,6 +211,30 @@ def _plan_and_decompose(
     return replace(plan, layers=tuple(new_plans)), replacements
 
 
+def _finetune_step(original: onnx.ModelProto, in_path: str | None, compressed: onnx.ModelProto, step: FinetuneStep,
+                   progress: Callable[[str, Any], None] | None) -> tuple[onnx.ModelProto, FinetuneResult]:
+    """`compress --finetune`: the in-memory compressed model through `finetune()` in a private temporary
+    folder (its checkpoint included), the fine-tuned model back in memory."""
+    import tempfile
+
+    from .finetune import finetune as run_finetune
+
+    with tempfile.TemporaryDirectory(prefix="onnx-tucker-finetune-") as tmp:
+        src = Path(tmp) / "compressed.onnx"
+        onnx.save(compressed, str(src))
+        teacher: str | None = None
+        if step.teacher_is_original:
+            teacher = in_path
+            if teacher is None:
+                teacher = str(Path(tmp) / "original.onnx")
+                onnx.save(original, teacher)
+        out = Path(tmp) / "finetuned.onnx"
+        cfg = replace(step.config, checkpoint=str(Path(tmp) / "finetune.pt"), resume=False)
+        res = run_finetune(src, out, step.data, teacher=teacher, val_data=step.val_data, config=cfg, progress=progress)
+        model = onnx.load(str(out))
+    return model, replace(res, input_path="(compressed in memory)", output_path=None, checkpoint="")
+
+
 def plan(
     model_or_path: ModelLike,
     config: CompressionConfig | None = None,
@@ -243,8 +269,13 @@ def compress(
     save_plan: PathLike | None = None,
     report: PathLike | None = None,
     markdown: PathLike | None = None,
+    finetune: FinetuneStep | None = None,
+    finetune_progress: Callable[[str, Any], None] | None = None,
 ) -> CompressionResult:
     """Compress a model; write it to `output` unless validation fails.
+
+    `finetune`: fine-tune the compressed (and calibrated) model before validating and writing it
+    (torch + onnx2torch, imported only then); `result.finetune` says how it went.
 
     `bench`: also time both models in onnxruntime (`result.latency`). `save_plan`, `report`, `markdown`:
     also write the plan file, the JSON report, the Markdown report. Every path is checked before any
@@ -284,6 +315,14 @@ def compress(
         prep.materialize(prep.model)
         p, calibration = calibrate_from_config(prep.model, new_model, replacements, p, prep.input_shapes, config, progress)
         del replacements
+    finetuned = None
+    if finetune is not None:
+        if isinstance(new_model, IRModel):
+            raise UsageError(f"--finetune {finetune.data}: the compressed model is over 2 GB, which fine-tuning cannot "
+                             "load; compress first, then run `onnx-tucker finetune` on the written model")
+        prep.materialize(prep.model)
+        new_model, finetuned = _finetune_step(prep.model, in_path, new_model, finetune, finetune_progress)
+        skeleton = new_model
 
     validation = None
     # onnxruntime reads the original from its file (its weights were loaded lazily: no copy of them).
@@ -319,6 +358,7 @@ def compress(
         latency=latency,
         requested_output=str(output) if output is not None else None,
         calibration=calibration,
+        finetune=finetuned,
     )
     with OutputBatch() as batch:
         if result.output_path is not None:

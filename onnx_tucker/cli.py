@@ -114,6 +114,15 @@ SamplesOpt = Annotated[int | None, typer.Option("--samples", help="Random inputs
 DataOpt = Annotated[Path | None, typer.Option("--data", help="Validate on real data: a .npz with one array per model input (samples on the first axis) and optional 'labels' for accuracy, or an image folder (one sub-folder per class: labels; pixels scaled to [0, 1]).", show_default=False)]
 CalibrateOpt = Annotated[Path | None, typer.Option("--calibrate", help="Refit each decomposed layer's factors so its output matches the original's on this unlabeled data (.npz with one array per model input, or an image folder: see --size/--mean/--std); same graph.", show_default=False)]
 CalibrationSamplesOpt = Annotated[int, typer.Option("--calibration-samples", help="How many --calibrate samples to use (a random subset, seeded by --seed, when the file has more).")]
+# Fine-tuning options (finetune, and compress --finetune)
+EpochsOpt = Annotated[int, typer.Option("--epochs", help="Passes over the training data.")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Samples per optimiser step.")]
+OptimizerOpt = Annotated[str, typer.Option("--optimizer", help="adam, or sgd (momentum 0.9: with --schedule step, the paper's schedule).")]
+LrOpt = Annotated[float | None, typer.Option("--lr", help="Learning rate (default 2e-3 for adam; 1e-3 for sgd, the paper).", show_default=False)]
+ScheduleOpt = Annotated[str, typer.Option("--schedule", help="cosine (to 0 over the run), step (lr / 10 every --step-epochs, the paper), or constant.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda when available), cpu or cuda.")]
+FinetuneDataOpt = Annotated[Path | None, typer.Option("--finetune", help="Fine-tune the compressed model on this data before validating and writing it (the paper's step 3; as `finetune --data`; needs the finetune extra).", show_default=False)]
+ValDataOpt = Annotated[Path | None, typer.Option("--val-data", help="Held-out data for validation after each epoch (default: --val-split of DATA).", show_default=False)]
 SizeOpt = Annotated[str | None, typer.Option("--size", help="Resize images (--data / --calibrate folders) to N or H,W.", show_default=False)]
 MeanOpt = Annotated[str | None, typer.Option("--mean", help="Per-channel mean subtracted from images scaled to [0, 1], e.g. 0.485,0.456,0.406.", show_default=False)]
 StdOpt = Annotated[str | None, typer.Option("--std", help="Per-channel std images are divided by, e.g. 0.229,0.224,0.225.", show_default=False)]
@@ -217,6 +226,15 @@ def compress(
     data: DataOpt = None,
     calibrate: CalibrateOpt = None,
     calibration_samples: CalibrationSamplesOpt = 500,
+    finetune: FinetuneDataOpt = None,
+    teacher_is_original: Annotated[bool, typer.Option("--teacher-is-original", help="With --finetune: distil from INPUT's outputs (no labels needed; with labels both losses).")] = False,
+    val_data: ValDataOpt = None,
+    epochs: EpochsOpt = 3,
+    batch_size: BatchSizeOpt = 64,
+    optimizer: OptimizerOpt = "adam",
+    lr: LrOpt = None,
+    schedule: ScheduleOpt = "cosine",
+    device: DeviceOpt = "auto",
     size: SizeOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
@@ -242,9 +260,19 @@ def compress(
             preprocess=_preprocess(size, mean, std, layout),
         )
         timing = BenchConfig(threads=threads, warmup=warmup, runs=runs) if bench else None
+        step = None
+        if finetune is not None:
+            from .finetune.config import FinetuneConfig, FinetuneStep
+
+            step = FinetuneStep(str(finetune), FinetuneConfig(
+                epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, schedule=schedule, device=device,
+                seed=seed, preprocess=cfg.preprocess), teacher_is_original, str(val_data) if val_data else None)
+        elif teacher_is_original or val_data is not None:
+            raise UsageError("--teacher-is-original / --val-data: only with --finetune DATA")
         with _progress(not quiet) as progress:
             result = api.compress(input, cfg, output, progress, bench=timing, save_plan=save_plan, report=report,
-                                  markdown=markdown)
+                                  markdown=markdown, finetune=step,
+                                  finetune_progress=None if quiet else _FinetuneProgress())
         if not quiet:
             _print(result_tables(result))
         failure = result.validation_error()
@@ -357,13 +385,13 @@ def finetune_cmd(
     output: Annotated[Path, typer.Argument(metavar="OUTPUT", help="Where to write the fine-tuned model (never the input).", show_default=False)],
     data: FtData,
     teacher: Annotated[Path | None, typer.Option("--teacher", help="The original model: distil from its outputs (no labels needed).", show_default=False)] = None,
-    val_data: Annotated[Path | None, typer.Option("--val-data", help="Held-out data for validation after each epoch (default: --val-split of DATA).", show_default=False)] = None,
+    val_data: ValDataOpt = None,
     val_split: Annotated[float, typer.Option("--val-split", help="Share of DATA held out when there is no --val-data (0: none).")] = 0.1,
-    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training data.")] = 3,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per optimiser step.")] = 64,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="adam, or sgd (momentum 0.9: with --schedule step, the paper's schedule).")] = "adam",
-    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate (default 2e-3 for adam; 1e-3 for sgd, the paper).", show_default=False)] = None,
-    schedule: Annotated[str, typer.Option("--schedule", help="cosine (to 0 over the run), step (lr / 10 every --step-epochs, the paper), or constant.")] = "cosine",
+    epochs: EpochsOpt = 3,
+    batch_size: BatchSizeOpt = 64,
+    optimizer: OptimizerOpt = "adam",
+    lr: LrOpt = None,
+    schedule: ScheduleOpt = "cosine",
     step_epochs: Annotated[int, typer.Option("--step-epochs", help="Epochs between the step schedule's lr / 10.")] = 5,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="L2 weight decay.")] = 0.0,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after this many optimiser steps in all.", show_default=False)] = None,
@@ -376,7 +404,7 @@ def finetune_cmd(
     mean: MeanOpt = None,
     std: StdOpt = None,
     layout: LayoutOpt = "auto",
-    device: Annotated[str, typer.Option("--device", help="auto (cuda when available), cpu or cuda.")] = "auto",
+    device: DeviceOpt = "auto",
     threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's).", show_default=False)] = None,
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Checkpoint written after each epoch (default OUT.finetune.pt).", show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint (after Ctrl-C, or with more --epochs).")] = False,

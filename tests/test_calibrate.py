@@ -541,7 +541,7 @@ def test_balance_chain_keeps_the_product_and_evens_the_scales(rng: np.random.Gen
         return np.einsum("to,oikl,is->tskl", ws[2][:, :, 0, 0], ws[1], ws[0][:, :, 0, 0])
 
     assert np.allclose(product(out), product([first, core, last]), rtol=1e-9, atol=1e-12)
-    for a, b in zip(out, out[1:]):  # per channel: writer's norm == reader's norm
+    for a, b in zip(out, out[1:], strict=False):  # per channel: writer's norm == reader's norm
         na = np.linalg.norm(a.reshape(a.shape[0], -1), axis=1)
         nb = np.linalg.norm(np.moveaxis(b, 1, 0).reshape(b.shape[1], -1), axis=1)
         assert np.allclose(na, nb, rtol=1e-3)

@@ -407,3 +407,44 @@ def test_train_factors_needs_a_compressed_model(tmp_path: Path) -> None:
     src = save(make_small_cnn(batch="N"), tmp_path / "m.onnx")
     rc, output = _cli([str(src), str(tmp_path / "o.onnx"), "--data", str(_npz(tmp_path / "d.npz")), "--train", "factors"])
     assert rc == 2 and "has no decomposed layers" in output and not (tmp_path / "o.onnx").exists()
+
+
+# ---- compress --finetune: the paper's whole pipeline in one run -------------------------------------
+
+def test_compress_finetune_runs_the_whole_pipeline_and_reports_it(tmp_path: Path) -> None:
+    """compress -> (calibrate) -> fine-tune -> validate -> write, one command: OUT is the fine-tuned model
+    (same node structure as the plain compressed one, weights changed), the report has its section, and no
+    temporary file is left beside OUT."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from onnx_tucker.cli import app
+
+    src = save(make_small_cnn(batch="N"), tmp_path / "m.onnx")  # full-rank weights: ratio:0.5 loses something
+    data = _npz(tmp_path / "d.npz", n=256, classes=None)  # no labels: distillation from the original only
+    out, rep, plain = tmp_path / "out.onnx", tmp_path / "r.json", tmp_path / "plain.onnx"
+    ot.compress(src, ot.CompressionConfig(ranks=RankPolicy.parse("ratio:0.5"), validate=False), output=plain)
+    res = CliRunner().invoke(app, ["compress", str(src), str(out), "--ranks", "ratio:0.5", "--finetune", str(data),
+                                   "--teacher-is-original", "--epochs", "2", "--batch-size", "16", "--optimizer", "adam", "--lr", "2e-3",
+                                   "--device", "cpu", "--report", str(rep)])
+    assert res.exit_code == 0, res.output
+    assert "Fine-tuning: distill, 2 epoch(s)" in res.output
+    r = json.loads(rep.read_text())
+    assert r["finetune"]["epochs"] == 2 and r["finetune"]["mode"] == "distill" and r["finetune"]["best_epoch"] >= 1
+    assert r["finetune"]["output_path"] is None and r["model"]["output"] == str(out)
+    a, b = onnx.load(out), onnx.load(plain)
+    assert torchready.weight_structure(a) == torchready.weight_structure(b)  # the Tucker chains stay
+    x = np.random.default_rng(3).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    assert not np.allclose(run_ort(a, {"x": x})["logits"], run_ort(b, {"x": x})["logits"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "m.onnx", "out.onnx", "plain.onnx", "r.json"]
+
+
+def test_compress_teacher_is_original_needs_finetune(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from onnx_tucker.cli import app
+
+    src = save(make_small_cnn(batch="N"), tmp_path / "m.onnx")
+    res = CliRunner().invoke(app, ["compress", str(src), str(tmp_path / "o.onnx"), "--teacher-is-original"])
+    assert res.exit_code != 0 and "--finetune" in res.output and not (tmp_path / "o.onnx").exists()

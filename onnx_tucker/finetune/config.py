@@ -133,3 +133,14 @@ class FinetuneResult:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class FinetuneStep:
+    """`compress --finetune DATA`: fine-tune the compressed model before it is validated and written
+    (the paper's third step in the same run). `teacher_is_original`: distil from the input model."""
+
+    data: str
+    config: FinetuneConfig = field(default_factory=FinetuneConfig)
+    teacher_is_original: bool = False
+    val_data: str | None = None

@@ -41,8 +41,8 @@ from ..graph.probe import factor_chain, node_io, read_initializer, residual_part
 from ..graph.rewrite import Replacement
 from ..numerics.refit import (
     DEFAULT_RIDGE,
-    balance_chain,
     GramStats,
+    balance_chain,
     conv_pads_begin,
     data_aware_basis,
     fit_last,
