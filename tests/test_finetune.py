@@ -448,3 +448,31 @@ def test_compress_teacher_is_original_needs_finetune(tmp_path: Path) -> None:
     src = save(make_small_cnn(batch="N"), tmp_path / "m.onnx")
     res = CliRunner().invoke(app, ["compress", str(src), str(tmp_path / "o.onnx"), "--teacher-is-original"])
     assert res.exit_code != 0 and "--finetune" in res.output and not (tmp_path / "o.onnx").exists()
+
+
+# ---- distributed: torchrun, DistributedDataParallel ------------------------------------------------
+
+@pytest.mark.slow
+def test_two_process_cpu_run_under_torchrun(tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node 2 -m onnx_tucker.finetune ...` (gloo on CPU): each process trains on half
+    the batches with gradients averaged, one writes OUT and the report, and the result records 2 processes."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if not torch.distributed.is_available():
+        pytest.skip("this torch build has no torch.distributed")
+    _, comp = _compressed(tmp_path, make_small_cnn(batch="N", low_rank=True))
+    data, out, rep = _npz(tmp_path / "d.npz", n=80), tmp_path / "o.onnx", tmp_path / "r.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "onnx_tucker.finetune", str(comp), str(out), "--data", str(data), "--epochs", "1",
+           "--batch-size", "8", "--device", "cpu", "--threads", "1", "--val-split", "0.1", "--report", str(rep)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    d = json.loads(rep.read_text())["finetune"]
+    assert d["world_size"] == 2
+    assert d["train_samples"] == 72 and d["steps"] == 9 // 2  # 9 batches of 8: 4 per process, the odd one dropped
+    assert out.exists() and not list(tmp_path.glob("o.onnx.tmp*"))
+    np.testing.assert_allclose(run_ort(onnx.load(out), {"x": np.zeros((2, 3, 16, 16), np.float32)})["logits"].shape, (2, 10))

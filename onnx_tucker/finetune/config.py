@@ -130,6 +130,7 @@ class FinetuneResult:
     export_max_rel_error: float  # onnxruntime on OUT vs the torch module, same inputs
     normalisation: tuple[str, ...]
     checkpoint: str
+    world_size: int = 1  # processes under torchrun (DistributedDataParallel); batches are per process
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)

@@ -38,11 +38,12 @@ from .activations import ActivationCache
 
 @dataclass(frozen=True)
 class DataRankOptions:
-    rows: int = 32768  # output positions sampled per layer over the calibration set
+    # Output positions sampled per layer over the calibration set (ResNet-20, 500 images: 16384 and 32768
+    # rows gave the same top-1 within noise; the Gram products are half the work).
+    rows: int = 16384
     max_width: int = 4096  # widest im2col handled; wider layers keep the fallback plan
     input_rank_points: int = 12  # Tucker-2 input ranks tried per layer
     seed: int = 0
-    error_power: float = 1.0  # the allocation minimises sum(error ** power) (error: relative squared)
 
 
 def _ints(v: object, n: int, default: int) -> tuple[int, ...]:
@@ -195,10 +196,7 @@ def select_ranks_data(
         for x, y in cache.values([lay.inputs[0], lay.outputs[0]]):
             acc.add(x, y)
         weight = read_weight(lay.weight_name) if lay.weight_name else np.zeros(0)
-        cands = _candidates(lay, acc.stats, weight, kk, opts.input_rank_points)
-        if opts.error_power != 1.0:
-            cands = [RankCandidate(c.kind, c.ranks, c.macs, c.error ** opts.error_power) for c in cands]
-        candidates.append(cands)
+        candidates.append(_candidates(lay, acc.stats, weight, kk, opts.input_rank_points))
     if progress is not None and covered:
         progress(covered[-1][0].layer_id, len(covered), len(covered))
     alloc = allocate_macs(candidates, max(budget, 0))
