@@ -205,6 +205,8 @@ def train_epoch(student: Any, teacher: Any, data: Batches, names: Sequence[str],
         loss = loss_terms(s, t, y, cfg, label_output)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.clip_grad)
         opt.step()
         if cfg.schedule == "cosine":
             sched.step()

@@ -253,3 +253,24 @@ def balance_chain(weights: Sequence[np.ndarray], sweeps: int = 3) -> list[np.nda
             out[k] = a * c.reshape((-1,) + (1,) * (a.ndim - 1))
             out[k + 1] = b / c.reshape((1, -1) + (1,) * (b.ndim - 2))
     return [o.astype(np.asarray(w).dtype) for o, w in zip(out, weights, strict=True)]
+
+
+def fit_first_given_rest(stats: GramStats, w: np.ndarray, rank: int, kk: int, intercept: bool,
+                         ridge: float = DEFAULT_RIDGE) -> np.ndarray:
+    """The first factor A (rank x S) that best fits the targets with the rest of the chain fixed.
+
+    `stats` are on the im2col of the chain's input (columns (channel s, offset k)); `w` (rank*kk x t,
+    rows (r, k)) maps the im2col of A's output to the output, y ~ z @ w with z[(r,k)] = sum_s A[r,s]
+    x[(s,k)]. The output is linear in A, so this is a ridge least squares in rank*S unknowns, solved
+    exactly from the Gram statistics: H vec(A) = B with H[(r,s),(r',s')] = sum_{k,k'} (w w^T)[(r,k),(r',k')]
+    Cxx[(s,k),(s',k')] and B[r,s] = sum_{k,t} w[(r,k),t] Cxy[(s,k),t] (centred when a bias is fitted).
+    Alternating it with `fit_reduced_rank` on the projected statistics never increases the error.
+    """
+    cpp, cpy, _, _, _ = stats.centred(intercept)
+    s = stats.d // kk
+    n4 = (w @ w.T).reshape(rank, kk, rank, kk)
+    p4 = cpp.reshape(s, kk, s, kk)
+    h = np.einsum("akbl,skul->asbu", n4, p4, optimize=True).reshape(rank * s, rank * s)
+    b = np.einsum("akt,skt->as", w.reshape(rank, kk, -1), cpy.reshape(s, kk, -1), optimize=True).reshape(-1)
+    lam = ridge_lambda(h, ridge)
+    return _solve_psd(h + lam * np.eye(h.shape[0]), b).reshape(rank, s)

@@ -45,6 +45,7 @@ from ..numerics.refit import (
     balance_chain,
     conv_pads_begin,
     data_aware_basis,
+    fit_first_given_rest,
     fit_last,
     fit_reduced_rank,
     im2col,
@@ -71,6 +72,8 @@ class CalibrationOptions:
     # A layer whose output only feeds an Add (a residual branch) is fitted to the original Add's output
     # minus the compressed other branch, so it also absorbs the error the skip path carries.
     residual: bool = True
+    # Alternations of (first factor | core and last) after the joint / data-aware fit (Tucker-2, "full").
+    sweeps: int = 3
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ class LayerCalibration:
     """One layer's refit: relative output error ||y - y_orig|| / ||y_orig|| on the calibration rows,
     with the input from the already-refit compressed model, before and after."""
 
-    method: str  # "last", "joint", "data", or "kept" (weight-space factors kept)
+    method: str  # "last", "joint", "data", "alt", or "kept" (weight-space factors kept)
     error_before: float | None
     error_after: float | None
     rows: int
@@ -240,6 +243,21 @@ def _solve(geo: _Geometry, lp: _LayerPass, intercept: bool, opts: CalibrationOpt
                 sd = lp.first_space(k, first)
                 fr, la, b = fit_reduced_rank(sd, r, intercept, opts.ridge)
                 cands["data"] = (residual(sd, fr @ la, b), _Group(first, fr, la, b))
+                # Block-coordinate descent from the better start: the first factor given the rest
+                # (exact least squares), then core and last given it (exact); never worse.
+                start = min(("joint", "data"), key=lambda n: cands[n][0])
+                rss, g = cands[start]
+                kk, r3 = lp.kk, grp.first.shape[0]
+                for _ in range(opts.sweeps):
+                    first = fit_first_given_rest(lp.stats[k], g.front @ g.last, r3, kk, intercept, opts.ridge)
+                    sa = lp.first_space(k, first)
+                    fr, la, b = fit_reduced_rank(sa, r, intercept, opts.ridge)
+                    new_rss = residual(sa, fr @ la, b)
+                    if not new_rss < rss * (1 - 1e-6):
+                        break
+                    rss, g = new_rss, _Group(first, fr, la, b)
+                if rss < cands[start][0]:
+                    cands["alt"] = (rss, g)
         for name, (rss, new) in cands.items():
             totals[name] = totals.get(name, 0.0) + rss
             solutions.setdefault(name, []).append(new)
