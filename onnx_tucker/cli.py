@@ -120,6 +120,12 @@ BenchOpt = Annotated[bool, typer.Option("--bench", help="Also measure latency of
 ThreadsOpt = Annotated[int, typer.Option("--threads", help="onnxruntime intra-op threads for latency measurement.")]
 RunsOpt = Annotated[int, typer.Option("--runs", help="Timed runs per model for latency (after --warmup runs).")]
 WarmupOpt = Annotated[int, typer.Option("--warmup", help="Untimed warm-up runs per model before timing.")]
+# Image preprocessing for --data image folders (finetune, report): runtime/data.py's Preprocess.
+SizeOpt = Annotated[str | None, typer.Option("--size", help="Resize images to N or H,W.", show_default=False)]
+MeanOpt = Annotated[str | None, typer.Option("--mean", help="Per-channel mean subtracted from images scaled to [0, 1], e.g. 0.485,0.456,0.406.", show_default=False)]
+StdOpt = Annotated[str | None, typer.Option("--std", help="Per-channel std images are divided by, e.g. 0.229,0.224,0.225.", show_default=False)]
+LayoutOpt = Annotated[str, typer.Option("--layout", help="Image layout fed to the model: auto, nchw or nhwc.")]
+MobileReportOpt = Annotated[Path | None, typer.Option("--mobile-report", help="After writing OUTPUT, also write the mobile validation report (HTML) of INPUT against it in every installed runtime (see 'onnx-tucker report').", show_default=False)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="More detail (EVBMF noise estimates, timings).")]
 
@@ -202,6 +208,7 @@ def compress(
     save_plan: SavePlanOpt = None,
     report: ReportOpt = None,
     markdown: MarkdownOpt = None,
+    mobile_report: MobileReportOpt = None,
     validate: ValidateOpt = True,
     samples: SamplesOpt = None,
     data: DataOpt = None,
@@ -218,6 +225,7 @@ def compress(
 ) -> None:
     """Decompose every Conv / ConvTranspose / Gemm / MatMul that gains, validate, and write OUTPUT atomically."""
     from . import api
+    from .report.mobile import runtime_status
     from .report.tables import result_tables
 
     with _errors(verbose):
@@ -227,6 +235,10 @@ def compress(
             data=data, seed=seed, rtol=rtol, calibrate=calibrate, calibration_samples=calibration_samples,
         )
         timing = BenchConfig(threads=threads, warmup=warmup, runs=runs) if bench else None
+        if mobile_report is not None:  # refused before any work, like every other output path
+            from .graph.save import check_output_paths
+
+            check_output_paths(input, {"OUT": output, "--mobile-report": mobile_report})
         with _progress(not quiet) as progress:
             result = api.compress(input, cfg, output, progress, bench=timing, save_plan=save_plan, report=report,
                                   markdown=markdown)
@@ -235,6 +247,12 @@ def compress(
         failure = result.validation_error()
         if failure is not None:
             raise failure
+        if mobile_report is not None and result.output_path is not None:
+            mobile = api.mobile_report(input, result.output_path, cfg, bench_config=BenchConfig(threads=threads, warmup=warmup, runs=runs),
+                                       layer_plan=result.plan, html=mobile_report,
+                                       progress=None if quiet else lambda name: _note(f"mobile report: {name} ..."))
+            if not quiet:
+                _note(f"wrote {mobile_report} (runtimes: " + ", ".join(f"{r.name} {runtime_status(r)}" for r in mobile.runtimes) + ")")
         if quiet:
             return
         if result.decomposed_layers == 0:
@@ -326,6 +344,60 @@ def bench_cmd(
             _print([latency_table(lat)])
 
 
+# ---- report (issue 10): the compressed model in the runtimes phones use ------------------------------
+RuntimesOpt = Annotated[str, typer.Option("--runtimes", help="Comma-separated runtimes: ort (onnxruntime CPU), ort-mobile (ORT format + NNAPI/CoreML analysis), mnn, ncnn. One not installed is listed with its pip command.")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds each step of a runtime (convert, run, time) may take before it counts as hung.")]
+StrictOpt = Annotated[bool, typer.Option("--strict", help="Exit 1 unless every listed runtime converts and runs both models and computes the compressed one as onnxruntime does (within --rtol, default 0.01 here).")]
+HtmlOpt = Annotated[Path | None, typer.Option("--html", help="Write the report as one self-contained HTML file (tables and plots).", show_default=False)]
+JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write the report as JSON (keys: models, inputs, totals, layers, runtimes, failed_runtimes).", show_default=False)]
+
+
+@app.command(cls=_Command, name="report", epilog="Example: onnx-tucker report model.onnx model.tucker.onnx --runtimes ort,mnn,ncnn --html report.html")
+def report_cmd(
+    original: OriginalPath,
+    compressed: CompareToPath,
+    runtimes: RuntimesOpt = "ort,ort-mobile,mnn,ncnn",
+    input_shape: InputShapeOpt = None,
+    samples: SamplesOpt = None,
+    data: DataOpt = None,
+    size: SizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    layout: LayoutOpt = "auto",
+    plan: PlanOpt = None,
+    seed: SeedOpt = 0,
+    threads: ThreadsOpt = 1,
+    runs: RunsOpt = 20,
+    warmup: WarmupOpt = 5,
+    timeout: TimeoutOpt = 120.0,
+    rtol: RtolOpt = None,
+    strict: StrictOpt = False,
+    html: HtmlOpt = None,
+    markdown: MarkdownOpt = None,
+    json_path: JsonOpt = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Convert, run and time both models in mobile runtimes (ORT format, MNN, ncnn) and compare with onnxruntime."""
+    from . import api
+    from .report.mobile import mobile_tables
+    from .runtime.data import Preprocess, parse_floats, parse_size
+
+    with _errors(verbose):
+        cfg = CompressionConfig.from_options(input_shape=input_shape, samples=samples, data=data, seed=seed, plan=plan,
+                                             validate=False)
+        pre = Preprocess(parse_size(size), parse_floats(mean, "--mean"), parse_floats(std, "--std"), layout)
+        rep = api.mobile_report(
+            original, compressed, cfg, runtimes=runtimes, bench_config=BenchConfig(threads=threads, warmup=warmup, runs=runs),
+            timeout=timeout, rtol=1e-2 if rtol is None else rtol, preprocess=pre, html=html, markdown=markdown, json_path=json_path,
+            progress=None if quiet else lambda name: _note(f"{name} ..."),
+        )
+        if not quiet:
+            _print(mobile_tables(rep))
+        if strict and rep.failed_runtimes:
+            raise OnnxTuckerError(f"--strict: runtime(s) {', '.join(rep.failed_runtimes)} did not pass (see the report)")
+
+
 # ---- finetune (issue 8): ONNX -> torch -> train -> ONNX; torch is imported only when it runs ----------
 FtData = Annotated[Path, typer.Option("--data", help="Training data: an image folder (one sub-folder per class: labels), a flat image folder, or a .npz (one array per input, optional 'labels').", show_default=False)]
 
@@ -352,10 +424,10 @@ def finetune_cmd(
     labels: Annotated[bool, typer.Option("--labels/--no-labels", help="Use DATA's labels; --no-labels: pure distillation from --teacher.")] = True,
     train: Annotated[str, typer.Option("--train", help="all weights, or only the decomposed layers' factors.")] = "all",
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random crop (zero padding) and horizontal flip of image inputs.")] = True,
-    size: Annotated[str | None, typer.Option("--size", help="Resize images to N or H,W.", show_default=False)] = None,
-    mean: Annotated[str | None, typer.Option("--mean", help="Per-channel mean subtracted from images scaled to [0, 1], e.g. 0.485,0.456,0.406.", show_default=False)] = None,
-    std: Annotated[str | None, typer.Option("--std", help="Per-channel std images are divided by, e.g. 0.229,0.224,0.225.", show_default=False)] = None,
-    layout: Annotated[str, typer.Option("--layout", help="Image layout fed to the model: auto, nchw or nhwc.")] = "auto",
+    size: SizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    layout: LayoutOpt = "auto",
     device: Annotated[str, typer.Option("--device", help="auto (cuda when available), cpu or cuda.")] = "auto",
     threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's).", show_default=False)] = None,
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Checkpoint written after each epoch (default OUT.finetune.pt).", show_default=False)] = None,
