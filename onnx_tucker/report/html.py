@@ -15,6 +15,7 @@ body { font-family: system-ui, sans-serif; margin: 24px; color: #1b1f23; max-wid
 h1 { font-size: 22px; } h2 { font-size: 17px; margin-top: 28px; border-bottom: 1px solid #d0d7de; padding-bottom: 4px; }
 table { border-collapse: collapse; font-size: 13px; margin: 8px 0; }
 th, td { border: 1px solid #d0d7de; padding: 3px 8px; text-align: right; vertical-align: top; }
+td { white-space: nowrap; } td.note { white-space: normal; }
 th { background: #f3f5f7; } td:first-child, th:first-child { text-align: left; }
 td.note { text-align: left; color: #57606a; max-width: 420px; }
 tr.skip td { color: #8b949e; }
@@ -69,7 +70,7 @@ def _plots(rep: MobileReport) -> list[str]:
     if timed:
         plots.append(hbar_chart(
             f"Latency per runtime (median ms, {rep.threads} thread(s))",
-            [f"{r.label} ({m.speedup(r.timing.speedup)})" for r in timed if r.timing is not None],
+            [f"{r.name} ({m.speedup(r.timing.speedup)})" for r in timed if r.timing is not None],
             [("original", [r.timing.original_median for r in timed if r.timing is not None]),
              ("compressed", [r.timing.compressed_median for r in timed if r.timing is not None])],
             unit=" ms",
@@ -89,7 +90,8 @@ def mobile_html(rep: MobileReport) -> str:
         if a is None:
             continue
         body.append("<h2>ORT mobile: NNAPI and CoreML partitions</h2>")
-        body.append(f"<p class='verdict{' bad' if a.regressions or a.failure else ''}'>{escape(m.verdict(a))}</p>")
+        worse = a.failure or any(g.what != "ops" for g in a.regressions)
+        body.append(f"<p class='verdict{' bad' if worse else ''}'>{escape(m.verdict(a))}</p>")
         body.append(_table(m.PARTITION_HEADER, m.partition_rows(a), "partitions", note_cols=(8,)))
         body.append(f"<p class='meta'>Operators of a reduced build: original {escape(', '.join(a.original_ops) or '-')}; "
                     f"added by the compressed model: {escape(', '.join(a.added_ops) or 'none')}.</p>")

@@ -65,10 +65,12 @@ def regression_text(g: Regression) -> str:
 def verdict(a: OrtMobileAnalysis) -> str:
     if a.failure:
         return f"not analysed: {a.failure}"
-    found = a.regressions
-    if not found:
-        return "The compressed model is as mobile-friendly as the original (same EP coverage and partitions, no new operators)."
-    return "The compressed model is LESS mobile-friendly than the original: " + "; ".join(regression_text(g) for g in found) + "."
+    eps = [g for g in a.regressions if g.what != "ops"]
+    ops = "" if not a.added_ops else (f" A reduced ORT build needs {len(a.added_ops)} more operator(s): "
+                                       f"{', '.join(a.added_ops)}.")
+    if not eps:
+        return "The compressed model is as mobile-friendly as the original for NNAPI and CoreML (coverage, partitions)." + ops
+    return "The compressed model is LESS mobile-friendly than the original: " + "; ".join(regression_text(g) for g in eps) + "." + ops
 
 
 # ---- JSON ----------------------------------------------------------------------------------------------

@@ -16,18 +16,19 @@ def _nice_max(v: float) -> float:
     import math
 
     exp = 10 ** math.floor(math.log10(v))
-    for m in (1, 2, 2.5, 5, 10):
+    for m in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10):
         if v <= m * exp:
             return m * exp
     return 10 * exp
 
 
-def _legend(series: Sequence[tuple[str, Sequence[object]]], x: float, y: float) -> list[str]:
+def _legend(series: Sequence[tuple[str, Sequence[object]]], x: float, y: float, offset: int = 0) -> list[str]:
     out = []
+    xi = x
     for i, (name, _) in enumerate(series):
-        xi = x + i * 130
-        out.append(f"<rect x='{xi}' y='{y - 10}' width='12' height='12' fill='{COLORS[i % len(COLORS)]}'/>")
+        out.append(f"<rect x='{xi}' y='{y - 10}' width='12' height='12' fill='{COLORS[(i + offset) % len(COLORS)]}'/>")
         out.append(f"<text x='{xi + 16}' y='{y}' {FONT}>{escape(name)}</text>")
+        xi += 40 + 7 * len(name)  # about 7 px per character at 12 px
     return out
 
 
@@ -80,7 +81,7 @@ def scatter_chart(title: str, series: Sequence[tuple[str, Sequence[tuple[float, 
     out = [f"<svg xmlns='http://www.w3.org/2000/svg' class='plot' width='{width}' height='{height}' "
            f"viewBox='0 0 {width} {height}' role='img' aria-label='{escape(title)}'>",
            f"<text x='10' y='18' {FONT} font-weight='bold' font-size='14'>{escape(title)}</text>"]
-    out += _legend(series, left, 38)
+    out += _legend(series, left, 38, offset=1)
     for k in range(5):
         v = vmax * k / 4
         out.append(f"<line x1='{sx(v):.1f}' y1='{top}' x2='{sx(v):.1f}' y2='{top + ph}' stroke='#e3e7eb'/>")
