@@ -464,8 +464,8 @@ def mobile_report(
     `runtimes`: names (ort, ort-mobile, mnn, ncnn) or "ort,mnn"; a runtime that is not installed is
     listed as such. `config`: input shapes, samples, seed, `data` (+ `preprocess`, a
     `runtime.data.Preprocess`), `plan_file` (the per-layer table; else the original is re-planned
-    with `config`). `layer_plan`: the plan itself, when the caller has it. `timeout`: seconds per step of a
-    runtime (convert, run, time). `rtol`: a runtime passes when it computes the compressed model
+    with `config`). `layer_plan`: the plan itself, when the caller has it. `timeout`: seconds a runtime may take
+    to convert and run one model, and to time both. `rtol`: a runtime passes when it computes the compressed model
     within this max relative error of onnxruntime (`report.failed_runtimes`: the ones that did not).
     A runtime that fails is a finding in the report, never an exception.
     """

@@ -346,7 +346,7 @@ def bench_cmd(
 
 # ---- report (issue 10): the compressed model in the runtimes phones use ------------------------------
 RuntimesOpt = Annotated[str, typer.Option("--runtimes", help="Comma-separated runtimes: ort (onnxruntime CPU), ort-mobile (ORT format + NNAPI/CoreML analysis), mnn, ncnn. One not installed is listed with its pip command.")]
-TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds each step of a runtime (convert, run, time) may take before it counts as hung.")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds a runtime may take to convert and run one model (and to time both) before it counts as hung.")]
 StrictOpt = Annotated[bool, typer.Option("--strict", help="Exit 1 unless every listed runtime converts and runs both models and computes the compressed one as onnxruntime does (within --rtol, default 0.01 here).")]
 HtmlOpt = Annotated[Path | None, typer.Option("--html", help="Write the report as one self-contained HTML file (tables and plots).", show_default=False)]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write the report as JSON (keys: models, inputs, totals, layers, runtimes, failed_runtimes).", show_default=False)]

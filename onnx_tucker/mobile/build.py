@@ -1,7 +1,7 @@
 """Build the mobile report: inputs, onnxruntime references, and each runtime through its child.
 
-The parent never imports a native runtime. Each step of a runtime (convert a model, run a model,
-time both) is one child process with a timeout, so the report says where a runtime fails: on the
+The parent never imports a native runtime. Each model in a runtime (converted, then run) and the
+timing of both are one child process each, with a timeout, so the report says where a runtime fails: on the
 original too, or only on the compressed model; at conversion, or at run time; by a message, a
 signal or a timeout.
 """
@@ -157,18 +157,19 @@ def run_runtime(
     extras_by_role: dict[str, dict[str, Any]] = {}
     for role, model in (("original", original), ("compressed", compressed)):
         workdir = tempfile.mkdtemp(prefix=f"{name}-{role}-", dir=folder)
-        conv, failure = call_child({"action": "convert", "adapter": adapter_path, "model": str(Path(model).resolve()),
-                                    "workdir": workdir, "input_shapes": shapes}, folder, timeout)
-        if conv is None:
+        out_npz, converted = os.path.join(workdir, "outputs.npz"), os.path.join(workdir, "converted.json")
+        res, failure = call_child({"action": "model", "adapter": adapter_path, "model": str(Path(model).resolve()),
+                                   "workdir": workdir, "input_shapes": shapes, "converted": converted,
+                                   "threads": threads, "inputs": input_npz, "outputs": out_npz,
+                                   "input_names": list(inputs.names), "output_names": list(inputs.output_names)},
+                                  folder, timeout)
+        if not Path(converted).is_file():  # the conversion itself failed (or crashed, or hung)
             runs_by_role[role] = ModelRun(converted=False, ran=False, failure=failure, failed_step="convert")
             continue
+        conv = json.loads(Path(converted).read_text())
         files = conv["files"]
         files_by_role[role], extras_by_role[role] = files, conv.get("extras", {})
         size, seconds = _size(files), float(conv["seconds"])
-        out_npz = os.path.join(workdir, "outputs.npz")
-        res, failure = call_child({"action": "run", "adapter": adapter_path, "files": files, "threads": threads,
-                                   "inputs": input_npz, "outputs": out_npz, "input_names": list(inputs.names),
-                                   "output_names": list(inputs.output_names)}, folder, timeout)
         if res is None:
             runs_by_role[role] = ModelRun(True, False, failure, "run", size, seconds)
             continue

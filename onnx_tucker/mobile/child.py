@@ -1,8 +1,9 @@
 """The child process that converts, runs and times models in one runtime:
 `python -m onnx_tucker.mobile.child JOB.json`.
 
-A job is one step (convert one model, run one model on every input batch, time two models), so a
-crash in one step loses nothing the parent already has. Inputs and outputs travel as .npz files in
+A job is one model (convert it, then run it on every input batch) or the timing of two models
+already converted. The conversion's result is written before the model runs, so when the run
+crashes the parent still knows the conversion succeeded (and the size of the result). Inputs and outputs travel as .npz files in
 the job's temporary folder; the result is a JSON file next to the job. A Python exception ends the
 process with exit code 3 and one line on stderr; a native crash ends it by a signal, which the
 parent reports as such.
@@ -33,18 +34,19 @@ def _batches(path: str, names: list[str]) -> list[dict[str, np.ndarray]]:
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     adapter = load_adapter(job["adapter"])
     action = job["action"]
-    if action == "convert":
+    inputs, outputs = job["input_names"], job["output_names"]
+    if action == "model":
         t0 = time.perf_counter()
         files, extras = adapter.convert(job["model"], job["workdir"], {k: tuple(v) for k, v in job["input_shapes"].items()})
-        return {"files": files, "extras": extras, "seconds": time.perf_counter() - t0}
-    inputs, outputs = job["input_names"], job["output_names"]
-    batches = _batches(job["inputs"], inputs)
-    if action == "run":
-        run = adapter.load(job["files"], job["threads"], inputs, outputs)
+        converted = {"files": files, "extras": extras, "seconds": time.perf_counter() - t0}
+        Path(job["converted"]).write_text(json.dumps(converted))
+        batches = _batches(job["inputs"], inputs)
+        run = adapter.load(files, job["threads"], inputs, outputs)
         results = [run(b) for b in batches]
         arrays: dict[str, Any] = {f"o{k}": np.stack([r[k] for r in results]) for k in range(len(outputs))}
         np.savez(job["outputs"], **arrays)
-        return {}
+        return converted
+    batches = _batches(job["inputs"], inputs)
     if action == "time":
         runs = [adapter.load(files, job["threads"], inputs, outputs) for files in (job["files_a"], job["files_b"])]
         feeds = batches[0]
