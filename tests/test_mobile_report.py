@@ -257,7 +257,7 @@ def test_the_html_is_self_contained_with_tables_and_plots(report) -> None:  # ty
     for title in ("MACs per layer", "Chosen ranks against channel counts", "Latency per runtime", "Whole model",
                   "Validation per runtime", "ORT mobile", "Layers"):
         assert title in text
-    for header in ("before", "after", "ratio", "kind", "ranks", "rel. err", "median ms", "p10-p90 ms"):
+    for header in ("before", "after", "ratio", "kind", "ranks (out/in)", "rel. err", "median ms", "p10-p90 ms"):
         assert header in page.headers
     for p in rep.plan.layers:
         assert p.name in text

@@ -75,7 +75,9 @@ def main(argv: list[str]) -> int:
         return FAILED
     except Exception as e:  # noqa: BLE001 - any runtime error is a finding, reported by the parent
         text = str(e).strip().splitlines()
-        print(f"onnx-tucker-child: {type(e).__name__}: {text[0] if text else ''}", file=sys.stderr)
+        # The adapters raise RuntimeError with the runtime's own words; other types are named.
+        kind = "" if type(e) is RuntimeError else f"{type(e).__name__}: "
+        print(f"onnx-tucker-child: {kind}{text[0] if text else type(e).__name__}", file=sys.stderr)
         return FAILED
     Path(job["result"]).write_text(json.dumps(result))
     return 0

@@ -93,6 +93,7 @@ def mobile_html(rep: MobileReport) -> str:
         worse = a.failure or any(g.what != "ops" for g in a.regressions)
         body.append(f"<p class='verdict{' bad' if worse else ''}'>{escape(m.verdict(a))}</p>")
         body.append(_table(m.PARTITION_HEADER, m.partition_rows(a), "partitions", note_cols=(8,)))
+        body.append(f"<p class='meta'>{escape(m.PARTITION_NOTE)}</p>")
         body.append(f"<p class='meta'>Operators of a reduced build: original {escape(', '.join(a.original_ops) or '-')}; "
                     f"added by the compressed model: {escape(', '.join(a.added_ops) or 'none')}.</p>")
     body.append("<h2>Plots</h2><div class='plots'>")

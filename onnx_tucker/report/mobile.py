@@ -195,7 +195,7 @@ def runtime_rows(rep: MobileReport) -> list[tuple[str, ...]]:
     return rows
 
 
-LAYER_HEADER = ("layer", "op", "kind", "weight", "ranks", "params", "MACs", "rel. err", "note")
+LAYER_HEADER = ("layer", "op", "kind", "weight", "ranks (out/in)", "params", "MACs", "rel. err", "note")
 
 
 def layer_rows(rep: MobileReport) -> list[tuple[str, ...]]:
@@ -210,6 +210,11 @@ def layer_rows(rep: MobileReport) -> list[tuple[str, ...]]:
 
 PARTITION_HEADER = ("EP", "shapes", "original: nodes taken", "partitions", "verdict", "compressed: nodes taken",
                     "partitions", "verdict", "unsupported ops (compressed)")
+
+
+PARTITION_NOTE = ("Shapes 'as is': what the EP takes of the model as exported (a dynamic dim keeps a node off "
+                  "NNAPI and CoreML); 'fixed': once the shapes are fixed (python -m "
+                  "onnxruntime.tools.make_dynamic_shape_fixed). From onnxruntime's usability checker.")
 
 
 def partition_rows(a: OrtMobileAnalysis) -> list[tuple[str, ...]]:
@@ -265,6 +270,7 @@ def mobile_markdown(rep: MobileReport) -> str:
         if r.ort_mobile is not None:
             lines += ["", "## ORT mobile: NNAPI / CoreML", "", f"**{verdict(r.ort_mobile)}**", ""]
             lines += _md_table(PARTITION_HEADER, partition_rows(r.ort_mobile))
+            lines += ["", PARTITION_NOTE]
             if r.ort_mobile.added_ops:
                 lines += ["", f"Operators the compressed model adds: {', '.join(r.ort_mobile.added_ops)}"]
     lines += ["", "## Layers", ""] + _md_table(LAYER_HEADER, layer_rows(rep))

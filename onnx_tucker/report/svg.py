@@ -33,9 +33,9 @@ def _legend(series: Sequence[tuple[str, Sequence[object]]], x: float, y: float, 
 
 
 def hbar_chart(title: str, labels: Sequence[str], series: Sequence[tuple[str, Sequence[float | None]]],
-               unit: str = "", value_fmt: str = "{:.3g}", width: int = 820) -> str:
+               unit: str = "", value_fmt: str = "{:.3g}", width: int = 700) -> str:
     """Horizontal grouped bars: one group per label, one bar per series (None: no bar)."""
-    bar_h, gap, left, top = 11, 8, 230, 46
+    bar_h, gap, left, top = 11, 8, 220, 46
     group_h = bar_h * len(series) + gap
     height = top + group_h * len(labels) + 30
     vmax = _nice_max(max((v for _, vs in series for v in vs if v is not None), default=1.0))
@@ -66,7 +66,7 @@ def hbar_chart(title: str, labels: Sequence[str], series: Sequence[tuple[str, Se
 
 
 def scatter_chart(title: str, series: Sequence[tuple[str, Sequence[tuple[float, float, str]]]],
-                  x_label: str, y_label: str, width: int = 520, height: int = 420) -> str:
+                  x_label: str, y_label: str, width: int = 480, height: int = 400) -> str:
     """Points (x, y, tooltip) per series, with the diagonal y = x (full rank) for reference."""
     left, right, top, bottom = 56, 20, 50, 46
     vmax = _nice_max(max((max(x, y) for _, pts in series for x, y, _ in pts), default=1.0))
