@@ -263,6 +263,14 @@ def test_the_html_is_self_contained_with_tables_and_plots(report) -> None:  # ty
         assert p.name in text
 
 
+def test_json_help_names_the_keys_the_report_writes(report) -> None:  # type: ignore[no-untyped-def]
+    _, folder = report
+    text = " ".join(runner.invoke(app, ["report", "--help"], env={"COLUMNS": "200"}).stdout.split())
+    m = re.search(r"--json <path> .*?\(keys: ([a-z_, ]+)\)", text) or re.search(r"--json \S+ .*?\(keys: ([a-z_, ]+)\)", text)
+    assert m, text
+    assert [k.strip() for k in m.group(1).split(",")] == list(json.loads((folder / "r.json").read_text()))
+
+
 def _md_rows(md: str, first_header: str) -> list[list[str]]:
     lines = md.splitlines()
     start = next(i for i, ln in enumerate(lines) if ln.startswith(f"| {first_header} |"))
