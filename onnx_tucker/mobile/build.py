@@ -8,6 +8,7 @@ signal or a timeout.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -97,11 +98,17 @@ def call_child(job: dict[str, Any], folder: str, timeout: float) -> tuple[dict[s
     job = dict(job, result=job_path + ".result")
     Path(job_path).write_text(json.dumps(job))
     env = dict(os.environ, PYTHONPATH=python_path())
-    try:
-        proc = subprocess.run([sys.executable, "-m", "onnx_tucker.mobile.child", job_path], capture_output=True,
-                              text=True, timeout=timeout, env=env, cwd=folder)
-    except subprocess.TimeoutExpired:
-        return None, _failure(None, timeout)
+    # Its own session (process group), so a timeout also ends what it started (pnnx, a converter).
+    with subprocess.Popen([sys.executable, "-m", "onnx_tucker.mobile.child", job_path], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env, cwd=folder, start_new_session=True) as child:
+        try:
+            out, err = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.communicate()
+            return None, _failure(None, timeout)
+    proc = subprocess.CompletedProcess(child.args, child.returncode, out, err)
     if proc.returncode != 0 or not Path(job["result"]).is_file():
         return None, _failure(proc, timeout)
     return json.loads(Path(job["result"]).read_text()), None
