@@ -15,12 +15,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 
-from .config import BenchConfig, CompressionConfig
+from .config import BenchConfig, CompressionConfig, RankPolicy
 from .errors import ModelLoadError, UsageError
+from .finetune.config import FinetuneResult, FinetuneStep
 from .graph import lazyload
 from .graph.fold import float_parameter_count
 from .graph.irmodel import IRModel
@@ -36,6 +38,7 @@ from .planning.decompose import decompose_layer
 from .planning.planner import (
     CompressionPlan,
     LayerPlan,
+    PlannedRanks,
     check_plan_covers,
     finish_plan,
     load_plan_file,
@@ -44,7 +47,8 @@ from .planning.planner import (
 from .report import latency_dict, result_json, result_markdown, validation_dict
 from .results import CompressionResult, ModelTotals
 from .runtime.bench import LatencyReport, measure_latency
-from .runtime.calibrate import calibrate_from_config
+from .runtime.calibrate import calibrate_from_config, calibration_batches
+from .runtime.rankselect import DataRankOptions, select_ranks_data
 from .runtime.validate import ValidationReport, load_validation_data, validate_models
 
 ModelLike = onnx.ModelProto | str | os.PathLike[str]
@@ -104,21 +108,7 @@ def _check_weight_shapes(layers: list[Layer], source: str) -> None:
             )
 
 
-def _plan_and_decompose(
-    prep: _Prepared, config: CompressionConfig, progress: Progress | None
-) -> tuple[CompressionPlan, dict[int, Replacement]]:
-    """Plan every layer and decompose the ones that gain, one layer at a time (or `config.jobs` at once).
-
-    Each layer is planned and decomposed in one go: its weight is read once, the Gram matrices and
-    their eigendecompositions computed for EVBMF are reused for the factors (`LayerSpectra`), and all
-    of it is dropped before the next layer, so at most `jobs` weights are in memory beside the model.
-    Layers run in threads (numpy/LAPACK release the GIL); the results are assembled in graph order and
-    are identical to a serial run. Layers whose weight feeds other nodes are decomposed afterwards,
-    once the whole plan has decided whether they can share one factorisation.
-    """
-    planned = load_plan_file(config.plan_file) if config.plan_file else None
-    layers = prep.layers
-    check_plan_covers(layers, planned)
+def _weight_reader(prep: _Prepared) -> Callable[[str], np.ndarray]:
     read_lock = threading.Lock()
 
     def read_weight(name: str) -> np.ndarray:
@@ -127,6 +117,47 @@ def _plan_and_decompose(
             return lazyload.read_weight(t, prep.base_dir)
         with read_lock:  # protobuf reads and constant folding stay on one thread at a time
             return prep.index.constant_value(name)
+
+    return read_weight
+
+
+def _planned_ranks(prep: _Prepared, config: CompressionConfig, progress: Progress | None) -> PlannedRanks | None:
+    """The ranks to replay: a plan file's, or under `--ranks data:F` the ones chosen on the calibration
+    data (runtime/rankselect.py; the other layers keep the EVBMF plan); None: plan by the policy."""
+    if config.plan_file:
+        return load_plan_file(config.plan_file)
+    if config.ranks.method != "data":
+        return None
+    assert config.calibrate is not None and config.ranks.value is not None
+    read_weight = _weight_reader(prep)
+    fallback_cfg = replace(config, ranks=RankPolicy("vbmf"))
+    fallback = [plan_layer(lay, read_weight, fallback_cfg) for lay in prep.layers]
+    prep.materialize(prep.model)  # onnxruntime runs the original: its weights in memory
+    batches = calibration_batches(config.calibrate, prep.model, prep.input_shapes, config.calibration_samples,
+                                  seed=config.seed, preprocess=config.preprocess)
+    selection = select_ranks_data(prep.model, prep.layers, fallback, batches, config.ranks.value, read_weight,
+                                  DataRankOptions(seed=config.seed), progress)
+    return selection.planned
+
+
+def _plan_and_decompose(
+    prep: _Prepared, config: CompressionConfig, progress: Progress | None, planned: PlannedRanks | None = None
+) -> tuple[CompressionPlan, dict[int, Replacement]]:
+    """Plan every layer and decompose the ones that gain, one layer at a time (or `config.jobs` at once).
+
+    Each layer is planned and decomposed in one go: its weight is read once, the Gram matrices and
+    their eigendecompositions computed for EVBMF are reused for the factors (`LayerSpectra`), and all
+    of it is dropped before the next layer, so at most `jobs` weights are in memory beside the model.
+    Layers run in threads (numpy/LAPACK release the GIL); the results are assembled in graph order and
+    are identical to a serial run. Layers whose weight feeds other nodes are decomposed afterwards,
+    once the whole plan has decided whether they can share one factorisation. `planned`: ranks to
+    replay (`_planned_ranks`); by default the plan file's, if any.
+    """
+    if planned is None and config.plan_file:
+        planned = load_plan_file(config.plan_file)
+    layers = prep.layers
+    check_plan_covers(layers, planned)
+    read_weight = _weight_reader(prep)
 
     def work(layer: Layer) -> tuple[LayerPlan, LayerFactors | None]:
         weights: dict[str, np.ndarray] = {}
@@ -180,6 +211,30 @@ def _plan_and_decompose(
     return replace(plan, layers=tuple(new_plans)), replacements
 
 
+def _finetune_step(original: onnx.ModelProto, in_path: str | None, compressed: onnx.ModelProto, step: FinetuneStep,
+                   progress: Callable[[str, Any], None] | None) -> tuple[onnx.ModelProto, FinetuneResult]:
+    """`compress --finetune`: the in-memory compressed model through `finetune()` in a private temporary
+    folder (its checkpoint included), the fine-tuned model back in memory."""
+    import tempfile
+
+    from .finetune import finetune as run_finetune
+
+    with tempfile.TemporaryDirectory(prefix="onnx-tucker-finetune-") as tmp:
+        src = Path(tmp) / "compressed.onnx"
+        onnx.save(compressed, str(src))
+        teacher: str | None = None
+        if step.teacher_is_original:
+            teacher = in_path
+            if teacher is None:
+                teacher = str(Path(tmp) / "original.onnx")
+                onnx.save(original, teacher)
+        out = Path(tmp) / "finetuned.onnx"
+        cfg = replace(step.config, checkpoint=str(Path(tmp) / "finetune.pt"), resume=False)
+        res = run_finetune(src, out, step.data, teacher=teacher, val_data=step.val_data, config=cfg, progress=progress)
+        model = onnx.load(str(out))
+    return model, replace(res, input_path="(compressed in memory)", output_path=None, checkpoint="")
+
+
 def plan(
     model_or_path: ModelLike,
     config: CompressionConfig | None = None,
@@ -194,7 +249,7 @@ def plan(
     in_path = None if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
     check_output_paths(in_path, {"--save-plan": save_plan, "--report": report})
     prep = _prepare(model_or_path, config)
-    p, _ = _plan_and_decompose(prep, config, progress)
+    p, _ = _plan_and_decompose(prep, config, progress, _planned_ranks(prep, config, progress))
     with OutputBatch() as batch:
         if save_plan is not None:
             batch.add_text(save_plan, p.to_json())
@@ -214,8 +269,13 @@ def compress(
     save_plan: PathLike | None = None,
     report: PathLike | None = None,
     markdown: PathLike | None = None,
+    finetune: FinetuneStep | None = None,
+    finetune_progress: Callable[[str, Any], None] | None = None,
 ) -> CompressionResult:
     """Compress a model; write it to `output` unless validation fails.
+
+    `finetune`: fine-tune the compressed (and calibrated) model before validating and writing it
+    (torch + onnx2torch, imported only then); `result.finetune` says how it went.
 
     `bench`: also time both models in onnxruntime (`result.latency`). `save_plan`, `report`, `markdown`:
     also write the plan file, the JSON report, the Markdown report. Every path is checked before any
@@ -229,7 +289,7 @@ def compress(
     in_path = None if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
     check_output_paths(in_path, {"OUT": output, "--save-plan": save_plan, "--report": report, "--markdown": markdown})
     prep = _prepare(model_or_path, config)
-    p, replacements = _plan_and_decompose(prep, config, progress)
+    p, replacements = _plan_and_decompose(prep, config, progress, _planned_ranks(prep, config, progress))
     rewritten = rewrite(prep.model, replacements, prep.base_dir)
     if not config.calibrate:
         del replacements  # the factor arrays live on in `rewritten` (wrapped, not copied)
@@ -255,12 +315,20 @@ def compress(
         prep.materialize(prep.model)
         p, calibration = calibrate_from_config(prep.model, new_model, replacements, p, prep.input_shapes, config, progress)
         del replacements
+    finetuned = None
+    if finetune is not None:
+        if isinstance(new_model, IRModel):
+            raise UsageError(f"--finetune {finetune.data}: the compressed model is over 2 GB, which fine-tuning cannot "
+                             "load; compress first, then run `onnx-tucker finetune` on the written model")
+        prep.materialize(prep.model)
+        new_model, finetuned = _finetune_step(prep.model, in_path, new_model, finetune, finetune_progress)
+        skeleton = new_model
 
     validation = None
     # onnxruntime reads the original from its file (its weights were loaded lazily: no copy of them).
     original = in_path or prep.model
     if config.validate:
-        data = load_validation_data(config.data, prep.model, config.samples) if config.data else None
+        data = load_validation_data(config.data, prep.model, config.samples, config.preprocess) if config.data else None
         validation = validate_models(
             original, new_model, prep.input_shapes, config.samples, config.seed, config.effective_rtol(lowest_float_eps(prep.model)), data
         )
@@ -290,6 +358,7 @@ def compress(
         latency=latency,
         requested_output=str(output) if output is not None else None,
         calibration=calibration,
+        finetune=finetuned,
     )
     with OutputBatch() as batch:
         if result.output_path is not None:
@@ -363,7 +432,7 @@ def validate(
     for path in _paths(original, compressed):
         check_output_paths(path, {"--report": report})
     orig, comp, shapes = _load_pair(original, compressed, config)
-    data = load_validation_data(config.data, orig, config.samples) if config.data else None
+    data = load_validation_data(config.data, orig, config.samples, config.preprocess) if config.data else None
     v = validate_models(
         _runnable(original, orig), _runnable(compressed, comp), shapes, config.samples, config.seed,
         config.effective_rtol(lowest_float_eps(orig)), data,
@@ -411,8 +480,7 @@ def _model_macs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> i
     return total
 
 
-def _mobile_inputs(orig: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], config: CompressionConfig,
-                   preprocess: object | None):  # type: ignore[no-untyped-def]
+def _mobile_inputs(orig: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], config: CompressionConfig):  # type: ignore[no-untyped-def]
     from .graph.protos import graph_input_names
     from .mobile.build import Inputs
     from .runtime.validate import DEFAULT_RANDOM_SAMPLES, random_inputs
@@ -423,7 +491,7 @@ def _mobile_inputs(orig: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], co
         rng = np.random.default_rng(config.seed)
         batches = [random_inputs(orig, shapes, rng) for _ in range(config.samples or DEFAULT_RANDOM_SAMPLES)]
         return Inputs(names, outputs, {n: np.stack([b[n] for b in batches]) for n in names}, None)
-    data = load_validation_data(config.data, orig, config.samples, preprocess)
+    data = load_validation_data(config.data, orig, config.samples, config.preprocess)
     batch = shapes[names[0]][0] if shapes[names[0]] else 1
     count = data.count // batch
     if count == 0:
@@ -450,7 +518,6 @@ def mobile_report(
     bench_config: BenchConfig | None = None,
     timeout: float = 120.0,
     rtol: float = 1e-2,
-    preprocess: object | None = None,
     layer_plan: CompressionPlan | None = None,
     html: PathLike | None = None,
     markdown: PathLike | None = None,
@@ -462,8 +529,8 @@ def mobile_report(
     (HTML, Markdown, JSON) atomically, together.
 
     `runtimes`: names (ort, ort-mobile, mnn, ncnn) or "ort,mnn"; a runtime that is not installed is
-    listed as such. `config`: input shapes, samples, seed, `data` (+ `preprocess`, a
-    `runtime.data.Preprocess`), `plan_file` (the per-layer table; else the original is re-planned
+    listed as such. `config`: input shapes, samples, seed, `data` (+ `preprocess` for image
+    folders), `plan_file` (the per-layer table; else the original is re-planned
     with `config`). `layer_plan`: the plan itself, when the caller has it. `timeout`: seconds a runtime may take
     to convert and run one model, and to time both. `rtol`: a runtime passes when it computes the compressed model
     within this max relative error of onnxruntime (`report.failed_runtimes`: the ones that did not).
@@ -485,7 +552,7 @@ def mobile_report(
     comp = load_model(compressed)
     _check_same_signature(orig, comp, str(original), str(compressed))
     shapes = resolve_input_shapes(orig, dict(config.input_shapes), str(original))
-    inputs = _mobile_inputs(orig, shapes, config, preprocess)
+    inputs = _mobile_inputs(orig, shapes, config)
     given = layer_plan is not None
     layers = layer_plan if layer_plan is not None else plan(original, replace(config, validate=False))
     plan_source = ("as compressed" if given else f"plan file {config.plan_file}" if config.plan_file

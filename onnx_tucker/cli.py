@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperCommand, TyperGroup
 
-from .config import BenchConfig, CompressionConfig
+from .config import BenchConfig, CompressionConfig, Preprocess
 from .errors import OnnxTuckerError, UsageError
 
 try:  # recent typer vendors click as typer._click; older typer uses click itself
@@ -91,7 +91,7 @@ OutPath = Annotated[Path, typer.Argument(metavar="OUTPUT", help="Where to write 
 OriginalPath = Annotated[Path, typer.Argument(metavar="ORIGINAL", help="The original model.", show_default=False)]
 CompareToPath = Annotated[Path, typer.Argument(metavar="COMPRESSED", help="The model to compare with it.", show_default=False)]
 TimeAgainstPath = Annotated[Path, typer.Argument(metavar="COMPRESSED", help="The model to time against it.", show_default=False)]
-RanksOpt = Annotated[str, typer.Option("--ranks", help="Rank policy: vbmf (EVBMF, default), ratio:F, energy:F, or full (verification: no truncation).")]
+RanksOpt = Annotated[str, typer.Option("--ranks", help="Rank policy: vbmf (EVBMF, default), ratio:F, energy:F, full (verification: no truncation), or data:F (with --calibrate: keep a fraction F of the MACs, ranks chosen from the layers' outputs on the data).")]
 RankScaleOpt = Annotated[float, typer.Option("--rank-scale", help="Multiply every chosen rank by F (rounded up).")]
 MinRankOpt = Annotated[int | None, typer.Option("--min-rank", help="Floor on every rank (also turns an EVBMF rank of 0 into N).", show_default=False)]
 RoundToOpt = Annotated[int, typer.Option("--round-to", help="Round ranks up to a multiple of N (capped at the dimension), e.g. 8 for SIMD.")]
@@ -103,7 +103,7 @@ InputShapeOpt = Annotated[list[str] | None, typer.Option("--input-shape", metava
 PlanOpt = Annotated[Path | None, typer.Option("--plan", help="Replay the kinds and ranks of a plan file written by --save-plan.", show_default=False)]
 SavePlanOpt = Annotated[Path | None, typer.Option("--save-plan", help="Write the plan (kinds and ranks per layer) as JSON.", show_default=False)]
 # --report writes a different JSON per command (report/data.py); each help names its top-level keys.
-ReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the full report as JSON (keys: layers, totals, validation, latency, calibration, config, model; latency is null without --bench, calibration without --calibrate, validation under --no-validate).", show_default=False)]
+ReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the full report as JSON (keys: layers, totals, validation, latency, calibration, finetune, config, model; latency is null without --bench, calibration without --calibrate, finetune without --finetune, validation under --no-validate).", show_default=False)]
 InspectReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the plan as a JSON report (keys: layers, totals, validation, config; validation is always null: nothing is run).", show_default=False)]
 ValidateReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the comparison as JSON (keys: validation).", show_default=False)]
 FinetuneReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the fine-tuning result as JSON (keys: finetune).", show_default=False)]
@@ -112,19 +112,27 @@ MarkdownOpt = Annotated[Path | None, typer.Option("--markdown", help="Write the 
 ValidateOpt = Annotated[bool, typer.Option("--validate/--no-validate", help="Compare original and compressed outputs in onnxruntime.")]
 SamplesOpt = Annotated[int | None, typer.Option("--samples", help="Random inputs used for validation (default 8), or how many --data samples to use (default all).", show_default=False)]
 DataOpt = Annotated[Path | None, typer.Option("--data", help="Validate on real data: a .npz with one array per model input (samples on the first axis) and optional 'labels' for accuracy, or an image folder (one sub-folder per class: labels; pixels scaled to [0, 1]).", show_default=False)]
-CalibrateOpt = Annotated[Path | None, typer.Option("--calibrate", help="Refit each decomposed layer's factors so its output matches the original's on this unlabeled data (.npz, one array per model input); same ranks and graph.", show_default=False)]
+CalibrateOpt = Annotated[Path | None, typer.Option("--calibrate", help="Refit each decomposed layer's factors so its output matches the original's on this unlabeled data (.npz with one array per model input, or an image folder: see --size/--mean/--std); same graph.", show_default=False)]
 CalibrationSamplesOpt = Annotated[int, typer.Option("--calibration-samples", help="How many --calibrate samples to use (a random subset, seeded by --seed, when the file has more).")]
+# Fine-tuning options (finetune, and compress --finetune)
+EpochsOpt = Annotated[int, typer.Option("--epochs", help="Passes over the training data.")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Samples per optimiser step.")]
+OptimizerOpt = Annotated[str, typer.Option("--optimizer", help="adam, or sgd (momentum 0.9: with --schedule step, the paper's schedule).")]
+LrOpt = Annotated[float | None, typer.Option("--lr", help="Learning rate (default 2e-3 for adam; 1e-3 for sgd, the paper).", show_default=False)]
+ScheduleOpt = Annotated[str, typer.Option("--schedule", help="cosine (to 0 over the run), step (lr / 10 every --step-epochs, the paper), or constant.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda when available), cpu or cuda.")]
+FinetuneDataOpt = Annotated[Path | None, typer.Option("--finetune", help="Fine-tune the compressed model on this data before validating and writing it (the paper's step 3; as `finetune --data`; needs the finetune extra).", show_default=False)]
+ValDataOpt = Annotated[Path | None, typer.Option("--val-data", help="Held-out data for validation after each epoch (default: --val-split of DATA).", show_default=False)]
+SizeOpt = Annotated[str | None, typer.Option("--size", help="Resize images (--data / --calibrate folders) to N or H,W.", show_default=False)]
+MeanOpt = Annotated[str | None, typer.Option("--mean", help="Per-channel mean subtracted from images scaled to [0, 1], e.g. 0.485,0.456,0.406.", show_default=False)]
+StdOpt = Annotated[str | None, typer.Option("--std", help="Per-channel std images are divided by, e.g. 0.229,0.224,0.225.", show_default=False)]
+LayoutOpt = Annotated[str, typer.Option("--layout", help="Image layout fed to the model: auto, nchw or nhwc.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice (validation inputs).")]
 RtolOpt = Annotated[float | None, typer.Option("--rtol", help="Fail when max|orig-new| > RTOL * max|orig| on any output (default: report only; 1e-4 under --ranks full).", show_default=False)]
 BenchOpt = Annotated[bool, typer.Option("--bench", help="Also measure latency of both models in onnxruntime CPU (interleaved runs, medians).")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", help="Intra-op threads for latency measurement (onnxruntime; under 'report', every runtime's).")]
 RunsOpt = Annotated[int, typer.Option("--runs", help="Timed runs per model for latency (after --warmup runs).")]
 WarmupOpt = Annotated[int, typer.Option("--warmup", help="Untimed warm-up runs per model before timing.")]
-# Image preprocessing for --data image folders (finetune, report): runtime/data.py's Preprocess.
-SizeOpt = Annotated[str | None, typer.Option("--size", help="Resize images to N or H,W.", show_default=False)]
-MeanOpt = Annotated[str | None, typer.Option("--mean", help="Per-channel mean subtracted from images scaled to [0, 1], e.g. 0.485,0.456,0.406.", show_default=False)]
-StdOpt = Annotated[str | None, typer.Option("--std", help="Per-channel std images are divided by, e.g. 0.229,0.224,0.225.", show_default=False)]
-LayoutOpt = Annotated[str, typer.Option("--layout", help="Image layout fed to the model: auto, nchw or nhwc.")]
 MobileReportOpt = Annotated[Path | None, typer.Option("--mobile-report", help="After writing OUTPUT, also write the mobile validation report (HTML) of INPUT against it in every installed runtime (see 'onnx-tucker report').", show_default=False)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="More detail (EVBMF noise estimates, timings).")]
@@ -173,6 +181,12 @@ def _note(text: str) -> None:
     err_console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
+def _preprocess(size: str | None, mean: str | None, std: str | None, layout: str) -> Preprocess:
+    from .runtime.data import parse_floats, parse_size
+
+    return Preprocess(parse_size(size), parse_floats(mean, "--mean"), parse_floats(std, "--std"), layout)
+
+
 @contextmanager
 def _progress(enabled: bool):  # type: ignore[no-untyped-def]
     """A per-layer progress bar on a terminal; nothing otherwise."""
@@ -214,6 +228,19 @@ def compress(
     data: DataOpt = None,
     calibrate: CalibrateOpt = None,
     calibration_samples: CalibrationSamplesOpt = 500,
+    finetune: FinetuneDataOpt = None,
+    teacher_is_original: Annotated[bool, typer.Option("--teacher-is-original", help="With --finetune: distil from INPUT's outputs (no labels needed; with labels both losses).")] = False,
+    val_data: ValDataOpt = None,
+    epochs: EpochsOpt = 3,
+    batch_size: BatchSizeOpt = 64,
+    optimizer: OptimizerOpt = "adam",
+    lr: LrOpt = None,
+    schedule: ScheduleOpt = "cosine",
+    device: DeviceOpt = "auto",
+    size: SizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    layout: LayoutOpt = "auto",
     seed: SeedOpt = 0,
     rtol: RtolOpt = None,
     bench: BenchOpt = False,
@@ -233,15 +260,26 @@ def compress(
             ranks=ranks, rank_scale=rank_scale, min_rank=min_rank, round_to=round_to, include=include, exclude=exclude,
             hooi_iters=hooi_iters, jobs=jobs, input_shape=input_shape, plan=plan, validate=validate, samples=samples,
             data=data, seed=seed, rtol=rtol, calibrate=calibrate, calibration_samples=calibration_samples,
+            preprocess=_preprocess(size, mean, std, layout),
         )
         timing = BenchConfig(threads=threads, warmup=warmup, runs=runs) if bench else None
         if mobile_report is not None:  # refused before any work, like every other output path
             from .graph.save import check_output_paths
 
             check_output_paths(input, {"OUT": output, "--mobile-report": mobile_report})
+        step = None
+        if finetune is not None:
+            from .finetune.config import FinetuneConfig, FinetuneStep
+
+            step = FinetuneStep(str(finetune), FinetuneConfig(
+                epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, schedule=schedule, device=device,
+                seed=seed, preprocess=cfg.preprocess), teacher_is_original, str(val_data) if val_data else None)
+        elif teacher_is_original or val_data is not None:
+            raise UsageError("--teacher-is-original / --val-data: only with --finetune DATA")
         with _progress(not quiet) as progress:
             result = api.compress(input, cfg, output, progress, bench=timing, save_plan=save_plan, report=report,
-                                  markdown=markdown)
+                                  markdown=markdown, finetune=step,
+                                  finetune_progress=None if quiet else _FinetuneProgress())
         if not quiet:
             _print(result_tables(result))
         failure = result.validation_error()
@@ -301,6 +339,10 @@ def validate_cmd(
     input_shape: InputShapeOpt = None,
     samples: SamplesOpt = None,
     data: DataOpt = None,
+    size: SizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    layout: LayoutOpt = "auto",
     seed: SeedOpt = 0,
     rtol: RtolOpt = None,
     report: ValidateReportOpt = None,
@@ -312,7 +354,8 @@ def validate_cmd(
     from .report.tables import validation_table
 
     with _errors(verbose):
-        cfg = CompressionConfig.from_options(input_shape=input_shape, samples=samples, data=data, seed=seed, rtol=rtol)
+        cfg = CompressionConfig.from_options(input_shape=input_shape, samples=samples, data=data, seed=seed, rtol=rtol,
+                                             preprocess=_preprocess(size, mean, std, layout))
         v = api.validate(original, compressed, cfg, report=report)
         if not quiet:
             _print([validation_table(v)])
@@ -383,15 +426,13 @@ def report_cmd(
     """Convert, run and time both models in mobile runtimes (ORT format, MNN, ncnn) and compare with onnxruntime."""
     from . import api
     from .report.mobile import mobile_tables
-    from .runtime.data import Preprocess, parse_floats, parse_size
 
     with _errors(verbose):
         cfg = CompressionConfig.from_options(input_shape=input_shape, samples=samples, data=data, seed=seed, plan=plan,
-                                             validate=False)
-        pre = Preprocess(parse_size(size), parse_floats(mean, "--mean"), parse_floats(std, "--std"), layout)
+                                             validate=False, preprocess=_preprocess(size, mean, std, layout))
         rep = api.mobile_report(
             original, compressed, cfg, runtimes=runtimes, bench_config=BenchConfig(threads=threads, warmup=warmup, runs=runs),
-            timeout=timeout, rtol=rtol, preprocess=pre, html=html, markdown=markdown, json_path=json_path,
+            timeout=timeout, rtol=rtol, html=html, markdown=markdown, json_path=json_path,
             progress=None if quiet else lambda name: _note(f"{name} ..."),
         )
         if not quiet:
@@ -411,13 +452,13 @@ def finetune_cmd(
     output: Annotated[Path, typer.Argument(metavar="OUTPUT", help="Where to write the fine-tuned model (never the input).", show_default=False)],
     data: FtData,
     teacher: Annotated[Path | None, typer.Option("--teacher", help="The original model: distil from its outputs (no labels needed).", show_default=False)] = None,
-    val_data: Annotated[Path | None, typer.Option("--val-data", help="Held-out data for validation after each epoch (default: --val-split of DATA).", show_default=False)] = None,
+    val_data: ValDataOpt = None,
     val_split: Annotated[float, typer.Option("--val-split", help="Share of DATA held out when there is no --val-data (0: none).")] = 0.1,
-    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training data.")] = 3,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per optimiser step.")] = 64,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="adam, or sgd (momentum 0.9: with --schedule step, the paper's schedule).")] = "adam",
-    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate (default 2e-3 for adam; 1e-3 for sgd, the paper).", show_default=False)] = None,
-    schedule: Annotated[str, typer.Option("--schedule", help="cosine (to 0 over the run), step (lr / 10 every --step-epochs, the paper), or constant.")] = "cosine",
+    epochs: EpochsOpt = 3,
+    batch_size: BatchSizeOpt = 64,
+    optimizer: OptimizerOpt = "adam",
+    lr: LrOpt = None,
+    schedule: ScheduleOpt = "cosine",
     step_epochs: Annotated[int, typer.Option("--step-epochs", help="Epochs between the step schedule's lr / 10.")] = 5,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="L2 weight decay.")] = 0.0,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after this many optimiser steps in all.", show_default=False)] = None,
@@ -430,7 +471,7 @@ def finetune_cmd(
     mean: MeanOpt = None,
     std: StdOpt = None,
     layout: LayoutOpt = "auto",
-    device: Annotated[str, typer.Option("--device", help="auto (cuda when available), cpu or cuda.")] = "auto",
+    device: DeviceOpt = "auto",
     threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's).", show_default=False)] = None,
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Checkpoint written after each epoch (default OUT.finetune.pt).", show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint (after Ctrl-C, or with more --epochs).")] = False,
@@ -441,7 +482,6 @@ def finetune_cmd(
 ) -> None:
     """Fine-tune a compressed model with labels or by distillation from the original; write OUTPUT as ONNX."""
     from . import finetune as ft
-    from .runtime.data import Preprocess, parse_floats, parse_size
 
     with _errors(verbose):
         cfg = ft.FinetuneConfig(
@@ -449,7 +489,7 @@ def finetune_cmd(
             weight_decay=weight_decay, max_steps=max_steps, temperature=temperature, alpha=alpha, use_labels=labels, train=train,
             augment=augment, val_split=val_split, device=device, seed=seed, threads=threads,
             checkpoint=str(checkpoint) if checkpoint else None, resume=resume,
-            preprocess=Preprocess(parse_size(size), parse_floats(mean, "--mean"), parse_floats(std, "--std"), layout),
+            preprocess=_preprocess(size, mean, std, layout),
         )
         result = ft.finetune(input, output, data, teacher=teacher, val_data=val_data, config=cfg,
                              progress=None if quiet else _FinetuneProgress(), report=report)

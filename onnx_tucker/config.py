@@ -10,12 +10,38 @@ from typing import Any
 
 from .errors import UsageError
 
-RANK_METHODS = ("vbmf", "ratio", "energy", "full")
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images become model input. `size` is (height, width); None keeps the images' size.
+    `layout` "auto" reads it from the model's input shape (channels of 1, 3 or 4 second: NCHW; last: NHWC)."""
+
+    size: tuple[int, int] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    layout: str = "auto"  # auto | nchw | nhwc
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("auto", "nchw", "nhwc"):
+            raise UsageError(f"--layout {self.layout}: not a layout; use nchw or nhwc")
+        if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
+            raise UsageError(f"--size {self.size}: give a positive size, e.g. 32 or 224,224")
+        for what, v in (("--mean", self.mean), ("--std", self.std)):
+            if v is not None and len(v) not in (1, 3, 4):
+                raise UsageError(f"{what} {','.join(map(str, v))}: give 1 value or one per channel (e.g. 3)")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise UsageError(f"--std {','.join(map(str, self.std))}: every value must be > 0")
+
+
+
+RANK_METHODS = ("vbmf", "ratio", "energy", "full", "data")
 
 
 @dataclass(frozen=True)
 class RankPolicy:
-    """How ranks are chosen: `vbmf` (EVBMF, the paper), `ratio:F`, `energy:F` or `full`."""
+    """How ranks are chosen: `vbmf` (EVBMF, the paper), `ratio:F`, `energy:F`, `full`, or `data:F` (with
+    calibration data: the whole model keeps a fraction F of its MACs, spent where the layers' outputs on
+    the data lose least; runtime/rankselect.py)."""
 
     method: str = "vbmf"
     value: float | None = None
@@ -30,7 +56,7 @@ class RankPolicy:
             return cls("vbmf")
         if spec == "full":
             return cls("full")
-        m = re.fullmatch(r"(ratio|energy):([0-9.eE+-]+)", spec)
+        m = re.fullmatch(r"(ratio|energy|data):([0-9.eE+-]+)", spec)
         if m:
             try:
                 value = float(m.group(2))
@@ -39,7 +65,7 @@ class RankPolicy:
             if not 0.0 < value <= 1.0:
                 raise UsageError(f"--ranks {text}: {m.group(1)} must be in (0, 1]; use e.g. {m.group(1)}:0.5")
             return cls(m.group(1), value)
-        raise UsageError(f"--ranks {text}: not understood; use vbmf, full, ratio:F or energy:F (0 < F <= 1)")
+        raise UsageError(f"--ranks {text}: not understood; use vbmf, full, ratio:F, energy:F or data:F (0 < F <= 1)")
 
 
 def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
@@ -97,6 +123,8 @@ class CompressionConfig:
     # (runtime/calibrate.py); `calibration_samples` caps how many samples are read.
     calibrate: str | None = None
     calibration_samples: int = 500
+    # How images in --data / --calibrate folders become model input (size, mean/std, layout).
+    preprocess: Preprocess = field(default_factory=Preprocess)
 
     def __post_init__(self) -> None:
         if not self.rank_scale > 0:
@@ -117,6 +145,9 @@ class CompressionConfig:
             raise UsageError(f"--rtol {self.rtol}: must be >= 0; e.g. --rtol 0.05")
         compile_pattern(self.include, "--include")
         compile_pattern(self.exclude, "--exclude")
+        if self.ranks.method == "data" and not self.calibrate and not self.plan_file:
+            raise UsageError(f"--ranks {self.ranks}: ranks chosen from data need the data; add --calibrate DATA.npz "
+                             "(compress), or use a weight policy such as energy:0.9")
 
     def effective_rtol(self, weight_eps: float = 2.0**-23) -> float | None:
         """The tolerance validation checks: --rtol, else under --ranks full one that follows the
@@ -167,6 +198,8 @@ class CompressionConfig:
             "data": self.data,
             "calibrate": self.calibrate,
             "calibration_samples": self.calibration_samples,
+            "preprocess": {"size": self.preprocess.size, "mean": self.preprocess.mean, "std": self.preprocess.std,
+                           "layout": self.preprocess.layout},
         }
 
 

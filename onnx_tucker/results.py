@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import OnnxTuckerError
+from .finetune.config import FinetuneResult
 from .planning.planner import CompressionPlan
 from .runtime.bench import LatencyReport
 from .runtime.calibrate import CalibrationSummary
@@ -53,6 +54,7 @@ class CompressionResult:
     latency: LatencyReport | None = None  # when measured (`compress(..., bench=BenchConfig())`)
     requested_output: str | None = None  # where the model was to be written (None: not asked to write)
     calibration: CalibrationSummary | None = None  # compress --calibrate: the whole model on held-out data
+    finetune: FinetuneResult | None = None  # compress --finetune: the training run (its paths are temporary)
 
     @property
     def decomposed_layers(self) -> int:

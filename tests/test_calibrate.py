@@ -474,3 +474,75 @@ def test_too_few_samples_for_a_layer_keep_its_factors_with_a_reason(rng: np.rand
     for name in fc_chain.weights:
         np.testing.assert_array_equal(read_initializer(comp, name), read_initializer(one_shot, name))
     assert found["conv2"].method != "kept"
+
+
+# ---- the activation cache behind the layer walk ---------------------------------------------------
+
+def _three_block_model(c: int = 4, seed: int = 0) -> onnx.ModelProto:
+    """x -> A -> relu -> B (+ skip) -> relu -> C: every conv weight is an initializer we can change."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(he_normal(rng, (c, c, 3, 3)), f"W{k}") for k in "ABC"]
+    nodes = [
+        helper.make_node("Conv", ["x", "WA"], ["a"], name="A", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["ra"], name="reluA"),
+        helper.make_node("Conv", ["ra", "WB"], ["b"], name="B", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["b", "ra"], ["s"], name="add"),
+        helper.make_node("Relu", ["s"], ["rs"], name="reluS"),
+        helper.make_node("Conv", ["rs", "WC"], ["y"], name="C", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(nodes, "three", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, 5, 5])], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_activation_cache_matches_fresh_runs_through_a_walk_with_changing_weights(rng: np.random.Generator) -> None:
+    """The calibration walk: ask for a layer's input, change that layer's weights, invalidate, go on.
+    Every answer equals a fresh onnxruntime run of the model as it is then, and each step runs one
+    segment (not the whole prefix again)."""
+    from onnx_tucker.runtime.activations import ActivationCache
+
+    model = _three_block_model()
+    x = rng.standard_normal((10, 4, 5, 5)).astype(np.float32)
+    batches = _batches({"x": x}, size=4)
+    cache = ActivationCache(model, batches)
+    for name, weight, produced in (("ra", "WA", ["a"]), ("rs", "WB", ["b"]), ("y", "WC", ["y"])):
+        got = np.concatenate([v[0] for v in cache.values([name, "x"])])
+        assert np.allclose(got, _tensor(model, name, {"x": x}), rtol=1e-5, atol=1e-6)  # batch sizes differ
+        assert np.array_equal(np.concatenate([v[1] for v in cache.values([name, "x"])]), x)
+        write_initializers(model, {weight: 2.0 * read_initializer(model, weight)})
+        cache.invalidate(produced)
+    assert cache.runs == 3  # one segment per request; the repeated request ran nothing
+    # After B changed, a tensor downstream of it is recomputed with the new weights.
+    got = np.concatenate([v[0] for v in cache.values(["s"])])
+    assert np.allclose(got, _tensor(model, "s", {"x": x}), rtol=1e-5, atol=1e-5)
+
+
+def test_activation_cache_over_its_budget_still_answers_correctly(rng: np.random.Generator) -> None:
+    from onnx_tucker.runtime.activations import ActivationCache
+
+    model = _three_block_model()
+    x = rng.standard_normal((6, 4, 5, 5)).astype(np.float32)
+    cache = ActivationCache(model, _batches({"x": x}, size=3), budget_bytes=0)
+    for name in ("ra", "s", "y"):
+        got = np.concatenate([v[0] for v in cache.values([name])])
+        assert np.allclose(got, _tensor(model, name, {"x": x}), rtol=1e-5, atol=1e-6)
+        assert cache.nbytes == 0
+
+
+def test_balance_chain_keeps_the_product_and_evens_the_scales(rng: np.random.Generator) -> None:
+    first = 1e-3 * rng.standard_normal((4, 6, 1, 1))
+    core = 1e3 * rng.standard_normal((5, 4, 3, 3))
+    last = rng.standard_normal((7, 5, 1, 1))
+    out = refit.balance_chain([first, core, last], sweeps=20)
+
+    def product(ws: list[np.ndarray]) -> np.ndarray:  # the chain as one (7, 6, 3, 3) kernel
+        return np.einsum("to,oikl,is->tskl", ws[2][:, :, 0, 0], ws[1], ws[0][:, :, 0, 0])
+
+    assert np.allclose(product(out), product([first, core, last]), rtol=1e-9, atol=1e-12)
+    for a, b in zip(out, out[1:], strict=False):  # per channel: writer's norm == reader's norm
+        na = np.linalg.norm(a.reshape(a.shape[0], -1), axis=1)
+        nb = np.linalg.norm(np.moveaxis(b, 1, 0).reshape(b.shape[1], -1), axis=1)
+        assert np.allclose(na, nb, rtol=1e-3)
+    assert max(np.abs(w).max() for w in out) < 1e-2 * np.abs(core).max()

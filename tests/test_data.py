@@ -178,3 +178,28 @@ def test_validate_reads_an_image_folder(tmp_path: Path) -> None:
 
     v = json.loads((tmp_path / "r.json").read_text())["validation"]
     assert v["samples"] == 6
+
+
+def test_compress_calibrates_on_an_image_folder_with_the_shared_preprocessing(tmp_path: Path) -> None:
+    """`compress --calibrate FOLDER --mean M --std S` reads images through the shared loader with the same
+    options `finetune` and `validate` take (and the config records them)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from onnx_tucker.cli import app
+
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "fmnist_vgg.onnx"
+    rng = np.random.default_rng(5)
+    for i in range(8):
+        _png(tmp_path / "imgs" / f"{i}.png", _img(rng, 28, 28, 1))
+    out, rep = tmp_path / "out.onnx", tmp_path / "r.json"
+    res = CliRunner().invoke(app, ["compress", str(fixture), str(out), "--calibrate", str(tmp_path / "imgs"),
+                                   "--mean", "0.5", "--std", "0.25", "--no-validate", "--report", str(rep), "-q"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(rep.read_text())
+    assert r["config"]["preprocess"]["mean"] == [0.5] and r["config"]["preprocess"]["std"] == [0.25]
+    assert r["calibration"]["samples"] == 8
+    res = CliRunner().invoke(app, ["compress", str(fixture), str(tmp_path / "o2.onnx"), "--calibrate",
+                                   str(tmp_path / "imgs"), "--std", "0", "-q"])
+    assert res.exit_code != 0 and "--std" in res.output and not (tmp_path / "o2.onnx").exists()

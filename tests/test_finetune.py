@@ -407,3 +407,72 @@ def test_train_factors_needs_a_compressed_model(tmp_path: Path) -> None:
     src = save(make_small_cnn(batch="N"), tmp_path / "m.onnx")
     rc, output = _cli([str(src), str(tmp_path / "o.onnx"), "--data", str(_npz(tmp_path / "d.npz")), "--train", "factors"])
     assert rc == 2 and "has no decomposed layers" in output and not (tmp_path / "o.onnx").exists()
+
+
+# ---- compress --finetune: the paper's whole pipeline in one run -------------------------------------
+
+def test_compress_finetune_runs_the_whole_pipeline_and_reports_it(tmp_path: Path) -> None:
+    """compress -> (calibrate) -> fine-tune -> validate -> write, one command: OUT is the fine-tuned model
+    (same node structure as the plain compressed one, weights changed), the report has its section, and no
+    temporary file is left beside OUT."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from onnx_tucker.cli import app
+
+    src = save(make_small_cnn(batch="N"), tmp_path / "m.onnx")  # full-rank weights: ratio:0.5 loses something
+    data = _npz(tmp_path / "d.npz", n=256, classes=None)  # no labels: distillation from the original only
+    out, rep, plain = tmp_path / "out.onnx", tmp_path / "r.json", tmp_path / "plain.onnx"
+    ot.compress(src, ot.CompressionConfig(ranks=RankPolicy.parse("ratio:0.5"), validate=False), output=plain)
+    res = CliRunner().invoke(app, ["compress", str(src), str(out), "--ranks", "ratio:0.5", "--finetune", str(data),
+                                   "--teacher-is-original", "--epochs", "2", "--batch-size", "16", "--optimizer", "adam", "--lr", "2e-3",
+                                   "--device", "cpu", "--report", str(rep)])
+    assert res.exit_code == 0, res.output
+    assert "Fine-tuning: distill, 2 epoch(s)" in res.output
+    r = json.loads(rep.read_text())
+    assert r["finetune"]["epochs"] == 2 and r["finetune"]["mode"] == "distill" and r["finetune"]["best_epoch"] >= 1
+    assert r["finetune"]["output_path"] is None and r["model"]["output"] == str(out)
+    a, b = onnx.load(out), onnx.load(plain)
+    assert torchready.weight_structure(a) == torchready.weight_structure(b)  # the Tucker chains stay
+    x = np.random.default_rng(3).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    assert not np.allclose(run_ort(a, {"x": x})["logits"], run_ort(b, {"x": x})["logits"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "m.onnx", "out.onnx", "plain.onnx", "r.json"]
+
+
+def test_compress_teacher_is_original_needs_finetune(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from onnx_tucker.cli import app
+
+    src = save(make_small_cnn(batch="N"), tmp_path / "m.onnx")
+    res = CliRunner().invoke(app, ["compress", str(src), str(tmp_path / "o.onnx"), "--teacher-is-original"])
+    assert res.exit_code != 0 and "--finetune" in res.output and not (tmp_path / "o.onnx").exists()
+
+
+# ---- distributed: torchrun, DistributedDataParallel ------------------------------------------------
+
+@pytest.mark.slow
+def test_two_process_cpu_run_under_torchrun(tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node 2 -m onnx_tucker.finetune ...` (gloo on CPU): each process trains on half
+    the batches with gradients averaged, one writes OUT and the report, and the result records 2 processes."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if not torch.distributed.is_available():
+        pytest.skip("this torch build has no torch.distributed")
+    _, comp = _compressed(tmp_path, make_small_cnn(batch="N", low_rank=True))
+    data, out, rep = _npz(tmp_path / "d.npz", n=80), tmp_path / "o.onnx", tmp_path / "r.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "onnx_tucker.finetune", str(comp), str(out), "--data", str(data), "--epochs", "1",
+           "--batch-size", "8", "--device", "cpu", "--threads", "1", "--val-split", "0.1", "--report", str(rep)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    d = json.loads(rep.read_text())["finetune"]
+    assert d["world_size"] == 2
+    assert d["train_samples"] == 72 and d["steps"] == 9 // 2  # 9 batches of 8: 4 per process, the odd one dropped
+    assert out.exists() and not list(tmp_path.glob("o.onnx.tmp*"))
+    np.testing.assert_allclose(run_ort(onnx.load(out), {"x": np.zeros((2, 3, 16, 16), np.float32)})["logits"].shape, (2, 10))

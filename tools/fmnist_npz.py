@@ -19,6 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_fixture import DEFAULT_DATA_DIR, load_fashion_mnist, normalise  # noqa: E402
 
 
+def load_split(split: str, data_dir: Path = DEFAULT_DATA_DIR) -> tuple[np.ndarray, np.ndarray]:
+    """(images normalised as the fixture expects, labels) of the "train" or "test" split."""
+    images, labels = load_fashion_mnist(data_dir, split)
+    return normalise(images), labels
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path)

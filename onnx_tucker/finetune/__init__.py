@@ -16,7 +16,7 @@ import sys
 import types
 from typing import Any
 
-from .config import EpochStats, FinetuneConfig, FinetuneInterrupted, FinetuneResult
+from .config import EpochStats, FinetuneConfig, FinetuneInterrupted, FinetuneResult, FinetuneStep
 
 
 def finetune(*args: Any, **kwargs: Any) -> FinetuneResult:
@@ -40,4 +40,4 @@ class _CallableModule(types.ModuleType):
 
 sys.modules[__name__].__class__ = _CallableModule
 
-__all__ = ["EpochStats", "FinetuneConfig", "FinetuneInterrupted", "FinetuneResult", "finetune"]
+__all__ = ["EpochStats", "FinetuneConfig", "FinetuneInterrupted", "FinetuneResult", "FinetuneStep", "finetune"]

@@ -130,6 +130,18 @@ class FinetuneResult:
     export_max_rel_error: float  # onnxruntime on OUT vs the torch module, same inputs
     normalisation: tuple[str, ...]
     checkpoint: str
+    world_size: int = 1  # processes under torchrun (DistributedDataParallel); batches are per process
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class FinetuneStep:
+    """`compress --finetune DATA`: fine-tune the compressed model before it is validated and written
+    (the paper's third step in the same run). `teacher_is_original`: distil from the input model."""
+
+    data: str
+    config: FinetuneConfig = field(default_factory=FinetuneConfig)
+    teacher_is_original: bool = False
+    val_data: str | None = None

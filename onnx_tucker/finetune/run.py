@@ -50,6 +50,22 @@ def _device(torch: Any, wanted: str) -> Any:
     return torch.device("cpu")
 
 
+def _distributed(torch: Any, device: Any) -> tuple[int, int, Any]:
+    """(rank, world size, device) under `torchrun` (WORLD_SIZE > 1: one process per GPU, or gloo on CPU);
+    (0, 1, device) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    if not torch.distributed.is_available():
+        raise UsageError("WORLD_SIZE > 1 (torchrun) but this torch build has no torch.distributed; run one process")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
 def _check_samples(ds: DataSet, shapes: Mapping[str, list[Any]], option: str) -> None:
     for n, a in ds.inputs.items():
         want = shapes[n][1:]
@@ -154,6 +170,9 @@ def finetune(
 
     torch = convert.import_torch()
     device = _device(torch, cfg.device)
+    rank, world, device = _distributed(torch, device)
+    if rank != 0:
+        progress = None  # one process reports (and writes: checkpoint, OUT, report)
     student_proto = load_model(src)
     in_names, out_names = torchready.graph_io(student_proto)
     shapes = torchready.io_shapes(student_proto)
@@ -234,11 +253,15 @@ def finetune(
     mode = "labels+distill" if labelled and teacher is not None else ("labels" if labelled else "distill")
     train_labels = train_ds.labels if labelled else None
     layouts = _layouts(train_ds, shapes, cfg)
-    train_b = Batches(train_ds.inputs, train_labels, cfg.batch_size, layouts)
+    train_b = Batches(train_ds.inputs, train_labels, cfg.batch_size, layouts, rank=rank, world=world)
     eval_b = Batches(eval_ds.inputs, eval_ds.labels if labelled or eval_ds.labels is not None else None,
                      max(cfg.batch_size, 256), layouts)
     params = [p for n, p in student.named_parameters() if p.requires_grad]
     opt, sched = make_optimizer(params, cfg, len(train_b))
+    trained = student
+    if world > 1:  # gradients averaged over the processes at every step
+        ids = [device.index] if device.type == "cuda" else None
+        trained = torch.nn.parallel.DistributedDataParallel(student, device_ids=ids)
 
     fingerprint = _sha(src)
     history: list[EpochStats] = []
@@ -297,7 +320,7 @@ def finetune(
             lr = float(opt.param_groups[0]["lr"])
             t0 = time.perf_counter()
             left = None if cfg.max_steps is None else cfg.max_steps - steps_done
-            loss, acc, steps, ips = train_epoch(student, t_module, train_b, in_names, cfg, label_output, device, opt,
+            loss, acc, steps, ips = train_epoch(trained, t_module, train_b, in_names, cfg, label_output, device, opt,
                                                 sched, rng, epoch, left, progress)
             steps_done += steps
             ev: EvalStats | None = (
@@ -316,7 +339,7 @@ def finetune(
             stats = EpochStats(epoch, steps, lr, loss, acc, v_loss, v_acc, v_agree,
                                ips, time.perf_counter() - t0, is_best)
             history.append(stats)
-            if ckpt is not None:
+            if ckpt is not None and rank == 0:
                 _save_checkpoint(torch, ckpt, {
                     "version": CHECKPOINT_VERSION, "source_sha256": fingerprint, "epoch": epoch, "steps": steps_done,
                     "model": student.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -334,6 +357,17 @@ def finetune(
     if best_state is not None:
         student.load_state_dict(best_state)
     after = evaluate(student, t_module, eval_b, in_names, cfg, label_output, device)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+        if rank != 0:  # the weights are the same in every process: rank 0 exports and writes them
+            return FinetuneResult(
+                input_path=str(src), output_path=None, teacher_path=None if teacher is None else str(teacher), mode=mode,
+                device=str(device), train_samples=train_b.count, val_samples=0 if val_ds is None else val_ds.count,
+                trainable_params=n_train, total_params=n_total, epochs=len(history), steps=steps_done,
+                history=tuple(history), best_epoch=best_epoch, best_metric=metric,
+                accuracy_before=before["accuracy"], accuracy_after=after.accuracy, agreement_before=before["agreement"],
+                agreement_after=after.agreement, seconds=seconds, export_opset=0, export_max_rel_error=0.0,
+                normalisation=norm.changes, checkpoint="", world_size=world)
 
     # Back to ONNX: same names, the structure of the compressed model, checked in onnxruntime.
     sample = {n: a[: min(2, eval_ds.count)] for n, a in eval_ds.inputs.items()}
@@ -371,7 +405,7 @@ def finetune(
         accuracy_before=before["accuracy"], accuracy_after=after.accuracy,
         agreement_before=before["agreement"], agreement_after=after.agreement,
         seconds=seconds, export_opset=torchready.default_opset(exported), export_max_rel_error=worst,
-        normalisation=norm.changes, checkpoint=str(ckpt) if ckpt is not None else "",
+        normalisation=norm.changes, checkpoint=str(ckpt) if ckpt is not None else "", world_size=world,
     )
     with OutputBatch() as batch:  # OUT and the report appear together or not at all
         if out is not None:

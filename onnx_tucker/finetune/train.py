@@ -47,12 +47,21 @@ class Batches:
     def count(self) -> int:
         return int(next(iter(self.inputs.values())).shape[0])
 
+    # Distributed training (torchrun): this process takes batches rank, rank + world, ... of the same
+    # seeded order, and every process the same number of them (DDP all-reduces once per step).
+    rank: int = 0
+    world: int = 1
+
     def __len__(self) -> int:
-        return math.ceil(self.count / self.batch_size)
+        batches = math.ceil(self.count / self.batch_size)
+        return batches if self.world == 1 else batches // self.world
 
     def iterate(self, rng: np.random.Generator | None, augment: bool):  # type: ignore[no-untyped-def]
         order = rng.permutation(self.count) if rng is not None else np.arange(self.count)
-        for start in range(0, self.count, self.batch_size):
+        starts = list(range(0, self.count, self.batch_size))
+        if self.world > 1:
+            starts = starts[self.rank : len(self) * self.world : self.world]
+        for start in starts:
             idx = np.sort(order[start : start + self.batch_size]) if rng is None else order[start : start + self.batch_size]
             xs = {}
             for n, a in self.inputs.items():

@@ -22,19 +22,43 @@ def expose_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPr
     Element types come from the graph's value_info / inputs / outputs / initializers when known,
     else from shape inference, else float (onnxruntime needs an element type per output).
     """
+    return extract_segment(model, names, {}).model
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A model computing `outputs` (then `live_out`) from the graph's inputs and some known tensors."""
+
+    model: onnx.ModelProto
+    outputs: tuple[str, ...]  # what was asked for
+    live_out: tuple[str, ...]  # tensors computed here that nodes outside the segment read (worth keeping)
+    fed: tuple[str, ...]  # the known tensors the segment reads, now graph inputs
+    nodes: frozenset[int]  # indices of the top-level nodes it runs
+
+
+def extract_segment(model: onnx.ModelProto, names: Sequence[str], known: Mapping[str, int],
+                    live_out: bool = False) -> Segment:
+    """The nodes of `model` needed for the tensors `names`, stopping at the tensors `known` (name ->
+    ONNX element type), which become graph inputs. With `live_out`, the segment also outputs every
+    tensor it computes that a node outside it (or a graph output) reads, so the next segment can start
+    from them instead of recomputing the prefix (`runtime.activations.ActivationCache`)."""
     g = model.graph
     producer: dict[str, int] = {}
     for i, node in enumerate(g.node):
         for o in node.output:
             producer[o] = i
     needed: set[int] = set()
-    stack = [n for n in names]
+    fed: list[str] = []
+    stack = list(names)
     seen: set[str] = set()
     while stack:
         t = stack.pop()
         if t in seen:
             continue
         seen.add(t)
+        if t in known:
+            fed.append(t)
+            continue
         found = producer.get(t)
         if found is None or found in needed:
             continue
@@ -43,13 +67,53 @@ def expose_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPr
         stack.extend(x for x in node.input if x)
         for sub in subgraphs(node):
             stack.extend(outer_names_used(sub))
-    types = _elem_types(model, names)
+    outputs = list(dict.fromkeys(names))
+    extra: list[str] = []
+    if live_out:
+        read_outside: set[str] = {o.name for o in g.output}
+        for i, node in enumerate(g.node):
+            if i not in needed:
+                read_outside.update(node.input)
+                for sub in subgraphs(node):
+                    read_outside.update(outer_names_used(sub))
+        extra = [o for i in sorted(needed) for o in g.node[i].output
+                 if o and o in read_outside and o not in outputs and o not in known]
+    types = _elem_types(model, [*outputs, *extra])
     out = onnx.ModelProto()
     copy_fields(model, out, {"graph"})
     copy_fields(g, out.graph, {"node", "output"})
+    out.graph.input.extend(helper.make_tensor_value_info(n, known[n], None) for n in fed)
     out.graph.node.extend(node for i, node in enumerate(g.node) if i in needed)
-    out.graph.output.extend(helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None) for n in names)
-    return out
+    out.graph.output.extend(helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None)
+                            for n in [*outputs, *extra])
+    return Segment(out, tuple(outputs), tuple(extra), tuple(fed), frozenset(needed))
+
+
+def tensor_readers(model: onnx.ModelProto) -> dict[str, set[int]]:
+    """Tensor name -> indices of the top-level nodes that read it (subgraph reads count for their node);
+    graph outputs are read by index -1."""
+    readers: dict[str, set[int]] = {o.name: {-1} for o in model.graph.output}
+    for i, node in enumerate(model.graph.node):
+        reads = set(node.input)
+        for sub in subgraphs(node):
+            reads |= outer_names_used(sub)
+        for x in reads:
+            if x:
+                readers.setdefault(x, set()).add(i)
+    return readers
+
+
+def downstream(model: onnx.ModelProto, tensors: Sequence[str]) -> set[str]:
+    """Every tensor computed (transitively) from `tensors`, themselves included."""
+    g = model.graph
+    found = set(tensors)
+    for node in g.node:  # nodes are in topological order (checked at load)
+        reads = set(node.input)
+        for sub in subgraphs(node):
+            reads |= outer_names_used(sub)
+        if reads & found:
+            found.update(o for o in node.output if o)
+    return found
 
 
 def _elem_types(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, int]:
@@ -75,6 +139,7 @@ class FactorChain:
     bias: str | None  # the last node's bias input (Conv B / Gemm C), if any
     beta: float  # Gemm's beta on the bias (1 for Conv)
     problem: str | None  # why the factors cannot be written back (shared, not initializers), else None
+    produced: tuple[str, ...] = ()  # the chain nodes' outputs (what changes when the factors do)
 
 
 def factor_chain(model: onnx.ModelProto, output: str, length: int) -> FactorChain | None:
@@ -112,7 +177,7 @@ def factor_chain(model: onnx.ModelProto, output: str, length: int) -> FactorChai
             problem = f"bias '{bias}' is not an initializer"
         elif uses.get(bias, 0) != 1:
             problem = f"bias '{bias}' is shared by {uses[bias]} nodes"
-    return FactorChain(t, weights, bias, beta, problem)
+    return FactorChain(t, weights, bias, beta, problem, tuple(o for n in nodes for o in n.output if o))
 
 
 def read_initializer(model: onnx.ModelProto, name: str) -> np.ndarray:

@@ -230,3 +230,26 @@ def im2col(
         idx = tuple(coords[:, i] * strides[i] + off[i] * dilations[i] for i in range(nd))
         out[:, :, j] = xp[(n_idx, slice(None)) + idx]  # (m, C): advanced indices around a slice go first
     return out.reshape(n_idx.size, -1)
+
+
+def balance_chain(weights: Sequence[np.ndarray], sweeps: int = 3) -> list[np.ndarray]:
+    """The same chain of linear maps with each intermediate channel rescaled so the factor writing it
+    and the factor reading it have equal norms on that channel (the product is unchanged).
+
+    Weights are in conv layout (out, in, *kernel), executed in order: channel i of weights[k]'s output
+    is channel i of weights[k+1]'s input. A refit leaves scales wherever the solve put them (a whitened
+    first factor ~1e-2, a core ~1e2); gradient steps on such factors diverge, balanced ones train like
+    the original layer.
+    """
+    out = [np.array(w, dtype=np.float64, copy=True) for w in weights]
+    for _ in range(sweeps):
+        for k in range(len(out) - 1):
+            a, b = out[k], out[k + 1]
+            na = np.sqrt(np.sum(a.reshape(a.shape[0], -1) ** 2, axis=1))
+            nb = np.sqrt(np.sum(np.moveaxis(b, 1, 0).reshape(b.shape[1], -1) ** 2, axis=1))
+            ok = (na > 0) & (nb > 0)
+            c = np.ones_like(na)
+            c[ok] = np.sqrt(nb[ok] / na[ok])
+            out[k] = a * c.reshape((-1,) + (1,) * (a.ndim - 1))
+            out[k + 1] = b / c.reshape((1, -1) + (1,) * (b.ndim - 2))
+    return [o.astype(np.asarray(w).dtype) for o, w in zip(out, weights, strict=True)]

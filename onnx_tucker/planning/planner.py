@@ -109,6 +109,9 @@ class PlannedRanks:
 
     entries: dict[str, tuple[str, tuple[int, ...] | None, tuple[int, ...] | None]]
     source: str
+    # Why a layer is skipped (default: "skipped in the plan file"), and the policy the plan records.
+    reasons: dict[str, str] = field(default_factory=dict)
+    policy: str = "plan file"
 
 
 def load_plan_file(path: str | os.PathLike[str]) -> PlannedRanks:
@@ -215,7 +218,7 @@ def _plan_one(layer, read_weight, cfg, include, exclude, planned, spectra=None) 
     if planned is not None:
         entry = planned.entries.get(layer.layer_id)
         if entry is None:
-            return replace(base, reason=f"not in the plan file {planned.source}")
+            return replace(base, reason=planned.reasons.get(layer.layer_id, f"not in the plan file {planned.source}"))
         kind, ranks, shape = entry
         if shape is not None and tuple(shape) != tuple(layer.weight_shape or ()):
             raise PlanError(
@@ -223,7 +226,7 @@ def _plan_one(layer, read_weight, cfg, include, exclude, planned, spectra=None) 
                 f"in the model but {tuple(shape)} in the plan; the plan was made for another model"
             )
         if kind == "skip":
-            return replace(base, reason="skipped in the plan file", policy="plan file")
+            return replace(base, reason=planned.reasons.get(layer.layer_id, "skipped in the plan file"), policy=planned.policy)
         if kind not in handler.kinds(layer):
             raise PlanError(
                 f"{planned.source}: layer '{layer.layer_id}' ({conv_shape_hint(layer)}) cannot be decomposed as "
@@ -262,7 +265,7 @@ def _plan_one(layer, read_weight, cfg, include, exclude, planned, spectra=None) 
                 f"{planned.source}: layer '{layer.layer_id}' ranks {ranks} do not fit {kind} of weight "
                 f"{layer.weight_shape}; the plan was made for another model"
             )
-        policy = "plan file"
+        policy = planned.policy
     else:
         raw = [_rank_by_policy(sp, cfg.ranks, e) for sp, e in zip(specs, ests, strict=True)]
         policy = str(cfg.ranks)

@@ -93,6 +93,7 @@ def result_dict(result: CompressionResult | CompressionPlan, latency: LatencyRep
             "validation": validation_dict(result.validation),
             "latency": latency_dict(latency if latency is not None else result.latency),
             "calibration": None if result.calibration is None else dict(result.calibration.__dict__),
+            "finetune": None if result.finetune is None else result.finetune.to_dict(),
             "config": result.plan.config.to_dict(),
             "model": {
                 "input": result.input_path,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 from rich.text import Text
 
+from ..finetune.config import FinetuneResult
 from ..planning.planner import CompressionPlan
 from ..results import CompressionResult, ModelTotals
 from ..runtime.bench import LatencyReport
@@ -123,6 +124,16 @@ def calibration_line(c: CalibrationSummary) -> Text:
     return Text(f"Calibration: refit on {c.samples} samples in {c.seconds:.1f} s; {held}")
 
 
+def finetune_line(f: FinetuneResult) -> Text:
+    """compress --finetune: the training run in one line (its held-out data: --val-data or --val-split)."""
+    acc = f"accuracy {_pct(f.accuracy_before)} -> {_pct(f.accuracy_after)}" if f.accuracy_before is not None else ""
+    agree = (f"agreement with the original {_pct(f.agreement_before)} -> {_pct(f.agreement_after)}"
+             if f.agreement_before is not None else "")
+    held = "; ".join(x for x in (acc, agree) if x) or "no held-out metric"
+    return Text(f"Fine-tuning: {f.mode}, {f.epochs} epoch(s), {f.steps} steps, {f.seconds:.0f} s on {f.device}, "
+                f"best epoch {f.best_epoch} ({f.best_metric}); on {f.val_samples} held-out samples: {held}")
+
+
 def result_tables(
     result: CompressionResult | CompressionPlan, latency: LatencyReport | None = None
 ) -> list[Table | Text]:
@@ -139,6 +150,8 @@ def result_tables(
     tables.append(summary_table(result.totals, lat))
     if result.calibration is not None:
         tables.append(calibration_line(result.calibration))
+    if result.finetune is not None:
+        tables.append(finetune_line(result.finetune))
     if result.validation is not None:
         tables.append(validation_table(result.validation))
     if latency is not None:

@@ -18,9 +18,11 @@ candidates: "last" < "joint" < "full" (all three). A layer whose output only fee
 residual branch of a ResNet block) is fitted to the original Add output minus the compressed model's
 other Add input (`residual`), so it also absorbs the error carried by the skip path.
 
-Cost: two onnxruntime passes over the calibration data per layer (the compressed model up to the
-layer's input, the original up to its output), plus Gram products of `rows` sampled output positions
-by the im2col width. Memory: a few Gram matrices of the im2col width (plus one batch of activations).
+Cost: about one onnxruntime pass over the calibration data per model (`ActivationCache` keeps the
+frontier's activations, so each layer's request runs only the nodes after the previous one), plus
+Gram products of `rows` sampled output positions by the im2col width. Memory: a few Gram matrices of
+the im2col width plus the frontier's activations for the calibration set (capped: over the cap, each
+request runs its prefix again).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from ..graph.rewrite import Replacement
 from ..numerics.refit import (
     DEFAULT_RIDGE,
     GramStats,
+    balance_chain,
     conv_pads_begin,
     data_aware_basis,
     fit_last,
@@ -50,7 +53,7 @@ from ..numerics.refit import (
 )
 from ..ops.layer import Layer, LayerFactors
 from ..planning.planner import CompressionPlan
-from .activations import iter_activations
+from .activations import ActivationCache
 
 METHODS = ("last", "joint", "full")
 Batches = Sequence[Mapping[str, np.ndarray]]
@@ -292,6 +295,9 @@ def calibrate_model(
     count = sum(int(next(iter(b.values())).shape[0]) for b in batches)
     results: dict[str, LayerCalibration] = {}
     order = sorted(replacements)
+    # The walk runs each model about once: each request starts from the cached frontier.
+    comp_cache = ActivationCache(compressed, batches, "compressed")
+    orig_cache = ActivationCache(original, batches, "original")
     for step, node_index in enumerate(order):
         rep = replacements[node_index]
         layer, f = rep.layer, rep.factors
@@ -318,9 +324,9 @@ def calibrate_model(
         # original output plus what the other branch lost in the compressed model.
         skip = residual_partner(original, y_name) if opts.residual else None
         extra = [skip] if skip else []
-        comp_iter = iter_activations(compressed, [x_name, *extra], batches, "compressed")
-        orig_iter = iter_activations(original, [y_name, *extra], batches, "original")
-        for xs, ys in zip(comp_iter, orig_iter, strict=True):
+        comp_vals = comp_cache.values([x_name, *extra])
+        orig_vals = orig_cache.values([y_name, *extra])
+        for xs, ys in zip(comp_vals, orig_vals, strict=True):
             x, y = xs[0], ys[0]
             _check_finite(x, x_name, "compressed")
             _check_finite(y, y_name, "original")
@@ -337,11 +343,17 @@ def calibrate_model(
         e1 = math.sqrt(rss1 / energy) if energy > 0 else math.sqrt(rss1)
         if best != "kept":
             arrays, b = _arrays(layer, f, geo, groups)
+            # Balanced scales along the chain: the same function, but trainable (finetune after this).
+            if layer.op_type == "Conv" and len(geo.groups) == 1:
+                arrays = balance_chain(arrays)
+            elif layer.op_type in ("Gemm", "MatMul"):
+                arrays = [a.T for a in balance_chain([a.T for a in arrays])]
             stored = [a.T for a in arrays] if layer.op_type == "Gemm" and int(layer.attrs.get("transB", 0)) else arrays  # type: ignore[call-overload]
             values = dict(zip(chain.weights, stored, strict=True))
             if chain.bias is not None and chain.beta != 0:
                 values[chain.bias] = b / chain.beta if layer.op_type == "Gemm" else b
             write_initializers(compressed, values)
+            comp_cache.invalidate(chain.produced)
         results[layer.layer_id] = LayerCalibration(best, e0, e1, rows, note, skip)
     if progress is not None and order:
         progress(replacements[order[-1]].layer.layer_id, len(order), len(order))
@@ -365,13 +377,13 @@ class CalibrationSummary:
     seconds: float = 0.0
 
 
-def _load_calibration(path: str, model: onnx.ModelProto, limit: int | None, seed: int):  # type: ignore[no-untyped-def]
+def _load_calibration(path: str, model: onnx.ModelProto, limit: int | None, seed: int, preprocess=None):  # type: ignore[no-untyped-def]
     """(data used for the refit, held-out data or None), as `ValidationData`."""
     from ..errors import UsageError
     from .validate import ValidationData, load_validation_data
 
     try:
-        data = load_validation_data(path, model)
+        data = load_validation_data(path, model, None, preprocess)
     except UsageError as e:
         raise UsageError(str(e).replace("--data ", "--calibrate ", 1)) from None
     if limit is None or data.count <= limit:
@@ -399,13 +411,13 @@ def _batches_of(data, model: onnx.ModelProto, input_shapes: Mapping[str, tuple[i
 
 
 def calibration_batches(path: str, model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]],
-                        limit: int | None, batch: int = 64, seed: int = 0) -> list[dict[str, np.ndarray]]:
+                        limit: int | None, batch: int = 64, seed: int = 0, preprocess=None) -> list[dict[str, np.ndarray]]:  # type: ignore[no-untyped-def]
     """The calibration data (.npz, as `--data` reads it; labels ignored) as batches of feeds.
 
     With more samples than `limit`, a seeded random subset of `limit` is used (files are often sorted
     by class). Data that does not fit the model's inputs is a `UsageError` naming `--calibrate`.
     """
-    used, _ = _load_calibration(path, model, limit, seed)
+    used, _ = _load_calibration(path, model, limit, seed, preprocess)
     return _batches_of(used, model, input_shapes, batch)
 
 
@@ -422,7 +434,7 @@ def calibrate_from_config(original: onnx.ModelProto, compressed: onnx.ModelProto
 
     assert config.calibrate is not None
     t0 = time.perf_counter()
-    used, held = _load_calibration(config.calibrate, original, config.calibration_samples, config.seed)
+    used, held = _load_calibration(config.calibrate, original, config.calibration_samples, config.seed, config.preprocess)
     batches = _batches_of(used, original, input_shapes, 64)
     one_shot = copy.deepcopy(compressed) if held is not None else None
     found = calibrate_model(original, compressed, replacements, batches, CalibrationOptions(seed=config.seed),

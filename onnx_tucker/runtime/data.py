@@ -23,33 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import Preprocess  # noqa: F401 - defined with the options, used here
 from ..errors import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp", ".gif")
 
 Dim = int | str | None  # a fixed size, or a symbolic / unknown one
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How images become model input. `size` is (height, width); None keeps the images' size.
-    `layout` "auto" reads it from the model's input shape (channels of 1, 3 or 4 second: NCHW; last: NHWC)."""
-
-    size: tuple[int, int] | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    layout: str = "auto"  # auto | nchw | nhwc
-
-    def __post_init__(self) -> None:
-        if self.layout not in ("auto", "nchw", "nhwc"):
-            raise UsageError(f"--layout {self.layout}: not a layout; use nchw or nhwc")
-        if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
-            raise UsageError(f"--size {self.size}: give a positive size, e.g. 32 or 224,224")
-        for what, v in (("--mean", self.mean), ("--std", self.std)):
-            if v is not None and len(v) not in (1, 3, 4):
-                raise UsageError(f"{what} {','.join(map(str, v))}: give 1 value or one per channel (e.g. 3)")
-        if self.std is not None and any(s <= 0 for s in self.std):
-            raise UsageError(f"--std {','.join(map(str, self.std))}: every value must be > 0")
 
 
 @dataclass(frozen=True)

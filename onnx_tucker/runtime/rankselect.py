@@ -1,0 +1,221 @@
+"""Ranks chosen with calibration data (`--ranks data:F --calibrate DATA`): the whole model keeps a
+fraction F of its MACs, spent where the original layers' *outputs on the data* lose least.
+
+One walk over the original model's layers in graph order (`ActivationCache`: about one onnxruntime
+pass) accumulates, per layer, the Gram statistics of its input im2col and its output; from them
+`numerics.rankalloc` gives the error at every rank (Tucker-1 / SVD) or rank pair (Tucker-2, input
+ranks on a grid) and allocates the MAC budget across layers, "keep the layer" being one candidate.
+The result replays through the planner like a plan file (`PlannedRanks`), and `--calibrate` then
+refits the chosen factors as usual.
+
+Layers the error model does not cover (grouped convs, ConvTranspose, MatMul with a constant left
+operand, im2col wider than `max_width`) keep the weight-space plan of `fallback` (EVBMF by default).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from ..errors import UsageError
+from ..numerics.rankalloc import (
+    RankCandidate,
+    allocate_macs,
+    output_error_curve,
+    rank_grid,
+    tucker2_error_grid,
+)
+from ..numerics.refit import GramStats, conv_pads_begin, im2col, sample_positions
+from ..ops.layer import Layer
+from ..ops.registry import handler_for
+from ..planning.planner import LayerPlan, PlannedRanks
+from .activations import ActivationCache
+
+
+@dataclass(frozen=True)
+class DataRankOptions:
+    # Output positions sampled per layer over the calibration set (ResNet-20, 500 images: 16384 and 32768
+    # rows gave the same top-1 within noise; the Gram products are half the work).
+    rows: int = 16384
+    max_width: int = 4096  # widest im2col handled; wider layers keep the fallback plan
+    input_rank_points: int = 12  # Tucker-2 input ranks tried per layer
+    seed: int = 0
+
+
+def _ints(v: object, n: int, default: int) -> tuple[int, ...]:
+    return tuple(int(x) for x in v) if isinstance(v, (list, tuple)) and v else (default,) * n  # type: ignore[union-attr]
+
+
+def _coverable(layer: Layer) -> str | None:
+    """Why the output-space error model does not cover this layer (None when it does)."""
+    if layer.op_type == "Conv":
+        if int(layer.attrs.get("group", 1)) != 1:  # type: ignore[call-overload]
+            return "grouped conv"
+        return None
+    if layer.op_type == "Gemm":
+        return None
+    if layer.op_type == "MatMul":
+        return None if len(layer.inputs) == 2 and layer.weight_name == layer.inputs[1] else "constant left operand"
+    return f"{layer.op_type}"
+
+
+class _Accumulator:
+    """Gram statistics of one layer: im2col (or rows) of its input against its output."""
+
+    def __init__(self, layer: Layer, width: int, t: int, per_sample: int | None, rng: np.random.Generator) -> None:
+        self.layer, self.per_sample, self.rng = layer, per_sample, rng
+        self.stats = GramStats(width, t)
+        a = layer.attrs
+        if layer.op_type == "Conv":
+            w = layer.weight_shape or ()
+            nd = len(w) - 2
+            self.kernel = tuple(int(k) for k in w[2:])
+            self.strides = _ints(a.get("strides"), nd, 1)
+            self.dilations = _ints(a.get("dilations"), nd, 1)
+            self.pads = _ints(a.get("pads"), 2 * nd, 0) if a.get("pads") else None
+            self.auto_pad = str(a.get("auto_pad", "NOTSET"))
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        lay = self.layer
+        if lay.op_type == "Conv":
+            n_idx, coords = sample_positions(self.rng, x.shape[0], y.shape[2:], self.per_sample)
+            pads = conv_pads_begin(x.shape[2:], y.shape[2:], self.kernel, self.strides, self.dilations, self.pads, self.auto_pad)
+            p = im2col(x, n_idx, coords, self.kernel, self.strides, pads, self.dilations)
+            yr = y[(n_idx, slice(None)) + tuple(coords.T)]
+            self.stats.add(p.astype(np.float64), yr.astype(np.float64))
+        elif lay.op_type == "Gemm" and int(lay.attrs.get("transA", 0)):  # type: ignore[call-overload]
+            self.stats.add(x.T.astype(np.float64), y.astype(np.float64))
+        else:
+            self.stats.add(x.reshape(-1, x.shape[-1]).astype(np.float64), y.reshape(-1, y.shape[-1]).astype(np.float64))
+
+
+def _width(layer: Layer) -> tuple[int, int, int]:
+    """(im2col width, outputs, kernel taps)."""
+    w = layer.weight_shape or ()
+    if layer.op_type == "Conv":
+        kk = int(np.prod(w[2:])) if len(w) > 2 else 1
+        return int(w[1]) * kk, int(w[0]), kk
+    if layer.op_type == "Gemm":
+        k = int(w[1]) if int(layer.attrs.get("transB", 0)) else int(w[0])  # type: ignore[call-overload]
+        n = int(w[0]) if int(layer.attrs.get("transB", 0)) else int(w[1])  # type: ignore[call-overload]
+        return k, n, 1
+    return int(w[-2]), int(w[-1]), 1
+
+
+def _kernel_gram(weight: np.ndarray) -> np.ndarray:
+    w = np.asarray(weight, dtype=np.float64)
+    m = np.moveaxis(w, 1, 0).reshape(w.shape[1], -1)
+    return m @ m.T
+
+
+def _candidates(layer: Layer, stats: GramStats, weight: np.ndarray, kk: int, points: int) -> list[RankCandidate]:
+    handler = handler_for(layer)
+    intercept = bool(layer.bias_name)
+    _, macs0 = handler.cost(layer, "original")
+    out = [RankCandidate("original", (), int(macs0 or 0), 0.0)]
+    kinds = handler.kinds(layer)
+    curve = output_error_curve(stats, intercept)
+    t = stats.t
+    if layer.op_type == "Conv" and kk > 1:
+        for r in range(1, t + 1):
+            out.append(RankCandidate("tucker1", (r,), int(handler.cost(layer, "tucker1", (r,))[1] or 0), float(curve[r])))
+        if "tucker2" in kinds:
+            s = stats.d // kk
+            grid = tucker2_error_grid(stats, _kernel_gram(weight), kk, rank_grid(s, points)[:-1] or [1], intercept)
+            for r3, errs in grid.items():
+                for r4 in range(1, t + 1):
+                    macs = int(handler.cost(layer, "tucker2", (r4, r3))[1] or 0)
+                    out.append(RankCandidate("tucker2", (r4, r3), macs, float(errs[r4])))
+    else:
+        kind = "svd" if "svd" in kinds else kinds[0]
+        for r in range(1, min(stats.d, t) + 1):
+            out.append(RankCandidate(kind, (r,), int(handler.cost(layer, kind, (r,))[1] or 0), float(curve[r])))
+    return out
+
+
+@dataclass(frozen=True)
+class DataRankSelection:
+    planned: PlannedRanks
+    chosen: Mapping[str, RankCandidate]  # per covered layer
+    budget_macs: int  # what the covered layers may spend
+    macs: int  # what they spend
+    fixed_macs: int  # MACs of the layers outside the error model
+    total_macs: int  # of the original model (Conv/Gemm/MatMul)
+
+
+def select_ranks_data(
+    original: onnx.ModelProto,
+    layers: Sequence[Layer],
+    fallback: Sequence[LayerPlan],
+    batches: Sequence[Mapping[str, np.ndarray]],
+    fraction: float,
+    read_weight: Callable[[str], np.ndarray],
+    options: DataRankOptions | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> DataRankSelection:
+    """Kinds and ranks for every layer so the model keeps `fraction` of its MACs (see the module
+    docstring). `fallback`: the weight-space plan of each layer (same order as `layers`), used for the
+    layers the error model does not cover and for the ones it may not touch (skipped, excluded)."""
+    opts = options or DataRankOptions()
+    count = sum(int(next(iter(b.values())).shape[0]) for b in batches)
+    total = sum(int(p.macs_before or 0) for p in fallback)
+    covered: list[tuple[Layer, LayerPlan]] = []
+    fixed = 0
+    entries: dict[str, tuple[str, tuple[int, ...] | None, tuple[int, ...] | None]] = {}
+    reasons: dict[str, str] = {}
+    for lay, p in zip(layers, fallback, strict=True):
+        why = _coverable(lay)
+        if why is None and lay.weight_shape and _width(lay)[0] > opts.max_width:
+            why = f"im2col width {_width(lay)[0]} > {opts.max_width}"
+        # Layers the user or the model rule out, and the ones the error model does not cover, keep
+        # their weight-space plan (decomposed or not, with its reason).
+        ruled_out = lay.skip_reason or p.macs_before is None or (
+            p.reason is not None and any(w in p.reason for w in ("--include", "--exclude", "NaN")))
+        if ruled_out or why is not None or lay.node_index < 0:
+            if p.decomposed:
+                entries[lay.layer_id] = (p.kind, p.ranks, lay.weight_shape)
+            else:
+                entries[lay.layer_id] = ("skip", None, lay.weight_shape)
+                reasons[lay.layer_id] = p.reason or "not decomposed"
+            fixed += int(p.macs_after or p.macs_before or 0)
+            continue
+        covered.append((lay, p))
+    budget = math.floor(fraction * total) - fixed
+    cache = ActivationCache(original, batches, "original")
+    candidates: list[list[RankCandidate]] = []
+    for step, (lay, _) in enumerate(covered):
+        if progress is not None:
+            progress(lay.layer_id, step, len(covered))
+        width, t, kk = _width(lay)
+        per_sample = max(1, math.ceil(opts.rows / max(count, 1))) if lay.op_type == "Conv" else None
+        acc = _Accumulator(lay, width, t, per_sample, np.random.default_rng([opts.seed, lay.node_index]))
+        for x, y in cache.values([lay.inputs[0], lay.outputs[0]]):
+            acc.add(x, y)
+        weight = read_weight(lay.weight_name) if lay.weight_name else np.zeros(0)
+        candidates.append(_candidates(lay, acc.stats, weight, kk, opts.input_rank_points))
+    if progress is not None and covered:
+        progress(covered[-1][0].layer_id, len(covered), len(covered))
+    alloc = allocate_macs(candidates, max(budget, 0))
+    if not alloc.met:
+        least = fixed + sum(min(c.macs for c in cs) for cs in candidates)
+        raise UsageError(
+            f"--ranks data:{fraction:g}: cannot keep the MACs at {fraction:g} of the original ({total}); "
+            f"the least this model can reach is {least / max(total, 1):.3f} of it (rank 1 everywhere, and "
+            f"{fixed} MACs in layers that are not decomposed or use the fallback plan); use a larger fraction"
+        )
+    chosen: dict[str, RankCandidate] = {}
+    for (lay, _), c in zip(covered, alloc.choice, strict=True):
+        chosen[lay.layer_id] = c
+        if c.kind == "original":
+            entries[lay.layer_id] = ("skip", None, lay.weight_shape)
+            reasons[lay.layer_id] = (f"kept by --ranks data:{fraction:g}: decomposing it costs more output error "
+                                     "per MAC saved than the layers that were decomposed")
+        else:
+            entries[lay.layer_id] = (c.kind, c.ranks, lay.weight_shape)
+    policy = f"data:{fraction:g}"
+    return DataRankSelection(PlannedRanks(entries, policy, reasons=reasons, policy=policy), chosen,
+                             max(budget, 0), alloc.macs, fixed, total)
