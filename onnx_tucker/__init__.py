@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from . import finetune
-    from .api import bench, compress, plan, validate
+    from .api import bench, compress, mobile_report, plan, validate
     from .config import BenchConfig, CompressionConfig, RankPolicy
     from .errors import (
         ModelLoadError,
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
         ValidationError,
     )
     from .finetune import EpochStats, FinetuneConfig, FinetuneResult
+    from .mobile.results import MobileReport, RuntimeResult
     from .numerics.evbmf import EVBMFEstimate, select_rank_evbmf
     from .numerics.tucker import truncated_svd, tucker1, tucker2
     from .planning.planner import CompressionPlan, LayerPlan
@@ -32,7 +33,8 @@ if TYPE_CHECKING:
 # Names are loaded on first use (PEP 562): `import onnx_tucker.numerics` must not pull in onnx,
 # onnxruntime or scipy.optimize, and `onnx-tucker --help` should not pay for them either.
 _EXPORTS = {
-    "bench": "api", "compress": "api", "plan": "api", "validate": "api",
+    "bench": "api", "compress": "api", "plan": "api", "validate": "api", "mobile_report": "api",
+    "MobileReport": "mobile.results", "RuntimeResult": "mobile.results",
     "BenchConfig": "config", "CompressionConfig": "config", "RankPolicy": "config",
     "ModelLoadError": "errors", "ModelSaveError": "errors", "OnnxTuckerError": "errors", "PlanError": "errors",
     "RewriteError": "errors", "UsageError": "errors", "ValidationError": "errors",
@@ -73,7 +75,10 @@ __all__ = [
     "finetune",
     "BenchConfig",
     "LatencyReport",
+    "MobileReport",
+    "RuntimeResult",
     "bench",
+    "mobile_report",
     "CompressionConfig",
     "CompressionPlan",
     "CompressionResult",

@@ -440,3 +440,145 @@ def validate(
     if report is not None:
         write_text_atomic(report, json.dumps({"validation": validation_dict(v)}, indent=2) + "\n")
     return v
+
+
+# ---- the mobile validation report (issue 10) --------------------------------------------------------
+
+
+def _signature(model: onnx.ModelProto) -> tuple[list[tuple[str, int, int]], list[tuple[str, int, int]]]:
+    """(inputs, outputs) as (name, element type, rank): what must match between the two models."""
+    from .graph.protos import graph_input_names
+
+    real = set(graph_input_names(model))
+
+    def sig(values) -> list[tuple[str, int, int]]:  # type: ignore[no-untyped-def]
+        return [(v.name, v.type.tensor_type.elem_type, len(v.type.tensor_type.shape.dim)) for v in values]
+
+    return sig([i for i in model.graph.input if i.name in real]), sig(model.graph.output)
+
+
+def _check_same_signature(orig: onnx.ModelProto, comp: onnx.ModelProto, original: str, compressed: str) -> None:
+    for what, a, b in zip(("inputs", "outputs"), _signature(orig), _signature(comp), strict=True):
+        if a != b:
+            def show(s: list[tuple[str, int, int]]) -> str:
+                return ", ".join(f"{n} ({onnx.TensorProto.DataType.Name(t).lower()}, rank {r})" for n, t, r in s) or "none"
+
+            raise UsageError(
+                f"{compressed}: its {what} [{show(b)}] differ from those of {original} [{show(a)}]; "
+                "give the compressed version of that very model"
+            )
+
+
+def _model_macs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> int:
+    """MACs of every Conv / ConvTranspose / Gemm / MatMul as the model is (batch as in `shapes`)."""
+    layers = find_layers(model, infer_shapes(model, shapes))
+    total = 0
+    for lay in layers:
+        if lay.op_type in HANDLERS and lay.weight_shape is not None:
+            macs = handler_for(lay).cost(lay, "original")[1]
+            total += macs or 0
+    return total
+
+
+def _mobile_inputs(orig: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], config: CompressionConfig):  # type: ignore[no-untyped-def]
+    from .graph.protos import graph_input_names
+    from .mobile.build import Inputs
+    from .runtime.validate import DEFAULT_RANDOM_SAMPLES, random_inputs
+
+    names = tuple(graph_input_names(orig))
+    outputs = tuple(o.name for o in orig.graph.output)
+    if config.data is None:
+        rng = np.random.default_rng(config.seed)
+        batches = [random_inputs(orig, shapes, rng) for _ in range(config.samples or DEFAULT_RANDOM_SAMPLES)]
+        return Inputs(names, outputs, {n: np.stack([b[n] for b in batches]) for n in names}, None)
+    data = load_validation_data(config.data, orig, config.samples, config.preprocess)
+    batch = shapes[names[0]][0] if shapes[names[0]] else 1
+    count = data.count // batch
+    if count == 0:
+        raise UsageError(f"--data {config.data}: {data.count} sample(s), fewer than the model's batch of {batch}")
+    stacked = {}
+    for n in names:
+        a = np.asarray(data.inputs[n])
+        if tuple(a.shape[1:]) != tuple(shapes[n][1:]):
+            raise UsageError(
+                f"--data {config.data}: samples of '{n}' have shape {tuple(a.shape[1:])}, the model expects "
+                f"{tuple(shapes[n][1:])}; fix the data (--size, --layout) or --input-shape"
+            )
+        stacked[n] = a[: count * batch].reshape(count, batch, *a.shape[1:])
+    labels = None if data.labels is None else np.asarray(data.labels)[: count * batch]
+    return Inputs(names, outputs, stacked, labels)
+
+
+def mobile_report(
+    original: PathLike,
+    compressed: PathLike,
+    config: CompressionConfig | None = None,
+    *,
+    runtimes: str | list[str] | tuple[str, ...] | None = None,
+    bench_config: BenchConfig | None = None,
+    timeout: float = 120.0,
+    rtol: float = 1e-2,
+    layer_plan: CompressionPlan | None = None,
+    html: PathLike | None = None,
+    markdown: PathLike | None = None,
+    json_path: PathLike | None = None,
+    progress: Callable[[str], None] | None = None,
+):  # type: ignore[no-untyped-def]
+    """Convert, run and time both models in each mobile runtime and compare every output with the
+    original in onnxruntime; return a `mobile.MobileReport` and write the requested report files
+    (HTML, Markdown, JSON) atomically, together.
+
+    `runtimes`: names (ort, ort-mobile, mnn, ncnn) or "ort,mnn"; a runtime that is not installed is
+    listed as such. `config`: input shapes, samples, seed, `data` (+ `preprocess` for image
+    folders), `plan_file` (the per-layer table; else the original is re-planned
+    with `config`). `layer_plan`: the plan itself, when the caller has it. `timeout`: seconds a runtime may take
+    to convert and run one model, and to time both. `rtol`: a runtime passes when it computes the compressed model
+    within this max relative error of onnxruntime (`report.failed_runtimes`: the ones that did not).
+    A runtime that fails is a finding in the report, never an exception.
+    """
+    from .mobile.build import parse_runtimes, run_runtimes
+    from .mobile.results import MobileReport
+    from .report.html import mobile_html
+    from .report.mobile import mobile_json, mobile_markdown
+
+    config = config or CompressionConfig()
+    b = bench_config or BenchConfig()
+    if not timeout > 0:
+        raise UsageError(f"--timeout {timeout}: must be > 0 seconds; e.g. --timeout 120")
+    names = parse_runtimes(runtimes)
+    for path in (original, compressed):
+        check_output_paths(path, {"--html": html, "--markdown": markdown, "--json": json_path})
+    orig = load_model(original)
+    comp = load_model(compressed)
+    _check_same_signature(orig, comp, str(original), str(compressed))
+    shapes = resolve_input_shapes(orig, dict(config.input_shapes), str(original))
+    inputs = _mobile_inputs(orig, shapes, config)
+    given = layer_plan is not None
+    layers = layer_plan if layer_plan is not None else plan(original, replace(config, validate=False))
+    plan_source = ("as compressed" if given else f"plan file {config.plan_file}" if config.plan_file
+                   else "re-planned from the original with the given options")
+    comp_nodes = {(n.name, n.op_type) for n in comp.graph.node}
+    mismatch = tuple(p.name for p in layers.layers if p.decomposed and (p.name, p.op_type) in comp_nodes)
+    plan_totals = layers.totals()
+    totals = ModelTotals(
+        params_before=float_parameter_count(orig), params_after=float_parameter_count(comp),
+        macs_before=plan_totals["macs_before"], macs_after=_model_macs(comp, shapes),
+        size_before=size_on_disk(original, orig), size_after=size_on_disk(compressed, comp),
+    )
+    results = run_runtimes(names, str(original), str(compressed), inputs, shapes, b.threads, b.warmup, b.runs,
+                           timeout, progress)
+    report = MobileReport(
+        original_path=str(original), compressed_path=str(compressed), input_shapes=shapes,
+        source="random" if config.data is None else str(config.data), samples=inputs.count * inputs.batch_size,
+        seed=config.seed, threads=b.threads, totals=totals, plan=layers, plan_source=plan_source,
+        plan_mismatch=mismatch, runtimes=results, rtol=rtol, labels=inputs.labels is not None,
+    )
+    with OutputBatch() as batch:
+        if html is not None:
+            batch.add_text(html, mobile_html(report))
+        if markdown is not None:
+            batch.add_text(markdown, mobile_markdown(report))
+        if json_path is not None:
+            batch.add_text(json_path, mobile_json(report))
+        batch.commit()
+    return report

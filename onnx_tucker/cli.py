@@ -103,7 +103,7 @@ InputShapeOpt = Annotated[list[str] | None, typer.Option("--input-shape", metava
 PlanOpt = Annotated[Path | None, typer.Option("--plan", help="Replay the kinds and ranks of a plan file written by --save-plan.", show_default=False)]
 SavePlanOpt = Annotated[Path | None, typer.Option("--save-plan", help="Write the plan (kinds and ranks per layer) as JSON.", show_default=False)]
 # --report writes a different JSON per command (report/data.py); each help names its top-level keys.
-ReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the full report as JSON (keys: layers, totals, validation, latency, calibration, config, model; latency is null without --bench, calibration without --calibrate, validation under --no-validate).", show_default=False)]
+ReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the full report as JSON (keys: layers, totals, validation, latency, calibration, finetune, config, model; latency is null without --bench, calibration without --calibrate, finetune without --finetune, validation under --no-validate).", show_default=False)]
 InspectReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the plan as a JSON report (keys: layers, totals, validation, config; validation is always null: nothing is run).", show_default=False)]
 ValidateReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the comparison as JSON (keys: validation).", show_default=False)]
 FinetuneReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the fine-tuning result as JSON (keys: finetune).", show_default=False)]
@@ -130,9 +130,10 @@ LayoutOpt = Annotated[str, typer.Option("--layout", help="Image layout fed to th
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice (validation inputs).")]
 RtolOpt = Annotated[float | None, typer.Option("--rtol", help="Fail when max|orig-new| > RTOL * max|orig| on any output (default: report only; 1e-4 under --ranks full).", show_default=False)]
 BenchOpt = Annotated[bool, typer.Option("--bench", help="Also measure latency of both models in onnxruntime CPU (interleaved runs, medians).")]
-ThreadsOpt = Annotated[int, typer.Option("--threads", help="onnxruntime intra-op threads for latency measurement.")]
+ThreadsOpt = Annotated[int, typer.Option("--threads", help="Intra-op threads for latency measurement (onnxruntime; under 'report', every runtime's).")]
 RunsOpt = Annotated[int, typer.Option("--runs", help="Timed runs per model for latency (after --warmup runs).")]
 WarmupOpt = Annotated[int, typer.Option("--warmup", help="Untimed warm-up runs per model before timing.")]
+MobileReportOpt = Annotated[Path | None, typer.Option("--mobile-report", help="After writing OUTPUT, also write the mobile validation report (HTML) of INPUT against it in every installed runtime (see 'onnx-tucker report').", show_default=False)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="More detail (EVBMF noise estimates, timings).")]
 
@@ -221,6 +222,7 @@ def compress(
     save_plan: SavePlanOpt = None,
     report: ReportOpt = None,
     markdown: MarkdownOpt = None,
+    mobile_report: MobileReportOpt = None,
     validate: ValidateOpt = True,
     samples: SamplesOpt = None,
     data: DataOpt = None,
@@ -250,6 +252,7 @@ def compress(
 ) -> None:
     """Decompose every Conv / ConvTranspose / Gemm / MatMul that gains, validate, and write OUTPUT atomically."""
     from . import api
+    from .report.mobile import runtime_status
     from .report.tables import result_tables
 
     with _errors(verbose):
@@ -260,6 +263,10 @@ def compress(
             preprocess=_preprocess(size, mean, std, layout),
         )
         timing = BenchConfig(threads=threads, warmup=warmup, runs=runs) if bench else None
+        if mobile_report is not None:  # refused before any work, like every other output path
+            from .graph.save import check_output_paths
+
+            check_output_paths(input, {"OUT": output, "--mobile-report": mobile_report})
         step = None
         if finetune is not None:
             from .finetune.config import FinetuneConfig, FinetuneStep
@@ -278,6 +285,12 @@ def compress(
         failure = result.validation_error()
         if failure is not None:
             raise failure
+        if mobile_report is not None and result.output_path is not None:
+            mobile = api.mobile_report(input, result.output_path, cfg, bench_config=BenchConfig(threads=threads, warmup=warmup, runs=runs),
+                                       layer_plan=result.plan, html=mobile_report,
+                                       progress=None if quiet else lambda name: _note(f"mobile report: {name} ..."))
+            if not quiet:
+                _note(f"wrote {mobile_report} (runtimes: " + ", ".join(f"{r.name} {runtime_status(r)}" for r in mobile.runtimes) + ")")
         if quiet:
             return
         if result.decomposed_layers == 0:
@@ -372,6 +385,60 @@ def bench_cmd(
         lat = api.bench(original, compressed, cfg, BenchConfig(threads=threads, warmup=warmup, runs=runs), report=report)
         if not quiet:
             _print([latency_table(lat)])
+
+
+# ---- report (issue 10): the compressed model in the runtimes phones use ------------------------------
+RuntimesOpt = Annotated[str, typer.Option("--runtimes", help="Comma-separated runtimes: ort (onnxruntime CPU), ort-mobile (ORT format + NNAPI/CoreML analysis), mnn, ncnn. One not installed is listed with its pip command.")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds a runtime may take to convert and run one model (and to time both) before it counts as hung.")]
+StrictOpt = Annotated[bool, typer.Option("--strict", help="Exit 1 unless every listed runtime converts and runs both models and computes the compressed one as onnxruntime does (within --rtol).")]
+# Not the compress/validate --rtol (original against compressed): here a runtime against onnxruntime, same model.
+RuntimeRtolOpt = Annotated[float, typer.Option("--rtol", help="A runtime passes when its outputs for the compressed model are within RTOL * max|output| of onnxruntime's (ncnn stores fp16 weights: ~1e-3).")]
+HtmlOpt = Annotated[Path | None, typer.Option("--html", help="Write the report as one self-contained HTML file (tables and plots).", show_default=False)]
+JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write the report as JSON (keys: models, inputs, totals, layers, runtimes, failed_runtimes).", show_default=False)]
+
+
+@app.command(cls=_Command, name="report", epilog="Example: onnx-tucker report model.onnx model.tucker.onnx --runtimes ort,mnn,ncnn --html report.html")
+def report_cmd(
+    original: OriginalPath,
+    compressed: CompareToPath,
+    runtimes: RuntimesOpt = "ort,ort-mobile,mnn,ncnn",
+    input_shape: InputShapeOpt = None,
+    samples: SamplesOpt = None,
+    data: DataOpt = None,
+    size: SizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    layout: LayoutOpt = "auto",
+    plan: PlanOpt = None,
+    seed: SeedOpt = 0,
+    threads: ThreadsOpt = 1,
+    runs: RunsOpt = 20,
+    warmup: WarmupOpt = 5,
+    timeout: TimeoutOpt = 120.0,
+    rtol: RuntimeRtolOpt = 1e-2,
+    strict: StrictOpt = False,
+    html: HtmlOpt = None,
+    markdown: MarkdownOpt = None,
+    json_path: JsonOpt = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Convert, run and time both models in mobile runtimes (ORT format, MNN, ncnn) and compare with onnxruntime."""
+    from . import api
+    from .report.mobile import mobile_tables
+
+    with _errors(verbose):
+        cfg = CompressionConfig.from_options(input_shape=input_shape, samples=samples, data=data, seed=seed, plan=plan,
+                                             validate=False, preprocess=_preprocess(size, mean, std, layout))
+        rep = api.mobile_report(
+            original, compressed, cfg, runtimes=runtimes, bench_config=BenchConfig(threads=threads, warmup=warmup, runs=runs),
+            timeout=timeout, rtol=rtol, html=html, markdown=markdown, json_path=json_path,
+            progress=None if quiet else lambda name: _note(f"{name} ..."),
+        )
+        if not quiet:
+            _print(mobile_tables(rep))
+        if strict and rep.failed_runtimes:
+            raise OnnxTuckerError(f"--strict: runtime(s) {', '.join(rep.failed_runtimes)} did not pass (see the report)")
 
 
 # ---- finetune (issue 8): ONNX -> torch -> train -> ONNX; torch is imported only when it runs ----------

@@ -249,7 +249,9 @@ def materialise_light(kind: str, out: Path, seed: int = 0) -> Path:
             t = numpy_helper.from_array(small_param(_rng(seed, 100000 + j), t.name, tuple(t.dims)), t.name)
         kept_inits.append(t)
     init_names = {t.name for t in kept_inits} | {t.name for t in new_inits}
-    inputs = [i for i in g.input if i.name not in init_names]
+    # IR 3 lists every initializer as a graph input: drop those of the removed shape tensors too (left
+    # behind, they were real, unused graph inputs that MNN and pnnx reject).
+    inputs = [i for i in g.input if i.name not in init_names and i.name not in used_shapes]
     del g.node[:]
     g.node.extend(keep_nodes)
     del g.initializer[:]

@@ -1,4 +1,5 @@
-"""Rendering results: terminal tables (`tables`), the JSON report (`data`), Markdown (`markdown`).
+"""Rendering results: terminal tables (`tables`), the JSON report (`data`), Markdown (`markdown`);
+the mobile report (`mobile`: JSON, Markdown, tables; `html` with `svg` plots).
 
 Algorithms never format output; everything a user reads is built here from the frozen results.
 """

@@ -1,0 +1,106 @@
+"""The mobile report as one self-contained HTML file: tables and inline SVG plots, no external
+resource, no script (it opens from a pull request attachment or an e-mail as it is)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from html import escape
+
+from ..mobile.results import MobileReport
+from . import mobile as m
+from .svg import hbar_chart, scatter_chart
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 24px; color: #1b1f23; max-width: 1240px; }
+h1 { font-size: 22px; } h2 { font-size: 17px; margin-top: 28px; border-bottom: 1px solid #d0d7de; padding-bottom: 4px; }
+table { border-collapse: collapse; font-size: 13px; margin: 8px 0; }
+th, td { border: 1px solid #d0d7de; padding: 3px 8px; text-align: right; vertical-align: top; }
+td { white-space: nowrap; } td.note { white-space: normal; }
+th { background: #f3f5f7; } td:first-child, th:first-child { text-align: left; }
+td.note { text-align: left; color: #57606a; max-width: 420px; }
+tr.skip td { color: #8b949e; }
+.bad { color: #b42318; font-weight: 600; } .good { color: #1a7f37; font-weight: 600; }
+.verdict { padding: 8px 12px; border-left: 4px solid #1f77b4; background: #f6f8fa; }
+.verdict.bad { border-color: #b42318; }
+p.meta { color: #57606a; font-size: 13px; } .plots { display: flex; flex-wrap: wrap; gap: 18px; }
+"""
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "", row_classes: Sequence[str] | None = None,
+           note_cols: Sequence[int] = ()) -> str:
+    out = [f"<table class='{cls}'><thead><tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr></thead><tbody>"]
+    for i, row in enumerate(rows):
+        rc = row_classes[i] if row_classes else ""
+        cells = []
+        for j, c in enumerate(row):
+            klass = "note" if j in note_cols else ("bad" if c.startswith("failed") or c.startswith("not installed") else "")
+            cells.append(f"<td class='{klass}'>{escape(c)}</td>" if klass else f"<td>{escape(c)}</td>")
+        out.append(f"<tr class='{rc}'>" + "".join(cells) + "</tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def _plots(rep: MobileReport) -> list[str]:
+    layers = [p for p in rep.plan.layers if p.macs_before is not None]
+    plots = []
+    if layers:
+        plots.append(hbar_chart(
+            "MACs per layer (millions)", [p.name for p in layers],
+            [("before", [(p.macs_before or 0) / 1e6 for p in layers]),
+             ("after", [((p.macs_after if p.macs_after is not None else p.macs_before) or 0) / 1e6 for p in layers])],
+        ))
+    in_pts, out_pts = [], []
+    for p in rep.plan.decomposed:
+        w = p.weight_shape or ()
+        if not p.ranks or len(w) < 2:
+            continue
+        if p.kind == "tucker2" and len(p.ranks) >= 2:
+            out_pts.append((float(w[0]), float(p.ranks[0]), f"{p.name}: output channels {w[0]} -> rank {p.ranks[0]}"))
+            in_pts.append((float(w[1]), float(p.ranks[1]), f"{p.name}: input channels {w[1]} -> rank {p.ranks[1]}"))
+        elif p.kind == "tucker1":
+            out_pts.append((float(w[0]), float(p.ranks[0]), f"{p.name}: output channels {w[0]} -> rank {p.ranks[0]}"))
+        else:  # svd: the rank against the smaller side of the matrix
+            side = float(min(w[0], w[1]))
+            out_pts.append((side, float(p.ranks[0]), f"{p.name} (SVD): min dimension {side:g} -> rank {p.ranks[0]}"))
+    if in_pts or out_pts:
+        plots.append(scatter_chart("Chosen ranks against channel counts",
+                                   [("output mode (R4, SVD rank)", out_pts), ("input mode (R3)", in_pts)],
+                                   "channels", "rank"))
+    timed = [r for r in rep.runtimes if r.timing is not None]
+    if timed:
+        plots.append(hbar_chart(
+            f"Latency per runtime (median ms, {rep.threads} thread(s))",
+            [f"{r.name} ({m.speedup(r.timing.speedup)})" for r in timed if r.timing is not None],
+            [("original", [r.timing.original_median for r in timed if r.timing is not None]),
+             ("compressed", [r.timing.compressed_median for r in timed if r.timing is not None])],
+            unit=" ms",
+        ))
+    return plots
+
+
+def mobile_html(rep: MobileReport) -> str:
+    body = ["<h1>onnx-tucker mobile report</h1>"]
+    body += [f"<p class='meta'>{escape(line)}</p>" for line in m.intro_lines(rep)]
+    body.append("<h2>Whole model</h2>")
+    body.append(_table(m.WHOLE_HEADER, m.whole_model_rows(rep), "whole"))
+    body.append("<h2>Validation per runtime</h2>")
+    body.append(_table(m.RUNTIME_HEADER, m.runtime_rows(rep), "runtimes", note_cols=(2,)))
+    for r in rep.runtimes:
+        a = r.ort_mobile
+        if a is None:
+            continue
+        body.append("<h2>ORT mobile: NNAPI and CoreML partitions</h2>")
+        worse = a.failure or any(g.what != "ops" for g in a.regressions)
+        body.append(f"<p class='verdict{' bad' if worse else ''}'>{escape(m.verdict(a))}</p>")
+        body.append(_table(m.PARTITION_HEADER, m.partition_rows(a), "partitions", note_cols=(8,)))
+        body.append(f"<p class='meta'>{escape(m.PARTITION_NOTE)}</p>")
+        body.append(f"<p class='meta'>Operators of a reduced build: original {escape(', '.join(a.original_ops) or '-')}; "
+                    f"added by the compressed model: {escape(', '.join(a.added_ops) or 'none')}.</p>")
+    body.append("<h2>Plots</h2><div class='plots'>")
+    body += _plots(rep)
+    body.append("</div>")
+    body.append("<h2>Layers</h2>")
+    body.append(_table(m.LAYER_HEADER, m.layer_rows(rep), "layers",
+                       row_classes=["" if p.decomposed else "skip" for p in rep.plan.layers], note_cols=(8,)))
+    return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>onnx-tucker mobile report</title>"
+            f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
