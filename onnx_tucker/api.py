@@ -26,13 +26,20 @@ from .graph.fold import float_parameter_count
 from .graph.irmodel import IRModel
 from .graph.load import check_model, load_model
 from .graph.model import ModelIndex, find_layers, infer_shapes, lowest_float_eps, resolve_input_shapes
-from .graph.protos import serialized_size, size_on_disk
+from .graph.protos import opset_version, serialized_size, size_on_disk
 from .graph.rewrite import Replacement, check_rewrite, rewrite
 from .graph.save import OutputBatch, check_output_paths, write_text_atomic
 from .numerics.spectral import LayerSpectra, single_threaded_lapack
 from .ops.layer import Layer, LayerFactors
 from .ops.registry import HANDLERS, handler_for
 from .planning.decompose import decompose_layer
+from .planning.latency import (
+    DEFAULT_ROUND_MULTIPLES,
+    CachedLayerTimer,
+    LatencySummary,
+    LayerTimer,
+    select_by_latency,
+)
 from .planning.planner import (
     CompressionPlan,
     LayerPlan,
@@ -45,11 +52,13 @@ from .report import latency_dict, result_json, result_markdown, validation_dict
 from .results import CompressionResult, ModelTotals
 from .runtime.bench import LatencyReport, measure_latency
 from .runtime.calibrate import calibrate_from_config
+from .runtime.layertime import OrtLayerTimer, profile_layer_times, profiled_layer_ms
 from .runtime.validate import ValidationReport, load_validation_data, validate_models
 
 ModelLike = onnx.ModelProto | str | os.PathLike[str]
 PathLike = str | os.PathLike[str]
 Progress = Callable[[str, int, int], None]  # (layer name, done, total)
+PROFILE_RUNS = 10  # whole-model profiler runs the per-layer timings are checked against
 
 
 @dataclass(frozen=True)
@@ -105,7 +114,7 @@ def _check_weight_shapes(layers: list[Layer], source: str) -> None:
 
 
 def _plan_and_decompose(
-    prep: _Prepared, config: CompressionConfig, progress: Progress | None
+    prep: _Prepared, config: CompressionConfig, progress: Progress | None, timer: LayerTimer | None = None
 ) -> tuple[CompressionPlan, dict[int, Replacement]]:
     """Plan every layer and decompose the ones that gain, one layer at a time (or `config.jobs` at once).
 
@@ -114,7 +123,10 @@ def _plan_and_decompose(
     of it is dropped before the next layer, so at most `jobs` weights are in memory beside the model.
     Layers run in threads (numpy/LAPACK release the GIL); the results are assembled in graph order and
     are identical to a serial run. Layers whose weight feeds other nodes are decomposed afterwards,
-    once the whole plan has decided whether they can share one factorisation.
+    once the whole plan has decided whether they can share one factorisation. `timer` (with
+    `config.latency_aware`): each planned decomposition is timed against the original layer and kept
+    only where it pays (`planning.latency.select_by_latency`); layers then run one at a time, so that
+    no decomposition runs beside a timing.
     """
     planned = load_plan_file(config.plan_file) if config.plan_file else None
     layers = prep.layers
@@ -138,6 +150,8 @@ def _plan_and_decompose(
 
         spectra = LayerSpectra()
         lp = plan_layer(layer, read_once, config, planned, spectra)
+        if timer is not None:
+            lp = select_by_latency(layer, lp, timer, config.min_speedup, _round_multiples(config))
         factors = None
         if lp.decomposed and not layer.shared_weight:
             factors = decompose_layer(layer, lp, read_once(layer.weight_name or ""), config.hooi_iters, spectra)
@@ -148,7 +162,7 @@ def _plan_and_decompose(
     if progress is not None and total:
         progress(layers[0].layer_id, 0, total)
     with single_threaded_lapack():  # the same thread counts for every --jobs: identical results
-        if config.jobs > 1 and total > 1:
+        if config.jobs > 1 and total > 1 and timer is None:
             with ThreadPoolExecutor(max_workers=config.jobs, thread_name_prefix="onnx-tucker") as pool:
                 for i, res in enumerate(pool.map(work, layers)):
                     results.append(res)
@@ -180,6 +194,36 @@ def _plan_and_decompose(
     return replace(plan, layers=tuple(new_plans)), replacements
 
 
+def _round_multiples(config: CompressionConfig) -> tuple[int, ...]:
+    """The rank multiples latency-aware selection tries: --round-to when given, else 8 and 16."""
+    return (config.round_to,) if config.round_to > 1 else DEFAULT_ROUND_MULTIPLES
+
+
+def _layer_timer(prep: _Prepared, config: CompressionConfig, timer: LayerTimer | None) -> CachedLayerTimer | None:
+    """The cached per-layer timer latency-aware selection uses (onnxruntime unless one is given)."""
+    if not config.latency_aware:
+        return None
+    inner = timer if timer is not None else OrtLayerTimer(opset_version(prep.model), config.threads, seed=config.seed)
+    return CachedLayerTimer(inner)
+
+
+def _latency_summary(
+    prep: _Prepared, config: CompressionConfig, timer: CachedLayerTimer, profile_runs: int
+) -> LatencySummary:
+    """The timer's bookkeeping and, in onnxruntime, the sum of every layer's isolated original time
+    against the kernels of a whole-model profile of the original."""
+    summary = LatencySummary(config.threads, config.min_speedup, timer.measured, timer.lookups)
+    inner = timer.inner
+    if not isinstance(inner, OrtLayerTimer) or profile_runs < 1:
+        return summary
+    times = [inner.measure_original(lay) for lay in prep.layers if lay.weight_shape is not None and lay.node_index >= 0]
+    isolated = [t for t in times if t is not None]
+    profile = profile_layer_times(prep.path or prep.model, prep.model, prep.input_shapes, config.threads, profile_runs, config.seed)
+    profiled, layout = profiled_layer_ms(profile)
+    return replace(summary, isolated_ms=float(sum(isolated)), profiled_ms=profiled, layout_ms=layout,
+                   profile_runs=profile_runs, layers_summed=len(isolated))
+
+
 def plan(
     model_or_path: ModelLike,
     config: CompressionConfig | None = None,
@@ -187,14 +231,21 @@ def plan(
     *,
     save_plan: PathLike | None = None,
     report: PathLike | None = None,
+    timer: LayerTimer | None = None,
+    profile_runs: int = PROFILE_RUNS,
 ) -> CompressionPlan:
     """The plan `compress` would apply (ranks, costs and kernel errors), without rewriting anything.
-    `save_plan` / `report`: also write the plan file / the JSON report (atomically, together)."""
+    `save_plan` / `report`: also write the plan file / the JSON report (atomically, together).
+    `timer`: how layers are timed under `config.latency_aware` (default: onnxruntime CPU, which is
+    then also checked against a whole-model profile of `profile_runs` runs)."""
     config = config or CompressionConfig()
     in_path = None if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
     check_output_paths(in_path, {"--save-plan": save_plan, "--report": report})
     prep = _prepare(model_or_path, config)
-    p, _ = _plan_and_decompose(prep, config, progress)
+    layer_timer = _layer_timer(prep, config, timer)
+    p, _ = _plan_and_decompose(prep, config, progress, layer_timer)
+    if layer_timer is not None:
+        p = replace(p, latency=_latency_summary(prep, config, layer_timer, profile_runs))
     with OutputBatch() as batch:
         if save_plan is not None:
             batch.add_text(save_plan, p.to_json())
@@ -214,6 +265,8 @@ def compress(
     save_plan: PathLike | None = None,
     report: PathLike | None = None,
     markdown: PathLike | None = None,
+    timer: LayerTimer | None = None,
+    profile_runs: int = PROFILE_RUNS,
 ) -> CompressionResult:
     """Compress a model; write it to `output` unless validation fails.
 
@@ -223,13 +276,17 @@ def compress(
     A model in which no layer is decomposed is still written (unchanged); check
     `result.decomposed_layers`. When validation fails the model is not written (`output_path` is None;
     the side files are, so the user can see why) and `result.validation_error()` says so.
+    `timer`, `profile_runs`: as for `plan` (used under `config.latency_aware`).
     """
     config = config or CompressionConfig()
     t0 = time.perf_counter()
     in_path = None if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
     check_output_paths(in_path, {"OUT": output, "--save-plan": save_plan, "--report": report, "--markdown": markdown})
     prep = _prepare(model_or_path, config)
-    p, replacements = _plan_and_decompose(prep, config, progress)
+    layer_timer = _layer_timer(prep, config, timer)
+    p, replacements = _plan_and_decompose(prep, config, progress, layer_timer)
+    if layer_timer is not None:
+        p = replace(p, latency=_latency_summary(prep, config, layer_timer, profile_runs))
     rewritten = rewrite(prep.model, replacements, prep.base_dir)
     if not config.calibrate:
         del replacements  # the factor arrays live on in `rewritten` (wrapped, not copied)

@@ -117,7 +117,10 @@ CalibrationSamplesOpt = Annotated[int, typer.Option("--calibration-samples", hel
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice (validation inputs).")]
 RtolOpt = Annotated[float | None, typer.Option("--rtol", help="Fail when max|orig-new| > RTOL * max|orig| on any output (default: report only; 1e-4 under --ranks full).", show_default=False)]
 BenchOpt = Annotated[bool, typer.Option("--bench", help="Also measure latency of both models in onnxruntime CPU (interleaved runs, medians).")]
-ThreadsOpt = Annotated[int, typer.Option("--threads", help="onnxruntime intra-op threads for latency measurement.")]
+ThreadsOpt = Annotated[int, typer.Option("--threads", help="onnxruntime intra-op threads for latency measurement (--bench, --latency-aware).")]
+LatencyAwareOpt = Annotated[bool, typer.Option("--latency-aware", help="Time each layer and its chain alone in onnxruntime CPU (interleaved medians, cached per shape); keep a decomposition only where it is --min-speedup times faster, after trying ranks rounded to --round-to (else 8 and 16) and Tucker-1.")]
+MinSpeedupOpt = Annotated[float, typer.Option("--min-speedup", help="With --latency-aware: the measured speed-up a layer's chain must reach to be kept.")]
+TargetOpt = Annotated[str | None, typer.Option("--target", help="Whole-model budget: macs:F or params:F (fraction of the original, 0 < F < 1); ranks are spent where the kernels lose the least energy per MAC (or parameter) saved.", show_default=False)]
 RunsOpt = Annotated[int, typer.Option("--runs", help="Timed runs per model for latency (after --warmup runs).")]
 WarmupOpt = Annotated[int, typer.Option("--warmup", help="Untimed warm-up runs per model before timing.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
@@ -213,6 +216,9 @@ def compress(
     threads: ThreadsOpt = 1,
     runs: RunsOpt = 20,
     warmup: WarmupOpt = 5,
+    latency_aware: LatencyAwareOpt = False,
+    min_speedup: MinSpeedupOpt = 1.1,
+    target: TargetOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -225,6 +231,7 @@ def compress(
             ranks=ranks, rank_scale=rank_scale, min_rank=min_rank, round_to=round_to, include=include, exclude=exclude,
             hooi_iters=hooi_iters, jobs=jobs, input_shape=input_shape, plan=plan, validate=validate, samples=samples,
             data=data, seed=seed, rtol=rtol, calibrate=calibrate, calibration_samples=calibration_samples,
+            latency_aware=latency_aware, min_speedup=min_speedup, threads=threads, target=target,
         )
         timing = BenchConfig(threads=threads, warmup=warmup, runs=runs) if bench else None
         with _progress(not quiet) as progress:
@@ -258,10 +265,15 @@ def inspect(
     plan: PlanOpt = None,
     save_plan: SavePlanOpt = None,
     report: InspectReportOpt = None,
+    latency_aware: LatencyAwareOpt = False,
+    min_speedup: MinSpeedupOpt = 1.1,
+    threads: ThreadsOpt = 1,
+    target: TargetOpt = None,
+    seed: SeedOpt = 0,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Print the plan (kinds, ranks, predicted savings, kernel errors); write no model."""
+    """Print the plan (kinds, ranks, predicted savings, kernel errors; measured per-layer time with --latency-aware); write no model."""
     from . import api
     from .report.tables import result_tables
 
@@ -269,6 +281,7 @@ def inspect(
         cfg = CompressionConfig.from_options(
             ranks=ranks, rank_scale=rank_scale, min_rank=min_rank, round_to=round_to, include=include, exclude=exclude,
             hooi_iters=hooi_iters, jobs=jobs, input_shape=input_shape, plan=plan, validate=False,
+            latency_aware=latency_aware, min_speedup=min_speedup, threads=threads, target=target, seed=seed,
         )
         with _progress(not quiet) as progress:
             p = api.plan(input, cfg, progress, save_plan=save_plan, report=report)

@@ -42,6 +42,38 @@ class RankPolicy:
         raise UsageError(f"--ranks {text}: not understood; use vbmf, full, ratio:F or energy:F (0 < F <= 1)")
 
 
+TARGET_METRICS = ("macs", "params")
+
+
+@dataclass(frozen=True)
+class BudgetTarget:
+    """`--target macs:0.3`: the whole model's MACs (or parameters) at this fraction of the original."""
+
+    metric: str
+    fraction: float
+
+    def __str__(self) -> str:
+        return f"{self.metric}:{self.fraction:g}"
+
+    @classmethod
+    def parse(cls, text: str) -> BudgetTarget:
+        spec = text.strip().lower()
+        m = re.fullmatch(r"([a-z-]+):([0-9.eE+-]+)", spec)
+        if not m:
+            raise UsageError(f"--target {text}: not understood; use macs:F or params:F (0 < F < 1), e.g. macs:0.3")
+        metric = m.group(1)
+        if metric not in TARGET_METRICS:
+            later = " (latency and agreement targets are not implemented yet)" if metric in ("latency", "agreement", "accuracy-drop") else ""
+            raise UsageError(f"--target {text}: unknown metric {metric!r}{later}; use macs:F or params:F")
+        try:
+            value = float(m.group(2))
+        except ValueError:
+            value = math.nan
+        if not 0.0 < value < 1.0:
+            raise UsageError(f"--target {text}: the fraction must be in (0, 1); e.g. {metric}:0.3 keeps 30%")
+        return cls(metric, value)
+
+
 def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
     """`name:1,3,224,224` -> ("name", (1, 3, 224, 224)). The name may itself contain ':'."""
     name, sep, dims = text.rpartition(":")
@@ -97,6 +129,14 @@ class CompressionConfig:
     # (runtime/calibrate.py); `calibration_samples` caps how many samples are read.
     calibrate: str | None = None
     calibration_samples: int = 500
+    # Keep a decomposition only where the runtime measures it at least `min_speedup` times faster than
+    # the original layer (planning/latency.py); layers are timed alone in onnxruntime CPU with
+    # `threads` intra-op threads.
+    latency_aware: bool = False
+    min_speedup: float = 1.1
+    threads: int = 1
+    # A whole-model budget instead of per-layer ranks (planning/budget.py): `macs:0.3`, `params:0.2`.
+    target: BudgetTarget | None = None
 
     def __post_init__(self) -> None:
         if not self.rank_scale > 0:
@@ -113,6 +153,12 @@ class CompressionConfig:
             raise UsageError(f"--jobs {self.jobs}: must be >= 1; use 1 for one layer at a time")
         if self.calibration_samples < 1:
             raise UsageError(f"--calibration-samples {self.calibration_samples}: must be >= 1; e.g. 500")
+        if not self.min_speedup > 0:
+            raise UsageError(f"--min-speedup {self.min_speedup}: must be > 0; e.g. 1.1 for 10% faster")
+        if self.threads < 1:
+            raise UsageError(f"--threads {self.threads}: must be >= 1; e.g. --threads 1")
+        if self.target is not None and self.plan_file is not None:
+            raise UsageError(f"--target {self.target} and --plan both choose the ranks; give one of them")
         if self.rtol is not None and not self.rtol >= 0:
             raise UsageError(f"--rtol {self.rtol}: must be >= 0; e.g. --rtol 0.05")
         compile_pattern(self.include, "--include")
@@ -135,6 +181,7 @@ class CompressionConfig:
         plan: str | os.PathLike[str] | None = None,
         data: str | os.PathLike[str] | None = None,
         calibrate: str | os.PathLike[str] | None = None,
+        target: str | None = None,
         **options: Any,
     ) -> CompressionConfig:
         """From command-line values: `ranks` as text (`ratio:0.5`), `input_shape` as `NAME:D0,D1,...`
@@ -145,6 +192,7 @@ class CompressionConfig:
             plan_file=str(plan) if plan else None,
             data=str(data) if data else None,
             calibrate=str(calibrate) if calibrate else None,
+            target=BudgetTarget.parse(target) if target else None,
             **options,
         )
 
@@ -167,6 +215,10 @@ class CompressionConfig:
             "data": self.data,
             "calibrate": self.calibrate,
             "calibration_samples": self.calibration_samples,
+            "latency_aware": self.latency_aware,
+            "min_speedup": self.min_speedup,
+            "threads": self.threads,
+            "target": None if self.target is None else str(self.target),
         }
 
 

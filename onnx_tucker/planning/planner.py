@@ -26,6 +26,7 @@ from ..ops.registry import handler_for
 
 if TYPE_CHECKING:
     from ..runtime.calibrate import LayerCalibration
+    from .latency import LatencySummary
 
 PLAN_FORMAT_VERSION = 1
 KINDS = ("tucker2", "tucker1", "svd", "skip")
@@ -50,16 +51,29 @@ class LayerPlan:
     reason: str | None = None  # why skipped (kind == "skip"), or a note on the rank policy
     policy: str = ""  # how the ranks were reached: "vbmf", "ratio:0.5", "plan file", "rank0:min-rank", ...
     calibration: LayerCalibration | None = None  # the refit on data (compress --calibrate), see runtime/calibrate.py
+    # Measured in the runtime (--latency-aware): medians of the original node and of the chain, timed
+    # interleaved in isolation at the layer's input shape. For a layer kept because the chain did not
+    # pay, `time_after_ms` is the best variant tried.
+    time_before_ms: float | None = None
+    time_after_ms: float | None = None
 
     @property
     def decomposed(self) -> bool:
         return self.kind != "skip"
+
+    @property
+    def time_speedup(self) -> float | None:
+        """Measured time before / after (None when not timed)."""
+        if self.time_before_ms is None or not self.time_after_ms:
+            return None
+        return self.time_before_ms / self.time_after_ms
 
 
 @dataclass(frozen=True)
 class CompressionPlan:
     layers: tuple[LayerPlan, ...]
     config: CompressionConfig = field(default_factory=CompressionConfig)
+    latency: LatencySummary | None = None  # --latency-aware: how the layers were timed (planning/latency.py)
 
     @property
     def decomposed(self) -> tuple[LayerPlan, ...]:

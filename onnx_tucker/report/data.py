@@ -6,6 +6,7 @@ import json
 import math
 from typing import Any
 
+from ..planning.latency import LatencySummary
 from ..planning.planner import CompressionPlan, LayerPlan
 from ..results import CompressionResult, ratio
 from ..runtime.bench import LatencyReport
@@ -39,7 +40,17 @@ def layer_dict(p: LayerPlan) -> dict[str, Any]:
         "policy": p.policy,
         "reason": p.reason,
         "calibration": None if p.calibration is None else dict(p.calibration.__dict__),
+        "time_before_ms": p.time_before_ms,
+        "time_after_ms": p.time_after_ms,
+        "time_speedup": p.time_speedup,
     }
+
+
+def layer_timing_dict(s: LatencySummary | None) -> dict[str, Any] | None:
+    """--latency-aware: how the layers were timed and how their sum compares with a whole-model profile."""
+    if s is None:
+        return None
+    return dict(s.__dict__) | {"profile_ratio": s.profile_ratio}
 
 
 def validation_dict(v: ValidationReport | None) -> dict[str, Any] | None:
@@ -83,7 +94,7 @@ def result_dict(result: CompressionResult | CompressionPlan, latency: LatencyRep
         totals |= {"params_ratio": ratio(totals["params_before"], totals["params_after"]),
                    "macs_ratio": ratio(totals["macs_before"], totals["macs_after"])}
         return _clean({"layers": [layer_dict(p) for p in result.layers], "totals": totals, "validation": None,
-                       "config": result.config.to_dict()})
+                       "layer_timing": layer_timing_dict(result.latency), "config": result.config.to_dict()})
     t = result.totals
     totals = dict(t.__dict__) | {"params_ratio": t.params_ratio, "macs_ratio": t.macs_ratio, "size_ratio": t.size_ratio}
     return _clean(
@@ -93,6 +104,7 @@ def result_dict(result: CompressionResult | CompressionPlan, latency: LatencyRep
             "validation": validation_dict(result.validation),
             "latency": latency_dict(latency if latency is not None else result.latency),
             "calibration": None if result.calibration is None else dict(result.calibration.__dict__),
+            "layer_timing": layer_timing_dict(result.plan.latency),
             "config": result.plan.config.to_dict(),
             "model": {
                 "input": result.input_path,

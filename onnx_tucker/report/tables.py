@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 from rich.text import Text
 
+from ..planning.latency import LatencySummary
 from ..planning.planner import CompressionPlan
 from ..results import CompressionResult, ModelTotals
 from ..runtime.bench import LatencyReport
@@ -14,21 +15,17 @@ from . import fmt
 
 
 def layer_table(plan: CompressionPlan, title: str = "Layers") -> Table:
+    timed = any(p.time_before_ms is not None for p in plan.layers)
     t = Table(title=title, title_justify="left", show_lines=False)
-    for col, just in (
-        ("layer", "left"),
-        ("kind", "left"),
-        ("weight", "left"),
-        ("EVBMF", "right"),
-        ("ranks", "right"),
-        ("params", "right"),
-        ("MACs", "right"),
-        ("rel. err", "right"),
-        ("note", "left"),
-    ):
+    cols = [("layer", "left"), ("kind", "left"), ("weight", "left"), ("EVBMF", "right"), ("ranks", "right"),
+            ("params", "right"), ("MACs", "right"), ("MAC gain", "right")]
+    if timed:  # --latency-aware: measured alone in the runtime, next to the predicted MAC gain
+        cols += [("time ms", "right"), ("time gain", "right")]
+    cols += [("rel. err", "right"), ("note", "left")]
+    for col, just in cols:
         t.add_column(col, justify=just, overflow="fold", no_wrap=col != "note")  # type: ignore[arg-type]
     for p in plan.layers:
-        t.add_row(
+        row = [
             p.name,
             p.kind,
             "x".join(map(str, p.weight_shape)) if p.weight_shape else "-",
@@ -36,11 +33,26 @@ def layer_table(plan: CompressionPlan, title: str = "Layers") -> Table:
             fmt.ranks(p.ranks) if p.decomposed else "-",
             f"{fmt.fmt_int(p.params_before)} -> {fmt.fmt_int(p.params_after)}" if p.params_before is not None else "-",
             f"{fmt.fmt_int(p.macs_before)} -> {fmt.fmt_int(p.macs_after)}" if p.macs_before is not None else "-",
-            f"{p.rel_error:.3f}" if p.rel_error is not None else "-",
-            p.reason or "",
-            style=None if p.decomposed else "dim",
-        )
+            fmt.ratio(p.macs_before, p.macs_after) if p.decomposed else "-",
+        ]
+        if timed:
+            row += [fmt.times(p.time_before_ms, p.time_after_ms), fmt.speedup(p.time_speedup)]
+        row += [f"{p.rel_error:.3f}" if p.rel_error is not None else "-", p.reason or ""]
+        t.add_row(*row, style=None if p.decomposed else "dim")
     return t
+
+
+def layer_timing_line(s: LatencySummary) -> Text:
+    """How the per-layer times were measured and how well they add up to a whole-model profile."""
+    text = (f"Per-layer timing: onnxruntime CPU, {s.threads} thread{'s' if s.threads != 1 else ''}, each layer and its "
+            f"chain alone, interleaved medians; {s.measured} pairs timed for {s.lookups} asked (cached per shape); "
+            f"a chain is kept at x{s.min_speedup:g} or faster.")
+    ratio = s.profile_ratio
+    if ratio is not None:
+        text += (f" Sum of {s.layers_summed} isolated layer times {s.isolated_ms:.3f} ms vs {s.profiled_ms:.3f} ms in a "
+                 f"whole-model profile ({s.profile_runs} runs): x{ratio:.2f}"
+                 + (f"; the model also spends {s.layout_ms:.3f} ms in NCHWc reorders" if s.layout_ms else "") + ".")
+    return Text(text)
 
 
 def summary_table(totals: ModelTotals | dict[str, int], latency: tuple[float, float] | None = None) -> Table:
@@ -128,11 +140,12 @@ def result_tables(
 ) -> list[Table | Text]:
     """What a result shows in reading order: per-layer, calibration, summary, validation, latency."""
     plan = result if isinstance(result, CompressionPlan) else result.plan
+    timing = [layer_timing_line(plan.latency)] if plan.latency is not None else []
     if isinstance(result, CompressionPlan):
-        return [layer_table(plan), summary_table(plan.totals())]
+        return [layer_table(plan), *timing, summary_table(plan.totals())]
     latency = latency if latency is not None else result.latency
     lat = (latency.original_median, latency.compressed_median) if latency is not None else None
-    tables: list[Table | Text] = [layer_table(plan)]
+    tables: list[Table | Text] = [layer_table(plan), *timing]
     cal = calibration_table(plan)
     if cal is not None:
         tables.append(cal)
