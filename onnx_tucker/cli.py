@@ -103,8 +103,8 @@ InputShapeOpt = Annotated[list[str] | None, typer.Option("--input-shape", metava
 PlanOpt = Annotated[Path | None, typer.Option("--plan", help="Replay the kinds and ranks of a plan file written by --save-plan.", show_default=False)]
 SavePlanOpt = Annotated[Path | None, typer.Option("--save-plan", help="Write the plan (kinds and ranks per layer) as JSON.", show_default=False)]
 # --report writes a different JSON per command (report/data.py); each help names its top-level keys.
-ReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the full report as JSON (keys: layers, totals, validation, latency, calibration, config, model; latency is null without --bench, calibration without --calibrate, validation under --no-validate).", show_default=False)]
-InspectReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the plan as a JSON report (keys: layers, totals, validation, config; validation is always null: nothing is run).", show_default=False)]
+ReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the full report as JSON (keys: layers, totals, validation, latency, calibration, layer_timing, config, model; latency is null without --bench, calibration without --calibrate, layer_timing without --latency-aware, validation under --no-validate).", show_default=False)]
+InspectReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the plan as a JSON report (keys: layers, totals, validation, layer_timing, config; validation is always null: nothing is run; layer_timing is null without --latency-aware).", show_default=False)]
 ValidateReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the comparison as JSON (keys: validation).", show_default=False)]
 FinetuneReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the fine-tuning result as JSON (keys: finetune).", show_default=False)]
 BenchReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the latencies as JSON (keys: latency).", show_default=False)]

@@ -104,3 +104,9 @@ def chain_layer_model(layer: Layer, kind: str, ranks: tuple[int, ...], opset: in
                 attrs[name] = value
         nodes.append(helper.make_node(spec.op_type, list(spec.inputs), list(spec.outputs), name=spec.name, **attrs))
     return _model(nodes, inits, dtype, x_shape, opset)
+
+
+def identity_model(x_shape: tuple[int, ...], dtype: np.dtype, opset: int) -> onnx.ModelProto:
+    """x -> Identity -> y: what one `run` costs without any layer (feeding, fetching, dispatch)."""
+    node = helper.make_node("Identity", [INPUT_NAME], [OUTPUT_NAME], name="identity")
+    return _model([node], [], dtype, x_shape, opset)

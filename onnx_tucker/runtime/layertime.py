@@ -3,7 +3,9 @@
 `OrtLayerTimer.measure` builds two tiny models (graph/layermodel.py): the layer's node alone and its
 replacement chain, both at the layer's real input shape with seeded random weights; runs each in its
 own session with fixed threads (sequential execution, full graph optimisation); warms both up and
-times them interleaved (`bench.interleave`), reporting medians; `measure_original` times the node alone. Wrap it in
+times them interleaved (`bench.interleave`), reporting medians minus the cost of one `run` call of an
+Identity model on the same input (what a layer inside a whole model does not pay; it would otherwise
+pull every ratio towards 1). `measure_original` times the node alone. Wrap it in
 `planning.latency.CachedLayerTimer` so identical layers are timed once.
 
 `profile_layer_times` runs a whole model with onnxruntime's profiler and returns the median time of
@@ -23,7 +25,13 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 
-from ..graph.layermodel import chain_layer_model, original_layer_model, timing_dtype, timing_input_shape
+from ..graph.layermodel import (
+    chain_layer_model,
+    identity_model,
+    original_layer_model,
+    timing_dtype,
+    timing_input_shape,
+)
 from ..ops.layer import Layer
 from ..planning.latency import LayerTiming, timing_key
 from .bench import interleave
@@ -35,12 +43,21 @@ LAYER_KERNELS = ("Conv", "FusedConv", "ConvTranspose", "Gemm", "FusedGemm", "Mat
 LAYOUT_KERNELS = ("ReorderInput", "ReorderOutput")
 
 
+# A floor for a layer's net time: the median minus the call overhead can reach 0 for tiny layers.
+MIN_NET_MS = 1e-3
+
+
+def _net(times: tuple[float, ...], overhead_ms: float) -> float:
+    return max(float(np.median(times)) - overhead_ms, MIN_NET_MS)
+
+
 class OrtLayerTimer:
     """Times a layer against its chain in onnxruntime CPU (see the module docstring)."""
 
     def __init__(self, opset: int, threads: int = 1, warmup: int = 3, runs: int = 15, seed: int = 0) -> None:
         self.opset, self.threads, self.warmup, self.runs, self.seed = opset, threads, warmup, runs, seed
         self._originals: dict[tuple[object, ...], float] = {}
+        self._overheads: dict[tuple[object, ...], float] = {}
 
     def measure(self, layer: Layer, kind: str, ranks: tuple[int, ...]) -> LayerTiming | None:
         x_shape, dtype = timing_input_shape(layer), timing_dtype(layer)
@@ -52,7 +69,19 @@ class OrtLayerTimer:
         x = np.random.default_rng(self.seed).standard_normal(x_shape, dtype=np.float32).astype(dtype)
         feeds = {"x": x}
         t0, t1 = interleave(lambda: s0.run(None, feeds), lambda: s1.run(None, feeds), self.warmup, self.runs)
-        return LayerTiming(float(np.median(t0)), float(np.median(t1)), self.runs)
+        base = self.call_overhead(x_shape, dtype)
+        return LayerTiming(_net(t0, base), _net(t1, base), self.runs)
+
+    def call_overhead(self, x_shape: tuple[int, ...], dtype: np.dtype) -> float:
+        """Median ms of running an Identity model on this input: the cost of one `run` call (binding,
+        copies, dispatch) that a layer inside a whole model does not pay; subtracted from both times."""
+        key = (x_shape, dtype.str)
+        if key not in self._overheads:
+            sess = ort_session(identity_model(x_shape, dtype, self.opset), "identity", threads=self.threads)
+            feeds = {"x": np.zeros(x_shape, dtype)}
+            t, _ = interleave(lambda: sess.run(None, feeds), lambda: None, self.warmup, self.runs)
+            self._overheads[key] = float(np.median(t))
+        return self._overheads[key]
 
     def measure_original(self, layer: Layer) -> float | None:
         """Median ms of the layer's node alone (for the whole-model profile check), cached per shape."""
@@ -64,7 +93,7 @@ class OrtLayerTimer:
             sess = ort_session(original_layer_model(layer, self.opset, self.seed), f"one-node '{layer.layer_id}'", threads=self.threads)
             feeds = {"x": np.random.default_rng(self.seed).standard_normal(x_shape, dtype=np.float32).astype(dtype)}
             t0, _ = interleave(lambda: sess.run(None, feeds), lambda: None, self.warmup, self.runs)
-            self._originals[key] = float(np.median(t0))
+            self._originals[key] = _net(t0, self.call_overhead(x_shape, dtype))
         return self._originals[key]
 
 
