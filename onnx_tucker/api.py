@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .config import BenchConfig, CompressionConfig
+from .config import BenchConfig, BudgetTarget, CompressionConfig, RankPolicy
 from .errors import ModelLoadError, UsageError
 from .graph import lazyload
 from .graph.fold import float_parameter_count
@@ -30,8 +30,10 @@ from .graph.protos import opset_version, serialized_size, size_on_disk
 from .graph.rewrite import Replacement, check_rewrite, rewrite
 from .graph.save import OutputBatch, check_output_paths, write_text_atomic
 from .numerics.spectral import LayerSpectra, single_threaded_lapack
+from .ops.base import OpHandler
 from .ops.layer import Layer, LayerFactors
 from .ops.registry import HANDLERS, handler_for
+from .planning.budget import BudgetOutcome, RankSpace, allocate
 from .planning.decompose import decompose_layer
 from .planning.latency import (
     DEFAULT_ROUND_MULTIPLES,
@@ -43,9 +45,11 @@ from .planning.latency import (
 from .planning.planner import (
     CompressionPlan,
     LayerPlan,
+    PlannedRanks,
     check_plan_covers,
     finish_plan,
     load_plan_file,
+    mode_energies,
     plan_layer,
 )
 from .report import latency_dict, result_json, result_markdown, validation_dict
@@ -140,6 +144,11 @@ def _plan_and_decompose(
         with read_lock:  # protobuf reads and constant folding stay on one thread at a time
             return prep.index.constant_value(name)
 
+    budget = None
+    if config.target is not None:  # the allocation's ranks are replayed like a plan file's
+        with single_threaded_lapack():
+            planned, budget = _budget_plan(prep, config, config.target, read_weight)
+
     def work(layer: Layer) -> tuple[LayerPlan, LayerFactors | None]:
         weights: dict[str, np.ndarray] = {}
 
@@ -191,7 +200,63 @@ def _plan_and_decompose(
                 shared[key] = factors
         replacements[layer.node_index] = Replacement(layer, factors)
         new_plans.append(replace(lp, rel_error=factors.rel_error))
-    return replace(plan, layers=tuple(new_plans)), replacements
+    return replace(plan, layers=tuple(new_plans), budget=budget), replacements
+
+
+def _budget_plan(
+    prep: _Prepared, config: CompressionConfig, target: BudgetTarget, read_weight: Callable[[str], np.ndarray]
+) -> tuple[PlannedRanks, BudgetOutcome]:
+    """Ranks for the whole model meeting `target` (planning/budget.py), as a plan to replay.
+
+    Every layer is planned at full rank first (which layers can be decomposed, their kinds and costs),
+    its spectra turned into energies per mode; the allocation then picks the ranks. The eigen-
+    decompositions are not kept between the two passes (memory), so they are computed twice."""
+    full = replace(config, ranks=RankPolicy("full"), rank_scale=1.0, min_rank=None, round_to=1, target=None,
+                   latency_aware=False, plan_file=None)
+    metric = 1 if target.metric == "macs" else 0
+    spaces: list[RankSpace] = []
+    reasons: dict[str, str] = {}
+    layers_before = 0
+    for layer in prep.layers:
+        spectra = LayerSpectra()
+        lp = plan_layer(layer, read_weight, full, None, spectra)
+        before = (lp.params_before, lp.macs_before)[metric]
+        layers_before += before or 0
+        if not lp.decomposed or before is None or layer.shared_weight:
+            if layer.skip_reason is None:
+                reasons[layer.layer_id] = lp.reason or (
+                    f"weight shared by several layers: left out of --target {target}; kept as is" if layer.shared_weight
+                    else f"MACs unknown (input shape not inferred): left out of --target {target}; kept as is")
+            continue
+        handler = handler_for(layer)
+        energies = mode_energies(layer, read_weight(layer.weight_name or ""), lp.kind, spectra)
+        caps = tuple(len(e) for e in energies)
+
+        def cost(ranks: tuple[int, ...], layer: Layer = layer, kind: str = lp.kind, cap_in: int = caps[-1],
+                 handler: OpHandler = handler) -> int:
+            if kind == "tucker2" and ranks[1] >= cap_in:  # no saving on the input mode: Tucker-1
+                return handler.cost(layer, "tucker1", ranks[:1])[metric] or 0
+            return handler.cost(layer, kind, ranks)[metric] or 0
+
+        spaces.append(RankSpace(layer.layer_id, lp.kind, tuple(energies), caps, before, cost))
+    if target.metric == "params":  # every float parameter of the model counts (biases, BN, ...)
+        total = float_parameter_count(prep.model, prep.index.folder)
+    else:
+        total = layers_before
+    fixed = total - sum(sp.original_cost for sp in spaces)
+    chosen, outcome = allocate(spaces, fixed, total, target, step=config.round_to)
+    entries: dict[str, tuple[str, tuple[int, ...] | None, tuple[int, ...] | None]] = {}
+    for sp in spaces:
+        ranks = chosen[sp.name]
+        if ranks is None:
+            entries[sp.name] = ("skip", None, None)
+            reasons[sp.name] = (f"kept by --target {target}: its rank steps win back less error per unit of "
+                                f"{target.metric} than other layers'")
+        elif sp.kind == "tucker2" and ranks[1] >= sp.caps[1]:
+            entries[sp.name] = ("tucker1", ranks[:1], None)
+        else:
+            entries[sp.name] = (sp.kind, ranks, None)
+    return PlannedRanks(entries, f"--target {target}", policy=f"target {target}", reasons=reasons), outcome
 
 
 def _round_multiples(config: CompressionConfig) -> tuple[int, ...]:

@@ -26,6 +26,7 @@ from ..ops.registry import handler_for
 
 if TYPE_CHECKING:
     from ..runtime.calibrate import LayerCalibration
+    from .budget import BudgetOutcome
     from .latency import LatencySummary
 
 PLAN_FORMAT_VERSION = 1
@@ -74,6 +75,7 @@ class CompressionPlan:
     layers: tuple[LayerPlan, ...]
     config: CompressionConfig = field(default_factory=CompressionConfig)
     latency: LatencySummary | None = None  # --latency-aware: how the layers were timed (planning/latency.py)
+    budget: BudgetOutcome | None = None  # --target: what the whole-model allocation chose (planning/budget.py)
 
     @property
     def decomposed(self) -> tuple[LayerPlan, ...]:
@@ -123,6 +125,10 @@ class PlannedRanks:
 
     entries: dict[str, tuple[str, tuple[int, ...] | None, tuple[int, ...] | None]]
     source: str
+    # How the report names where the ranks came from, and why a layer is kept, when not from a file
+    # (a --target allocation replays its ranks through this path).
+    policy: str = "plan file"
+    reasons: dict[str, str] = field(default_factory=dict)
 
 
 def load_plan_file(path: str | os.PathLike[str]) -> PlannedRanks:
@@ -229,7 +235,7 @@ def _plan_one(layer, read_weight, cfg, include, exclude, planned, spectra=None) 
     if planned is not None:
         entry = planned.entries.get(layer.layer_id)
         if entry is None:
-            return replace(base, reason=f"not in the plan file {planned.source}")
+            return replace(base, reason=planned.reasons.get(layer.layer_id, f"not in the plan file {planned.source}"))
         kind, ranks, shape = entry
         if shape is not None and tuple(shape) != tuple(layer.weight_shape or ()):
             raise PlanError(
@@ -237,7 +243,7 @@ def _plan_one(layer, read_weight, cfg, include, exclude, planned, spectra=None) 
                 f"in the model but {tuple(shape)} in the plan; the plan was made for another model"
             )
         if kind == "skip":
-            return replace(base, reason="skipped in the plan file", policy="plan file")
+            return replace(base, reason=planned.reasons.get(layer.layer_id, "skipped in the plan file"), policy=planned.policy)
         if kind not in handler.kinds(layer):
             raise PlanError(
                 f"{planned.source}: layer '{layer.layer_id}' ({conv_shape_hint(layer)}) cannot be decomposed as "
@@ -276,7 +282,7 @@ def _plan_one(layer, read_weight, cfg, include, exclude, planned, spectra=None) 
                 f"{planned.source}: layer '{layer.layer_id}' ranks {ranks} do not fit {kind} of weight "
                 f"{layer.weight_shape}; the plan was made for another model"
             )
-        policy = "plan file"
+        policy = planned.policy
     else:
         raw = [_rank_by_policy(sp, cfg.ranks, e) for sp, e in zip(specs, ests, strict=True)]
         policy = str(cfg.ranks)
@@ -318,6 +324,26 @@ def _plan_one(layer, read_weight, cfg, include, exclude, planned, spectra=None) 
     if all(r >= c for r, c in zip(ranks, caps, strict=True)):
         return replace(base, ranks=ranks, policy=policy, reason=f"full rank {ranks}: nothing to gain; kept as is")
     return plan
+
+
+def mode_energies(layer: Layer, weight: np.ndarray, kind: str, spectra: LayerSpectra | None = None) -> list[np.ndarray]:
+    """Per factorised mode of `kind`: the squared singular values of its matrix (summed over the groups
+    of a grouped layer, which all get the same rank), descending, divided by the weight's squared norm.
+    What a rank budget trades: truncating mode m at r loses sum(e[m][r:]) of the energy (HOSVD bound).
+    `spectra`: the planner's eigendecompositions, reused for single-group layers."""
+    handler = handler_for(layer)
+    blocks = handler.blocks(layer, weight)
+    total: list[np.ndarray] = []
+    for g, block in enumerate(blocks):
+        for m, mat in enumerate(handler.matrices(block, kind)):
+            sv = spectra.eigen(m, mat).singular_values if spectra is not None and g == 0 and len(blocks) == 1 else singular_values(mat)
+            e = np.sort(np.asarray(sv, dtype=np.float64) ** 2)[::-1]
+            if g == 0:
+                total.append(e)
+            else:
+                total[m] = total[m] + e
+    norm = float(np.sum(total[0])) if total else 0.0
+    return [e / norm if norm > 0 else e for e in total]
 
 
 def _grouped_spectra(
@@ -390,5 +416,6 @@ __all__ = [
     "check_plan_covers",
     "finish_plan",
     "load_plan_file",
+    "mode_energies",
     "plan_layer",
 ]

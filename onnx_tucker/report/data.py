@@ -6,6 +6,7 @@ import json
 import math
 from typing import Any
 
+from ..planning.budget import BudgetOutcome
 from ..planning.latency import LatencySummary
 from ..planning.planner import CompressionPlan, LayerPlan
 from ..results import CompressionResult, ratio
@@ -44,6 +45,11 @@ def layer_dict(p: LayerPlan) -> dict[str, Any]:
         "time_after_ms": p.time_after_ms,
         "time_speedup": p.time_speedup,
     }
+
+
+def target_dict(b: BudgetOutcome | None) -> dict[str, Any] | None:
+    """--target: what the whole-model allocation chose."""
+    return None if b is None else dict(b.__dict__) | {"achieved": b.achieved}
 
 
 def layer_timing_dict(s: LatencySummary | None) -> dict[str, Any] | None:
@@ -94,7 +100,8 @@ def result_dict(result: CompressionResult | CompressionPlan, latency: LatencyRep
         totals |= {"params_ratio": ratio(totals["params_before"], totals["params_after"]),
                    "macs_ratio": ratio(totals["macs_before"], totals["macs_after"])}
         return _clean({"layers": [layer_dict(p) for p in result.layers], "totals": totals, "validation": None,
-                       "layer_timing": layer_timing_dict(result.latency), "config": result.config.to_dict()})
+                       "target": target_dict(result.budget), "layer_timing": layer_timing_dict(result.latency),
+                       "config": result.config.to_dict()})
     t = result.totals
     totals = dict(t.__dict__) | {"params_ratio": t.params_ratio, "macs_ratio": t.macs_ratio, "size_ratio": t.size_ratio}
     return _clean(
@@ -104,6 +111,7 @@ def result_dict(result: CompressionResult | CompressionPlan, latency: LatencyRep
             "validation": validation_dict(result.validation),
             "latency": latency_dict(latency if latency is not None else result.latency),
             "calibration": None if result.calibration is None else dict(result.calibration.__dict__),
+            "target": target_dict(result.plan.budget),
             "layer_timing": layer_timing_dict(result.plan.latency),
             "config": result.plan.config.to_dict(),
             "model": {

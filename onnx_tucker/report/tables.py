@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 from rich.text import Text
 
+from ..planning.budget import BudgetOutcome
 from ..planning.latency import LatencySummary
 from ..planning.planner import CompressionPlan
 from ..results import CompressionResult, ModelTotals
@@ -40,6 +41,16 @@ def layer_table(plan: CompressionPlan, title: str = "Layers") -> Table:
         row += [f"{p.rel_error:.3f}" if p.rel_error is not None else "-", p.reason or ""]
         t.add_row(*row, style=None if p.decomposed else "dim")
     return t
+
+
+def budget_line(b: BudgetOutcome) -> Text:
+    """What a --target allocation chose."""
+    what = "MACs (Conv/Gemm/MatMul)" if b.metric == "macs" else "parameters (all float initializers)"
+    return Text(
+        f"Target {b.target}: {what} {fmt.fmt_int(b.before)} -> {fmt.fmt_int(b.after)} = {b.achieved:.4f} of the original "
+        f"(met within one rank step of {b.step}); {b.layers_decomposed} of {b.layers_considered} layers decomposed, "
+        f"ranks granted greedily where they win back the most kernel energy per unit of {b.metric} ({b.steps} steps)."
+    )
 
 
 def layer_timing_line(s: LatencySummary) -> Text:
@@ -140,7 +151,8 @@ def result_tables(
 ) -> list[Table | Text]:
     """What a result shows in reading order: per-layer, calibration, summary, validation, latency."""
     plan = result if isinstance(result, CompressionPlan) else result.plan
-    timing = [layer_timing_line(plan.latency)] if plan.latency is not None else []
+    timing: list[Table | Text] = [budget_line(plan.budget)] if plan.budget is not None else []
+    timing += [layer_timing_line(plan.latency)] if plan.latency is not None else []
     if isinstance(result, CompressionPlan):
         return [layer_table(plan), *timing, summary_table(plan.totals())]
     latency = latency if latency is not None else result.latency
