@@ -47,7 +47,7 @@ def budget_line(b: BudgetOutcome) -> Text:
     """What a --target allocation chose."""
     what = "MACs (Conv/Gemm/MatMul)" if b.metric == "macs" else "parameters (all float initializers)"
     return Text(
-        f"Target {b.target}: {what} {fmt.fmt_int(b.before)} -> {fmt.fmt_int(b.after)} = {b.achieved:.4f} of the original "
+        f"Target {b.target}: allocated {what} {fmt.fmt_int(b.before)} -> {fmt.fmt_int(b.after)} = {b.achieved:.4f} of the original "
         f"(met within one rank step of {b.step}); {b.layers_decomposed} of {b.layers_considered} layers decomposed, "
         f"ranks granted greedily where they win back the most kernel energy per unit of {b.metric} ({b.steps} steps)."
     )
