@@ -221,3 +221,21 @@ def test_cli_inspect_shows_predicted_and_measured_gain(tmp_path: Path) -> None:
     res = runner.invoke(app, ["inspect", str(src), "--latency-aware", "--min-speedup", "0.5"])
     assert res.exit_code == 0, res.output
     assert "MAC gain" in res.output and "time gain" in res.output and "Per-layer timing" in res.output
+
+
+def test_markdown_report_gains_time_columns(tmp_path: Path) -> None:
+    model = make_conv_stack(layers=2, C=32, rank=8)
+    md = tmp_path / "r.md"
+    api.compress(model, CompressionConfig(latency_aware=True, validate=False), timer=FakeTimer(lambda k, r: 1.5), markdown=md)
+    text = md.read_text()
+    assert "| time ms | time gain |" in text and "1.000 -> 0.667 | x1.50 |" in text
+
+
+def test_profile_lists_the_layer_kernels() -> None:
+    """onnxruntime's profiler is parsed per node; which names it uses is onnxruntime's business, so only
+    the op types are checked."""
+    from onnx_tucker.runtime.layertime import LAYER_KERNELS, profile_layer_times
+
+    model = make_conv_stack(layers=2, C=16, rank=4)
+    profile = profile_layer_times(model, model, {"x": (1, 16, 16, 16)}, runs=2)
+    assert sum(op in LAYER_KERNELS for op, _ in profile.values()) == 2
