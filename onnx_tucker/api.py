@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .config import BenchConfig, BudgetTarget, CompressionConfig, RankPolicy
+from .config import BenchConfig, BudgetTarget, CompressionConfig
 from .errors import ModelLoadError, UsageError
 from .graph import lazyload
 from .graph.fold import float_parameter_count
@@ -30,10 +30,9 @@ from .graph.protos import opset_version, serialized_size, size_on_disk
 from .graph.rewrite import Replacement, check_rewrite, rewrite
 from .graph.save import OutputBatch, check_output_paths, write_text_atomic
 from .numerics.spectral import LayerSpectra, single_threaded_lapack
-from .ops.base import OpHandler
 from .ops.layer import Layer, LayerFactors
 from .ops.registry import HANDLERS, handler_for
-from .planning.budget import BudgetOutcome, RankSpace, allocate
+from .planning.budget import BudgetOutcome, budget_plan, latency_budget_plan
 from .planning.decompose import decompose_layer
 from .planning.latency import (
     DEFAULT_ROUND_MULTIPLES,
@@ -49,7 +48,6 @@ from .planning.planner import (
     check_plan_covers,
     finish_plan,
     load_plan_file,
-    mode_energies,
     plan_layer,
 )
 from .report import latency_dict, result_json, result_markdown, validation_dict
@@ -147,7 +145,7 @@ def _plan_and_decompose(
     budget = None
     if config.target is not None:  # the allocation's ranks are replayed like a plan file's
         with single_threaded_lapack():
-            planned, budget = _budget_plan(prep, config, config.target, read_weight)
+            planned, budget = _budget_plan(prep, config, config.target, read_weight, timer)
 
     def work(layer: Layer) -> tuple[LayerPlan, LayerFactors | None]:
         weights: dict[str, np.ndarray] = {}
@@ -204,59 +202,18 @@ def _plan_and_decompose(
 
 
 def _budget_plan(
-    prep: _Prepared, config: CompressionConfig, target: BudgetTarget, read_weight: Callable[[str], np.ndarray]
+    prep: _Prepared, config: CompressionConfig, target: BudgetTarget, read_weight: Callable[[str], np.ndarray],
+    timer: LayerTimer | None,
 ) -> tuple[PlannedRanks, BudgetOutcome]:
-    """Ranks for the whole model meeting `target` (planning/budget.py), as a plan to replay.
-
-    Every layer is planned at full rank first (which layers can be decomposed, their kinds and costs),
-    its spectra turned into energies per mode; the allocation then picks the ranks. The eigen-
-    decompositions are not kept between the two passes (memory), so they are computed twice."""
-    full = replace(config, ranks=RankPolicy("full"), rank_scale=1.0, min_rank=None, round_to=1, target=None,
-                   latency_aware=False, plan_file=None)
-    metric = 1 if target.metric == "macs" else 0
-    spaces: list[RankSpace] = []
-    reasons: dict[str, str] = {}
-    layers_before = 0
-    for layer in prep.layers:
-        spectra = LayerSpectra()
-        lp = plan_layer(layer, read_weight, full, None, spectra)
-        before = (lp.params_before, lp.macs_before)[metric]
-        layers_before += before or 0
-        if not lp.decomposed or before is None or layer.shared_weight:
-            if layer.skip_reason is None:
-                reasons[layer.layer_id] = lp.reason or (
-                    f"weight shared by several layers: left out of --target {target}; kept as is" if layer.shared_weight
-                    else f"MACs unknown (input shape not inferred): left out of --target {target}; kept as is")
-            continue
-        handler = handler_for(layer)
-        energies = mode_energies(layer, read_weight(layer.weight_name or ""), lp.kind, spectra)
-        caps = tuple(len(e) for e in energies)
-
-        def cost(ranks: tuple[int, ...], layer: Layer = layer, kind: str = lp.kind, cap_in: int = caps[-1],
-                 handler: OpHandler = handler) -> int:
-            if kind == "tucker2" and ranks[1] >= cap_in:  # no saving on the input mode: Tucker-1
-                return handler.cost(layer, "tucker1", ranks[:1])[metric] or 0
-            return handler.cost(layer, kind, ranks)[metric] or 0
-
-        spaces.append(RankSpace(layer.layer_id, lp.kind, tuple(energies), caps, before, cost))
-    if target.metric == "params":  # every float parameter of the model counts (biases, BN, ...)
-        total = float_parameter_count(prep.model, prep.index.folder)
-    else:
-        total = layers_before
-    fixed = total - sum(sp.original_cost for sp in spaces)
-    chosen, outcome = allocate(spaces, fixed, total, target, step=config.round_to)
-    entries: dict[str, tuple[str, tuple[int, ...] | None, tuple[int, ...] | None]] = {}
-    for sp in spaces:
-        ranks = chosen[sp.name]
-        if ranks is None:
-            entries[sp.name] = ("skip", None, None)
-            reasons[sp.name] = (f"kept by --target {target}: its rank steps win back less error per unit of "
-                                f"{target.metric} than other layers'")
-        elif sp.kind == "tucker2" and ranks[1] >= sp.caps[1]:
-            entries[sp.name] = ("tucker1", ranks[:1], None)
-        else:
-            entries[sp.name] = (sp.kind, ranks, None)
-    return PlannedRanks(entries, f"--target {target}", policy=f"target {target}", reasons=reasons), outcome
+    """Ranks for the whole model meeting `target` (planning/budget.py), as a plan to replay."""
+    if target.metric == "latency":
+        assert timer is not None
+        inner = getattr(timer, "inner", timer)
+        measure_original = inner.measure_original if isinstance(inner, OrtLayerTimer) else None
+        return latency_budget_plan(prep.layers, read_weight, config, target, timer, measure_original)
+    # params: every float parameter of the model counts (biases, BN, ...); macs: the layers' MACs.
+    total = float_parameter_count(prep.model, prep.index.folder) if target.metric == "params" else None
+    return budget_plan(prep.layers, read_weight, config, target, total)
 
 
 def _round_multiples(config: CompressionConfig) -> tuple[int, ...]:
@@ -266,7 +223,7 @@ def _round_multiples(config: CompressionConfig) -> tuple[int, ...]:
 
 def _layer_timer(prep: _Prepared, config: CompressionConfig, timer: LayerTimer | None) -> CachedLayerTimer | None:
     """The cached per-layer timer latency-aware selection uses (onnxruntime unless one is given)."""
-    if not config.latency_aware:
+    if not config.latency_aware and not (config.target is not None and config.target.metric == "latency"):
         return None
     inner = timer if timer is not None else OrtLayerTimer(opset_version(prep.model), config.threads, seed=config.seed)
     return CachedLayerTimer(inner)

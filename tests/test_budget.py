@@ -113,7 +113,7 @@ def test_cli_unreachable_target_exits_1(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("text", "words"),
-    [("macs:1.5", "must be in (0, 1)"), ("latency:0.5", "not implemented"), ("agreement:0.99", "not implemented"),
+    [("macs:1.5", "must be in (0, 1)"), ("accuracy-drop:0.5", "not implemented"), ("agreement:0.99", "not implemented"),
      ("flops", "not understood"), ("energy:0.3", "unknown metric")],
 )
 def test_bad_targets_are_usage_errors(text: str, words: str) -> None:
@@ -123,7 +123,7 @@ def test_bad_targets_are_usage_errors(text: str, words: str) -> None:
 
 def test_cli_bad_target_exits_2(tmp_path: Path) -> None:
     src = save(MODELS["small_cnn"](), tmp_path / "m.onnx")
-    res = runner.invoke(app, ["inspect", str(src), "--target", "latency:0.5"])
+    res = runner.invoke(app, ["inspect", str(src), "--target", "agreement:0.99"])
     assert res.exit_code == 2 and "not implemented" in res.output
 
 
@@ -142,3 +142,49 @@ def test_cli_target_reports_what_was_chosen(tmp_path: Path) -> None:
 
     t = json.loads(rep.read_text())["target"]
     assert t["metric"] == "macs" and t["achieved"] <= 0.4 and t["layers_decomposed"] >= 1
+
+
+class MacsTimer:
+    """A deterministic stand-in for onnxruntime: 1 ms per million MACs plus 0.02 ms per node."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def measure(self, layer, kind, ranks):  # type: ignore[no-untyped-def]
+        from onnx_tucker.planning.latency import LayerTiming
+
+        self.calls += 1
+        h = handler_for(layer)
+        before = (h.cost(layer, "original")[1] or 0) / 1e6 + 0.02
+        nodes = 3 if kind == "tucker2" else 2
+        return LayerTiming(before, (h.cost(layer, kind, ranks)[1] or 0) / 1e6 + 0.02 * nodes, runs=5)
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("fraction", [0.3, 0.6])
+def test_latency_target_met_on_the_layers_time(model_name: str, fraction: float) -> None:
+    model = MODELS[model_name]()
+    timer = MacsTimer()
+    plan = api.plan(model, CompressionConfig.from_options(target=f"latency:{fraction}", validate=False), timer=timer)
+    b = plan.budget
+    assert b is not None and b.metric == "latency" and b.after <= fraction * b.before
+    assert b.macs_fraction is not None and b.evaluations == 11
+    # What the plan applies, timed by the same timer, is what the search predicted.
+    timed = [lp for lp in plan.layers if lp.time_before_ms is not None]
+    applied = sum(lp.time_after_ms if lp.decomposed else lp.time_before_ms for lp in timed)  # type: ignore[misc]
+    before = sum(lp.time_before_ms for lp in timed)  # type: ignore[misc]
+    assert applied <= fraction * before + 1e-9
+    assert timer.calls > 0
+
+
+def test_latency_target_uses_less_compression_for_a_looser_target() -> None:
+    model = MODELS["small_cnn"]()
+    loose, tight = (api.plan(model, CompressionConfig.from_options(target=f"latency:{f}", validate=False), timer=MacsTimer())
+                    for f in (0.6, 0.3))
+    assert loose.budget is not None and tight.budget is not None
+    assert loose.budget.macs_fraction > tight.budget.macs_fraction  # type: ignore[operator]
+
+
+def test_unreachable_latency_target_is_a_clear_error() -> None:
+    with pytest.raises(PlanError, match=r"--target latency:0.01: cannot be met.*least reachable is about latency:"):
+        api.plan(MODELS["small_cnn"](), CompressionConfig.from_options(target="latency:0.01", validate=False), timer=MacsTimer())

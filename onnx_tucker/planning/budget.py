@@ -9,18 +9,28 @@ original is offered "keep the original" instead (no error at all). The budget is
 reconstruction error per unit saved is best, not by a uniform scale, and it ends within one rank
 step of the target: no single further step fits. Pure numpy: the singular values come from the
 planner's spectra.
+
+`--target latency:F` searches the MAC fraction by bisection: each candidate allocation is timed layer
+by layer (`planning.latency.LayerTimer`), and the least compression whose layers' summed time is F
+of the original wins.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ..config import BudgetTarget
+from ..config import BudgetTarget, CompressionConfig, RankPolicy
 from ..errors import PlanError
+from ..numerics.spectral import LayerSpectra
+from ..ops.base import OpHandler
+from ..ops.layer import Layer
+from ..ops.registry import handler_for
+from .latency import LayerTimer
+from .planner import PlannedRanks, mode_energies, plan_layer
 
 Ranks = tuple[int, ...]
 
@@ -50,16 +60,28 @@ class BudgetOutcome:
     target: str  # "macs:0.3"
     metric: str
     fraction: float
-    before: int  # the whole model's MACs (or parameters)
-    after: int  # predicted at the chosen ranks
+    before: float  # the whole model's MACs (or parameters; for latency: the layers' summed time, ms)
+    after: float  # predicted at the chosen ranks
     layers_decomposed: int
     layers_considered: int
     steps: int  # rank steps granted
     step: int  # ranks move in multiples of this (--round-to)
+    # latency: the MAC fraction the search settled on, and how many allocations it evaluated
+    macs_fraction: float | None = None
+    evaluations: int = 1
 
     @property
     def achieved(self) -> float:
         return self.after / self.before if self.before else 0.0
+
+
+def least_cost(spaces: list[RankSpace], fixed_cost: int, step: int = 1) -> int:
+    """The whole model's cost at the smallest ranks everywhere (a layer that saves nothing there kept)."""
+    total = fixed_cost
+    for sp in spaces:
+        c = sp.cost(tuple(min(step, cap) for cap in sp.caps))
+        total += c if c < sp.original_cost else sp.original_cost
+    return total
 
 
 def allocate(
@@ -137,3 +159,154 @@ def allocate(
         step=step,
     )
     return chosen, outcome
+
+
+# ---- from a model's layers to a plan ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RankSpaces:
+    """Every layer's choices for one metric: the decomposable ones, why the others are left out, and
+    the layers' total cost before (`layers_before`)."""
+
+    spaces: list[RankSpace]
+    layers: dict[str, Layer]
+    reasons: dict[str, str] = field(default_factory=dict)
+    layers_before: int = 0
+
+
+def rank_spaces(
+    layers: list[Layer], read_weight: Callable[[str], np.ndarray], config: CompressionConfig, metric: str, target: str
+) -> RankSpaces:
+    """Plan every layer at full rank (which can be decomposed, their kinds and costs) and turn its
+    spectra into energies per mode. The eigendecompositions are not kept (memory): the decomposition
+    pass computes them again."""
+    full = replace(config, ranks=RankPolicy("full"), rank_scale=1.0, min_rank=None, round_to=1, target=None,
+                   latency_aware=False, plan_file=None)
+    index = 0 if metric == "params" else 1
+    spaces: list[RankSpace] = []
+    reasons: dict[str, str] = {}
+    layers_before = 0
+    for layer in layers:
+        spectra = LayerSpectra()
+        lp = plan_layer(layer, read_weight, full, None, spectra)
+        before = (lp.params_before, lp.macs_before)[index]
+        layers_before += before or 0
+        if not lp.decomposed or before is None or layer.shared_weight:
+            if layer.skip_reason is None:
+                reasons[layer.layer_id] = lp.reason or (
+                    f"weight shared by several layers: left out of --target {target}; kept as is" if layer.shared_weight
+                    else f"MACs unknown (input shape not inferred): left out of --target {target}; kept as is")
+            continue
+        handler = handler_for(layer)
+        energies = mode_energies(layer, read_weight(layer.weight_name or ""), lp.kind, spectra)
+        caps = tuple(len(e) for e in energies)
+
+        def cost(ranks: Ranks, layer: Layer = layer, kind: str = lp.kind, cap_in: int = caps[-1],
+                 handler: OpHandler = handler) -> int:
+            kind, ranks = as_built(kind, ranks, cap_in)
+            return handler.cost(layer, kind, ranks)[index] or 0
+
+        spaces.append(RankSpace(layer.layer_id, lp.kind, tuple(energies), caps, before, cost))
+    return RankSpaces(spaces, {lay.layer_id: lay for lay in layers}, reasons, layers_before)
+
+
+def as_built(kind: str, ranks: Ranks, cap_in: int) -> tuple[str, Ranks]:
+    """A Tucker-2 whose input rank reaches its cap saves nothing on the input mode: built as Tucker-1."""
+    if kind == "tucker2" and ranks[1] >= cap_in:
+        return "tucker1", ranks[:1]
+    return kind, ranks
+
+
+def planned_ranks(found: RankSpaces, chosen: dict[str, Ranks | None], target: BudgetTarget, why_kept: str) -> PlannedRanks:
+    """The allocation as a plan the planner replays (`--plan`'s path), with its reasons."""
+    entries: dict[str, tuple[str, Ranks | None, Ranks | None]] = {}
+    reasons = dict(found.reasons)
+    for sp in found.spaces:
+        ranks = chosen[sp.name]
+        if ranks is None:
+            entries[sp.name] = ("skip", None, None)
+            reasons[sp.name] = why_kept
+        else:
+            entries[sp.name] = (*as_built(sp.kind, ranks, sp.caps[-1]), None)
+    return PlannedRanks(entries, f"--target {target}", policy=f"target {target}", reasons=reasons)
+
+
+def budget_plan(
+    layers: list[Layer], read_weight: Callable[[str], np.ndarray], config: CompressionConfig, target: BudgetTarget,
+    total_params: int | None = None,
+) -> tuple[PlannedRanks, BudgetOutcome]:
+    """`--target macs:F` / `params:F`: `total_params` is the model's whole parameter count (biases, BN:
+    what `params:F` is a fraction of); MACs are the layers' own."""
+    found = rank_spaces(layers, read_weight, config, target.metric, str(target))
+    total = total_params if target.metric == "params" and total_params is not None else found.layers_before
+    fixed = total - sum(sp.original_cost for sp in found.spaces)
+    chosen, outcome = allocate(found.spaces, fixed, total, target, step=config.round_to)
+    why = f"kept by --target {target}: its rank steps win back less error per unit of {target.metric} than other layers'"
+    return planned_ranks(found, chosen, target, why), outcome
+
+
+# Bisection steps of the MAC fraction under a latency target: resolution (1 - least) / 2^10.
+LATENCY_SEARCH_STEPS = 10
+
+
+def latency_budget_plan(
+    layers: list[Layer], read_weight: Callable[[str], np.ndarray], config: CompressionConfig, target: BudgetTarget,
+    timer: LayerTimer, measure_original: Callable[[Layer], float | None] | None = None,
+) -> tuple[PlannedRanks, BudgetOutcome]:
+    """`--target latency:F`: the largest MAC fraction (the least compression) whose allocation brings the
+    summed isolated time of the model's Conv/Gemm/MatMul layers to F of the original, found by bisection.
+
+    Each candidate allocation is timed layer by layer (cached per shape and ranks); a decomposed layer
+    that does not reach --min-speedup counts at its original time, as latency-aware selection will keep
+    it. Layers outside the allocation count at their original time (`measure_original`; 0 without it).
+    The target is on the layers' time as measured alone; the whole model also runs other operators."""
+    found = rank_spaces(layers, read_weight, config, "macs", str(target))
+    spaces, step = found.spaces, config.round_to
+    fixed_macs = found.layers_before - sum(sp.original_cost for sp in spaces)
+    original_ms: dict[str, float] = {}
+    for sp in spaces:  # the original's time comes with any pair: time the smallest chain
+        t = timer.measure(found.layers[sp.name], *as_built(sp.kind, tuple(min(step, c) for c in sp.caps), sp.caps[-1]))
+        original_ms[sp.name] = t.original_ms if t is not None else 0.0
+    in_spaces = set(original_ms)
+    fixed_ms = 0.0
+    if measure_original is not None:
+        for lay in layers:
+            if lay.layer_id not in in_spaces and lay.weight_shape is not None and lay.node_index >= 0:
+                fixed_ms += measure_original(lay) or 0.0
+    total_ms = fixed_ms + sum(original_ms.values())
+
+    def predict(fraction: float) -> tuple[float, dict[str, Ranks | None], BudgetOutcome]:
+        chosen, outcome = allocate(spaces, fixed_macs, found.layers_before, BudgetTarget("macs", fraction), step)
+        ms = fixed_ms
+        for sp in spaces:
+            ranks = chosen[sp.name]
+            t = None if ranks is None else timer.measure(found.layers[sp.name], *as_built(sp.kind, ranks, sp.caps[-1]))
+            ms += t.decomposed_ms if t is not None and t.speedup >= config.min_speedup else original_ms[sp.name]
+        return ms, chosen, outcome
+
+    least = least_cost(spaces, fixed_macs, step) / found.layers_before if found.layers_before else 1.0
+    lo, hi = least, 1.0
+    ms, chosen, outcome = predict(lo)
+    evaluations = 1
+    if ms > target.fraction * total_ms:
+        raise PlanError(
+            f"--target {target}: cannot be met: at the smallest ranks (MACs at {least:.4g} of the original) the "
+            f"layers' measured time is {ms / total_ms:.3f} of the original ({ms:.3f} of {total_ms:.3f} ms); the least "
+            f"reachable is about latency:{ms / total_ms:.3g} (chains that do not pay keep the original layer)"
+        )
+    best = (ms, chosen, outcome, lo)
+    for _ in range(LATENCY_SEARCH_STEPS):
+        mid = (lo + hi) / 2
+        ms_mid, chosen_mid, outcome_mid = predict(mid)
+        evaluations += 1
+        if ms_mid <= target.fraction * total_ms:
+            lo, best = mid, (ms_mid, chosen_mid, outcome_mid, mid)
+        else:
+            hi = mid
+    ms, chosen, outcome, fraction = best
+    result = replace(outcome, target=str(target), metric="latency", fraction=target.fraction, before=total_ms, after=ms,
+                     macs_fraction=fraction, evaluations=evaluations)
+    why = (f"kept by --target {target}: at the MAC fraction the latency search settled on ({fraction:.3f}) its rank "
+           "steps win back less error per MAC than other layers'")
+    return planned_ranks(found, chosen, target, why), result

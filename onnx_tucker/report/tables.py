@@ -45,11 +45,19 @@ def layer_table(plan: CompressionPlan, title: str = "Layers") -> Table:
 
 def budget_line(b: BudgetOutcome) -> Text:
     """What a --target allocation chose."""
+    if b.metric == "latency":
+        return Text(
+            f"Target {b.target}: the layers' summed time alone in the runtime {b.before:.3f} -> {b.after:.3f} ms = "
+            f"{b.achieved:.3f} of the original (predicted from per-layer timings) at MACs {b.macs_fraction or 0:.3f} of "
+            f"the original, the least compression that meets it ({b.evaluations} allocations timed, bisection); "
+            f"{b.layers_decomposed} of {b.layers_considered} layers allocated a decomposition."
+        )
     what = "MACs (Conv/Gemm/MatMul)" if b.metric == "macs" else "parameters (all float initializers)"
     return Text(
-        f"Target {b.target}: allocated {what} {fmt.fmt_int(b.before)} -> {fmt.fmt_int(b.after)} = {b.achieved:.4f} of the original "
-        f"(met within one rank step of {b.step}); {b.layers_decomposed} of {b.layers_considered} layers decomposed, "
-        f"ranks granted greedily where they win back the most kernel energy per unit of {b.metric} ({b.steps} steps)."
+        f"Target {b.target}: allocated {what} {fmt.fmt_int(int(b.before))} -> {fmt.fmt_int(int(b.after))} = {b.achieved:.4f} "
+        f"of the original (met within one rank step of {b.step}); {b.layers_decomposed} of {b.layers_considered} layers "
+        f"decomposed, ranks granted greedily where they win back the most kernel energy per unit of {b.metric} "
+        f"({b.steps} steps)."
     )
 
 
