@@ -37,14 +37,17 @@ from onnx_tucker.runtime.bench import measure_latency  # noqa: E402
 PAPER_FRACTIONS = {"vgg16": 1 / 4.93, "googlenet": 1 / 2.06, "resnet50": 0.5, "resnet20": 0.5, "resnet56": 0.5}
 
 
-def variants(name: str, fraction: float) -> list[tuple[str, dict[str, object]]]:
+def variants(name: str, fraction: float, latency: float | None) -> list[tuple[str, dict[str, object]]]:
     t = f"macs:{fraction:.3g}"
-    return [
+    found: list[tuple[str, dict[str, object]]] = [
         ("default (EVBMF)", {}),
         ("--latency-aware", {"latency_aware": True}),
         (f"--target {t}", {"target": t}),
         (f"--target {t} --latency-aware", {"target": t, "latency_aware": True}),
     ]
+    if latency is not None:
+        found.append((f"--target latency:{latency:g}", {"target": f"latency:{latency:g}"}))
+    return found
 
 
 def main() -> None:
@@ -54,6 +57,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--target", action="append", default=[], metavar="MODEL=F", help="MAC fraction for a model stem")
+    ap.add_argument("--latency-target", type=float, default=None, metavar="F", help="also run --target latency:F")
     ap.add_argument("--only", action="append", default=[], help="run only variants whose label contains this")
     ap.add_argument("--jsonl", type=Path, default=None, help="append one JSON line per row")
     args = ap.parse_args()
@@ -70,7 +74,7 @@ def main() -> None:
     for model in args.models:
         stem = model.stem
         fraction = fractions.get(stem, 0.5)
-        for label, opts in variants(stem, fraction):
+        for label, opts in variants(stem, fraction, args.latency_target):
             if args.only and not any(o in label for o in args.only):
                 continue
             t0 = time.perf_counter()

@@ -80,11 +80,13 @@ def measure_latency(
 
 def interleave(
     run_a: Callable[[], object], run_b: Callable[[], object], warmup: int, runs: int,
-    clock: Callable[[], float] = time.perf_counter,
+    clock: Callable[[], float] | None = None,
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Milliseconds of `runs` timed calls of each of `run_a` and `run_b`, after `warmup` untimed calls of
     each. Timed runs alternate A B, B A, A B, ...: which one goes first flips every round, so neither
-    always runs on the warmer cache, and drift on a shared machine hits both equally."""
+    always runs on the warmer cache, and drift on a shared machine hits both equally. `clock`: seconds
+    (default `time.perf_counter`, looked up at call time)."""
+    clock = clock or time.perf_counter
     for _ in range(warmup):
         run_a()
         run_b()
