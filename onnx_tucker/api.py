@@ -32,7 +32,7 @@ from .graph.save import OutputBatch, check_output_paths, write_text_atomic
 from .numerics.spectral import LayerSpectra, single_threaded_lapack
 from .ops.layer import Layer, LayerFactors
 from .ops.registry import HANDLERS, handler_for
-from .planning.budget import BudgetOutcome, budget_plan, latency_budget_plan
+from .planning.budget import BudgetOutcome, Evaluator, agreement_budget_plan, budget_plan, latency_budget_plan
 from .planning.decompose import decompose_layer
 from .planning.latency import (
     DEFAULT_ROUND_MULTIPLES,
@@ -55,7 +55,7 @@ from .results import CompressionResult, ModelTotals
 from .runtime.bench import LatencyReport, measure_latency
 from .runtime.calibrate import calibrate_from_config
 from .runtime.layertime import OrtLayerTimer, profile_layer_times, profiled_layer_ms
-from .runtime.validate import ValidationReport, load_validation_data, validate_models
+from .runtime.validate import ValidationData, ValidationReport, load_validation_data, validate_models
 
 ModelLike = onnx.ModelProto | str | os.PathLike[str]
 PathLike = str | os.PathLike[str]
@@ -116,7 +116,8 @@ def _check_weight_shapes(layers: list[Layer], source: str) -> None:
 
 
 def _plan_and_decompose(
-    prep: _Prepared, config: CompressionConfig, progress: Progress | None, timer: LayerTimer | None = None
+    prep: _Prepared, config: CompressionConfig, progress: Progress | None, timer: LayerTimer | None = None,
+    evaluator: Evaluator | None = None, planned: PlannedRanks | None = None,
 ) -> tuple[CompressionPlan, dict[int, Replacement]]:
     """Plan every layer and decompose the ones that gain, one layer at a time (or `config.jobs` at once).
 
@@ -130,7 +131,8 @@ def _plan_and_decompose(
     only where it pays (`planning.latency.select_by_latency`); layers then run one at a time, so that
     no decomposition runs beside a timing.
     """
-    planned = load_plan_file(config.plan_file) if config.plan_file else None
+    if planned is None and config.plan_file:
+        planned = load_plan_file(config.plan_file)
     layers = prep.layers
     check_plan_covers(layers, planned)
     read_lock = threading.Lock()
@@ -145,7 +147,7 @@ def _plan_and_decompose(
     budget = None
     if config.target is not None:  # the allocation's ranks are replayed like a plan file's
         with single_threaded_lapack():
-            planned, budget = _budget_plan(prep, config, config.target, read_weight, timer)
+            planned, budget = _budget_plan(prep, config, config.target, read_weight, timer, evaluator)
 
     def work(layer: Layer) -> tuple[LayerPlan, LayerFactors | None]:
         weights: dict[str, np.ndarray] = {}
@@ -203,9 +205,14 @@ def _plan_and_decompose(
 
 def _budget_plan(
     prep: _Prepared, config: CompressionConfig, target: BudgetTarget, read_weight: Callable[[str], np.ndarray],
-    timer: LayerTimer | None,
+    timer: LayerTimer | None, evaluator: Evaluator | None = None,
 ) -> tuple[PlannedRanks, BudgetOutcome]:
     """Ranks for the whole model meeting `target` (planning/budget.py), as a plan to replay."""
+    if target.metric == "agreement":
+        samples = (0, 0)
+        if evaluator is None:
+            evaluator, samples = _agreement_evaluator(prep, config)
+        return agreement_budget_plan(prep.layers, read_weight, config, target, evaluator, samples)
     if target.metric == "latency":
         assert timer is not None
         inner = getattr(timer, "inner", timer)
@@ -214,6 +221,37 @@ def _budget_plan(
     # params: every float parameter of the model counts (biases, BN, ...); macs: the layers' MACs.
     total = float_parameter_count(prep.model, prep.index.folder) if target.metric == "params" else None
     return budget_plan(prep.layers, read_weight, config, target, total)
+
+
+def _agreement_evaluator(prep: _Prepared, config: CompressionConfig) -> tuple[Evaluator, tuple[int, int]]:
+    """Top-1 agreement of a candidate plan's model with the original on one half of `config.data`
+    (split at random with `config.seed`: folders sorted by class would give class-disjoint halves)."""
+    assert config.data is not None
+    data = load_validation_data(config.data, prep.model, config.samples)
+    order = np.random.default_rng(config.seed).permutation(data.count)
+    half = data.count // 2
+    if half < 1:
+        raise UsageError(f"--data {config.data}: {data.count} sample(s); --target agreement:F needs at least 2 (half held out)")
+    halves = {
+        name: ValidationData(data.path, {k: v[idx] for k, v in data.inputs.items()},
+                             None if data.labels is None else data.labels[idx])
+        for name, idx in (("search", np.sort(order[:half])), ("held-out", np.sort(order[half:])))
+    }
+    plain = replace(config, target=None, plan_file=None, latency_aware=False, validate=False)
+    prep.materialize(prep.model)  # onnxruntime runs the original from memory below
+
+    def evaluate(planned: PlannedRanks, which: str) -> float:
+        _, replacements = _plan_and_decompose(prep, plain, None, None, None, planned)
+        model = rewrite(prep.model, replacements, prep.base_dir).to_proto()
+        prep.materialize(model)
+        v = validate_models(prep.path or prep.model, model, prep.input_shapes, data=halves[which])
+        top1 = v.outputs[0].top1_agreement if v.outputs else None
+        if top1 is None:
+            raise UsageError(f"--target agreement: the model's first output {v.outputs[0].name!r} is not class scores "
+                             "(samples x classes); agreement needs a classifier")
+        return top1
+
+    return evaluate, (half, data.count - half)
 
 
 def _round_multiples(config: CompressionConfig) -> tuple[int, ...]:
@@ -255,17 +293,19 @@ def plan(
     report: PathLike | None = None,
     timer: LayerTimer | None = None,
     profile_runs: int = PROFILE_RUNS,
+    evaluator: Evaluator | None = None,
 ) -> CompressionPlan:
     """The plan `compress` would apply (ranks, costs and kernel errors), without rewriting anything.
     `save_plan` / `report`: also write the plan file / the JSON report (atomically, together).
     `timer`: how layers are timed under `config.latency_aware` (default: onnxruntime CPU, which is
-    then also checked against a whole-model profile of `profile_runs` runs)."""
+    then also checked against a whole-model profile of `profile_runs` runs). `evaluator`: how a candidate
+    plan's agreement is measured under `--target agreement:F` (default: onnxruntime on `config.data`)."""
     config = config or CompressionConfig()
     in_path = None if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
     check_output_paths(in_path, {"--save-plan": save_plan, "--report": report})
     prep = _prepare(model_or_path, config)
     layer_timer = _layer_timer(prep, config, timer)
-    p, _ = _plan_and_decompose(prep, config, progress, layer_timer)
+    p, _ = _plan_and_decompose(prep, config, progress, layer_timer, evaluator)
     if layer_timer is not None:
         p = replace(p, latency=_latency_summary(prep, config, layer_timer, profile_runs))
     with OutputBatch() as batch:
@@ -289,6 +329,7 @@ def compress(
     markdown: PathLike | None = None,
     timer: LayerTimer | None = None,
     profile_runs: int = PROFILE_RUNS,
+    evaluator: Evaluator | None = None,
 ) -> CompressionResult:
     """Compress a model; write it to `output` unless validation fails.
 
@@ -298,7 +339,7 @@ def compress(
     A model in which no layer is decomposed is still written (unchanged); check
     `result.decomposed_layers`. When validation fails the model is not written (`output_path` is None;
     the side files are, so the user can see why) and `result.validation_error()` says so.
-    `timer`, `profile_runs`: as for `plan` (used under `config.latency_aware`).
+    `timer`, `profile_runs`, `evaluator`: as for `plan`.
     """
     config = config or CompressionConfig()
     t0 = time.perf_counter()
@@ -306,7 +347,7 @@ def compress(
     check_output_paths(in_path, {"OUT": output, "--save-plan": save_plan, "--report": report, "--markdown": markdown})
     prep = _prepare(model_or_path, config)
     layer_timer = _layer_timer(prep, config, timer)
-    p, replacements = _plan_and_decompose(prep, config, progress, layer_timer)
+    p, replacements = _plan_and_decompose(prep, config, progress, layer_timer, evaluator)
     if layer_timer is not None:
         p = replace(p, latency=_latency_summary(prep, config, layer_timer, profile_runs))
     rewritten = rewrite(prep.model, replacements, prep.base_dir)

@@ -42,7 +42,7 @@ class RankPolicy:
         raise UsageError(f"--ranks {text}: not understood; use vbmf, full, ratio:F or energy:F (0 < F <= 1)")
 
 
-TARGET_METRICS = ("macs", "params", "latency")
+TARGET_METRICS = ("macs", "params", "latency", "agreement")
 
 
 @dataclass(frozen=True)
@@ -64,14 +64,15 @@ class BudgetTarget:
             raise UsageError(f"--target {text}: not understood; use macs:F, params:F or latency:F (0 < F < 1), e.g. macs:0.3")
         metric = m.group(1)
         if metric not in TARGET_METRICS:
-            later = " (agreement / accuracy targets are not implemented yet)" if metric in ("agreement", "accuracy-drop") else ""
-            raise UsageError(f"--target {text}: unknown metric {metric!r}{later}; use macs:F, params:F or latency:F")
+            later = " (accuracy-drop targets are not implemented yet)" if metric == "accuracy-drop" else ""
+            raise UsageError(f"--target {text}: unknown metric {metric!r}{later}; use macs:F, params:F, latency:F or agreement:F")
         try:
             value = float(m.group(2))
         except ValueError:
             value = math.nan
         if not 0.0 < value < 1.0:
-            raise UsageError(f"--target {text}: the fraction must be in (0, 1); e.g. {metric}:0.3 keeps 30%")
+            example = "agreement:0.99 keeps 99% of the top-1 answers" if metric == "agreement" else f"{metric}:0.3 keeps 30%"
+            raise UsageError(f"--target {text}: the fraction must be in (0, 1); e.g. {example}")
         return cls(metric, value)
 
 
@@ -159,6 +160,8 @@ class CompressionConfig:
             raise UsageError(f"--min-speedup {self.min_speedup}: must be > 0; e.g. 1.1 for 10% faster")
         if self.threads < 1:
             raise UsageError(f"--threads {self.threads}: must be >= 1; e.g. --threads 1")
+        if self.target is not None and self.target.metric == "agreement" and self.data is None:
+            raise UsageError(f"--target {self.target} needs --data (the images agreement is measured on)")
         if self.target is not None and self.plan_file is not None:
             raise UsageError(f"--target {self.target} and --plan both choose the ranks; give one of them")
         if self.rtol is not None and not self.rtol >= 0:

@@ -113,7 +113,7 @@ def test_cli_unreachable_target_exits_1(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("text", "words"),
-    [("macs:1.5", "must be in (0, 1)"), ("accuracy-drop:0.5", "not implemented"), ("agreement:0.99", "not implemented"),
+    [("macs:1.5", "must be in (0, 1)"), ("accuracy-drop:0.5", "not implemented"), ("agreement:1.5", "must be in (0, 1)"),
      ("flops", "not understood"), ("energy:0.3", "unknown metric")],
 )
 def test_bad_targets_are_usage_errors(text: str, words: str) -> None:
@@ -123,7 +123,7 @@ def test_bad_targets_are_usage_errors(text: str, words: str) -> None:
 
 def test_cli_bad_target_exits_2(tmp_path: Path) -> None:
     src = save(MODELS["small_cnn"](), tmp_path / "m.onnx")
-    res = runner.invoke(app, ["inspect", str(src), "--target", "agreement:0.99"])
+    res = runner.invoke(app, ["inspect", str(src), "--target", "accuracy-drop:1.0"])
     assert res.exit_code == 2 and "not implemented" in res.output
 
 
@@ -188,3 +188,42 @@ def test_latency_target_uses_less_compression_for_a_looser_target() -> None:
 def test_unreachable_latency_target_is_a_clear_error() -> None:
     with pytest.raises(PlanError, match=r"--target latency:0.01: cannot be met.*least reachable is about latency:"):
         api.plan(MODELS["small_cnn"](), CompressionConfig.from_options(target="latency:0.01", validate=False), timer=MacsTimer())
+
+
+class RankEvaluator:
+    """A fake evaluator: agreement grows with the total rank granted (a kept layer counts 64)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __call__(self, planned, which: str) -> float:  # type: ignore[no-untyped-def]
+        self.calls.append(which)
+        total = sum(64 if kind == "skip" else sum(ranks) for kind, ranks, _ in planned.entries.values())
+        return min(1.0, total / 100) - (0.01 if which == "held-out" else 0.0)
+
+
+def _agreement_plan(target: str, tmp_path: Path, evaluator: RankEvaluator):  # type: ignore[no-untyped-def]
+    cfg = CompressionConfig.from_options(target=target, data=tmp_path / "unused.npz", validate=False)
+    return api.plan(MODELS["small_cnn"](), cfg, evaluator=evaluator)
+
+
+@pytest.mark.parametrize("target", [0.5, 0.9])
+def test_agreement_target_with_a_fake_evaluator(target: float, tmp_path: Path) -> None:
+    ev = RankEvaluator()
+    plan = _agreement_plan(f"agreement:{target}", tmp_path, ev)
+    b = plan.budget
+    assert b is not None and b.metric == "agreement"
+    assert b.after >= target and b.held_out == pytest.approx(b.after - 0.01)
+    assert b.evaluations == len(ev.calls) and ev.calls[-1] == "held-out" and ev.calls.count("held-out") == 1
+    assert len(ev.calls) <= 12  # data-light: at most 1 + 10 bisection steps + 1 held-out
+
+
+def test_looser_agreement_target_compresses_more(tmp_path: Path) -> None:
+    loose, tight = (_agreement_plan(f"agreement:{t}", tmp_path, RankEvaluator()).budget for t in (0.5, 0.9))
+    assert loose is not None and tight is not None
+    assert loose.macs_fraction < tight.macs_fraction  # type: ignore[operator]
+
+
+def test_agreement_target_needs_data() -> None:
+    with pytest.raises(UsageError, match="needs --data"):
+        CompressionConfig.from_options(target="agreement:0.99")

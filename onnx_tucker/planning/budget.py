@@ -12,7 +12,8 @@ planner's spectra.
 
 `--target latency:F` searches the MAC fraction by bisection: each candidate allocation is timed layer
 by layer (`planning.latency.LayerTimer`), and the least compression whose layers' summed time is F
-of the original wins.
+of the original wins. `--target agreement:F` bisects it too, evaluating each candidate's top-1
+agreement with the original on half of the user's data (an injected `Evaluator`).
 """
 
 from __future__ import annotations
@@ -66,9 +67,13 @@ class BudgetOutcome:
     layers_considered: int
     steps: int  # rank steps granted
     step: int  # ranks move in multiples of this (--round-to)
-    # latency: the MAC fraction the search settled on, and how many allocations it evaluated
+    # latency / agreement: the MAC fraction the search settled on, and how many allocations it evaluated
     macs_fraction: float | None = None
     evaluations: int = 1
+    # agreement: top-1 agreement with the original on the held-out half of --data, and the halves' sizes
+    held_out: float | None = None
+    search_samples: int = 0
+    held_out_samples: int = 0
 
     @property
     def achieved(self) -> float:
@@ -310,3 +315,56 @@ def latency_budget_plan(
     why = (f"kept by --target {target}: at the MAC fraction the latency search settled on ({fraction:.3f}) its rank "
            "steps win back less error per MAC than other layers'")
     return planned_ranks(found, chosen, target, why), result
+
+
+# Evaluates a candidate plan on data: top-1 agreement with the original on the search half ("search")
+# or on the held-out half ("held-out").
+Evaluator = Callable[[PlannedRanks, str], float]
+
+
+def agreement_budget_plan(
+    layers: list[Layer], read_weight: Callable[[str], np.ndarray], config: CompressionConfig, target: BudgetTarget,
+    evaluate: Evaluator, samples: tuple[int, int] = (0, 0),
+) -> tuple[PlannedRanks, BudgetOutcome]:
+    """`--target agreement:F --data D`: the most compression whose top-1 agreement with the original on
+    the search half of D stays >= F. The MAC fraction is bisected (the rank allocation within a fraction
+    is the energy one of `macs:F`); each step costs one evaluation of a compressed model on the search
+    half, and the result one more on the held-out half: at most LATENCY_SEARCH_STEPS + 2 evaluations.
+    Data-light: no per-layer sensitivity pass (which would cost one evaluation per layer and rank)."""
+    found = rank_spaces(layers, read_weight, config, "macs", str(target))
+    spaces, step = found.spaces, config.round_to
+    fixed = found.layers_before - sum(sp.original_cost for sp in spaces)
+    why = f"kept by --target {target}: its rank steps win back less error per MAC than other layers'"
+
+    def plan_at(fraction: float) -> tuple[PlannedRanks, BudgetOutcome]:
+        chosen, outcome = allocate(spaces, fixed, found.layers_before, BudgetTarget("macs", fraction), step)
+        return planned_ranks(found, chosen, target, why), outcome
+
+    least = least_cost(spaces, fixed, step) / found.layers_before if found.layers_before else 1.0
+    planned, outcome = plan_at(least)
+    agreement = evaluate(planned, "search")
+    evaluations, fraction = 1, least
+    if agreement < target.fraction:  # bisect: lo fails, hi (nothing decomposed) agrees fully
+        lo, hi = least, 1.0
+        best: tuple[PlannedRanks, BudgetOutcome, float, float] | None = None
+        for _ in range(LATENCY_SEARCH_STEPS):
+            mid = (lo + hi) / 2
+            p_mid, o_mid = plan_at(mid)
+            a_mid = evaluate(p_mid, "search")
+            evaluations += 1
+            if a_mid >= target.fraction:
+                hi, best = mid, (p_mid, o_mid, a_mid, mid)
+            else:
+                lo = mid
+        if best is None:
+            raise PlanError(
+                f"--target {target}: cannot be met: even at MACs {hi:.4f} of the original the top-1 agreement on "
+                f"--data is below {target.fraction:g} (last tried {a_mid:.4f}); lower the target or use --ranks"
+            )
+        planned, outcome, agreement, fraction = best
+    held = evaluate(planned, "held-out")
+    evaluations += 1
+    result = replace(outcome, target=str(target), metric="agreement", fraction=target.fraction, before=1.0,
+                     after=agreement, macs_fraction=fraction, evaluations=evaluations, held_out=held,
+                     search_samples=samples[0], held_out_samples=samples[1])
+    return planned, result

@@ -52,6 +52,14 @@ def budget_line(b: BudgetOutcome) -> Text:
             f"the original, the least compression that meets it ({b.evaluations} allocations timed, bisection); "
             f"{b.layers_decomposed} of {b.layers_considered} layers allocated a decomposition."
         )
+    if b.metric == "agreement":
+        held = "-" if b.held_out is None else f"{100 * b.held_out:.2f}%"
+        return Text(
+            f"Target {b.target}: top-1 agreement with the original {100 * b.after:.2f}% on {b.search_samples} search samples, "
+            f"{held} on {b.held_out_samples} held-out samples, at MACs {b.macs_fraction or 0:.3f} of the original (the most "
+            f"compression found by bisection; {b.evaluations} model evaluations); {b.layers_decomposed} of "
+            f"{b.layers_considered} layers decomposed."
+        )
     what = "MACs (Conv/Gemm/MatMul)" if b.metric == "macs" else "parameters (all float initializers)"
     return Text(
         f"Target {b.target}: allocated {what} {fmt.fmt_int(int(b.before))} -> {fmt.fmt_int(int(b.after))} = {b.achieved:.4f} "
