@@ -220,7 +220,7 @@ def _budget_plan(
         return latency_budget_plan(prep.layers, read_weight, config, target, timer, measure_original)
     # params: every float parameter of the model counts (biases, BN, ...); macs: the layers' MACs.
     total = float_parameter_count(prep.model, prep.index.folder) if target.metric == "params" else None
-    return budget_plan(prep.layers, read_weight, config, target, total)
+    return budget_plan(prep.layers, read_weight, config, target, total, timer)
 
 
 def _agreement_evaluator(prep: _Prepared, config: CompressionConfig) -> tuple[Evaluator, tuple[int, int]]:

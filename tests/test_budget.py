@@ -227,3 +227,28 @@ def test_looser_agreement_target_compresses_more(tmp_path: Path) -> None:
 def test_agreement_target_needs_data() -> None:
     with pytest.raises(UsageError, match="needs --data"):
         CompressionConfig.from_options(target="agreement:0.99")
+
+
+def test_macs_target_with_latency_aware_meets_the_target_with_chains_that_pay() -> None:
+    """A layer whose chain is slow in the (fake) runtime is left out of the allocation and kept; the
+    other layers take the whole budget, so the MAC target still holds after the rewrite."""
+    from tests.test_latency import FakeTimer
+
+    model = make_conv_stack(layers=3, C=32, rank=6, seed=1)
+    layer = _layers(model)[0]
+    h = handler_for(layer)
+    macs0 = h.cost(layer, "original")[1]
+
+    def speedup(kind: str, ranks: tuple[int, ...]) -> float:  # a chain pays only below 0.36 of the MACs
+        return 0.4 * macs0 / h.cost(layer, kind, ranks)[1]  # type: ignore[operator]
+
+    timer = FakeTimer(speedup)
+    plan = api.plan(model, CompressionConfig.from_options(target="macs:0.5", latency_aware=True, validate=False), timer=timer)
+    totals = plan.totals()
+    assert totals["macs_after"] <= 0.5 * totals["macs_before"]
+    assert plan.decomposed and all(lp.time_speedup is not None and lp.time_speedup >= 1.1 for lp in plan.decomposed)
+    assert all(lp.decomposed or "in the runtime" in (lp.reason or "") or "kept by --target" in (lp.reason or "")
+               for lp in plan.layers)
+    # Without the timer the same target spends the budget on chains that do not pay.
+    plain = api.plan(model, CompressionConfig.from_options(target="macs:0.5", validate=False))
+    assert any(speedup(lp.kind, lp.ranks) < 1.1 for lp in plain.decomposed if lp.ranks)

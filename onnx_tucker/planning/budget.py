@@ -48,6 +48,13 @@ class RankSpace:
     caps: tuple[int, ...]
     original_cost: int
     cost: Callable[[Ranks], int]
+    # Ranks costing this much or more are not worth it: the layer is kept instead. The original's cost,
+    # unless timing showed chains this costly do not pay (budget_plan with a timer lowers it).
+    keep_at: int | None = None
+
+    @property
+    def ceiling(self) -> int:
+        return self.original_cost if self.keep_at is None else min(self.keep_at, self.original_cost)
 
     def lost(self, ranks: Ranks) -> float:
         """Relative squared reconstruction error bound at `ranks` (sum over the modes)."""
@@ -85,7 +92,7 @@ def least_cost(spaces: list[RankSpace], fixed_cost: int, step: int = 1) -> int:
     total = fixed_cost
     for sp in spaces:
         c = sp.cost(tuple(min(step, cap) for cap in sp.caps))
-        total += c if c < sp.original_cost else sp.original_cost
+        total += c if c < sp.ceiling else sp.original_cost
     return total
 
 
@@ -102,7 +109,7 @@ def allocate(
     for i, sp in enumerate(spaces):
         low = tuple(min(step, c) for c in sp.caps)
         c = sp.cost(low)
-        if c < sp.original_cost:
+        if c < sp.ceiling:
             state[i], cost_now[i] = low, c
         else:  # even the smallest ranks save nothing here
             state[i], cost_now[i] = None, sp.original_cost
@@ -131,7 +138,7 @@ def allocate(
                 continue
             up = ranks[:m] + (min(r + step, cap),) + ranks[m + 1:]
             c = sp.cost(up)
-            if c >= sp.original_cost:
+            if c >= sp.ceiling:
                 moves.append((None, err, sp.original_cost))
             else:
                 moves.append((up, err - sp.lost(up), c))
@@ -237,18 +244,68 @@ def planned_ranks(found: RankSpaces, chosen: dict[str, Ranks | None], target: Bu
     return PlannedRanks(entries, f"--target {target}", policy=f"target {target}", reasons=reasons)
 
 
+# Rounds of "allocate, time, cap the layers whose chains do not pay" under --target with a timer.
+MAX_TIMED_ROUNDS = 8
+
+
 def budget_plan(
     layers: list[Layer], read_weight: Callable[[str], np.ndarray], config: CompressionConfig, target: BudgetTarget,
-    total_params: int | None = None,
+    total_params: int | None = None, timer: LayerTimer | None = None,
 ) -> tuple[PlannedRanks, BudgetOutcome]:
     """`--target macs:F` / `params:F`: `total_params` is the model's whole parameter count (biases, BN:
-    what `params:F` is a fraction of); MACs are the layers' own."""
+    what `params:F` is a fraction of); MACs are the layers' own.
+
+    With a `timer` (--latency-aware), each allocation is timed layer by layer; a layer whose chain at the
+    allocated ranks is not `config.min_speedup` times faster may from then on only take ranks that cost
+    10-50 % less (`keep_at`, by how far it missed), and the budget is allocated again, until every allocated chain pays; after
+    MAX_TIMED_ROUNDS rounds the layers still not paying are kept as they are and allocated once more
+    without them. The target is thus met with chains that pay, instead of being overshot when
+    latency-aware selection reverts them afterwards."""
     found = rank_spaces(layers, read_weight, config, target.metric, str(target))
     total = total_params if target.metric == "params" and total_params is not None else found.layers_before
-    fixed = total - sum(sp.original_cost for sp in found.spaces)
-    chosen, outcome = allocate(found.spaces, fixed, total, target, step=config.round_to)
+    spaces = list(found.spaces)
+    slow: dict[str, float] = {}  # last measured speed-up of the layers that did not pay
+
+    def run(spaces: list[RankSpace]) -> tuple[dict[str, Ranks | None], BudgetOutcome]:
+        return allocate(spaces, total - sum(sp.original_cost for sp in spaces), total, target, step=config.round_to)
+
+    chosen, outcome = run(spaces)
+    for round_ in range(MAX_TIMED_ROUNDS if timer is not None else 0):
+        assert timer is not None
+        not_paying: dict[str, tuple[float, int]] = {}
+        for sp in spaces:
+            ranks = chosen[sp.name]
+            t = None if ranks is None else timer.measure(found.layers[sp.name], *as_built(sp.kind, ranks, sp.caps[-1]))
+            if t is not None and ranks is not None and t.speedup < config.min_speedup:
+                # Time grows about with cost: aim at the cost that would reach --min-speedup (a 10-50 % cut).
+                cut = max(0.5, min(0.9, t.speedup / config.min_speedup))
+                not_paying[sp.name] = (t.speedup, int(sp.cost(ranks) * cut))
+        slow.update({n: s for n, (s, _) in not_paying.items()})
+        for n in [n for n in slow if n not in not_paying and chosen.get(n) is not None]:
+            del slow[n]  # pays at its new ranks
+        if not not_paying:
+            break
+        if round_ == MAX_TIMED_ROUNDS - 1:  # give up on them: keep them as they are
+            capped = [sp for sp in spaces if sp.name not in not_paying]
+        else:
+            capped = [replace(sp, keep_at=not_paying[sp.name][1]) if sp.name in not_paying else sp for sp in spaces]
+        try:
+            chosen, outcome = run(capped)
+        except PlanError:
+            # The target cannot be met with cheaper chains alone: keep the last allocation; latency-aware
+            # selection then reverts what does not pay (the report shows the MACs that result).
+            break
+        spaces = capped
+    chosen = {**dict.fromkeys(sp.name for sp in found.spaces), **chosen}
     why = f"kept by --target {target}: its rank steps win back less error per unit of {target.metric} than other layers'"
-    return planned_ranks(found, chosen, target, why), outcome
+    plan = planned_ranks(found, chosen, target, why)
+    for name, speedup in slow.items():
+        if chosen.get(name) is not None:
+            continue
+        why_slow = f"slower in the runtime (x{speedup:.2f})" if speedup < 1 else f"too little gain in the runtime (x{speedup:.2f})"
+        plan.reasons[name] = (f"{why_slow} at the ranks --target {target} gave it (--min-speedup {config.min_speedup:g}); "
+                              "left out of the allocation; kept as is")
+    return plan, outcome
 
 
 # Bisection steps of the MAC fraction under a latency target: resolution (1 - least) / 2^10.
