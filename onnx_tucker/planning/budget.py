@@ -8,7 +8,8 @@ as long as the whole model stays within the budget; a layer whose next step woul
 original is offered "keep the original" instead (no error at all). The budget is thus spent where the
 reconstruction error per unit saved is best, not by a uniform scale, and it ends within one rank
 step of the target: no single further step fits. Pure numpy: the singular values come from the
-planner's spectra.
+planner's spectra. With a layer timer (--latency-aware) the allocation is timed and repeated with
+cheaper ranks for the layers whose chains do not pay, so the target is met with chains that do.
 
 `--target latency:F` searches the MAC fraction by bisection: each candidate allocation is timed layer
 by layer (`planning.latency.LayerTimer`), and the least compression whose layers' summed time is F
@@ -257,9 +258,9 @@ def budget_plan(
 
     With a `timer` (--latency-aware), each allocation is timed layer by layer; a layer whose chain at the
     allocated ranks is not `config.min_speedup` times faster may from then on only take ranks that cost
-    10-50 % less (`keep_at`, by how far it missed), and the budget is allocated again, until every allocated chain pays; after
-    MAX_TIMED_ROUNDS rounds the layers still not paying are kept as they are and allocated once more
-    without them. The target is thus met with chains that pay, instead of being overshot when
+    10-50 % less (`keep_at`, by how far it missed), and the budget is allocated again, until every
+    allocated chain pays; after MAX_TIMED_ROUNDS rounds the layers still not paying are kept as they
+    are and allocated once more without them. The target is thus met with chains that pay, instead of being overshot when
     latency-aware selection reverts them afterwards."""
     found = rank_spaces(layers, read_weight, config, target.metric, str(target))
     total = total_params if target.metric == "params" and total_params is not None else found.layers_before
