@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .config import BenchConfig, CompressionConfig, RankPolicy
+from .config import BenchConfig, BudgetTarget, CompressionConfig, RankPolicy
 from .errors import ModelLoadError, UsageError
 from .finetune.config import FinetuneResult, FinetuneStep
 from .graph import lazyload
@@ -28,13 +28,21 @@ from .graph.fold import float_parameter_count
 from .graph.irmodel import IRModel
 from .graph.load import check_model, load_model
 from .graph.model import ModelIndex, find_layers, infer_shapes, lowest_float_eps, resolve_input_shapes
-from .graph.protos import serialized_size, size_on_disk
+from .graph.protos import opset_version, serialized_size, size_on_disk
 from .graph.rewrite import Replacement, check_rewrite, rewrite
 from .graph.save import OutputBatch, check_output_paths, write_text_atomic
 from .numerics.spectral import LayerSpectra, single_threaded_lapack
 from .ops.layer import Layer, LayerFactors
 from .ops.registry import HANDLERS, handler_for
+from .planning.budget import BudgetOutcome, Evaluator, agreement_budget_plan, budget_plan, latency_budget_plan
 from .planning.decompose import decompose_layer
+from .planning.latency import (
+    DEFAULT_ROUND_MULTIPLES,
+    CachedLayerTimer,
+    LatencySummary,
+    LayerTimer,
+    select_by_latency,
+)
 from .planning.planner import (
     CompressionPlan,
     LayerPlan,
@@ -48,12 +56,14 @@ from .report import latency_dict, result_json, result_markdown, validation_dict
 from .results import CompressionResult, ModelTotals
 from .runtime.bench import LatencyReport, measure_latency
 from .runtime.calibrate import calibrate_from_config, calibration_batches
+from .runtime.layertime import OrtLayerTimer, profile_layer_times, profiled_layer_ms
 from .runtime.rankselect import DataRankOptions, select_ranks_data
-from .runtime.validate import ValidationReport, load_validation_data, validate_models
+from .runtime.validate import ValidationData, ValidationReport, load_validation_data, validate_models
 
 ModelLike = onnx.ModelProto | str | os.PathLike[str]
 PathLike = str | os.PathLike[str]
 Progress = Callable[[str, int, int], None]  # (layer name, done, total)
+PROFILE_RUNS = 10  # whole-model profiler runs the per-layer timings are checked against
 
 
 @dataclass(frozen=True)
@@ -123,25 +133,39 @@ def _weight_reader(prep: _Prepared) -> Callable[[str], np.ndarray]:
 
 def _planned_ranks(prep: _Prepared, config: CompressionConfig, progress: Progress | None) -> PlannedRanks | None:
     """The ranks to replay: a plan file's, or under `--ranks data:F` the ones chosen on the calibration
-    data (runtime/rankselect.py; the other layers keep the EVBMF plan); None: plan by the policy."""
+    data (runtime/rankselect.py; the other layers keep the EVBMF plan); None: plan by the policy (or
+    by `--target`, which `_plan_and_decompose` allocates)."""
     if config.plan_file:
         return load_plan_file(config.plan_file)
-    if config.ranks.method != "data":
+    fraction = _data_fraction(config)
+    if fraction is None:
         return None
-    assert config.calibrate is not None and config.ranks.value is not None
+    assert config.calibrate is not None
     read_weight = _weight_reader(prep)
     fallback_cfg = replace(config, ranks=RankPolicy("vbmf"))
     fallback = [plan_layer(lay, read_weight, fallback_cfg) for lay in prep.layers]
     prep.materialize(prep.model)  # onnxruntime runs the original: its weights in memory
     batches = calibration_batches(config.calibrate, prep.model, prep.input_shapes, config.calibration_samples,
                                   seed=config.seed, preprocess=config.preprocess)
-    selection = select_ranks_data(prep.model, prep.layers, fallback, batches, config.ranks.value, read_weight,
+    selection = select_ranks_data(prep.model, prep.layers, fallback, batches, fraction, read_weight,
                                   DataRankOptions(seed=config.seed), progress)
     return selection.planned
 
 
+def _data_fraction(config: CompressionConfig) -> float | None:
+    """The MAC fraction to allocate on the calibration data: `--ranks data:F`, or `--target macs:F` with
+    `--calibrate` (and without per-layer timing, which allocates on its own); else None."""
+    if config.ranks.method == "data":
+        return config.ranks.value
+    t = config.target
+    if t is not None and t.metric == "macs" and config.calibrate and not config.latency_aware:
+        return t.fraction
+    return None
+
+
 def _plan_and_decompose(
-    prep: _Prepared, config: CompressionConfig, progress: Progress | None, planned: PlannedRanks | None = None
+    prep: _Prepared, config: CompressionConfig, progress: Progress | None, timer: LayerTimer | None = None,
+    evaluator: Evaluator | None = None, planned: PlannedRanks | None = None,
 ) -> tuple[CompressionPlan, dict[int, Replacement]]:
     """Plan every layer and decompose the ones that gain, one layer at a time (or `config.jobs` at once).
 
@@ -150,14 +174,21 @@ def _plan_and_decompose(
     of it is dropped before the next layer, so at most `jobs` weights are in memory beside the model.
     Layers run in threads (numpy/LAPACK release the GIL); the results are assembled in graph order and
     are identical to a serial run. Layers whose weight feeds other nodes are decomposed afterwards,
-    once the whole plan has decided whether they can share one factorisation. `planned`: ranks to
-    replay (`_planned_ranks`); by default the plan file's, if any.
+    once the whole plan has decided whether they can share one factorisation. `timer` (with
+    `config.latency_aware`): each planned decomposition is timed against the original layer and kept
+    only where it pays (`planning.latency.select_by_latency`); layers then run one at a time, so that
+    no decomposition runs beside a timing. `planned`: ranks to replay (`_planned_ranks`; by default
+    the plan file's, if any).
     """
     if planned is None and config.plan_file:
         planned = load_plan_file(config.plan_file)
     layers = prep.layers
     check_plan_covers(layers, planned)
     read_weight = _weight_reader(prep)
+    budget = None
+    if config.target is not None and _data_fraction(config) is None:  # replayed like a plan file's ranks
+        with single_threaded_lapack():
+            planned, budget = _budget_plan(prep, config, config.target, read_weight, timer, evaluator)
 
     def work(layer: Layer) -> tuple[LayerPlan, LayerFactors | None]:
         weights: dict[str, np.ndarray] = {}
@@ -169,6 +200,8 @@ def _plan_and_decompose(
 
         spectra = LayerSpectra()
         lp = plan_layer(layer, read_once, config, planned, spectra)
+        if timer is not None:
+            lp = select_by_latency(layer, lp, timer, config.min_speedup, _round_multiples(config))
         factors = None
         if lp.decomposed and not layer.shared_weight:
             factors = decompose_layer(layer, lp, read_once(layer.weight_name or ""), config.hooi_iters, spectra)
@@ -179,7 +212,7 @@ def _plan_and_decompose(
     if progress is not None and total:
         progress(layers[0].layer_id, 0, total)
     with single_threaded_lapack():  # the same thread counts for every --jobs: identical results
-        if config.jobs > 1 and total > 1:
+        if config.jobs > 1 and total > 1 and timer is None:
             with ThreadPoolExecutor(max_workers=config.jobs, thread_name_prefix="onnx-tucker") as pool:
                 for i, res in enumerate(pool.map(work, layers)):
                     results.append(res)
@@ -208,7 +241,88 @@ def _plan_and_decompose(
                 shared[key] = factors
         replacements[layer.node_index] = Replacement(layer, factors)
         new_plans.append(replace(lp, rel_error=factors.rel_error))
-    return replace(plan, layers=tuple(new_plans)), replacements
+    return replace(plan, layers=tuple(new_plans), budget=budget), replacements
+
+
+def _budget_plan(
+    prep: _Prepared, config: CompressionConfig, target: BudgetTarget, read_weight: Callable[[str], np.ndarray],
+    timer: LayerTimer | None, evaluator: Evaluator | None = None,
+) -> tuple[PlannedRanks, BudgetOutcome]:
+    """Ranks for the whole model meeting `target` (planning/budget.py), as a plan to replay."""
+    if target.metric == "agreement":
+        samples = (0, 0)
+        if evaluator is None:
+            evaluator, samples = _agreement_evaluator(prep, config)
+        return agreement_budget_plan(prep.layers, read_weight, config, target, evaluator, samples)
+    if target.metric == "latency":
+        assert timer is not None
+        inner = getattr(timer, "inner", timer)
+        measure_original = inner.measure_original if isinstance(inner, OrtLayerTimer) else None
+        return latency_budget_plan(prep.layers, read_weight, config, target, timer, measure_original)
+    # params: every float parameter of the model counts (biases, BN, ...); macs: the layers' MACs.
+    total = float_parameter_count(prep.model, prep.index.folder) if target.metric == "params" else None
+    return budget_plan(prep.layers, read_weight, config, target, total, timer)
+
+
+def _agreement_evaluator(prep: _Prepared, config: CompressionConfig) -> tuple[Evaluator, tuple[int, int]]:
+    """Top-1 agreement of a candidate plan's model with the original on one half of `config.data`
+    (split at random with `config.seed`: folders sorted by class would give class-disjoint halves)."""
+    assert config.data is not None
+    data = load_validation_data(config.data, prep.model, config.samples)
+    order = np.random.default_rng(config.seed).permutation(data.count)
+    half = data.count // 2
+    if half < 1:
+        raise UsageError(f"--data {config.data}: {data.count} sample(s); --target agreement:F needs at least 2 (half held out)")
+    halves = {
+        name: ValidationData(data.path, {k: v[idx] for k, v in data.inputs.items()},
+                             None if data.labels is None else data.labels[idx])
+        for name, idx in (("search", np.sort(order[:half])), ("held-out", np.sort(order[half:])))
+    }
+    plain = replace(config, target=None, plan_file=None, latency_aware=False, validate=False)
+    prep.materialize(prep.model)  # onnxruntime runs the original from memory below
+
+    def evaluate(planned: PlannedRanks, which: str) -> float:
+        _, replacements = _plan_and_decompose(prep, plain, None, None, None, planned)
+        model = rewrite(prep.model, replacements, prep.base_dir).to_proto()
+        prep.materialize(model)
+        v = validate_models(prep.path or prep.model, model, prep.input_shapes, data=halves[which])
+        top1 = v.outputs[0].top1_agreement if v.outputs else None
+        if top1 is None:
+            raise UsageError(f"--target agreement: the model's first output {v.outputs[0].name!r} is not class scores "
+                             "(samples x classes); agreement needs a classifier")
+        return top1
+
+    return evaluate, (half, data.count - half)
+
+
+def _round_multiples(config: CompressionConfig) -> tuple[int, ...]:
+    """The rank multiples latency-aware selection tries: --round-to when given, else 8 and 16."""
+    return (config.round_to,) if config.round_to > 1 else DEFAULT_ROUND_MULTIPLES
+
+
+def _layer_timer(prep: _Prepared, config: CompressionConfig, timer: LayerTimer | None) -> CachedLayerTimer | None:
+    """The cached per-layer timer latency-aware selection uses (onnxruntime unless one is given)."""
+    if not config.latency_aware and not (config.target is not None and config.target.metric == "latency"):
+        return None
+    inner = timer if timer is not None else OrtLayerTimer(opset_version(prep.model), config.threads, seed=config.seed)
+    return CachedLayerTimer(inner)
+
+
+def _latency_summary(
+    prep: _Prepared, config: CompressionConfig, timer: CachedLayerTimer, profile_runs: int
+) -> LatencySummary:
+    """The timer's bookkeeping and, in onnxruntime, the sum of every layer's isolated original time
+    against the kernels of a whole-model profile of the original."""
+    summary = LatencySummary(config.threads, config.min_speedup, timer.measured, timer.lookups)
+    inner = timer.inner
+    if not isinstance(inner, OrtLayerTimer) or profile_runs < 1:
+        return summary
+    times = [inner.measure_original(lay) for lay in prep.layers if lay.weight_shape is not None and lay.node_index >= 0]
+    isolated = [t for t in times if t is not None]
+    profile = profile_layer_times(prep.path or prep.model, prep.model, prep.input_shapes, config.threads, profile_runs, config.seed)
+    profiled, layout = profiled_layer_ms(profile)
+    return replace(summary, isolated_ms=float(sum(isolated)), profiled_ms=profiled, layout_ms=layout,
+                   profile_runs=profile_runs, layers_summed=len(isolated))
 
 
 def _finetune_step(original: onnx.ModelProto, in_path: str | None, compressed: onnx.ModelProto, step: FinetuneStep,
@@ -242,14 +356,23 @@ def plan(
     *,
     save_plan: PathLike | None = None,
     report: PathLike | None = None,
+    timer: LayerTimer | None = None,
+    profile_runs: int = PROFILE_RUNS,
+    evaluator: Evaluator | None = None,
 ) -> CompressionPlan:
     """The plan `compress` would apply (ranks, costs and kernel errors), without rewriting anything.
-    `save_plan` / `report`: also write the plan file / the JSON report (atomically, together)."""
+    `save_plan` / `report`: also write the plan file / the JSON report (atomically, together).
+    `timer`: how layers are timed under `config.latency_aware` (default: onnxruntime CPU, which is
+    then also checked against a whole-model profile of `profile_runs` runs). `evaluator`: how a candidate
+    plan's agreement is measured under `--target agreement:F` (default: onnxruntime on `config.data`)."""
     config = config or CompressionConfig()
     in_path = None if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
     check_output_paths(in_path, {"--save-plan": save_plan, "--report": report})
     prep = _prepare(model_or_path, config)
-    p, _ = _plan_and_decompose(prep, config, progress, _planned_ranks(prep, config, progress))
+    layer_timer = _layer_timer(prep, config, timer)
+    p, _ = _plan_and_decompose(prep, config, progress, layer_timer, evaluator, _planned_ranks(prep, config, progress))
+    if layer_timer is not None:
+        p = replace(p, latency=_latency_summary(prep, config, layer_timer, profile_runs))
     with OutputBatch() as batch:
         if save_plan is not None:
             batch.add_text(save_plan, p.to_json())
@@ -269,6 +392,9 @@ def compress(
     save_plan: PathLike | None = None,
     report: PathLike | None = None,
     markdown: PathLike | None = None,
+    timer: LayerTimer | None = None,
+    profile_runs: int = PROFILE_RUNS,
+    evaluator: Evaluator | None = None,
     finetune: FinetuneStep | None = None,
     finetune_progress: Callable[[str, Any], None] | None = None,
 ) -> CompressionResult:
@@ -283,13 +409,18 @@ def compress(
     A model in which no layer is decomposed is still written (unchanged); check
     `result.decomposed_layers`. When validation fails the model is not written (`output_path` is None;
     the side files are, so the user can see why) and `result.validation_error()` says so.
+    `timer`, `profile_runs`, `evaluator`: as for `plan`.
     """
     config = config or CompressionConfig()
     t0 = time.perf_counter()
     in_path = None if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
     check_output_paths(in_path, {"OUT": output, "--save-plan": save_plan, "--report": report, "--markdown": markdown})
     prep = _prepare(model_or_path, config)
-    p, replacements = _plan_and_decompose(prep, config, progress, _planned_ranks(prep, config, progress))
+    layer_timer = _layer_timer(prep, config, timer)
+    p, replacements = _plan_and_decompose(prep, config, progress, layer_timer, evaluator,
+                                          _planned_ranks(prep, config, progress))
+    if layer_timer is not None:
+        p = replace(p, latency=_latency_summary(prep, config, layer_timer, profile_runs))
     rewritten = rewrite(prep.model, replacements, prep.base_dir)
     if not config.calibrate:
         del replacements  # the factor arrays live on in `rewritten` (wrapped, not copied)

@@ -103,8 +103,8 @@ InputShapeOpt = Annotated[list[str] | None, typer.Option("--input-shape", metava
 PlanOpt = Annotated[Path | None, typer.Option("--plan", help="Replay the kinds and ranks of a plan file written by --save-plan.", show_default=False)]
 SavePlanOpt = Annotated[Path | None, typer.Option("--save-plan", help="Write the plan (kinds and ranks per layer) as JSON.", show_default=False)]
 # --report writes a different JSON per command (report/data.py); each help names its top-level keys.
-ReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the full report as JSON (keys: layers, totals, validation, latency, calibration, finetune, config, model; latency is null without --bench, calibration without --calibrate, finetune without --finetune, validation under --no-validate).", show_default=False)]
-InspectReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the plan as a JSON report (keys: layers, totals, validation, config; validation is always null: nothing is run).", show_default=False)]
+ReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the full report as JSON (keys: layers, totals, validation, latency, calibration, finetune, target, layer_timing, config, model; latency is null without --bench, calibration without --calibrate, finetune without --finetune, target without --target, layer_timing without --latency-aware, validation under --no-validate).", show_default=False)]
+InspectReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the plan as a JSON report (keys: layers, totals, validation, target, layer_timing, config; validation is always null: nothing is run; target is null without --target, layer_timing without --latency-aware).", show_default=False)]
 ValidateReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the comparison as JSON (keys: validation).", show_default=False)]
 FinetuneReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the fine-tuning result as JSON (keys: finetune).", show_default=False)]
 BenchReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the latencies as JSON (keys: latency).", show_default=False)]
@@ -130,7 +130,10 @@ LayoutOpt = Annotated[str, typer.Option("--layout", help="Image layout fed to th
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice (validation inputs).")]
 RtolOpt = Annotated[float | None, typer.Option("--rtol", help="Fail when max|orig-new| > RTOL * max|orig| on any output (default: report only; 1e-4 under --ranks full).", show_default=False)]
 BenchOpt = Annotated[bool, typer.Option("--bench", help="Also measure latency of both models in onnxruntime CPU (interleaved runs, medians).")]
-ThreadsOpt = Annotated[int, typer.Option("--threads", help="Intra-op threads for latency measurement (onnxruntime; under 'report', every runtime's).")]
+ThreadsOpt = Annotated[int, typer.Option("--threads", help="Intra-op threads for latency measurement (onnxruntime: --bench, --latency-aware; under 'report', every runtime's).")]
+LatencyAwareOpt = Annotated[bool, typer.Option("--latency-aware", help="Time each layer and its chain alone in onnxruntime CPU (interleaved medians, cached per shape); keep a decomposition only where it is --min-speedup times faster, after trying ranks rounded to --round-to (else 8 and 16) and Tucker-1.")]
+MinSpeedupOpt = Annotated[float, typer.Option("--min-speedup", help="With --latency-aware: the measured speed-up a layer's chain must reach to be kept.")]
+TargetOpt = Annotated[str | None, typer.Option("--target", help="Whole-model budget: macs:F or params:F (fraction of the original, 0 < F < 1): ranks spent where the kernels lose the least energy per MAC (or parameter) saved; latency:F: the least compression whose layers, timed alone in onnxruntime, take F of the original time (implies per-layer timing as --latency-aware).", show_default=False)]
 RunsOpt = Annotated[int, typer.Option("--runs", help="Timed runs per model for latency (after --warmup runs).")]
 WarmupOpt = Annotated[int, typer.Option("--warmup", help="Untimed warm-up runs per model before timing.")]
 MobileReportOpt = Annotated[Path | None, typer.Option("--mobile-report", help="After writing OUTPUT, also write the mobile validation report (HTML) of INPUT against it in every installed runtime (see 'onnx-tucker report').", show_default=False)]
@@ -247,6 +250,9 @@ def compress(
     threads: ThreadsOpt = 1,
     runs: RunsOpt = 20,
     warmup: WarmupOpt = 5,
+    latency_aware: LatencyAwareOpt = False,
+    min_speedup: MinSpeedupOpt = 1.1,
+    target: TargetOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -261,6 +267,7 @@ def compress(
             hooi_iters=hooi_iters, jobs=jobs, input_shape=input_shape, plan=plan, validate=validate, samples=samples,
             data=data, seed=seed, rtol=rtol, calibrate=calibrate, calibration_samples=calibration_samples,
             preprocess=_preprocess(size, mean, std, layout),
+            latency_aware=latency_aware, min_speedup=min_speedup, threads=threads, target=target,
         )
         timing = BenchConfig(threads=threads, warmup=warmup, runs=runs) if bench else None
         if mobile_report is not None:  # refused before any work, like every other output path
@@ -314,10 +321,15 @@ def inspect(
     plan: PlanOpt = None,
     save_plan: SavePlanOpt = None,
     report: InspectReportOpt = None,
+    latency_aware: LatencyAwareOpt = False,
+    min_speedup: MinSpeedupOpt = 1.1,
+    threads: ThreadsOpt = 1,
+    target: TargetOpt = None,
+    seed: SeedOpt = 0,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Print the plan (kinds, ranks, predicted savings, kernel errors); write no model."""
+    """Print the plan (kinds, ranks, predicted savings, kernel errors; measured per-layer time with --latency-aware); write no model."""
     from . import api
     from .report.tables import result_tables
 
@@ -325,6 +337,7 @@ def inspect(
         cfg = CompressionConfig.from_options(
             ranks=ranks, rank_scale=rank_scale, min_rank=min_rank, round_to=round_to, include=include, exclude=exclude,
             hooi_iters=hooi_iters, jobs=jobs, input_shape=input_shape, plan=plan, validate=False,
+            latency_aware=latency_aware, min_speedup=min_speedup, threads=threads, target=target, seed=seed,
         )
         with _progress(not quiet) as progress:
             p = api.plan(input, cfg, progress, save_plan=save_plan, report=report)

@@ -68,6 +68,40 @@ class RankPolicy:
         raise UsageError(f"--ranks {text}: not understood; use vbmf, full, ratio:F, energy:F or data:F (0 < F <= 1)")
 
 
+TARGET_METRICS = ("macs", "params", "latency", "agreement")
+
+
+@dataclass(frozen=True)
+class BudgetTarget:
+    """`--target macs:0.3`: the whole model's MACs (or parameters, or its layers' measured time) at this
+    fraction of the original."""
+
+    metric: str
+    fraction: float
+
+    def __str__(self) -> str:
+        return f"{self.metric}:{self.fraction:g}"
+
+    @classmethod
+    def parse(cls, text: str) -> BudgetTarget:
+        spec = text.strip().lower()
+        m = re.fullmatch(r"([a-z-]+):([0-9.eE+-]+)", spec)
+        if not m:
+            raise UsageError(f"--target {text}: not understood; use macs:F, params:F or latency:F (0 < F < 1), e.g. macs:0.3")
+        metric = m.group(1)
+        if metric not in TARGET_METRICS:
+            later = " (accuracy-drop targets are not implemented yet)" if metric == "accuracy-drop" else ""
+            raise UsageError(f"--target {text}: unknown metric {metric!r}{later}; use macs:F, params:F, latency:F or agreement:F")
+        try:
+            value = float(m.group(2))
+        except ValueError:
+            value = math.nan
+        if not 0.0 < value < 1.0:
+            example = "agreement:0.99 keeps 99% of the top-1 answers" if metric == "agreement" else f"{metric}:0.3 keeps 30%"
+            raise UsageError(f"--target {text}: the fraction must be in (0, 1); e.g. {example}")
+        return cls(metric, value)
+
+
 def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
     """`name:1,3,224,224` -> ("name", (1, 3, 224, 224)). The name may itself contain ':'."""
     name, sep, dims = text.rpartition(":")
@@ -125,6 +159,15 @@ class CompressionConfig:
     calibration_samples: int = 500
     # How images in --data / --calibrate folders become model input (size, mean/std, layout).
     preprocess: Preprocess = field(default_factory=Preprocess)
+    # Keep a decomposition only where the runtime measures it at least `min_speedup` times faster than
+    # the original layer (planning/latency.py); layers are timed alone in onnxruntime CPU with
+    # `threads` intra-op threads.
+    latency_aware: bool = False
+    min_speedup: float = 1.1
+    threads: int = 1
+    # A whole-model budget instead of per-layer ranks (planning/budget.py): `macs:0.3`, `params:0.2`,
+    # `latency:0.5` (which times the layers, as latency_aware does, and keeps only chains that pay).
+    target: BudgetTarget | None = None
 
     def __post_init__(self) -> None:
         if not self.rank_scale > 0:
@@ -141,6 +184,17 @@ class CompressionConfig:
             raise UsageError(f"--jobs {self.jobs}: must be >= 1; use 1 for one layer at a time")
         if self.calibration_samples < 1:
             raise UsageError(f"--calibration-samples {self.calibration_samples}: must be >= 1; e.g. 500")
+        if not self.min_speedup > 0:
+            raise UsageError(f"--min-speedup {self.min_speedup}: must be > 0; e.g. 1.1 for 10% faster")
+        if self.threads < 1:
+            raise UsageError(f"--threads {self.threads}: must be >= 1; e.g. --threads 1")
+        if self.target is not None and self.target.metric == "agreement" and self.data is None:
+            raise UsageError(f"--target {self.target} needs --data (the images agreement is measured on)")
+        if self.target is not None and self.ranks.method == "data":
+            raise UsageError(f"--target {self.target} and --ranks {self.ranks} both set the MACs; give one of them "
+                             "(with --calibrate, --target macs:F allocates on the data as data:F does)")
+        if self.target is not None and self.plan_file is not None:
+            raise UsageError(f"--target {self.target} and --plan both choose the ranks; give one of them")
         if self.rtol is not None and not self.rtol >= 0:
             raise UsageError(f"--rtol {self.rtol}: must be >= 0; e.g. --rtol 0.05")
         compile_pattern(self.include, "--include")
@@ -166,6 +220,7 @@ class CompressionConfig:
         plan: str | os.PathLike[str] | None = None,
         data: str | os.PathLike[str] | None = None,
         calibrate: str | os.PathLike[str] | None = None,
+        target: str | None = None,
         **options: Any,
     ) -> CompressionConfig:
         """From command-line values: `ranks` as text (`ratio:0.5`), `input_shape` as `NAME:D0,D1,...`
@@ -176,6 +231,7 @@ class CompressionConfig:
             plan_file=str(plan) if plan else None,
             data=str(data) if data else None,
             calibrate=str(calibrate) if calibrate else None,
+            target=BudgetTarget.parse(target) if target else None,
             **options,
         )
 
@@ -200,6 +256,10 @@ class CompressionConfig:
             "calibration_samples": self.calibration_samples,
             "preprocess": {"size": self.preprocess.size, "mean": self.preprocess.mean, "std": self.preprocess.std,
                            "layout": self.preprocess.layout},
+            "latency_aware": self.latency_aware,
+            "min_speedup": self.min_speedup,
+            "threads": self.threads,
+            "target": None if self.target is None else str(self.target),
         }
 
 

@@ -360,3 +360,22 @@ def initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
 def save(model: onnx.ModelProto, path: Path) -> Path:
     path.write_bytes(model.SerializeToString())
     return path
+
+
+def make_conv_stack(
+    layers: int = 3, C: int = 32, spatial: Sequence[int] = (16, 16), rank: int = 8, seed: int = 0
+) -> onnx.ModelProto:
+    """x [1, C, *spatial] -> `layers` x (3x3 Conv C->C, pads 1 -> Relu) -> y: identical layer shapes (as
+    in a ResNet stage), each kernel of Tucker-2 ranks (rank, rank) plus a little noise."""
+    rng = np.random.default_rng(seed)
+    inits, nodes, x = [], [], "x"
+    for i in range(layers):
+        inits.append(_init(f"conv{i}.W", low_rank_kernel(rng, C, C, (3, 3), rank, rank)))
+        inits.append(_init(f"conv{i}.B", (0.1 * rng.standard_normal(C)).astype(np.float32)))
+        nodes.append(helper.make_node("Conv", [x, f"conv{i}.W", f"conv{i}.B"], [f"h{i}"], name=f"conv{i}",
+                                      kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
+        nodes.append(helper.make_node("Relu", [f"h{i}"], [f"a{i}"], name=f"relu{i}"))
+        x = f"a{i}"
+    nodes[-1] = helper.make_node("Relu", [f"h{layers - 1}"], ["y"], name=f"relu{layers - 1}")
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, C, *spatial]) for n in ("x", "y")]
+    return _finish(nodes, vi[:1], vi[1:], inits, name="conv_stack")

@@ -162,6 +162,23 @@ class OpHandler:
         """The concatenated per-group factors in the layout the chain's nodes read."""
         return arrays
 
+    def block_factor_shapes(self, kind: str, ranks: tuple[int, ...], block_shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        """Shapes of `factor_block`'s arrays for a block of this shape (no arithmetic). Here (P, Q)."""
+        if kind != "svd":
+            raise ValueError(f"cannot decompose a {self.op_type} as {kind!r}")
+        return (block_shape[0], ranks[0]), (ranks[0], block_shape[1])
+
+    def factor_shapes(self, layer: Layer, kind: str, ranks: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        """Shapes of `decompose(...).arrays` for `kind` at `ranks`, without reading or factorising the
+        weight: what the per-layer timer needs to build a chain with random factors of the right shapes."""
+        assert layer.weight_shape is not None
+        # A zero-stride view of the weight's shape: `blocks` slices and transposes it without memory.
+        probe = np.broadcast_to(np.zeros((), np.float32), layer.weight_shape)
+        blocks = self.blocks(layer, probe)
+        per_block = self.block_factor_shapes(kind, ranks, tuple(blocks[0].shape))
+        arrays = tuple(np.zeros((s[0] * len(blocks), *s[1:]), np.float32) for s in per_block)  # rank-sized
+        return tuple(tuple(a.shape) for a in self.to_layout(layer, kind, arrays))
+
     # ---- rewriting -----------------------------------------------------------------------------
     def stored(self, layer: Layer, factors: LayerFactors) -> tuple[np.ndarray, ...]:
         """The factors as stored in the model (e.g. transposed for a Gemm with transB=1)."""
@@ -171,6 +188,20 @@ class OpHandler:
         """The nodes replacing `layer`, reading the factor initializers `weights`; the last one writes
         the layer's own output, so every consumer stays attached."""
         raise NotImplementedError
+
+
+def tensor_factor_shapes(kind: str, ranks: tuple[int, ...], block_shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """Shapes of `tensor_factors`' arrays for a T x S x k... block (no arithmetic)."""
+    T, S, spatial = block_shape[0], block_shape[1], tuple(block_shape[2:])
+    one = (1,) * len(spatial)
+    if kind == "svd":
+        return (ranks[0], S, *one), (T, ranks[0], *one)
+    if kind == "tucker2":
+        r4, r3 = ranks
+        return (r3, S, *one), (r4, r3, *spatial), (T, r4, *one)
+    if kind == "tucker1":
+        return (ranks[0], S, *spatial), (T, ranks[0], *one)
+    raise ValueError(f"cannot decompose a kernel as {kind!r}")
 
 
 def tensor_factors(

@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 from ..numerics.spectral import LayerSpectra
-from .base import LABELS, Fresh, OpHandler, prod, tensor_factors
+from .base import LABELS, Fresh, OpHandler, prod, tensor_factor_shapes, tensor_factors
 from .layer import COPY, Chain, Layer, LayerFactors, NodeSpec
 
 # Attributes of the replaced node that the spatial step of the chain keeps (in the node's order).
@@ -105,6 +105,9 @@ class ConvHandler(OpHandler):
         self, kind: str, ranks: tuple[int, ...], block: np.ndarray, hooi_iters: int, spectra: LayerSpectra | None
     ) -> tuple[tuple[np.ndarray, ...], float]:
         return tensor_factors(kind, ranks, block, hooi_iters, spectra)
+
+    def block_factor_shapes(self, kind: str, ranks: tuple[int, ...], block_shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        return tensor_factor_shapes(kind, ranks, block_shape)
 
     def factorisation_key(self, layer: Layer) -> tuple[object, ...]:
         return (self.groups(layer),)

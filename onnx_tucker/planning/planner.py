@@ -26,6 +26,8 @@ from ..ops.registry import handler_for
 
 if TYPE_CHECKING:
     from ..runtime.calibrate import LayerCalibration
+    from .budget import BudgetOutcome
+    from .latency import LatencySummary
 
 PLAN_FORMAT_VERSION = 1
 KINDS = ("tucker2", "tucker1", "svd", "skip")
@@ -50,16 +52,30 @@ class LayerPlan:
     reason: str | None = None  # why skipped (kind == "skip"), or a note on the rank policy
     policy: str = ""  # how the ranks were reached: "vbmf", "ratio:0.5", "plan file", "rank0:min-rank", ...
     calibration: LayerCalibration | None = None  # the refit on data (compress --calibrate), see runtime/calibrate.py
+    # Measured in the runtime (--latency-aware): medians of the original node and of the chain, timed
+    # interleaved in isolation at the layer's input shape. For a layer kept because the chain did not
+    # pay, `time_after_ms` is the best variant tried.
+    time_before_ms: float | None = None
+    time_after_ms: float | None = None
 
     @property
     def decomposed(self) -> bool:
         return self.kind != "skip"
+
+    @property
+    def time_speedup(self) -> float | None:
+        """Measured time before / after (None when not timed)."""
+        if self.time_before_ms is None or not self.time_after_ms:
+            return None
+        return self.time_before_ms / self.time_after_ms
 
 
 @dataclass(frozen=True)
 class CompressionPlan:
     layers: tuple[LayerPlan, ...]
     config: CompressionConfig = field(default_factory=CompressionConfig)
+    latency: LatencySummary | None = None  # --latency-aware: how the layers were timed (planning/latency.py)
+    budget: BudgetOutcome | None = None  # --target: what the whole-model allocation chose (planning/budget.py)
 
     @property
     def decomposed(self) -> tuple[LayerPlan, ...]:
@@ -309,6 +325,26 @@ def _plan_one(layer, read_weight, cfg, include, exclude, planned, spectra=None) 
     return plan
 
 
+def mode_energies(layer: Layer, weight: np.ndarray, kind: str, spectra: LayerSpectra | None = None) -> list[np.ndarray]:
+    """Per factorised mode of `kind`: the squared singular values of its matrix (summed over the groups
+    of a grouped layer, which all get the same rank), descending, divided by the weight's squared norm.
+    What a rank budget trades: truncating mode m at r loses sum(e[m][r:]) of the energy (HOSVD bound).
+    `spectra`: the planner's eigendecompositions, reused for single-group layers."""
+    handler = handler_for(layer)
+    blocks = handler.blocks(layer, weight)
+    total: list[np.ndarray] = []
+    for g, block in enumerate(blocks):
+        for m, mat in enumerate(handler.matrices(block, kind)):
+            sv = spectra.eigen(m, mat).singular_values if spectra is not None and g == 0 and len(blocks) == 1 else singular_values(mat)
+            e = np.sort(np.asarray(sv, dtype=np.float64) ** 2)[::-1]
+            if g == 0:
+                total.append(e)
+            else:
+                total[m] = total[m] + e
+    norm = float(np.sum(total[0])) if total else 0.0
+    return [e / norm if norm > 0 else e for e in total]
+
+
 def _grouped_spectra(
     handler: OpHandler, weights: list[np.ndarray], kind: str, policy: RankPolicy
 ) -> tuple[list[np.ndarray], list[_Spectrum], list[EVBMFEstimate]]:
@@ -379,5 +415,6 @@ __all__ = [
     "check_plan_covers",
     "finish_plan",
     "load_plan_file",
+    "mode_energies",
     "plan_layer",
 ]

@@ -6,6 +6,8 @@ import json
 import math
 from typing import Any
 
+from ..planning.budget import BudgetOutcome
+from ..planning.latency import LatencySummary
 from ..planning.planner import CompressionPlan, LayerPlan
 from ..results import CompressionResult, ratio
 from ..runtime.bench import LatencyReport
@@ -39,7 +41,22 @@ def layer_dict(p: LayerPlan) -> dict[str, Any]:
         "policy": p.policy,
         "reason": p.reason,
         "calibration": None if p.calibration is None else dict(p.calibration.__dict__),
+        "time_before_ms": p.time_before_ms,
+        "time_after_ms": p.time_after_ms,
+        "time_speedup": p.time_speedup,
     }
+
+
+def target_dict(b: BudgetOutcome | None) -> dict[str, Any] | None:
+    """--target: what the whole-model allocation chose."""
+    return None if b is None else dict(b.__dict__) | {"achieved": b.achieved}
+
+
+def layer_timing_dict(s: LatencySummary | None) -> dict[str, Any] | None:
+    """--latency-aware: how the layers were timed and how their sum compares with a whole-model profile."""
+    if s is None:
+        return None
+    return dict(s.__dict__) | {"profile_ratio": s.profile_ratio}
 
 
 def validation_dict(v: ValidationReport | None) -> dict[str, Any] | None:
@@ -83,6 +100,7 @@ def result_dict(result: CompressionResult | CompressionPlan, latency: LatencyRep
         totals |= {"params_ratio": ratio(totals["params_before"], totals["params_after"]),
                    "macs_ratio": ratio(totals["macs_before"], totals["macs_after"])}
         return _clean({"layers": [layer_dict(p) for p in result.layers], "totals": totals, "validation": None,
+                       "target": target_dict(result.budget), "layer_timing": layer_timing_dict(result.latency),
                        "config": result.config.to_dict()})
     t = result.totals
     totals = dict(t.__dict__) | {"params_ratio": t.params_ratio, "macs_ratio": t.macs_ratio, "size_ratio": t.size_ratio}
@@ -94,6 +112,8 @@ def result_dict(result: CompressionResult | CompressionPlan, latency: LatencyRep
             "latency": latency_dict(latency if latency is not None else result.latency),
             "calibration": None if result.calibration is None else dict(result.calibration.__dict__),
             "finetune": None if result.finetune is None else result.finetune.to_dict(),
+            "target": target_dict(result.plan.budget),
+            "layer_timing": layer_timing_dict(result.plan.latency),
             "config": result.plan.config.to_dict(),
             "model": {
                 "input": result.input_path,

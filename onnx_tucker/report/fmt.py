@@ -27,3 +27,14 @@ def ratio(a: int | None, b: int | None) -> str:
 
 def ranks(r: tuple[int, ...] | None) -> str:
     return "-" if not r else "/".join(map(str, r))
+
+
+def times(before: float | None, after: float | None) -> str:
+    """Measured ms before -> after."""
+    if before is None or after is None:
+        return "-"
+    return f"{before:.3f} -> {after:.3f}"
+
+
+def speedup(x: float | None) -> str:
+    return "-" if x is None else f"x{x:.2f}"

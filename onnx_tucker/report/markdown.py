@@ -27,16 +27,18 @@ def result_markdown(result: CompressionResult, latency: LatencyReport | None = N
             f"| latency, median ms ({latency.threads} thread(s), onnxruntime CPU) | {latency.original_median:.3f} | "
             f"{latency.compressed_median:.3f} | x{latency.speedup:.2f} |"
         )
+    timed = any(p.time_before_ms is not None for p in result.plan.layers)
     lines += [
         "",
-        "| layer | kind | weight | EVBMF | ranks | params | MACs | rel. err | note |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|",
+        "| layer | kind | weight | EVBMF | ranks | params | MACs |" + (" time ms | time gain |" if timed else "") + " rel. err | note |",
+        "|---|---|---|---:|---:|---:|---:|" + ("---:|---:|" if timed else "") + "---:|---|",
     ]
     for p in result.plan.layers:
+        time_cells = f" {fmt.times(p.time_before_ms, p.time_after_ms)} | {fmt.speedup(p.time_speedup)} |" if timed else ""
         lines.append(
             f"| `{p.name}` | {p.kind} | {'x'.join(map(str, p.weight_shape or ())) or '-'} | {fmt.ranks(p.evbmf_ranks)} | "
             f"{fmt.ranks(p.ranks) if p.decomposed else '-'} | {fmt.fmt_int(p.params_before)} -> {fmt.fmt_int(p.params_after)} | "
-            f"{fmt.fmt_int(p.macs_before)} -> {fmt.fmt_int(p.macs_after)} | "
+            f"{fmt.fmt_int(p.macs_before)} -> {fmt.fmt_int(p.macs_after)} |{time_cells} "
             f"{'-' if p.rel_error is None else f'{p.rel_error:.3f}'} | {p.reason or ''} |"
         )
     v = result.validation

@@ -6,6 +6,8 @@ from rich.table import Table
 from rich.text import Text
 
 from ..finetune.config import FinetuneResult
+from ..planning.budget import BudgetOutcome
+from ..planning.latency import LatencySummary
 from ..planning.planner import CompressionPlan
 from ..results import CompressionResult, ModelTotals
 from ..runtime.bench import LatencyReport
@@ -15,21 +17,17 @@ from . import fmt
 
 
 def layer_table(plan: CompressionPlan, title: str = "Layers") -> Table:
+    timed = any(p.time_before_ms is not None for p in plan.layers)
     t = Table(title=title, title_justify="left", show_lines=False)
-    for col, just in (
-        ("layer", "left"),
-        ("kind", "left"),
-        ("weight", "left"),
-        ("EVBMF", "right"),
-        ("ranks", "right"),
-        ("params", "right"),
-        ("MACs", "right"),
-        ("rel. err", "right"),
-        ("note", "left"),
-    ):
+    cols = [("layer", "left"), ("kind", "left"), ("weight", "left"), ("EVBMF", "right"), ("ranks", "right"),
+            ("params", "right"), ("MACs", "right"), ("MAC gain", "right")]
+    if timed:  # --latency-aware: measured alone in the runtime, next to the predicted MAC gain
+        cols += [("time ms", "right"), ("time gain", "right")]
+    cols += [("rel. err", "right"), ("note", "left")]
+    for col, just in cols:
         t.add_column(col, justify=just, overflow="fold", no_wrap=col != "note")  # type: ignore[arg-type]
     for p in plan.layers:
-        t.add_row(
+        row = [
             p.name,
             p.kind,
             "x".join(map(str, p.weight_shape)) if p.weight_shape else "-",
@@ -37,11 +35,52 @@ def layer_table(plan: CompressionPlan, title: str = "Layers") -> Table:
             fmt.ranks(p.ranks) if p.decomposed else "-",
             f"{fmt.fmt_int(p.params_before)} -> {fmt.fmt_int(p.params_after)}" if p.params_before is not None else "-",
             f"{fmt.fmt_int(p.macs_before)} -> {fmt.fmt_int(p.macs_after)}" if p.macs_before is not None else "-",
-            f"{p.rel_error:.3f}" if p.rel_error is not None else "-",
-            p.reason or "",
-            style=None if p.decomposed else "dim",
-        )
+            fmt.ratio(p.macs_before, p.macs_after) if p.decomposed else "-",
+        ]
+        if timed:
+            row += [fmt.times(p.time_before_ms, p.time_after_ms), fmt.speedup(p.time_speedup)]
+        row += [f"{p.rel_error:.3f}" if p.rel_error is not None else "-", p.reason or ""]
+        t.add_row(*row, style=None if p.decomposed else "dim")
     return t
+
+
+def budget_line(b: BudgetOutcome) -> Text:
+    """What a --target allocation chose."""
+    if b.metric == "latency":
+        return Text(
+            f"Target {b.target}: the layers' summed time alone in the runtime {b.before:.3f} -> {b.after:.3f} ms = "
+            f"{b.achieved:.3f} of the original (predicted from per-layer timings) at MACs {b.macs_fraction or 0:.3f} of "
+            f"the original, the least compression that meets it ({b.evaluations} allocations timed, bisection); "
+            f"{b.layers_decomposed} of {b.layers_considered} layers allocated a decomposition."
+        )
+    if b.metric == "agreement":
+        held = "-" if b.held_out is None else f"{100 * b.held_out:.2f}%"
+        return Text(
+            f"Target {b.target}: top-1 agreement with the original {100 * b.after:.2f}% on {b.search_samples} search samples, "
+            f"{held} on {b.held_out_samples} held-out samples, at MACs {b.macs_fraction or 0:.3f} of the original (the most "
+            f"compression found by bisection; {b.evaluations} model evaluations); {b.layers_decomposed} of "
+            f"{b.layers_considered} layers decomposed."
+        )
+    what = "MACs (Conv/Gemm/MatMul)" if b.metric == "macs" else "parameters (all float initializers)"
+    return Text(
+        f"Target {b.target}: allocated {what} {fmt.fmt_int(int(b.before))} -> {fmt.fmt_int(int(b.after))} = {b.achieved:.4f} "
+        f"of the original (met within one rank step of {b.step}); {b.layers_decomposed} of {b.layers_considered} layers "
+        f"decomposed, ranks granted greedily where they win back the most kernel energy per unit of {b.metric} "
+        f"({b.steps} steps)."
+    )
+
+
+def layer_timing_line(s: LatencySummary) -> Text:
+    """How the per-layer times were measured and how well they add up to a whole-model profile."""
+    text = (f"Per-layer timing: onnxruntime CPU, {s.threads} thread{'s' if s.threads != 1 else ''}, each layer and its "
+            f"chain alone, interleaved medians; {s.measured} pairs timed for {s.lookups} asked (cached per shape); "
+            f"a chain is kept at x{s.min_speedup:g} or faster.")
+    ratio = s.profile_ratio
+    if ratio is not None:
+        text += (f" Sum of {s.layers_summed} isolated layer times {s.isolated_ms:.3f} ms vs {s.profiled_ms:.3f} ms in a "
+                 f"whole-model profile ({s.profile_runs} runs): x{ratio:.2f}"
+                 + (f"; the model also spends {s.layout_ms:.3f} ms in NCHWc reorders" if s.layout_ms else "") + ".")
+    return Text(text)
 
 
 def summary_table(totals: ModelTotals | dict[str, int], latency: tuple[float, float] | None = None) -> Table:
@@ -139,11 +178,13 @@ def result_tables(
 ) -> list[Table | Text]:
     """What a result shows in reading order: per-layer, calibration, summary, validation, latency."""
     plan = result if isinstance(result, CompressionPlan) else result.plan
+    timing: list[Table | Text] = [budget_line(plan.budget)] if plan.budget is not None else []
+    timing += [layer_timing_line(plan.latency)] if plan.latency is not None else []
     if isinstance(result, CompressionPlan):
-        return [layer_table(plan), summary_table(plan.totals())]
+        return [layer_table(plan), *timing, summary_table(plan.totals())]
     latency = latency if latency is not None else result.latency
     lat = (latency.original_median, latency.compressed_median) if latency is not None else None
-    tables: list[Table | Text] = [layer_table(plan)]
+    tables: list[Table | Text] = [layer_table(plan), *timing]
     cal = calibration_table(plan)
     if cal is not None:
         tables.append(cal)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,16 +74,28 @@ def measure_latency(
         s0 = ort_session(original, "original", tmpdir=tmp, threads=threads)
         s1 = ort_session(compressed, "compressed", tmpdir=tmp, threads=threads)
     feeds = random_inputs(reference, input_shapes, np.random.default_rng(seed))
+    t0, t1 = interleave(lambda: s0.run(None, feeds), lambda: s1.run(None, feeds), warmup, runs)
+    return LatencyReport(threads, warmup, runs, dict(input_shapes), t0, t1)
+
+
+def interleave(
+    run_a: Callable[[], object], run_b: Callable[[], object], warmup: int, runs: int,
+    clock: Callable[[], float] | None = None,
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Milliseconds of `runs` timed calls of each of `run_a` and `run_b`, after `warmup` untimed calls of
+    each. Timed runs alternate A B, B A, A B, ...: which one goes first flips every round, so neither
+    always runs on the warmer cache, and drift on a shared machine hits both equally. `clock`: seconds
+    (default `time.perf_counter`, looked up at call time)."""
+    clock = clock or time.perf_counter
     for _ in range(warmup):
-        s0.run(None, feeds)
-        s1.run(None, feeds)
-    t0: list[float] = []
-    t1: list[float] = []
+        run_a()
+        run_b()
+    ta: list[float] = []
+    tb: list[float] = []
     for i in range(runs):
-        # Alternate which model goes first, so neither always runs on a warmer cache.
-        order = ((s0, t0), (s1, t1)) if i % 2 == 0 else ((s1, t1), (s0, t0))
-        for sess, times in order:
-            start = time.perf_counter()
-            sess.run(None, feeds)
-            times.append((time.perf_counter() - start) * 1e3)
-    return LatencyReport(threads, warmup, runs, dict(input_shapes), tuple(t0), tuple(t1))
+        order = ((run_a, ta), (run_b, tb)) if i % 2 == 0 else ((run_b, tb), (run_a, ta))
+        for fn, times in order:
+            start = clock()
+            fn()
+            times.append((clock() - start) * 1e3)
+    return tuple(ta), tuple(tb)
