@@ -186,3 +186,19 @@ def test_data_ranks_need_calibration_data_and_a_reachable_fraction(tmp_path: Pat
     assert r.exit_code != 0 and "the least this model can reach" in r.output and not out.exists()
     r = CliRunner().invoke(app, ["compress", str(src), str(out), "--ranks", "data:0.5"])
     assert r.exit_code != 0 and "--calibrate" in r.output and not out.exists()
+
+
+def test_target_macs_with_calibration_allocates_on_the_data(tmp_path: Path, rng: np.random.Generator) -> None:
+    """`--target macs:F --calibrate DATA` spends the budget as `--ranks data:F` does (same plan), and the two
+    together are refused."""
+    from onnx_tucker.config import BudgetTarget
+
+    model = make_small_cnn(batch="N")
+    cal = tmp_path / "cal.npz"
+    np.savez(cal, x=rng.standard_normal((40, 3, 16, 16)).astype(np.float32))
+    by_target = api.plan(model, CompressionConfig(target=BudgetTarget.parse("macs:0.5"), calibrate=str(cal), validate=False))
+    by_ranks = api.plan(model, CompressionConfig(ranks=RankPolicy.parse("data:0.5"), calibrate=str(cal), validate=False))
+    assert [(p.kind, p.ranks) for p in by_target.layers] == [(p.kind, p.ranks) for p in by_ranks.layers]
+    assert {p.policy for p in by_target.decomposed} == {"data:0.5"}
+    with pytest.raises(UsageError, match="both set the MACs"):
+        CompressionConfig(target=BudgetTarget.parse("macs:0.5"), ranks=RankPolicy.parse("data:0.5"), calibrate=str(cal))
