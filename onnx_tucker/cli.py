@@ -117,8 +117,8 @@ CalibrationSamplesOpt = Annotated[int, typer.Option("--calibration-samples", hel
 # Fine-tuning options (finetune, and compress --finetune)
 EpochsOpt = Annotated[int, typer.Option("--epochs", help="Passes over the training data.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Samples per optimiser step.")]
-OptimizerOpt = Annotated[str, typer.Option("--optimizer", help="adam, or sgd (momentum 0.9: with --schedule step, the paper's schedule).")]
-LrOpt = Annotated[float | None, typer.Option("--lr", help="Learning rate (default 2e-3 for adam; 1e-3 for sgd, the paper).", show_default=False)]
+OptimizerOpt = Annotated[str, typer.Option("--optimizer", help="sgd (momentum 0.9, the paper's; default) or adam.")]
+LrOpt = Annotated[float | None, typer.Option("--lr", help="Learning rate (default 1e-3 for sgd, the paper's; 2e-3 for adam).", show_default=False)]
 ScheduleOpt = Annotated[str, typer.Option("--schedule", help="cosine (to 0 over the run), step (lr / 10 every --step-epochs, the paper), or constant.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda when available), cpu or cuda.")]
 FinetuneDataOpt = Annotated[Path | None, typer.Option("--finetune", help="Fine-tune the compressed model on this data before validating and writing it (the paper's step 3; as `finetune --data`; needs the finetune extra).", show_default=False)]
@@ -236,7 +236,7 @@ def compress(
     val_data: ValDataOpt = None,
     epochs: EpochsOpt = 3,
     batch_size: BatchSizeOpt = 64,
-    optimizer: OptimizerOpt = "adam",
+    optimizer: OptimizerOpt = "sgd",
     lr: LrOpt = None,
     schedule: ScheduleOpt = "cosine",
     device: DeviceOpt = "auto",
@@ -469,7 +469,7 @@ def finetune_cmd(
     val_split: Annotated[float, typer.Option("--val-split", help="Share of DATA held out when there is no --val-data (0: none).")] = 0.1,
     epochs: EpochsOpt = 3,
     batch_size: BatchSizeOpt = 64,
-    optimizer: OptimizerOpt = "adam",
+    optimizer: OptimizerOpt = "sgd",
     lr: LrOpt = None,
     schedule: ScheduleOpt = "cosine",
     step_epochs: Annotated[int, typer.Option("--step-epochs", help="Epochs between the step schedule's lr / 10.")] = 5,
