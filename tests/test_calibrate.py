@@ -571,3 +571,13 @@ def test_first_factor_given_the_rest_is_the_least_squares_optimum(rng: np.random
         assert rss <= last_rss * (1 + 1e-9)
         last_rss = rss
         first = refit.fit_first_given_rest(stats, front @ last, r, kk, False, ridge=1e-12)
+
+
+def test_projected_channels_equals_the_kronecker_projection(rng: np.random.Generator) -> None:
+    s, kk, t, r = 6, 4, 5, 3
+    stats = refit.GramStats(s * kk, t)
+    stats.add(rng.standard_normal((200, s * kk)), rng.standard_normal((200, t)))
+    a = rng.standard_normal((r, s))
+    want, got = stats.projected(np.kron(a, np.eye(kk)).T), stats.projected_channels(a, kk)
+    for name in ("pp", "py", "sum_p"):
+        np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-10, atol=1e-9)

@@ -69,7 +69,7 @@ def tucker2_error_grid(stats: GramStats, kernel_gram: np.ndarray, kk: int, input
     out: dict[int, np.ndarray] = {}
     for r3 in input_ranks:
         first = data_aware_basis(moment, kernel_gram, min(r3, s), ridge)  # type: ignore[arg-type]
-        proj = stats.projected(np.kron(first, np.eye(kk)).T)
+        proj = stats.projected_channels(first, kk)
         tail, full_rss, _ = _spectrum_tail(proj, intercept, ridge)
         out[r3] = (tail + full_rss) / energy if energy > 0 else np.zeros_like(tail)
     return out

@@ -78,6 +78,19 @@ class GramStats:
         out.py = f.T @ self.py
         return out
 
+    def projected_channels(self, a: np.ndarray, kk: int) -> GramStats:
+        """`projected(kron(a, I_kk).T)` without forming the Kronecker product: the statistics of the
+        im2col of a 1x1 conv `a` (r x S) applied to the input, columns (channel, offset) as here."""
+        a = np.asarray(a, dtype=np.float64)
+        r, s = a.shape
+        out = GramStats(r * kk, self.t)
+        out.n, out.sum_y, out.yy = self.n, self.sum_y, self.yy
+        out.sum_p = (a @ self.sum_p.reshape(s, kk)).reshape(-1)
+        left = np.tensordot(a, self.pp.reshape(s, kk, s, kk), axes=([1], [0]))  # (r, kk, s, kk)
+        out.pp = np.tensordot(left, a, axes=([2], [1])).transpose(0, 1, 3, 2).reshape(r * kk, r * kk)
+        out.py = np.tensordot(a, self.py.reshape(s, kk, self.t), axes=([1], [0])).reshape(r * kk, self.t)
+        return out
+
     def centred(self, intercept: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(Cpp, Cpy, Cyy, mean_p, mean_y); uncentred (means 0) when no bias is fitted."""
         if not intercept or self.n == 0:

@@ -73,7 +73,9 @@ class CalibrationOptions:
     # minus the compressed other branch, so it also absorbs the error the skip path carries.
     residual: bool = True
     # Alternations of (first factor | core and last) after the joint / data-aware fit (Tucker-2, "full").
-    sweeps: int = 3
+    # Measured on CIFAR ResNet-56 at x2 MACs: 1 sweep 56 s / 81.05 %, 3 sweeps 75 s / 81.40 % (2,000 test
+    # images: within noise); each sweep solves an (R3 S)-wide least squares per layer.
+    sweeps: int = 1
 
 
 @dataclass(frozen=True)
@@ -201,7 +203,7 @@ class _LayerPass:
 
     def first_space(self, k: int, first: np.ndarray) -> GramStats:
         """Statistics of the im2col of `first` applied to the input ("x" space only)."""
-        return self.stats[k].projected(np.kron(first, np.eye(self.kk)).T)
+        return self.stats[k].projected_channels(first, self.kk)
 
     def channel_moment(self, k: int) -> np.ndarray:
         """Second moment of the input channels over the receptive fields ("x" space only)."""
