@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
-from .refit import DEFAULT_RIDGE, GramStats, data_aware_basis, ridge_lambda
+from .refit import DEFAULT_RIDGE, GramStats, channel_moment, data_aware_basis, ridge_lambda
 
 
 @dataclass(frozen=True)
@@ -63,12 +63,11 @@ def tucker2_error_grid(stats: GramStats, kernel_gram: np.ndarray, kk: int, input
     """For each input rank R3: the relative squared error at every output rank R4 = 0..t, with the
     data-aware first factor. `stats` are on the im2col of the input (columns (channel, offset))."""
     s = stats.d // kk
-    pp = stats.pp
-    moment = sum(pp[o::kk, o::kk] for o in range(kk)) / kk  # input channels' second moment
+    moment = channel_moment(stats, kk)
     energy = float(np.trace(stats.centred(intercept)[2]))
     out: dict[int, np.ndarray] = {}
     for r3 in input_ranks:
-        first = data_aware_basis(moment, kernel_gram, min(r3, s), ridge)  # type: ignore[arg-type]
+        first = data_aware_basis(moment, kernel_gram, min(r3, s), ridge)
         proj = stats.projected_channels(first, kk)
         tail, full_rss, _ = _spectrum_tail(proj, intercept, ridge)
         out[r3] = (tail + full_rss) / energy if energy > 0 else np.zeros_like(tail)

@@ -105,6 +105,24 @@ class GramStats:
         return float(np.trace(self.yy))
 
 
+def channel_moment(stats: GramStats, kk: int) -> np.ndarray:
+    """Second moment of the input channels (S x S) over the receptive fields, from statistics on an
+    im2col with columns (channel, kernel offset)."""
+    pp = stats.pp
+    return sum(pp[o::kk, o::kk] for o in range(kk)) / kk  # type: ignore[return-value]
+
+
+def kernel_input_grams(weight: np.ndarray, groups: int = 1) -> list[np.ndarray]:
+    """Per group, the input-mode Gram W_(1) W_(1)^T (S_g x S_g) of a conv kernel (T, S_g, *k)."""
+    w = np.asarray(weight, dtype=np.float64)
+    t = w.shape[0] // groups
+    out = []
+    for k in range(groups):
+        m = np.moveaxis(w[k * t : (k + 1) * t], 1, 0).reshape(w.shape[1], -1)
+        out.append(m @ m.T)
+    return out
+
+
 def residual(stats: GramStats, w: np.ndarray, b: np.ndarray | None = None) -> float:
     """sum ||y - p @ w - b||^2 over the accumulated rows, exactly, from the statistics."""
     w = np.asarray(w, dtype=np.float64)

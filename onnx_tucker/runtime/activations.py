@@ -1,7 +1,6 @@
 """Intermediate activations from onnxruntime, batch by batch.
 
-`iter_activations` keeps nothing between calls: each call runs the model's prefix up to the tensors
-asked for. `ActivationCache` is for a walk through a model's layers in graph order (calibration):
+`ActivationCache` is for a walk through a model's layers in graph order (calibration, rank choice):
 it keeps the tensors at the frontier of what has been computed, so the next request runs only the
 nodes after them, and the whole walk costs about one pass over the model instead of one prefix per
 layer (quadratic in depth). Its memory is the frontier's activations for the whole data set, capped
@@ -10,14 +9,14 @@ by `budget_bytes` (over it, the cache is dropped and the next request starts fro
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
 from onnx import helper
 
 from ..errors import ValidationError
-from ..graph.probe import downstream, expose_outputs, extract_segment, tensor_readers
+from ..graph.probe import downstream, extract_segment, tensor_readers
 from ..graph.protos import PROTOBUF_LIMIT, first_line
 
 
@@ -34,27 +33,6 @@ def _session(model: onnx.ModelProto, what: str):  # type: ignore[no-untyped-def]
         raise
     except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated exception types
         raise ValidationError(f"the {what} model does not load in onnxruntime ({first_line(e)})") from None
-
-
-def iter_activations(
-    model: onnx.ModelProto, names: Sequence[str], batches: Iterable[Mapping[str, np.ndarray]], what: str = "model"
-) -> Iterator[list[np.ndarray]]:
-    """For each batch of feeds, the values of the tensors `names` (graph inputs are passed through).
-
-    Only the nodes these tensors depend on run (see `graph.probe.expose_outputs`).
-    """
-    graph_inputs = {i.name for i in model.graph.input}
-    computed = [n for n in names if n not in graph_inputs]
-    session = _session(expose_outputs(model, computed), what) if computed else None
-    for feeds in batches:
-        values: dict[str, np.ndarray] = {}
-        if session is not None:
-            try:
-                outs = session.run(computed, dict(feeds))
-            except Exception as e:  # noqa: BLE001
-                raise ValidationError(f"onnxruntime failed to run the {what} model ({first_line(e)})") from None
-            values = dict(zip(computed, outs, strict=True))
-        yield [np.asarray(values[n]) if n in values else np.asarray(feeds[n]) for n in names]
 
 
 class ActivationCache:
@@ -100,10 +78,9 @@ class ActivationCache:
                 for n, o in zip(wanted, outs, strict=True):
                     fresh[n].append(np.asarray(o))
             self.done |= seg.nodes
-        result = [[np.asarray(feeds[n]) if n in self.inputs and n not in self.cache and n not in fresh
-                   else (fresh[n][i] if n in fresh else self.cache[n][i]) for n in names]
-                  for i, feeds in enumerate(self.batches)]
         self.cache.update(fresh)
+        result = [[np.asarray(feeds[n]) if n in self.inputs else self.cache[n][i] for n in names]
+                  for i, feeds in enumerate(self.batches)]
         # Keep what a node that has not run yet reads; drop the rest (and everything over the budget).
         self.cache = {n: v for n, v in self.cache.items() if not self.readers.get(n, set()) <= self.done}
         if self.nbytes > self.budget:

@@ -43,12 +43,14 @@ from ..numerics.refit import (
     DEFAULT_RIDGE,
     GramStats,
     balance_chain,
+    channel_moment,
     conv_pads_begin,
     data_aware_basis,
     fit_first_given_rest,
     fit_last,
     fit_reduced_rank,
     im2col,
+    kernel_input_grams,
     residual,
     sample_positions,
 )
@@ -207,8 +209,7 @@ class _LayerPass:
 
     def channel_moment(self, k: int) -> np.ndarray:
         """Second moment of the input channels over the receptive fields ("x" space only)."""
-        pp = self.stats[k].pp
-        return sum(pp[o :: self.kk, o :: self.kk] for o in range(self.kk)) / self.kk  # type: ignore[return-value]
+        return channel_moment(self.stats[k], self.kk)
 
 
 def _solve(geo: _Geometry, lp: _LayerPass, intercept: bool, opts: CalibrationOptions,
@@ -285,16 +286,6 @@ def _arrays(layer: Layer, f: LayerFactors, geo: _Geometry, groups: list[_Group])
     return arrays, np.concatenate([g.bias for g in groups])
 
 
-def _kernel_grams(weight: np.ndarray, groups: int) -> list[np.ndarray]:
-    w = np.asarray(weight, dtype=np.float64)
-    t = w.shape[0] // groups
-    out = []
-    for k in range(groups):
-        m = np.moveaxis(w[k * t : (k + 1) * t], 1, 0).reshape(w.shape[1], -1)
-        out.append(m @ m.T)
-    return out
-
-
 def calibrate_model(
     original: onnx.ModelProto,
     compressed: onnx.ModelProto,
@@ -337,7 +328,7 @@ def calibrate_model(
         rng = np.random.default_rng([opts.seed, node_index])
         grams = None
         if opts.method == "full" and f.kind == "tucker2" and layer.weight_name:
-            grams = _kernel_grams(read_weight(layer.weight_name), len(geo.groups))
+            grams = kernel_input_grams(read_weight(layer.weight_name), len(geo.groups))
         per_sample = max(1, math.ceil(opts.rows / max(count, 1))) if geo.conv else None
         lp = _LayerPass(geo, opts, per_sample, rng, f.kind == "tucker2")
         # Residual compensation: when the output only feeds an Add, aim at the original *sum*, i.e. the

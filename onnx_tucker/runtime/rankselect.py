@@ -29,7 +29,7 @@ from ..numerics.rankalloc import (
     rank_grid,
     tucker2_error_grid,
 )
-from ..numerics.refit import GramStats, conv_pads_begin, im2col, sample_positions
+from ..numerics.refit import GramStats, conv_pads_begin, im2col, kernel_input_grams, sample_positions
 from ..ops.layer import Layer
 from ..ops.registry import handler_for
 from ..planning.planner import LayerPlan, PlannedRanks
@@ -106,12 +106,6 @@ def _width(layer: Layer) -> tuple[int, int, int]:
     return int(w[-2]), int(w[-1]), 1
 
 
-def _kernel_gram(weight: np.ndarray) -> np.ndarray:
-    w = np.asarray(weight, dtype=np.float64)
-    m = np.moveaxis(w, 1, 0).reshape(w.shape[1], -1)
-    return m @ m.T
-
-
 def _candidates(layer: Layer, stats: GramStats, weight: np.ndarray, kk: int, points: int) -> list[RankCandidate]:
     handler = handler_for(layer)
     intercept = bool(layer.bias_name)
@@ -125,7 +119,7 @@ def _candidates(layer: Layer, stats: GramStats, weight: np.ndarray, kk: int, poi
             out.append(RankCandidate("tucker1", (r,), int(handler.cost(layer, "tucker1", (r,))[1] or 0), float(curve[r])))
         if "tucker2" in kinds:
             s = stats.d // kk
-            grid = tucker2_error_grid(stats, _kernel_gram(weight), kk, rank_grid(s, points)[:-1] or [1], intercept)
+            grid = tucker2_error_grid(stats, kernel_input_grams(weight)[0], kk, rank_grid(s, points)[:-1] or [1], intercept)
             for r3, errs in grid.items():
                 for r4 in range(1, t + 1):
                     macs = int(handler.cost(layer, "tucker2", (r4, r3))[1] or 0)
