@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from typer.core import TyperCommand, TyperGroup
 
 from .config import BenchConfig, CompressionConfig, Preprocess
 from .errors import OnnxTuckerError, UsageError
+from .report.console import make_console
 
 try:  # recent typer vendors click as typer._click; older typer uses click itself
     from typer._click import exceptions as _click_exc
@@ -140,9 +140,10 @@ MobileReportOpt = Annotated[Path | None, typer.Option("--mobile-report", help="A
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="More detail (EVBMF noise estimates, timings).")]
 
-# Piped output (CI logs, reports) gets wide tables instead of rich's 80-column default.
-out_console = Console(width=None if sys.stdout.isatty() else 180)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 180)
+# Piped output (CI logs, reports) gets wide tables instead of rich's 80-column default. No console
+# interprets markup or emoji codes: paths and layer names print verbatim (report/console.py).
+out_console = make_console(width=None if sys.stdout.isatty() else 180)
+err_console = make_console(stderr=True, width=None if sys.stderr.isatty() else 180)
 
 
 def _error_line(text: str) -> None:
@@ -198,7 +199,7 @@ def _progress(enabled: bool):  # type: ignore[no-untyped-def]
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=True) as bar:
         task = bar.add_task("layers", total=None)
 
