@@ -622,6 +622,24 @@ def case_validate_truncated_compressed(tmp, mp):
     return Case(["validate", str(inp), str(out), "--samples", "2"], 1, ["model.tucker.onnx", "not a readable ONNX model"])
 
 
+# ---- issue 16 item 7: user text is printed verbatim (rich read ':fire:' as an emoji) ----------------
+
+
+@case
+def case_calibrate_path_with_emoji_codes(tmp, mp):
+    inp, out = paths(tmp)
+    save(good_model(), inp)
+    return Case(compress_args(inp, out, "--calibrate", str(tmp / "in" / "run:fire:1.npz")), 2,
+                ["--calibrate", "in/run:fire:1\\.npz: no such file"])
+
+
+@case
+def case_ranks_data_colon_abc(tmp, mp):
+    inp, out = paths(tmp)
+    save(good_model(), inp)
+    return Case(compress_args(inp, out, "--ranks", "data:abc"), 2, ["--ranks data:abc: not understood"])
+
+
 # ---- the corpus test ----------------------------------------------------------------------------
 
 
