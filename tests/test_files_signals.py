@@ -151,13 +151,15 @@ def test_a_killed_runs_temporary_file_is_removed_by_the_next_run(tmp_path: Path,
     stale = tmp_path / f".m.tucker.onnx.onnx-tucker-{_dead_pid()}.k2j4x9a1.tmp"
     live = tmp_path / ".m.tucker.onnx.onnx-tucker-1.abcdefgh.tmp"  # pid 1 is alive: another run, left alone
     other = tmp_path / f".other.onnx.onnx-tucker-{_dead_pid()}.abcdefgh.tmp"  # another OUT's: not ours to judge
-    for p in (stale, live, other):
+    legacy = tmp_path / ".m.tucker.onnx.a1b2c3d4.tmp"  # an older version's name: no pid, so only reported
+    for p in (stale, live, other, legacy):
         p.write_bytes(b"half a model")
     with caplog.at_level("WARNING", logger="onnx_tucker"):
         res = runner.invoke(app, ["compress", str(inp), str(out), "--samples", "2"])
     assert res.exit_code == 0, res.stderr
     assert not stale.exists() and live.exists() and other.exists() and out.exists()
     assert any(str(stale) in r.getMessage() and "killed" in r.getMessage() for r in caplog.records)
+    assert legacy.exists() and [r for r in caplog.records if str(legacy) in r.getMessage()]
 
 
 def test_temporary_files_are_named_after_out_and_the_process(tmp_path: Path) -> None:

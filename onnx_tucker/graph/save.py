@@ -38,6 +38,7 @@ EXTERNAL_THRESHOLD = 1024
 # ---- temporary files: recognisable by name, with the final file's mode -----------------------------
 TEMP_TAG = "onnx-tucker"
 _LEGACY_TEMP = re.compile(r"[a-z0-9_]{8}\.tmp")  # mkstemp's names before temps carried a pid
+_reported: set[Path] = set()  # legacy leftovers already named once in this process
 
 
 def current_umask() -> int:
@@ -98,7 +99,8 @@ def remove_stale_temps(final: Path) -> list[Path]:
         rest = p.name[len(prefix):]
         m = re.fullmatch(rf"{TEMP_TAG}-(\d+)\.[^/]+\.tmp", rest)
         if m is None:
-            if _LEGACY_TEMP.fullmatch(rest):
+            if _LEGACY_TEMP.fullmatch(rest) and p not in _reported:
+                _reported.add(p)
                 log.warning("note: %s looks like a temporary file of an interrupted onnx-tucker run; "
                             "delete it if no run is writing %s", p, final)
             continue
