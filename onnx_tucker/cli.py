@@ -7,18 +7,20 @@ same everywhere. Exit codes: 0 success, 1 failure (bad model, failed step, faile
 
 from __future__ import annotations
 
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from typer.core import TyperCommand, TyperGroup
 
 from .config import BenchConfig, CompressionConfig, Preprocess
-from .errors import OnnxTuckerError, UsageError
+from .errors import OnnxTuckerError, Terminated, UsageError
+from .report.console import make_console
 
 try:  # recent typer vendors click as typer._click; older typer uses click itself
     from typer._click import exceptions as _click_exc
@@ -140,9 +142,10 @@ MobileReportOpt = Annotated[Path | None, typer.Option("--mobile-report", help="A
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="More detail (EVBMF noise estimates, timings).")]
 
-# Piped output (CI logs, reports) gets wide tables instead of rich's 80-column default.
-out_console = Console(width=None if sys.stdout.isatty() else 180)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 180)
+# Piped output (CI logs, reports) gets wide tables instead of rich's 80-column default. No console
+# interprets markup or emoji codes: paths and layer names print verbatim (report/console.py).
+out_console = make_console(width=None if sys.stdout.isatty() else 180)
+err_console = make_console(stderr=True, width=None if sys.stderr.isatty() else 180)
 
 
 def _error_line(text: str) -> None:
@@ -151,14 +154,39 @@ def _error_line(text: str) -> None:
 
 
 @contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (kill, a scheduler's stop) raises Terminated, a KeyboardInterrupt: the same clean-up as
+    Ctrl-C, exit 143. Only the first one: a second SIGTERM during clean-up is ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = [False]
+
+    def handler(signum: int, frame: object) -> None:
+        if not fired[0]:
+            fired[0] = True
+            raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
 def _errors(verbose: bool = False):  # type: ignore[no-untyped-def]
     # Outputs are written through io.OutputBatch (temp file + rename), so whatever stops the run
     # here leaves no partial file and an existing OUT untouched.
     try:
-        yield
+        with _sigterm_as_interrupt():
+            yield
     except OnnxTuckerError as e:
         _error_line(str(e))
         raise typer.Exit(e.exit_code) from None
+    except Terminated:
+        _error_line("terminated (SIGTERM); no partial output was left (outputs are written atomically)")
+        raise typer.Exit(Terminated.exit_code) from None
     except KeyboardInterrupt:
         _error_line("interrupted; no partial output was left (outputs are written atomically)")
         raise typer.Exit(130) from None
@@ -198,7 +226,7 @@ def _progress(enabled: bool):  # type: ignore[no-untyped-def]
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=True) as bar:
         task = bar.add_task("layers", total=None)
 

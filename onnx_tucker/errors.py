@@ -37,3 +37,10 @@ class RewriteError(OnnxTuckerError):
 
 class ValidationError(OnnxTuckerError):
     """The model could not be run in onnxruntime for validation (not: outputs differ)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised by the CLI's handler where Ctrl-C's KeyboardInterrupt would be: every clean-up
+    that runs on Ctrl-C runs on `kill` too (temporary files removed, OUT untouched); exit code 143."""
+
+    exit_code = 143

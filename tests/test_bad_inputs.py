@@ -3,7 +3,7 @@
 Each case builds its broken input in tmp_path and runs `onnx-tucker compress` (or inspect /
 validate) in-process. For every failure we check the whole contract at once:
 
-* the exit code (2 for usage errors, 1 otherwise, 130 for Ctrl-C),
+* the exit code (2 for usage errors, 1 otherwise, 130 for Ctrl-C, 143 for SIGTERM),
 * stderr is exactly one line starting with "error: ", with "; " before the fix, naming the
   file or node and the problem (regexes per case), and no traceback anywhere,
 * every file under tmp_path is byte-identical afterwards (the input, a previous OUT, a secret
@@ -620,6 +620,36 @@ def case_validate_truncated_compressed(tmp, mp):
     data = inp.read_bytes()
     out.write_bytes(data[: len(data) // 3])
     return Case(["validate", str(inp), str(out), "--samples", "2"], 1, ["model.tucker.onnx", "not a readable ONNX model"])
+
+
+# ---- issue 16 item 7: user text is printed verbatim (rich read ':fire:' as an emoji) ----------------
+
+
+@case
+def case_calibrate_path_with_emoji_codes(tmp, mp):
+    inp, out = paths(tmp)
+    save(good_model(), inp)
+    return Case(compress_args(inp, out, "--calibrate", str(tmp / "in" / "run:fire:1.npz")), 2,
+                ["--calibrate", "in/run:fire:1\\.npz: no such file"])
+
+
+@case
+def case_ranks_data_colon_abc(tmp, mp):
+    inp, out = paths(tmp)
+    save(good_model(), inp)
+    return Case(compress_args(inp, out, "--ranks", "data:abc"), 2, ["--ranks data:abc: not understood"])
+
+
+# ---- issue 16 item 9: SIGTERM is Ctrl-C with exit 143 (tests/test_files_signals.py: a real signal) -----
+
+
+@case
+def case_sigterm_while_writing(tmp, mp):
+    from onnx_tucker.errors import Terminated
+
+    inp, out = with_previous_out(tmp)
+    fail_in_out_folder(mp, tmp, "fsync", Terminated())
+    return Case(compress_args(inp, out), 143, ["terminated \\(SIGTERM\\)", "no partial output"])
 
 
 # ---- the corpus test ----------------------------------------------------------------------------

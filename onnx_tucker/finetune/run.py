@@ -7,7 +7,6 @@ import copy
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, replace
@@ -17,10 +16,10 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..errors import ModelLoadError, OnnxTuckerError, UsageError, ValidationError
+from ..errors import ModelLoadError, OnnxTuckerError, Terminated, UsageError, ValidationError
 from ..graph import torchready
 from ..graph.load import load_model
-from ..graph.save import OutputBatch, check_output_path, check_output_paths
+from ..graph.save import OutputBatch, check_output_path, check_output_paths, make_temp
 from ..runtime.data import DataSet, load_data
 from ..runtime.validate import compare_outputs
 from . import convert
@@ -107,8 +106,7 @@ def _sha(path: Path) -> str:
 
 
 def _save_checkpoint(torch: Any, path: Path, state: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
-    os.close(fd)
+    tmp = make_temp(path)  # named so a leftover of a killed run is recognised; the checkpoint's mode
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)
@@ -310,7 +308,7 @@ def finetune(
                            "device": str(device), "train": train_b.count, "val": 0 if val_ds is None else val_ds.count,
                            "trainable": n_train, "total": n_total, "before": before, "metric": metric,
                            "changes": norm.changes})
-    epoch = start_epoch
+    epoch = saved_epoch = start_epoch  # saved_epoch: what the checkpoint on disk holds
     try:
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
             if cfg.max_steps is not None and steps_done >= cfg.max_steps:
@@ -346,12 +344,17 @@ def finetune(
                     "best_state": best_state, "best_value": best_value, "best_epoch": best_epoch,
                     "history": [asdict(h) for h in history], "before": before, "config": cfg.to_dict(),
                 })
+                saved_epoch = epoch
             if progress is not None:
                 progress("epoch", {"stats": stats, "epochs": cfg.epochs})
-    except KeyboardInterrupt:
-        done = history[-1].epoch if history else 0
+    except KeyboardInterrupt as e:
+        done = saved_epoch  # not history[-1]: a stop while saving leaves the previous checkpoint
         kept = f"the checkpoint {ckpt} holds epoch {done}: rerun with --resume" if ckpt is not None and done else "no epoch finished"
-        raise FinetuneInterrupted(f"{src}: interrupted during epoch {epoch}; nothing was written to OUT; {kept}") from None
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        stop = FinetuneInterrupted(f"{src}: {how} during epoch {epoch}; nothing was written to OUT; {kept}")
+        if isinstance(e, Terminated):
+            stop.exit_code = Terminated.exit_code
+        raise stop from None
     seconds = time.perf_counter() - t_start
 
     if best_state is not None:

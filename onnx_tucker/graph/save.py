@@ -1,8 +1,13 @@
 """Writing models and reports atomically; the input is never overwritten.
 
 Every output goes to a temporary file in its own folder and is renamed into place only when
-everything has been written (`OutputBatch`), so a failure (disk full, Ctrl-C) leaves no half-written
-file and a pre-existing output untouched.
+everything has been written (`OutputBatch`), so a failure (disk full, Ctrl-C, SIGTERM) leaves no
+half-written file and a pre-existing output untouched.
+
+Temporary files are named `.OUT.onnx-tucker-PID.XXXXXXXX.tmp`: what a hard kill (SIGKILL, power
+loss) leaves behind is recognised by the next run to the same OUT and removed once its process is
+gone. Outputs get the mode a plain `open(path, "w")` would give (0666 & ~umask), and a file being
+replaced keeps its own mode.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import contextlib
 import errno
 import logging
 import os
+import re
+import stat
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -26,6 +33,87 @@ log = logging.getLogger("onnx_tucker")
 # Tensors at least this big go to the external data file when a model is saved with external data.
 EXTERNAL_THRESHOLD = 1024
 
+
+
+# ---- temporary files: recognisable by name, with the final file's mode -----------------------------
+TEMP_TAG = "onnx-tucker"
+_LEGACY_TEMP = re.compile(r"[a-z0-9_]{8}\.tmp")  # mkstemp's names before temps carried a pid
+_reported: set[Path] = set()  # legacy leftovers already named once in this process
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask sets it to read it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def output_mode(final: Path) -> int:
+    """The mode `final` should get: its own when it exists (replacing keeps it), else 0666 & ~umask."""
+    try:
+        return stat.S_IMODE(os.stat(final).st_mode)
+    except OSError:
+        return 0o666 & ~current_umask()
+
+
+def make_temp(final: Path) -> str:
+    """A new empty temporary file beside `final`, named after it and this process, with its final mode
+    (mkstemp makes 0600). Raises OSError."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.{TEMP_TAG}-{os.getpid()}.", suffix=".tmp",
+                               dir=final.resolve().parent)
+    try:
+        os.fchmod(fd, output_mode(final))
+    finally:
+        os.close(fd)
+    return tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's process
+        return True
+    return True
+
+
+def remove_stale_temps(final: Path) -> list[Path]:
+    """Remove the temporary files an onnx-tucker run that was killed (SIGKILL) left beside `final`:
+    ours by name, and their process gone. Older, pid-less leftovers are only reported."""
+    parent = final.resolve().parent
+    prefix = f".{final.name}."
+    removed = []
+    try:
+        found = [parent / e.name for e in os.scandir(parent) if e.name.startswith(prefix) and e.name.endswith(".tmp")]
+    except OSError:
+        return []
+    for p in sorted(found):
+        rest = p.name[len(prefix):]
+        m = re.fullmatch(rf"{TEMP_TAG}-(\d+)\.[^/]+\.tmp", rest)
+        if m is None:
+            if _LEGACY_TEMP.fullmatch(rest) and p not in _reported:
+                _reported.add(p)
+                log.warning("note: %s looks like a temporary file of an interrupted onnx-tucker run; "
+                            "delete it if no run is writing %s", p, final)
+            continue
+        pid = int(m[1])
+        if pid == os.getpid() or _alive(pid):
+            continue  # this run's own, or a run still writing
+        try:
+            p.unlink()
+        except OSError:
+            continue
+        removed.append(p)
+        log.warning("note: removed %s, left by an onnx-tucker run (pid %d) that was killed before it finished", p, pid)
+    return removed
 
 
 # ---- writing ------------------------------------------------------------------------------------
@@ -51,6 +139,7 @@ def check_output_path(output: str | os.PathLike[str], input_path: str | os.PathL
         raise UsageError(f"{out}: the folder {parent} does not exist; create it first (mkdir -p {parent})")
     if not os.access(parent, os.W_OK):
         raise ModelSaveError(f"{out}: the folder {parent} is not writable; choose another OUT path")
+    remove_stale_temps(out)
     return out
 
 
@@ -99,12 +188,10 @@ class OutputBatch:
         self.discard()
 
     def _temp(self, final: Path) -> str:
-        parent = final.resolve().parent
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=parent)
+            tmp = make_temp(final)
         except OSError as e:
             raise _write_error(final, e) from None
-        os.close(fd)
         self._staged.append((tmp, final))
         return tmp
 

@@ -278,10 +278,14 @@ def mobile_markdown(rep: MobileReport) -> str:
 
 
 # ---- terminal ------------------------------------------------------------------------------------------
+# Columns of words rather than numbers: left-justified, so a narrow terminal may fold them (report/console.py).
+_TEXT_COLUMNS = {"status", "verdict", "unsupported ops (compressed)", "note"}
+
+
 def _rich(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> Table:
     t = Table(title=title, title_justify="left")
     for i, col in enumerate(header):
-        t.add_column(col, justify="left" if i == 0 else "right", overflow="fold")
+        t.add_column(col, justify="left" if i == 0 or col in _TEXT_COLUMNS else "right", overflow="fold")
     for row in rows:
         t.add_row(*row)
     return t

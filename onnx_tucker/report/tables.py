@@ -19,7 +19,7 @@ from . import fmt
 def layer_table(plan: CompressionPlan, title: str = "Layers") -> Table:
     timed = any(p.time_before_ms is not None for p in plan.layers)
     t = Table(title=title, title_justify="left", show_lines=False)
-    cols = [("layer", "left"), ("kind", "left"), ("weight", "left"), ("EVBMF", "right"), ("ranks", "right"),
+    cols = [("layer", "left"), ("kind", "left"), ("weight", "right"), ("EVBMF", "right"), ("ranks", "right"),
             ("params", "right"), ("MACs", "right"), ("MAC gain", "right")]
     if timed:  # --latency-aware: measured alone in the runtime, next to the predicted MAC gain
         cols += [("time ms", "right"), ("time gain", "right")]
