@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from .config import BenchConfig, BudgetTarget, CompressionConfig, RankPolicy
-from .errors import ModelLoadError, UsageError
+from .errors import ModelLoadError, OnnxTuckerError, UsageError
 from .finetune.config import FinetuneResult, FinetuneStep
 from .graph import lazyload
 from .graph.fold import float_parameter_count
@@ -287,6 +287,9 @@ def _agreement_evaluator(prep: _Prepared, config: CompressionConfig) -> tuple[Ev
         prep.materialize(model)
         v = validate_models(prep.path or prep.model, model, prep.input_shapes, data=halves[which])
         top1 = v.outputs[0].top1_agreement if v.outputs else None
+        if v.nonfinite:
+            raise OnnxTuckerError(f"--target agreement: {v.nonfinite[0].nonfinite_text} on --data {config.data}; "
+                                  "fix the model's weights or the data (agreement of NaN scores means nothing)")
         if top1 is None:
             raise UsageError(f"--target agreement: the model's first output {v.outputs[0].name!r} is not class scores "
                              "(samples x classes); agreement needs a classifier")

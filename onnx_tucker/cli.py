@@ -373,7 +373,7 @@ def validate_cmd(
         if not quiet:
             _print([validation_table(v)])
         if not v.passed:
-            raise OnnxTuckerError(f"{compressed}: validation failed: max relative output error {v.passing_rtol:.3g} > --rtol {v.rtol:g}")
+            raise OnnxTuckerError(f"{compressed}: validation failed: {v.problem}; {v.fix}")
 
 
 @app.command(cls=_Command, name="bench", epilog="Example: onnx-tucker bench model.onnx model.tucker.onnx --threads 1 --runs 50")

@@ -67,6 +67,7 @@ def validation_dict(v: ValidationReport | None) -> dict[str, Any] | None:
         "passed": v.passed,
         "rtol": v.rtol,
         "passing_rtol": v.passing_rtol,
+        "problem": v.problem,  # why it failed (non-finite outputs first), None when it passed
         "samples": v.samples,
         "seed": v.seed,
         "source": v.source,

@@ -52,4 +52,5 @@ def result_markdown(result: CompressionResult, latency: LatencyReport | None = N
         for o in v.outputs:
             top1 = "-" if o.top1_agreement is None else f"{100 * o.top1_agreement:.1f}%"
             lines.append(f"| `{o.name}` | {o.max_abs_error:.3g} | {o.max_rel_error:.3g} | {o.cosine:.6f} | {top1} |")
+        lines += ["", *(f"**Failed:** {o.nonfinite_text}." for o in v.nonfinite)] if v.nonfinite else []
     return "\n".join(lines) + "\n"

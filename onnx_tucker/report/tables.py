@@ -119,10 +119,14 @@ def validation_table(v: ValidationReport) -> Table:
     if v.rtol is not None:
         title += f" at rtol {v.rtol:g}"
     t = Table(title=title, title_justify="left")
-    for col in ("output", "shape", "max abs err", "max rel err", "cosine", "top-1 agree", "top-5 agree"):
+    nonfinite = bool(v.nonfinite)
+    cols = ["output", "shape", "max abs err", "max rel err", "cosine", "top-1 agree", "top-5 agree"]
+    if nonfinite:  # NaN / Inf counts, original / compressed: the reason validation failed
+        cols.append("NaN/Inf orig | new")
+    for col in cols:
         t.add_column(col, justify="left" if col == "output" else "right")
     for o in v.outputs:
-        t.add_row(
+        row = [
             o.name,
             "x".join(map(str, o.shape)),
             f"{o.max_abs_error:.3g}",
@@ -130,7 +134,10 @@ def validation_table(v: ValidationReport) -> Table:
             f"{o.cosine:.6f}",
             "-" if o.top1_agreement is None else f"{100 * o.top1_agreement:.1f}%",
             "-" if o.top5_agreement is None else f"{100 * o.top5_agreement:.1f}%",
-        )
+        ]
+        if nonfinite:
+            row.append(f"{o.nan_original}/{o.inf_original} | {o.nan_compressed}/{o.inf_compressed}")
+        t.add_row(*row, style=None if o.finite else "bold red")
     return t
 
 
