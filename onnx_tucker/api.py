@@ -518,6 +518,7 @@ def _load_pair(
     orig = original if isinstance(original, onnx.ModelProto) else load_model(original, lazy=True)
     comp = compressed if isinstance(compressed, onnx.ModelProto) else load_model(compressed, lazy=True)
     source = "model" if isinstance(original, onnx.ModelProto) else str(original)
+    _check_same_signature(orig, comp, source, "the compressed model" if isinstance(compressed, onnx.ModelProto) else str(compressed))
     return orig, comp, resolve_input_shapes(orig, dict(config.input_shapes), source)
 
 
@@ -579,23 +580,40 @@ def validate(
 # ---- the mobile validation report (issue 10) --------------------------------------------------------
 
 
-def _signature(model: onnx.ModelProto) -> tuple[list[tuple[str, int, int]], list[tuple[str, int, int]]]:
-    """(inputs, outputs) as (name, element type, rank): what must match between the two models."""
+Signature = list[tuple[str, int, tuple[int | None, ...]]]
+
+
+def _signature(model: onnx.ModelProto) -> tuple[Signature, Signature]:
+    """(inputs, outputs) as (name, element type, dims; None for a symbolic or unknown one): what must
+    match between a model and its compressed version (compression changes none of it)."""
     from .graph.protos import graph_input_names
 
     real = set(graph_input_names(model))
 
-    def sig(values) -> list[tuple[str, int, int]]:  # type: ignore[no-untyped-def]
-        return [(v.name, v.type.tensor_type.elem_type, len(v.type.tensor_type.shape.dim)) for v in values]
+    def sig(values) -> Signature:  # type: ignore[no-untyped-def]
+        return [(v.name, v.type.tensor_type.elem_type,
+                 tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                       for d in v.type.tensor_type.shape.dim))
+                for v in values]
 
     return sig([i for i in model.graph.input if i.name in real]), sig(model.graph.output)
 
 
+def _same(a: Signature, b: Signature) -> bool:
+    """Same names, types and ranks, and the same size wherever both models fix a dimension."""
+    return len(a) == len(b) and all(
+        na == nb and ta == tb and len(da) == len(db) and all(x is None or y is None or x == y for x, y in zip(da, db, strict=True))
+        for (na, ta, da), (nb, tb, db) in zip(a, b, strict=True))
+
+
 def _check_same_signature(orig: onnx.ModelProto, comp: onnx.ModelProto, original: str, compressed: str) -> None:
+    """Two unrelated models (another network, another input size) are a usage error, said before any run."""
     for what, a, b in zip(("inputs", "outputs"), _signature(orig), _signature(comp), strict=True):
-        if a != b:
-            def show(s: list[tuple[str, int, int]]) -> str:
-                return ", ".join(f"{n} ({onnx.TensorProto.DataType.Name(t).lower()}, rank {r})" for n, t, r in s) or "none"
+        if not _same(a, b):
+            def show(s: Signature) -> str:
+                return ", ".join(
+                    f"{n} ({onnx.TensorProto.DataType.Name(t).lower()} [{','.join('?' if d is None else str(d) for d in ds)}])"
+                    for n, t, ds in s) or "none"
 
             raise UsageError(
                 f"{compressed}: its {what} [{show(b)}] differ from those of {original} [{show(a)}]; "

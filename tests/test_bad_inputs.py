@@ -651,6 +651,36 @@ def case_validate_two_all_nan_models(tmp, mp):
                 ["model.tucker.onnx", "output 'logits' is not finite", "compressed 20 NaN / 0 Inf of 20 values"])
 
 
+def unrelated_pair(tmp: Path) -> tuple[Path, Path]:
+    """Same input and output names, types and ranks, other sizes (1 channel, 12x12, 5 classes)."""
+    inp, out = paths(tmp)
+    save(good_model(), inp)
+    save(make_small_cnn(in_ch=1, spatial=(12, 12), classes=5, low_rank=True), out)
+    return inp, out
+
+
+@case
+def case_report_on_unrelated_models(tmp, mp):
+    inp, out = unrelated_pair(tmp)
+    return Case(["report", str(inp), str(out), "--runtimes", "ort", "--samples", "2"], 2,
+                [re.escape(out.name), r"its inputs \[x \(float \[1,1,12,12\]\)\] differ from those of", "compressed version"])
+
+
+@case
+def case_validate_on_unrelated_models(tmp, mp):
+    inp, out = unrelated_pair(tmp)
+    return Case(["validate", str(inp), str(out), "--samples", "2"], 2, [re.escape(out.name), "its inputs", "differ"])
+
+
+@case
+def case_report_on_models_with_other_outputs(tmp, mp):
+    inp, out = paths(tmp)
+    save(good_model(), inp)
+    save(make_small_cnn(classes=5, low_rank=True), out)
+    return Case(["report", str(inp), str(out), "--runtimes", "ort", "--samples", "2"], 2,
+                [r"its outputs \[logits \(float \[1,5\]\)\] differ"])
+
+
 # ---- the corpus test ----------------------------------------------------------------------------
 
 
