@@ -462,7 +462,9 @@ def compress(
     # onnxruntime reads the original from its file (its weights were loaded lazily: no copy of them).
     original = in_path or prep.model
     if config.validate:
-        data = load_validation_data(config.data, prep.model, config.samples, config.preprocess) if config.data else None
+        # Real data whenever given: without --data, the --calibrate images (random inputs say nothing of accuracy).
+        real = config.data or config.calibrate
+        data = load_validation_data(real, prep.model, config.samples, config.preprocess) if real else None
         validation = validate_models(
             original, new_model, prep.input_shapes, config.samples, config.seed, config.effective_rtol(lowest_float_eps(prep.model)), data
         )
@@ -639,21 +641,22 @@ def _mobile_inputs(orig: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], co
 
     names = tuple(graph_input_names(orig))
     outputs = tuple(o.name for o in orig.graph.output)
-    if config.data is None:
+    path = config.data or config.calibrate  # real data whenever given (compress --calibrate --mobile-report)
+    if path is None:
         rng = np.random.default_rng(config.seed)
         batches = [random_inputs(orig, shapes, rng) for _ in range(config.samples or DEFAULT_RANDOM_SAMPLES)]
         return Inputs(names, outputs, {n: np.stack([b[n] for b in batches]) for n in names}, None)
-    data = load_validation_data(config.data, orig, config.samples, config.preprocess)
+    data = load_validation_data(path, orig, config.samples, config.preprocess)
     batch = shapes[names[0]][0] if shapes[names[0]] else 1
     count = data.count // batch
     if count == 0:
-        raise UsageError(f"--data {config.data}: {data.count} sample(s), fewer than the model's batch of {batch}")
+        raise UsageError(f"--data {path}: {data.count} sample(s), fewer than the model's batch of {batch}")
     stacked = {}
     for n in names:
         a = np.asarray(data.inputs[n])
         if tuple(a.shape[1:]) != tuple(shapes[n][1:]):
             raise UsageError(
-                f"--data {config.data}: samples of '{n}' have shape {tuple(a.shape[1:])}, the model expects "
+                f"--data {path}: samples of '{n}' have shape {tuple(a.shape[1:])}, the model expects "
                 f"{tuple(shapes[n][1:])}; fix the data (--size, --layout) or --input-shape"
             )
         stacked[n] = a[: count * batch].reshape(count, batch, *a.shape[1:])
@@ -721,7 +724,8 @@ def mobile_report(
                            timeout, progress)
     report = MobileReport(
         original_path=str(original), compressed_path=str(compressed), input_shapes=shapes,
-        source="random" if config.data is None else str(config.data), samples=inputs.count * inputs.batch_size,
+        source="random" if (config.data or config.calibrate) is None else str(config.data or config.calibrate),
+        samples=inputs.count * inputs.batch_size,
         seed=config.seed, threads=b.threads, totals=totals, plan=layers, plan_source=plan_source,
         plan_mismatch=mismatch, runtimes=results, rtol=rtol, labels=inputs.labels is not None,
     )

@@ -118,9 +118,10 @@ def validation_table(v: ValidationReport) -> Table:
         title += f"; top-1 accuracy {100 * v.accuracy_before:.2f}% -> {100 * v.accuracy_after:.2f}%"
     if v.rtol is not None:
         title += f" at rtol {v.rtol:g}"
-    t = Table(title=title, title_justify="left")
+    t = Table(title=title, title_justify="left", caption=v.agreement_note, caption_justify="left")
     nonfinite = bool(v.nonfinite)
-    cols = ["output", "shape", "max abs err", "max rel err", "cosine", "top-1 agree", "top-5 agree"]
+    agree = ("top-1 agree", "top-5 agree") if v.agreement_note is None else ("top-1 on noise", "top-5 on noise")
+    cols = ["output", "shape", "max abs err", "max rel err", "cosine", *agree]
     if nonfinite:  # NaN / Inf counts, original / compressed: the reason validation failed
         cols.append("NaN/Inf orig | new")
     for col in cols:

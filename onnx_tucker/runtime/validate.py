@@ -15,6 +15,9 @@ from ..graph.protos import first_line, graph_input_names
 from .session import ort_session, session_folder
 
 DEFAULT_RANDOM_SAMPLES = 8
+# Said wherever class agreement on random inputs is shown: it compares two models' classes on noise.
+RANDOM_AGREEMENT_NOTE = ("random inputs: top-1/top-5 agreement compares the two models' classes on noise and is "
+                         "not accuracy; give --data (with labels) for accuracy before/after")
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,11 @@ class ValidationReport:
     def passing_rtol(self) -> float:
         """The smallest rtol that would have passed."""
         return max((o.max_rel_error for o in self.outputs), default=0.0)
+
+    @property
+    def agreement_note(self) -> str | None:
+        """What class agreement means here: None on real data, a plain warning on random inputs."""
+        return RANDOM_AGREEMENT_NOTE if self.source == "random" else None
 
     @property
     def nonfinite(self) -> tuple[OutputComparison, ...]:
