@@ -34,7 +34,14 @@ from .graph.save import OutputBatch, check_output_paths, write_text_atomic
 from .numerics.spectral import LayerSpectra, single_threaded_lapack
 from .ops.layer import Layer, LayerFactors
 from .ops.registry import HANDLERS, handler_for
-from .planning.budget import BudgetOutcome, Evaluator, agreement_budget_plan, budget_plan, latency_budget_plan
+from .planning.budget import (
+    LATENCY_SEARCH_STEPS,
+    BudgetOutcome,
+    Evaluator,
+    agreement_budget_plan,
+    budget_plan,
+    latency_budget_plan,
+)
 from .planning.decompose import decompose_layer
 from .planning.latency import (
     DEFAULT_ROUND_MULTIPLES,
@@ -188,7 +195,7 @@ def _plan_and_decompose(
     budget = None
     if config.target is not None and _data_fraction(config) is None:  # replayed like a plan file's ranks
         with single_threaded_lapack():
-            planned, budget = _budget_plan(prep, config, config.target, read_weight, timer, evaluator)
+            planned, budget = _budget_plan(prep, config, config.target, read_weight, timer, evaluator, progress)
 
     def work(layer: Layer) -> tuple[LayerPlan, LayerFactors | None]:
         weights: dict[str, np.ndarray] = {}
@@ -246,13 +253,13 @@ def _plan_and_decompose(
 
 def _budget_plan(
     prep: _Prepared, config: CompressionConfig, target: BudgetTarget, read_weight: Callable[[str], np.ndarray],
-    timer: LayerTimer | None, evaluator: Evaluator | None = None,
+    timer: LayerTimer | None, evaluator: Evaluator | None = None, progress: Progress | None = None,
 ) -> tuple[PlannedRanks, BudgetOutcome]:
     """Ranks for the whole model meeting `target` (planning/budget.py), as a plan to replay."""
     if target.metric == "agreement":
         samples = (0, 0)
         if evaluator is None:
-            evaluator, samples = _agreement_evaluator(prep, config)
+            evaluator, samples = _agreement_evaluator(prep, config, progress)
         return agreement_budget_plan(prep.layers, read_weight, config, target, evaluator, samples)
     if target.metric == "latency":
         assert timer is not None
@@ -264,9 +271,11 @@ def _budget_plan(
     return budget_plan(prep.layers, read_weight, config, target, total, timer)
 
 
-def _agreement_evaluator(prep: _Prepared, config: CompressionConfig) -> tuple[Evaluator, tuple[int, int]]:
+def _agreement_evaluator(prep: _Prepared, config: CompressionConfig,
+                         progress: Progress | None = None) -> tuple[Evaluator, tuple[int, int]]:
     """Top-1 agreement of a candidate plan's model with the original on one half of `config.data`
-    (split at random with `config.seed`: folders sorted by class would give class-disjoint halves)."""
+    (split at random with `config.seed`: folders sorted by class would give class-disjoint halves).
+    `progress("agreement search", evaluations done, at most)` after each model evaluation."""
     assert config.data is not None
     data = load_validation_data(config.data, prep.model, config.samples)
     order = np.random.default_rng(config.seed).permutation(data.count)
@@ -280,6 +289,9 @@ def _agreement_evaluator(prep: _Prepared, config: CompressionConfig) -> tuple[Ev
     }
     plain = replace(config, target=None, plan_file=None, latency_aware=False, validate=False)
     prep.materialize(prep.model)  # onnxruntime runs the original from memory below
+    most, done = LATENCY_SEARCH_STEPS + 2, [0]  # the bisection's bound (planning/budget.py)
+    if progress is not None:
+        progress("agreement search", 0, most)
 
     def evaluate(planned: PlannedRanks, which: str) -> float:
         _, replacements = _plan_and_decompose(prep, plain, None, None, None, planned)
@@ -293,6 +305,9 @@ def _agreement_evaluator(prep: _Prepared, config: CompressionConfig) -> tuple[Ev
         if top1 is None:
             raise UsageError(f"--target agreement: the model's first output {v.outputs[0].name!r} is not class scores "
                              "(samples x classes); agreement needs a classifier")
+        done[0] += 1
+        if progress is not None:
+            progress("agreement search", min(done[0], most), most)
         return top1
 
     return evaluate, (half, data.count - half)
@@ -466,7 +481,8 @@ def compress(
         real = config.data or config.calibrate
         data = load_validation_data(real, prep.model, config.samples, config.preprocess) if real else None
         validation = validate_models(
-            original, new_model, prep.input_shapes, config.samples, config.seed, config.effective_rtol(lowest_float_eps(prep.model)), data
+            original, new_model, prep.input_shapes, config.samples, config.seed, config.effective_rtol(lowest_float_eps(prep.model)), data,
+            progress,
         )
     latency = None
     if bench is not None:
@@ -562,9 +578,11 @@ def validate(
     config: CompressionConfig | None = None,
     *,
     report: PathLike | None = None,
+    progress: Progress | None = None,
 ) -> ValidationReport:
     """Compare two models with the same inputs and outputs on seeded random inputs (or `config.data`);
-    `report`: write the comparison as JSON too. Check `.passed`: a failed comparison is a result."""
+    `report`: write the comparison as JSON too. Check `.passed`: a failed comparison is a result.
+    `progress("validation", samples done, in all)` after each batch."""
     config = config or CompressionConfig()
     for path in _paths(original, compressed):
         check_output_paths(path, {"--report": report})
@@ -572,7 +590,7 @@ def validate(
     data = load_validation_data(config.data, orig, config.samples, config.preprocess) if config.data else None
     v = validate_models(
         _runnable(original, orig), _runnable(compressed, comp), shapes, config.samples, config.seed,
-        config.effective_rtol(lowest_float_eps(orig)), data,
+        config.effective_rtol(lowest_float_eps(orig)), data, progress,
     )
     if report is not None:
         write_text_atomic(report, json.dumps({"validation": validation_dict(v)}, indent=2) + "\n")
@@ -677,7 +695,7 @@ def mobile_report(
     html: PathLike | None = None,
     markdown: PathLike | None = None,
     json_path: PathLike | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ):  # type: ignore[no-untyped-def]
     """Convert, run and time both models in each mobile runtime and compare every output with the
     original in onnxruntime; return a `mobile.MobileReport` and write the requested report files
@@ -689,7 +707,8 @@ def mobile_report(
     with `config`). `layer_plan`: the plan itself, when the caller has it. `timeout`: seconds a runtime may take
     to convert and run one model, and to time both. `rtol`: a runtime passes when it computes the compressed model
     within this max relative error of onnxruntime (`report.failed_runtimes`: the ones that did not).
-    A runtime that fails is a finding in the report, never an exception.
+    A runtime that fails is a finding in the report, never an exception. `progress(runtime, done, in all)`
+    before each runtime runs (and once at the end).
     """
     from .mobile.build import parse_runtimes, run_runtimes
     from .mobile.results import MobileReport

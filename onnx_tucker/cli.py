@@ -192,7 +192,8 @@ def _preprocess(size: str | None, mean: str | None, std: str | None, layout: str
 
 @contextmanager
 def _progress(enabled: bool):  # type: ignore[no-untyped-def]
-    """A per-layer progress bar on a terminal; nothing otherwise."""
+    """A progress bar on a terminal (layers, then validation samples, agreement-search evaluations or
+    runtimes: whatever the library reports as (step, done, total)); nothing otherwise."""
     if not enabled or not sys.stderr.isatty():
         yield None
         return
@@ -293,9 +294,9 @@ def compress(
         if failure is not None:
             raise failure
         if mobile_report is not None and result.output_path is not None:
-            mobile = api.mobile_report(input, result.output_path, cfg, bench_config=BenchConfig(threads=threads, warmup=warmup, runs=runs),
-                                       layer_plan=result.plan, html=mobile_report,
-                                       progress=None if quiet else lambda name: _note(f"mobile report: {name} ..."))
+            with _progress(not quiet) as progress:
+                mobile = api.mobile_report(input, result.output_path, cfg, bench_config=BenchConfig(threads=threads, warmup=warmup, runs=runs),
+                                           layer_plan=result.plan, html=mobile_report, progress=progress)
             if not quiet:
                 _note(f"wrote {mobile_report} (runtimes: " + ", ".join(f"{r.name} {runtime_status(r)}" for r in mobile.runtimes) + ")")
         if quiet:
@@ -369,7 +370,8 @@ def validate_cmd(
     with _errors(verbose):
         cfg = CompressionConfig.from_options(input_shape=input_shape, samples=samples, data=data, seed=seed, rtol=rtol,
                                              preprocess=_preprocess(size, mean, std, layout))
-        v = api.validate(original, compressed, cfg, report=report)
+        with _progress(not quiet) as progress:
+            v = api.validate(original, compressed, cfg, report=report, progress=progress)
         if not quiet:
             _print([validation_table(v)])
         if not v.passed:
@@ -443,11 +445,11 @@ def report_cmd(
     with _errors(verbose):
         cfg = CompressionConfig.from_options(input_shape=input_shape, samples=samples, data=data, seed=seed, plan=plan,
                                              validate=False, preprocess=_preprocess(size, mean, std, layout))
-        rep = api.mobile_report(
-            original, compressed, cfg, runtimes=runtimes, bench_config=BenchConfig(threads=threads, warmup=warmup, runs=runs),
-            timeout=timeout, rtol=rtol, html=html, markdown=markdown, json_path=json_path,
-            progress=None if quiet else lambda name: _note(f"{name} ..."),
-        )
+        with _progress(not quiet) as progress:
+            rep = api.mobile_report(
+                original, compressed, cfg, runtimes=runtimes, bench_config=BenchConfig(threads=threads, warmup=warmup, runs=runs),
+                timeout=timeout, rtol=rtol, html=html, markdown=markdown, json_path=json_path, progress=progress,
+            )
         if not quiet:
             _print(mobile_tables(rep))
         if strict and rep.failed_runtimes:

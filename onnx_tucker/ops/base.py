@@ -56,7 +56,7 @@ def batch_rows(layer: Layer) -> int | None:
     lead = list(shape[:-1])
     if lead and not lead[0]:  # an unknown batch counts as 1, as for convs (a Pad can lose it upstream)
         lead[0] = 1
-    return None if any(d is None for d in lead) else prod(lead)
+    return prod(tuple(lead))
 
 
 def as_1x1(m: np.ndarray, spatial_dims: int) -> np.ndarray:

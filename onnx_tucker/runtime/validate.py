@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +15,7 @@ from ..graph.protos import first_line, graph_input_names
 from .session import ort_session, session_folder
 
 DEFAULT_RANDOM_SAMPLES = 8
+Progress = Callable[[str, int, int], None]  # (step, samples done, samples in all)
 # Said wherever class agreement on random inputs is shown: it compares two models' classes on noise.
 RANDOM_AGREEMENT_NOTE = ("random inputs: top-1/top-5 agreement compares the two models' classes on noise and is "
                          "not accuracy; give --data (with labels) for accuracy before/after")
@@ -240,8 +241,10 @@ def validate_models(
     seed: int = 0,
     rtol: float | None = None,
     data: ValidationData | None = None,
+    progress: Progress | None = None,
 ) -> ValidationReport:
-    """Feed `samples` seeded random inputs (or the user's `data`) to both models; compare every output."""
+    """Feed `samples` seeded random inputs (or the user's `data`) to both models; compare every output.
+    `progress("validation", done, total)` after each batch (samples)."""
     ref_proto = original if isinstance(original, onnx.ModelProto) else onnx.load(str(original), load_external_data=False)
     rng = np.random.default_rng(seed)
     if data is not None:
@@ -258,12 +261,18 @@ def validate_models(
             raise ValidationError(f"the compressed model's outputs {new_names} differ from the original's {names}")
         refs: list[list[np.ndarray]] = [[] for _ in names]
         news: list[list[np.ndarray]] = [[] for _ in names]
+        total, done = sum(next(iter(f.values())).shape[0] for f in batches), 0
+        if progress is not None:
+            progress("validation", 0, total)
         for feeds in batches:
             r0 = _run(s0, names, feeds, "original")
             r1 = _run(s1, names, feeds, "compressed")
             for k in range(len(names)):
                 refs[k].append(np.asarray(r0[k]))
                 news[k].append(np.asarray(r1[k]))
+            done += next(iter(feeds.values())).shape[0]
+            if progress is not None:
+                progress("validation", done, total)
     outputs = []
     for k, name in enumerate(names):
         axis_ok = refs[k][0].ndim >= 1
