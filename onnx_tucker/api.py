@@ -478,8 +478,10 @@ def compress(
     original = in_path or prep.model
     if config.validate:
         # Real data whenever given: without --data, the --calibrate images (random inputs say nothing of accuracy).
+        # (capped as calibration is, so that a big folder costs no more than the refit read)
         real = config.data or config.calibrate
-        data = load_validation_data(real, prep.model, config.samples, config.preprocess) if real else None
+        limit = config.samples if config.data or config.samples else config.calibration_samples
+        data = load_validation_data(real, prep.model, limit, config.preprocess) if real else None
         validation = validate_models(
             original, new_model, prep.input_shapes, config.samples, config.seed, config.effective_rtol(lowest_float_eps(prep.model)), data,
             progress,
