@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from .config import BenchConfig, BudgetTarget, CompressionConfig, RankPolicy
-from .errors import ModelLoadError, UsageError
+from .errors import ModelLoadError, OnnxTuckerError, UsageError
 from .finetune.config import FinetuneResult, FinetuneStep
 from .graph import lazyload
 from .graph.fold import float_parameter_count
@@ -34,7 +34,14 @@ from .graph.save import OutputBatch, check_output_paths, write_text_atomic
 from .numerics.spectral import LayerSpectra, single_threaded_lapack
 from .ops.layer import Layer, LayerFactors
 from .ops.registry import HANDLERS, handler_for
-from .planning.budget import BudgetOutcome, Evaluator, agreement_budget_plan, budget_plan, latency_budget_plan
+from .planning.budget import (
+    LATENCY_SEARCH_STEPS,
+    BudgetOutcome,
+    Evaluator,
+    agreement_budget_plan,
+    budget_plan,
+    latency_budget_plan,
+)
 from .planning.decompose import decompose_layer
 from .planning.latency import (
     DEFAULT_ROUND_MULTIPLES,
@@ -188,7 +195,7 @@ def _plan_and_decompose(
     budget = None
     if config.target is not None and _data_fraction(config) is None:  # replayed like a plan file's ranks
         with single_threaded_lapack():
-            planned, budget = _budget_plan(prep, config, config.target, read_weight, timer, evaluator)
+            planned, budget = _budget_plan(prep, config, config.target, read_weight, timer, evaluator, progress)
 
     def work(layer: Layer) -> tuple[LayerPlan, LayerFactors | None]:
         weights: dict[str, np.ndarray] = {}
@@ -246,13 +253,13 @@ def _plan_and_decompose(
 
 def _budget_plan(
     prep: _Prepared, config: CompressionConfig, target: BudgetTarget, read_weight: Callable[[str], np.ndarray],
-    timer: LayerTimer | None, evaluator: Evaluator | None = None,
+    timer: LayerTimer | None, evaluator: Evaluator | None = None, progress: Progress | None = None,
 ) -> tuple[PlannedRanks, BudgetOutcome]:
     """Ranks for the whole model meeting `target` (planning/budget.py), as a plan to replay."""
     if target.metric == "agreement":
         samples = (0, 0)
         if evaluator is None:
-            evaluator, samples = _agreement_evaluator(prep, config)
+            evaluator, samples = _agreement_evaluator(prep, config, progress)
         return agreement_budget_plan(prep.layers, read_weight, config, target, evaluator, samples)
     if target.metric == "latency":
         assert timer is not None
@@ -264,9 +271,11 @@ def _budget_plan(
     return budget_plan(prep.layers, read_weight, config, target, total, timer)
 
 
-def _agreement_evaluator(prep: _Prepared, config: CompressionConfig) -> tuple[Evaluator, tuple[int, int]]:
+def _agreement_evaluator(prep: _Prepared, config: CompressionConfig,
+                         progress: Progress | None = None) -> tuple[Evaluator, tuple[int, int]]:
     """Top-1 agreement of a candidate plan's model with the original on one half of `config.data`
-    (split at random with `config.seed`: folders sorted by class would give class-disjoint halves)."""
+    (split at random with `config.seed`: folders sorted by class would give class-disjoint halves).
+    `progress("agreement search", evaluations done, at most)` after each model evaluation."""
     assert config.data is not None
     data = load_validation_data(config.data, prep.model, config.samples)
     order = np.random.default_rng(config.seed).permutation(data.count)
@@ -280,6 +289,9 @@ def _agreement_evaluator(prep: _Prepared, config: CompressionConfig) -> tuple[Ev
     }
     plain = replace(config, target=None, plan_file=None, latency_aware=False, validate=False)
     prep.materialize(prep.model)  # onnxruntime runs the original from memory below
+    most, done = LATENCY_SEARCH_STEPS + 2, [0]  # the bisection's bound (planning/budget.py)
+    if progress is not None:
+        progress("agreement search", 0, most)
 
     def evaluate(planned: PlannedRanks, which: str) -> float:
         _, replacements = _plan_and_decompose(prep, plain, None, None, None, planned)
@@ -287,9 +299,15 @@ def _agreement_evaluator(prep: _Prepared, config: CompressionConfig) -> tuple[Ev
         prep.materialize(model)
         v = validate_models(prep.path or prep.model, model, prep.input_shapes, data=halves[which])
         top1 = v.outputs[0].top1_agreement if v.outputs else None
+        if v.nonfinite:
+            raise OnnxTuckerError(f"--target agreement: {v.nonfinite[0].nonfinite_text} on --data {config.data}; "
+                                  "fix the model's weights or the data (agreement of NaN scores means nothing)")
         if top1 is None:
             raise UsageError(f"--target agreement: the model's first output {v.outputs[0].name!r} is not class scores "
                              "(samples x classes); agreement needs a classifier")
+        done[0] += 1
+        if progress is not None:
+            progress("agreement search", min(done[0], most), most)
         return top1
 
     return evaluate, (half, data.count - half)
@@ -459,9 +477,14 @@ def compress(
     # onnxruntime reads the original from its file (its weights were loaded lazily: no copy of them).
     original = in_path or prep.model
     if config.validate:
-        data = load_validation_data(config.data, prep.model, config.samples, config.preprocess) if config.data else None
+        # Real data whenever given: without --data, the --calibrate images (random inputs say nothing of accuracy).
+        # (capped as calibration is, so that a big folder costs no more than the refit read)
+        real = config.data or config.calibrate
+        limit = config.samples if config.data or config.samples else config.calibration_samples
+        data = load_validation_data(real, prep.model, limit, config.preprocess) if real else None
         validation = validate_models(
-            original, new_model, prep.input_shapes, config.samples, config.seed, config.effective_rtol(lowest_float_eps(prep.model)), data
+            original, new_model, prep.input_shapes, config.samples, config.seed, config.effective_rtol(lowest_float_eps(prep.model)), data,
+            progress,
         )
     latency = None
     if bench is not None:
@@ -515,6 +538,7 @@ def _load_pair(
     orig = original if isinstance(original, onnx.ModelProto) else load_model(original, lazy=True)
     comp = compressed if isinstance(compressed, onnx.ModelProto) else load_model(compressed, lazy=True)
     source = "model" if isinstance(original, onnx.ModelProto) else str(original)
+    _check_same_signature(orig, comp, source, "the compressed model" if isinstance(compressed, onnx.ModelProto) else str(compressed))
     return orig, comp, resolve_input_shapes(orig, dict(config.input_shapes), source)
 
 
@@ -556,9 +580,11 @@ def validate(
     config: CompressionConfig | None = None,
     *,
     report: PathLike | None = None,
+    progress: Progress | None = None,
 ) -> ValidationReport:
     """Compare two models with the same inputs and outputs on seeded random inputs (or `config.data`);
-    `report`: write the comparison as JSON too. Check `.passed`: a failed comparison is a result."""
+    `report`: write the comparison as JSON too. Check `.passed`: a failed comparison is a result.
+    `progress("validation", samples done, in all)` after each batch."""
     config = config or CompressionConfig()
     for path in _paths(original, compressed):
         check_output_paths(path, {"--report": report})
@@ -566,7 +592,7 @@ def validate(
     data = load_validation_data(config.data, orig, config.samples, config.preprocess) if config.data else None
     v = validate_models(
         _runnable(original, orig), _runnable(compressed, comp), shapes, config.samples, config.seed,
-        config.effective_rtol(lowest_float_eps(orig)), data,
+        config.effective_rtol(lowest_float_eps(orig)), data, progress,
     )
     if report is not None:
         write_text_atomic(report, json.dumps({"validation": validation_dict(v)}, indent=2) + "\n")
@@ -576,23 +602,40 @@ def validate(
 # ---- the mobile validation report (issue 10) --------------------------------------------------------
 
 
-def _signature(model: onnx.ModelProto) -> tuple[list[tuple[str, int, int]], list[tuple[str, int, int]]]:
-    """(inputs, outputs) as (name, element type, rank): what must match between the two models."""
+Signature = list[tuple[str, int, tuple[int | None, ...]]]
+
+
+def _signature(model: onnx.ModelProto) -> tuple[Signature, Signature]:
+    """(inputs, outputs) as (name, element type, dims; None for a symbolic or unknown one): what must
+    match between a model and its compressed version (compression changes none of it)."""
     from .graph.protos import graph_input_names
 
     real = set(graph_input_names(model))
 
-    def sig(values) -> list[tuple[str, int, int]]:  # type: ignore[no-untyped-def]
-        return [(v.name, v.type.tensor_type.elem_type, len(v.type.tensor_type.shape.dim)) for v in values]
+    def sig(values) -> Signature:  # type: ignore[no-untyped-def]
+        return [(v.name, v.type.tensor_type.elem_type,
+                 tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                       for d in v.type.tensor_type.shape.dim))
+                for v in values]
 
     return sig([i for i in model.graph.input if i.name in real]), sig(model.graph.output)
 
 
+def _same(a: Signature, b: Signature) -> bool:
+    """Same names, types and ranks, and the same size wherever both models fix a dimension."""
+    return len(a) == len(b) and all(
+        na == nb and ta == tb and len(da) == len(db) and all(x is None or y is None or x == y for x, y in zip(da, db, strict=True))
+        for (na, ta, da), (nb, tb, db) in zip(a, b, strict=True))
+
+
 def _check_same_signature(orig: onnx.ModelProto, comp: onnx.ModelProto, original: str, compressed: str) -> None:
+    """Two unrelated models (another network, another input size) are a usage error, said before any run."""
     for what, a, b in zip(("inputs", "outputs"), _signature(orig), _signature(comp), strict=True):
-        if a != b:
-            def show(s: list[tuple[str, int, int]]) -> str:
-                return ", ".join(f"{n} ({onnx.TensorProto.DataType.Name(t).lower()}, rank {r})" for n, t, r in s) or "none"
+        if not _same(a, b):
+            def show(s: Signature) -> str:
+                return ", ".join(
+                    f"{n} ({onnx.TensorProto.DataType.Name(t).lower()} [{','.join('?' if d is None else str(d) for d in ds)}])"
+                    for n, t, ds in s) or "none"
 
             raise UsageError(
                 f"{compressed}: its {what} [{show(b)}] differ from those of {original} [{show(a)}]; "
@@ -618,21 +661,22 @@ def _mobile_inputs(orig: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], co
 
     names = tuple(graph_input_names(orig))
     outputs = tuple(o.name for o in orig.graph.output)
-    if config.data is None:
+    path = config.data or config.calibrate  # real data whenever given (compress --calibrate --mobile-report)
+    if path is None:
         rng = np.random.default_rng(config.seed)
         batches = [random_inputs(orig, shapes, rng) for _ in range(config.samples or DEFAULT_RANDOM_SAMPLES)]
         return Inputs(names, outputs, {n: np.stack([b[n] for b in batches]) for n in names}, None)
-    data = load_validation_data(config.data, orig, config.samples, config.preprocess)
+    data = load_validation_data(path, orig, config.samples, config.preprocess)
     batch = shapes[names[0]][0] if shapes[names[0]] else 1
     count = data.count // batch
     if count == 0:
-        raise UsageError(f"--data {config.data}: {data.count} sample(s), fewer than the model's batch of {batch}")
+        raise UsageError(f"--data {path}: {data.count} sample(s), fewer than the model's batch of {batch}")
     stacked = {}
     for n in names:
         a = np.asarray(data.inputs[n])
         if tuple(a.shape[1:]) != tuple(shapes[n][1:]):
             raise UsageError(
-                f"--data {config.data}: samples of '{n}' have shape {tuple(a.shape[1:])}, the model expects "
+                f"--data {path}: samples of '{n}' have shape {tuple(a.shape[1:])}, the model expects "
                 f"{tuple(shapes[n][1:])}; fix the data (--size, --layout) or --input-shape"
             )
         stacked[n] = a[: count * batch].reshape(count, batch, *a.shape[1:])
@@ -653,7 +697,7 @@ def mobile_report(
     html: PathLike | None = None,
     markdown: PathLike | None = None,
     json_path: PathLike | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ):  # type: ignore[no-untyped-def]
     """Convert, run and time both models in each mobile runtime and compare every output with the
     original in onnxruntime; return a `mobile.MobileReport` and write the requested report files
@@ -665,7 +709,8 @@ def mobile_report(
     with `config`). `layer_plan`: the plan itself, when the caller has it. `timeout`: seconds a runtime may take
     to convert and run one model, and to time both. `rtol`: a runtime passes when it computes the compressed model
     within this max relative error of onnxruntime (`report.failed_runtimes`: the ones that did not).
-    A runtime that fails is a finding in the report, never an exception.
+    A runtime that fails is a finding in the report, never an exception. `progress(runtime, done, in all)`
+    before each runtime runs (and once at the end).
     """
     from .mobile.build import parse_runtimes, run_runtimes
     from .mobile.results import MobileReport
@@ -700,7 +745,8 @@ def mobile_report(
                            timeout, progress)
     report = MobileReport(
         original_path=str(original), compressed_path=str(compressed), input_shapes=shapes,
-        source="random" if config.data is None else str(config.data), samples=inputs.count * inputs.batch_size,
+        source="random" if (config.data or config.calibrate) is None else str(config.data or config.calibrate),
+        samples=inputs.count * inputs.batch_size,
         seed=config.seed, threads=b.threads, totals=totals, plan=layers, plan_source=plan_source,
         plan_mismatch=mismatch, runtimes=results, rtol=rtol, labels=inputs.labels is not None,
     )

@@ -114,7 +114,7 @@ MarkdownOpt = Annotated[Path | None, typer.Option("--markdown", help="Write the 
 ValidateOpt = Annotated[bool, typer.Option("--validate/--no-validate", help="Compare original and compressed outputs in onnxruntime.")]
 SamplesOpt = Annotated[int | None, typer.Option("--samples", help="Random inputs used for validation (default 8), or how many --data samples to use (default all).", show_default=False)]
 DataOpt = Annotated[Path | None, typer.Option("--data", help="Validate on real data: a .npz with one array per model input (samples on the first axis) and optional 'labels' for accuracy, or an image folder (one sub-folder per class: labels; pixels scaled to [0, 1]).", show_default=False)]
-CalibrateOpt = Annotated[Path | None, typer.Option("--calibrate", help="Refit each decomposed layer's factors so its output matches the original's on this unlabeled data (.npz with one array per model input, or an image folder: see --size/--mean/--std); same graph.", show_default=False)]
+CalibrateOpt = Annotated[Path | None, typer.Option("--calibrate", help="Refit each decomposed layer's factors so its output matches the original's on this unlabeled data (.npz with one array per model input, or an image folder: see --size/--mean/--std); same graph. Without --data, validation runs on it too.", show_default=False)]
 CalibrationSamplesOpt = Annotated[int, typer.Option("--calibration-samples", help="How many --calibrate samples to use (a random subset, seeded by --seed, when the file has more).")]
 # Fine-tuning options (finetune, and compress --finetune)
 EpochsOpt = Annotated[int, typer.Option("--epochs", help="Passes over the training data.")]
@@ -220,7 +220,8 @@ def _preprocess(size: str | None, mean: str | None, std: str | None, layout: str
 
 @contextmanager
 def _progress(enabled: bool):  # type: ignore[no-untyped-def]
-    """A per-layer progress bar on a terminal; nothing otherwise."""
+    """A progress bar on a terminal (layers, then validation samples, agreement-search evaluations or
+    runtimes: whatever the library reports as (step, done, total)); nothing otherwise."""
     if not enabled or not sys.stderr.isatty():
         yield None
         return
@@ -321,9 +322,9 @@ def compress(
         if failure is not None:
             raise failure
         if mobile_report is not None and result.output_path is not None:
-            mobile = api.mobile_report(input, result.output_path, cfg, bench_config=BenchConfig(threads=threads, warmup=warmup, runs=runs),
-                                       layer_plan=result.plan, html=mobile_report,
-                                       progress=None if quiet else lambda name: _note(f"mobile report: {name} ..."))
+            with _progress(not quiet) as progress:
+                mobile = api.mobile_report(input, result.output_path, cfg, bench_config=BenchConfig(threads=threads, warmup=warmup, runs=runs),
+                                           layer_plan=result.plan, html=mobile_report, progress=progress)
             if not quiet:
                 _note(f"wrote {mobile_report} (runtimes: " + ", ".join(f"{r.name} {runtime_status(r)}" for r in mobile.runtimes) + ")")
         if quiet:
@@ -397,11 +398,12 @@ def validate_cmd(
     with _errors(verbose):
         cfg = CompressionConfig.from_options(input_shape=input_shape, samples=samples, data=data, seed=seed, rtol=rtol,
                                              preprocess=_preprocess(size, mean, std, layout))
-        v = api.validate(original, compressed, cfg, report=report)
+        with _progress(not quiet) as progress:
+            v = api.validate(original, compressed, cfg, report=report, progress=progress)
         if not quiet:
             _print([validation_table(v)])
         if not v.passed:
-            raise OnnxTuckerError(f"{compressed}: validation failed: max relative output error {v.passing_rtol:.3g} > --rtol {v.rtol:g}")
+            raise OnnxTuckerError(f"{compressed}: validation failed: {v.problem}; {v.fix}")
 
 
 @app.command(cls=_Command, name="bench", epilog="Example: onnx-tucker bench model.onnx model.tucker.onnx --threads 1 --runs 50")
@@ -471,11 +473,11 @@ def report_cmd(
     with _errors(verbose):
         cfg = CompressionConfig.from_options(input_shape=input_shape, samples=samples, data=data, seed=seed, plan=plan,
                                              validate=False, preprocess=_preprocess(size, mean, std, layout))
-        rep = api.mobile_report(
-            original, compressed, cfg, runtimes=runtimes, bench_config=BenchConfig(threads=threads, warmup=warmup, runs=runs),
-            timeout=timeout, rtol=rtol, html=html, markdown=markdown, json_path=json_path,
-            progress=None if quiet else lambda name: _note(f"{name} ..."),
-        )
+        with _progress(not quiet) as progress:
+            rep = api.mobile_report(
+                original, compressed, cfg, runtimes=runtimes, bench_config=BenchConfig(threads=threads, warmup=warmup, runs=runs),
+                timeout=timeout, rtol=rtol, html=html, markdown=markdown, json_path=json_path, progress=progress,
+            )
         if not quiet:
             _print(mobile_tables(rep))
         if strict and rep.failed_runtimes:

@@ -67,7 +67,4 @@ class CompressionResult:
             return None
         where = self.input_path or "model"
         out = f"{self.requested_output} was not written" if self.requested_output else "nothing was written"
-        return OnnxTuckerError(
-            f"{where}: validation failed: max relative output error {v.passing_rtol:.3g} > --rtol {v.rtol:g}; "
-            f"{out} (raise --rtol, or keep more rank: --rank-scale / --ranks energy:F)"
-        )
+        return OnnxTuckerError(f"{where}: validation failed: {v.problem}; {out} ({v.fix})")

@@ -652,6 +652,65 @@ def case_sigterm_while_writing(tmp, mp):
     return Case(compress_args(inp, out), 143, ["terminated \\(SIGTERM\\)", "no partial output"])
 
 
+# ---- issue 16: nothing wrong reported as success -------------------------------------------------
+
+
+def nan_weight_model() -> onnx.ModelProto:
+    """One NaN (and one Inf) in conv2's weight: the layer is skipped, every output is NaN."""
+    m = good_model()
+    w = numpy_helper.to_array(m.graph.initializer[2]).copy()  # conv2.W
+    w[0, 0, 0, 0], w[1, 0, 0, 0] = np.nan, np.inf
+    m.graph.initializer[2].CopyFrom(numpy_helper.from_array(w, "conv2.W"))
+    return m
+
+
+@case
+def case_nan_outputs_fail_compress_validation(tmp, mp):
+    c = std(tmp, nan_weight_model(), 1, "output 'logits' is not finite", r"original 20 NaN / 0 Inf",
+            "was not written", "--no-validate")
+    c.args += ["--rtol", "1e-4"]
+    return c
+
+
+@case
+def case_validate_two_all_nan_models(tmp, mp):
+    inp, out = paths(tmp)
+    save(nan_weight_model(), inp)
+    save(nan_weight_model(), out)
+    return Case(["validate", str(inp), str(out), "--samples", "2", "--rtol", "1e-6"], 1,
+                ["model.tucker.onnx", "output 'logits' is not finite", "compressed 20 NaN / 0 Inf of 20 values"])
+
+
+def unrelated_pair(tmp: Path) -> tuple[Path, Path]:
+    """Same input and output names, types and ranks, other sizes (1 channel, 12x12, 5 classes)."""
+    inp, out = paths(tmp)
+    save(good_model(), inp)
+    save(make_small_cnn(in_ch=1, spatial=(12, 12), classes=5, low_rank=True), out)
+    return inp, out
+
+
+@case
+def case_report_on_unrelated_models(tmp, mp):
+    inp, out = unrelated_pair(tmp)
+    return Case(["report", str(inp), str(out), "--runtimes", "ort", "--samples", "2"], 2,
+                [re.escape(out.name), r"its inputs \[x \(float \[1,1,12,12\]\)\] differ from those of", "compressed version"])
+
+
+@case
+def case_validate_on_unrelated_models(tmp, mp):
+    inp, out = unrelated_pair(tmp)
+    return Case(["validate", str(inp), str(out), "--samples", "2"], 2, [re.escape(out.name), "its inputs", "differ"])
+
+
+@case
+def case_report_on_models_with_other_outputs(tmp, mp):
+    inp, out = paths(tmp)
+    save(good_model(), inp)
+    save(make_small_cnn(classes=5, low_rank=True), out)
+    return Case(["report", str(inp), str(out), "--runtimes", "ort", "--samples", "2"], 2,
+                [r"its outputs \[logits \(float \[1,5\]\)\] differ"])
+
+
 # ---- the corpus test ----------------------------------------------------------------------------
 
 
@@ -707,11 +766,8 @@ def run_ok(tmp: Path, model: onnx.ModelProto, *extra: str):  # type: ignore[no-u
 
 
 def test_nan_weights_skip_the_layer_with_a_reason(tmp_path: Path) -> None:
-    m = good_model()
-    w = numpy_helper.to_array(m.graph.initializer[2]).copy()  # conv2.W
-    w[0, 0, 0, 0], w[1, 0, 0, 0] = np.nan, np.inf
-    m.graph.initializer[2].CopyFrom(numpy_helper.from_array(w, "conv2.W"))
-    _, rep, _ = run_ok(tmp_path, m)
+    # --no-validate: the outputs are NaN, which fails validation (issue 16 item 1, cases above).
+    _, rep, _ = run_ok(tmp_path, nan_weight_model(), "--no-validate")
     layers = {lay["name"]: lay for lay in rep["layers"]}
     assert layers["conv2"]["kind"] == "skip"
     assert "2 NaN/Inf" in layers["conv2"]["reason"]
@@ -796,3 +852,33 @@ def test_output_batch_discards_everything_on_failure(tmp_path: Path) -> None:
         batch.add_text(tmp_path / "b.txt", "new b")
         raise RuntimeError("stop before commit")
     assert snapshot(tmp_path) == before
+
+
+def test_nan_outputs_are_in_the_report_and_block_the_write(tmp_path: Path) -> None:
+    # Issue 16 item 1: the JSON and Markdown reports say why; the model is not written.
+    inp, out = paths(tmp_path)
+    save(nan_weight_model(), inp)
+    report, md = tmp_path / "out" / "r.json", tmp_path / "out" / "r.md"
+    result = runner.invoke(app, compress_args(inp, out, "--report", str(report), "--markdown", str(md)))
+    assert result.exit_code == 1 and "is not finite" in error_line(result)
+    assert not out.exists()
+    v = json.loads(report.read_text())["validation"]
+    assert v["status"] == "failed" and not v["passed"]
+    assert "output 'logits' is not finite" in v["problem"]
+    assert v["outputs"][0]["nan_original"] == 20 and v["outputs"][0]["top1_agreement"] is None
+    assert "**Failed:** output 'logits' is not finite" in md.read_text()
+    assert "NaN/Inf" in result.stdout and "failed" in result.stdout
+
+
+def test_nan_outputs_fail_validation_in_the_library() -> None:
+    from onnx_tucker.runtime.validate import compare_outputs
+
+    a = np.zeros((4, 3))
+    b = a.copy()
+    b[0, 0] = np.inf
+    o = compare_outputs("y", a, a.copy())
+    assert o.finite and o.passes(1e-6)
+    bad = compare_outputs("y", a, b)
+    assert not bad.finite and not bad.passes(None) and (bad.inf_original, bad.inf_compressed) == (0, 1)
+    same_nan = compare_outputs("y", np.full((2, 2), np.nan), np.full((2, 2), np.nan))
+    assert same_nan.max_abs_error == 0 and not same_nan.passes(1.0)

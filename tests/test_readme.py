@@ -62,3 +62,18 @@ def test_readme_python_example(tmp_path: Path, capsys: pytest.CaptureFixture[str
     out = capsys.readouterr().out
     assert re.search(r"MACs x\d+\.\d", out)
     assert (tmp_path / "fm_api.onnx").is_file()
+
+
+def test_readme_first_command_shows_real_accuracy(tmp_path: Path) -> None:
+    # Issue 16 item 7b: the shipped labelled sample, not random inputs: top-1 accuracy before -> after.
+    first = _commands()[0]
+    assert "--data fixtures/fmnist_test_500.npz" in first
+    args = shlex.split(first.replace("/tmp/", f"{tmp_path}/"))
+    proc = subprocess.run([sys.executable, "-m", "onnx_tucker.cli", *args[1:]], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "500 samples of fixtures/fmnist_test_500.npz" in text
+    m = re.search(r"top-1 accuracy (\d+\.\d+)% -> (\d+\.\d+)%", text)
+    assert m is not None, text
+    assert float(m.group(1)) > 88.0  # the fixture's 93 % on the full test set, on 500 of its images
+    assert "on noise" not in text

@@ -126,6 +126,7 @@ def test_matching_nans_are_agreement_and_new_nans_are_errors() -> None:
 
     a = np.array([[1.0, np.nan, 3.0, np.inf]])
     same = compare_outputs("y", a, a.copy())
-    assert same.max_abs_error == 0.0 and same.passes(1e-4)
+    # Matching NaNs add no error, but any non-finite output fails validation (issue 16 item 1).
+    assert same.max_abs_error == 0.0 and not same.passes(1e-4) and (same.nan_original, same.inf_original) == (1, 1)
     worse = compare_outputs("y", np.array([[1.0, 2.0, 3.0, 4.0]]), a)
     assert not worse.passes(1e3)

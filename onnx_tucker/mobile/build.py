@@ -32,7 +32,7 @@ from .results import ModelRun, OrtMobileAnalysis, RuntimeResult, Timing
 
 CHILD_FAILED = 3  # child.py's exit code for a step that failed with a message
 DEFAULT_RUNTIMES = ("ort", "ort-mobile", "mnn", "ncnn")
-Progress = Callable[[str], None]
+Progress = Callable[[str, int, int], None]  # (runtime about to run, runtimes done, runtimes in all)
 
 
 def parse_runtimes(text: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -228,9 +228,11 @@ def run_runtimes(
         input_npz = os.path.join(folder, "inputs.npz")
         arrays: dict[str, Any] = dict(inputs.stacked)
         np.savez(input_npz, **arrays)
-        for name in runtimes:
+        for i, name in enumerate(runtimes):
             if progress is not None:
-                progress(name)
+                progress(name, i, len(runtimes))
             results.append(run_runtime(name, ADAPTERS[name], original, compressed, inputs, input_npz, references,
                                        input_shapes, threads, warmup, runs, timeout, folder))
+        if progress is not None:
+            progress("runtimes", len(runtimes), len(runtimes))
     return tuple(results)

@@ -143,6 +143,12 @@ class OrtMobileAnalysis:
         return tuple(sorted(set(self.compressed_ops) - set(self.original_ops)))
 
     @property
+    def fused_in_original(self) -> dict[str, str]:
+        """Added operators the original has only fused with its activation (Conv there as
+        com.microsoft:FusedConv): still a kernel of their own in a reduced build, but not a new kind of layer."""
+        return {op: f for op in self.added_ops for f in self.original_ops if f.split(":")[-1] == f"Fused{op}"}
+
+    @property
     def regressions(self) -> tuple[Regression, ...]:
         found: list[Regression] = []
         rank = {"NO": 0, "MAYBE": 1, "YES": 2}

@@ -53,7 +53,10 @@ def batch_rows(layer: Layer) -> int | None:
     shape = layer.output_shape
     if shape is None or len(shape) == 0:
         return None
-    return prod(shape[:-1]) if len(shape) > 1 else 1
+    lead = list(shape[:-1])
+    if lead and not lead[0]:  # an unknown batch counts as 1, as for convs (a Pad can lose it upstream)
+        lead[0] = 1
+    return prod(tuple(lead))
 
 
 def as_1x1(m: np.ndarray, spatial_dims: int) -> np.ndarray:

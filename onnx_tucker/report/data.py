@@ -67,9 +67,11 @@ def validation_dict(v: ValidationReport | None) -> dict[str, Any] | None:
         "passed": v.passed,
         "rtol": v.rtol,
         "passing_rtol": v.passing_rtol,
+        "problem": v.problem,  # why it failed (non-finite outputs first), None when it passed
         "samples": v.samples,
         "seed": v.seed,
         "source": v.source,
+        "agreement_note": v.agreement_note,  # set on random inputs: their class agreement is not accuracy
         "accuracy_before": v.accuracy_before,
         "accuracy_after": v.accuracy_after,
         "input_shapes": {k: list(s) for k, s in v.input_shapes.items()},

@@ -84,7 +84,7 @@ def mobile_html(rep: MobileReport) -> str:
     body.append("<h2>Whole model</h2>")
     body.append(_table(m.WHOLE_HEADER, m.whole_model_rows(rep), "whole"))
     body.append("<h2>Validation per runtime</h2>")
-    body.append(_table(m.RUNTIME_HEADER, m.runtime_rows(rep), "runtimes", note_cols=(2,)))
+    body.append(_table(m.runtime_header(rep), m.runtime_rows(rep), "runtimes", note_cols=(2,)))
     for r in rep.runtimes:
         a = r.ort_mobile
         if a is None:
@@ -95,7 +95,7 @@ def mobile_html(rep: MobileReport) -> str:
         body.append(_table(m.PARTITION_HEADER, m.partition_rows(a), "partitions", note_cols=(8,)))
         body.append(f"<p class='meta'>{escape(m.PARTITION_NOTE)}</p>")
         body.append(f"<p class='meta'>Operators of a reduced build: original {escape(', '.join(a.original_ops) or '-')}; "
-                    f"added by the compressed model: {escape(', '.join(a.added_ops) or 'none')}.</p>")
+                    f"added by the compressed model: {escape(m.added_ops_text(a))}.</p>")
     body.append("<h2>Plots</h2><div class='plots'>")
     body += _plots(rep)
     body.append("</div>")

@@ -47,9 +47,12 @@ def result_markdown(result: CompressionResult, latency: LatencyReport | None = N
         acc = ""
         if v.accuracy_before is not None and v.accuracy_after is not None:
             acc = f"; top-1 accuracy {100 * v.accuracy_before:.2f}% -> {100 * v.accuracy_after:.2f}%"
-        lines += ["", f"Validation ({what}): **{v.status}**{acc}", "",
-                  "| output | max abs err | max rel err | cosine | top-1 agree |", "|---|---:|---:|---:|---:|"]
+        agree = "top-1 agree" if v.agreement_note is None else "top-1 agree on noise"
+        lines += ["", f"Validation ({what}): **{v.status}**{acc}", ""]
+        lines += [f"Note: {v.agreement_note}.", ""] if v.agreement_note else []
+        lines += [f"| output | max abs err | max rel err | cosine | {agree} |", "|---|---:|---:|---:|---:|"]
         for o in v.outputs:
             top1 = "-" if o.top1_agreement is None else f"{100 * o.top1_agreement:.1f}%"
             lines.append(f"| `{o.name}` | {o.max_abs_error:.3g} | {o.max_rel_error:.3g} | {o.cosine:.6f} | {top1} |")
+        lines += ["", *(f"**Failed:** {o.nonfinite_text}." for o in v.nonfinite)] if v.nonfinite else []
     return "\n".join(lines) + "\n"

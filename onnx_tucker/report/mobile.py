@@ -12,6 +12,7 @@ from typing import Any
 from rich.table import Table
 
 from ..mobile.results import MobileReport, ModelRun, OrtMobileAnalysis, Regression, RuntimeResult, Timing
+from ..runtime.validate import RANDOM_AGREEMENT_NOTE
 from . import fmt
 from .data import _clean, layer_dict
 
@@ -62,12 +63,20 @@ def regression_text(g: Regression) -> str:
     return f"{g.where}: {names[g.what]} {g.before} -> {g.after}"
 
 
+def added_ops_text(a: OrtMobileAnalysis) -> str:
+    """The operators the compressed model adds to a reduced build, each one the original has only fused
+    marked as such (a Tucker chain's first 1x1 has no activation to fuse with)."""
+    fused = a.fused_in_original
+    return ", ".join(f"{op} (in the original only fused with its activation, as {fused[op]})" if op in fused else op
+                     for op in a.added_ops) or "none"
+
+
 def verdict(a: OrtMobileAnalysis) -> str:
     if a.failure:
         return f"not analysed: {a.failure}"
     eps = [g for g in a.regressions if g.what != "ops"]
-    ops = "" if not a.added_ops else (f" A reduced ORT build needs {len(a.added_ops)} more operator(s): "
-                                       f"{', '.join(a.added_ops)}.")
+    ops = "" if not a.added_ops else (f" A reduced ORT build needs {len(a.added_ops)} more operator kernel(s): "
+                                       f"{added_ops_text(a)}.")
     if not eps:
         return "The compressed model is as mobile-friendly as the original for NNAPI and CoreML (coverage, partitions)." + ops
     return "The compressed model is LESS mobile-friendly than the original: " + "; ".join(regression_text(g) for g in eps) + "." + ops
@@ -133,7 +142,7 @@ def mobile_dict(rep: MobileReport) -> dict[str, Any]:
                    "plan_mismatch": list(rep.plan_mismatch)},
         "inputs": {"source": rep.source, "samples": rep.samples, "seed": rep.seed, "labels": rep.labels,
                    "input_shapes": {k: list(v) for k, v in rep.input_shapes.items()}, "threads": rep.threads,
-                   "rtol": rep.rtol},
+                   "rtol": rep.rtol, "agreement_note": RANDOM_AGREEMENT_NOTE if rep.source == "random" else None},
         "totals": dict(t.__dict__) | {"params_ratio": t.params_ratio, "macs_ratio": t.macs_ratio, "size_ratio": t.size_ratio},
         "layers": [layer_dict(p) for p in rep.plan.layers],
         "runtimes": [runtime_dict(r, rep.rtol) for r in rep.runtimes],
@@ -171,6 +180,13 @@ def whole_model_rows(rep: MobileReport) -> list[tuple[str, str, str, str]]:
 
 RUNTIME_HEADER = ("runtime", "model", "status", "size", "max rel err vs ORT original", "cosine", "top-1 agree",
                   "top-5 agree", "accuracy", "max rel err vs same model in ORT", "median ms", "p10-p90 ms")
+
+
+def runtime_header(rep: MobileReport) -> tuple[str, ...]:
+    """RUNTIME_HEADER, its agreement columns marked as such on random inputs (not accuracy)."""
+    if rep.source != "random":
+        return RUNTIME_HEADER
+    return RUNTIME_HEADER[:6] + ("top-1 agree on noise", "top-5 agree on noise") + RUNTIME_HEADER[8:]
 
 
 def runtime_rows(rep: MobileReport) -> list[tuple[str, ...]]:
@@ -241,6 +257,8 @@ def intro_lines(rep: MobileReport) -> list[str]:
         f"latency at {rep.threads} thread(s), interleaved runs.",
         f"Per-layer table: {rep.plan_source}.",
     ]
+    if rep.source == "random":
+        lines.append(f"Note: {RANDOM_AGREEMENT_NOTE}.")
     if rep.plan_mismatch:
         lines.append(f"Warning: the plan decomposes {len(rep.plan_mismatch)} layer(s) the compressed model still has "
                      f"unchanged ({', '.join(rep.plan_mismatch[:3])}{', ...' if len(rep.plan_mismatch) > 3 else ''}): "
@@ -265,14 +283,14 @@ def mobile_markdown(rep: MobileReport) -> str:
     lines = ["# onnx-tucker mobile report", ""]
     lines += [ln for x in intro_lines(rep) for ln in (x, "")]
     lines += ["## Whole model", ""] + _md_table(WHOLE_HEADER, whole_model_rows(rep))  # type: ignore[arg-type]
-    lines += ["", "## Validation per runtime", ""] + _md_table(RUNTIME_HEADER, runtime_rows(rep))
+    lines += ["", "## Validation per runtime", ""] + _md_table(runtime_header(rep), runtime_rows(rep))
     for r in rep.runtimes:
         if r.ort_mobile is not None:
             lines += ["", "## ORT mobile: NNAPI / CoreML", "", f"**{verdict(r.ort_mobile)}**", ""]
             lines += _md_table(PARTITION_HEADER, partition_rows(r.ort_mobile))
             lines += ["", PARTITION_NOTE]
             if r.ort_mobile.added_ops:
-                lines += ["", f"Operators the compressed model adds: {', '.join(r.ort_mobile.added_ops)}"]
+                lines += ["", f"Operators the compressed model adds: {added_ops_text(r.ort_mobile)}"]
     lines += ["", "## Layers", ""] + _md_table(LAYER_HEADER, layer_rows(rep))
     return "\n".join(lines) + "\n"
 
@@ -293,7 +311,8 @@ def _rich(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> T
 
 def mobile_tables(rep: MobileReport) -> list[Any]:
     tables: list[Any] = [_rich("Whole model", WHOLE_HEADER, whole_model_rows(rep))]  # type: ignore[arg-type]
-    short = RUNTIME_HEADER[:5] + RUNTIME_HEADER[6:7] + RUNTIME_HEADER[9:11]
+    header = runtime_header(rep)
+    short = header[:5] + header[6:7] + header[9:11]
     rows = [r[:5] + r[6:7] + r[9:11] for r in runtime_rows(rep)]
     tables.append(_rich("Validation per runtime", short, rows))
     for r in rep.runtimes:

@@ -118,11 +118,16 @@ def validation_table(v: ValidationReport) -> Table:
         title += f"; top-1 accuracy {100 * v.accuracy_before:.2f}% -> {100 * v.accuracy_after:.2f}%"
     if v.rtol is not None:
         title += f" at rtol {v.rtol:g}"
-    t = Table(title=title, title_justify="left")
-    for col in ("output", "shape", "max abs err", "max rel err", "cosine", "top-1 agree", "top-5 agree"):
+    t = Table(title=title, title_justify="left", caption=v.agreement_note, caption_justify="left")
+    nonfinite = bool(v.nonfinite)
+    agree = ("top-1 agree", "top-5 agree") if v.agreement_note is None else ("top-1 on noise", "top-5 on noise")
+    cols = ["output", "shape", "max abs err", "max rel err", "cosine", *agree]
+    if nonfinite:  # NaN / Inf counts, original / compressed: the reason validation failed
+        cols.append("NaN/Inf orig | new")
+    for col in cols:
         t.add_column(col, justify="left" if col == "output" else "right")
     for o in v.outputs:
-        t.add_row(
+        row = [
             o.name,
             "x".join(map(str, o.shape)),
             f"{o.max_abs_error:.3g}",
@@ -130,7 +135,10 @@ def validation_table(v: ValidationReport) -> Table:
             f"{o.cosine:.6f}",
             "-" if o.top1_agreement is None else f"{100 * o.top1_agreement:.1f}%",
             "-" if o.top5_agreement is None else f"{100 * o.top5_agreement:.1f}%",
-        )
+        ]
+        if nonfinite:
+            row.append(f"{o.nan_original}/{o.inf_original} | {o.nan_compressed}/{o.inf_compressed}")
+        t.add_row(*row, style=None if o.finite else "bold red")
     return t
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +15,10 @@ from ..graph.protos import first_line, graph_input_names
 from .session import ort_session, session_folder
 
 DEFAULT_RANDOM_SAMPLES = 8
+Progress = Callable[[str, int, int], None]  # (step, samples done, samples in all)
+# Said wherever class agreement on random inputs is shown: it compares two models' classes on noise.
+RANDOM_AGREEMENT_NOTE = ("random inputs: top-1/top-5 agreement compares the two models' classes on noise and is "
+                         "not accuracy; give --data (with labels) for accuracy before/after")
 
 
 @dataclass(frozen=True)
@@ -27,9 +31,26 @@ class OutputComparison:
     cosine: float
     top1_agreement: float | None  # for class-score shaped outputs [N, C]
     top5_agreement: float | None
+    # Non-finite values counted in each model's output: any of them fails validation, whatever the
+    # tolerance (two all-NaN outputs "agree" perfectly and mean nothing).
+    nan_original: int = 0
+    inf_original: int = 0
+    nan_compressed: int = 0
+    inf_compressed: int = 0
 
-    def passes(self, rtol: float) -> bool:
-        return self.max_abs_error <= rtol * self.max_abs_reference
+    @property
+    def finite(self) -> bool:
+        return not (self.nan_original or self.inf_original or self.nan_compressed or self.inf_compressed)
+
+    @property
+    def nonfinite_text(self) -> str:
+        """e.g. "output 'y' is not finite: original 80 NaN / 0 Inf, compressed 80 NaN / 0 Inf of 80 values"."""
+        size = int(np.prod(self.shape)) if self.shape else 1
+        return (f"output '{self.name}' is not finite: original {self.nan_original} NaN / {self.inf_original} Inf, "
+                f"compressed {self.nan_compressed} NaN / {self.inf_compressed} Inf of {size} values")
+
+    def passes(self, rtol: float | None) -> bool:
+        return self.finite and (rtol is None or self.max_abs_error <= rtol * self.max_abs_reference)
 
 
 @dataclass(frozen=True)
@@ -50,14 +71,41 @@ class ValidationReport:
         return max((o.max_rel_error for o in self.outputs), default=0.0)
 
     @property
+    def agreement_note(self) -> str | None:
+        """What class agreement means here: None on real data, a plain warning on random inputs."""
+        return RANDOM_AGREEMENT_NOTE if self.source == "random" else None
+
+    @property
+    def nonfinite(self) -> tuple[OutputComparison, ...]:
+        """The outputs with a NaN or Inf in either model (each fails validation)."""
+        return tuple(o for o in self.outputs if not o.finite)
+
+    @property
     def passed(self) -> bool:
-        return self.rtol is None or all(o.passes(self.rtol) for o in self.outputs)
+        return all(o.passes(self.rtol) for o in self.outputs)
 
     @property
     def status(self) -> str:
-        if self.rtol is None:
+        if self.rtol is None and not self.nonfinite:
             return "measured"
         return "passed" if self.passed else "failed"
+
+    @property
+    def problem(self) -> str | None:
+        """Why validation failed, in words (None when it passed): the non-finite outputs first."""
+        if self.passed:
+            return None
+        if self.nonfinite:
+            return "; ".join(o.nonfinite_text for o in self.nonfinite)
+        return f"max relative output error {self.passing_rtol:.3g} > --rtol {self.rtol:g}"
+
+    @property
+    def fix(self) -> str:
+        """What to do about `problem`."""
+        if self.nonfinite:
+            return ("a model that computes NaN/Inf cannot be validated: fix the weights or inputs that produce them "
+                    "(see the per-layer reasons), or --no-validate to write it anyway")
+        return "raise --rtol, or keep more rank: --rank-scale / --ranks energy:F"
 
 
 def _run(session, names: list[str], feeds: Mapping[str, np.ndarray], what: str) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
@@ -94,6 +142,7 @@ def compare_outputs(name: str, ref: np.ndarray, new: np.ndarray) -> OutputCompar
     b = np.asarray(new, dtype=np.float64)
     if a.shape != b.shape:
         raise ValidationError(f"output '{name}' changed shape {a.shape} -> {b.shape}; please report this")
+    counts = (int(np.isnan(a).sum()), int(np.isinf(a).sum()), int(np.isnan(b).sum()), int(np.isinf(b).sum()))
     # Non-finite values where the original has the same ones (a layer with NaN weights kept as is)
     # are agreement, not error; a NaN or Inf the original does not have is an infinite error.
     same = (np.isnan(a) & np.isnan(b)) | (np.isinf(a) & (a == b))
@@ -106,13 +155,14 @@ def compare_outputs(name: str, ref: np.ndarray, new: np.ndarray) -> OutputCompar
     na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
     cosine = float(np.dot(a.ravel(), b.ravel()) / (na * nb)) if na > 0 and nb > 0 else float(na == nb)
     top1 = top5 = None
-    if a.ndim == 2 and a.shape[1] > 1:
+    if a.ndim == 2 and a.shape[1] > 1 and not any(counts):  # argmax of NaN scores means nothing
         top1 = float(np.mean(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
         if a.shape[1] > 5:
             ref5 = np.argsort(-a, axis=1)[:, :5]
             top5 = float(np.mean([np.argmax(b[i]) in ref5[i] for i in range(a.shape[0])]))
     rel = max_abs / max_ref if max_ref > 0 else (0.0 if max_abs == 0 else float("inf"))
-    return OutputComparison(name, tuple(a.shape), max_abs, max_ref, rel, cosine, top1, top5)
+    return OutputComparison(name, tuple(a.shape), max_abs, max_ref, rel, cosine, top1, top5,
+                            *counts)
 
 
 @dataclass(frozen=True)
@@ -191,8 +241,10 @@ def validate_models(
     seed: int = 0,
     rtol: float | None = None,
     data: ValidationData | None = None,
+    progress: Progress | None = None,
 ) -> ValidationReport:
-    """Feed `samples` seeded random inputs (or the user's `data`) to both models; compare every output."""
+    """Feed `samples` seeded random inputs (or the user's `data`) to both models; compare every output.
+    `progress("validation", done, total)` after each batch (samples)."""
     ref_proto = original if isinstance(original, onnx.ModelProto) else onnx.load(str(original), load_external_data=False)
     rng = np.random.default_rng(seed)
     if data is not None:
@@ -209,12 +261,18 @@ def validate_models(
             raise ValidationError(f"the compressed model's outputs {new_names} differ from the original's {names}")
         refs: list[list[np.ndarray]] = [[] for _ in names]
         news: list[list[np.ndarray]] = [[] for _ in names]
+        total, done = sum(next(iter(f.values())).shape[0] for f in batches), 0
+        if progress is not None:
+            progress("validation", 0, total)
         for feeds in batches:
             r0 = _run(s0, names, feeds, "original")
             r1 = _run(s1, names, feeds, "compressed")
             for k in range(len(names)):
                 refs[k].append(np.asarray(r0[k]))
                 news[k].append(np.asarray(r1[k]))
+            done += next(iter(feeds.values())).shape[0]
+            if progress is not None:
+                progress("validation", done, total)
     outputs = []
     for k, name in enumerate(names):
         axis_ok = refs[k][0].ndim >= 1
