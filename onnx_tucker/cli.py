@@ -124,9 +124,10 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda when availa
 FinetuneDataOpt = Annotated[Path | None, typer.Option("--finetune", help="Fine-tune the compressed model on this data before validating and writing it (the paper's step 3; as `finetune --data`; needs the finetune extra).", show_default=False)]
 ValDataOpt = Annotated[Path | None, typer.Option("--val-data", help="Held-out data for validation after each epoch (default: --val-split of DATA).", show_default=False)]
 SizeOpt = Annotated[str | None, typer.Option("--size", help="Resize images (--data / --calibrate folders) to N or H,W.", show_default=False)]
-MeanOpt = Annotated[str | None, typer.Option("--mean", help="Per-channel mean subtracted from images scaled to [0, 1], e.g. 0.485,0.456,0.406.", show_default=False)]
+MeanOpt = Annotated[str | None, typer.Option("--mean", help="Per-channel mean subtracted from pixels scaled by --scale (images; integer .npz arrays), e.g. 0.485,0.456,0.406.", show_default=False)]
 StdOpt = Annotated[str | None, typer.Option("--std", help="Per-channel std images are divided by, e.g. 0.229,0.224,0.225.", show_default=False)]
 LayoutOpt = Annotated[str, typer.Option("--layout", help="Image layout fed to the model: auto, nchw or nhwc.")]
+ScaleOpt = Annotated[float | None, typer.Option("--scale", help="What a full-intensity pixel (255) is at the model input, before --mean/--std: 1 (pixels / 255, the default for image folders) or 255 (raw 0-255). Integer .npz arrays for a float input are pixels and need it; float arrays are used as they are.", show_default=False)]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice (validation inputs).")]
 RtolOpt = Annotated[float | None, typer.Option("--rtol", help="Fail when max|orig-new| > RTOL * max|orig| on any output (default: report only; 1e-4 under --ranks full).", show_default=False)]
 BenchOpt = Annotated[bool, typer.Option("--bench", help="Also measure latency of both models in onnxruntime CPU (interleaved runs, medians).")]
@@ -184,10 +185,10 @@ def _note(text: str) -> None:
     err_console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
-def _preprocess(size: str | None, mean: str | None, std: str | None, layout: str) -> Preprocess:
+def _preprocess(size: str | None, mean: str | None, std: str | None, layout: str, scale: float | None = None) -> Preprocess:
     from .runtime.data import parse_floats, parse_size
 
-    return Preprocess(parse_size(size), parse_floats(mean, "--mean"), parse_floats(std, "--std"), layout)
+    return Preprocess(parse_size(size), parse_floats(mean, "--mean"), parse_floats(std, "--std"), layout, scale)
 
 
 @contextmanager
@@ -244,6 +245,7 @@ def compress(
     mean: MeanOpt = None,
     std: StdOpt = None,
     layout: LayoutOpt = "auto",
+    scale: ScaleOpt = None,
     seed: SeedOpt = 0,
     rtol: RtolOpt = None,
     bench: BenchOpt = False,
@@ -266,7 +268,7 @@ def compress(
             ranks=ranks, rank_scale=rank_scale, min_rank=min_rank, round_to=round_to, include=include, exclude=exclude,
             hooi_iters=hooi_iters, jobs=jobs, input_shape=input_shape, plan=plan, validate=validate, samples=samples,
             data=data, seed=seed, rtol=rtol, calibrate=calibrate, calibration_samples=calibration_samples,
-            preprocess=_preprocess(size, mean, std, layout),
+            preprocess=_preprocess(size, mean, std, layout, scale),
             latency_aware=latency_aware, min_speedup=min_speedup, threads=threads, target=target,
         )
         timing = BenchConfig(threads=threads, warmup=warmup, runs=runs) if bench else None
@@ -356,6 +358,7 @@ def validate_cmd(
     mean: MeanOpt = None,
     std: StdOpt = None,
     layout: LayoutOpt = "auto",
+    scale: ScaleOpt = None,
     seed: SeedOpt = 0,
     rtol: RtolOpt = None,
     report: ValidateReportOpt = None,
@@ -368,7 +371,7 @@ def validate_cmd(
 
     with _errors(verbose):
         cfg = CompressionConfig.from_options(input_shape=input_shape, samples=samples, data=data, seed=seed, rtol=rtol,
-                                             preprocess=_preprocess(size, mean, std, layout))
+                                             preprocess=_preprocess(size, mean, std, layout, scale))
         v = api.validate(original, compressed, cfg, report=report)
         if not quiet:
             _print([validation_table(v)])
@@ -422,6 +425,7 @@ def report_cmd(
     mean: MeanOpt = None,
     std: StdOpt = None,
     layout: LayoutOpt = "auto",
+    scale: ScaleOpt = None,
     plan: PlanOpt = None,
     seed: SeedOpt = 0,
     threads: ThreadsOpt = 1,
@@ -442,7 +446,7 @@ def report_cmd(
 
     with _errors(verbose):
         cfg = CompressionConfig.from_options(input_shape=input_shape, samples=samples, data=data, seed=seed, plan=plan,
-                                             validate=False, preprocess=_preprocess(size, mean, std, layout))
+                                             validate=False, preprocess=_preprocess(size, mean, std, layout, scale))
         rep = api.mobile_report(
             original, compressed, cfg, runtimes=runtimes, bench_config=BenchConfig(threads=threads, warmup=warmup, runs=runs),
             timeout=timeout, rtol=rtol, html=html, markdown=markdown, json_path=json_path,
@@ -484,6 +488,7 @@ def finetune_cmd(
     mean: MeanOpt = None,
     std: StdOpt = None,
     layout: LayoutOpt = "auto",
+    scale: ScaleOpt = None,
     device: DeviceOpt = "auto",
     threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's).", show_default=False)] = None,
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Checkpoint written after each epoch (default OUT.finetune.pt).", show_default=False)] = None,
@@ -502,7 +507,7 @@ def finetune_cmd(
             weight_decay=weight_decay, max_steps=max_steps, temperature=temperature, alpha=alpha, use_labels=labels, train=train,
             augment=augment, val_split=val_split, device=device, seed=seed, threads=threads,
             checkpoint=str(checkpoint) if checkpoint else None, resume=resume,
-            preprocess=_preprocess(size, mean, std, layout),
+            preprocess=_preprocess(size, mean, std, layout, scale),
         )
         result = ft.finetune(input, output, data, teacher=teacher, val_data=val_data, config=cfg,
                              progress=None if quiet else _FinetuneProgress(), report=report)
