@@ -131,7 +131,8 @@ ScaleOpt = Annotated[float | None, typer.Option("--scale", help="What a full-int
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice (validation inputs).")]
 RtolOpt = Annotated[float | None, typer.Option("--rtol", help="Fail when max|orig-new| > RTOL * max|orig| on any output (default: report only; 1e-4 under --ranks full).", show_default=False)]
 BenchOpt = Annotated[bool, typer.Option("--bench", help="Also measure latency of both models in onnxruntime CPU (interleaved runs, medians).")]
-ThreadsOpt = Annotated[int, typer.Option("--threads", help="Intra-op threads for latency measurement (onnxruntime: --bench, --latency-aware; under 'report', every runtime's).")]
+ThreadsOpt = Annotated[int, typer.Option("--threads", help="onnxruntime intra-op threads, the one meaning of --threads in every command (--bench, --latency-aware; under 'report', every runtime's); torch's threads for fine-tuning are --torch-threads.")]
+TorchThreadsOpt = Annotated[int | None, typer.Option("--torch-threads", help="torch CPU threads for fine-tuning (default: the CPUs not already busy, by the 1-minute load, at least 1: on a shared 2-core machine 2 threads ran up to 5x slower than 1 when another process was busy). Printed when training starts.", show_default=False)]
 LatencyAwareOpt = Annotated[bool, typer.Option("--latency-aware", help="Time each layer and its chain alone in onnxruntime CPU (interleaved medians, cached per shape); keep a decomposition only where it is --min-speedup times faster, after trying ranks rounded to --round-to (else 8 and 16) and Tucker-1.")]
 MinSpeedupOpt = Annotated[float, typer.Option("--min-speedup", help="With --latency-aware: the measured speed-up a layer's chain must reach to be kept.")]
 TargetOpt = Annotated[str | None, typer.Option("--target", help="Whole-model budget: macs:F or params:F (fraction of the original, 0 < F < 1): ranks spent where the kernels lose the least energy per MAC (or parameter) saved; latency:F: the least compression whose layers, timed alone in onnxruntime, take F of the original time (implies per-layer timing as --latency-aware).", show_default=False)]
@@ -241,6 +242,7 @@ def compress(
     lr: LrOpt = None,
     schedule: ScheduleOpt = "cosine",
     device: DeviceOpt = "auto",
+    torch_threads: TorchThreadsOpt = None,
     size: SizeOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
@@ -282,9 +284,10 @@ def compress(
 
             step = FinetuneStep(str(finetune), FinetuneConfig(
                 epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, schedule=schedule, device=device,
-                seed=seed, preprocess=cfg.preprocess), teacher_is_original, str(val_data) if val_data else None)
-        elif teacher_is_original or val_data is not None:
-            raise UsageError("--teacher-is-original / --val-data: only with --finetune DATA")
+                seed=seed, preprocess=cfg.preprocess, threads=torch_threads), teacher_is_original, str(val_data) if val_data else None)
+        elif teacher_is_original or val_data is not None or torch_threads is not None:
+            raise UsageError("--teacher-is-original / --val-data / --torch-threads: only with --finetune DATA; "
+                             "add --finetune TRAIN, or leave them out")
         with _progress(not quiet) as progress:
             result = api.compress(input, cfg, output, progress, bench=timing, save_plan=save_plan, report=report,
                                   markdown=markdown, finetune=step,
@@ -490,7 +493,9 @@ def finetune_cmd(
     layout: LayoutOpt = "auto",
     scale: ScaleOpt = None,
     device: DeviceOpt = "auto",
-    threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's).", show_default=False)] = None,
+    torch_threads: TorchThreadsOpt = None,
+    # Before issue 16 finetune's --threads were torch's; kept, hidden, so old scripts run unchanged.
+    threads: Annotated[int | None, typer.Option("--threads", hidden=True)] = None,
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Checkpoint written after each epoch (default OUT.finetune.pt).", show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint (after Ctrl-C, or with more --epochs).")] = False,
     seed: SeedOpt = 0,
@@ -502,10 +507,14 @@ def finetune_cmd(
     from . import finetune as ft
 
     with _errors(verbose):
+        if threads is not None and torch_threads is not None and threads != torch_threads:
+            raise UsageError(f"--threads {threads} and --torch-threads {torch_threads}: finetune's --threads is the old "
+                             "name of --torch-threads; give --torch-threads only")
+        torch_threads = threads if torch_threads is None else torch_threads
         cfg = ft.FinetuneConfig(
             epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, schedule=schedule, step_epochs=step_epochs,
             weight_decay=weight_decay, max_steps=max_steps, temperature=temperature, alpha=alpha, use_labels=labels, train=train,
-            augment=augment, val_split=val_split, device=device, seed=seed, threads=threads,
+            augment=augment, val_split=val_split, device=device, seed=seed, threads=torch_threads,
             checkpoint=str(checkpoint) if checkpoint else None, resume=resume,
             preprocess=_preprocess(size, mean, std, layout, scale),
         )
@@ -518,6 +527,7 @@ def finetune_cmd(
             err_console.print(
                 f"wrote {result.output_path}: {result.mode}, {result.epochs} epoch(s), {result.steps} steps, "
                 f"{result.seconds:.0f} s on {result.device}; best epoch {result.best_epoch} ({result.best_metric}); "
+                f"{'on the training data (no held-out data): ' if result.val_samples == 0 else ''}"
                 f"accuracy {pct(result.accuracy_before)} -> {pct(result.accuracy_after)}, agreement with the teacher "
                 f"{pct(result.agreement_before)} -> {pct(result.agreement_after)}; onnxruntime vs torch max rel error "
                 f"{result.export_max_rel_error:.2g}", markup=False, highlight=False, soft_wrap=True)
@@ -527,11 +537,25 @@ def finetune_cmd(
                     "starting weights (lower --lr, or more data)", markup=False, highlight=False, soft_wrap=True)
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
 class _FinetuneProgress:
     """One line per epoch on stderr; a live bar for the steps on a terminal."""
 
+    # The speed is printed once, this many steps into the run (or after EARLY_S seconds), so a run that
+    # will take hours says so in its first minute.
+    EARLY_STEPS = 5
+    EARLY_S = 10.0
+
     def __init__(self) -> None:
         self.tty = sys.stderr.isatty()
+        self.epochs_left = 0
+        self.threads = ""
+        self.speed_shown = False
 
     def __call__(self, kind: str, d: Any) -> None:
         def pct(v: float | None) -> str:
@@ -545,7 +569,21 @@ class _FinetuneProgress:
                 f"{d['trainable']:,} of {d['total']:,} weights trained; graph normalisation: {changes}; "
                 f"before: accuracy {pct(b['accuracy'])}, agreement {pct(b['agreement'])}",
                 markup=False, highlight=False, soft_wrap=True)
-        elif kind == "step" and self.tty:
+            for note in d.get("notes", ()):
+                _note(note)
+            self.epochs_left = d["epochs"] - d["first_epoch"] + 1
+            if "threads" in d and d["device"] == "cpu":
+                self.threads = f"; torch threads {d['threads']} ({d['threads_why']}; --torch-threads N to set)"
+        elif kind == "step" and not self.speed_shown and d["step"] < d["steps"] and (
+                d["step"] >= self.EARLY_STEPS or d.get("seconds", 0.0) >= self.EARLY_S):
+            self.speed_shown = True
+            ips = d["images_per_s"]
+            per_epoch = d.get("images", 0) / ips if ips > 0 else 0.0
+            if self.tty:
+                sys.stderr.write("\r" + " " * 78 + "\r")
+            _note(f"speed: {ips:.0f} img/s after {d['step']} steps: about {_duration(per_epoch)} per epoch, "
+                  f"{_duration(per_epoch * max(1, self.epochs_left))} for {max(1, self.epochs_left)} epoch(s){self.threads}")
+        if kind == "step" and self.tty:
             sys.stderr.write(f"\r  epoch {d['epoch']} {d['step']}/{d['steps']} loss {d['loss']:.4f} "
                              f"acc {pct(d['accuracy'])} {d['images_per_s']:.0f} img/s   ")
             sys.stderr.flush()
