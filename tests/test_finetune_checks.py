@@ -186,3 +186,16 @@ def test_the_default_is_recorded_in_the_result(tmp_path: Path) -> None:
     r = ot.finetune(comp, None, _npz(tmp_path / "d.npz"), config=ot.FinetuneConfig(max_steps=1))
     assert 1 <= r.torch_threads <= ftconfig.usable_cpus()
     onnx.checker.check_model(onnx.load(comp))
+
+
+def test_finetune_takes_uint8_pixels_only_with_a_declared_scale(tmp_path: Path) -> None:
+    _, comp = _pair(tmp_path)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "u8.npz", x=rng.integers(0, 256, (8, 3, 16, 16)).astype(np.uint8), labels=rng.integers(0, 10, 8))
+    args = ["finetune", str(comp), str(tmp_path / "o.onnx"), "--data", str(tmp_path / "u8.npz"), "--max-steps", "1",
+            "--torch-threads", "1", "-q"]
+    code, _, err = _cli(*args)
+    assert code == 2 and "holds integers (uint8)" in _one_error(code, err) and "--scale" in err
+    assert not (tmp_path / "o.onnx").exists()
+    code, _, err = _cli(*args, "--scale", "1")
+    assert code == 0, err
