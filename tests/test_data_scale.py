@@ -140,3 +140,24 @@ def test_validate_takes_integer_pixels_with_scale_and_integer_inputs_without(tmp
     np.savez(tmp_path / "ids.npz", ids=np.array([[1, 2, 3], [9, 8, 7]], np.int64))
     r = runner.invoke(app, ["validate", str(emb), str(emb), "--data", str(tmp_path / "ids.npz"), "-q"])
     assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("name", ["calibrate_one_nan", "calibrate_all_inf", "calibrate_truncated_npz",
+                                  "calibrate_random_bytes_npz"])
+def test_bad_data_in_a_real_process_prints_one_line_and_no_warning(name: str, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """pytest records Python warnings itself, so only a real process shows what a terminal would."""
+    import subprocess
+    import sys
+
+    from tests.test_bad_inputs import CASES, snapshot
+
+    c = CASES[name](tmp_path, monkeypatch)
+    before = snapshot(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "onnx_tucker.cli", *c.args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "data.npz" in lines[0], proc.stderr
+    assert "Warning" not in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
+    assert "pickle" not in proc.stderr  # numpy's advice for bytes it took for a pickle
+    assert snapshot(tmp_path) == before
