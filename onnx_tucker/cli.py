@@ -127,6 +127,9 @@ SizeOpt = Annotated[str | None, typer.Option("--size", help="Resize images (--da
 MeanOpt = Annotated[str | None, typer.Option("--mean", help="Per-channel mean subtracted from pixels scaled by --scale (images; integer .npz arrays), e.g. 0.485,0.456,0.406.", show_default=False)]
 StdOpt = Annotated[str | None, typer.Option("--std", help="Per-channel std images are divided by, e.g. 0.229,0.224,0.225.", show_default=False)]
 LayoutOpt = Annotated[str, typer.Option("--layout", help="Image layout fed to the model: auto, nchw or nhwc.")]
+ResizeShorterOpt = Annotated[int | None, typer.Option("--resize-shorter", help="Resize images (folders) so the shorter side is N, keeping the aspect ratio (torchvision's Resize(N)); then --crop.", show_default=False)]
+CropOpt = Annotated[str | None, typer.Option("--crop", help="Centre-crop images (folders) to N or H,W after --resize-shorter, e.g. 224 (ImageNet: --resize-shorter 256 --crop 224).", show_default=False)]
+ChannelOrderOpt = Annotated[str, typer.Option("--channel-order", help="rgb, or bgr for models trained on OpenCV-decoded (BGR) images (folders).")]
 ScaleOpt = Annotated[float | None, typer.Option("--scale", help="What a full-intensity pixel (255) is at the model input, before --mean/--std: 1 (pixels / 255, the default for image folders) or 255 (raw 0-255). Integer .npz arrays for a float input are pixels and need it; float arrays are used as they are.", show_default=False)]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice (validation inputs).")]
 RtolOpt = Annotated[float | None, typer.Option("--rtol", help="Fail when max|orig-new| > RTOL * max|orig| on any output (default: report only; 1e-4 under --ranks full).", show_default=False)]
@@ -186,10 +189,12 @@ def _note(text: str) -> None:
     err_console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
-def _preprocess(size: str | None, mean: str | None, std: str | None, layout: str, scale: float | None = None) -> Preprocess:
+def _preprocess(size: str | None, mean: str | None, std: str | None, layout: str, scale: float | None = None,
+                resize_shorter: int | None = None, crop: str | None = None, channel_order: str = "rgb") -> Preprocess:
     from .runtime.data import parse_floats, parse_size
 
-    return Preprocess(parse_size(size), parse_floats(mean, "--mean"), parse_floats(std, "--std"), layout, scale)
+    return Preprocess(parse_size(size), parse_floats(mean, "--mean"), parse_floats(std, "--std"), layout, scale,
+                      resize_shorter, parse_size(crop, "--crop"), channel_order)
 
 
 @contextmanager
@@ -248,6 +253,9 @@ def compress(
     std: StdOpt = None,
     layout: LayoutOpt = "auto",
     scale: ScaleOpt = None,
+    resize_shorter: ResizeShorterOpt = None,
+    crop: CropOpt = None,
+    channel_order: ChannelOrderOpt = "rgb",
     seed: SeedOpt = 0,
     rtol: RtolOpt = None,
     bench: BenchOpt = False,
@@ -270,7 +278,7 @@ def compress(
             ranks=ranks, rank_scale=rank_scale, min_rank=min_rank, round_to=round_to, include=include, exclude=exclude,
             hooi_iters=hooi_iters, jobs=jobs, input_shape=input_shape, plan=plan, validate=validate, samples=samples,
             data=data, seed=seed, rtol=rtol, calibrate=calibrate, calibration_samples=calibration_samples,
-            preprocess=_preprocess(size, mean, std, layout, scale),
+            preprocess=_preprocess(size, mean, std, layout, scale, resize_shorter, crop, channel_order),
             latency_aware=latency_aware, min_speedup=min_speedup, threads=threads, target=target,
         )
         timing = BenchConfig(threads=threads, warmup=warmup, runs=runs) if bench else None
@@ -362,6 +370,9 @@ def validate_cmd(
     std: StdOpt = None,
     layout: LayoutOpt = "auto",
     scale: ScaleOpt = None,
+    resize_shorter: ResizeShorterOpt = None,
+    crop: CropOpt = None,
+    channel_order: ChannelOrderOpt = "rgb",
     seed: SeedOpt = 0,
     rtol: RtolOpt = None,
     report: ValidateReportOpt = None,
@@ -374,7 +385,7 @@ def validate_cmd(
 
     with _errors(verbose):
         cfg = CompressionConfig.from_options(input_shape=input_shape, samples=samples, data=data, seed=seed, rtol=rtol,
-                                             preprocess=_preprocess(size, mean, std, layout, scale))
+                                             preprocess=_preprocess(size, mean, std, layout, scale, resize_shorter, crop, channel_order))
         v = api.validate(original, compressed, cfg, report=report)
         if not quiet:
             _print([validation_table(v)])
@@ -429,6 +440,9 @@ def report_cmd(
     std: StdOpt = None,
     layout: LayoutOpt = "auto",
     scale: ScaleOpt = None,
+    resize_shorter: ResizeShorterOpt = None,
+    crop: CropOpt = None,
+    channel_order: ChannelOrderOpt = "rgb",
     plan: PlanOpt = None,
     seed: SeedOpt = 0,
     threads: ThreadsOpt = 1,
@@ -449,7 +463,7 @@ def report_cmd(
 
     with _errors(verbose):
         cfg = CompressionConfig.from_options(input_shape=input_shape, samples=samples, data=data, seed=seed, plan=plan,
-                                             validate=False, preprocess=_preprocess(size, mean, std, layout, scale))
+                                             validate=False, preprocess=_preprocess(size, mean, std, layout, scale, resize_shorter, crop, channel_order))
         rep = api.mobile_report(
             original, compressed, cfg, runtimes=runtimes, bench_config=BenchConfig(threads=threads, warmup=warmup, runs=runs),
             timeout=timeout, rtol=rtol, html=html, markdown=markdown, json_path=json_path,
@@ -492,6 +506,9 @@ def finetune_cmd(
     std: StdOpt = None,
     layout: LayoutOpt = "auto",
     scale: ScaleOpt = None,
+    resize_shorter: ResizeShorterOpt = None,
+    crop: CropOpt = None,
+    channel_order: ChannelOrderOpt = "rgb",
     device: DeviceOpt = "auto",
     torch_threads: TorchThreadsOpt = None,
     # Before issue 16 finetune's --threads were torch's; kept, hidden, so old scripts run unchanged.
@@ -516,7 +533,7 @@ def finetune_cmd(
             weight_decay=weight_decay, max_steps=max_steps, temperature=temperature, alpha=alpha, use_labels=labels, train=train,
             augment=augment, val_split=val_split, device=device, seed=seed, threads=torch_threads,
             checkpoint=str(checkpoint) if checkpoint else None, resume=resume,
-            preprocess=_preprocess(size, mean, std, layout, scale),
+            preprocess=_preprocess(size, mean, std, layout, scale, resize_shorter, crop, channel_order),
         )
         result = ft.finetune(input, output, data, teacher=teacher, val_data=val_data, config=cfg,
                              progress=None if quiet else _FinetuneProgress(), report=report)

@@ -24,6 +24,12 @@ class Preprocess:
     std: tuple[float, ...] | None = None
     layout: str = "auto"  # auto | nchw | nhwc
     scale: float | None = None
+    # Image folders only, in this order (torchvision's Resize(N) + CenterCrop(H, W)): the shorter side
+    # resized to `resize_shorter` (the longer one in proportion, truncated), then a centre crop; then
+    # `channel_order` "bgr" reverses RGB(A) to BGR(A) for models trained on OpenCV-decoded images.
+    resize_shorter: int | None = None
+    crop: tuple[int, int] | None = None
+    channel_order: str = "rgb"  # rgb | bgr
 
     def __post_init__(self) -> None:
         if self.layout not in ("auto", "nchw", "nhwc"):
@@ -35,6 +41,15 @@ class Preprocess:
                 raise UsageError(f"{what} {','.join(map(str, v))}: give 1 value or one per channel (e.g. 3)")
         if self.std is not None and any(s <= 0 for s in self.std):
             raise UsageError(f"--std {','.join(map(str, self.std))}: every value must be > 0")
+        if self.channel_order not in ("rgb", "bgr"):
+            raise UsageError(f"--channel-order {self.channel_order}: not a channel order; use rgb or bgr")
+        if self.resize_shorter is not None and self.resize_shorter < 1:
+            raise UsageError(f"--resize-shorter {self.resize_shorter}: give a positive size, e.g. 256")
+        if self.crop is not None and (len(self.crop) != 2 or min(self.crop) < 1):
+            raise UsageError(f"--crop {self.crop}: give a positive size, e.g. 224 or 224,224")
+        if self.size is not None and (self.resize_shorter is not None or self.crop is not None):
+            raise UsageError("--size with --resize-shorter / --crop: --size stretches to H,W, the others keep the "
+                             "aspect ratio; give --size alone, or --resize-shorter N --crop H,W")
         if self.scale is not None and not (math.isfinite(self.scale) and self.scale > 0):
             raise UsageError(f"--scale {self.scale:g}: must be a positive number; use 1 (pixels / 255) or 255 (raw 0-255)")
 
@@ -266,7 +281,9 @@ class CompressionConfig:
             "calibrate": self.calibrate,
             "calibration_samples": self.calibration_samples,
             "preprocess": {"size": self.preprocess.size, "mean": self.preprocess.mean, "std": self.preprocess.std,
-                           "layout": self.preprocess.layout, "scale": self.preprocess.scale},
+                           "layout": self.preprocess.layout, "scale": self.preprocess.scale,
+                           "resize_shorter": self.preprocess.resize_shorter, "crop": self.preprocess.crop,
+                           "channel_order": self.preprocess.channel_order},
             "latency_aware": self.latency_aware,
             "min_speedup": self.min_speedup,
             "threads": self.threads,

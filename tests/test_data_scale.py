@@ -161,3 +161,79 @@ def test_bad_data_in_a_real_process_prints_one_line_and_no_warning(name: str, tm
     assert "Warning" not in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
     assert "pickle" not in proc.stderr  # numpy's advice for bytes it took for a pickle
     assert snapshot(tmp_path) == before
+
+
+# ---- issue 15 build item 4: --resize-shorter, --crop, --channel-order (image folders) ---------------
+
+
+def _folder(tmp: Path, px: np.ndarray) -> Path:
+    (tmp / "imgs").mkdir()
+    Image.fromarray(px).save(tmp / "imgs" / "a.png")
+    return tmp / "imgs"
+
+
+def _raw(folder: Path, shape: list, pre: Preprocess) -> np.ndarray:
+    """The decoded image as H x W x C pixels (scale 255: raw values), from the NCHW input."""
+    from dataclasses import replace
+
+    x = load_data(folder, ["x"], {"x": shape}, F32, replace(pre, scale=255)).inputs["x"]
+    return x[0].transpose(1, 2, 0)
+
+
+def test_channel_order_bgr_reverses_the_channels(tmp_path: Path) -> None:
+    px = np.array([[[10, 20, 30], [40, 50, 60]]], np.uint8)  # 1 x 2, RGB
+    got = _raw(_folder(tmp_path, px), [None, 3, 1, 2], Preprocess(channel_order="bgr"))
+    np.testing.assert_array_equal(got, np.array([[[30, 20, 10], [60, 50, 40]]], np.float32))
+
+
+def test_crop_takes_the_centre(tmp_path: Path) -> None:
+    px = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    got = _raw(_folder(tmp_path, px), [None, 3, 2, 2], Preprocess(crop=(2, 2)))
+    # rows (4-2)/2 = 1.., cols (6-2)/2 = 2..: px[1:3, 2:4], by hand
+    want = np.array([[[24, 25, 26], [27, 28, 29]], [[42, 43, 44], [45, 46, 47]]], np.float32)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_resize_shorter_keeps_the_aspect_ratio(tmp_path: Path) -> None:
+    # 2 x 4 -> shorter side 1 -> 1 x 2. Pillow's bilinear at factor 2 is a triangle of half-width 2:
+    # rows (0.5, 1.5 from the centre 1.0) weigh alike; columns 0.5, 1.5, 2.5 from the centre 1.0 weigh
+    # 0.75, 0.75, 0.25 (and for the centre 3.0: 0.25, 0.75, 0.75 on columns 1..3), / 1.75.
+    px = np.zeros((2, 4, 3), np.uint8)
+    px[:, :2] = [[[0, 0, 0], [100, 0, 0]], [[100, 100, 0], [200, 100, 4]]]
+    px[:, 2:] = 80
+    cols = px.astype(np.float64).mean(axis=0)  # [50,50,0], [150,50,2], 80, 80
+    left = (0.75 * cols[0] + 0.75 * cols[1] + 0.25 * cols[2]) / 1.75  # 97.1, 54.3, 12.3
+    right = (0.25 * cols[1] + 0.75 * cols[2] + 0.75 * cols[3]) / 1.75  # 90, 75.7, 68.9
+    got = _raw(_folder(tmp_path, px), [None, 3, "h", "w"], Preprocess(resize_shorter=1))
+    assert got.shape == (1, 2, 3)
+    np.testing.assert_array_equal(got, np.round([[left, right]]).astype(np.float32))
+    np.testing.assert_array_equal(got, np.array([[[97, 54, 12], [90, 76, 69]]], np.float32))
+
+
+def test_resize_shorter_then_crop_as_imagenet_evaluates(tmp_path: Path) -> None:
+    px = np.full((6, 9, 3), 7, np.uint8)
+    px[1:5, 2:7] = 200  # 6 x 9 -> shorter 4 -> 4 x 6 -> crop 2 x 2 of the centre: all inside the block
+    got = _raw(_folder(tmp_path, px), [None, 3, 2, 2], Preprocess(resize_shorter=4, crop=(2, 2)))
+    assert got.shape == (2, 2, 3)
+    np.testing.assert_array_equal(got, np.full((2, 2, 3), 200, np.float32))
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    (["--crop", "3,3"], "--crop 3,3 but model input 'x' is 16x16"),
+    (["--size", "16", "--crop", "16"], "--size with --resize-shorter / --crop"),
+    (["--channel-order", "grb"], "--channel-order grb: not a channel order"),
+    (["--resize-shorter", "0"], "--resize-shorter 0: give a positive size"),
+    (["--crop", "a"], "--crop a: not a size"),
+])
+def test_bad_preprocessing_options_are_one_line(tmp_path: Path, extra: list[str], needle: str) -> None:
+    m = save(make_small_cnn(), tmp_path / "m.onnx")
+    folder = _folder(tmp_path, np.zeros((16, 16, 3), np.uint8))
+    r = runner.invoke(app, ["validate", str(m), str(m), "--data", str(folder), *extra])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and needle in lines[0], r.stderr
+
+
+def test_crop_larger_than_the_image_says_so(tmp_path: Path) -> None:
+    folder = _folder(tmp_path, np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(UsageError, match="image is 4x4, smaller than --crop 8,8"):
+        load_data(folder, ["x"], {"x": [None, 3, 8, 8]}, F32, Preprocess(crop=(8, 8)))

@@ -66,17 +66,17 @@ def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
         raise UsageError(f"{option} {text}: not a comma-separated list of numbers, e.g. 0.485,0.456,0.406") from None
 
 
-def parse_size(text: str | None) -> tuple[int, int] | None:
+def parse_size(text: str | None, option: str = "--size") -> tuple[int, int] | None:
     if text is None or text == "":
         return None
     try:
         v = [int(s) for s in text.replace("x", ",").split(",")]
     except ValueError:
-        raise UsageError(f"--size {text}: not a size; give N or H,W (e.g. 32 or 224,224)") from None
+        raise UsageError(f"{option} {text}: not a size; give N or H,W (e.g. 32 or 224,224)") from None
     if len(v) == 1:
         v = v * 2
     if len(v) != 2 or min(v) < 1:
-        raise UsageError(f"--size {text}: give N or H,W with positive numbers")
+        raise UsageError(f"{option} {text}: give N or H,W with positive numbers")
     return (v[0], v[1])
 
 
@@ -316,7 +316,10 @@ def _load_folder(
     fixed = tuple(int(d) for d in hw if isinstance(d, int)) if all(isinstance(d, int) and d > 0 for d in hw) else None
     if target is not None and fixed is not None and tuple(target) != fixed:
         raise UsageError(f"{option} {folder}: --size {target[0]},{target[1]} but model input '{name}' is {fixed[0]}x{fixed[1]}")
-    x = _decode(paths, mode, target, fixed, option)
+    if pre.crop is not None and fixed is not None and tuple(pre.crop) != fixed:
+        raise UsageError(f"{option} {folder}: --crop {pre.crop[0]},{pre.crop[1]} but model input '{name}' is "
+                         f"{fixed[0]}x{fixed[1]}; crop to {fixed[0]},{fixed[1]}")
+    x = _decode(paths, mode, target, fixed, option, pre)
     x *= np.float32(pre.pixel_scale / 255.0)
     nch = x.shape[3]
     for what, v in (("--mean", pre.mean), ("--std", pre.std)):
@@ -335,8 +338,27 @@ def _load_folder(
                    np.asarray(labels, np.int64) if kind == "classes" else None, classes, kind)
 
 
+def _shorter_to(im, n: int):  # type: ignore[no-untyped-def]
+    """The shorter side to n, the longer in proportion (truncated, as torchvision's Resize(n))."""
+    from PIL import Image
+
+    w, h = im.size
+    size = (n, int(n * h / w)) if w <= h else (int(n * w / h), n)
+    return im if size == (w, h) else im.resize(size, Image.Resampling.BILINEAR)
+
+
+def _centre_crop(im, crop: tuple[int, int], p: Path, option: str):  # type: ignore[no-untyped-def]
+    w, h = im.size
+    ch, cw = crop
+    if ch > h or cw > w:
+        raise UsageError(f"{option} {p}: image is {h}x{w}, smaller than --crop {ch},{cw}; "
+                         "resize it first with --resize-shorter, or crop less")
+    top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))  # torchvision's CenterCrop
+    return im.crop((left, top, left + cw, top + ch))
+
+
 def _decode(paths: list[Path], mode: str, target: tuple[int, int] | None, fixed: tuple[int, ...] | None,
-            option: str) -> np.ndarray:
+            option: str, pre: Preprocess | None = None) -> np.ndarray:
     """N x H x W x C float32 pixels, 0-255."""
     try:
         from PIL import Image, UnidentifiedImageError
@@ -350,7 +372,13 @@ def _decode(paths: list[Path], mode: str, target: tuple[int, int] | None, fixed:
                 im = im.convert(mode)
                 if target is not None and im.size != (target[1], target[0]):
                     im = im.resize((target[1], target[0]), Image.Resampling.BILINEAR)
+                if pre is not None and pre.resize_shorter is not None:
+                    im = _shorter_to(im, pre.resize_shorter)
+                if pre is not None and pre.crop is not None:
+                    im = _centre_crop(im, pre.crop, p, option)
                 a = np.asarray(im, dtype=np.uint8)
+                if pre is not None and pre.channel_order == "bgr" and a.ndim == 3 and a.shape[2] >= 3:
+                    a = a[:, :, [2, 1, 0, *range(3, a.shape[2])]]
         except (UnidentifiedImageError, OSError, ValueError) as e:
             why = "not an image Pillow can read" if isinstance(e, UnidentifiedImageError) else (str(e) or type(e).__name__)
             raise UsageError(f"{option} {p}: unreadable image ({why}); remove or replace the file") from None
