@@ -126,13 +126,18 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda when availa
 FinetuneDataOpt = Annotated[Path | None, typer.Option("--finetune", help="Fine-tune the compressed model on this data before validating and writing it (the paper's step 3; as `finetune --data`; needs the finetune extra).", show_default=False)]
 ValDataOpt = Annotated[Path | None, typer.Option("--val-data", help="Held-out data for validation after each epoch (default: --val-split of DATA).", show_default=False)]
 SizeOpt = Annotated[str | None, typer.Option("--size", help="Resize images (--data / --calibrate folders) to N or H,W.", show_default=False)]
-MeanOpt = Annotated[str | None, typer.Option("--mean", help="Per-channel mean subtracted from images scaled to [0, 1], e.g. 0.485,0.456,0.406.", show_default=False)]
+MeanOpt = Annotated[str | None, typer.Option("--mean", help="Per-channel mean subtracted from pixels scaled by --scale (images; integer .npz arrays), e.g. 0.485,0.456,0.406.", show_default=False)]
 StdOpt = Annotated[str | None, typer.Option("--std", help="Per-channel std images are divided by, e.g. 0.229,0.224,0.225.", show_default=False)]
 LayoutOpt = Annotated[str, typer.Option("--layout", help="Image layout fed to the model: auto, nchw or nhwc.")]
+ResizeShorterOpt = Annotated[int | None, typer.Option("--resize-shorter", help="Resize images (folders) so the shorter side is N, keeping the aspect ratio (torchvision's Resize(N)); then --crop.", show_default=False)]
+CropOpt = Annotated[str | None, typer.Option("--crop", help="Centre-crop images (folders) to N or H,W after --resize-shorter, e.g. 224 (ImageNet: --resize-shorter 256 --crop 224).", show_default=False)]
+ChannelOrderOpt = Annotated[str, typer.Option("--channel-order", help="rgb, or bgr for models trained on OpenCV-decoded (BGR) images (folders).")]
+ScaleOpt = Annotated[float | None, typer.Option("--scale", help="What a full-intensity pixel (255) is at the model input, before --mean/--std: 1 (pixels / 255, the default for image folders) or 255 (raw 0-255). Integer .npz arrays for a float input are pixels and need it; float arrays are used as they are.", show_default=False)]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice (validation inputs).")]
 RtolOpt = Annotated[float | None, typer.Option("--rtol", help="Fail when max|orig-new| > RTOL * max|orig| on any output (default: report only; 1e-4 under --ranks full).", show_default=False)]
 BenchOpt = Annotated[bool, typer.Option("--bench", help="Also measure latency of both models in onnxruntime CPU (interleaved runs, medians).")]
-ThreadsOpt = Annotated[int, typer.Option("--threads", help="Intra-op threads for latency measurement (onnxruntime: --bench, --latency-aware; under 'report', every runtime's).")]
+ThreadsOpt = Annotated[int, typer.Option("--threads", help="onnxruntime intra-op threads, the one meaning of --threads in every command (--bench, --latency-aware; under 'report', every runtime's); torch's threads for fine-tuning are --torch-threads.")]
+TorchThreadsOpt = Annotated[int | None, typer.Option("--torch-threads", help="torch CPU threads for fine-tuning (default: the CPUs not already busy, by the 1-minute load, at least 1: on a shared 2-core machine 2 threads ran up to 5x slower than 1 when another process was busy). Printed when training starts.", show_default=False)]
 LatencyAwareOpt = Annotated[bool, typer.Option("--latency-aware", help="Time each layer and its chain alone in onnxruntime CPU (interleaved medians, cached per shape); keep a decomposition only where it is --min-speedup times faster, after trying ranks rounded to --round-to (else 8 and 16) and Tucker-1.")]
 MinSpeedupOpt = Annotated[float, typer.Option("--min-speedup", help="With --latency-aware: the measured speed-up a layer's chain must reach to be kept.")]
 TargetOpt = Annotated[str | None, typer.Option("--target", help="Whole-model budget: macs:F or params:F (fraction of the original, 0 < F < 1): ranks spent where the kernels lose the least energy per MAC (or parameter) saved; latency:F: the least compression whose layers, timed alone in onnxruntime, take F of the original time (implies per-layer timing as --latency-aware).", show_default=False)]
@@ -212,10 +217,12 @@ def _note(text: str) -> None:
     err_console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
-def _preprocess(size: str | None, mean: str | None, std: str | None, layout: str) -> Preprocess:
+def _preprocess(size: str | None, mean: str | None, std: str | None, layout: str, scale: float | None = None,
+                resize_shorter: int | None = None, crop: str | None = None, channel_order: str = "rgb") -> Preprocess:
     from .runtime.data import parse_floats, parse_size
 
-    return Preprocess(parse_size(size), parse_floats(mean, "--mean"), parse_floats(std, "--std"), layout)
+    return Preprocess(parse_size(size), parse_floats(mean, "--mean"), parse_floats(std, "--std"), layout, scale,
+                      resize_shorter, parse_size(crop, "--crop"), channel_order)
 
 
 @contextmanager
@@ -269,10 +276,15 @@ def compress(
     lr: LrOpt = None,
     schedule: ScheduleOpt = "cosine",
     device: DeviceOpt = "auto",
+    torch_threads: TorchThreadsOpt = None,
     size: SizeOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
     layout: LayoutOpt = "auto",
+    scale: ScaleOpt = None,
+    resize_shorter: ResizeShorterOpt = None,
+    crop: CropOpt = None,
+    channel_order: ChannelOrderOpt = "rgb",
     seed: SeedOpt = 0,
     rtol: RtolOpt = None,
     bench: BenchOpt = False,
@@ -295,7 +307,7 @@ def compress(
             ranks=ranks, rank_scale=rank_scale, min_rank=min_rank, round_to=round_to, include=include, exclude=exclude,
             hooi_iters=hooi_iters, jobs=jobs, input_shape=input_shape, plan=plan, validate=validate, samples=samples,
             data=data, seed=seed, rtol=rtol, calibrate=calibrate, calibration_samples=calibration_samples,
-            preprocess=_preprocess(size, mean, std, layout),
+            preprocess=_preprocess(size, mean, std, layout, scale, resize_shorter, crop, channel_order),
             latency_aware=latency_aware, min_speedup=min_speedup, threads=threads, target=target,
         )
         timing = BenchConfig(threads=threads, warmup=warmup, runs=runs) if bench else None
@@ -309,9 +321,10 @@ def compress(
 
             step = FinetuneStep(str(finetune), FinetuneConfig(
                 epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, schedule=schedule, device=device,
-                seed=seed, preprocess=cfg.preprocess), teacher_is_original, str(val_data) if val_data else None)
-        elif teacher_is_original or val_data is not None:
-            raise UsageError("--teacher-is-original / --val-data: only with --finetune DATA")
+                seed=seed, preprocess=cfg.preprocess, threads=torch_threads), teacher_is_original, str(val_data) if val_data else None)
+        elif teacher_is_original or val_data is not None or torch_threads is not None:
+            raise UsageError("--teacher-is-original / --val-data / --torch-threads: only with --finetune DATA; "
+                             "add --finetune TRAIN, or leave them out")
         with _progress(not quiet) as progress:
             result = api.compress(input, cfg, output, progress, bench=timing, save_plan=save_plan, report=report,
                                   markdown=markdown, finetune=step,
@@ -385,6 +398,10 @@ def validate_cmd(
     mean: MeanOpt = None,
     std: StdOpt = None,
     layout: LayoutOpt = "auto",
+    scale: ScaleOpt = None,
+    resize_shorter: ResizeShorterOpt = None,
+    crop: CropOpt = None,
+    channel_order: ChannelOrderOpt = "rgb",
     seed: SeedOpt = 0,
     rtol: RtolOpt = None,
     report: ValidateReportOpt = None,
@@ -397,7 +414,7 @@ def validate_cmd(
 
     with _errors(verbose):
         cfg = CompressionConfig.from_options(input_shape=input_shape, samples=samples, data=data, seed=seed, rtol=rtol,
-                                             preprocess=_preprocess(size, mean, std, layout))
+                                             preprocess=_preprocess(size, mean, std, layout, scale, resize_shorter, crop, channel_order))
         with _progress(not quiet) as progress:
             v = api.validate(original, compressed, cfg, report=report, progress=progress)
         if not quiet:
@@ -452,6 +469,10 @@ def report_cmd(
     mean: MeanOpt = None,
     std: StdOpt = None,
     layout: LayoutOpt = "auto",
+    scale: ScaleOpt = None,
+    resize_shorter: ResizeShorterOpt = None,
+    crop: CropOpt = None,
+    channel_order: ChannelOrderOpt = "rgb",
     plan: PlanOpt = None,
     seed: SeedOpt = 0,
     threads: ThreadsOpt = 1,
@@ -472,7 +493,7 @@ def report_cmd(
 
     with _errors(verbose):
         cfg = CompressionConfig.from_options(input_shape=input_shape, samples=samples, data=data, seed=seed, plan=plan,
-                                             validate=False, preprocess=_preprocess(size, mean, std, layout))
+                                             validate=False, preprocess=_preprocess(size, mean, std, layout, scale, resize_shorter, crop, channel_order))
         with _progress(not quiet) as progress:
             rep = api.mobile_report(
                 original, compressed, cfg, runtimes=runtimes, bench_config=BenchConfig(threads=threads, warmup=warmup, runs=runs),
@@ -514,8 +535,14 @@ def finetune_cmd(
     mean: MeanOpt = None,
     std: StdOpt = None,
     layout: LayoutOpt = "auto",
+    scale: ScaleOpt = None,
+    resize_shorter: ResizeShorterOpt = None,
+    crop: CropOpt = None,
+    channel_order: ChannelOrderOpt = "rgb",
     device: DeviceOpt = "auto",
-    threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's).", show_default=False)] = None,
+    torch_threads: TorchThreadsOpt = None,
+    # Before issue 16 finetune's --threads were torch's; kept, hidden, so old scripts run unchanged.
+    threads: Annotated[int | None, typer.Option("--threads", hidden=True)] = None,
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Checkpoint written after each epoch (default OUT.finetune.pt).", show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint (after Ctrl-C, or with more --epochs).")] = False,
     seed: SeedOpt = 0,
@@ -527,12 +554,16 @@ def finetune_cmd(
     from . import finetune as ft
 
     with _errors(verbose):
+        if threads is not None and torch_threads is not None and threads != torch_threads:
+            raise UsageError(f"--threads {threads} and --torch-threads {torch_threads}: finetune's --threads is the old "
+                             "name of --torch-threads; give --torch-threads only")
+        torch_threads = threads if torch_threads is None else torch_threads
         cfg = ft.FinetuneConfig(
             epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, schedule=schedule, step_epochs=step_epochs,
             weight_decay=weight_decay, max_steps=max_steps, temperature=temperature, alpha=alpha, use_labels=labels, train=train,
-            augment=augment, val_split=val_split, device=device, seed=seed, threads=threads,
+            augment=augment, val_split=val_split, device=device, seed=seed, threads=torch_threads,
             checkpoint=str(checkpoint) if checkpoint else None, resume=resume,
-            preprocess=_preprocess(size, mean, std, layout),
+            preprocess=_preprocess(size, mean, std, layout, scale, resize_shorter, crop, channel_order),
         )
         result = ft.finetune(input, output, data, teacher=teacher, val_data=val_data, config=cfg,
                              progress=None if quiet else _FinetuneProgress(), report=report)
@@ -543,6 +574,7 @@ def finetune_cmd(
             err_console.print(
                 f"wrote {result.output_path}: {result.mode}, {result.epochs} epoch(s), {result.steps} steps, "
                 f"{result.seconds:.0f} s on {result.device}; best epoch {result.best_epoch} ({result.best_metric}); "
+                f"{'on the training data (no held-out data): ' if result.val_samples == 0 else ''}"
                 f"accuracy {pct(result.accuracy_before)} -> {pct(result.accuracy_after)}, agreement with the teacher "
                 f"{pct(result.agreement_before)} -> {pct(result.agreement_after)}; onnxruntime vs torch max rel error "
                 f"{result.export_max_rel_error:.2g}", markup=False, highlight=False, soft_wrap=True)
@@ -552,11 +584,25 @@ def finetune_cmd(
                     "starting weights (lower --lr, or more data)", markup=False, highlight=False, soft_wrap=True)
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
 class _FinetuneProgress:
     """One line per epoch on stderr; a live bar for the steps on a terminal."""
 
+    # The speed is printed once, this many steps into the run (or after EARLY_S seconds), so a run that
+    # will take hours says so in its first minute.
+    EARLY_STEPS = 5
+    EARLY_S = 10.0
+
     def __init__(self) -> None:
         self.tty = sys.stderr.isatty()
+        self.epochs_left = 0
+        self.threads = ""
+        self.speed_shown = False
 
     def __call__(self, kind: str, d: Any) -> None:
         def pct(v: float | None) -> str:
@@ -570,7 +616,21 @@ class _FinetuneProgress:
                 f"{d['trainable']:,} of {d['total']:,} weights trained; graph normalisation: {changes}; "
                 f"before: accuracy {pct(b['accuracy'])}, agreement {pct(b['agreement'])}",
                 markup=False, highlight=False, soft_wrap=True)
-        elif kind == "step" and self.tty:
+            for note in d.get("notes", ()):
+                _note(note)
+            self.epochs_left = d["epochs"] - d["first_epoch"] + 1
+            if "threads" in d and d["device"] == "cpu":
+                self.threads = f"; torch threads {d['threads']} ({d['threads_why']}; --torch-threads N to set)"
+        elif kind == "step" and not self.speed_shown and d["step"] < d["steps"] and (
+                d["step"] >= self.EARLY_STEPS or d.get("seconds", 0.0) >= self.EARLY_S):
+            self.speed_shown = True
+            ips = d["images_per_s"]
+            per_epoch = d.get("images", 0) / ips if ips > 0 else 0.0
+            if self.tty:
+                sys.stderr.write("\r" + " " * 78 + "\r")
+            _note(f"speed: {ips:.0f} img/s after {d['step']} steps: about {_duration(per_epoch)} per epoch, "
+                  f"{_duration(per_epoch * max(1, self.epochs_left))} for {max(1, self.epochs_left)} epoch(s){self.threads}")
+        if kind == "step" and self.tty:
             sys.stderr.write(f"\r  epoch {d['epoch']} {d['step']}/{d['steps']} loss {d['loss']:.4f} "
                              f"acc {pct(d['accuracy'])} {d['images_per_s']:.0f} img/s   ")
             sys.stderr.flush()

@@ -14,12 +14,22 @@ from .errors import UsageError
 @dataclass(frozen=True)
 class Preprocess:
     """How images become model input. `size` is (height, width); None keeps the images' size.
-    `layout` "auto" reads it from the model's input shape (channels of 1, 3 or 4 second: NCHW; last: NHWC)."""
+    `layout` "auto" reads it from the model's input shape (channels of 1, 3 or 4 second: NCHW; last: NHWC).
+    `scale`: the value a full-intensity pixel (255) has at the model input, before `mean` / `std`:
+    1 divides pixels by 255, 255 keeps raw 0-255 values. None: 1 for image folders, and integer
+    .npz arrays fed to a float input are refused (they are pixels whose scale nobody declared)."""
 
     size: tuple[int, int] | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     layout: str = "auto"  # auto | nchw | nhwc
+    scale: float | None = None
+    # Image folders only, in this order (torchvision's Resize(N) + CenterCrop(H, W)): the shorter side
+    # resized to `resize_shorter` (the longer one in proportion, truncated), then a centre crop; then
+    # `channel_order` "bgr" reverses RGB(A) to BGR(A) for models trained on OpenCV-decoded images.
+    resize_shorter: int | None = None
+    crop: tuple[int, int] | None = None
+    channel_order: str = "rgb"  # rgb | bgr
 
     def __post_init__(self) -> None:
         if self.layout not in ("auto", "nchw", "nhwc"):
@@ -31,6 +41,22 @@ class Preprocess:
                 raise UsageError(f"{what} {','.join(map(str, v))}: give 1 value or one per channel (e.g. 3)")
         if self.std is not None and any(s <= 0 for s in self.std):
             raise UsageError(f"--std {','.join(map(str, self.std))}: every value must be > 0")
+        if self.channel_order not in ("rgb", "bgr"):
+            raise UsageError(f"--channel-order {self.channel_order}: not a channel order; use rgb or bgr")
+        if self.resize_shorter is not None and self.resize_shorter < 1:
+            raise UsageError(f"--resize-shorter {self.resize_shorter}: give a positive size, e.g. 256")
+        if self.crop is not None and (len(self.crop) != 2 or min(self.crop) < 1):
+            raise UsageError(f"--crop {self.crop}: give a positive size, e.g. 224 or 224,224")
+        if self.size is not None and (self.resize_shorter is not None or self.crop is not None):
+            raise UsageError("--size with --resize-shorter / --crop: --size stretches to H,W, the others keep the "
+                             "aspect ratio; give --size alone, or --resize-shorter N --crop H,W")
+        if self.scale is not None and not (math.isfinite(self.scale) and self.scale > 0):
+            raise UsageError(f"--scale {self.scale:g}: must be a positive number; use 1 (pixels / 255) or 255 (raw 0-255)")
+
+    @property
+    def pixel_scale(self) -> float:
+        """What a pixel of 255 becomes before mean / std (1 unless `scale` says otherwise)."""
+        return 1.0 if self.scale is None else float(self.scale)
 
 
 
@@ -255,7 +281,9 @@ class CompressionConfig:
             "calibrate": self.calibrate,
             "calibration_samples": self.calibration_samples,
             "preprocess": {"size": self.preprocess.size, "mean": self.preprocess.mean, "std": self.preprocess.std,
-                           "layout": self.preprocess.layout},
+                           "layout": self.preprocess.layout, "scale": self.preprocess.scale,
+                           "resize_shorter": self.preprocess.resize_shorter, "crop": self.preprocess.crop,
+                           "channel_order": self.preprocess.channel_order},
             "latency_aware": self.latency_aware,
             "min_speedup": self.min_speedup,
             "threads": self.threads,

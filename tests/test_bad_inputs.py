@@ -711,6 +711,95 @@ def case_report_on_models_with_other_outputs(tmp, mp):
                 [r"its outputs \[logits \(float \[1,5\]\)\] differ"])
 
 
+# ---- data files (issue 16 items 3, 4): one line naming the file and the problem, exit 2 --------------
+
+
+def data_case(tmp: Path, write: Callable[[Path], None], *patterns: str, option: str = "--calibrate",
+              extra: tuple[str, ...] = ()) -> Case:
+    inp, out = paths(tmp)
+    save(good_model(), inp)
+    data = tmp / "in" / "data.npz"
+    write(data)
+    return Case(compress_args(inp, out, option, str(data), *extra), 2, [re.escape(option), "data\\.npz", *patterns])
+
+
+def _pixels(dtype: type) -> Callable[[Path], None]:
+    return lambda p: np.savez(p, x=np.random.default_rng(0).integers(0, 256, (4, 3, 16, 16)).astype(dtype))
+
+
+def _floats_with(value: float, count: int | None = 1) -> Callable[[Path], None]:
+    def write(p: Path) -> None:
+        x = np.random.default_rng(0).random((4, 3, 16, 16)).astype(np.float32)
+        x.reshape(-1)[: x.size if count is None else count] = value
+        np.savez(p, x=x)
+    return write
+
+
+@case
+def case_calibrate_uint8_pixels_undeclared(tmp, mp):
+    return data_case(tmp, _pixels(np.uint8), "'x' holds integers \\(uint8\\)", "--scale 1", "--scale 255")
+
+
+@case
+def case_calibrate_int64_pixels_undeclared(tmp, mp):
+    return data_case(tmp, _pixels(np.int64), "int64", "--scale")
+
+
+@case
+def case_validate_data_uint8_undeclared(tmp, mp):
+    return data_case(tmp, _pixels(np.uint8), "uint8", "--scale", option="--data")
+
+
+@case
+def case_calibrate_one_nan(tmp, mp):
+    return data_case(tmp, _floats_with(np.nan), "'x' has 1 NaN and 0 Inf", "in 1 sample")
+
+
+@case
+def case_calibrate_all_inf(tmp, mp):
+    return data_case(tmp, _floats_with(np.inf, None), "0 NaN and 3,072 Inf", "in 4 sample")
+
+
+@case
+def case_validate_data_nan(tmp, mp):
+    return data_case(tmp, _floats_with(np.nan, 5), "5 NaN", option="--data")
+
+
+@case
+def case_calibrate_truncated_npz(tmp, mp):
+    def write(p: Path) -> None:
+        _floats_with(0.5, 0)(p)
+        p.write_bytes(p.read_bytes()[:3000])
+    return data_case(tmp, write, "truncated or damaged \\.npz", "numpy\\.savez")
+
+
+@case
+def case_calibrate_random_bytes_npz(tmp, mp):
+    def write(p: Path) -> None:
+        p.write_bytes(np.random.default_rng(1).bytes(4096))
+    return data_case(tmp, write, "not a readable \\.npz file", "^(?!.*pickle)")
+
+
+@case
+def case_calibrate_npy_named_npz(tmp, mp):
+    return data_case(tmp, lambda p: p.write_bytes(_npy_bytes()), "single \\.npy array", "numpy\\.savez")
+
+
+def _npy_bytes() -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((4, 3, 16, 16), np.float32))
+    return buf.getvalue()
+
+
+@case
+def case_scale_not_positive(tmp, mp):
+    c = option_case(tmp, "--scale", "0")
+    c.patterns.append("must be a positive number")
+    return c
+
+
 # ---- the corpus test ----------------------------------------------------------------------------
 
 

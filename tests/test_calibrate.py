@@ -383,7 +383,8 @@ def test_cli_calibrate_writes_the_refit_into_the_report(tmp_path: Path, rng: np.
     [
         (dict(x=np.zeros((8, 4, 8, 8), np.float32)), 2, "--calibrate"),  # 4 channels, model has 3
         (dict(image=np.zeros((8, 3, 8, 8), np.float32), other=np.zeros(8)), 2, "no array for model input 'x'"),
-        (dict(x=np.full((8, 3, 8, 8), np.nan, np.float32)), 1, "not finite"),
+        # issue 16 item 4: a data error, found before any work (was exit 1, "tensor ... not finite")
+        (dict(x=np.full((8, 3, 8, 8), np.nan, np.float32)), 2, "bad.npz: array 'x' has 1,536 NaN"),
     ],
 )
 def test_bad_calibration_data_is_one_line_and_writes_nothing(tmp_path: Path, arrays: dict, code: int, words: str) -> None:

@@ -89,7 +89,7 @@ def main() -> None:
     for name, path in rows:
         out_rows.append({**base, "row": name, "top1": top1(path, x, y, a.threads)})
     common = ["--data", str(a.train), "--epochs", str(a.epochs), "--optimizer", a.optimizer, "--schedule", a.schedule,
-              "--batch-size", str(a.batch_size), "--threads", str(a.threads), "--device", "cpu"]
+              "--batch-size", str(a.batch_size), "--torch-threads", str(a.threads), "--device", "cpu"]
     if a.lr:
         common += ["--lr", a.lr]
     if a.mean:

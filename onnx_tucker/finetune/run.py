@@ -23,7 +23,7 @@ from ..graph.save import OutputBatch, check_output_path, check_output_paths, mak
 from ..runtime.data import DataSet, load_data
 from ..runtime.validate import compare_outputs
 from . import convert
-from .config import EpochStats, FinetuneConfig, FinetuneInterrupted, FinetuneResult
+from .config import EpochStats, FinetuneConfig, FinetuneInterrupted, FinetuneResult, default_torch_threads
 from .train import (
     Batches,
     EvalStats,
@@ -75,6 +75,56 @@ def _check_samples(ds: DataSet, shapes: Mapping[str, list[Any]], option: str) ->
                 f"{option} {ds.path}: samples of '{n}' have shape {tuple(got)}, the model expects {shown}; "
                 "fix the data (or --size / --layout for images)"
             )
+
+
+# Below this many held-out samples one sample moves accuracy by 5 points or more, and the best
+# epoch is picked on noise.
+MIN_HELD_OUT = 20
+
+
+def _held_out_notes(val_ds: DataSet | None, val_data: object, share: float, count: int) -> list[str]:
+    if val_ds is None:
+        why = ("--val-split 0" if share <= 0 else f"{count} sample(s) cannot be split") + ", no --val-data"
+        return [f"warning: no held-out data ({why}): accuracy and agreement are measured on the training data, "
+                "which says little about unseen data; give --val-data, or more data with --val-split"]
+    if val_ds.count < MIN_HELD_OUT:
+        where = "--val-data" if val_data is not None else f"--val-split {share:g} of {count}"
+        return [f"warning: only {val_ds.count} held-out sample(s) ({where}): one sample moves accuracy by "
+                f"{100 / val_ds.count:.0f} points and the best epoch is chosen on them; hold out at least {MIN_HELD_OUT}"]
+    return []
+
+
+def _fmt_shape(dims: list[Any]) -> str:
+    return "[" + ", ".join(str(d) if isinstance(d, int) and d > 0 else "?" if d is None else str(d) for d in dims) + "]"
+
+
+def _teacher_notes(teacher: str | os.PathLike[str], proto: onnx.ModelProto, t_out: list[str], in_names: list[str],
+                   out_names: list[str], shapes: Mapping[str, list[Any]], dtypes: Mapping[str, np.dtype]) -> list[str]:
+    """Refuse a teacher that cannot take the student's input (before any conversion or training); name the
+    outputs paired by position when their names differ."""
+    t_shapes, t_dtypes = torchready.io_shapes(proto), torchready.io_dtypes(proto)
+
+    def clash(a: list[Any], b: list[Any]) -> bool:
+        return len(a) != len(b) or any(isinstance(x, int) and isinstance(y, int) and x > 0 and y > 0 and x != y
+                                       for x, y in zip(a, b, strict=True))
+
+    for n in in_names:
+        if clash(t_shapes[n], shapes[n]) or t_dtypes.get(n) != dtypes.get(n):
+            raise UsageError(
+                f"--teacher {teacher}: input '{n}' is {_fmt_shape(t_shapes[n])} {t_dtypes.get(n)}, the student's "
+                f"{_fmt_shape(shapes[n])} {dtypes.get(n)}; the teacher must take the student's input "
+                "(the model the student was compressed from)"
+            )
+    for s, t in zip(out_names, t_out, strict=True):
+        if clash(t_shapes[t], shapes[s]):
+            raise UsageError(
+                f"--teacher {teacher}: output '{t}' has shape {_fmt_shape(t_shapes[t])}, the student's '{s}' "
+                f"{_fmt_shape(shapes[s])}; the teacher must be the model the student was compressed from"
+            )
+    pairs = [f"student '{s}' <- teacher '{t}'" for s, t in zip(out_names, t_out, strict=True) if s != t]
+    if not pairs:
+        return []
+    return [f"note: the teacher's output names differ; outputs paired by position: {', '.join(pairs)}"]
 
 
 def _split(ds: DataSet, share: float, seed: int) -> tuple[DataSet, DataSet | None]:
@@ -171,6 +221,7 @@ def finetune(
     rank, world, device = _distributed(torch, device)
     if rank != 0:
         progress = None  # one process reports (and writes: checkpoint, OUT, report)
+    notes: list[str] = []  # shown when training starts (progress "start") and kept in the result
     student_proto = load_model(src)
     in_names, out_names = torchready.graph_io(student_proto)
     shapes = torchready.io_shapes(student_proto)
@@ -184,6 +235,7 @@ def finetune(
                 f"--teacher {teacher}: inputs {t_in} / {len(t_out)} output(s) do not match the student's "
                 f"{in_names} / {len(out_names)}; the teacher must be the model the student was compressed from"
             )
+        notes += _teacher_notes(teacher, teacher_proto, t_out, in_names, out_names, shapes, dtypes)
 
     ds = load_data(data, in_names, shapes, dtypes, cfg.preprocess, option="--data")
     _check_samples(ds, shapes, "--data")
@@ -204,9 +256,10 @@ def finetune(
             "to distil from the original model, or labelled data (one sub-folder per class)"
         )
     eval_ds = val_ds if val_ds is not None else train_ds
+    notes += _held_out_notes(val_ds, val_data, cfg.val_split, ds.count)
 
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    threads, threads_why = (cfg.threads, "--torch-threads") if cfg.threads is not None else default_torch_threads()
+    torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -296,6 +349,11 @@ def finetune(
     t_start = time.perf_counter()
     if before is None:
         ev0 = evaluate(student, t_module, eval_b, in_names, cfg, label_output, device)
+        if ev0.loss is not None and not np.isfinite(ev0.loss):
+            raise OnnxTuckerError(
+                f"{src}: the loss is {ev0.loss} before any training step (the data is finite: the model's outputs "
+                "on it are not); check the model with onnx-tucker validate, nothing was written"
+            )
         before = {"accuracy": ev0.accuracy, "agreement": ev0.agreement, "loss": ev0.loss}
         # The starting weights are "epoch 0" of the best-checkpoint race: an epoch that makes the
         # held-out metric worse (too high a learning rate for a well-trained model) never reaches OUT.
@@ -307,7 +365,8 @@ def finetune(
         progress("start", {"epochs": cfg.epochs, "first_epoch": start_epoch + 1, "steps": len(train_b), "mode": mode,
                            "device": str(device), "train": train_b.count, "val": 0 if val_ds is None else val_ds.count,
                            "trainable": n_train, "total": n_total, "before": before, "metric": metric,
-                           "changes": norm.changes})
+                           "changes": norm.changes, "notes": tuple(notes), "threads": threads,
+                           "threads_why": threads_why, "batch_size": cfg.batch_size})
     epoch = saved_epoch = start_epoch  # saved_epoch: what the checkpoint on disk holds
     try:
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
@@ -370,7 +429,7 @@ def finetune(
                 history=tuple(history), best_epoch=best_epoch, best_metric=metric,
                 accuracy_before=before["accuracy"], accuracy_after=after.accuracy, agreement_before=before["agreement"],
                 agreement_after=after.agreement, seconds=seconds, export_opset=0, export_max_rel_error=0.0,
-                normalisation=norm.changes, checkpoint="", world_size=world)
+                normalisation=norm.changes, checkpoint="", world_size=world, notes=tuple(notes), torch_threads=threads)
 
     # Back to ONNX: same names, the structure of the compressed model, checked in onnxruntime.
     sample = {n: a[: min(2, eval_ds.count)] for n, a in eval_ds.inputs.items()}
@@ -409,6 +468,7 @@ def finetune(
         agreement_before=before["agreement"], agreement_after=after.agreement,
         seconds=seconds, export_opset=torchready.default_opset(exported), export_max_rel_error=worst,
         normalisation=norm.changes, checkpoint=str(ckpt) if ckpt is not None else "", world_size=world,
+        notes=tuple(notes), torch_threads=threads,
     )
     with OutputBatch() as batch:  # OUT and the report appear together or not at all
         if out is not None:

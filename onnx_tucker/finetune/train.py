@@ -195,6 +195,7 @@ def train_epoch(student: Any, teacher: Any, data: Batches, names: Sequence[str],
     for xs, ys in data.iterate(rng, cfg.augment):
         if steps_left is not None and steps >= steps_left:
             break
+        lr = float(opt.param_groups[0]["lr"])  # the rate this step uses (the scheduler moves it after the step)
         y = torch.from_numpy(ys).to(device) if ys is not None else None
         s = run_model(student, xs, names, device)
         if teacher is not None:
@@ -214,9 +215,11 @@ def train_epoch(student: Any, teacher: Any, data: Batches, names: Sequence[str],
         if not math.isfinite(lv):
             from ..errors import OnnxTuckerError
 
+            # The data was checked for NaN / Inf when it was loaded, and the starting loss was finite:
+            # the steps diverged. Name the rate they used (after the step the scheduler may show 0).
             raise OnnxTuckerError(
-                f"the training loss became {lv} in epoch {epoch} (step {steps + 1}); lower --lr "
-                f"(now {opt.param_groups[0]['lr']:g}) or use --optimizer adam"
+                f"the training loss became {lv} in epoch {epoch} (step {steps + 1}) at learning rate {lr:g}; "
+                f"lower --lr (it is {cfg.learning_rate:g}) or use --optimizer adam"
             )
         b = len(next(iter(xs.values())))
         loss_sum += lv * b
@@ -226,7 +229,8 @@ def train_epoch(student: Any, teacher: Any, data: Batches, names: Sequence[str],
         steps += 1
         if progress is not None:
             dt = time.perf_counter() - t0
-            progress("step", {"epoch": epoch, "step": steps, "steps": total, "loss": loss_sum / n,
+            progress("step", {"epoch": epoch, "step": steps, "steps": total, "loss": loss_sum / n, "seconds": dt,
+                              "images": data.count,
                               "accuracy": correct / n if ys is not None and label_output is not None else None,
                               "images_per_s": n / dt if dt > 0 else 0.0})
     if cfg.schedule == "step":

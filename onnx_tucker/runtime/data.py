@@ -5,18 +5,22 @@ DATA is one of:
   indices of the sorted sub-folder names;
 - a flat folder of images (no labels);
 - an `.npz` with one array per model input (named as the input, or any single array for a
-  single-input model), samples on the first axis, and optionally `labels` (int class ids).
+  single-input model), samples on the first axis, and optionally `labels` (int class ids). Float
+  arrays are the model's input as they are; integer arrays for a float input are 8-bit pixels and
+  need `scale` declared (then as images: times scale / 255, mean / std); integer arrays for an
+  integer input pass through. NaN / Inf anywhere is refused up front.
 
 Images are decoded with Pillow, converted to RGB (or to grey when the model takes one channel),
 resized to `size` when one is given (otherwise every image must already have the same size: the
-model's when its spatial dims are fixed), scaled to [0, 1], normalised with `mean` / `std`, and
-laid out as NCHW or NHWC. Everything returned is plain numpy: the model is described by its input
+model's when its spatial dims are fixed), scaled to [0, `scale`] (default [0, 1]), normalised with
+`mean` / `std`, and laid out as NCHW or NHWC. Everything returned is plain numpy: the model is described by its input
 names, shapes and dtypes, never by a protobuf.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,17 +66,17 @@ def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
         raise UsageError(f"{option} {text}: not a comma-separated list of numbers, e.g. 0.485,0.456,0.406") from None
 
 
-def parse_size(text: str | None) -> tuple[int, int] | None:
+def parse_size(text: str | None, option: str = "--size") -> tuple[int, int] | None:
     if text is None or text == "":
         return None
     try:
         v = [int(s) for s in text.replace("x", ",").split(",")]
     except ValueError:
-        raise UsageError(f"--size {text}: not a size; give N or H,W (e.g. 32 or 224,224)") from None
+        raise UsageError(f"{option} {text}: not a size; give N or H,W (e.g. 32 or 224,224)") from None
     if len(v) == 1:
         v = v * 2
     if len(v) != 2 or min(v) < 1:
-        raise UsageError(f"--size {text}: give N or H,W with positive numbers")
+        raise UsageError(f"{option} {text}: give N or H,W with positive numbers")
     return (v[0], v[1])
 
 
@@ -91,24 +95,112 @@ def load_data(
         raise UsageError(f"{option} {p}: no such file or folder; give an image folder or a .npz file")
     if p.is_dir():
         return _load_folder(p, input_names, input_shapes, input_dtypes, preprocess or Preprocess(), limit, option)
-    return _load_npz(p, input_names, input_dtypes, limit, option)
+    return _load_npz(p, input_names, input_shapes, input_dtypes, preprocess or Preprocess(), limit, option)
 
 
 # ---- .npz ---------------------------------------------------------------------------------------
 
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with members / an empty zip (np.savez writes zips)
+_NPY_MAGIC = b"\x93NUMPY"
 
-def _load_npz(
-    path: Path, names: Sequence[str], dtypes: Mapping[str, np.dtype] | None, limit: int | None, option: str
-) -> DataSet:
+
+def _read_npz(path: Path, option: str) -> dict[str, np.ndarray]:
+    """Every array of the archive, or one UsageError line saying what is wrong with the file."""
+    import zipfile
+    import zlib
+
     try:
-        with np.load(str(path), allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        with open(path, "rb") as f:
+            head = f.read(6)
     except FileNotFoundError:
         raise UsageError(f"{option} {path}: no such file") from None
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{option} {path}: not a readable .npz file ({e}); save one with numpy.savez") from None
+    except OSError as e:
+        raise UsageError(f"{option} {path}: cannot read the file ({e.strerror or e}); check its permissions") from None
+    if head.startswith(_NPY_MAGIC):
+        raise UsageError(f"{option} {path}: a single .npy array, not an .npz archive; save it with "
+                         "numpy.savez(FILE, INPUT_NAME=array)")
+    if not head.startswith(_ZIP_MAGIC):
+        # Checked here: numpy would take any other bytes for a pickle and advise allow_pickle.
+        raise UsageError(f"{option} {path}: not a readable .npz file (not a zip archive); save one with numpy.savez")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with np.load(str(path), allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+    except ValueError as e:
+        if "pickle" in str(e):
+            raise UsageError(f"{option} {path}: an array holds Python objects, not numbers; "
+                             "save numeric arrays with numpy.savez") from None
+        raise UsageError(f"{option} {path}: a damaged .npz file ({_one_line(e)}); write it again with numpy.savez") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError) as e:
+        raise UsageError(f"{option} {path}: a truncated or damaged .npz file ({_one_line(e)}); "
+                         "write it again with numpy.savez") from None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:120] or type(e).__name__
+
+
+def _pixels(a: np.ndarray, key: str, name: str, shape: Sequence[Dim], pre: Preprocess, path: Path, option: str,
+            dtype: np.dtype) -> np.ndarray:
+    """Integer .npz pixels (0-255) -> float model input: times scale / 255, then mean / std per channel."""
+    if pre.scale is None:
+        raise UsageError(
+            f"{option} {path}: array '{key}' holds integers ({a.dtype}) but model input '{name}' takes {dtype}; "
+            "declare what a pixel of 255 becomes with --scale 1 (pixels / 255) or --scale 255 (raw 0-255), "
+            "or save float arrays that are already the model's input"
+        )
+    if a.size and (int(a.min()) < 0 or int(a.max()) > 255):
+        raise UsageError(
+            f"{option} {path}: array '{key}' ({a.dtype}) has values from {int(a.min())} to {int(a.max())}, "
+            "not 8-bit pixels (0-255) that --scale reads; save float arrays that are already the model's input"
+        )
+    x = a.astype(np.float32) * np.float32(pre.pixel_scale / 255.0)
+    if pre.mean is not None or pre.std is not None:
+        if a.ndim == 4:
+            axis = 1 if _layout(shape, pre) == "nchw" else 3
+        elif a.ndim == 3:  # N, H, W: one channel
+            axis = None
+        else:
+            raise UsageError(f"{option} {path}: array '{key}' has {a.ndim} dims; --mean / --std need images "
+                             "(N,C,H,W, N,H,W,C or N,H,W)")
+        nch = 1 if axis is None else a.shape[axis]
+        for what, v in (("--mean", pre.mean), ("--std", pre.std)):
+            if v is not None and len(v) not in (1, nch):
+                raise UsageError(f"{what} has {len(v)} values but array '{key}' of {path} has {nch} channels; give 1 or {nch}")
+        bshape = [1] * a.ndim
+        if axis is not None:
+            bshape[axis] = -1
+        if pre.mean is not None:
+            x -= np.asarray(pre.mean, np.float32).reshape(bshape)
+        if pre.std is not None:
+            x /= np.asarray(pre.std, np.float32).reshape(bshape)
+    return x.astype(dtype, copy=False)
+
+
+def _check_finite(a: np.ndarray, key: str, path: Path, option: str) -> None:
+    """NaN / Inf in the data would surface later as a diverged loss or a numerics error far from the cause."""
+    if a.dtype.kind not in "fc":
+        return
+    bad = ~np.isfinite(a)
+    if bad.any():
+        nan = int(np.isnan(a).sum())
+        raise UsageError(
+            f"{option} {path}: array '{key}' has {nan:,} NaN and {int(bad.sum()) - nan:,} Inf value(s) "
+            f"(of {a.size:,}), in {int(bad.reshape(len(a), -1).any(axis=1).sum()) if a.ndim else 1} sample(s); "
+            "fix or drop those samples"
+        )
+
+
+def _load_npz(
+    path: Path, names: Sequence[str], shapes: Mapping[str, Sequence[Dim]], dtypes: Mapping[str, np.dtype] | None,
+    pre: Preprocess, limit: int | None, option: str,
+) -> DataSet:
+    arrays = _read_npz(path, option)
     labels = arrays.pop("labels", None)
+    keys = {n: n for n in names}  # model input -> its array's name in the file
     if len(names) == 1 and names[0] not in arrays and len(arrays) == 1:
+        keys = {names[0]: next(iter(arrays))}
         arrays = {names[0]: next(iter(arrays.values()))}
     missing = [n for n in names if n not in arrays]
     if missing:
@@ -124,7 +216,16 @@ def _load_npz(
     inputs = {}
     for n in names:
         a = arrays[n][:limit]
-        inputs[n] = a.astype(dtypes[n], copy=False) if dtypes and n in dtypes else a
+        want = dtypes.get(n) if dtypes else None
+        if a.dtype.kind not in "biuf":
+            raise UsageError(f"{option} {path}: array '{keys[n]}' is {a.dtype}, not numbers; save numeric arrays")
+        if want is not None and a.dtype.kind in "biu" and np.dtype(want).kind == "f":
+            a = _pixels(a, keys[n], n, shapes.get(n, ()), pre, path, option, np.dtype(want))
+        else:
+            # Integer data for an integer input (token ids, indices) is passed through as it is.
+            _check_finite(a, keys[n], path, option)
+            a = a.astype(want, copy=False) if want is not None else a
+        inputs[n] = a
     return DataSet(str(path), inputs, None if labels is None else labels[:limit].astype(np.int64), None, "npz")
 
 
@@ -215,7 +316,11 @@ def _load_folder(
     fixed = tuple(int(d) for d in hw if isinstance(d, int)) if all(isinstance(d, int) and d > 0 for d in hw) else None
     if target is not None and fixed is not None and tuple(target) != fixed:
         raise UsageError(f"{option} {folder}: --size {target[0]},{target[1]} but model input '{name}' is {fixed[0]}x{fixed[1]}")
-    x = _decode(paths, mode, target, fixed, option)
+    if pre.crop is not None and fixed is not None and tuple(pre.crop) != fixed:
+        raise UsageError(f"{option} {folder}: --crop {pre.crop[0]},{pre.crop[1]} but model input '{name}' is "
+                         f"{fixed[0]}x{fixed[1]}; crop to {fixed[0]},{fixed[1]}")
+    x = _decode(paths, mode, target, fixed, option, pre)
+    x *= np.float32(pre.pixel_scale / 255.0)
     nch = x.shape[3]
     for what, v in (("--mean", pre.mean), ("--std", pre.std)):
         if v is not None and len(v) not in (1, nch):
@@ -233,9 +338,28 @@ def _load_folder(
                    np.asarray(labels, np.int64) if kind == "classes" else None, classes, kind)
 
 
+def _shorter_to(im, n: int):  # type: ignore[no-untyped-def]
+    """The shorter side to n, the longer in proportion (truncated, as torchvision's Resize(n))."""
+    from PIL import Image
+
+    w, h = im.size
+    size = (n, int(n * h / w)) if w <= h else (int(n * w / h), n)
+    return im if size == (w, h) else im.resize(size, Image.Resampling.BILINEAR)
+
+
+def _centre_crop(im, crop: tuple[int, int], p: Path, option: str):  # type: ignore[no-untyped-def]
+    w, h = im.size
+    ch, cw = crop
+    if ch > h or cw > w:
+        raise UsageError(f"{option} {p}: image is {h}x{w}, smaller than --crop {ch},{cw}; "
+                         "resize it first with --resize-shorter, or crop less")
+    top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))  # torchvision's CenterCrop
+    return im.crop((left, top, left + cw, top + ch))
+
+
 def _decode(paths: list[Path], mode: str, target: tuple[int, int] | None, fixed: tuple[int, ...] | None,
-            option: str) -> np.ndarray:
-    """N x H x W x C float32 in [0, 1]."""
+            option: str, pre: Preprocess | None = None) -> np.ndarray:
+    """N x H x W x C float32 pixels, 0-255."""
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError:
@@ -248,7 +372,13 @@ def _decode(paths: list[Path], mode: str, target: tuple[int, int] | None, fixed:
                 im = im.convert(mode)
                 if target is not None and im.size != (target[1], target[0]):
                     im = im.resize((target[1], target[0]), Image.Resampling.BILINEAR)
+                if pre is not None and pre.resize_shorter is not None:
+                    im = _shorter_to(im, pre.resize_shorter)
+                if pre is not None and pre.crop is not None:
+                    im = _centre_crop(im, pre.crop, p, option)
                 a = np.asarray(im, dtype=np.uint8)
+                if pre is not None and pre.channel_order == "bgr" and a.ndim == 3 and a.shape[2] >= 3:
+                    a = a[:, :, [2, 1, 0, *range(3, a.shape[2])]]
         except (UnidentifiedImageError, OSError, ValueError) as e:
             why = "not an image Pillow can read" if isinstance(e, UnidentifiedImageError) else (str(e) or type(e).__name__)
             raise UsageError(f"{option} {p}: unreadable image ({why}); remove or replace the file") from None
@@ -269,5 +399,4 @@ def _decode(paths: list[Path], mode: str, target: tuple[int, int] | None, fixed:
             )
         out[i] = a
     assert out is not None
-    out *= np.float32(1.0 / 255.0)
     return out
