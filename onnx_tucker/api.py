@@ -371,6 +371,8 @@ def plan(
     prep = _prepare(model_or_path, config)
     layer_timer = _layer_timer(prep, config, timer)
     p, _ = _plan_and_decompose(prep, config, progress, layer_timer, evaluator, _planned_ranks(prep, config, progress))
+    # Parameters as `compress` counts them (every float parameter), so inspect and compress agree.
+    p = replace(p, model_params=float_parameter_count(prep.model, prep.index.folder))
     if layer_timer is not None:
         p = replace(p, latency=_latency_summary(prep, config, layer_timer, profile_runs))
     with OutputBatch() as batch:
@@ -419,6 +421,8 @@ def compress(
     layer_timer = _layer_timer(prep, config, timer)
     p, replacements = _plan_and_decompose(prep, config, progress, layer_timer, evaluator,
                                           _planned_ranks(prep, config, progress))
+    params_before = float_parameter_count(prep.model, prep.index.folder)
+    p = replace(p, model_params=params_before)  # the plan's totals count what the summary below counts
     if layer_timer is not None:
         p = replace(p, latency=_latency_summary(prep, config, layer_timer, profile_runs))
     rewritten = rewrite(prep.model, replacements, prep.base_dir)
@@ -470,7 +474,7 @@ def compress(
         )
     plan_totals = p.totals()
     totals = ModelTotals(
-        params_before=float_parameter_count(prep.model, prep.index.folder),  # reuses the folded shapes
+        params_before=params_before,
         params_after=float_parameter_count(skeleton),
         macs_before=plan_totals["macs_before"],
         macs_after=plan_totals["macs_after"],

@@ -555,6 +555,24 @@ class _FinetuneProgress:
                 markup=False, highlight=False, soft_wrap=True)
 
 
+def _library_reads_the_files() -> None:
+    """typer refuses an existing path it cannot read as a usage error (exit 2, "Invalid value for
+    'INPUT'"); the library reads every file itself and says which one and why, with its exit code
+    (an unreadable model: 1, as the README says). So typer's readable check is off for every path."""
+    import typing
+
+    from typer.models import ParameterInfo
+
+    for command in app.registered_commands:
+        for hint in typing.get_type_hints(command.callback, include_extras=True).values():
+            for meta in getattr(hint, "__metadata__", ()):
+                if isinstance(meta, ParameterInfo):
+                    meta.readable = False
+
+
+_library_reads_the_files()
+
+
 def main() -> None:
     try:
         app()
