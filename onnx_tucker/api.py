@@ -34,13 +34,21 @@ from .graph.save import OutputBatch, check_output_paths, write_text_atomic
 from .numerics.spectral import LayerSpectra, single_threaded_lapack
 from .ops.layer import Layer, LayerFactors
 from .ops.registry import HANDLERS, handler_for
-from .planning.budget import BudgetOutcome, Evaluator, agreement_budget_plan, budget_plan, latency_budget_plan
+from .planning.budget import (
+    BudgetOutcome,
+    Evaluator,
+    agreement_budget_plan,
+    budget_plan,
+    check_mac_budget,
+    latency_budget_plan,
+)
 from .planning.decompose import decompose_layer
 from .planning.latency import (
     DEFAULT_ROUND_MULTIPLES,
     CachedLayerTimer,
     LatencySummary,
     LayerTimer,
+    measure_plan,
     select_by_latency,
 )
 from .planning.planner import (
@@ -200,7 +208,9 @@ def _plan_and_decompose(
 
         spectra = LayerSpectra()
         lp = plan_layer(layer, read_once, config, planned, spectra)
-        if timer is not None:
+        if timer is not None and config.plan_file:
+            lp = measure_plan(layer, lp, timer)  # --plan replays exactly: time it, never re-select
+        elif timer is not None:
             lp = select_by_latency(layer, lp, timer, config.min_speedup, _round_multiples(config))
         factors = None
         if lp.decomposed and not layer.shared_weight:
@@ -225,6 +235,10 @@ def _plan_and_decompose(
                     progress(layers[min(i + 1, total - 1)].layer_id, i + 1, total)
 
     plan = finish_plan(layers, [lp for lp, _ in results], config)
+    fraction = _data_fraction(config) if planned is not None and not config.plan_file else None
+    if fraction is not None:  # allocated for a MAC budget: does the plan, as applied, still meet it?
+        option = f"--ranks {config.ranks}" if config.ranks.method == "data" else f"--target {config.target}"
+        plan = replace(plan, budget_check=check_mac_budget(option, fraction, plan.layers))
     replacements: dict[int, Replacement] = {}
     shared: dict[tuple[object, ...], LayerFactors] = {}
     new_plans: list[LayerPlan] = []
@@ -313,7 +327,8 @@ def _latency_summary(
 ) -> LatencySummary:
     """The timer's bookkeeping and, in onnxruntime, the sum of every layer's isolated original time
     against the kernels of a whole-model profile of the original."""
-    summary = LatencySummary(config.threads, config.min_speedup, timer.measured, timer.lookups)
+    summary = LatencySummary(config.threads, config.min_speedup, timer.measured, timer.lookups,
+                             timed_only=bool(config.plan_file))
     inner = timer.inner
     if not isinstance(inner, OrtLayerTimer) or profile_runs < 1:
         return summary

@@ -196,7 +196,7 @@ class CompressionConfig:
         if self.threads < 1:
             raise UsageError(f"--threads {self.threads}: must be >= 1; e.g. --threads 1")
         if self.target is not None and self.target.metric == "agreement" and self.data is None:
-            raise UsageError(f"--target {self.target} needs the images agreement is measured on; add --data DATA")
+            raise UsageError(f"--target {self.target} needs --data (the images agreement is measured on); add --data DATA")
         if self.target is not None and self.ranks.method == "data":
             raise UsageError(f"--target {self.target} and --ranks {self.ranks} both set the MACs; give one of them "
                              "(with --calibrate, --target macs:F allocates on the data as data:F does)")

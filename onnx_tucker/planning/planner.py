@@ -26,7 +26,7 @@ from ..ops.registry import handler_for
 
 if TYPE_CHECKING:
     from ..runtime.calibrate import LayerCalibration
-    from .budget import BudgetOutcome
+    from .budget import BudgetCheck, BudgetOutcome
     from .latency import LatencySummary
 
 PLAN_FORMAT_VERSION = 1
@@ -79,6 +79,8 @@ class CompressionPlan:
     # Float parameters of the whole model (biases, BN, every layer): set by api.plan / api.compress so
     # that the plan's totals count what `compress` counts, not only the planned layers' weights.
     model_params: int | None = None
+    # --ranks data:F (or --target macs:F with --calibrate): the plan's MACs against that budget
+    budget_check: BudgetCheck | None = None
 
     @property
     def decomposed(self) -> tuple[LayerPlan, ...]:
