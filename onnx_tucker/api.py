@@ -671,6 +671,7 @@ def mobile_report(
     layer_plan: CompressionPlan | None = None,
     html: PathLike | None = None,
     markdown: PathLike | None = None,
+    report: PathLike | None = None,
     json_path: PathLike | None = None,
     progress: Callable[[str], None] | None = None,
 ):  # type: ignore[no-untyped-def]
@@ -678,6 +679,7 @@ def mobile_report(
     original in onnxruntime; return a `mobile.MobileReport` and write the requested report files
     (HTML, Markdown, JSON) atomically, together.
 
+    `report`: the JSON report (`json_path` is its old name, still accepted).
     `runtimes`: names (ort, ort-mobile, mnn, ncnn) or "ort,mnn"; a runtime that is not installed is
     listed as such. `config`: input shapes, samples, seed, `data` (+ `preprocess` for image
     folders), `plan_file` (the per-layer table; else the original is re-planned
@@ -695,9 +697,12 @@ def mobile_report(
     b = bench_config or BenchConfig()
     if not timeout > 0:
         raise UsageError(f"--timeout {timeout}: must be > 0 seconds; e.g. --timeout 120")
+    if report is not None and json_path is not None and Path(report) != Path(json_path):
+        raise UsageError(f"report={report} and json_path={json_path}: two paths for the one JSON report; give report only")
+    json_path = report if report is not None else json_path
     names = parse_runtimes(runtimes)
     for path in (original, compressed):
-        check_output_paths(path, {"--html": html, "--markdown": markdown, "--json": json_path})
+        check_output_paths(path, {"--html": html, "--markdown": markdown, "--report": json_path})
     orig = load_model(original)
     comp = load_model(compressed)
     _check_same_signature(orig, comp, str(original), str(compressed))
@@ -717,7 +722,7 @@ def mobile_report(
     )
     results = run_runtimes(names, str(original), str(compressed), inputs, shapes, b.threads, b.warmup, b.runs,
                            timeout, progress)
-    report = MobileReport(
+    rep = MobileReport(
         original_path=str(original), compressed_path=str(compressed), input_shapes=shapes,
         source="random" if config.data is None else str(config.data), samples=inputs.count * inputs.batch_size,
         seed=config.seed, threads=b.threads, totals=totals, plan=layers, plan_source=plan_source,
@@ -725,10 +730,10 @@ def mobile_report(
     )
     with OutputBatch() as batch:
         if html is not None:
-            batch.add_text(html, mobile_html(report))
+            batch.add_text(html, mobile_html(rep))
         if markdown is not None:
-            batch.add_text(markdown, mobile_markdown(report))
+            batch.add_text(markdown, mobile_markdown(rep))
         if json_path is not None:
-            batch.add_text(json_path, mobile_json(report))
+            batch.add_text(json_path, mobile_json(rep))
         batch.commit()
-    return report
+    return rep

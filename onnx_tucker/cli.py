@@ -407,7 +407,9 @@ StrictOpt = Annotated[bool, typer.Option("--strict", help="Exit 1 unless every l
 # Not the compress/validate --rtol (original against compressed): here a runtime against onnxruntime, same model.
 RuntimeRtolOpt = Annotated[float, typer.Option("--rtol", help="A runtime passes when its outputs for the compressed model are within RTOL * max|output| of onnxruntime's (ncnn stores fp16 weights: ~1e-3).")]
 HtmlOpt = Annotated[Path | None, typer.Option("--html", help="Write the report as one self-contained HTML file (tables and plots).", show_default=False)]
-JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write the report as JSON (keys: models, inputs, totals, layers, runtimes, failed_runtimes).", show_default=False)]
+MobileReportJsonOpt = Annotated[Path | None, typer.Option("--report", help="Write the report as JSON (keys: models, inputs, totals, layers, runtimes, failed_runtimes).", show_default=False)]
+# The JSON report is --report in every command; `report --json` was its first spelling and still works.
+JsonAliasOpt = Annotated[Path | None, typer.Option("--json", hidden=True, help="Old spelling of --report.", show_default=False)]
 
 
 @app.command(cls=_Command, name="report", epilog="Example: onnx-tucker report model.onnx model.tucker.onnx --runtimes ort,mnn,ncnn --html report.html")
@@ -432,7 +434,8 @@ def report_cmd(
     strict: StrictOpt = False,
     html: HtmlOpt = None,
     markdown: MarkdownOpt = None,
-    json_path: JsonOpt = None,
+    report: MobileReportJsonOpt = None,
+    json_alias: JsonAliasOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -441,11 +444,16 @@ def report_cmd(
     from .report.mobile import mobile_tables
 
     with _errors(verbose):
+        if json_alias is not None:
+            if report is not None and report != json_alias:
+                raise UsageError(f"--json {json_alias} and --report {report}: two paths for the one JSON report; "
+                                 "give --report only (--json is its old spelling)")
+            report = json_alias
         cfg = CompressionConfig.from_options(input_shape=input_shape, samples=samples, data=data, seed=seed, plan=plan,
                                              validate=False, preprocess=_preprocess(size, mean, std, layout))
         rep = api.mobile_report(
             original, compressed, cfg, runtimes=runtimes, bench_config=BenchConfig(threads=threads, warmup=warmup, runs=runs),
-            timeout=timeout, rtol=rtol, html=html, markdown=markdown, json_path=json_path,
+            timeout=timeout, rtol=rtol, html=html, markdown=markdown, report=report,
             progress=None if quiet else lambda name: _note(f"{name} ..."),
         )
         if not quiet:

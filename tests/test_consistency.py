@@ -77,3 +77,51 @@ def test_an_unreadable_model_exits_1_in_a_real_process(command: str, model_path:
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip().splitlines() == [f"error: {locked}: cannot read the file (Permission denied); check its permissions"]
     assert not (tmp_path / "o.onnx").exists()
+
+
+# ---- item 15: --report is the JSON report's spelling in every command ---------------------------
+
+
+def _help(command: str) -> str:
+    return " ".join(runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"}).stdout.split())
+
+
+@pytest.mark.parametrize("command", ["compress", "inspect", "validate", "bench", "report", "finetune"])
+def test_every_command_spells_the_json_report_report(command: str) -> None:
+    text = _help(command)
+    assert "--report" in text and "Write" in text.split("--report", 1)[1][:80]
+    assert "--json" not in text  # the old `report --json` is a hidden alias
+
+
+@pytest.fixture
+def pair(model_path: Path, tmp_path: Path) -> tuple[Path, Path]:
+    out = tmp_path / "m.tucker.onnx"
+    assert runner.invoke(app, ["compress", str(model_path), str(out), "--samples", "1", "-q"]).exit_code == 0
+    return model_path, out
+
+
+def _report_args(pair: tuple[Path, Path], *extra: str) -> list[str]:
+    return ["report", *map(str, pair), "--runtimes", "ort", "--runs", "1", "--warmup", "0", "--samples", "1", "-q", *extra]
+
+
+def test_report_writes_its_json_with_report_and_with_the_old_json(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    new, old = tmp_path / "new.json", tmp_path / "old.json"
+    r1 = runner.invoke(app, _report_args(pair, "--report", str(new)))
+    r2 = runner.invoke(app, _report_args(pair, "--json", str(old)))
+    assert r1.exit_code == 0 and r2.exit_code == 0, (r1.stderr, r2.stderr)
+    assert list(json.loads(new.read_text())) == list(json.loads(old.read_text()))
+    assert "runtimes" in json.loads(new.read_text())
+
+
+def test_report_and_json_with_two_paths_is_one_usage_error(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    r = runner.invoke(app, _report_args(pair, "--report", str(tmp_path / "a.json"), "--json", str(tmp_path / "b.json")))
+    assert r.exit_code == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --json ") and "give --report only" in lines[0]
+    assert not (tmp_path / "a.json").exists() and not (tmp_path / "b.json").exists()
+
+
+def test_report_json_over_an_input_names_report(pair: tuple[Path, Path]) -> None:
+    r = runner.invoke(app, _report_args(pair, "--report", str(pair[1])))
+    assert r.exit_code == 2
+    assert r.stderr.strip().startswith(f"error: --report {pair[1]}: output is the input file"), r.stderr
