@@ -437,6 +437,11 @@ class BenchConfig:
     runs: int = 20
 
     def __post_init__(self) -> None:
+        for name in ("threads", "warmup", "runs"):
+            v = getattr(self, name)
+            if not _is_int(v):
+                raise _wrong_type("BenchConfig", name, v, "an int", "5")
+            object.__setattr__(self, name, int(v))
         if self.threads < 1:
             raise UsageError(f"--threads {self.threads}: must be >= 1; e.g. --threads 1")
         if self.warmup < 0:

@@ -89,3 +89,9 @@ def test_preprocess_wrong_types() -> None:
 def test_the_api_runs_with_text_options(tmp_path: Path) -> None:
     plan = ot.plan(make_small_cnn(low_rank=True), CompressionConfig(ranks="ratio:0.5", validate=False))  # type: ignore[arg-type]
     assert plan.config.ranks == RankPolicy("ratio", 0.5) and plan.decomposed
+
+
+def test_bench_config_types() -> None:
+    assert ot.BenchConfig(threads=np.int64(2)).threads == 2
+    with pytest.raises(UsageError, match=r"BenchConfig\(runs='20'\): expected an int, not str"):
+        ot.BenchConfig(runs="20")  # type: ignore[arg-type]
