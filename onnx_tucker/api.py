@@ -40,6 +40,7 @@ from .planning.budget import (
     Evaluator,
     agreement_budget_plan,
     budget_plan,
+    check_mac_budget,
     latency_budget_plan,
 )
 from .planning.decompose import decompose_layer
@@ -48,6 +49,7 @@ from .planning.latency import (
     CachedLayerTimer,
     LatencySummary,
     LayerTimer,
+    measure_plan,
     select_by_latency,
 )
 from .planning.planner import (
@@ -207,7 +209,9 @@ def _plan_and_decompose(
 
         spectra = LayerSpectra()
         lp = plan_layer(layer, read_once, config, planned, spectra)
-        if timer is not None:
+        if timer is not None and config.plan_file:
+            lp = measure_plan(layer, lp, timer)  # --plan replays exactly: time it, never re-select
+        elif timer is not None:
             lp = select_by_latency(layer, lp, timer, config.min_speedup, _round_multiples(config))
         factors = None
         if lp.decomposed and not layer.shared_weight:
@@ -232,6 +236,10 @@ def _plan_and_decompose(
                     progress(layers[min(i + 1, total - 1)].layer_id, i + 1, total)
 
     plan = finish_plan(layers, [lp for lp, _ in results], config)
+    fraction = _data_fraction(config) if planned is not None and not config.plan_file else None
+    if fraction is not None:  # allocated for a MAC budget: does the plan, as applied, still meet it?
+        option = f"--ranks {config.ranks}" if config.ranks.method == "data" else f"--target {config.target}"
+        plan = replace(plan, budget_check=check_mac_budget(option, fraction, plan.layers))
     replacements: dict[int, Replacement] = {}
     shared: dict[tuple[object, ...], LayerFactors] = {}
     new_plans: list[LayerPlan] = []
@@ -331,7 +339,8 @@ def _latency_summary(
 ) -> LatencySummary:
     """The timer's bookkeeping and, in onnxruntime, the sum of every layer's isolated original time
     against the kernels of a whole-model profile of the original."""
-    summary = LatencySummary(config.threads, config.min_speedup, timer.measured, timer.lookups)
+    summary = LatencySummary(config.threads, config.min_speedup, timer.measured, timer.lookups,
+                             timed_only=bool(config.plan_file))
     inner = timer.inner
     if not isinstance(inner, OrtLayerTimer) or profile_runs < 1:
         return summary
@@ -389,6 +398,8 @@ def plan(
     prep = _prepare(model_or_path, config)
     layer_timer = _layer_timer(prep, config, timer)
     p, _ = _plan_and_decompose(prep, config, progress, layer_timer, evaluator, _planned_ranks(prep, config, progress))
+    # Parameters as `compress` counts them (every float parameter), so inspect and compress agree.
+    p = replace(p, model_params=float_parameter_count(prep.model, prep.index.folder))
     if layer_timer is not None:
         p = replace(p, latency=_latency_summary(prep, config, layer_timer, profile_runs))
     with OutputBatch() as batch:
@@ -437,6 +448,8 @@ def compress(
     layer_timer = _layer_timer(prep, config, timer)
     p, replacements = _plan_and_decompose(prep, config, progress, layer_timer, evaluator,
                                           _planned_ranks(prep, config, progress))
+    params_before = float_parameter_count(prep.model, prep.index.folder)
+    p = replace(p, model_params=params_before)  # the plan's totals count what the summary below counts
     if layer_timer is not None:
         p = replace(p, latency=_latency_summary(prep, config, layer_timer, profile_runs))
     rewritten = rewrite(prep.model, replacements, prep.base_dir)
@@ -493,7 +506,7 @@ def compress(
         )
     plan_totals = p.totals()
     totals = ModelTotals(
-        params_before=float_parameter_count(prep.model, prep.index.folder),  # reuses the folded shapes
+        params_before=params_before,
         params_after=float_parameter_count(skeleton),
         macs_before=plan_totals["macs_before"],
         macs_after=plan_totals["macs_after"],
@@ -696,6 +709,7 @@ def mobile_report(
     layer_plan: CompressionPlan | None = None,
     html: PathLike | None = None,
     markdown: PathLike | None = None,
+    report: PathLike | None = None,
     json_path: PathLike | None = None,
     progress: Progress | None = None,
 ):  # type: ignore[no-untyped-def]
@@ -703,6 +717,7 @@ def mobile_report(
     original in onnxruntime; return a `mobile.MobileReport` and write the requested report files
     (HTML, Markdown, JSON) atomically, together.
 
+    `report`: the JSON report (`json_path` is its old name, still accepted).
     `runtimes`: names (ort, ort-mobile, mnn, ncnn) or "ort,mnn"; a runtime that is not installed is
     listed as such. `config`: input shapes, samples, seed, `data` (+ `preprocess` for image
     folders), `plan_file` (the per-layer table; else the original is re-planned
@@ -721,9 +736,12 @@ def mobile_report(
     b = bench_config or BenchConfig()
     if not timeout > 0:
         raise UsageError(f"--timeout {timeout}: must be > 0 seconds; e.g. --timeout 120")
+    if report is not None and json_path is not None and Path(report) != Path(json_path):
+        raise UsageError(f"report={report} and json_path={json_path}: two paths for the one JSON report; give report only")
+    json_path = report if report is not None else json_path
     names = parse_runtimes(runtimes)
     for path in (original, compressed):
-        check_output_paths(path, {"--html": html, "--markdown": markdown, "--json": json_path})
+        check_output_paths(path, {"--html": html, "--markdown": markdown, "--report": json_path})
     orig = load_model(original)
     comp = load_model(compressed)
     _check_same_signature(orig, comp, str(original), str(compressed))
@@ -743,7 +761,7 @@ def mobile_report(
     )
     results = run_runtimes(names, str(original), str(compressed), inputs, shapes, b.threads, b.warmup, b.runs,
                            timeout, progress)
-    report = MobileReport(
+    rep = MobileReport(
         original_path=str(original), compressed_path=str(compressed), input_shapes=shapes,
         source="random" if (config.data or config.calibrate) is None else str(config.data or config.calibrate),
         samples=inputs.count * inputs.batch_size,
@@ -752,10 +770,10 @@ def mobile_report(
     )
     with OutputBatch() as batch:
         if html is not None:
-            batch.add_text(html, mobile_html(report))
+            batch.add_text(html, mobile_html(rep))
         if markdown is not None:
-            batch.add_text(markdown, mobile_markdown(report))
+            batch.add_text(markdown, mobile_markdown(rep))
         if json_path is not None:
-            batch.add_text(json_path, mobile_json(report))
+            batch.add_text(json_path, mobile_json(rep))
         batch.commit()
-    return report
+    return rep

@@ -105,8 +105,8 @@ InputShapeOpt = Annotated[list[str] | None, typer.Option("--input-shape", metava
 PlanOpt = Annotated[Path | None, typer.Option("--plan", help="Replay the kinds and ranks of a plan file written by --save-plan.", show_default=False)]
 SavePlanOpt = Annotated[Path | None, typer.Option("--save-plan", help="Write the plan (kinds and ranks per layer) as JSON.", show_default=False)]
 # --report writes a different JSON per command (report/data.py); each help names its top-level keys.
-ReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the full report as JSON (keys: layers, totals, validation, latency, calibration, finetune, target, layer_timing, config, model; latency is null without --bench, calibration without --calibrate, finetune without --finetune, target without --target, layer_timing without --latency-aware, validation under --no-validate).", show_default=False)]
-InspectReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the plan as a JSON report (keys: layers, totals, validation, target, layer_timing, config; validation is always null: nothing is run; target is null without --target, layer_timing without --latency-aware).", show_default=False)]
+ReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the full report as JSON (keys: layers, totals, validation, latency, calibration, finetune, target, mac_budget, layer_timing, config, model; latency is null without --bench, calibration without --calibrate, finetune without --finetune, target without --target, mac_budget without --ranks data:F, layer_timing without --latency-aware, validation under --no-validate).", show_default=False)]
+InspectReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the plan as a JSON report (keys: layers, totals, validation, target, mac_budget, layer_timing, config; validation is always null: nothing is run; target is null without --target, mac_budget without --ranks data:F, layer_timing without --latency-aware).", show_default=False)]
 ValidateReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the comparison as JSON (keys: validation).", show_default=False)]
 FinetuneReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the fine-tuning result as JSON (keys: finetune).", show_default=False)]
 BenchReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the latencies as JSON (keys: latency).", show_default=False)]
@@ -138,9 +138,9 @@ RtolOpt = Annotated[float | None, typer.Option("--rtol", help="Fail when max|ori
 BenchOpt = Annotated[bool, typer.Option("--bench", help="Also measure latency of both models in onnxruntime CPU (interleaved runs, medians).")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", help="onnxruntime intra-op threads, the one meaning of --threads in every command (--bench, --latency-aware; under 'report', every runtime's); torch's threads for fine-tuning are --torch-threads.")]
 TorchThreadsOpt = Annotated[int | None, typer.Option("--torch-threads", help="torch CPU threads for fine-tuning (default: the CPUs not already busy, by the 1-minute load, at least 1: on a shared 2-core machine 2 threads ran up to 5x slower than 1 when another process was busy). Printed when training starts.", show_default=False)]
-LatencyAwareOpt = Annotated[bool, typer.Option("--latency-aware", help="Time each layer and its chain alone in onnxruntime CPU (interleaved medians, cached per shape); keep a decomposition only where it is --min-speedup times faster, after trying ranks rounded to --round-to (else 8 and 16) and Tucker-1.")]
+LatencyAwareOpt = Annotated[bool, typer.Option("--latency-aware", help="Time each layer and its chain alone in onnxruntime CPU (interleaved medians, cached per shape); keep a decomposition only where it is --min-speedup times faster, after trying ranks rounded to --round-to (else 8 and 16) and Tucker-1. With --plan: the plan replays exactly and its layers are only timed. With --ranks data:F it may miss the MAC budget: the output and the report say by how much.")]
 MinSpeedupOpt = Annotated[float, typer.Option("--min-speedup", help="With --latency-aware: the measured speed-up a layer's chain must reach to be kept.")]
-TargetOpt = Annotated[str | None, typer.Option("--target", help="Whole-model budget: macs:F or params:F (fraction of the original, 0 < F < 1): ranks spent where the kernels lose the least energy per MAC (or parameter) saved; latency:F: the least compression whose layers, timed alone in onnxruntime, take F of the original time (implies per-layer timing as --latency-aware).", show_default=False)]
+TargetOpt = Annotated[str | None, typer.Option("--target", help="Whole-model budget: macs:F or params:F (fraction of the original, 0 < F < 1): ranks spent where the kernels lose the least energy per MAC (or parameter) saved; latency:F: the least compression whose layers, timed alone in onnxruntime, take F of the original time (implies per-layer timing as --latency-aware); agreement:F (with --data): the most compression whose top-1 agreement with the original stays >= F.", show_default=False)]
 RunsOpt = Annotated[int, typer.Option("--runs", help="Timed runs per model for latency (after --warmup runs).")]
 WarmupOpt = Annotated[int, typer.Option("--warmup", help="Untimed warm-up runs per model before timing.")]
 MobileReportOpt = Annotated[Path | None, typer.Option("--mobile-report", help="After writing OUTPUT, also write the mobile validation report (HTML) of INPUT against it in every installed runtime (see 'onnx-tucker report').", show_default=False)]
@@ -454,7 +454,9 @@ StrictOpt = Annotated[bool, typer.Option("--strict", help="Exit 1 unless every l
 # Not the compress/validate --rtol (original against compressed): here a runtime against onnxruntime, same model.
 RuntimeRtolOpt = Annotated[float, typer.Option("--rtol", help="A runtime passes when its outputs for the compressed model are within RTOL * max|output| of onnxruntime's (ncnn stores fp16 weights: ~1e-3).")]
 HtmlOpt = Annotated[Path | None, typer.Option("--html", help="Write the report as one self-contained HTML file (tables and plots).", show_default=False)]
-JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write the report as JSON (keys: models, inputs, totals, layers, runtimes, failed_runtimes).", show_default=False)]
+MobileReportJsonOpt = Annotated[Path | None, typer.Option("--report", help="Write the report as JSON (keys: models, inputs, totals, layers, runtimes, failed_runtimes).", show_default=False)]
+# The JSON report is --report in every command; `report --json` was its first spelling and still works.
+JsonAliasOpt = Annotated[Path | None, typer.Option("--json", hidden=True, help="Old spelling of --report.", show_default=False)]
 
 
 @app.command(cls=_Command, name="report", epilog="Example: onnx-tucker report model.onnx model.tucker.onnx --runtimes ort,mnn,ncnn --html report.html")
@@ -483,7 +485,8 @@ def report_cmd(
     strict: StrictOpt = False,
     html: HtmlOpt = None,
     markdown: MarkdownOpt = None,
-    json_path: JsonOpt = None,
+    report: MobileReportJsonOpt = None,
+    json_alias: JsonAliasOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -492,12 +495,17 @@ def report_cmd(
     from .report.mobile import mobile_tables
 
     with _errors(verbose):
+        if json_alias is not None:
+            if report is not None and report != json_alias:
+                raise UsageError(f"--json {json_alias} and --report {report}: two paths for the one JSON report; "
+                                 "give --report only (--json is its old spelling)")
+            report = json_alias
         cfg = CompressionConfig.from_options(input_shape=input_shape, samples=samples, data=data, seed=seed, plan=plan,
                                              validate=False, preprocess=_preprocess(size, mean, std, layout, scale, resize_shorter, crop, channel_order))
         with _progress(not quiet) as progress:
             rep = api.mobile_report(
                 original, compressed, cfg, runtimes=runtimes, bench_config=BenchConfig(threads=threads, warmup=warmup, runs=runs),
-                timeout=timeout, rtol=rtol, html=html, markdown=markdown, json_path=json_path, progress=progress,
+                timeout=timeout, rtol=rtol, html=html, markdown=markdown, report=report, progress=progress,
             )
         if not quiet:
             _print(mobile_tables(rep))
@@ -643,6 +651,24 @@ class _FinetuneProgress:
                 f"val loss {'-' if s.val_loss is None else f'{s.val_loss:.4f}'} acc {pct(s.val_accuracy)} "
                 f"agreement {pct(s.val_agreement)} | {s.images_per_s:.0f} img/s, {s.seconds:.0f} s{' *best' if s.best else ''}",
                 markup=False, highlight=False, soft_wrap=True)
+
+
+def _library_reads_the_files() -> None:
+    """typer refuses an existing path it cannot read as a usage error (exit 2, "Invalid value for
+    'INPUT'"); the library reads every file itself and says which one and why, with its exit code
+    (an unreadable model: 1, as the README says). So typer's readable check is off for every path."""
+    import typing
+
+    from typer.models import ParameterInfo
+
+    for command in app.registered_commands:
+        for hint in typing.get_type_hints(command.callback, include_extras=True).values():
+            for meta in getattr(hint, "__metadata__", ()):
+                if isinstance(meta, ParameterInfo):
+                    meta.readable = False
+
+
+_library_reads_the_files()
 
 
 def main() -> None:

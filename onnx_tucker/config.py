@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from .errors import UsageError
 
@@ -32,6 +36,7 @@ class Preprocess:
     channel_order: str = "rgb"  # rgb | bgr
 
     def __post_init__(self) -> None:
+        _normalise_preprocess(self)
         if self.layout not in ("auto", "nchw", "nhwc"):
             raise UsageError(f"--layout {self.layout}: not a layout; use nchw or nhwc")
         if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
@@ -95,6 +100,7 @@ class RankPolicy:
 
 
 TARGET_METRICS = ("macs", "params", "latency", "agreement")
+TARGET_FORMS = "macs:F, params:F, latency:F or agreement:F (0 < F < 1)"  # every message lists all of them
 
 
 @dataclass(frozen=True)
@@ -113,11 +119,11 @@ class BudgetTarget:
         spec = text.strip().lower()
         m = re.fullmatch(r"([a-z-]+):([0-9.eE+-]+)", spec)
         if not m:
-            raise UsageError(f"--target {text}: not understood; use macs:F, params:F or latency:F (0 < F < 1), e.g. macs:0.3")
+            raise UsageError(f"--target {text}: not understood; use {TARGET_FORMS}, e.g. macs:0.3")
         metric = m.group(1)
         if metric not in TARGET_METRICS:
             later = " (accuracy-drop targets are not implemented yet)" if metric == "accuracy-drop" else ""
-            raise UsageError(f"--target {text}: unknown metric {metric!r}{later}; use macs:F, params:F, latency:F or agreement:F")
+            raise UsageError(f"--target {text}: unknown metric {metric!r}{later}; use {TARGET_FORMS}")
         try:
             value = float(m.group(2))
         except ValueError:
@@ -196,6 +202,7 @@ class CompressionConfig:
     target: BudgetTarget | None = None
 
     def __post_init__(self) -> None:
+        _normalise_fields(self)
         if not self.rank_scale > 0:
             raise UsageError(f"--rank-scale {self.rank_scale}: must be > 0; use e.g. 1.5 for 50% more rank")
         if self.min_rank is not None and self.min_rank < 1:
@@ -215,7 +222,7 @@ class CompressionConfig:
         if self.threads < 1:
             raise UsageError(f"--threads {self.threads}: must be >= 1; e.g. --threads 1")
         if self.target is not None and self.target.metric == "agreement" and self.data is None:
-            raise UsageError(f"--target {self.target} needs --data (the images agreement is measured on)")
+            raise UsageError(f"--target {self.target} needs --data (the images agreement is measured on); add --data DATA")
         if self.target is not None and self.ranks.method == "data":
             raise UsageError(f"--target {self.target} and --ranks {self.ranks} both set the MACs; give one of them "
                              "(with --calibrate, --target macs:F allocates on the data as data:F does)")
@@ -291,6 +298,163 @@ class CompressionConfig:
         }
 
 
+# ---- library callers: the CLI spellings of the parsed fields, and one line for a wrong type ----------
+# `CompressionConfig(ranks="data:0.5")` used to fail deep inside with an AttributeError; the fields
+# that the CLI parses from text take that text here too, and any other wrong type is a UsageError
+# naming the field and the type it takes.
+
+_INT_FIELDS = ("round_to", "hooi_iters", "min_tucker2_channels", "seed", "jobs", "calibration_samples", "threads")
+_OPT_INT_FIELDS = ("min_rank", "samples")
+_FLOAT_FIELDS = ("rank_scale", "min_speedup")
+_OPT_FLOAT_FIELDS = ("rtol",)
+_BOOL_FIELDS = ("validate", "latency_aware")
+_PATH_FIELDS = ("plan_file", "data", "calibrate")
+_PATTERN_FIELDS = ("include", "exclude")
+
+
+def _wrong_type(owner: str, name: str, value: object, want: str, example: str) -> UsageError:
+    return UsageError(f"{owner}({name}={value!r}): expected {want}, not {type(value).__name__}; pass e.g. {name}={example}")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _normalise_fields(cfg: CompressionConfig) -> None:
+    """Parse the CLI spellings of the parsed fields and check the type of every other one (numpy
+    scalars become Python numbers, paths strings: the config must serialise to JSON)."""
+    def put(name: str, value: object) -> None:
+        object.__setattr__(cfg, name, value)
+
+    owner = "CompressionConfig"
+    ranks = cfg.ranks
+    if isinstance(ranks, str):
+        put("ranks", RankPolicy.parse(ranks))
+    elif not isinstance(ranks, RankPolicy):
+        raise _wrong_type(owner, "ranks", ranks, "a RankPolicy or its CLI spelling", "'ratio:0.5' or RankPolicy('ratio', 0.5)")
+    else:
+        _check_policy(ranks)
+    target = cfg.target
+    if isinstance(target, str):
+        put("target", BudgetTarget.parse(target))
+    elif target is not None and not isinstance(target, BudgetTarget):
+        raise _wrong_type(owner, "target", target, "a BudgetTarget, its CLI spelling or None", "'macs:0.3'")
+    elif target is not None:
+        BudgetTarget.parse(str(target))  # the same checks as the CLI spelling
+    put("input_shapes", _normalise_shapes(cfg.input_shapes))
+    pre = cfg.preprocess
+    if isinstance(pre, Mapping):
+        try:
+            put("preprocess", Preprocess(**pre))
+        except TypeError as e:
+            raise UsageError(f"{owner}(preprocess={dict(pre)!r}): {e}; give the fields size, mean, std, layout") from None
+    elif not isinstance(pre, Preprocess):
+        raise _wrong_type(owner, "preprocess", pre, "a Preprocess or a dict of its fields", "Preprocess(size=(32, 32))")
+    for name in _PATH_FIELDS:
+        v = getattr(cfg, name)
+        if isinstance(v, os.PathLike):
+            put(name, os.fspath(v))
+        elif v is not None and not isinstance(v, str):
+            raise _wrong_type(owner, name, v, "a path (str or os.PathLike) or None", "'data.npz'")
+    for name in _PATTERN_FIELDS:
+        v = getattr(cfg, name)
+        if isinstance(v, re.Pattern):
+            put(name, v.pattern)
+        elif v is not None and not isinstance(v, str):
+            raise _wrong_type(owner, name, v, "a regular expression (str) or None", "'conv.*'")
+    for name in _INT_FIELDS + _OPT_INT_FIELDS:
+        v = getattr(cfg, name)
+        if v is None and name in _OPT_INT_FIELDS:
+            continue
+        if not _is_int(v):
+            raise _wrong_type(owner, name, v, "an int" + (" or None" if name in _OPT_INT_FIELDS else ""), "8")
+        put(name, int(v))  # type: ignore[call-overload]
+    for name in _FLOAT_FIELDS + _OPT_FLOAT_FIELDS:
+        v = getattr(cfg, name)
+        if v is None and name in _OPT_FLOAT_FIELDS:
+            continue
+        if not _is_real(v):
+            raise _wrong_type(owner, name, v, "a float" + (" or None" if name in _OPT_FLOAT_FIELDS else ""), "1.5")
+        put(name, float(v))  # type: ignore[arg-type]
+    for name in _BOOL_FIELDS:
+        v = getattr(cfg, name)
+        if not isinstance(v, bool | np.bool_):
+            raise _wrong_type(owner, name, v, "a bool", "True")
+        put(name, bool(v))
+
+
+def _check_policy(p: RankPolicy) -> None:
+    """A RankPolicy built by hand gets the checks of its CLI spelling."""
+    if p.method in ("vbmf", "full") and p.value is None:
+        return
+    if p.method not in RANK_METHODS or p.value is None or not _is_real(p.value):
+        raise UsageError(f"RankPolicy({p.method!r}, {p.value!r}): not a rank policy; use RankPolicy('vbmf'), "
+                         "RankPolicy('full') or RankPolicy(M, F) with M ratio, energy or data and 0 < F <= 1")
+    RankPolicy.parse(f"{p.method}:{float(p.value)!r}")
+
+
+def _normalise_shapes(value: object) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """input_shapes as the CLI spells them ("x:1,3,32,32", or a list of those), as a dict name -> dims,
+    or as (name, dims) pairs: always a tuple of (name, tuple of positive ints)."""
+    example = "['x:1,3,32,32'] or {'x': (1, 3, 32, 32)}"
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, Mapping):
+        value = list(value.items())
+    if not isinstance(value, list | tuple):
+        raise _wrong_type("CompressionConfig", "input_shapes", value, "NAME:D0,D1,... strings or (name, dims) pairs", example)
+    out = []
+    for item in value:
+        if isinstance(item, str):
+            out.append(parse_input_shape(item))
+            continue
+        ok = isinstance(item, list | tuple) and len(item) == 2 and isinstance(item[0], str)
+        dims = item[1] if ok else ()
+        if not ok or isinstance(dims, str) or not isinstance(dims, list | tuple | np.ndarray) or not all(_is_int(d) for d in dims):
+            raise UsageError(f"CompressionConfig(input_shapes=...): {item!r} is not a (name, dims) pair of a str and "
+                             f"ints; pass e.g. input_shapes={example}")
+        shape = tuple(int(d) for d in dims)
+        if any(d <= 0 for d in shape):
+            raise UsageError(f"CompressionConfig(input_shapes=...): {item!r} has a dimension < 1; give every dimension as a positive size")
+        out.append((item[0], shape))
+    return tuple(out)
+
+
+def _normalise_preprocess(p: Preprocess) -> None:
+    """Preprocess(size=32, mean="0.5,0.5,0.5") as the CLI spells them; lists become tuples."""
+    size = p.size
+    if isinstance(size, str):
+        from .runtime.data import parse_size
+
+        size = parse_size(size)
+    elif _is_int(size):
+        size = (int(size), int(size))  # type: ignore[call-overload]
+    elif isinstance(size, list | tuple) and all(_is_int(d) for d in size):
+        size = tuple(int(d) for d in size)  # type: ignore[assignment]
+    elif size is not None:
+        raise _wrong_type("Preprocess", "size", size, "N, (H, W) or the text 'H,W'", "(224, 224)")
+    object.__setattr__(p, "size", size)
+    for name, option in (("mean", "--mean"), ("std", "--std")):
+        v = getattr(p, name)
+        if isinstance(v, str):
+            from .runtime.data import parse_floats
+
+            v = parse_floats(v, option)
+        elif _is_real(v):
+            v = (float(v),)  # type: ignore[arg-type]
+        elif isinstance(v, list | tuple | np.ndarray) and all(_is_real(x) for x in v):
+            v = tuple(float(x) for x in v)
+        elif v is not None:
+            raise _wrong_type("Preprocess", name, v, "floats (one, or one per channel) or the text 'A,B,C'", "(0.5, 0.5, 0.5)")
+        object.__setattr__(p, name, v)
+    if not isinstance(p.layout, str):
+        raise _wrong_type("Preprocess", "layout", p.layout, "a str (auto, nchw or nhwc)", "'nchw'")
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     """How latency is measured: onnxruntime CPU, `threads` intra-op threads, `warmup` untimed runs,
@@ -301,6 +465,11 @@ class BenchConfig:
     runs: int = 20
 
     def __post_init__(self) -> None:
+        for name in ("threads", "warmup", "runs"):
+            v = getattr(self, name)
+            if not _is_int(v):
+                raise _wrong_type("BenchConfig", name, v, "an int", "5")
+            object.__setattr__(self, name, int(v))
         if self.threads < 1:
             raise UsageError(f"--threads {self.threads}: must be >= 1; e.g. --threads 1")
         if self.warmup < 0:

@@ -800,6 +800,111 @@ def case_scale_not_positive(tmp, mp):
     return c
 
 
+# ---- issue 16 item 8: options named, plan files checked, unreadable inputs exit 1 ----------------
+
+
+def deny_reading(mp: pytest.MonkeyPatch, path: Path) -> None:
+    """Make `path` unreadable as it would be to a user without permission (tests run as root, where
+    chmod 000 stops nothing): os.access says no (typer's check) and open() raises (the library's)."""
+    import builtins
+
+    target = str(path.resolve())
+    real_access, real_open = os.access, builtins.open
+
+    def access(p, mode, *a, **k):  # type: ignore[no-untyped-def]
+        if mode & os.R_OK and os.path.realpath(p) == target:
+            return False
+        return real_access(p, mode, *a, **k)
+
+    def fake_open(file, *a, **k):  # type: ignore[no-untyped-def]
+        if isinstance(file, str | os.PathLike) and os.path.realpath(file) == target:
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, *a, **k)
+
+    mp.setattr(os, "access", access)
+    mp.setattr(builtins, "open", fake_open)
+
+
+@case
+def case_unreadable_input(tmp, mp):
+    inp, out = paths(tmp)
+    save(good_model(), inp)
+    deny_reading(mp, inp)
+    return Case(compress_args(inp, out), 1, ["model.onnx", "cannot read the file \\(Permission denied\\)", "check its permissions"])
+
+
+@case
+def case_unreadable_compressed_in_validate(tmp, mp):
+    inp, out = paths(tmp)
+    save(good_model(), inp)
+    save(good_model(), out)
+    deny_reading(mp, out)
+    return Case(["validate", str(inp), str(out), "--samples", "2"], 1, ["model.tucker.onnx", "cannot read the file"])
+
+
+@case
+def case_report_in_read_only_folder(tmp, mp):
+    inp, out = paths(tmp)
+    save(good_model(), inp)
+    ro = tmp / "ro"
+    ro.mkdir()
+    real_access = os.access
+    mp.setattr(os, "access", lambda p, mode, *a, **k: False if mode & os.W_OK and Path(p) == ro.resolve()
+               else real_access(p, mode, *a, **k))
+    return Case(compress_args(inp, out, "--report", str(ro / "r.json")), 1,
+                ["^error: --report .*r.json: the folder .*ro is not writable", "choose another --report path"])
+
+
+@case
+def case_save_plan_is_in(tmp, mp):
+    inp, out = paths(tmp)
+    save(good_model(), inp)
+    return Case(compress_args(inp, out, "--save-plan", str(inp)), 2,
+                ["^error: --save-plan .*model.onnx: output is the input file", "choose another --save-plan path"])
+
+
+@case
+def case_inspect_report_is_in(tmp, mp):
+    inp, _ = paths(tmp)
+    save(good_model(), inp)
+    return Case(["inspect", str(inp), "--report", str(inp)], 2, ["^error: --report ", "choose another --report path"])
+
+
+@case
+def case_plan_without_layers(tmp, mp):
+    return plan_case(tmp, json.dumps({"format": "onnx-tucker-plan", "version": 1}), "no 'layers' list", "--save-plan")
+
+
+@case
+def case_plan_layers_not_a_list(tmp, mp):
+    return plan_case(tmp, json.dumps({"format": "onnx-tucker-plan", "version": 1, "layers": {"fc": 3}}),
+                     "'layers' is a dict, not a list")
+
+
+@case
+def case_plan_fractional_rank(tmp, mp):
+    return plan_case(tmp, plan_of([{"name": "fc", "kind": "svd", "ranks": [8.7]}]), "malformed layer entry", "whole numbers")
+
+
+@case
+def case_plan_rank_as_text(tmp, mp):
+    return plan_case(tmp, plan_of([{"name": "fc", "kind": "svd", "ranks": ["8"]}]), "malformed layer entry")
+
+
+@case
+def case_plan_unknown_version(tmp, mp):
+    text = json.dumps({"format": "onnx-tucker-plan", "version": 99, "layers": []})
+    return plan_case(tmp, text, "plan format version 99 is not known", "--save-plan")
+
+
+OPTION_ERRORS.update({
+    "target_nan": (["--target", "macs:nan"], "not understood; use macs:F, params:F, latency:F or agreement:F"),
+    "target_unknown_metric": (["--target", "flops:0.3"], "agreement:F"),
+})
+for _name in ("target_nan", "target_unknown_metric"):
+    CASES[_name] = _option(*OPTION_ERRORS[_name])
+
+
 # ---- the corpus test ----------------------------------------------------------------------------
 
 

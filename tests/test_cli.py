@@ -103,7 +103,7 @@ def _report_of(command: str, model_path: Path, tmp_path: Path) -> dict[str, obje
     return json.loads(report.read_text())
 
 
-# finetune's: tests/test_finetune.py; report writes --json, not --report: tests/test_mobile_report.py
+# finetune's: tests/test_finetune.py; report's (it runs the runtimes): tests/test_mobile_report.py
 @pytest.mark.parametrize("command", sorted(set(USAGE) - {"finetune", "report"}))
 def test_report_help_names_the_keys_the_command_writes(command: str, model_path: Path, tmp_path: Path) -> None:
     """Each command's --report help lists exactly the top-level keys of the JSON it writes (before:

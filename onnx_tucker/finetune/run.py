@@ -209,7 +209,7 @@ def finetune(
         check_output_path(out, data)
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else (Path(f"{out}.finetune.pt") if out is not None else None)
     if ckpt is not None:
-        check_output_path(ckpt, src)
+        check_output_path(ckpt, src, "--checkpoint")
         if out is not None and ckpt.resolve() == out.resolve():
             raise UsageError(f"--checkpoint {ckpt}: the same file as OUT; give the checkpoint its own path")
     check_output_paths(src, {"OUT": out, "--checkpoint": ckpt, "--report": report})

@@ -119,9 +119,13 @@ def remove_stale_temps(final: Path) -> list[Path]:
 # ---- writing ------------------------------------------------------------------------------------
 
 
-def check_output_path(output: str | os.PathLike[str], input_path: str | os.PathLike[str] | None) -> Path:
-    """Refuse an output that would overwrite the input or cannot be created, before any work."""
+def check_output_path(
+    output: str | os.PathLike[str], input_path: str | os.PathLike[str] | None, label: str = "OUT"
+) -> Path:
+    """Refuse an output that would overwrite the input or cannot be created, before any work.
+    `label` names the option the path came from ("OUT", "--report", ...) in the message."""
     out = Path(output)
+    where = f"{out}" if label == "OUT" else f"{label} {out}"  # OUT is the positional argument itself
     if input_path is not None:
         inp = Path(input_path)
         same = out.resolve() == inp.resolve()
@@ -129,16 +133,17 @@ def check_output_path(output: str | os.PathLike[str], input_path: str | os.PathL
             with contextlib.suppress(OSError):
                 same = os.path.samefile(out, inp)  # a hard link to the input
         if same:
-            raise UsageError(f"{out}: output is the input file {inp}; refusing to overwrite it: choose another OUT path")
+            raise UsageError(f"{where}: output is the input file {inp}; refusing to overwrite it: choose another {label} path")
     if out.is_dir():
-        raise UsageError(f"{out}: is a folder; give a file name such as {out / 'model.tucker.onnx'}")
+        name = "model.tucker.onnx" if label == "OUT" else f"out{out.suffix or '.json'}"
+        raise UsageError(f"{where}: is a folder; give a file name such as {out / name}")
     parent = out.resolve().parent
     if parent.exists() and not parent.is_dir():
-        raise UsageError(f"{out}: {parent} is a file, not a folder; choose another OUT path")
+        raise UsageError(f"{where}: {parent} is a file, not a folder; choose another {label} path")
     if not parent.is_dir():
-        raise UsageError(f"{out}: the folder {parent} does not exist; create it first (mkdir -p {parent})")
+        raise UsageError(f"{where}: the folder {parent} does not exist; create it first (mkdir -p {parent})")
     if not os.access(parent, os.W_OK):
-        raise ModelSaveError(f"{out}: the folder {parent} is not writable; choose another OUT path")
+        raise ModelSaveError(f"{where}: the folder {parent} is not writable; choose another {label} path")
     remove_stale_temps(out)
     return out
 
@@ -152,7 +157,7 @@ def check_output_paths(
     for label, path in outputs.items():
         if path is None:
             continue
-        p = check_output_path(path, input_path)
+        p = check_output_path(path, input_path, label)
         other = taken.get(p.resolve())
         if other is not None:
             raise UsageError(f"{label} {p}: the same file as {other}; give each output its own path")

@@ -32,7 +32,7 @@ from ..ops.base import OpHandler
 from ..ops.layer import Layer
 from ..ops.registry import handler_for
 from .latency import LayerTimer
-from .planner import PlannedRanks, mode_energies, plan_layer
+from .planner import LayerPlan, PlannedRanks, mode_energies, plan_layer
 
 Ranks = tuple[int, ...]
 
@@ -86,6 +86,53 @@ class BudgetOutcome:
     @property
     def achieved(self) -> float:
         return self.after / self.before if self.before else 0.0
+
+
+@dataclass(frozen=True)
+class BudgetCheck:
+    """A MAC budget the ranks were allocated for (`--ranks data:F`, or `--target macs:F` with
+    `--calibrate`) checked against the plan as it came out: `--latency-aware` may keep layers whole or
+    change their ranks after the allocation, and the plan then misses the budget. Reported, not hidden."""
+
+    option: str  # "--ranks data:0.5"
+    fraction: float
+    macs_before: int
+    macs_budget: int  # fraction x macs_before, rounded down
+    macs_after: int  # of the plan as it will be applied
+    layers_kept: int = 0  # decompositions --latency-aware reverted (slower in the runtime)
+    layers_changed: int = 0  # ... or replaced by a faster variant (other ranks or kind)
+
+    @property
+    def achieved(self) -> float:
+        return self.macs_after / self.macs_before if self.macs_before else 0.0
+
+    @property
+    def met(self) -> bool:
+        return self.macs_after <= self.macs_budget
+
+    @property
+    def over(self) -> int:
+        """MACs over the budget (0 when met)."""
+        return max(0, self.macs_after - self.macs_budget)
+
+    @property
+    def cause(self) -> str | None:
+        if self.met:
+            return None
+        if self.layers_kept or self.layers_changed:
+            return (f"--latency-aware kept {self.layers_kept} layer(s) whole and changed the ranks or kind of "
+                    f"{self.layers_changed} after the allocation, where the allocated chain did not pay in the runtime")
+        return "the applied ranks differ from the allocated ones"
+
+
+def check_mac_budget(option: str, fraction: float, layers: list[LayerPlan] | tuple[LayerPlan, ...]) -> BudgetCheck:
+    """The plan's MACs against `fraction` of the original's (`layers`: the final layer plans)."""
+    with_macs = [p for p in layers if p.params_before is not None and p.macs_before is not None]
+    before = sum(p.macs_before or 0 for p in with_macs)
+    after = sum(p.macs_after if p.macs_after is not None else (p.macs_before or 0) for p in with_macs)
+    kept = sum(";latency: kept" in p.policy for p in layers)
+    changed = sum(";latency:" in p.policy and " -> " in p.policy.split(";latency:", 1)[1] for p in layers)
+    return BudgetCheck(option, fraction, before, int(fraction * before), after, kept, changed)
 
 
 def least_cost(spaces: list[RankSpace], fixed_cost: int, step: int = 1) -> int:

@@ -181,6 +181,8 @@ class LatencySummary:
     layout_ms: float | None = None  # NCHWc reorders in the whole model, in neither sum
     profile_runs: int = 0
     layers_summed: int = 0
+    # --plan with --latency-aware: the plan file's kinds and ranks replay exactly; layers are only timed
+    timed_only: bool = False
 
     @property
     def profile_ratio(self) -> float | None:

@@ -26,7 +26,7 @@ from ..ops.registry import handler_for
 
 if TYPE_CHECKING:
     from ..runtime.calibrate import LayerCalibration
-    from .budget import BudgetOutcome
+    from .budget import BudgetCheck, BudgetOutcome
     from .latency import LatencySummary
 
 PLAN_FORMAT_VERSION = 1
@@ -76,18 +76,28 @@ class CompressionPlan:
     config: CompressionConfig = field(default_factory=CompressionConfig)
     latency: LatencySummary | None = None  # --latency-aware: how the layers were timed (planning/latency.py)
     budget: BudgetOutcome | None = None  # --target: what the whole-model allocation chose (planning/budget.py)
+    # Float parameters of the whole model (biases, BN, every layer): set by api.plan / api.compress so
+    # that the plan's totals count what `compress` counts, not only the planned layers' weights.
+    model_params: int | None = None
+    # --ranks data:F (or --target macs:F with --calibrate): the plan's MACs against that budget
+    budget_check: BudgetCheck | None = None
 
     @property
     def decomposed(self) -> tuple[LayerPlan, ...]:
         return tuple(p for p in self.layers if p.decomposed)
 
     def totals(self) -> dict[str, int]:
-        """Parameters and MACs of the planned layers before and after (kept layers count as before)."""
+        """Parameters and MACs before and after (kept layers count as before). Parameters: the whole
+        model's when `model_params` is known (what `compress` reports), else the planned layers' weights."""
         known = [p for p in self.layers if p.params_before is not None]
         with_macs = [p for p in known if p.macs_before is not None]
+        params_before = sum(p.params_before or 0 for p in known)
+        params_after = sum(p.params_after or 0 for p in known)
+        if self.model_params is not None:  # the rest of the model (biases, BN, ...) is unchanged
+            params_before, params_after = self.model_params, self.model_params - (params_before - params_after)
         return {
-            "params_before": sum(p.params_before or 0 for p in known),
-            "params_after": sum(p.params_after or 0 for p in known),
+            "params_before": params_before,
+            "params_after": params_after,
             "macs_before": sum(p.macs_before or 0 for p in with_macs),
             "macs_after": sum(p.macs_after if p.macs_after is not None else (p.macs_before or 0) for p in with_macs),
         }
@@ -130,6 +140,18 @@ class PlannedRanks:
     policy: str = "plan file"
 
 
+def _whole_numbers(values: object) -> tuple[int, ...]:
+    """Ranks and shapes as the plan file lists them; 8.7 (or "8", or true) is refused, never truncated."""
+    if not isinstance(values, list):
+        raise TypeError(values)
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not float(v).is_integer():
+            raise ValueError(v)
+        out.append(int(v))
+    return tuple(out)
+
+
 def load_plan_file(path: str | os.PathLike[str]) -> PlannedRanks:
     p = Path(path)
     try:
@@ -138,16 +160,28 @@ def load_plan_file(path: str | os.PathLike[str]) -> PlannedRanks:
         raise PlanError(f"{p}: plan file not found; write one with --save-plan") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PlanError(f"{p}: not a readable plan file ({e}); write one with --save-plan") from None
-    if not isinstance(data, dict) or data.get("format") != "onnx-tucker-plan" or not isinstance(data.get("layers"), list):
+    # Each check says what is actually wrong: a missing 'layers' list is not a missing 'format' key.
+    if not isinstance(data, dict) or data.get("format") != "onnx-tucker-plan":
         raise PlanError(f"{p}: not an onnx-tucker plan (no 'format': 'onnx-tucker-plan'); write one with --save-plan")
+    # No 'version' (a hand-written plan) reads as the current one; any other version is refused, not guessed at.
+    version = data.get("version", PLAN_FORMAT_VERSION)
+    if version != PLAN_FORMAT_VERSION or isinstance(version, bool):
+        raise PlanError(f"{p}: plan format version {version!r} is not known (this onnx-tucker reads version "
+                        f"{PLAN_FORMAT_VERSION}); write the plan again with --save-plan, or use the onnx-tucker that wrote it")
+    if "layers" not in data:
+        raise PlanError(f"{p}: the plan has no 'layers' list; write the plan again with --save-plan")
+    if not isinstance(data["layers"], list):
+        raise PlanError(f"{p}: 'layers' is a {type(data['layers']).__name__}, not a list of layer entries; "
+                        "write the plan again with --save-plan")
     entries: dict[str, tuple[str, tuple[int, ...] | None, tuple[int, ...] | None]] = {}
     for item in data["layers"]:
         try:
             name, kind = str(item["name"]), str(item["kind"])
-            ranks = tuple(int(r) for r in item["ranks"]) if item.get("ranks") is not None else None
-            shape = tuple(int(d) for d in item["weight_shape"]) if item.get("weight_shape") is not None else None
-        except (KeyError, TypeError, ValueError):
-            raise PlanError(f"{p}: malformed layer entry {item!r}; write the plan again with --save-plan") from None
+            ranks = _whole_numbers(item["ranks"]) if item.get("ranks") is not None else None
+            shape = _whole_numbers(item["weight_shape"]) if item.get("weight_shape") is not None else None
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise PlanError(f"{p}: malformed layer entry {item!r}; ranks and weight_shape must be lists of whole numbers: "
+                            "write the plan again with --save-plan") from None
         if kind not in KINDS or (kind != "skip" and (not ranks or min(ranks) < 1)):
             raise PlanError(f"{p}: layer '{name}' has kind {kind!r} / ranks {ranks}; expected a kind of {KINDS} with ranks >= 1")
         entries[name] = (kind, ranks, shape)

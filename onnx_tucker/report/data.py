@@ -6,7 +6,7 @@ import json
 import math
 from typing import Any
 
-from ..planning.budget import BudgetOutcome
+from ..planning.budget import BudgetCheck, BudgetOutcome
 from ..planning.latency import LatencySummary
 from ..planning.planner import CompressionPlan, LayerPlan
 from ..results import CompressionResult, ratio
@@ -50,6 +50,13 @@ def layer_dict(p: LayerPlan) -> dict[str, Any]:
 def target_dict(b: BudgetOutcome | None) -> dict[str, Any] | None:
     """--target: what the whole-model allocation chose."""
     return None if b is None else dict(b.__dict__) | {"achieved": b.achieved}
+
+
+def mac_budget_dict(b: BudgetCheck | None) -> dict[str, Any] | None:
+    """--ranks data:F: the MAC budget the ranks were allocated for, and whether the plan as applied meets it."""
+    if b is None:
+        return None
+    return dict(b.__dict__) | {"achieved": b.achieved, "met": b.met, "over": b.over, "cause": b.cause}
 
 
 def layer_timing_dict(s: LatencySummary | None) -> dict[str, Any] | None:
@@ -102,7 +109,8 @@ def result_dict(result: CompressionResult | CompressionPlan, latency: LatencyRep
         totals |= {"params_ratio": ratio(totals["params_before"], totals["params_after"]),
                    "macs_ratio": ratio(totals["macs_before"], totals["macs_after"])}
         return _clean({"layers": [layer_dict(p) for p in result.layers], "totals": totals, "validation": None,
-                       "target": target_dict(result.budget), "layer_timing": layer_timing_dict(result.latency),
+                       "target": target_dict(result.budget), "mac_budget": mac_budget_dict(result.budget_check),
+                       "layer_timing": layer_timing_dict(result.latency),
                        "config": result.config.to_dict()})
     t = result.totals
     totals = dict(t.__dict__) | {"params_ratio": t.params_ratio, "macs_ratio": t.macs_ratio, "size_ratio": t.size_ratio}
@@ -115,6 +123,7 @@ def result_dict(result: CompressionResult | CompressionPlan, latency: LatencyRep
             "calibration": None if result.calibration is None else dict(result.calibration.__dict__),
             "finetune": None if result.finetune is None else result.finetune.to_dict(),
             "target": target_dict(result.plan.budget),
+            "mac_budget": mac_budget_dict(result.plan.budget_check),
             "layer_timing": layer_timing_dict(result.plan.latency),
             "config": result.plan.config.to_dict(),
             "model": {

@@ -6,7 +6,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..finetune.config import FinetuneResult
-from ..planning.budget import BudgetOutcome
+from ..planning.budget import BudgetCheck, BudgetOutcome
 from ..planning.latency import LatencySummary
 from ..planning.planner import CompressionPlan
 from ..results import CompressionResult, ModelTotals
@@ -70,11 +70,23 @@ def budget_line(b: BudgetOutcome) -> Text:
     )
 
 
+def mac_budget_line(b: BudgetCheck) -> Text:
+    """--ranks data:F: the budget the ranks were allocated for, met or (plainly) missed and by how much."""
+    head = (f"MAC budget {b.option}: at most {fmt.fmt_int(b.macs_budget)} MACs ({b.fraction:g} of "
+            f"{fmt.fmt_int(b.macs_before)}); the plan has {fmt.fmt_int(b.macs_after)} = {b.achieved:.3f} of the original")
+    if b.met:
+        return Text(head + " (met).")
+    over = b.over / b.macs_budget if b.macs_budget else float("inf")
+    return Text(f"BUDGET MISSED: {head}, {fmt.fmt_int(b.over)} MACs ({100 * over:.1f}%) over the budget: {b.cause}. "
+                "Use a smaller F, or leave out --latency-aware, to meet it.", style="bold")
+
+
 def layer_timing_line(s: LatencySummary) -> Text:
     """How the per-layer times were measured and how well they add up to a whole-model profile."""
     text = (f"Per-layer timing: onnxruntime CPU, {s.threads} thread{'s' if s.threads != 1 else ''}, each layer and its "
             f"chain alone, interleaved medians; {s.measured} pairs timed for {s.lookups} asked (cached per shape); "
-            f"a chain is kept at x{s.min_speedup:g} or faster.")
+            + ("the plan file's kinds and ranks replay as they are (--plan): timed, not re-selected."
+               if s.timed_only else f"a chain is kept at x{s.min_speedup:g} or faster."))
     ratio = s.profile_ratio
     if ratio is not None:
         text += (f" Sum of {s.layers_summed} isolated layer times {s.isolated_ms:.3f} ms vs {s.profiled_ms:.3f} ms in a "
@@ -187,6 +199,7 @@ def result_tables(
     """What a result shows in reading order: per-layer, calibration, summary, validation, latency."""
     plan = result if isinstance(result, CompressionPlan) else result.plan
     timing: list[Table | Text] = [budget_line(plan.budget)] if plan.budget is not None else []
+    timing += [mac_budget_line(plan.budget_check)] if plan.budget_check is not None else []
     timing += [layer_timing_line(plan.latency)] if plan.latency is not None else []
     if isinstance(result, CompressionPlan):
         return [layer_table(plan), *timing, summary_table(plan.totals())]
