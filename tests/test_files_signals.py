@@ -94,8 +94,8 @@ def _terminate_mid_write(tmp_path: Path, hook: str, args: list[str]) -> subproce
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
-def _one_error_line(stderr: str, progress: str = "") -> str:
-    """The only error line, after any progress lines starting with `progress`."""
+def _one_error_line(stderr: str, progress: tuple[str, ...] = ()) -> str:
+    """The only error line, after any progress lines starting with one of `progress`."""
     assert "Traceback" not in stderr, stderr
     lines = [ln for ln in stderr.splitlines() if ln.strip() and not (progress and ln.startswith(progress))]
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
@@ -129,7 +129,7 @@ def test_sigterm_during_finetune_checkpoint_cleans_up_and_exits_143(tmp_path: Pa
     res = _terminate_mid_write(tmp_path, "torch.save", ["finetune", str(inp), str(out), "--data", str(tmp_path / "d.npz"),
                                                        "--epochs", "1", "--batch-size", "8", "--threads", "1"])
     assert res.returncode == 143, res.stderr
-    line = _one_error_line(res.stderr, progress="finetune: ")
+    line = _one_error_line(res.stderr, progress=("finetune: ", "warning: ", "speed: ", "note: "))
     assert "terminated (SIGTERM) during epoch 1" in line and "nothing was written to OUT" in line
     assert line.endswith("no epoch finished"), line  # the checkpoint being written when it stopped is not there
     assert not _tmp_files(tmp_path), "the checkpoint's temporary file was left behind"
