@@ -163,9 +163,8 @@ def factor_chain(model: onnx.ModelProto, output: str, length: int) -> FactorChai
     weights = tuple(n.input[1] for n in nodes)
     last = nodes[-1]
     bias = last.input[2] if len(last.input) > 2 and last.input[2] else None
-    beta = 1.0
-    if last.op_type == "Gemm":
-        beta = float(next((a.f for a in last.attribute if a.name == "beta"), 1.0))
+    # A Gemm's C is scaled by beta; no other chain node has the attribute (beta 1).
+    beta = float(next((a.f for a in last.attribute if a.name == "beta"), 1.0))
     problem = None
     for w in weights:
         if w not in inits:

@@ -26,6 +26,16 @@ REPORTED_OPS = {
 }
 
 
+def find_handler(op_type: str) -> OpHandler | None:
+    """The handler of `op_type`, None when onnx-tucker does not decompose that operator."""
+    return HANDLERS.get(op_type)
+
+
+def reported_reason(op_type: str) -> str | None:
+    """Why a layer op that is never decomposed (quantized, fused, Einsum) is kept; None for other ops."""
+    return REPORTED_OPS.get(op_type)
+
+
 def handler_for(layer_or_op: Layer | str) -> OpHandler:
     op = layer_or_op if isinstance(layer_or_op, str) else layer_or_op.op_type
     try:
