@@ -70,6 +70,11 @@ class OpHandler:
     """Base class; the defaults suit a layer whose weight is one matrix factorised by SVD."""
 
     op_type: str = ""
+    weight_input: int = 1  # the node input that holds the weight
+    # The op types onnxruntime runs this layer as (fused, or in its NCHWc layout): its profiled kernels.
+    runtime_kernels: tuple[str, ...] = ()
+    # torch (Linear, matmul) may store a matrix weight either way round and on either side of the product.
+    weight_either_side: bool = True
 
     # ---- recognising ---------------------------------------------------------------------------
     def operands_reason(self, input_is_constant: bool, weight_is_constant: bool) -> str | None:
@@ -212,6 +217,11 @@ class OpHandler:
         """The same chain with even scales along its factors (trainable afterwards); `balance_chain`
         reads factors as conv weights (out x in), a matrix chain is x @ P @ Q."""
         return [a.T for a in balance_chain([a.T for a in arrays])]
+
+    def export_signature(self, weight_shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
+        """What a round trip through torch keeps of this layer (fine-tuning's export check): matrix
+        layers come back as Gemm or MatMul, their weight either way round."""
+        return "Gemm/MatMul", tuple(sorted(weight_shape))
 
     # ---- rewriting -----------------------------------------------------------------------------
     def stored(self, layer: Layer, factors: LayerFactors) -> tuple[np.ndarray, ...]:

@@ -30,6 +30,8 @@ def _ints(v: object, n: int, default: int) -> tuple[int, ...]:
 
 class ConvHandler(OpHandler):
     op_type = "Conv"
+    runtime_kernels: tuple[str, ...] = ("Conv", "FusedConv")
+    weight_either_side = False
     spatial_attrs: tuple[str, ...] = SPATIAL_ATTRS
     rank_words = "T x S x k..."
 
@@ -152,6 +154,9 @@ class ConvHandler(OpHandler):
         else:
             raise ValueError(kind)
         return params, None if out_px is None else params * out_px * batch
+
+    def export_signature(self, weight_shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
+        return self.op_type, weight_shape
 
     # ---- calibrating (statistics of the layer on data) ------------------------------------------
     def im2col(self, layer: Layer) -> Im2col | None:

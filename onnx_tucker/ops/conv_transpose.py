@@ -26,6 +26,7 @@ def _swap_channel_axes(w: np.ndarray, groups: int) -> np.ndarray:
 
 class ConvTransposeHandler(ConvHandler):
     op_type = "ConvTranspose"
+    runtime_kernels = ("ConvTranspose",)
     spatial_attrs = (*SPATIAL_ATTRS, "output_padding", "output_shape")
     spatial_op = "ConvTranspose"
     rank_words = "C_in x C_out/group x k..."

@@ -16,6 +16,7 @@ from .layer import Chain, Im2col, Layer, LayerFactors, NodeSpec
 
 class GemmHandler(OpHandler):
     op_type = "Gemm"
+    runtime_kernels = ("Gemm", "FusedGemm")
 
     def _int(self, layer: Layer, name: str) -> int:
         return int(layer.attrs.get(name, 0))  # type: ignore[call-overload]

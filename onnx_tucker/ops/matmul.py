@@ -11,6 +11,7 @@ from .layer import Chain, Im2col, Layer, LayerFactors, NodeSpec
 
 class MatMulHandler(OpHandler):
     op_type = "MatMul"
+    runtime_kernels = ("MatMul", "FusedMatMul")
 
     def operands_reason(self, input_is_constant: bool, weight_is_constant: bool) -> str | None:
         if input_is_constant and not weight_is_constant:
