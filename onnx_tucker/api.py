@@ -33,7 +33,7 @@ from .graph.rewrite import Replacement, check_rewrite, rewrite
 from .graph.save import OutputBatch, check_output_paths, write_text_atomic
 from .numerics.spectral import LayerSpectra, single_threaded_lapack
 from .ops.layer import Layer, LayerFactors
-from .ops.registry import HANDLERS, handler_for
+from .ops.registry import find_handler, handler_for
 from .planning.budget import (
     LATENCY_SEARCH_STEPS,
     BudgetOutcome,
@@ -114,7 +114,7 @@ def _check_weight_shapes(layers: list[Layer], source: str) -> None:
     """A weight that does not fit its input makes onnxruntime fail at run time (neither onnx.checker
     nor shape inference notices): say so before planning, naming the node."""
     for lay in layers:
-        if lay.op_type not in HANDLERS or lay.weight_shape is None:
+        if find_handler(lay.op_type) is None or lay.weight_shape is None:
             continue
         found = handler_for(lay).input_mismatch(lay)
         if found is not None:
@@ -661,7 +661,7 @@ def _model_macs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> i
     layers = find_layers(model, infer_shapes(model, shapes))
     total = 0
     for lay in layers:
-        if lay.op_type in HANDLERS and lay.weight_shape is not None:
+        if find_handler(lay.op_type) is not None and lay.weight_shape is not None:
             macs = handler_for(lay).cost(lay, "original")[1]
             total += macs or 0
     return total

@@ -6,6 +6,8 @@
 - Statically (ast): only `cli.py` imports typer or rich.console; only `graph/` and `runtime/` (and a
   lazily importing `finetune/`) import onnx / onnxruntime / google.protobuf at module level, besides
   the exceptions listed below with their reasons; the sub-packages import each other without a cycle.
+- The handler rule (ast): nothing outside `ops/` branches on an op type (see `op_type_offences`); the
+  graph layer recognises its structural ops (Constant, Identity, ...) through `graph/optypes.py` only.
 """
 
 from __future__ import annotations
@@ -266,6 +268,152 @@ def test_no_import_cycle_between_subpackages() -> None:
 def test_numerics_depend_on_nothing_else_in_the_package() -> None:
     """numerics/ is the bottom layer: it imports no other part of onnx_tucker at module level."""
     assert [(a, b) for a, b in unit_import_graph() if a == "numerics"] == []
+
+
+# ---- the handler rule: no op-type branch outside ops/ -------------------------------------------------
+
+# The one exception outside ops/: the graph layer's structural ops (Constant, Identity, Dropout, Reshape,
+# Add, the random and quantize ops) are recognised in graph/optypes.py, which names no layer operator.
+OPTYPES_MODULE = "graph/optypes.py"
+
+
+def known_op_names() -> tuple[frozenset[str], frozenset[str]]:
+    """(layer operators: what ops/ handles, profiles or reports; every operator name: those and ONNX's)."""
+    import onnx.defs
+
+    from onnx_tucker.ops.registry import HANDLERS, LAYER_KERNELS, REPORTED_OPS
+
+    layer = frozenset(HANDLERS) | frozenset(LAYER_KERNELS) | frozenset(REPORTED_OPS)
+    return layer, layer | {s.name for s in onnx.defs.get_all_schemas_with_history()}
+
+
+def _is_op_type(e: ast.expr) -> bool:
+    return (isinstance(e, ast.Attribute) and e.attr == "op_type") or (isinstance(e, ast.Name) and e.id == "op_type")
+
+
+def _docstrings(tree: ast.Module) -> set[int]:
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                found.add(id(first.value))
+    return found
+
+
+def op_type_offences(source: str, compares_allowed: bool = False) -> list[tuple[int, str]]:
+    """(line, code) of every op-type branch in `source`. An op-type branch is
+    1. a comparison (==, !=, in, not in, is) with `x.op_type` (or a name `op_type`) as an operand;
+    2. `x.op_type` as a subscript key, a `.get()` / `.__contains__()` argument, or `x.op_type.startswith()`
+       / `.endswith()`;
+    3. a comparison with an operator's name: a string literal naming an ONNX or onnx-tucker operator,
+       a tuple / list / set literal of such names, or a name this module binds to a collection of them;
+    4. a string literal naming a layer operator (Conv, Gemm, FusedConv, QLinearConv, ...) anywhere but a
+       docstring: which nodes are layers, and what they mean, is asked of `ops.registry`.
+    `compares_allowed` (graph/optypes.py): only rule 4 applies. Comparing two nodes' op types for
+    identity, `(a.name, a.op_type) in {(n.name, n.op_type) ...}`, names no operator and is not a branch."""
+    layer, every = known_op_names()
+    tree = ast.parse(source)
+    docs = _docstrings(tree)
+
+    def names_ops(e: ast.AST | None) -> bool:
+        """A literal op name, or a collection literal (dict keys, frozenset(...)) of op names only."""
+        if isinstance(e, ast.Constant):
+            return isinstance(e.value, str) and e.value in every
+        if isinstance(e, ast.Call) and e.args and not e.keywords:  # frozenset({...}), dict.fromkeys((...), 0)
+            return names_ops(e.args[0])
+        items: list[ast.expr | None] = []
+        if isinstance(e, (ast.Tuple, ast.List, ast.Set)):
+            items = list(e.elts)
+        elif isinstance(e, ast.Dict):
+            items = list(e.keys)
+        strings = [i for i in items if isinstance(i, ast.Constant) and isinstance(i.value, str)]
+        return bool(strings) and len(strings) == len(items) and all(names_ops(i) for i in strings)
+
+    bound = set()  # names this module binds to collections of op names
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and names_ops(node.value):
+            bound |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and names_ops(node.value):
+            bound.add(node.target.id)
+
+    def is_ops(e: ast.expr) -> bool:
+        return names_ops(e) or (isinstance(e, ast.Name) and e.id in bound)
+
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in layer and id(node) not in docs:
+            found.append((node.lineno, ast.unparse(node)))
+        if compares_allowed:
+            continue
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            if any(_is_op_type(e) for e in operands) or any(is_ops(e) for e in operands):
+                found.append((node.lineno, ast.unparse(node)))
+        elif isinstance(node, ast.Subscript) and (_is_op_type(node.slice) or isinstance(node.value, ast.Name)
+                                                  and node.value.id in bound and not isinstance(node.slice, ast.Constant)):
+            found.append((node.lineno, ast.unparse(node)))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            f = node.func
+            if (f.attr in ("get", "__contains__") and any(_is_op_type(a) for a in node.args)) or (
+                    f.attr in ("startswith", "endswith") and _is_op_type(f.value)):
+                found.append((node.lineno, ast.unparse(node)))
+    return sorted(set(found))
+
+
+def test_the_op_type_check_finds_each_kind_of_branch() -> None:
+    """Each rule of `op_type_offences` fires on an example, and plain code passes."""
+    bad = {
+        "if node.op_type == 'Relu': pass": 1,
+        "x = lay.op_type in HANDLERS": 1,
+        "x = SPECIAL[node.op_type]": 1,
+        "x = TABLE.get(node.op_type)": 1,
+        "x = node.op_type.startswith('Q')": 1,
+        "op = n.op_type\nif op in ('Identity', 'Dropout'): pass": 1,
+        "OPS = frozenset({'Reshape', 'Flatten'})\ny = [n for n in g if n.kind in OPS]": 1,
+        "counts = {'Dropout': 0, 'Identity': 0}\ncounts[n.kind] += 1": 1,
+        "kernels = ('FusedConv',)": 1,
+        "make('Gemm', a, b)": 1,
+    }
+    for code, n in bad.items():
+        assert len(op_type_offences(code)) == n, code
+    ok = ["if kind == 'tucker2': pass", "x = device in ('auto', 'cpu')", "y = find_handler(node.op_type)",
+          "z = (p.name, p.op_type) in nodes", "def f():\n    'A Conv or a Gemm.'\n", "w = f'{lay.op_type} layer'"]
+    for code in ok:
+        assert op_type_offences(code) == [], code
+    assert op_type_offences("if n.op_type == 'Constant': pass", compares_allowed=True) == []
+    assert len(op_type_offences("X = frozenset({'Conv'})", compares_allowed=True)) == 1
+
+
+def test_no_op_type_branch_outside_ops() -> None:
+    """Planning, calibration, rewriting, the runtimes ask the operator's handler (ops/); the graph layer
+    recognises structural ops through graph/optypes.py, which itself names no layer operator."""
+    offenders = []
+    for path in package_modules().values():
+        rel = path.relative_to(PKG).as_posix()
+        if rel.startswith("ops/"):
+            continue
+        for line, code in op_type_offences(path.read_text(encoding="utf-8"), compares_allowed=rel == OPTYPES_MODULE):
+            offenders.append(f"onnx_tucker/{rel}:{line}: {code}")
+    assert offenders == [], "op-type branch outside ops/ (ask the handler, or graph/optypes.py):\n" + "\n".join(offenders)
+
+
+def test_the_graph_layer_names_only_structural_ops() -> None:
+    """graph/optypes.py's ops are no layer operators, and every `is_op(node, "Name", ...)` call in the
+    package names only those."""
+    from onnx_tucker.graph import optypes
+
+    layer, every = known_op_names()
+    assert optypes.STRUCTURAL_OPS and optypes.STRUCTURAL_OPS <= every and not optypes.STRUCTURAL_OPS & layer
+    calls, offenders = 0, []
+    for path in package_modules().values():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "is_op":
+                calls += 1
+                names = node.args[1:]
+                if not names or not all(isinstance(a, ast.Constant) and a.value in optypes.STRUCTURAL_OPS for a in names):
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    assert calls and offenders == []
 
 
 # ---- repository hygiene -----------------------------------------------------------------------------

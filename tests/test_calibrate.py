@@ -582,3 +582,67 @@ def test_projected_channels_equals_the_kronecker_projection(rng: np.random.Gener
     want, got = stats.projected(np.kron(a, np.eye(kk)).T), stats.projected_channels(a, kk)
     for name in ("pp", "py", "sum_p"):
         np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-10, atol=1e-9)
+
+
+# ---- the handler owns the geometry (issue 17 item 5) ------------------------------------------------
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(kernel=(3, 3), strides=(2, 2), pads=(1, 0, 1, 2), dilations=(1, 2)),
+        dict(kernel=(3, 3), group=2, auto_pad="SAME_UPPER", strides=(2, 2), spatial=(8, 7)),
+        dict(kernel=(3,), strides=(2,), pads=(1, 1), spatial=(11,)),
+    ],
+)
+def test_the_handlers_im2col_reproduces_onnxruntime_conv(kw: dict, rng: np.random.Generator) -> None:
+    """The layer's geometry as its handler gives it (`OpHandler.im2col`), fed to `numerics.refit.im2col`,
+    and the weight laid out per group, give the conv's output at sampled positions."""
+    from onnx_tucker.graph.model import find_layers, infer_shapes
+    from onnx_tucker.ops.registry import handler_for
+
+    model = make_conv_model(T=6, S=4, bias=False, batch=2, **kw)  # type: ignore[arg-type]
+    x = rng.standard_normal((2, 4, *kw.get("spatial", (9,) * len(kw["kernel"])))).astype(np.float32)
+    y = run_ort(model, {"x": x})["y"]
+    (layer,) = find_layers(model, infer_shapes(model, {}))
+    im = handler_for(layer).im2col(layer)
+    assert im is not None and im.conv and im.groups == kw.get("group", 1) and im.outputs == 6
+    pads = refit.conv_pads_begin(x.shape[2:], y.shape[2:], im.kernel, im.strides, im.dilations, im.pads, im.auto_pad)
+    n_idx, coords = refit.sample_positions(rng, 2, y.shape[2:], 5)
+    w = read_initializer(model, "W").astype(np.float64)
+    s_g, t_g = 4 // im.groups, 6 // im.groups
+    for k in range(im.groups):
+        cols = refit.im2col(x[:, k * s_g : (k + 1) * s_g], n_idx, coords, im.kernel, im.strides, pads, im.dilations)
+        assert cols.shape[1] == im.width
+        want = y[(n_idx, slice(k * t_g, (k + 1) * t_g), *coords.T)]
+        np.testing.assert_allclose(cols @ w[k * t_g : (k + 1) * t_g].reshape(t_g, -1).T, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["tucker2", "tucker1"])
+def test_refit_blocks_round_trip_the_factor_layout(kind: str) -> None:
+    """`refit_blocks` then `from_refit_blocks` gives the factors back, per handler and kind (grouped too)."""
+    from onnx_tucker.graph.model import find_layers, infer_shapes
+    from onnx_tucker.ops.registry import handler_for
+
+    for model in (make_conv_model(T=8, S=8, group=2), make_conv_model(T=8, S=6)):
+        (layer,) = find_layers(model, infer_shapes(model, {}))
+        h = handler_for(layer)
+        f = h.decompose(layer, kind, (2, 2) if kind == "tucker2" else (2,), read_initializer(model, "W"))
+        back = h.from_refit_blocks(layer, f, h.refit_blocks(layer, f))
+        assert [a.shape for a in back] == [a.shape for a in f.arrays]
+        for a, b in zip(back, f.arrays, strict=True):
+            np.testing.assert_array_equal(a, np.asarray(b, dtype=np.float64))
+
+
+def test_a_conv_transpose_is_kept_with_a_note_not_refit(rng: np.random.Generator) -> None:
+    """Its handler gives no im2col: calibration keeps the weight-space factors and says why (this used to
+    fail inside the regression with a shape error)."""
+    from tests.test_conv_transpose import make_convt_model
+
+    model = make_convt_model(cin=8, cout=8)
+    _, _, reps = _decomposed(model, CompressionConfig(ranks=RankPolicy("ratio", 0.5), validate=False))
+    comp = apply_replacements(model, reps)
+    before = [t.SerializeToString() for t in comp.graph.initializer]
+    found = calibrate_model(model, comp, reps, [{"x": rng.standard_normal((1, 8, 5, 5)).astype(np.float32)}])
+    (cal,) = found.values()
+    assert cal.method == "kept" and cal.note == "not refit: calibration does not cover ConvTranspose layers"
+    assert [t.SerializeToString() for t in comp.graph.initializer] == before

@@ -122,6 +122,37 @@ def test_every_skipped_layer_has_a_reason() -> None:
         assert lp.decomposed or lp.reason, lp
 
 
+def test_every_skip_carries_its_cause_beside_the_reason(tmp_path: Path) -> None:
+    """`LayerPlan.cause` is the reason as a code, set with it (issue 17): the words stay for people,
+    code decides on the code. It reaches the JSON report and the plan file."""
+    from onnx_tucker.planning.planner import SkipCause
+
+    cases = [
+        (make_conv_model(T=8, S=8, group=8), {}, SkipCause.MODEL, "depthwise"),
+        (make_conv_model(T=32, S=32, seed=3), {}, SkipCause.RANK_ZERO, "rank 0"),
+        (make_gemm_model(K=40, N=24, weight=low_rank_plus_noise(np.random.default_rng(1), (40, 24), 5, sigma=0.01)),
+         {"ranks": RankPolicy.parse("ratio:1")}, SkipCause.NO_GAIN, "no gain"),
+        (make_small_cnn(low_rank=True), {"exclude": "."}, SkipCause.EXCLUDE, "--exclude"),
+        (make_small_cnn(low_rank=True), {"include": "nothing"}, SkipCause.INCLUDE, "--include"),
+    ]
+    for model, kw, cause, words in cases:
+        for lp in plan_of(model, **kw).layers:
+            assert lp.kind == "skip" and lp.cause is cause and words in (lp.reason or ""), (cause, lp)
+    p = plan_of(make_small_cnn(low_rank=True), include="conv", exclude="1$")
+    assert {lp.name: lp.cause for lp in p.layers} == {"conv1": SkipCause.EXCLUDE, "conv2": None, "fc": SkipCause.INCLUDE}
+    # The JSON report and the plan file carry it as a string; a replayed skip says it came from the plan.
+    model = save(make_small_cnn(low_rank=True), tmp_path / "m.onnx")
+    res = ot.compress(model, CompressionConfig(exclude="1$", validate=False), tmp_path / "out.onnx")
+    res.plan.save(tmp_path / "plan.json")
+    layers = {d["name"]: d for d in json.loads((tmp_path / "plan.json").read_text())["layers"]}
+    assert layers["conv1"]["cause"] == "exclude" and layers["conv2"]["cause"] is None
+    from onnx_tucker.report.data import layer_dict
+
+    assert [layer_dict(lp)["cause"] for lp in res.plan.layers] == [layers[lp.name]["cause"] for lp in res.plan.layers]
+    replayed = ot.plan(model, CompressionConfig(plan_file=str(tmp_path / "plan.json")))
+    assert {lp.name: lp.cause for lp in replayed.layers}["conv1"] is SkipCause.PLAN
+
+
 def test_exclude_pattern_skips_exactly_the_named_layer() -> None:
     """An anchored --exclude keeps that one layer (with the pattern in its reason) and leaves every
     other layer planned exactly as without it."""

@@ -202,3 +202,27 @@ def test_target_macs_with_calibration_allocates_on_the_data(tmp_path: Path, rng:
     assert {p.policy for p in by_target.decomposed} == {"data:0.5"}
     with pytest.raises(UsageError, match="both set the MACs"):
         CompressionConfig(target=BudgetTarget.parse("macs:0.5"), ranks=RankPolicy.parse("data:0.5"), calibrate=str(cal))
+
+
+def test_data_ranks_rule_layers_out_by_their_cause_not_their_words(rng: np.random.Generator) -> None:
+    """A fallback plan skipped for --exclude keeps its plan; a reason that merely mentions --exclude (the
+    cause says otherwise) does not rule the layer out (issue 17: no decision on message text)."""
+    from dataclasses import replace
+
+    from onnx_tucker.graph.model import ModelIndex, find_layers, infer_shapes
+    from onnx_tucker.planning.planner import SkipCause, plan_layer
+    from onnx_tucker.runtime.rankselect import select_ranks_data
+
+    model = make_small_cnn(batch="N")
+    layers = find_layers(model, infer_shapes(model, {"x": (1, 3, 16, 16)}))
+    read = ModelIndex(model).constant_value
+    fallback = [plan_layer(lay, read, CompressionConfig()) for lay in layers]
+    batches = [{"x": rng.standard_normal((20, 3, 16, 16)).astype(np.float32)}]
+    k = next(i for i, lay in enumerate(layers) if lay.layer_id == "conv2")
+    excluded = replace(fallback[k], kind="skip", reason="name matches --exclude 'conv2'", cause=SkipCause.EXCLUDE)
+    worded = replace(fallback[k], reason="a note that mentions --exclude and NaN", cause=None)
+    by_cause = select_ranks_data(model, layers, [*fallback[:k], excluded, *fallback[k + 1:]], batches, 0.9, read)
+    by_words = select_ranks_data(model, layers, [*fallback[:k], worded, *fallback[k + 1:]], batches, 0.9, read)
+    assert "conv2" not in by_cause.chosen and by_cause.planned.entries["conv2"][0] == "skip"
+    assert by_cause.planned.causes["conv2"] is SkipCause.EXCLUDE
+    assert "conv2" in by_words.chosen

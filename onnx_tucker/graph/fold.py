@@ -20,15 +20,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from .optypes import is_op, is_quantize, is_random
 from .protos import DEFAULT_DOMAINS, outer_scope_reads
-
-# Ops whose output is not a function of their inputs: never folded.
-RANDOM_OPS = frozenset(
-    {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"}
-)
-# Quantized weights stay quantized: decomposing a dequantized copy would silently de-quantize the model.
-QUANTIZED_OPS = frozenset({"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear"})
-
 
 
 @dataclass(frozen=True)
@@ -128,13 +121,13 @@ class WeightFolder:
         node = self.model.graph.node[self.producer[name]]
         if node.domain not in DEFAULT_DOMAINS:
             return f"computed by custom-domain op {node.domain}.{node.op_type} '{node.name or node.output[0]}'"
-        if node.op_type in QUANTIZED_OPS:
+        if is_quantize(node):
             return f"dequantized at run time by {_node_label(node)} (quantized weights are left alone)"
-        if node.op_type in RANDOM_OPS:
+        if is_random(node):
             return f"computed by the non-deterministic op {_node_label(node)}"
         if _has_subgraph(node):
             return f"computed inside the control-flow op {_node_label(node)}"
-        if node.op_type == "Constant" and any(a.name == "sparse_value" for a in node.attribute):
+        if is_op(node, "Constant") and any(a.name == "sparse_value" for a in node.attribute):
             return f"a sparse tensor ({_node_label(node)}; sparse weights are left alone)"
         return None
 

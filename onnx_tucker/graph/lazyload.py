@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..ops.registry import DECOMPOSABLE_OPS
+from ..ops.registry import find_handler
 from .protos import DEFAULT_DOMAINS
 
 _TP = onnx.TensorProto
@@ -32,7 +32,6 @@ _TP = onnx.TensorProto
 LAZY_BYTES = 2**20
 # Files smaller than this are parsed the ordinary way (nothing to gain).
 MIN_FILE_BYTES = 64 * 2**20
-_WEIGHT_OPS = dict.fromkeys(DECOMPOSABLE_OPS, 1)  # op -> input position of the weight
 
 # Field numbers (onnx.proto): ModelProto.graph, GraphProto.initializer, TensorProto.raw_data /
 # external_data / data_location, StringStringEntryProto.key / value.
@@ -166,7 +165,8 @@ def _weight_only(model: onnx.ModelProto) -> set[str]:
     g = model.graph
     ok: dict[str, bool] = {}
     for node in g.node:
-        pos = _WEIGHT_OPS.get(node.op_type) if node.domain in DEFAULT_DOMAINS else None
+        handler = find_handler(node.op_type) if node.domain in DEFAULT_DOMAINS else None
+        pos = handler.weight_input if handler is not None else None
         for i, name in enumerate(node.input):
             if name:
                 ok[name] = ok.get(name, True) and i == pos

@@ -16,8 +16,9 @@ from onnx import helper, numpy_helper
 
 from ..errors import UsageError
 from ..ops.layer import Layer, Shape
-from ..ops.registry import DECOMPOSABLE_OPS, REPORTED_OPS, handler_for
+from ..ops.registry import find_handler, handler_for, reported_reason
 from .fold import FoldError, WeightFolder
+from .optypes import is_op
 from .protos import DEFAULT_DOMAINS, graph_input_names, layer_id_of, outer_names_used, subgraphs
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
@@ -38,7 +39,7 @@ class ModelIndex:
         self.constant_nodes: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[int]] = defaultdict(list)
         for i, node in enumerate(g.node):
-            if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS and len(node.output) == 1:
+            if is_op(node, "Constant") and node.domain in DEFAULT_DOMAINS and len(node.output) == 1:
                 self.constant_nodes[node.output[0]] = node
             for name in node.input:
                 if name:
@@ -111,7 +112,7 @@ def lowest_float_eps(model: onnx.ModelProto) -> float:
     Constant nodes): the precision factors are stored in (float32's when there is none)."""
     eps = float(np.finfo(np.float32).eps)
     codes = {t.data_type for t in model.graph.initializer}
-    codes |= {a.t.data_type for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"}
+    codes |= {a.t.data_type for n in model.graph.node if is_op(n, "Constant") for a in n.attribute if a.name == "value"}
     for code in codes & _FLOAT_TYPES:
         eps = max(eps, _EPS.get(code, eps))
     return eps
@@ -231,21 +232,21 @@ def find_layers(model: onnx.ModelProto, shapes: Mapping[str, Shape], index: Mode
     idx = index or ModelIndex(model)
     layers: list[Layer] = []
     weight_uses = Counter(
-        node.input[1] for node in model.graph.node if node.op_type in DECOMPOSABLE_OPS and len(node.input) > 1
+        node.input[1] for node in model.graph.node if find_handler(node.op_type) is not None and len(node.input) > 1
     )
     for i, node in enumerate(model.graph.node):
         for sub in subgraphs(node):
             layers.extend(_subgraph_layers(sub, layer_id_of(node)))
-        if node.op_type in REPORTED_OPS:
-            layers.append(Layer(layer_id=layer_id_of(node), op_type=node.op_type, node_index=i,
-                                skip_reason=REPORTED_OPS[node.op_type]))
+        reported = reported_reason(node.op_type)
+        if reported is not None:
+            layers.append(Layer(layer_id=layer_id_of(node), op_type=node.op_type, node_index=i, skip_reason=reported))
             continue
-        if node.op_type not in DECOMPOSABLE_OPS or node.domain not in DEFAULT_DOMAINS:
+        if find_handler(node.op_type) is None or node.domain not in DEFAULT_DOMAINS:
             continue
         layers.append(_describe(node, i, idx, shapes, weight_uses))
     for fn in model.functions:
         for node in fn.node:
-            if node.op_type in DECOMPOSABLE_OPS:
+            if find_handler(node.op_type) is not None:
                 layers.append(Layer(layer_id=layer_id_of(node), op_type=node.op_type, node_index=-1,
                                     skip_reason=f"inside model-local function '{fn.name}' (functions are left alone)"))
     return layers
@@ -256,7 +257,7 @@ def _subgraph_layers(graph: onnx.GraphProto, owner: str) -> list[Layer]:
     for node in graph.node:
         for sub in subgraphs(node):
             found.extend(_subgraph_layers(sub, owner))
-        if node.op_type in DECOMPOSABLE_OPS:
+        if find_handler(node.op_type) is not None:
             found.append(
                 Layer(
                     layer_id=layer_id_of(node),

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .optypes import is_op
 from .protos import copy_fields, outer_names_used, subgraphs
 
 
@@ -163,9 +164,8 @@ def factor_chain(model: onnx.ModelProto, output: str, length: int) -> FactorChai
     weights = tuple(n.input[1] for n in nodes)
     last = nodes[-1]
     bias = last.input[2] if len(last.input) > 2 and last.input[2] else None
-    beta = 1.0
-    if last.op_type == "Gemm":
-        beta = float(next((a.f for a in last.attribute if a.name == "beta"), 1.0))
+    # A Gemm's C is scaled by beta; no other chain node has the attribute (beta 1).
+    beta = float(next((a.f for a in last.attribute if a.name == "beta"), 1.0))
     problem = None
     for w in weights:
         if w not in inits:
@@ -217,12 +217,12 @@ def residual_partner(model: onnx.ModelProto, tensor: str) -> str | None:
     if tensor in {o.name for o in model.graph.output}:
         return None
     readers = [n for n in model.graph.node if tensor in n.input]
-    if len(readers) != 1 or readers[0].op_type != "Add" or readers[0].domain not in ("", "ai.onnx"):
+    if len(readers) != 1 or not is_op(readers[0], "Add") or readers[0].domain not in ("", "ai.onnx"):
         return None
     ins = list(readers[0].input)
     if len(ins) != 2 or ins.count(tensor) != 1:
         return None
     other = ins[1] if ins[0] == tensor else ins[0]
     constants = {t.name for t in model.graph.initializer}
-    constants |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    constants |= {n.output[0] for n in model.graph.node if is_op(n, "Constant")}
     return None if other in constants else other

@@ -20,6 +20,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..ops.registry import find_handler
+from .optypes import is_op
+
 # Opsets tried, in order, when some node has no onnx2torch converter at the model's own opset.
 CANDIDATE_OPSETS = (13, 17, 11, 16, 14, 15, 12)
 
@@ -105,13 +108,14 @@ def _drop_passthrough(model: onnx.ModelProto, changes: list[str]) -> None:
         for k, name in enumerate(n.input):
             if name in rename:
                 n.input[k] = rename[name]
-        if n.op_type in ("Dropout", "Identity") and n.domain in ("", "ai.onnx") and n.input and n.input[0]:
-            mask_used = n.op_type == "Dropout" and len(n.output) > 1 and n.output[1]
+        if is_op(n, "Dropout", "Identity") and n.domain in ("", "ai.onnx") and n.input and n.input[0]:
+            dropout = is_op(n, "Dropout")
+            mask_used = dropout and len(n.output) > 1 and n.output[1]
             if mask_used:
                 keep.append(n)  # its mask is read: leave it (reported as unsupported if it is)
                 continue
             if n.output[0] in outputs:
-                if n.op_type == "Dropout":
+                if dropout:
                     idn = helper.make_node("Identity", [n.input[0]], [n.output[0]], name=n.name)
                     keep.append(idn)
                     dropped["Dropout"] += 1
@@ -119,7 +123,10 @@ def _drop_passthrough(model: onnx.ModelProto, changes: list[str]) -> None:
                     keep.append(n)
                 continue
             rename[n.output[0]] = n.input[0]
-            dropped[n.op_type] += 1
+            if dropout:
+                dropped["Dropout"] += 1
+            else:
+                dropped["Identity"] += 1
             continue
         keep.append(n)
     if rename or dropped["Dropout"]:
@@ -140,7 +147,7 @@ def _constant_value(g: onnx.GraphProto, name: str) -> np.ndarray | None:
         if t.name == name:
             return numpy_helper.to_array(t)
     for n in g.node:
-        if n.op_type == "Constant" and n.output and n.output[0] == name:
+        if is_op(n, "Constant") and n.output and n.output[0] == name:
             for a in n.attribute:
                 if a.name == "value":
                     return numpy_helper.to_array(a.t)
@@ -161,7 +168,7 @@ def _fix_batch(model: onnx.ModelProto, changes: list[str]) -> None:
     fixed = 0
     existing = {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
     for n in g.node:
-        if n.op_type != "Reshape" or len(n.input) < 2:
+        if not is_op(n, "Reshape") or len(n.input) < 2:
             continue
         if any(a.name == "allowzero" and a.i for a in n.attribute):
             continue
@@ -219,19 +226,19 @@ def weight_structure(model: onnx.ModelProto) -> list[tuple[str, tuple[int, ...]]
     g = model.graph
     consts = {t.name: tuple(t.dims) for t in g.initializer}
     for n in g.node:
-        if n.op_type == "Constant" and n.output:
+        if is_op(n, "Constant") and n.output:
             for a in n.attribute:
                 if a.name == "value":
                     consts[n.output[0]] = tuple(a.t.dims)
     out = []
     for n in g.node:
-        if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(n.input) > 1:
+        handler = find_handler(n.op_type)
+        if handler is not None and len(n.input) > 1:
             w = consts.get(n.input[1])
-            if w is None and n.op_type in ("Gemm", "MatMul"):
+            if w is None and handler.weight_either_side:
                 w = consts.get(n.input[0])
             if w is None:
                 continue
             # Gemm's transB and torch's Linear may store the matrix either way round.
-            shape = tuple(sorted(w)) if n.op_type in ("Gemm", "MatMul") else w
-            out.append(("Gemm/MatMul" if n.op_type in ("Gemm", "MatMul") else n.op_type, shape))
+            out.append(handler.export_signature(w))
     return out

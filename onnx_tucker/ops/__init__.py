@@ -5,10 +5,19 @@ Protobuf-free: handlers see `Layer`s and numpy arrays and describe their replace
 """
 
 from .base import OpHandler
-from .layer import Chain, Layer, LayerFactors, NodeSpec
-from .registry import DECOMPOSABLE_OPS, HANDLERS, REPORTED_OPS, handler_for, layer_cost, svd_matrix
+from .layer import Chain, Im2col, Layer, LayerFactors, NodeSpec, RefitBlock
+from .registry import (
+    DECOMPOSABLE_OPS,
+    HANDLERS,
+    REPORTED_OPS,
+    find_handler,
+    handler_for,
+    layer_cost,
+    reported_reason,
+    svd_matrix,
+)
 
 __all__ = [
-    "DECOMPOSABLE_OPS", "HANDLERS", "REPORTED_OPS", "Chain", "Layer", "LayerFactors", "NodeSpec", "OpHandler",
-    "handler_for", "layer_cost", "svd_matrix",
+    "DECOMPOSABLE_OPS", "HANDLERS", "REPORTED_OPS", "Chain", "Im2col", "Layer", "LayerFactors", "NodeSpec", "OpHandler",
+    "RefitBlock", "find_handler", "handler_for", "layer_cost", "reported_reason", "svd_matrix",
 ]

@@ -4,7 +4,9 @@ A handler recognises its node's weight and checks it (`skip_reason`, `input_mism
 decompositions it allows and which is the default (`kinds`, `default_kind`), which matrices they
 factorise (`blocks`, `matrices`), what each costs at real resolutions (`cost`), computes the factors
 (`decompose`, pure numpy) and builds the replacement chain (`chain`, protobuf-free `NodeSpec`s the
-graph layer writes). Planning, decomposition, costing and rewriting ask the handler found through
+graph layer writes). For calibration it says how the layer reads its input as rows (`im2col`) and
+lays its factors out as matrices and back (`refit_blocks`, `from_refit_blocks`, `balance`).
+Planning, decomposition, costing, rewriting and calibration ask the handler found through
 `registry.handler_for` and never branch on the op type.
 
 Ranks are (R_out, R_in) for tucker2, (R_out,) for tucker1 and (R,) for svd. Grouped layers are
@@ -19,6 +21,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..numerics.refit import balance_chain
 from ..numerics.spectral import LayerSpectra
 from ..numerics.tucker import (
     reconstruct_tucker1,
@@ -29,7 +32,7 @@ from ..numerics.tucker import (
     tucker2,
     unfold,
 )
-from .layer import Chain, Layer, LayerFactors
+from .layer import Chain, Im2col, Layer, LayerFactors, RefitBlock
 
 Fresh = Callable[[str], str]  # a name derived from the argument that collides with nothing in the graph
 
@@ -67,6 +70,11 @@ class OpHandler:
     """Base class; the defaults suit a layer whose weight is one matrix factorised by SVD."""
 
     op_type: str = ""
+    weight_input: int = 1  # the node input that holds the weight
+    # The op types onnxruntime runs this layer as (fused, or in its NCHWc layout): its profiled kernels.
+    runtime_kernels: tuple[str, ...] = ()
+    # torch (Linear, matmul) may store a matrix weight either way round and on either side of the product.
+    weight_either_side: bool = True
 
     # ---- recognising ---------------------------------------------------------------------------
     def operands_reason(self, input_is_constant: bool, weight_is_constant: bool) -> str | None:
@@ -181,6 +189,39 @@ class OpHandler:
         per_block = self.block_factor_shapes(kind, ranks, tuple(blocks[0].shape))
         arrays = tuple(np.zeros((s[0] * len(blocks), *s[1:]), np.float32) for s in per_block)  # rank-sized
         return tuple(tuple(a.shape) for a in self.to_layout(layer, kind, arrays))
+
+    # ---- calibrating (statistics of the layer on data) ------------------------------------------
+    def im2col(self, layer: Layer) -> Im2col | None:
+        """How the layer reads its data input as rows (None: calibration and data-driven ranks do not
+        cover it). Here y = x @ W with W K x N: the rows of x's last axis."""
+        if layer.weight_shape is None or len(layer.weight_shape) != 2:
+            return None
+        k, n = self.dims(layer)
+        return Im2col(k, n)
+
+    def refit_problem(self, layer: Layer, factors: LayerFactors, bias: np.ndarray | None) -> str | None:
+        """Why calibration cannot refit this layer's chain (None: it can); `bias`: the chain's bias."""
+        return None if self.im2col(layer) is not None else f"calibration does not cover {self.op_type} layers"
+
+    def refit_blocks(self, layer: Layer, factors: LayerFactors) -> list[RefitBlock]:
+        """`factors` as matrices, one `RefitBlock` per group, in float64. Here (P, Q): y = x @ P @ Q."""
+        a = [np.asarray(x, dtype=np.float64) for x in factors.arrays]
+        return [(None, a[0], a[1])]
+
+    def from_refit_blocks(self, layer: Layer, factors: LayerFactors, blocks: list[RefitBlock]) -> list[np.ndarray]:
+        """Refit `blocks` back in the layout of `factors` (the chain's execution order)."""
+        ((_, front, last),) = blocks
+        return [front, last]
+
+    def balance(self, layer: Layer, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """The same chain with even scales along its factors (trainable afterwards); `balance_chain`
+        reads factors as conv weights (out x in), a matrix chain is x @ P @ Q."""
+        return [a.T for a in balance_chain([a.T for a in arrays])]
+
+    def export_signature(self, weight_shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
+        """What a round trip through torch keeps of this layer (fine-tuning's export check): matrix
+        layers come back as Gemm or MatMul, their weight either way round."""
+        return "Gemm/MatMul", tuple(sorted(weight_shape))
 
     # ---- rewriting -----------------------------------------------------------------------------
     def stored(self, layer: Layer, factors: LayerFactors) -> tuple[np.ndarray, ...]:

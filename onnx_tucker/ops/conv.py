@@ -14,16 +14,24 @@ import math
 
 import numpy as np
 
+from ..numerics.refit import balance_chain
 from ..numerics.spectral import LayerSpectra
 from .base import LABELS, Fresh, OpHandler, prod, tensor_factor_shapes, tensor_factors
-from .layer import COPY, Chain, Layer, LayerFactors, NodeSpec
+from .layer import COPY, Chain, Im2col, Layer, LayerFactors, NodeSpec, RefitBlock
 
 # Attributes of the replaced node that the spatial step of the chain keeps (in the node's order).
 SPATIAL_ATTRS = ("strides", "pads", "dilations", "auto_pad")
 
 
+def _ints(v: object, n: int, default: int) -> tuple[int, ...]:
+    """An ints attribute as a tuple; absent or empty: `default` n times."""
+    return tuple(int(x) for x in v) if isinstance(v, (list, tuple)) and v else (default,) * n
+
+
 class ConvHandler(OpHandler):
     op_type = "Conv"
+    runtime_kernels: tuple[str, ...] = ("Conv", "FusedConv")
+    weight_either_side = False
     spatial_attrs: tuple[str, ...] = SPATIAL_ATTRS
     rank_words = "T x S x k..."
 
@@ -146,6 +154,54 @@ class ConvHandler(OpHandler):
         else:
             raise ValueError(kind)
         return params, None if out_px is None else params * out_px * batch
+
+    def export_signature(self, weight_shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
+        return self.op_type, weight_shape
+
+    # ---- calibrating (statistics of the layer on data) ------------------------------------------
+    def im2col(self, layer: Layer) -> Im2col | None:
+        w = layer.weight_shape
+        if w is None or len(w) < 3:
+            return None
+        nd, a = len(w) - 2, layer.attrs
+        return Im2col(
+            self.in_channels_per_group(layer) * self.kernel_size(layer), self.out_channels(layer), self.groups(layer),
+            tuple(int(k) for k in w[2:]), _ints(a.get("strides"), nd, 1), _ints(a.get("dilations"), nd, 1),
+            _ints(a.get("pads"), 2 * nd, 0) if a.get("pads") else None, str(a.get("auto_pad", "NOTSET")),
+        )
+
+    def refit_blocks(self, layer: Layer, factors: LayerFactors) -> list[RefitBlock]:
+        # Chain [first (Tucker-2)], core (the spatial step), last: per group, the core as im2col
+        # columns x R and the last 1x1 as R x T_g.
+        a = [np.asarray(x, dtype=np.float64) for x in factors.arrays]
+        g = self.groups(layer)
+        first = a[0] if factors.kind == "tucker2" else None
+        core, last = (a[1], a[2]) if factors.kind == "tucker2" else (a[0], a[1])
+        r, t = core.shape[0] // g, last.shape[0] // g
+        blocks: list[RefitBlock] = []
+        for k in range(g):
+            fi = None
+            if first is not None:
+                r3 = first.shape[0] // g
+                fi = first[k * r3 : (k + 1) * r3].reshape(r3, -1)
+            blocks.append((fi, core[k * r : (k + 1) * r].reshape(r, -1).T, last[k * t : (k + 1) * t].reshape(t, r).T))
+        return blocks
+
+    def from_refit_blocks(self, layer: Layer, factors: LayerFactors, blocks: list[RefitBlock]) -> list[np.ndarray]:
+        old = list(factors.arrays)
+        core_old = old[1] if factors.kind == "tucker2" else old[0]
+        last_old = old[-1]
+        cores = [fr.T.reshape((fr.shape[1], *core_old.shape[1:])) for _, fr, _ in blocks]
+        lasts = [la.T.reshape((la.shape[1], *last_old.shape[1:])) for _, _, la in blocks]
+        arrays = [np.concatenate(cores), np.concatenate(lasts)]
+        if factors.kind == "tucker2":
+            firsts = [fi for fi, _, _ in blocks]
+            arrays.insert(0, np.concatenate(firsts).reshape(old[0].shape))  # type: ignore[arg-type]
+        return arrays
+
+    def balance(self, layer: Layer, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        # Grouped chains are left as they are: balancing works on whole factors, not per group.
+        return balance_chain(arrays) if self.groups(layer) == 1 else list(arrays)
 
     # ---- rewriting -----------------------------------------------------------------------------
     spatial_op = "Conv"  # the op of the chain's spatial step

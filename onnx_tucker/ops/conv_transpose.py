@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from .conv import SPATIAL_ATTRS, ConvHandler
-from .layer import Layer
+from .layer import Im2col, Layer
 
 
 def _swap_channel_axes(w: np.ndarray, groups: int) -> np.ndarray:
@@ -26,6 +26,7 @@ def _swap_channel_axes(w: np.ndarray, groups: int) -> np.ndarray:
 
 class ConvTransposeHandler(ConvHandler):
     op_type = "ConvTranspose"
+    runtime_kernels = ("ConvTranspose",)
     spatial_attrs = (*SPATIAL_ATTRS, "output_padding", "output_shape")
     spatial_op = "ConvTranspose"
     rank_words = "C_in x C_out/group x k..."
@@ -65,6 +66,11 @@ class ConvTransposeHandler(ConvHandler):
 
     def factorisation_key(self, layer: Layer) -> tuple[object, ...]:
         return (self.op_type, self.groups(layer))
+
+    def im2col(self, layer: Layer) -> Im2col | None:
+        # A transposed conv scatters each input pixel over a kernel window: its output is not a
+        # matrix product of input rows, so calibration and data-driven ranks do not cover it.
+        return None
 
     def cost(self, layer: Layer, kind: str, ranks: tuple[int, ...] = ()) -> tuple[int, int | None]:
         # A transposed conv does C_in x C_out/group x k MACs per *input* pixel; the core runs there

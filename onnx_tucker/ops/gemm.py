@@ -11,11 +11,12 @@ from __future__ import annotations
 import numpy as np
 
 from .base import LABELS, Fresh, OpHandler
-from .layer import Chain, Layer, LayerFactors, NodeSpec
+from .layer import Chain, Im2col, Layer, LayerFactors, NodeSpec
 
 
 class GemmHandler(OpHandler):
     op_type = "Gemm"
+    runtime_kernels = ("Gemm", "FusedGemm")
 
     def _int(self, layer: Layer, name: str) -> int:
         return int(layer.attrs.get(name, 0))  # type: ignore[call-overload]
@@ -48,6 +49,15 @@ class GemmHandler(OpHandler):
             w = w.astype(np.float64) * alpha
         return [w]
 
+    def im2col(self, layer: Layer) -> Im2col | None:
+        found = super().im2col(layer)
+        return None if found is None else Im2col(found.width, found.outputs, trans_a=bool(self._int(layer, "transA")))
+
+    def refit_problem(self, layer: Layer, factors: LayerFactors, bias: np.ndarray | None) -> str | None:
+        # A C that broadcasts (a scalar, or one per row) is not one bias per output: left as it is.
+        if bias is not None and bias.size != factors.arrays[1].shape[1]:
+            return f"Gemm C of shape {bias.shape}"
+        return super().refit_problem(layer, factors, bias)
 
     def factorisation_key(self, layer: Layer) -> tuple[object, ...]:
         return (self._int(layer, "transB"), float(layer.attrs.get("alpha", 1.0)))  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ turns into protobuf.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -35,6 +36,37 @@ class Layer:
     inputs: tuple[str, ...] = ()  # the node's input tensor names ("" for an omitted optional input)
     outputs: tuple[str, ...] = ()
     node_name: str = ""
+
+
+@dataclass(frozen=True)
+class Im2col:
+    """How a layer reads its data input as rows of a matrix against its output: what calibration and
+    data-driven ranks accumulate statistics on. A conv reads receptive fields (its kernel, strides,
+    pads, dilations and auto_pad, per group); a matrix layer reads the rows of its input (the last
+    axis; the columns under Gemm's transA)."""
+
+    width: int  # columns per group: input channels per group x kernel taps, or K
+    outputs: int  # output channels (all groups), or N
+    groups: int = 1
+    kernel: tuple[int, ...] = ()  # spatial kernel; empty for a matrix layer
+    strides: tuple[int, ...] = ()
+    dilations: tuple[int, ...] = ()
+    pads: tuple[int, ...] | None = None  # None: the node has no pads (auto_pad decides, or none)
+    auto_pad: str = "NOTSET"
+    trans_a: bool = False
+
+    @property
+    def conv(self) -> bool:
+        return bool(self.kernel)
+
+    @property
+    def taps(self) -> int:
+        return math.prod(self.kernel) if self.kernel else 1
+
+
+# One group's factors as matrices, y = (x [@ first]) @ front @ last: first R3 x S_g (Tucker-2 only),
+# front d x R (the core, or the SVD's first factor), last R x T_g; float64.
+RefitBlock = tuple[np.ndarray | None, np.ndarray, np.ndarray]
 
 
 @dataclass(frozen=True)

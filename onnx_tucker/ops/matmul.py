@@ -6,11 +6,12 @@ The constant on the left (W @ X) and 3-D constant weights are kept, with the rea
 from __future__ import annotations
 
 from .base import LABELS, Fresh, OpHandler
-from .layer import Chain, Layer, LayerFactors, NodeSpec
+from .layer import Chain, Im2col, Layer, LayerFactors, NodeSpec
 
 
 class MatMulHandler(OpHandler):
     op_type = "MatMul"
+    runtime_kernels = ("MatMul", "FusedMatMul")
 
     def operands_reason(self, input_is_constant: bool, weight_is_constant: bool) -> str | None:
         if input_is_constant and not weight_is_constant:
@@ -31,6 +32,11 @@ class MatMulHandler(OpHandler):
             return None
         return "K", x[-1], w[0]
 
+    def im2col(self, layer: Layer) -> Im2col | None:
+        # Only X @ W reads its input as rows; a constant left operand is kept.
+        if len(layer.inputs) != 2 or layer.weight_name != layer.inputs[1]:
+            return None
+        return super().im2col(layer)
 
     def factorisation_key(self, layer: Layer) -> tuple[object, ...]:
         return (0, 1.0)  # as a Gemm with transB=0, alpha=1: such layers may share one factorisation

@@ -12,6 +12,8 @@ from .layer import Layer
 
 HANDLERS: dict[str, OpHandler] = {h.op_type: h for h in (conv.HANDLER, conv_transpose.HANDLER, gemm.HANDLER, matmul.HANDLER)}
 DECOMPOSABLE_OPS = tuple(HANDLERS)
+# The op types onnxruntime runs the layers as (fused, or in its NCHWc layout), as its profiler names them.
+LAYER_KERNELS = tuple(k for h in HANDLERS.values() for k in h.runtime_kernels)
 
 _ONLY = "only " + ", ".join(DECOMPOSABLE_OPS[:-1]) + f" and {DECOMPOSABLE_OPS[-1]} are"
 REPORTED_OPS = {
@@ -24,6 +26,21 @@ REPORTED_OPS = {
     "FusedMatMul": "onnxruntime fused op (FusedMatMul): export the model without onnxruntime optimisations",
     "Einsum": f"Einsum is not decomposed ({_ONLY})",
 }
+
+
+def find_handler(op_type: str) -> OpHandler | None:
+    """The handler of `op_type`, None when onnx-tucker does not decompose that operator."""
+    return HANDLERS.get(op_type)
+
+
+def reported_reason(op_type: str) -> str | None:
+    """Why a layer op that is never decomposed (quantized, fused, Einsum) is kept; None for other ops."""
+    return REPORTED_OPS.get(op_type)
+
+
+def is_layer_kernel(op_name: str) -> bool:
+    """`op_name` (from onnxruntime's profile) is a kernel that runs a layer."""
+    return op_name in LAYER_KERNELS
 
 
 def handler_for(layer_or_op: Layer | str) -> OpHandler:

@@ -32,7 +32,7 @@ from ..ops.base import OpHandler
 from ..ops.layer import Layer
 from ..ops.registry import handler_for
 from .latency import LayerTimer
-from .planner import LayerPlan, PlannedRanks, mode_energies, plan_layer
+from .planner import LayerPlan, PlannedRanks, SkipCause, mode_energies, plan_layer
 
 Ranks = tuple[int, ...]
 
@@ -233,6 +233,7 @@ class RankSpaces:
     layers: dict[str, Layer]
     reasons: dict[str, str] = field(default_factory=dict)
     layers_before: int = 0
+    causes: dict[str, SkipCause] = field(default_factory=dict)  # the code of each reason
 
 
 def rank_spaces(
@@ -246,6 +247,7 @@ def rank_spaces(
     index = 0 if metric == "params" else 1
     spaces: list[RankSpace] = []
     reasons: dict[str, str] = {}
+    causes: dict[str, SkipCause] = {}
     layers_before = 0
     for layer in layers:
         spectra = LayerSpectra()
@@ -254,6 +256,7 @@ def rank_spaces(
         layers_before += before or 0
         if not lp.decomposed or before is None or layer.shared_weight:
             if layer.skip_reason is None:
+                causes[layer.layer_id] = lp.cause or SkipCause.BUDGET
                 reasons[layer.layer_id] = lp.reason or (
                     f"weight shared by several layers: left out of --target {target}; kept as is" if layer.shared_weight
                     else f"MACs unknown (input shape not inferred): left out of --target {target}; kept as is")
@@ -268,7 +271,7 @@ def rank_spaces(
             return handler.cost(layer, kind, ranks)[index] or 0
 
         spaces.append(RankSpace(layer.layer_id, lp.kind, tuple(energies), caps, before, cost))
-    return RankSpaces(spaces, {lay.layer_id: lay for lay in layers}, reasons, layers_before)
+    return RankSpaces(spaces, {lay.layer_id: lay for lay in layers}, reasons, layers_before, causes)
 
 
 def as_built(kind: str, ranks: Ranks, cap_in: int) -> tuple[str, Ranks]:
@@ -282,14 +285,16 @@ def planned_ranks(found: RankSpaces, chosen: dict[str, Ranks | None], target: Bu
     """The allocation as a plan the planner replays (`--plan`'s path), with its reasons."""
     entries: dict[str, tuple[str, Ranks | None, Ranks | None]] = {}
     reasons = dict(found.reasons)
+    causes = dict(found.causes)
     for sp in found.spaces:
         ranks = chosen[sp.name]
         if ranks is None:
             entries[sp.name] = ("skip", None, None)
             reasons[sp.name] = why_kept
+            causes[sp.name] = SkipCause.BUDGET
         else:
             entries[sp.name] = (*as_built(sp.kind, ranks, sp.caps[-1]), None)
-    return PlannedRanks(entries, f"--target {target}", policy=f"target {target}", reasons=reasons)
+    return PlannedRanks(entries, f"--target {target}", policy=f"target {target}", reasons=reasons, causes=causes)
 
 
 # Rounds of "allocate, time, cap the layers whose chains do not pay" under --target with a timer.
@@ -351,6 +356,7 @@ def budget_plan(
         if chosen.get(name) is not None:
             continue
         why_slow = f"slower in the runtime (x{speedup:.2f})" if speedup < 1 else f"too little gain in the runtime (x{speedup:.2f})"
+        plan.causes[name] = SkipCause.SLOWER
         plan.reasons[name] = (f"{why_slow} at the ranks --target {target} gave it (--min-speedup {config.min_speedup:g}); "
                               "left out of the allocation; kept as is")
     return plan, outcome

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..ops.layer import Layer
 from ..ops.registry import handler_for
-from .planner import LayerPlan
+from .planner import LayerPlan, SkipCause
 
 # Multiples tried when --round-to is 1: 8 and 16 floats fill AVX2 / AVX-512 registers.
 DEFAULT_ROUND_MULTIPLES = (8, 16)
@@ -163,6 +163,7 @@ def select_by_latency(
         plan, kind="skip", params_after=plan.params_before, macs_after=plan.macs_before,
         policy=plan.policy + ";latency: kept",
         reason=f"{why}; best of {len(tried)} variants ({kind} {'/'.join(map(str, ranks))}); kept as is",
+        cause=SkipCause.SLOWER,
     ), best)
 
 

@@ -11,6 +11,7 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,23 @@ PLAN_FORMAT_VERSION = 1
 KINDS = ("tucker2", "tucker1", "svd", "skip")
 
 
+class SkipCause(str, Enum):
+    """Why a layer is kept as it is, as a code: what code decides on (`LayerPlan.reason` is the same in
+    words, for people, and never matched). Set where the reason is decided."""
+
+    MODEL = "model"  # the node can never be decomposed (`Layer.skip_reason`: op, operands, weight, place)
+    PLAN = "plan"  # the plan replayed (--plan, or a --target / --ranks data allocation) keeps it
+    INCLUDE = "include"  # the name does not match --include
+    EXCLUDE = "exclude"  # the name matches --exclude
+    NON_FINITE = "non-finite"  # NaN/Inf in the weight
+    RANK_ZERO = "rank-zero"  # EVBMF rank 0: the weights look like noise
+    NO_GAIN = "no-gain"  # the chain would not have fewer parameters or MACs
+    FULL_RANK = "full-rank"  # the ranks are full: nothing to gain
+    SHARED_WEIGHT = "shared-weight"  # the weight's sharers cannot share one factorisation
+    SLOWER = "slower"  # --latency-aware / --min-speedup: the chain does not pay in the runtime
+    BUDGET = "budget"  # a whole-model allocation (--target, --ranks data) keeps it, or leaves it out
+
+
 @dataclass(frozen=True)
 class LayerPlan:
     """One layer's decision. Ranks are (R4, R3) for tucker2, (R4,) for tucker1, (R,) for svd."""
@@ -50,6 +68,7 @@ class LayerPlan:
     macs_after: int | None = None
     rel_error: float | None = None
     reason: str | None = None  # why skipped (kind == "skip"), or a note on the rank policy
+    cause: SkipCause | None = None  # why skipped, as a code (set with the reason of every skip)
     policy: str = ""  # how the ranks were reached: "vbmf", "ratio:0.5", "plan file", "rank0:min-rank", ...
     calibration: LayerCalibration | None = None  # the refit on data (compress --calibrate), see runtime/calibrate.py
     # Measured in the runtime (--latency-aware): medians of the original node and of the chain, timed
@@ -126,6 +145,7 @@ def _layer_to_dict(p: LayerPlan) -> dict[str, object]:
     for k in ("weight_shape", "evbmf_ranks", "ranks", "sigma2"):
         if d[k] is not None:
             d[k] = list(d[k])
+    d["cause"] = None if p.cause is None else p.cause.value
     return d
 
 
@@ -138,6 +158,8 @@ class PlannedRanks:
     # Why a layer is skipped (default: "skipped in the plan file"), and the policy the plan records.
     reasons: dict[str, str] = field(default_factory=dict)
     policy: str = "plan file"
+    # The cause of each reason given (default: `SkipCause.PLAN`).
+    causes: dict[str, SkipCause] = field(default_factory=dict)
 
 
 def _whole_numbers(values: object) -> tuple[int, ...]:
@@ -261,14 +283,15 @@ def finish_plan(layers: list[Layer], plans: list[LayerPlan], config: Compression
 def _plan_one(layer, read_weight, cfg, include, exclude, planned, spectra=None) -> LayerPlan:  # type: ignore[no-untyped-def]
     base = LayerPlan(name=layer.layer_id, op_type=layer.op_type, kind="skip", weight_shape=layer.weight_shape)
     if layer.skip_reason:
-        return replace(base, reason=layer.skip_reason)
+        return replace(base, reason=layer.skip_reason, cause=SkipCause.MODEL)
     handler = handler_for(layer)
     params0, macs0 = handler.cost(layer, "original")
     base = replace(base, params_before=params0, macs_before=macs0, params_after=params0, macs_after=macs0)
     if planned is not None:
         entry = planned.entries.get(layer.layer_id)
         if entry is None:
-            return replace(base, reason=planned.reasons.get(layer.layer_id, f"not in the plan file {planned.source}"))
+            return replace(base, reason=planned.reasons.get(layer.layer_id, f"not in the plan file {planned.source}"),
+                           cause=planned.causes.get(layer.layer_id, SkipCause.PLAN))
         kind, ranks, shape = entry
         if shape is not None and tuple(shape) != tuple(layer.weight_shape or ()):
             raise PlanError(
@@ -276,21 +299,23 @@ def _plan_one(layer, read_weight, cfg, include, exclude, planned, spectra=None) 
                 f"in the model but {tuple(shape)} in the plan; the plan was made for another model"
             )
         if kind == "skip":
-            return replace(base, reason=planned.reasons.get(layer.layer_id, "skipped in the plan file"), policy=planned.policy)
+            return replace(base, reason=planned.reasons.get(layer.layer_id, "skipped in the plan file"), policy=planned.policy,
+                           cause=planned.causes.get(layer.layer_id, SkipCause.PLAN))
         if kind not in handler.kinds(layer):
             raise PlanError(
                 f"{planned.source}: layer '{layer.layer_id}' ({conv_shape_hint(layer)}) cannot be decomposed as "
                 f"{kind}; use one of {', '.join(handler.kinds(layer))} or skip (was the plan edited by hand?)"
             )
     if include is not None and not include.search(layer.layer_id):
-        return replace(base, reason=f"name does not match --include {cfg.include!r}")
+        return replace(base, reason=f"name does not match --include {cfg.include!r}", cause=SkipCause.INCLUDE)
     if exclude is not None and exclude.search(layer.layer_id):
-        return replace(base, reason=f"name matches --exclude {cfg.exclude!r}")
+        return replace(base, reason=f"name matches --exclude {cfg.exclude!r}", cause=SkipCause.EXCLUDE)
 
     weight = read_weight(layer.weight_name)
     if not np.all(np.isfinite(weight)):
         bad = int(np.size(weight) - np.count_nonzero(np.isfinite(weight)))
-        return replace(base, reason=f"weight holds {bad} NaN/Inf values; fix the model (layer left as is)")
+        return replace(base, reason=f"weight holds {bad} NaN/Inf values; fix the model (layer left as is)",
+                       cause=SkipCause.NON_FINITE)
     kind = handler.default_kind(layer, cfg.min_tucker2_channels) if planned is None else planned.entries[layer.layer_id][0]
     blocks = handler.blocks(layer, weight)
     groups = len(blocks)
@@ -325,6 +350,7 @@ def _plan_one(layer, read_weight, cfg, include, exclude, planned, spectra=None) 
                 base,
                 reason=f"EVBMF rank 0 on the {which}: the weights look like noise; kept as is (--min-rank N forces a rank)",
                 policy="rank0:kept",
+                cause=SkipCause.RANK_ZERO,
             )
         if min(raw) == 0:
             policy += ";rank0:min-rank"
@@ -353,9 +379,11 @@ def _plan_one(layer, read_weight, cfg, include, exclude, planned, spectra=None) 
             ranks=ranks,
             policy=policy,
             reason=f"no gain at ranks {ranks} as {kind}: " + ", ".join(grows) + "; kept as is",
+            cause=SkipCause.NO_GAIN,
         )
     if all(r >= c for r, c in zip(ranks, caps, strict=True)):
-        return replace(base, ranks=ranks, policy=policy, reason=f"full rank {ranks}: nothing to gain; kept as is")
+        return replace(base, ranks=ranks, policy=policy, reason=f"full rank {ranks}: nothing to gain; kept as is",
+                       cause=SkipCause.FULL_RANK)
     return plan
 
 
@@ -433,6 +461,7 @@ def _one_factorisation_per_weight(layers: list[Layer], plans: list[LayerPlan]) -
                     reason=f"weight '{weight}' is shared by {len(members)} layers that cannot share one "
                     f"factorisation ({how}); decomposing only some would add factors next to the kept "
                     "weight: kept as is",
+                    cause=SkipCause.SHARED_WEIGHT,
                 )
     return out
 
@@ -446,6 +475,7 @@ __all__ = [
     "CompressionPlan",
     "LayerPlan",
     "PlannedRanks",
+    "SkipCause",
     "check_plan_covers",
     "finish_plan",
     "load_plan_file",

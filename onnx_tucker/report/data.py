@@ -40,6 +40,7 @@ def layer_dict(p: LayerPlan) -> dict[str, Any]:
         "rel_error": p.rel_error,
         "policy": p.policy,
         "reason": p.reason,
+        "cause": None if p.cause is None else p.cause.value,
         "calibration": None if p.calibration is None else dict(p.calibration.__dict__),
         "time_before_ms": p.time_before_ms,
         "time_after_ms": p.time_after_ms,

@@ -42,7 +42,6 @@ from ..graph.rewrite import Replacement
 from ..numerics.refit import (
     DEFAULT_RIDGE,
     GramStats,
-    balance_chain,
     channel_moment,
     conv_pads_begin,
     data_aware_basis,
@@ -54,7 +53,9 @@ from ..numerics.refit import (
     residual,
     sample_positions,
 )
-from ..ops.layer import Layer, LayerFactors
+from ..ops.base import OpHandler
+from ..ops.layer import Im2col, Layer, LayerFactors
+from ..ops.registry import handler_for
 from ..planning.planner import CompressionPlan
 from .activations import ActivationCache
 
@@ -106,45 +107,18 @@ class _Group:
 
 @dataclass
 class _Geometry:
-    conv: bool
+    im: Im2col  # how the layer reads its input (its handler's answer)
     groups: list[_Group]
-    kernel: tuple[int, ...] = ()
-    strides: tuple[int, ...] = ()
-    dilations: tuple[int, ...] = ()
-    pads: tuple[int, ...] | None = None
-    auto_pad: str = "NOTSET"
-    trans_a: bool = False
 
 
-def _ints(v: object, n: int, default: int) -> tuple[int, ...]:
-    return tuple(int(x) for x in v) if isinstance(v, (list, tuple)) and v else (default,) * n  # type: ignore[union-attr]
-
-
-def _geometry(layer: Layer, f: LayerFactors, bias: np.ndarray | None, beta: float) -> _Geometry:
-    a = [np.asarray(x, dtype=np.float64) for x in f.arrays]
-    if layer.op_type != "Conv":
-        b = np.zeros(a[1].shape[1]) if bias is None else beta * np.broadcast_to(bias.astype(np.float64).ravel(), (a[1].shape[1],))
-        return _Geometry(False, [_Group(None, a[0], a[1], np.array(b))], trans_a=bool(layer.attrs.get("transA", 0)))
-    g = int(layer.attrs.get("group", 1))  # type: ignore[call-overload]
-    first = a[0] if f.kind == "tucker2" else None
-    core, last = (a[1], a[2]) if f.kind == "tucker2" else (a[0], a[1])
-    r, t = core.shape[0] // g, last.shape[0] // g
-    groups = []
-    for k in range(g):
-        fr = core[k * r : (k + 1) * r].reshape(r, -1).T
-        la = last[k * t : (k + 1) * t].reshape(t, r).T
-        fi = None
-        if first is not None:
-            r3 = first.shape[0] // g
-            fi = first[k * r3 : (k + 1) * r3].reshape(r3, -1)
-        b = np.zeros(t) if bias is None else bias.astype(np.float64).ravel()[k * t : (k + 1) * t]
-        groups.append(_Group(fi, fr, la, b))
-    nd = core.ndim - 2
-    attrs = layer.attrs
-    return _Geometry(
-        True, groups, tuple(core.shape[2:]), _ints(attrs.get("strides"), nd, 1), _ints(attrs.get("dilations"), nd, 1),
-        _ints(attrs.get("pads"), 2 * nd, 0) if attrs.get("pads") else None, str(attrs.get("auto_pad", "NOTSET")),
-    )
+def _geometry(handler: OpHandler, im: Im2col, layer: Layer, f: LayerFactors, bias: np.ndarray | None,
+              beta: float) -> _Geometry:
+    blocks = handler.refit_blocks(layer, f)
+    t = blocks[0][2].shape[1]  # outputs per group
+    # One bias per output (a Gemm's C times beta; beta is 1 elsewhere), split like the outputs.
+    b = np.zeros(t * len(blocks)) if bias is None else beta * np.broadcast_to(
+        bias.astype(np.float64).ravel(), (t * len(blocks),))
+    return _Geometry(im, [_Group(fi, fr, la, np.array(b[k * t : (k + 1) * t])) for k, (fi, fr, la) in enumerate(blocks)])
 
 
 def _check_finite(arr: np.ndarray, tensor: str, what: str) -> None:
@@ -165,7 +139,7 @@ class _LayerPass:
     def __init__(self, geo: _Geometry, opts: CalibrationOptions, per_sample: int | None, rng: np.random.Generator,
                  tucker2: bool) -> None:
         self.geo, self.opts, self.per_sample, self.rng = geo, opts, per_sample, rng
-        kk = int(np.prod(geo.kernel)) if geo.conv else 1
+        kk = geo.im.taps
         self.kk = kk
         self.space: list[str] = []
         self.stats: list[GramStats] = []
@@ -181,22 +155,22 @@ class _LayerPass:
             self.stats.append(GramStats(width, t))
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
-        geo = self.geo
-        if not geo.conv:
-            rows = x.T if geo.trans_a else x.reshape(-1, x.shape[-1])
+        geo, im = self.geo, self.geo.im
+        if not im.conv:
+            rows = x.T if im.trans_a else x.reshape(-1, x.shape[-1])
             self._add(0, rows, y.reshape(-1, y.shape[-1]))
             return
         out_sp = y.shape[2:]
         n_idx, coords = sample_positions(self.rng, x.shape[0], out_sp, self.per_sample)
         yr = y[(n_idx, slice(None)) + tuple(coords.T)]  # (m, T)
-        pads = conv_pads_begin(x.shape[2:], out_sp, geo.kernel, geo.strides, geo.dilations, geo.pads, geo.auto_pad)
+        pads = conv_pads_begin(x.shape[2:], out_sp, im.kernel, im.strides, im.dilations, im.pads, im.auto_pad)
         g = len(geo.groups)
         s_g, t_g = x.shape[1] // g, y.shape[1] // g
         for k, grp in enumerate(geo.groups):
             z = x[:, k * s_g : (k + 1) * s_g]
             if self.space[k] != "x" and grp.first is not None:
                 z = np.tensordot(grp.first, z.astype(np.float64), axes=([1], [1])).swapaxes(0, 1)
-            self._add(k, im2col(z, n_idx, coords, geo.kernel, geo.strides, pads, geo.dilations), yr[:, k * t_g : (k + 1) * t_g])
+            self._add(k, im2col(z, n_idx, coords, im.kernel, im.strides, pads, im.dilations), yr[:, k * t_g : (k + 1) * t_g])
 
     def _add(self, k: int, p: np.ndarray, y: np.ndarray) -> None:
         if self.space[k] == "q":
@@ -270,22 +244,6 @@ def _solve(geo: _Geometry, lp: _LayerPass, intercept: bool, opts: CalibrationOpt
     return best, totals["kept"], totals[best], solutions[best], rows, notes[0] if notes else None
 
 
-def _arrays(layer: Layer, f: LayerFactors, geo: _Geometry, groups: list[_Group]) -> tuple[list[np.ndarray], np.ndarray]:
-    """Factor arrays in `LayerFactors` layout (execution order) and the bias, from refit groups."""
-    if not geo.conv:
-        return [groups[0].front, groups[0].last], groups[0].bias
-    old = list(f.arrays)
-    core_old = old[1] if f.kind == "tucker2" else old[0]
-    last_old = old[-1]
-    cores = [g.front.T.reshape((g.front.shape[1], *core_old.shape[1:])) for g in groups]
-    lasts = [g.last.T.reshape((g.last.shape[1], *last_old.shape[1:])) for g in groups]
-    arrays = [np.concatenate(cores), np.concatenate(lasts)]
-    if f.kind == "tucker2":
-        firsts = [g.first for g in groups]
-        arrays.insert(0, np.concatenate(firsts).reshape(old[0].shape))  # type: ignore[arg-type]
-    return arrays, np.concatenate([g.bias for g in groups])
-
-
 def calibrate_model(
     original: onnx.ModelProto,
     compressed: onnx.ModelProto,
@@ -321,15 +279,18 @@ def calibrate_model(
             results[layer.layer_id] = LayerCalibration("kept", None, None, 0, f"not refit: {why}")
             continue
         bias = read_initializer(compressed, chain.bias) if chain.bias else None
-        if layer.op_type == "Gemm" and bias is not None and bias.size != f.arrays[1].shape[1]:
-            results[layer.layer_id] = LayerCalibration("kept", None, None, 0, f"not refit: Gemm C of shape {bias.shape}")
+        handler = handler_for(layer)
+        im = handler.im2col(layer)
+        why = handler.refit_problem(layer, f, bias)
+        if why is not None or im is None:
+            results[layer.layer_id] = LayerCalibration("kept", None, None, 0, f"not refit: {why or 'no im2col'}")
             continue
-        geo = _geometry(layer, f, bias, chain.beta)
+        geo = _geometry(handler, im, layer, f, bias, chain.beta)
         rng = np.random.default_rng([opts.seed, node_index])
         grams = None
         if opts.method == "full" and f.kind == "tucker2" and layer.weight_name:
             grams = kernel_input_grams(read_weight(layer.weight_name), len(geo.groups))
-        per_sample = max(1, math.ceil(opts.rows / max(count, 1))) if geo.conv else None
+        per_sample = max(1, math.ceil(opts.rows / max(count, 1))) if im.conv else None
         lp = _LayerPass(geo, opts, per_sample, rng, f.kind == "tucker2")
         # Residual compensation: when the output only feeds an Add, aim at the original *sum*, i.e. the
         # original output plus what the other branch lost in the compressed model.
@@ -353,16 +314,14 @@ def calibrate_model(
         e0 = math.sqrt(rss0 / energy) if energy > 0 else math.sqrt(rss0)
         e1 = math.sqrt(rss1 / energy) if energy > 0 else math.sqrt(rss1)
         if best != "kept":
-            arrays, b = _arrays(layer, f, geo, groups)
+            arrays = handler.from_refit_blocks(layer, f, [(g.first, g.front, g.last) for g in groups])
+            b = np.concatenate([g.bias for g in groups])
             # Balanced scales along the chain: the same function, but trainable (finetune after this).
-            if layer.op_type == "Conv" and len(geo.groups) == 1:
-                arrays = balance_chain(arrays)
-            elif layer.op_type in ("Gemm", "MatMul"):
-                arrays = [a.T for a in balance_chain([a.T for a in arrays])]
-            stored = [a.T for a in arrays] if layer.op_type == "Gemm" and int(layer.attrs.get("transB", 0)) else arrays  # type: ignore[call-overload]
+            arrays = handler.balance(layer, arrays)
+            stored = handler.stored(layer, replace(f, arrays=tuple(arrays)))
             values = dict(zip(chain.weights, stored, strict=True))
             if chain.bias is not None and chain.beta != 0:
-                values[chain.bias] = b / chain.beta if layer.op_type == "Gemm" else b
+                values[chain.bias] = b / chain.beta  # beta is 1 but for a Gemm's C
             write_initializers(compressed, values)
             comp_cache.invalidate(chain.produced)
         results[layer.layer_id] = LayerCalibration(best, e0, e1, rows, note, skip)

@@ -33,13 +33,13 @@ from ..graph.layermodel import (
     timing_input_shape,
 )
 from ..ops.layer import Layer
+from ..ops.registry import LAYER_KERNELS as LAYER_KERNELS  # re-exported: the kernels the profile counts
+from ..ops.registry import is_layer_kernel
 from ..planning.latency import LayerTiming, timing_key
 from .bench import interleave
 from .session import ort_session, session_options
 from .validate import random_inputs
 
-# The op types onnxruntime runs a Conv / Gemm / MatMul layer as, fused or in its NCHWc layout.
-LAYER_KERNELS = ("Conv", "FusedConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
 LAYOUT_KERNELS = ("ReorderInput", "ReorderOutput")
 
 
@@ -130,6 +130,6 @@ def profile_layer_times(
 
 def profiled_layer_ms(profile: Mapping[str, tuple[str, float]]) -> tuple[float, float]:
     """(ms in the whole model's Conv/Gemm/MatMul kernels, ms in its NCHWc layout reorders) per run."""
-    layers = sum(ms for op, ms in profile.values() if op in LAYER_KERNELS)
+    layers = sum(ms for op, ms in profile.values() if is_layer_kernel(op))
     layout = sum(ms for op, ms in profile.values() if op in LAYOUT_KERNELS)
     return float(layers), float(layout)

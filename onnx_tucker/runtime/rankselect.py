@@ -30,10 +30,13 @@ from ..numerics.rankalloc import (
     tucker2_error_grid,
 )
 from ..numerics.refit import GramStats, conv_pads_begin, im2col, kernel_input_grams, sample_positions
-from ..ops.layer import Layer
-from ..ops.registry import handler_for
-from ..planning.planner import LayerPlan, PlannedRanks
+from ..ops.layer import Im2col, Layer
+from ..ops.registry import find_handler, handler_for
+from ..planning.planner import LayerPlan, PlannedRanks, SkipCause
 from .activations import ActivationCache
+
+# Plans the user (--include / --exclude) or the weights (NaN/Inf) rule out: data ranks leave them alone.
+RULED_OUT = frozenset({SkipCause.INCLUDE, SkipCause.EXCLUDE, SkipCause.NON_FINITE})
 
 
 @dataclass(frozen=True)
@@ -46,67 +49,36 @@ class DataRankOptions:
     seed: int = 0
 
 
-def _ints(v: object, n: int, default: int) -> tuple[int, ...]:
-    return tuple(int(x) for x in v) if isinstance(v, (list, tuple)) and v else (default,) * n  # type: ignore[union-attr]
-
-
-def _coverable(layer: Layer) -> str | None:
-    """Why the output-space error model does not cover this layer (None when it does)."""
-    if layer.op_type == "Conv":
-        if int(layer.attrs.get("group", 1)) != 1:  # type: ignore[call-overload]
-            return "grouped conv"
-        return None
-    if layer.op_type == "Gemm":
-        return None
-    if layer.op_type == "MatMul":
-        return None if len(layer.inputs) == 2 and layer.weight_name == layer.inputs[1] else "constant left operand"
-    return f"{layer.op_type}"
+def _covered(layer: Layer) -> Im2col | None:
+    """How the layer reads its input, when the output-space error model covers it (None otherwise:
+    operators without a handler or im2col, grouped convs)."""
+    handler = find_handler(layer.op_type)
+    im = handler.im2col(layer) if handler is not None else None
+    return im if im is not None and im.groups == 1 else None
 
 
 class _Accumulator:
     """Gram statistics of one layer: im2col (or rows) of its input against its output."""
 
-    def __init__(self, layer: Layer, width: int, t: int, per_sample: int | None, rng: np.random.Generator) -> None:
-        self.layer, self.per_sample, self.rng = layer, per_sample, rng
-        self.stats = GramStats(width, t)
-        a = layer.attrs
-        if layer.op_type == "Conv":
-            w = layer.weight_shape or ()
-            nd = len(w) - 2
-            self.kernel = tuple(int(k) for k in w[2:])
-            self.strides = _ints(a.get("strides"), nd, 1)
-            self.dilations = _ints(a.get("dilations"), nd, 1)
-            self.pads = _ints(a.get("pads"), 2 * nd, 0) if a.get("pads") else None
-            self.auto_pad = str(a.get("auto_pad", "NOTSET"))
+    def __init__(self, im: Im2col, per_sample: int | None, rng: np.random.Generator) -> None:
+        self.im, self.per_sample, self.rng = im, per_sample, rng
+        self.stats = GramStats(im.width, im.outputs)
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
-        lay = self.layer
-        if lay.op_type == "Conv":
+        im = self.im
+        if im.conv:
             n_idx, coords = sample_positions(self.rng, x.shape[0], y.shape[2:], self.per_sample)
-            pads = conv_pads_begin(x.shape[2:], y.shape[2:], self.kernel, self.strides, self.dilations, self.pads, self.auto_pad)
-            p = im2col(x, n_idx, coords, self.kernel, self.strides, pads, self.dilations)
+            pads = conv_pads_begin(x.shape[2:], y.shape[2:], im.kernel, im.strides, im.dilations, im.pads, im.auto_pad)
+            p = im2col(x, n_idx, coords, im.kernel, im.strides, pads, im.dilations)
             yr = y[(n_idx, slice(None)) + tuple(coords.T)]
             self.stats.add(p.astype(np.float64), yr.astype(np.float64))
-        elif lay.op_type == "Gemm" and int(lay.attrs.get("transA", 0)):  # type: ignore[call-overload]
+        elif im.trans_a:
             self.stats.add(x.T.astype(np.float64), y.astype(np.float64))
         else:
             self.stats.add(x.reshape(-1, x.shape[-1]).astype(np.float64), y.reshape(-1, y.shape[-1]).astype(np.float64))
 
 
-def _width(layer: Layer) -> tuple[int, int, int]:
-    """(im2col width, outputs, kernel taps)."""
-    w = layer.weight_shape or ()
-    if layer.op_type == "Conv":
-        kk = int(np.prod(w[2:])) if len(w) > 2 else 1
-        return int(w[1]) * kk, int(w[0]), kk
-    if layer.op_type == "Gemm":
-        k = int(w[1]) if int(layer.attrs.get("transB", 0)) else int(w[0])  # type: ignore[call-overload]
-        n = int(w[0]) if int(layer.attrs.get("transB", 0)) else int(w[1])  # type: ignore[call-overload]
-        return k, n, 1
-    return int(w[-2]), int(w[-1]), 1
-
-
-def _candidates(layer: Layer, stats: GramStats, weight: np.ndarray, kk: int, points: int) -> list[RankCandidate]:
+def _candidates(layer: Layer, im: Im2col, stats: GramStats, weight: np.ndarray, points: int) -> list[RankCandidate]:
     handler = handler_for(layer)
     intercept = bool(layer.bias_name)
     _, macs0 = handler.cost(layer, "original")
@@ -114,7 +86,8 @@ def _candidates(layer: Layer, stats: GramStats, weight: np.ndarray, kk: int, poi
     kinds = handler.kinds(layer)
     curve = output_error_curve(stats, intercept)
     t = stats.t
-    if layer.op_type == "Conv" and kk > 1:
+    kk = im.taps
+    if im.conv and kk > 1:
         for r in range(1, t + 1):
             out.append(RankCandidate("tucker1", (r,), int(handler.cost(layer, "tucker1", (r,))[1] or 0), float(curve[r])))
         if "tucker2" in kinds:
@@ -157,40 +130,40 @@ def select_ranks_data(
     opts = options or DataRankOptions()
     count = sum(int(next(iter(b.values())).shape[0]) for b in batches)
     total = sum(int(p.macs_before or 0) for p in fallback)
-    covered: list[tuple[Layer, LayerPlan]] = []
+    covered: list[tuple[Layer, Im2col]] = []
     fixed = 0
     entries: dict[str, tuple[str, tuple[int, ...] | None, tuple[int, ...] | None]] = {}
     reasons: dict[str, str] = {}
+    causes: dict[str, SkipCause] = {}
     for lay, p in zip(layers, fallback, strict=True):
-        why = _coverable(lay)
-        if why is None and lay.weight_shape and _width(lay)[0] > opts.max_width:
-            why = f"im2col width {_width(lay)[0]} > {opts.max_width}"
+        im = _covered(lay)
+        if im is not None and im.width > opts.max_width:
+            im = None  # too wide an im2col
         # Layers the user or the model rule out, and the ones the error model does not cover, keep
         # their weight-space plan (decomposed or not, with its reason).
-        ruled_out = lay.skip_reason or p.macs_before is None or (
-            p.reason is not None and any(w in p.reason for w in ("--include", "--exclude", "NaN")))
-        if ruled_out or why is not None or lay.node_index < 0:
+        ruled_out = lay.skip_reason or p.macs_before is None or p.cause in RULED_OUT
+        if ruled_out or im is None or lay.node_index < 0:
             if p.decomposed:
                 entries[lay.layer_id] = (p.kind, p.ranks, lay.weight_shape)
             else:
                 entries[lay.layer_id] = ("skip", None, lay.weight_shape)
                 reasons[lay.layer_id] = p.reason or "not decomposed"
+                causes[lay.layer_id] = p.cause or SkipCause.PLAN
             fixed += int(p.macs_after or p.macs_before or 0)
             continue
-        covered.append((lay, p))
+        covered.append((lay, im))
     budget = math.floor(fraction * total) - fixed
     cache = ActivationCache(original, batches, "original")
     candidates: list[list[RankCandidate]] = []
-    for step, (lay, _) in enumerate(covered):
+    for step, (lay, geo) in enumerate(covered):
         if progress is not None:
             progress(lay.layer_id, step, len(covered))
-        width, t, kk = _width(lay)
-        per_sample = max(1, math.ceil(opts.rows / max(count, 1))) if lay.op_type == "Conv" else None
-        acc = _Accumulator(lay, width, t, per_sample, np.random.default_rng([opts.seed, lay.node_index]))
+        per_sample = max(1, math.ceil(opts.rows / max(count, 1))) if geo.conv else None
+        acc = _Accumulator(geo, per_sample, np.random.default_rng([opts.seed, lay.node_index]))
         for x, y in cache.values([lay.inputs[0], lay.outputs[0]]):
             acc.add(x, y)
         weight = read_weight(lay.weight_name) if lay.weight_name else np.zeros(0)
-        candidates.append(_candidates(lay, acc.stats, weight, kk, opts.input_rank_points))
+        candidates.append(_candidates(lay, geo, acc.stats, weight, opts.input_rank_points))
     if progress is not None and covered:
         progress(covered[-1][0].layer_id, len(covered), len(covered))
     alloc = allocate_macs(candidates, max(budget, 0))
@@ -206,10 +179,11 @@ def select_ranks_data(
         chosen[lay.layer_id] = c
         if c.kind == "original":
             entries[lay.layer_id] = ("skip", None, lay.weight_shape)
+            causes[lay.layer_id] = SkipCause.BUDGET
             reasons[lay.layer_id] = (f"kept by --ranks data:{fraction:g}: decomposing it costs more output error "
                                      "per MAC saved than the layers that were decomposed")
         else:
             entries[lay.layer_id] = (c.kind, c.ranks, lay.weight_shape)
     policy = f"data:{fraction:g}"
-    return DataRankSelection(PlannedRanks(entries, policy, reasons=reasons, policy=policy), chosen,
+    return DataRankSelection(PlannedRanks(entries, policy, reasons=reasons, policy=policy, causes=causes), chosen,
                              max(budget, 0), alloc.macs, fixed, total)

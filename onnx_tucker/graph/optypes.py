@@ -1,0 +1,40 @@
+"""The operators the graph layer recognises by structure, not as layers: the one module outside `ops/`
+that compares op types (the rule is tests/test_boundaries.py's).
+
+Folding, normalisation for torch and the probes of a rewritten model need to know a `Constant`
+node, a pass-through (`Identity`, `Dropout`), a `Reshape`, a residual `Add`, the random and the
+quantize ops. Layer operators (Conv, ConvTranspose, Gemm, MatMul, the quantized and fused ones) are
+never named here: which nodes are layers, and what they mean, is asked of `ops.registry`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+# Ops whose output is not a function of their inputs: never folded.
+RANDOM_OPS = frozenset(
+    {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"}
+)
+# Quantized weights stay quantized: decomposing a dequantized copy would silently de-quantize the model.
+QUANTIZED_OPS = frozenset({"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear"})
+# The structural ops the graph layer may name (besides the two sets above).
+STRUCTURAL_OPS = frozenset({"Constant", "Identity", "Dropout", "Reshape", "Add"}) | RANDOM_OPS | QUANTIZED_OPS
+
+
+class _Node(Protocol):
+    @property
+    def op_type(self) -> str: ...
+
+
+def is_op(node: _Node, *op_types: str) -> bool:
+    """`node` is one of `op_types`, names from `STRUCTURAL_OPS` (tests/test_boundaries.py checks every
+    call); the domain is the caller's to check."""
+    return node.op_type in op_types
+
+
+def is_random(node: _Node) -> bool:
+    return node.op_type in RANDOM_OPS
+
+
+def is_quantize(node: _Node) -> bool:
+    return node.op_type in QUANTIZED_OPS
