@@ -112,7 +112,8 @@ class _Command(TyperCommand):
         for param in self.get_params(ctx):
             record = param.get_help_record(ctx)
             if record is not None:
-                title = "Arguments" if param.param_type_name == "argument" else getattr(param, "rich_help_panel", None) or "Options"
+                # --help, the one option of no group, ends the General panel (quiet, verbose)
+                title = "Arguments" if param.param_type_name == "argument" else getattr(param, "rich_help_panel", None) or "General"
                 sections.setdefault(title, []).append(record)
         for title, records in sections.items():
             with formatter.section(title):
