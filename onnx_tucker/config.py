@@ -14,7 +14,7 @@ import numbers
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import MISSING, Field, dataclass, field, fields, replace
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -524,8 +524,6 @@ class FinetuneConfig:
         return PAPER_LR if self.optimizer == "sgd" else DEFAULT_ADAM_LR
 
     def to_dict(self) -> dict[str, object]:
-        from dataclasses import asdict
-
         return asdict(self)
 
 
