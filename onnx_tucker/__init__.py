@@ -11,7 +11,17 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from . import finetune
     from .api import bench, compress, mobile_report, plan, validate
-    from .config import BenchConfig, CompressionConfig, RankPolicy
+    from .config import (
+        BenchConfig,
+        CalibrationConfig,
+        CompressionConfig,
+        InputOptions,
+        LatencyConfig,
+        PlanIO,
+        RankOptions,
+        RankPolicy,
+        ValidationConfig,
+    )
     from .errors import (
         ModelLoadError,
         ModelSaveError,
@@ -36,6 +46,9 @@ _EXPORTS = {
     "bench": "api", "compress": "api", "plan": "api", "validate": "api", "mobile_report": "api",
     "MobileReport": "mobile.results", "RuntimeResult": "mobile.results",
     "BenchConfig": "config", "CompressionConfig": "config", "RankPolicy": "config",
+    # the option groups CompressionConfig is made of (issue 17 item 4)
+    "RankOptions": "config", "PlanIO": "config", "InputOptions": "config", "ValidationConfig": "config",
+    "CalibrationConfig": "config", "LatencyConfig": "config",
     "ModelLoadError": "errors", "ModelSaveError": "errors", "OnnxTuckerError": "errors", "PlanError": "errors",
     "RewriteError": "errors", "UsageError": "errors", "ValidationError": "errors",
     "EVBMFEstimate": "numerics.evbmf", "select_rank_evbmf": "numerics.evbmf",
@@ -79,8 +92,14 @@ __all__ = [
     "RuntimeResult",
     "bench",
     "mobile_report",
+    "CalibrationConfig",
     "CompressionConfig",
     "CompressionPlan",
+    "InputOptions",
+    "LatencyConfig",
+    "PlanIO",
+    "RankOptions",
+    "ValidationConfig",
     "CompressionResult",
     "EVBMFEstimate",
     "LayerPlan",

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .config import BenchConfig, BudgetTarget, CompressionConfig, RankPolicy
+from .config import BenchConfig, BudgetTarget, CompressionConfig, RankPolicy, ValidationConfig
 from .errors import ModelLoadError, OnnxTuckerError, UsageError
 from .finetune.config import FinetuneResult, FinetuneStep
 from .graph import lazyload
@@ -541,7 +541,7 @@ def compress(
 
 
 def _load_pair(
-    original: ModelLike, compressed: ModelLike, config: CompressionConfig
+    original: ModelLike, compressed: ModelLike, input_shapes: tuple[tuple[str, tuple[int, ...]], ...]
 ) -> tuple[onnx.ModelProto, onnx.ModelProto, dict[str, tuple[int, ...]]]:
     """Both models (loaded and checked when given as paths) and the original's resolved input shapes.
 
@@ -552,7 +552,7 @@ def _load_pair(
     comp = compressed if isinstance(compressed, onnx.ModelProto) else load_model(compressed, lazy=True)
     source = "model" if isinstance(original, onnx.ModelProto) else str(original)
     _check_same_signature(orig, comp, source, "the compressed model" if isinstance(compressed, onnx.ModelProto) else str(compressed))
-    return orig, comp, resolve_input_shapes(orig, dict(config.input_shapes), source)
+    return orig, comp, resolve_input_shapes(orig, dict(input_shapes), source)
 
 
 def _runnable(given: ModelLike, loaded: onnx.ModelProto) -> ModelLike:
@@ -567,20 +567,23 @@ def _paths(*models: ModelLike) -> list[str]:
 def bench(
     original: ModelLike,
     compressed: ModelLike,
-    config: CompressionConfig | None = None,
+    config: BenchConfig | CompressionConfig | None = None,
     bench_config: BenchConfig | None = None,
     *,
     report: PathLike | None = None,
 ) -> LatencyReport:
-    """Latency of both models in onnxruntime CPU, interleaved (see `runtime.bench`); `report`: write it
-    as JSON too."""
-    config = config or CompressionConfig()
-    b = bench_config or BenchConfig()
+    """Latency of both models in onnxruntime CPU, interleaved (see `runtime.bench`), as `config` (a
+    BenchConfig: threads, runs, input shapes and seed) says; `report`: write it as JSON too. The first
+    form, `bench(a, b, CompressionConfig, BenchConfig)`, takes the shapes and seed from the former."""
+    if isinstance(config, CompressionConfig):
+        b = replace(bench_config or BenchConfig(), inputs=config.validation.inputs)
+    else:
+        b = config or bench_config or BenchConfig()
     for path in _paths(original, compressed):
         check_output_paths(path, {"--report": report})
-    orig, comp, shapes = _load_pair(original, compressed, config)
+    orig, comp, shapes = _load_pair(original, compressed, b.inputs.input_shapes)
     latency = measure_latency(
-        _runnable(original, orig), _runnable(compressed, comp), orig, shapes, b.threads, b.warmup, b.runs, config.seed
+        _runnable(original, orig), _runnable(compressed, comp), orig, shapes, b.threads, b.warmup, b.runs, b.inputs.seed
     )
     if report is not None:
         write_text_atomic(report, json.dumps({"latency": latency_dict(latency)}, indent=2) + "\n")
@@ -590,22 +593,24 @@ def bench(
 def validate(
     original: ModelLike,
     compressed: ModelLike,
-    config: CompressionConfig | None = None,
+    config: ValidationConfig | CompressionConfig | None = None,
     *,
     report: PathLike | None = None,
     progress: Progress | None = None,
 ) -> ValidationReport:
-    """Compare two models with the same inputs and outputs on seeded random inputs (or `config.data`);
-    `report`: write the comparison as JSON too. Check `.passed`: a failed comparison is a result.
+    """Compare two models with the same inputs and outputs on seeded random inputs (or `config.data`),
+    as `config` (a ValidationConfig; a CompressionConfig gives its own) says; `report`: write the
+    comparison as JSON too. Check `.passed`: a failed comparison is a result.
     `progress("validation", samples done, in all)` after each batch."""
-    config = config or CompressionConfig()
+    full_rank = isinstance(config, CompressionConfig) and config.ranks.method == "full"
+    v_cfg = config.validation if isinstance(config, CompressionConfig) else config or ValidationConfig()
     for path in _paths(original, compressed):
         check_output_paths(path, {"--report": report})
-    orig, comp, shapes = _load_pair(original, compressed, config)
-    data = load_validation_data(config.data, orig, config.samples, config.preprocess) if config.data else None
+    orig, comp, shapes = _load_pair(original, compressed, v_cfg.input_shapes)
+    data = load_validation_data(v_cfg.data, orig, v_cfg.samples, v_cfg.preprocess) if v_cfg.data else None
     v = validate_models(
-        _runnable(original, orig), _runnable(compressed, comp), shapes, config.samples, config.seed,
-        config.effective_rtol(lowest_float_eps(orig)), data, progress,
+        _runnable(original, orig), _runnable(compressed, comp), shapes, v_cfg.samples, v_cfg.seed,
+        v_cfg.effective_rtol(lowest_float_eps(orig), full_rank), data, progress,
     )
     if report is not None:
         write_text_atomic(report, json.dumps({"validation": validation_dict(v)}, indent=2) + "\n")

@@ -1,21 +1,14 @@
-"""Fine-tuning options and results (plain dataclasses: no torch needed to build or read them)."""
+"""Fine-tuning results and CPU defaults (plain dataclasses: no torch needed); the options are config.py's."""
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
-from ..errors import OnnxTuckerError, UsageError
-from ..runtime.data import Preprocess
-
-# The paper's optimiser and rate (SGD, momentum 0.9, lr 1e-3) are the default, with a cosine decay over
-# the run; `schedule="step"` divides by 10 every `step_epochs` as the paper does. Measured on CIFAR
-# ResNet-20 from a calibrated start (README, Fine-tuning): SGD 1e-3 cosine reaches the control in 3
-# epochs; Adam 2e-3 (the default before calibration existed) wrecks an already good model (control
-# 80.7 -> 12.9 %). A rate too high cannot hurt OUT: the starting weights compete as epoch 0.
-PAPER_LR = 1e-3
-DEFAULT_ADAM_LR = 2e-3
+# The options live with every other group (config.py); imported from here too.
+from ..config import DEFAULT_ADAM_LR, PAPER_LR, FinetuneConfig, FinetuneStep, Preprocess  # noqa: F401
+from ..errors import OnnxTuckerError
 
 
 def usable_cpus() -> int:
@@ -53,79 +46,6 @@ class FinetuneInterrupted(OnnxTuckerError):
     """Ctrl-C during training: OUT is not written, the checkpoint of the last finished epoch stays."""
 
     exit_code = 130
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    epochs: int = 3
-    batch_size: int = 64
-    optimizer: str = "sgd"  # sgd (momentum 0.9, the paper; default) | adam
-    lr: float | None = None  # None: 1e-3 for sgd (the paper), 2e-3 for adam
-    schedule: str = "cosine"  # cosine (per step, to 0) | step (divide by 10 every step_epochs, the paper) | constant
-    step_epochs: int = 5
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    max_steps: int | None = None  # stop after this many optimiser steps in all
-    # Gradients rescaled to at most this global norm (None: never). Distillation at T^2 = 16 from a
-    # calibrated start diverged at step 3 without it (SGD 1e-3, ResNet-20); normal steps are far below.
-    clip_grad: float | None = 5.0
-    temperature: float = 4.0  # distillation temperature for class-score outputs
-    alpha: float = 0.5  # weight of the labelled loss when labels and a teacher are both given
-    use_labels: bool = True  # False: ignore DATA's labels (pure distillation, labels used nowhere)
-    train: str = "all"  # all | factors (only the decomposed layers' weights)
-    augment: bool = True  # random crop (zero padding H/8) and horizontal flip for image inputs
-    val_split: float = 0.1  # held-out share of DATA when no val_data is given (0: no validation)
-    device: str = "auto"  # auto | cpu | cuda
-    seed: int = 0
-    threads: int | None = None  # torch CPU threads, `--torch-threads` (None: default_torch_threads())
-    checkpoint: str | None = None  # None: OUT + ".finetune.pt"
-    resume: bool = False
-    preprocess: Preprocess = field(default_factory=Preprocess)
-    rtol: float = 1e-4  # exported ONNX vs torch module: max|a-b| <= rtol * max|a|
-
-    def __post_init__(self) -> None:
-        def bad(opt: str, val: object, fix: str) -> None:
-            raise UsageError(f"{opt} {val}: {fix}")
-
-        if self.epochs < 1:
-            bad("--epochs", self.epochs, "give at least 1")
-        if self.batch_size < 1:
-            bad("--batch-size", self.batch_size, "give at least 1")
-        if self.optimizer not in ("sgd", "adam"):
-            bad("--optimizer", self.optimizer, "use sgd or adam")
-        if self.schedule not in ("step", "cosine", "constant"):
-            bad("--schedule", self.schedule, "use step, cosine or constant")
-        if self.lr is not None and not self.lr > 0:
-            bad("--lr", self.lr, "give a positive learning rate")
-        if self.step_epochs < 1:
-            bad("--step-epochs", self.step_epochs, "give at least 1")
-        if self.weight_decay < 0:
-            bad("--weight-decay", self.weight_decay, "give 0 or more")
-        if self.clip_grad is not None and not self.clip_grad > 0:
-            bad("--clip-grad", self.clip_grad, "give a positive gradient norm (or leave it out)")
-        if self.max_steps is not None and self.max_steps < 1:
-            bad("--max-steps", self.max_steps, "give at least 1")
-        if not self.temperature > 0:
-            bad("--temperature", self.temperature, "give a positive temperature")
-        if not 0.0 <= self.alpha <= 1.0:
-            bad("--alpha", self.alpha, "give a weight between 0 and 1")
-        if self.train not in ("all", "factors"):
-            bad("--train", self.train, "use all or factors")
-        if not 0.0 <= self.val_split < 1.0:
-            bad("--val-split", self.val_split, "give a share in [0, 1)")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            bad("--device", self.device, "use auto, cpu or cuda")
-        if self.threads is not None and self.threads < 1:
-            bad("--torch-threads", self.threads, "give at least 1")
-
-    @property
-    def learning_rate(self) -> float:
-        if self.lr is not None:
-            return self.lr
-        return PAPER_LR if self.optimizer == "sgd" else DEFAULT_ADAM_LR
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -175,14 +95,3 @@ class FinetuneResult:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class FinetuneStep:
-    """`compress --finetune DATA`: fine-tune the compressed model before it is validated and written
-    (the paper's third step in the same run). `teacher_is_original`: distil from the input model."""
-
-    data: str
-    config: FinetuneConfig = field(default_factory=FinetuneConfig)
-    teacher_is_original: bool = False
-    val_data: str | None = None
