@@ -22,7 +22,6 @@ import onnx
 
 from .config import BenchConfig, BudgetTarget, CompressionConfig, RankPolicy
 from .errors import ModelLoadError, OnnxTuckerError, UsageError
-from .finetune.config import FinetuneResult, FinetuneStep
 from .graph import lazyload
 from .graph.fold import float_parameter_count
 from .graph.irmodel import IRModel
@@ -68,6 +67,7 @@ from .runtime.calibrate import calibrate_from_config, calibration_batches
 from .runtime.layertime import OrtLayerTimer, profile_layer_times, profiled_layer_ms
 from .runtime.rankselect import DataRankOptions, select_ranks_data
 from .runtime.validate import ValidationData, ValidationReport, load_validation_data, validate_models
+from .training.config import FinetuneResult, FinetuneStep
 
 ModelLike = onnx.ModelProto | str | os.PathLike[str]
 PathLike = str | os.PathLike[str]
@@ -358,7 +358,7 @@ def _finetune_step(original: onnx.ModelProto, in_path: str | None, compressed: o
     folder (its checkpoint included), the fine-tuned model back in memory."""
     import tempfile
 
-    from .finetune import finetune as run_finetune
+    from .training import finetune as run_finetune
 
     with tempfile.TemporaryDirectory(prefix="onnx-tucker-finetune-") as tmp:
         src = Path(tmp) / "compressed.onnx"

@@ -317,7 +317,7 @@ def compress(
             check_output_paths(input, {"OUT": output, "--mobile-report": mobile_report})
         step = None
         if finetune is not None:
-            from .finetune.config import FinetuneConfig, FinetuneStep
+            from .training.config import FinetuneConfig, FinetuneStep
 
             step = FinetuneStep(str(finetune), FinetuneConfig(
                 epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, schedule=schedule, device=device,
@@ -559,22 +559,22 @@ def finetune_cmd(
     verbose: VerboseOpt = False,
 ) -> None:
     """Fine-tune a compressed model with labels or by distillation from the original; write OUTPUT as ONNX."""
-    from . import finetune as ft
+    from .training import FinetuneConfig, finetune
 
     with _errors(verbose):
         if threads is not None and torch_threads is not None and threads != torch_threads:
             raise UsageError(f"--threads {threads} and --torch-threads {torch_threads}: finetune's --threads is the old "
                              "name of --torch-threads; give --torch-threads only")
         torch_threads = threads if torch_threads is None else torch_threads
-        cfg = ft.FinetuneConfig(
+        cfg = FinetuneConfig(
             epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, schedule=schedule, step_epochs=step_epochs,
             weight_decay=weight_decay, max_steps=max_steps, temperature=temperature, alpha=alpha, use_labels=labels, train=train,
             augment=augment, val_split=val_split, device=device, seed=seed, threads=torch_threads,
             checkpoint=str(checkpoint) if checkpoint else None, resume=resume,
             preprocess=_preprocess(size, mean, std, layout, scale, resize_shorter, crop, channel_order),
         )
-        result = ft.finetune(input, output, data, teacher=teacher, val_data=val_data, config=cfg,
-                             progress=None if quiet else _FinetuneProgress(), report=report)
+        result = finetune(input, output, data, teacher=teacher, val_data=val_data, config=cfg,
+                          progress=None if quiet else _FinetuneProgress(), report=report)
         if not quiet:
             def pct(v: float | None) -> str:
                 return "-" if v is None else f"{100 * v:.2f} %"

@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import OnnxTuckerError
-from .finetune.config import FinetuneResult
 from .planning.planner import CompressionPlan
 from .runtime.bench import LatencyReport
 from .runtime.calibrate import CalibrationSummary
 from .runtime.validate import ValidationReport
+from .training.config import FinetuneResult
 
 
 def ratio(before: float, after: float) -> float:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from rich.table import Table
 from rich.text import Text
 
-from ..finetune.config import FinetuneResult
 from ..planning.budget import BudgetCheck, BudgetOutcome
 from ..planning.latency import LatencySummary
 from ..planning.planner import CompressionPlan
@@ -13,6 +12,7 @@ from ..results import CompressionResult, ModelTotals
 from ..runtime.bench import LatencyReport
 from ..runtime.calibrate import CalibrationSummary
 from ..runtime.validate import ValidationReport
+from ..training.config import FinetuneResult
 from . import fmt
 
 
