@@ -33,6 +33,7 @@ from ..graph.layermodel import (
     timing_input_shape,
 )
 from ..ops.layer import Layer
+from ..ort import inference_session
 from ..planning.latency import LayerTiming, timing_key
 from .bench import interleave
 from .session import ort_session, session_options
@@ -102,14 +103,13 @@ def profile_layer_times(
     threads: int = 1, runs: int = 10, seed: int = 0,
 ) -> dict[str, tuple[str, float]]:
     """Node name -> (op type, median ms per run) from onnxruntime's profiler over `runs` runs."""
-    import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix="onnx-tucker-profile-") as tmp:
         opts = session_options(threads)
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(tmp, "profile")
         src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-        sess = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+        sess = inference_session(src, opts)
         feeds = random_inputs(reference, input_shapes, np.random.default_rng(seed))
         for _ in range(runs):
             sess.run(None, feeds)

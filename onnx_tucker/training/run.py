@@ -21,6 +21,7 @@ from ..errors import ModelLoadError, OnnxTuckerError, Terminated, UsageError, Va
 from ..graph import torchready
 from ..graph.load import load_model
 from ..graph.save import OutputBatch, check_output_path, check_output_paths, make_temp
+from ..ort import session_options
 from ..runtime.data import DataSet, load_data
 from ..runtime.validate import compare_outputs
 from . import convert
@@ -168,12 +169,11 @@ def _save_checkpoint(torch: Any, path: Path, state: dict[str, Any]) -> None:
 
 
 def _ort_outputs(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    import onnxruntime as ort
+    from ..ort import inference_session
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 4
+    opts = session_options()  # onnxruntime's defaults (full optimisation, its threads), quiet
     try:
-        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        sess = inference_session(model.SerializeToString(), opts)
         return list(sess.run(None, dict(feeds)))
     except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated types
         msg = " ".join(str(e).split())[:300] or type(e).__name__
