@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import onnx
 
+from .calibration.calibrate import calibrate_from_config, calibration_batches
+from .calibration.rankselect import DataRankOptions, select_ranks_data
 from .config import BenchConfig, BudgetTarget, CompressionConfig, RankPolicy
 from .errors import ModelLoadError, OnnxTuckerError, UsageError
 from .graph import lazyload
@@ -63,9 +65,7 @@ from .planning.planner import (
 from .report import latency_dict, result_json, result_markdown, validation_dict
 from .results import CompressionResult, ModelTotals
 from .runtime.bench import LatencyReport, measure_latency
-from .runtime.calibrate import calibrate_from_config, calibration_batches
 from .runtime.layertime import OrtLayerTimer, profile_layer_times, profiled_layer_ms
-from .runtime.rankselect import DataRankOptions, select_ranks_data
 from .runtime.validate import ValidationData, ValidationReport, load_validation_data, validate_models
 from .training.config import FinetuneResult, FinetuneStep
 

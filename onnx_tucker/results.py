@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .calibration.calibrate import CalibrationSummary
 from .errors import OnnxTuckerError
 from .planning.planner import CompressionPlan
 from .runtime.bench import LatencyReport
-from .runtime.calibrate import CalibrationSummary
 from .runtime.validate import ValidationReport
 from .training.config import FinetuneResult
 

@@ -19,13 +19,13 @@ import pytest
 from typer.testing import CliRunner
 
 from onnx_tucker import api
+from onnx_tucker.calibration.calibrate import CalibrationOptions, calibrate_model, calibration_batches
 from onnx_tucker.cli import app
 from onnx_tucker.config import CompressionConfig, RankPolicy
 from onnx_tucker.graph.probe import expose_outputs, factor_chain, read_initializer, write_initializers
 from onnx_tucker.graph.rewrite import Replacement, apply_replacements
 from onnx_tucker.numerics import refit
 from onnx_tucker.ops.layer import LayerFactors
-from onnx_tucker.runtime.calibrate import CalibrationOptions, calibrate_model, calibration_batches
 from tests.helpers import (
     he_normal,
     make_conv_model,

@@ -25,7 +25,7 @@ from ..ops.layer import Layer
 from ..ops.registry import handler_for
 
 if TYPE_CHECKING:
-    from ..runtime.calibrate import LayerCalibration
+    from ..calibration.calibrate import LayerCalibration
     from .budget import BudgetCheck, BudgetOutcome
     from .latency import LatencySummary
 

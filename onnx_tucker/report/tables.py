@@ -5,12 +5,12 @@ from __future__ import annotations
 from rich.table import Table
 from rich.text import Text
 
+from ..calibration.calibrate import CalibrationSummary
 from ..planning.budget import BudgetCheck, BudgetOutcome
 from ..planning.latency import LatencySummary
 from ..planning.planner import CompressionPlan
 from ..results import CompressionResult, ModelTotals
 from ..runtime.bench import LatencyReport
-from ..runtime.calibrate import CalibrationSummary
 from ..runtime.validate import ValidationReport
 from ..training.config import FinetuneResult
 from . import fmt

@@ -33,7 +33,7 @@ from ..numerics.refit import GramStats, conv_pads_begin, im2col, kernel_input_gr
 from ..ops.layer import Layer
 from ..ops.registry import handler_for
 from ..planning.planner import LayerPlan, PlannedRanks
-from .activations import ActivationCache
+from ..runtime.activations import ActivationCache
 
 
 @dataclass(frozen=True)

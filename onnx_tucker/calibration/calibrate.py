@@ -56,7 +56,7 @@ from ..numerics.refit import (
 )
 from ..ops.layer import Layer, LayerFactors
 from ..planning.planner import CompressionPlan
-from .activations import ActivationCache
+from ..runtime.activations import ActivationCache
 
 METHODS = ("last", "joint", "full")
 Batches = Sequence[Mapping[str, np.ndarray]]
@@ -391,7 +391,7 @@ class CalibrationSummary:
 def _load_calibration(path: str, model: onnx.ModelProto, limit: int | None, seed: int, preprocess=None):  # type: ignore[no-untyped-def]
     """(data used for the refit, held-out data or None), as `ValidationData`."""
     from ..errors import UsageError
-    from .validate import ValidationData, load_validation_data
+    from ..runtime.validate import ValidationData, load_validation_data
 
     try:
         data = load_validation_data(path, model, None, preprocess)
@@ -409,7 +409,7 @@ def _load_calibration(path: str, model: onnx.ModelProto, limit: int | None, seed
 def _batches_of(data, model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]],  # type: ignore[no-untyped-def]
                 batch: int) -> list[dict[str, np.ndarray]]:
     from ..errors import UsageError
-    from .validate import data_batches, dynamic_batch
+    from ..runtime.validate import data_batches, dynamic_batch
 
     try:
         chunks = data_batches(data, input_shapes, model)
@@ -441,7 +441,7 @@ def calibrate_from_config(original: onnx.ModelProto, compressed: onnx.ModelProto
     import copy
     import time
 
-    from .validate import validate_models
+    from ..runtime.validate import validate_models
 
     assert config.calibrate is not None
     t0 = time.perf_counter()
