@@ -219,7 +219,7 @@ def _note(text: str) -> None:
 
 def _preprocess(size: str | None, mean: str | None, std: str | None, layout: str, scale: float | None = None,
                 resize_shorter: int | None = None, crop: str | None = None, channel_order: str = "rgb") -> Preprocess:
-    from .runtime.data import parse_floats, parse_size
+    from .config import parse_floats, parse_size
 
     return Preprocess(parse_size(size), parse_floats(mean, "--mean"), parse_floats(std, "--std"), layout, scale,
                       resize_shorter, parse_size(crop, "--crop"), channel_order)

@@ -424,12 +424,36 @@ def _normalise_shapes(value: object) -> tuple[tuple[str, tuple[int, ...]], ...]:
     return tuple(out)
 
 
+# The CLI's spellings of sizes and value lists (`--size 224,224`, `--mean 0.485,0.456,0.406`), parsed
+# where the options are: `Preprocess` normalises them, the CLI reads them.
+
+def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
+    if text is None or text == "":
+        return None
+    try:
+        return tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        raise UsageError(f"{option} {text}: not a comma-separated list of numbers, e.g. 0.485,0.456,0.406") from None
+
+
+def parse_size(text: str | None, option: str = "--size") -> tuple[int, int] | None:
+    if text is None or text == "":
+        return None
+    try:
+        v = [int(s) for s in text.replace("x", ",").split(",")]
+    except ValueError:
+        raise UsageError(f"{option} {text}: not a size; give N or H,W (e.g. 32 or 224,224)") from None
+    if len(v) == 1:
+        v = v * 2
+    if len(v) != 2 or min(v) < 1:
+        raise UsageError(f"{option} {text}: give N or H,W with positive numbers")
+    return (v[0], v[1])
+
+
 def _normalise_preprocess(p: Preprocess) -> None:
     """Preprocess(size=32, mean="0.5,0.5,0.5") as the CLI spells them; lists become tuples."""
     size = p.size
     if isinstance(size, str):
-        from .runtime.data import parse_size
-
         size = parse_size(size)
     elif _is_int(size):
         size = (int(size), int(size))  # type: ignore[call-overload]
@@ -441,8 +465,6 @@ def _normalise_preprocess(p: Preprocess) -> None:
     for name, option in (("mean", "--mean"), ("std", "--std")):
         v = getattr(p, name)
         if isinstance(v, str):
-            from .runtime.data import parse_floats
-
             v = parse_floats(v, option)
         elif _is_real(v):
             v = (float(v),)  # type: ignore[arg-type]

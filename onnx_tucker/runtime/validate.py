@@ -184,7 +184,7 @@ def load_validation_data(
     """Read user data through the shared loader (runtime/data.py): a .npz holding an array per model
     input (named as the input, or `input` for a single-input model) and optionally `labels` (int
     class ids), or an image folder (one sub-folder per class, or a flat folder); first axis = samples."""
-    from .data import load_data
+    from ..data import load_data
 
     names = graph_input_names(model)
     by_name = {i.name: i for i in model.graph.input}

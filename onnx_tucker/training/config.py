@@ -6,8 +6,8 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
+from ..config import Preprocess
 from ..errors import OnnxTuckerError, UsageError
-from ..runtime.data import Preprocess
 
 # The paper's optimiser and rate (SGD, momentum 0.9, lr 1e-3) are the default, with a cosine decay over
 # the run; `schedule="step"` divides by 10 every `step_epochs` as the paper does. Measured on CIFAR

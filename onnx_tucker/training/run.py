@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import onnx
 
+from ..data import DataSet, load_data
 from ..errors import ModelLoadError, OnnxTuckerError, Terminated, UsageError, ValidationError
 from ..graph import torchready
 from ..graph.load import load_model
 from ..graph.save import OutputBatch, check_output_path, check_output_paths, make_temp
 from ..ort import session_options
-from ..runtime.data import DataSet, load_data
 from ..runtime.validate import compare_outputs
 from . import convert
 from .config import EpochStats, FinetuneConfig, FinetuneInterrupted, FinetuneResult, default_torch_threads
