@@ -68,10 +68,11 @@ from .runtime.bench import LatencyReport, measure_latency
 from .runtime.layertime import OrtLayerTimer, profile_layer_times, profiled_layer_ms
 from .runtime.validate import ValidationData, ValidationReport, load_validation_data, validate_models
 from .training.config import FinetuneResult, FinetuneStep
+from .types import StepProgress
 
 ModelLike = onnx.ModelProto | str | os.PathLike[str]
 PathLike = str | os.PathLike[str]
-Progress = Callable[[str, int, int], None]  # (layer name, done, total)
+Progress = StepProgress  # (layer name, done, total)
 PROFILE_RUNS = 10  # whole-model profiler runs the per-layer timings are checked against
 
 

@@ -285,6 +285,11 @@ def test_nothing_imports_an_entry_point() -> None:
     assert [(a, b) for a, b in unit_import_graph() if b.endswith("__main__")] == []
 
 
+def test_the_shared_types_are_a_leaf() -> None:
+    """`types.py` (LayerTimer, LayerTiming, progress callbacks) imports nothing of the package, lazily or not."""
+    assert [(a, b) for a, b in unit_import_graph() if a == "types"] == []
+
+
 def test_numerics_depend_on_nothing_else_in_the_package() -> None:
     """numerics/ is the bottom layer: it imports no other part of onnx_tucker, lazily or not."""
     assert [(a, b) for a, b in unit_import_graph() if a == "numerics"] == []

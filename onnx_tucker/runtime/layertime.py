@@ -34,7 +34,7 @@ from ..graph.layermodel import (
 )
 from ..ops.layer import Layer
 from ..ort import inference_session
-from ..planning.latency import LayerTiming, timing_key
+from ..types import LayerTiming, timing_key
 from .bench import interleave
 from .session import ort_session, session_options
 from .validate import random_inputs

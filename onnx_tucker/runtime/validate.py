@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,10 +12,11 @@ import onnx
 from ..errors import ValidationError
 from ..graph.irmodel import IRModel
 from ..graph.protos import first_line, graph_input_names
+from ..types import StepProgress
 from .session import ort_session, session_folder
 
 DEFAULT_RANDOM_SAMPLES = 8
-Progress = Callable[[str, int, int], None]  # (step, samples done, samples in all)
+Progress = StepProgress  # (step, samples done, samples in all)
 # Said wherever class agreement on random inputs is shown: it compares two models' classes on noise.
 RANDOM_AGREEMENT_NOTE = ("random inputs: top-1/top-5 agreement compares the two models' classes on noise and is "
                          "not accuracy; give --data (with labels) for accuracy before/after")
