@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .calibration.calibrate import calibrate_from_config, calibration_batches
+from .calibration.calibrate import LayerCalibration, calibrate_from_config, calibration_batches
 from .calibration.rankselect import DataRankOptions, select_ranks_data
 from .config import BenchConfig, BudgetTarget, CompressionConfig, RankPolicy
 from .errors import ModelLoadError, OnnxTuckerError, UsageError
@@ -469,6 +469,7 @@ def compress(
         # Weights kept as they were come back from the file now (most are gone when decomposed).
         prep.materialize(new_model)
     calibration = None
+    layer_calibration: dict[str, LayerCalibration] = {}
     if config.calibrate:  # refit the factors on data, in place, before validating and writing
         if isinstance(new_model, IRModel):
             raise UsageError(
@@ -476,7 +477,8 @@ def compress(
                 "run in memory; compress without --calibrate"
             )
         prep.materialize(prep.model)
-        p, calibration = calibrate_from_config(prep.model, new_model, replacements, p, prep.input_shapes, config, progress)
+        layer_calibration, calibration = calibrate_from_config(prep.model, new_model, replacements, p, prep.input_shapes,
+                                                               config, progress)
         del replacements
     finetuned = None
     if finetune is not None:
@@ -527,6 +529,7 @@ def compress(
         requested_output=str(output) if output is not None else None,
         calibration=calibration,
         finetune=finetuned,
+        layer_calibration=layer_calibration,
     )
     with OutputBatch() as batch:
         if result.output_path is not None:

@@ -30,9 +30,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 
 from ..config import CompressionConfig
 from ..errors import ValidationError
@@ -57,6 +57,9 @@ from ..numerics.refit import (
 from ..ops.layer import Layer, LayerFactors
 from ..planning.planner import CompressionPlan
 from ..runtime.activations import ActivationCache
+
+if TYPE_CHECKING:  # annotations only: the stages take models from the graph layer
+    import onnx
 
 METHODS = ("last", "joint", "full")
 Batches = Sequence[Mapping[str, np.ndarray]]
@@ -435,9 +438,10 @@ def calibration_batches(path: str, model: onnx.ModelProto, input_shapes: Mapping
 def calibrate_from_config(original: onnx.ModelProto, compressed: onnx.ModelProto, replacements: Mapping[int, Replacement],
                           plan: CompressionPlan, input_shapes: Mapping[str, tuple[int, ...]], config: CompressionConfig,
                           progress: Callable[[str, int, int], None] | None = None
-                          ) -> tuple[CompressionPlan, CalibrationSummary]:
-    """`compress --calibrate`: refit `compressed` in place; the plan with each layer's `calibration`,
-    and the whole model's agreement with the original on held-out samples before and after."""
+                          ) -> tuple[dict[str, LayerCalibration], CalibrationSummary]:
+    """`compress --calibrate`: refit `compressed` in place; each refit layer's `LayerCalibration` by
+    name (a result: plans hold only what replays), and the whole model's agreement with the original
+    on held-out samples before and after."""
     import copy
     import time
 
@@ -450,11 +454,10 @@ def calibrate_from_config(original: onnx.ModelProto, compressed: onnx.ModelProto
     one_shot = copy.deepcopy(compressed) if held is not None else None
     found = calibrate_model(original, compressed, replacements, batches, CalibrationOptions(seed=config.seed),
                             progress=progress)
-    layers = tuple(replace(lp, calibration=found.get(lp.name)) for lp in plan.layers)
     summary = CalibrationSummary(used.count, 0)
     if held is not None and one_shot is not None:
         before = validate_models(original, one_shot, input_shapes, data=held).outputs[0]
         after = validate_models(original, compressed, input_shapes, data=held).outputs[0]
         summary = CalibrationSummary(used.count, held.count, before.top1_agreement, after.top1_agreement,
                                      before.cosine, after.cosine)
-    return replace(plan, layers=layers), replace(summary, seconds=time.perf_counter() - t0)
+    return {lp.name: found[lp.name] for lp in plan.layers if lp.name in found}, replace(summary, seconds=time.perf_counter() - t0)

@@ -17,9 +17,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 
 from ..errors import UsageError
 from ..numerics.rankalloc import (
@@ -34,6 +34,9 @@ from ..ops.layer import Layer
 from ..ops.registry import handler_for
 from ..planning.planner import LayerPlan, PlannedRanks
 from ..runtime.activations import ActivationCache
+
+if TYPE_CHECKING:  # annotations only: the stages take models from the graph layer
+    import onnx
 
 
 @dataclass(frozen=True)
