@@ -660,47 +660,6 @@ def _check_same_signature(orig: onnx.ModelProto, comp: onnx.ModelProto, original
             )
 
 
-def _model_macs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> int:
-    """MACs of every Conv / ConvTranspose / Gemm / MatMul as the model is (batch as in `shapes`)."""
-    layers = find_layers(model, infer_shapes(model, shapes))
-    total = 0
-    for lay in layers:
-        if lay.op_type in HANDLERS and lay.weight_shape is not None:
-            macs = handler_for(lay).cost(lay, "original")[1]
-            total += macs or 0
-    return total
-
-
-def _mobile_inputs(orig: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], config: CompressionConfig):  # type: ignore[no-untyped-def]
-    from .graph.protos import graph_input_names
-    from .mobile.build import Inputs
-    from .runtime.validate import DEFAULT_RANDOM_SAMPLES, random_inputs
-
-    names = tuple(graph_input_names(orig))
-    outputs = tuple(o.name for o in orig.graph.output)
-    path = config.data or config.calibrate  # real data whenever given (compress --calibrate --mobile-report)
-    if path is None:
-        rng = np.random.default_rng(config.seed)
-        batches = [random_inputs(orig, shapes, rng) for _ in range(config.samples or DEFAULT_RANDOM_SAMPLES)]
-        return Inputs(names, outputs, {n: np.stack([b[n] for b in batches]) for n in names}, None)
-    data = load_validation_data(path, orig, config.samples, config.preprocess)
-    batch = shapes[names[0]][0] if shapes[names[0]] else 1
-    count = data.count // batch
-    if count == 0:
-        raise UsageError(f"--data {path}: {data.count} sample(s), fewer than the model's batch of {batch}")
-    stacked = {}
-    for n in names:
-        a = np.asarray(data.inputs[n])
-        if tuple(a.shape[1:]) != tuple(shapes[n][1:]):
-            raise UsageError(
-                f"--data {path}: samples of '{n}' have shape {tuple(a.shape[1:])}, the model expects "
-                f"{tuple(shapes[n][1:])}; fix the data (--size, --layout) or --input-shape"
-            )
-        stacked[n] = a[: count * batch].reshape(count, batch, *a.shape[1:])
-    labels = None if data.labels is None else np.asarray(data.labels)[: count * batch]
-    return Inputs(names, outputs, stacked, labels)
-
-
 def mobile_report(
     original: PathLike,
     compressed: PathLike,
@@ -732,6 +691,7 @@ def mobile_report(
     before each runtime runs (and once at the end).
     """
     from .mobile.build import parse_runtimes, run_runtimes
+    from .mobile.inputs import mobile_inputs, model_macs
     from .mobile.results import MobileReport
     from .report.html import mobile_html
     from .report.mobile import mobile_json, mobile_markdown
@@ -750,7 +710,7 @@ def mobile_report(
     comp = load_model(compressed)
     _check_same_signature(orig, comp, str(original), str(compressed))
     shapes = resolve_input_shapes(orig, dict(config.input_shapes), str(original))
-    inputs = _mobile_inputs(orig, shapes, config)
+    inputs = mobile_inputs(orig, shapes, config)
     given = layer_plan is not None
     layers = layer_plan if layer_plan is not None else plan(original, replace(config, validate=False))
     plan_source = ("as compressed" if given else f"plan file {config.plan_file}" if config.plan_file
@@ -760,7 +720,7 @@ def mobile_report(
     plan_totals = layers.totals()
     totals = ModelTotals(
         params_before=float_parameter_count(orig), params_after=float_parameter_count(comp),
-        macs_before=plan_totals["macs_before"], macs_after=_model_macs(comp, shapes),
+        macs_before=plan_totals["macs_before"], macs_after=model_macs(comp, shapes),
         size_before=size_on_disk(original, orig), size_after=size_on_disk(compressed, comp),
     )
     results = run_runtimes(names, str(original), str(compressed), inputs, shapes, b.threads, b.warmup, b.runs,
