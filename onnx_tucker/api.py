@@ -143,7 +143,7 @@ def _weight_reader(prep: _Prepared) -> Callable[[str], np.ndarray]:
 
 def _planned_ranks(prep: _Prepared, config: CompressionConfig, progress: Progress | None) -> PlannedRanks | None:
     """The ranks to replay: a plan file's, or under `--ranks data:F` the ones chosen on the calibration
-    data (runtime/rankselect.py; the other layers keep the EVBMF plan); None: plan by the policy (or
+    data (calibration/rankselect.py; the other layers keep the EVBMF plan); None: plan by the policy (or
     by `--target`, which `_plan_and_decompose` allocates)."""
     if config.plan_file:
         return load_plan_file(config.plan_file)

@@ -72,7 +72,7 @@ RANK_METHODS = ("vbmf", "ratio", "energy", "full", "data")
 class RankPolicy:
     """How ranks are chosen: `vbmf` (EVBMF, the paper), `ratio:F`, `energy:F`, `full`, or `data:F` (with
     calibration data: the whole model keeps a fraction F of its MACs, spent where the layers' outputs on
-    the data lose least; runtime/rankselect.py)."""
+    the data lose least; calibration/rankselect.py)."""
 
     method: str = "vbmf"
     value: float | None = None
@@ -186,7 +186,7 @@ class CompressionConfig:
     # Layers planned and decomposed in parallel (threads). Changes speed only, never the result.
     jobs: int = 1
     # Refit the factors on unlabeled data (.npz, one array per input) after decomposing
-    # (runtime/calibrate.py); `calibration_samples` caps how many samples are read.
+    # (calibration/calibrate.py); `calibration_samples` caps how many samples are read.
     calibrate: str | None = None
     calibration_samples: int = 500
     # How images in --data / --calibrate folders become model input (size, mean/std, layout).

@@ -182,7 +182,7 @@ class ValidationData:
 def load_validation_data(
     path: str | os.PathLike[str], model: onnx.ModelProto, limit: int | None = None, preprocess=None  # type: ignore[no-untyped-def]
 ) -> ValidationData:
-    """Read user data through the shared loader (runtime/data.py): a .npz holding an array per model
+    """Read user data through the shared loader (data/): a .npz holding an array per model
     input (named as the input, or `input` for a single-input model) and optionally `labels` (int
     class ids), or an image folder (one sub-folder per class, or a flat folder); first axis = samples."""
     from ..data import load_data
