@@ -9,7 +9,6 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from . import finetune
     from .api import bench, compress, mobile_report, plan, validate
     from .config import (
         BenchConfig,
@@ -31,7 +30,6 @@ if TYPE_CHECKING:
         UsageError,
         ValidationError,
     )
-    from .finetune import EpochStats, FinetuneConfig, FinetuneResult
     from .mobile.results import MobileReport, RuntimeResult
     from .numerics.evbmf import EVBMFEstimate, select_rank_evbmf
     from .numerics.tucker import truncated_svd, tucker1, tucker2
@@ -39,6 +37,7 @@ if TYPE_CHECKING:
     from .results import CompressionResult, ModelTotals
     from .runtime.bench import LatencyReport
     from .runtime.validate import OutputComparison, ValidationReport
+    from .training import EpochStats, FinetuneConfig, FinetuneResult, finetune
 
 # Names are loaded on first use (PEP 562): `import onnx_tucker.numerics` must not pull in onnx,
 # onnxruntime or scipy.optimize, and `onnx-tucker --help` should not pay for them either.
@@ -56,9 +55,8 @@ _EXPORTS = {
     "CompressionPlan": "planning.planner", "LayerPlan": "planning.planner",
     "CompressionResult": "results", "ModelTotals": "results",
     "LatencyReport": "runtime.bench",
-    # `onnx_tucker.finetune` is both the sub-package and the function (calling the module runs it);
-    # torch is imported only when it runs.
-    "EpochStats": "finetune", "FinetuneConfig": "finetune", "FinetuneResult": "finetune",
+    # torch is imported only when `finetune` runs (training/ loads its code on first use).
+    "EpochStats": "training", "FinetuneConfig": "training", "FinetuneResult": "training", "finetune": "training",
     "OutputComparison": "runtime.validate", "ValidationReport": "runtime.validate",
 }
 

@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 import onnx
 
+from .calibration.calibrate import LayerCalibration, calibrate_from_config, calibration_batches
+from .calibration.rankselect import DataRankOptions, select_ranks_data
 from .config import BenchConfig, BudgetTarget, CompressionConfig, RankPolicy, ValidationConfig
 from .errors import ModelLoadError, OnnxTuckerError, UsageError
-from .finetune.config import FinetuneResult, FinetuneStep
 from .graph import lazyload
 from .graph.fold import float_parameter_count
 from .graph.irmodel import IRModel
@@ -64,14 +65,14 @@ from .planning.planner import (
 from .report import latency_dict, result_json, result_markdown, validation_dict
 from .results import CompressionResult, ModelTotals
 from .runtime.bench import LatencyReport, measure_latency
-from .runtime.calibrate import calibrate_from_config, calibration_batches
 from .runtime.layertime import OrtLayerTimer, profile_layer_times, profiled_layer_ms
-from .runtime.rankselect import DataRankOptions, select_ranks_data
 from .runtime.validate import ValidationData, ValidationReport, load_validation_data, validate_models
+from .training.config import FinetuneResult, FinetuneStep
+from .types import StepProgress
 
 ModelLike = onnx.ModelProto | str | os.PathLike[str]
 PathLike = str | os.PathLike[str]
-Progress = Callable[[str, int, int], None]  # (layer name, done, total)
+Progress = StepProgress  # (layer name, done, total)
 PROFILE_RUNS = 10  # whole-model profiler runs the per-layer timings are checked against
 
 
@@ -142,7 +143,7 @@ def _weight_reader(prep: _Prepared) -> Callable[[str], np.ndarray]:
 
 def _planned_ranks(prep: _Prepared, config: CompressionConfig, progress: Progress | None) -> PlannedRanks | None:
     """The ranks to replay: a plan file's, or under `--ranks data:F` the ones chosen on the calibration
-    data (runtime/rankselect.py; the other layers keep the EVBMF plan); None: plan by the policy (or
+    data (calibration/rankselect.py; the other layers keep the EVBMF plan); None: plan by the policy (or
     by `--target`, which `_plan_and_decompose` allocates)."""
     if config.plan_file:
         return load_plan_file(config.plan_file)
@@ -358,7 +359,7 @@ def _finetune_step(original: onnx.ModelProto, in_path: str | None, compressed: o
     folder (its checkpoint included), the fine-tuned model back in memory."""
     import tempfile
 
-    from .finetune import finetune as run_finetune
+    from .training import finetune as run_finetune
 
     with tempfile.TemporaryDirectory(prefix="onnx-tucker-finetune-") as tmp:
         src = Path(tmp) / "compressed.onnx"
@@ -468,6 +469,7 @@ def compress(
         # Weights kept as they were come back from the file now (most are gone when decomposed).
         prep.materialize(new_model)
     calibration = None
+    layer_calibration: dict[str, LayerCalibration] = {}
     if config.calibrate:  # refit the factors on data, in place, before validating and writing
         if isinstance(new_model, IRModel):
             raise UsageError(
@@ -475,7 +477,8 @@ def compress(
                 "run in memory; compress without --calibrate"
             )
         prep.materialize(prep.model)
-        p, calibration = calibrate_from_config(prep.model, new_model, replacements, p, prep.input_shapes, config, progress)
+        layer_calibration, calibration = calibrate_from_config(prep.model, new_model, replacements, p, prep.input_shapes,
+                                                               config, progress)
         del replacements
     finetuned = None
     if finetune is not None:
@@ -526,6 +529,7 @@ def compress(
         requested_output=str(output) if output is not None else None,
         calibration=calibration,
         finetune=finetuned,
+        layer_calibration=layer_calibration,
     )
     with OutputBatch() as batch:
         if result.output_path is not None:
@@ -661,47 +665,6 @@ def _check_same_signature(orig: onnx.ModelProto, comp: onnx.ModelProto, original
             )
 
 
-def _model_macs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> int:
-    """MACs of every Conv / ConvTranspose / Gemm / MatMul as the model is (batch as in `shapes`)."""
-    layers = find_layers(model, infer_shapes(model, shapes))
-    total = 0
-    for lay in layers:
-        if find_handler(lay.op_type) is not None and lay.weight_shape is not None:
-            macs = handler_for(lay).cost(lay, "original")[1]
-            total += macs or 0
-    return total
-
-
-def _mobile_inputs(orig: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], config: CompressionConfig):  # type: ignore[no-untyped-def]
-    from .graph.protos import graph_input_names
-    from .mobile.build import Inputs
-    from .runtime.validate import DEFAULT_RANDOM_SAMPLES, random_inputs
-
-    names = tuple(graph_input_names(orig))
-    outputs = tuple(o.name for o in orig.graph.output)
-    path = config.data or config.calibrate  # real data whenever given (compress --calibrate --mobile-report)
-    if path is None:
-        rng = np.random.default_rng(config.seed)
-        batches = [random_inputs(orig, shapes, rng) for _ in range(config.samples or DEFAULT_RANDOM_SAMPLES)]
-        return Inputs(names, outputs, {n: np.stack([b[n] for b in batches]) for n in names}, None)
-    data = load_validation_data(path, orig, config.samples, config.preprocess)
-    batch = shapes[names[0]][0] if shapes[names[0]] else 1
-    count = data.count // batch
-    if count == 0:
-        raise UsageError(f"--data {path}: {data.count} sample(s), fewer than the model's batch of {batch}")
-    stacked = {}
-    for n in names:
-        a = np.asarray(data.inputs[n])
-        if tuple(a.shape[1:]) != tuple(shapes[n][1:]):
-            raise UsageError(
-                f"--data {path}: samples of '{n}' have shape {tuple(a.shape[1:])}, the model expects "
-                f"{tuple(shapes[n][1:])}; fix the data (--size, --layout) or --input-shape"
-            )
-        stacked[n] = a[: count * batch].reshape(count, batch, *a.shape[1:])
-    labels = None if data.labels is None else np.asarray(data.labels)[: count * batch]
-    return Inputs(names, outputs, stacked, labels)
-
-
 def mobile_report(
     original: PathLike,
     compressed: PathLike,
@@ -733,6 +696,7 @@ def mobile_report(
     before each runtime runs (and once at the end).
     """
     from .mobile.build import parse_runtimes, run_runtimes
+    from .mobile.inputs import mobile_inputs, model_macs
     from .mobile.results import MobileReport
     from .report.html import mobile_html
     from .report.mobile import mobile_json, mobile_markdown
@@ -751,7 +715,7 @@ def mobile_report(
     comp = load_model(compressed)
     _check_same_signature(orig, comp, str(original), str(compressed))
     shapes = resolve_input_shapes(orig, dict(config.input_shapes), str(original))
-    inputs = _mobile_inputs(orig, shapes, config)
+    inputs = mobile_inputs(orig, shapes, config)
     given = layer_plan is not None
     layers = layer_plan if layer_plan is not None else plan(original, replace(config, validate=False))
     plan_source = ("as compressed" if given else f"plan file {config.plan_file}" if config.plan_file
@@ -761,7 +725,7 @@ def mobile_report(
     plan_totals = layers.totals()
     totals = ModelTotals(
         params_before=float_parameter_count(orig), params_after=float_parameter_count(comp),
-        macs_before=plan_totals["macs_before"], macs_after=_model_macs(comp, shapes),
+        macs_before=plan_totals["macs_before"], macs_after=model_macs(comp, shapes),
         size_before=size_on_disk(original, orig), size_after=size_on_disk(compressed, comp),
     )
     results = run_runtimes(names, str(original), str(compressed), inputs, shapes, b.threads, b.warmup, b.runs,

@@ -492,7 +492,8 @@ def finetune_cmd(
     g: Groups,
 ) -> None:
     """Fine-tune a compressed model with labels or by distillation from the original; write OUTPUT as ONNX."""
-    from . import finetune as ft
+    from .config import FinetuneConfig
+    from .training import finetune
 
     quiet = g[GeneralOptions].quiet
     with _errors(g[GeneralOptions].verbose):
@@ -503,8 +504,10 @@ def finetune_cmd(
         if threads is not None:
             cfg = replace(cfg, threads=threads)
         td = g[TrainingData]
-        result = ft.finetune(input, output, td.data, teacher=td.teacher, val_data=g[FinetuneOptions].val_data, config=cfg,
-                             progress=None if quiet else _FinetuneProgress(), report=g[OutputOptions].report)
+        if td.data is None:  # typer requires --data; this is for the type checker and library-style calls
+            raise UsageError("--data: missing; give the training data (an image folder or a .npz)")
+        result = finetune(input, output, td.data, teacher=td.teacher, val_data=g[FinetuneOptions].val_data, config=cfg,
+                          progress=None if quiet else _FinetuneProgress(), report=g[OutputOptions].report)
         if not quiet:
             def pct(v: float | None) -> str:
                 return "-" if v is None else f"{100 * v:.2f} %"

@@ -84,13 +84,6 @@ def group_by_name(name: str) -> type:
     return next(cls for cls in GROUPS if cls.__name__ == name)
 
 
-def _parsers() -> Any:
-    """The text parsers of the data module (the one import of it here)."""
-    from .runtime import data
-
-    return data
-
-
 @group("Image preprocessing")
 @dataclass(frozen=True)
 class Preprocess:
@@ -148,7 +141,7 @@ RANK_METHODS = ("vbmf", "ratio", "energy", "full", "data")
 class RankPolicy:
     """How ranks are chosen: `vbmf` (EVBMF, the paper), `ratio:F`, `energy:F`, `full`, or `data:F` (with
     calibration data: the whole model keeps a fraction F of its MACs, spent where the layers' outputs on
-    the data lose least; runtime/rankselect.py)."""
+    the data lose least; calibration/rankselect.py)."""
 
     method: str = "vbmf"
     value: float | None = None
@@ -858,11 +851,37 @@ def _normalise_shapes(value: object, owner: str = "CompressionConfig") -> tuple[
     return tuple(out)
 
 
+# The CLI's spellings of sizes and value lists (`--size 224,224`, `--mean 0.485,0.456,0.406`), parsed
+# where the options are: `Preprocess` normalises them, the CLI reads them.
+
+def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
+    if text is None or text == "":
+        return None
+    try:
+        return tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        raise UsageError(f"{option} {text}: not a comma-separated list of numbers, e.g. 0.485,0.456,0.406") from None
+
+
+def parse_size(text: str | None, option: str = "--size") -> tuple[int, int] | None:
+    if text is None or text == "":
+        return None
+    try:
+        v = [int(s) for s in text.replace("x", ",").split(",")]
+    except ValueError:
+        raise UsageError(f"{option} {text}: not a size; give N or H,W (e.g. 32 or 224,224)") from None
+    if len(v) == 1:
+        v = v * 2
+    if len(v) != 2 or min(v) < 1:
+        raise UsageError(f"{option} {text}: give N or H,W with positive numbers")
+    return (v[0], v[1])
+
+
 def _normalise_preprocess(p: Preprocess) -> None:
     """Preprocess(size=32, mean="0.5,0.5,0.5") as the CLI spells them; lists become tuples."""
     size = p.size
     if isinstance(size, str):
-        size = _parsers().parse_size(size)
+        size = parse_size(size)
     elif _is_int(size):
         size = (int(size), int(size))  # type: ignore[call-overload]
     elif isinstance(size, list | tuple) and all(_is_int(d) for d in size):
@@ -873,7 +892,7 @@ def _normalise_preprocess(p: Preprocess) -> None:
     for name, option in (("mean", "--mean"), ("std", "--std")):
         v = getattr(p, name)
         if isinstance(v, str):
-            v = _parsers().parse_floats(v, option)
+            v = parse_floats(v, option)
         elif _is_real(v):
             v = (float(v),)  # type: ignore[arg-type]
         elif isinstance(v, list | tuple | np.ndarray) and all(_is_real(x) for x in v):
@@ -883,7 +902,7 @@ def _normalise_preprocess(p: Preprocess) -> None:
         object.__setattr__(p, name, v)
     crop = p.crop
     if isinstance(crop, str):
-        crop = _parsers().parse_size(crop, "--crop")
+        crop = parse_size(crop, "--crop")
     elif _is_int(crop):
         crop = (int(crop), int(crop))  # type: ignore[call-overload]
     elif isinstance(crop, list | tuple) and all(_is_int(d) for d in crop):

@@ -7,6 +7,12 @@ and the fix. The CLI maps `UsageError` to exit code 2 and every other `OnnxTucke
 from __future__ import annotations
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (the one-line form every error here is shown in)."""
+    text = str(e).strip().splitlines()
+    return text[0].strip() if text else type(e).__name__
+
+
 class OnnxTuckerError(Exception):
     """Base class: a problem the user can act on (never a bug in onnx-tucker)."""
 

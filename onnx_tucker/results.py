@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .calibration.calibrate import CalibrationSummary, LayerCalibration
 from .errors import OnnxTuckerError
-from .finetune.config import FinetuneResult
 from .planning.planner import CompressionPlan
 from .runtime.bench import LatencyReport
-from .runtime.calibrate import CalibrationSummary
 from .runtime.validate import ValidationReport
+from .training.config import FinetuneResult
 
 
 def ratio(before: float, after: float) -> float:
@@ -55,6 +56,9 @@ class CompressionResult:
     requested_output: str | None = None  # where the model was to be written (None: not asked to write)
     calibration: CalibrationSummary | None = None  # compress --calibrate: the whole model on held-out data
     finetune: FinetuneResult | None = None  # compress --finetune: the training run (its paths are temporary)
+    # compress --calibrate: each refit layer's output error before/after, by layer name (not in the
+    # plan: a plan holds only what replays, so `--save-plan` writes no calibration results).
+    layer_calibration: Mapping[str, LayerCalibration] = field(default_factory=dict)
 
     @property
     def decomposed_layers(self) -> int:

@@ -4,8 +4,10 @@
   protobuf, typer or rich: checked in a fresh interpreter, module by module.
 - The library (`import onnx_tucker`, `onnx_tucker.api`) loads no CLI code (typer, rich.console).
 - Statically (ast): only `cli.py` imports typer or rich.console; only `graph/` and `runtime/` (and a
-  lazily importing `finetune/`) import onnx / onnxruntime / google.protobuf at module level, besides
-  the exceptions listed below with their reasons; the sub-packages import each other without a cycle.
+  lazily importing `training/`) import onnx / onnxruntime / google.protobuf at module level, besides
+  the exceptions listed below with their reasons; the sub-packages and top-level modules import each
+  other without a cycle of any kind: module level, `if TYPE_CHECKING:` and function-local imports all
+  count (a lazy import hides a dependency from the interpreter, not from the design).
 - The handler rule (ast): nothing outside `ops/` branches on an op type (see `op_type_offences`); the
   graph layer recognises its structural ops (Constant, Identity, ...) through `graph/optypes.py` only.
 """
@@ -17,7 +19,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,7 +30,7 @@ PKG = ROOT / "onnx_tucker"
 PROTOBUF_LIBS = ("onnx", "onnxruntime", "google.protobuf", "onnx_ir")
 CLI_LIBS = ("typer", "rich")
 # Sub-packages allowed to import the protobuf libraries at module level.
-PROTOBUF_PACKAGES = {"graph", "runtime", "finetune"}
+PROTOBUF_PACKAGES = {"graph", "runtime", "training"}
 # Module-level protobuf imports outside those packages: (file, imported module) -> reason. Every entry
 # must still exist (test below), so the list cannot silently outgrow the code.
 PROTOBUF_EXCEPTIONS = {
@@ -157,17 +159,38 @@ def test_library_loads_no_cli_code(module: str) -> None:
 # ---- static rules (ast) -------------------------------------------------------------------------------
 
 
+# The command line's own modules: the only ones that may import typer or rich.console. The library never
+# imports them (test_library_loads_no_cli_code; and test_only_the_cli_imports_its_console below).
+CLI_MODULES = {
+    "onnx_tucker.cli": "the typer app",
+    "onnx_tucker.report.console": "the terminal Console the CLI prints through (no markup or emoji in user "
+    "text) and the table layout that never cuts a number at 80 columns: it measures with rich.console",
+}
+
+
 def test_only_the_cli_imports_typer_or_rich_console() -> None:
     """Anywhere in a module, lazy imports included: rendering helpers may use rich.table, never a Console."""
     offenders = []
     for name, path in package_modules().items():
-        if name == "onnx_tucker.cli":
+        if name in CLI_MODULES:
             continue
         for node in all_imports(path):
             hits = [m for m in imported_modules(path, node) if is_under(m, ("typer", "rich.console"))]
             if hits:
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
     assert offenders == []
+
+
+def test_only_the_cli_imports_its_console() -> None:
+    """report/console.py is the CLI's: no library module imports it, lazily or not."""
+    importers = []
+    for name, path in package_modules().items():
+        if name in CLI_MODULES:
+            continue
+        for node in all_imports(path):
+            if any(is_under(m, ("onnx_tucker.report.console",)) for m in imported_modules(path, node)):
+                importers.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert importers == []
 
 
 def _protobuf_imports_outside_graph_and_runtime() -> list[tuple[str, int, str]]:
@@ -197,17 +220,23 @@ def test_every_listed_protobuf_exception_still_exists() -> None:
 
 
 def unit_of(module: str) -> str:
-    """The node of the architecture graph: a sub-package (graph, ops, ...) or a top-level module."""
+    """The node of the architecture graph: a sub-package (graph, ops, ...) or a top-level module (api,
+    cli, config, results, the package's `__init__`). A `__main__` module (`python -m onnx_tucker.training`)
+    is an entry point and a node of its own: nothing imports it (test below), so it closes no cycle."""
     parts = module.split(".")
+    if parts[-1] == "__main__":
+        return module
     return "onnx_tucker/__init__" if len(parts) == 1 else parts[1]
 
 
-def unit_import_graph() -> dict[tuple[str, str], list[str]]:
-    """(importer unit, imported unit) -> where, for module-level imports between different units."""
+def unit_import_graph(imports: Callable[[Path], Iterator[ast.Import | ast.ImportFrom]] = all_imports,
+                      ) -> dict[tuple[str, str], list[str]]:
+    """(importer unit, imported unit) -> where, for imports between different units: every import
+    statement by default (TYPE_CHECKING and function-local ones too), or those `imports` yields."""
     modules = package_modules()
     edges: dict[tuple[str, str], list[str]] = {}
     for name, path in modules.items():
-        for node in module_level_imports(path):
+        for node in imports(path):
             names = imported_modules(path, node)
             if isinstance(node, ast.ImportFrom):  # `from pkg import submodule` imports the submodule
                 targets = [n for n in names[1:] if n in modules] or names[:1]
@@ -257,6 +286,8 @@ def test_find_cycle_finds_one() -> None:
 
 
 def test_no_import_cycle_between_subpackages() -> None:
+    """Any import counts: a cycle behind a TYPE_CHECKING block or a function-local import is still two
+    packages that cannot be understood (or moved) one without the other."""
     edges = unit_import_graph()
     # The graph is real: the pipeline's known dependencies are found (relative imports resolved).
     assert {("planning", "ops"), ("ops", "numerics"), ("runtime", "graph"), ("api", "planning")} <= set(edges)
@@ -265,8 +296,25 @@ def test_no_import_cycle_between_subpackages() -> None:
     assert cycle is None, "module-level import cycle:\n" + "\n".join(where)
 
 
+def test_the_import_graph_counts_lazy_and_type_checking_imports() -> None:
+    """The cycle check sees what module-level scanning misses: an import inside a function (cli.py's
+    commands import the library lazily) is an edge of the graph."""
+    lazy, eager = set(unit_import_graph()), set(unit_import_graph(module_level_imports))
+    assert eager < lazy and ("cli", "api") in lazy - eager
+
+
+def test_nothing_imports_an_entry_point() -> None:
+    """`__main__` modules are nodes of their own in the cycle check: true only while nothing imports them."""
+    assert [(a, b) for a, b in unit_import_graph() if b.endswith("__main__")] == []
+
+
+def test_the_shared_types_are_a_leaf() -> None:
+    """`types.py` (LayerTimer, LayerTiming, progress callbacks) imports nothing of the package, lazily or not."""
+    assert [(a, b) for a, b in unit_import_graph() if a == "types"] == []
+
+
 def test_numerics_depend_on_nothing_else_in_the_package() -> None:
-    """numerics/ is the bottom layer: it imports no other part of onnx_tucker at module level."""
+    """numerics/ is the bottom layer: it imports no other part of onnx_tucker, lazily or not."""
     assert [(a, b) for a, b in unit_import_graph() if a == "numerics"] == []
 
 

@@ -19,13 +19,13 @@ import pytest
 from typer.testing import CliRunner
 
 from onnx_tucker import api
+from onnx_tucker.calibration.calibrate import CalibrationOptions, calibrate_model, calibration_batches
 from onnx_tucker.cli import app
 from onnx_tucker.config import CompressionConfig, RankPolicy
 from onnx_tucker.graph.probe import expose_outputs, factor_chain, read_initializer, write_initializers
 from onnx_tucker.graph.rewrite import Replacement, apply_replacements
 from onnx_tucker.numerics import refit
 from onnx_tucker.ops.layer import LayerFactors
-from onnx_tucker.runtime.calibrate import CalibrationOptions, calibrate_model, calibration_batches
 from tests.helpers import (
     he_normal,
     make_conv_model,
@@ -646,3 +646,21 @@ def test_a_conv_transpose_is_kept_with_a_note_not_refit(rng: np.random.Generator
     (cal,) = found.values()
     assert cal.method == "kept" and cal.note == "not refit: calibration does not cover ConvTranspose layers"
     assert [t.SerializeToString() for t in comp.graph.initializer] == before
+
+
+def test_save_plan_after_calibrate_holds_only_what_replays(tmp_path: Path, rng: np.random.Generator) -> None:
+    """issue 17: the refit is a result, not part of the plan: `--save-plan` writes no calibration, the report
+    keeps it per layer, and the saved plan replays the same ranks."""
+    src = save(make_small_cnn(batch="N", c1=12, c2=16, spatial=(8, 8)), tmp_path / "m.onnx")
+    data = _npz(tmp_path, "cal.npz", x=rng.standard_normal((32, 3, 8, 8)).astype(np.float32))
+    plan_file, rep = tmp_path / "p.json", tmp_path / "r.json"
+    res = runner.invoke(app, ["compress", str(src), str(tmp_path / "o.onnx"), "--ranks", "ratio:0.4", "--calibrate",
+                              str(data), "--save-plan", str(plan_file), "--report", str(rep), "-q"])
+    assert res.exit_code == 0, res.output
+    saved = json.loads(plan_file.read_text())
+    assert all("calibration" not in entry for entry in saved["layers"])
+    assert any(entry["calibration"] for entry in json.loads(rep.read_text())["layers"])
+    replayed = runner.invoke(app, ["inspect", str(src), "--plan", str(plan_file), "--report", str(tmp_path / "i.json")])
+    assert replayed.exit_code == 0, replayed.output
+    ranks = {e["name"]: e["ranks"] for e in json.loads((tmp_path / "i.json").read_text())["layers"]}
+    assert ranks == {e["name"]: e["ranks"] for e in json.loads(rep.read_text())["layers"]}

@@ -11,8 +11,9 @@ import pytest
 PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
+from onnx_tucker.config import parse_floats, parse_size  # noqa: E402
+from onnx_tucker.data import Preprocess, load_data  # noqa: E402
 from onnx_tucker.errors import UsageError  # noqa: E402
-from onnx_tucker.runtime.data import Preprocess, load_data, parse_floats, parse_size  # noqa: E402
 
 SHAPE = {"x": [None, 3, 6, 5]}  # N, C, H, W
 

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 from onnx_tucker.cli import app
 from onnx_tucker.config import Preprocess
+from onnx_tucker.data import load_data
 from onnx_tucker.errors import UsageError
-from onnx_tucker.runtime.data import load_data
 from tests.helpers import make_small_cnn, save
 
 F32 = {"x": np.dtype(np.float32)}

@@ -213,7 +213,7 @@ def test_replacing_a_file_keeps_its_mode(tmp_path: Path, umask: None) -> None:
 
 
 def test_external_data_and_checkpoints_get_the_same_modes(tmp_path: Path, umask: None) -> None:
-    from onnx_tucker.finetune.run import _save_checkpoint
+    from onnx_tucker.training.run import _save_checkpoint
 
     os.umask(0o022)
     out = tmp_path / "big.onnx"

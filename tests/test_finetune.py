@@ -16,16 +16,16 @@ from tests.helpers import _finish, _init, he_normal, make_small_cnn, run_ort, sa
 
 torch = pytest.importorskip("torch")
 # Only checked for presence: importing onnx2torch directly would import torchvision, which fails next to a
-# CPU torch build ("torchvision::nms does not exist"); onnx_tucker.finetune imports it behind a stub.
+# CPU torch build ("torchvision::nms does not exist"); onnx_tucker.training imports it behind a stub.
 if importlib.util.find_spec("onnx2torch") is None:
     pytest.skip("onnx2torch is not installed (pip install -e '.[finetune]')", allow_module_level=True)
 
 import onnx_tucker as ot  # noqa: E402
 from onnx_tucker.config import RankPolicy  # noqa: E402
 from onnx_tucker.errors import ModelLoadError  # noqa: E402
-from onnx_tucker.finetune import FinetuneConfig, FinetuneInterrupted  # noqa: E402
-from onnx_tucker.finetune import convert as ftc  # noqa: E402
 from onnx_tucker.graph import torchready  # noqa: E402
+from onnx_tucker.training import FinetuneConfig, FinetuneInterrupted  # noqa: E402
+from onnx_tucker.training import convert as ftc  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -368,7 +368,7 @@ def test_a_broken_torchvision_is_stubbed(tmp_path: Path) -> None:
     tv.mkdir(parents=True)
     (tv / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
     save(make_small_cnn(batch="N"), tmp_path / "m.onnx")
-    code = ("import onnx; from onnx_tucker.finetune import convert; "
+    code = ("import onnx; from onnx_tucker.training import convert; "
             f"m, _ = convert.to_torch(onnx.load(r'{tmp_path / 'm.onnx'}'), 'm'); "
             "import torchvision; print('stub' if getattr(torchvision, '__onnx_tucker_stub__', False) else 'real')")
     root = Path(__file__).resolve().parents[1]
@@ -454,7 +454,7 @@ def test_compress_teacher_is_original_needs_finetune(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_two_process_cpu_run_under_torchrun(tmp_path: Path) -> None:
-    """`torchrun --nproc_per_node 2 -m onnx_tucker.finetune ...` (gloo on CPU): each process trains on half
+    """`torchrun --nproc_per_node 2 -m onnx_tucker.training ...` (gloo on CPU): each process trains on half
     the batches with gradients averaged, one writes OUT and the report, and the result records 2 processes."""
     import json
     import os
@@ -467,7 +467,7 @@ def test_two_process_cpu_run_under_torchrun(tmp_path: Path) -> None:
     data, out, rep = _npz(tmp_path / "d.npz", n=80), tmp_path / "o.onnx", tmp_path / "r.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "onnx_tucker.finetune", str(comp), str(out), "--data", str(data), "--epochs", "1",
+           "-m", "onnx_tucker.training", str(comp), str(out), "--data", str(data), "--epochs", "1",
            "--batch-size", "8", "--device", "cpu", "--threads", "1", "--val-split", "0.1", "--report", str(rep)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

@@ -21,7 +21,7 @@ if importlib.util.find_spec("onnx2torch") is None:
 
 import onnx_tucker as ot  # noqa: E402
 from onnx_tucker.config import RankPolicy  # noqa: E402
-from onnx_tucker.finetune import config as ftconfig  # noqa: E402
+from onnx_tucker.training import config as ftconfig  # noqa: E402
 
 torch.set_num_threads(1)
 

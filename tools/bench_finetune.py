@@ -71,7 +71,8 @@ def main() -> None:
     subprocess.run(cmd, check=True)
     totals = json.loads(rep.read_text())["totals"]
 
-    from onnx_tucker.runtime.data import Preprocess, load_data, parse_floats
+    from onnx_tucker.config import parse_floats
+    from onnx_tucker.data import Preprocess, load_data
 
     pre = Preprocess(None, parse_floats(a.mean, "--mean"), parse_floats(a.std, "--std"))
     import onnx

@@ -201,9 +201,9 @@ class FoldError(RuntimeError):
 
 
 def _run_onnxruntime(m: onnx.ModelProto, names: list[str]) -> list[np.ndarray]:
-    from ..runtime.session import ort_session
+    from ..ort import new_session
 
-    return list(ort_session(m, "constant subgraph").run(names, {}))
+    return list(new_session(m.SerializeToString(), "constant subgraph").run(names, {}))
 
 
 FLOAT_TYPES = frozenset(

@@ -429,12 +429,12 @@ def _checker_message(e: BaseException) -> str:
 
 def _onnxruntime_loads(model: onnx.ModelProto, model_path: Path | None) -> bool:
     from ..errors import ValidationError
-    from ..runtime.session import ort_session
+    from ..ort import new_session
 
     if model_path is None and serialized_size(model) > PROTOBUF_LIMIT:
         return False
     try:
-        ort_session(model_path if model_path is not None else model, optimize=False)
+        new_session(str(model_path) if model_path is not None else model.SerializeToString(), optimize=False)
     except (ValidationError, ImportError):
         return False
     return True

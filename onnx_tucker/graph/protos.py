@@ -15,6 +15,8 @@ import onnx
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import EncodeError
 
+from ..errors import first_line  # noqa: F401 - re-exported: the graph layer and its callers use it from here
+
 # Protobuf refuses to serialise a message over 2 GiB; stay clearly below it.
 PROTOBUF_LIMIT = 2**31 - 2**24
 # The names the default ONNX operator domain goes by.
@@ -149,6 +151,3 @@ def size_on_disk(path: str | os.PathLike[str], model: onnx.ModelProto) -> int:
     return sum(f.stat().st_size for f in files if f.is_file())
 
 
-def first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0].strip() if text else type(e).__name__

@@ -78,11 +78,9 @@ def import_ort_tool(module: str) -> Any:
 
 
 def _ort_run(path: str, threads: int, output_names: Sequence[str]) -> RunFn:
-    import onnxruntime as ort
+    from ..ort import inference_session, session_options
 
-    from ..runtime.session import session_options
-
-    sess = ort.InferenceSession(path, session_options(threads), providers=["CPUExecutionProvider"])
+    sess = inference_session(path, session_options(threads))
     names = list(output_names)
     return lambda feeds: [np.asarray(a) for a in sess.run(names, dict(feeds))]
 

@@ -31,7 +31,7 @@ from ..numerics.spectral import LayerSpectra
 from ..ops.base import OpHandler
 from ..ops.layer import Layer
 from ..ops.registry import handler_for
-from .latency import LayerTimer
+from ..types import LayerTimer
 from .planner import LayerPlan, PlannedRanks, SkipCause, mode_energies, plan_layer
 
 Ranks = tuple[int, ...]

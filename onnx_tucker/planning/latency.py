@@ -14,44 +14,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
 
 import numpy as np
 
 from ..ops.layer import Layer
 from ..ops.registry import handler_for
+from ..types import LayerTimer, LayerTiming, timing_key
 from .planner import LayerPlan, SkipCause
+
+__all__ = ["LayerTimer", "LayerTiming", "timing_key"]  # defined in the leaf `types` (shared with runtime/)
 
 # Multiples tried when --round-to is 1: 8 and 16 floats fill AVX2 / AVX-512 registers.
 DEFAULT_ROUND_MULTIPLES = (8, 16)
-
-
-@dataclass(frozen=True)
-class LayerTiming:
-    """Medians (ms) of one layer's original node and of its replacement chain, timed interleaved."""
-
-    original_ms: float
-    decomposed_ms: float
-    runs: int = 0
-
-    @property
-    def speedup(self) -> float:
-        """original / decomposed: above 1 the decomposition is faster."""
-        return self.original_ms / self.decomposed_ms if self.decomposed_ms > 0 else math.inf
-
-
-class LayerTimer(Protocol):
-    """Times `layer` as it is against `layer` decomposed as `kind` at `ranks` (None: cannot be timed,
-    e.g. its input shape is unknown)."""
-
-    def measure(self, layer: Layer, kind: str, ranks: tuple[int, ...]) -> LayerTiming | None: ...
-
-
-def timing_key(layer: Layer, kind: str, ranks: tuple[int, ...]) -> tuple[object, ...]:
-    """What decides a timing: the op and its attributes, weight and input shapes, dtype, kind, ranks.
-    Identical layers (ResNet stages repeat them) share one measurement."""
-    attrs = tuple(sorted((k, repr(v)) for k, v in layer.attrs.items()))
-    return (layer.op_type, attrs, layer.weight_shape, layer.input_shape, layer.weight_dtype, kind, tuple(ranks))
 
 
 class CachedLayerTimer:

@@ -26,7 +26,6 @@ from ..ops.layer import Layer
 from ..ops.registry import handler_for
 
 if TYPE_CHECKING:
-    from ..runtime.calibrate import LayerCalibration
     from .budget import BudgetCheck, BudgetOutcome
     from .latency import LatencySummary
 
@@ -70,7 +69,6 @@ class LayerPlan:
     reason: str | None = None  # why skipped (kind == "skip"), or a note on the rank policy
     cause: SkipCause | None = None  # why skipped, as a code (set with the reason of every skip)
     policy: str = ""  # how the ranks were reached: "vbmf", "ratio:0.5", "plan file", "rank0:min-rank", ...
-    calibration: LayerCalibration | None = None  # the refit on data (compress --calibrate), see runtime/calibrate.py
     # Measured in the runtime (--latency-aware): medians of the original node and of the chain, timed
     # interleaved in isolation at the layer's input shape. For a layer kept because the chain did not
     # pay, `time_after_ms` is the best variant tried.

@@ -6,6 +6,7 @@ import json
 import math
 from typing import Any
 
+from ..calibration.calibrate import LayerCalibration
 from ..planning.budget import BudgetCheck, BudgetOutcome
 from ..planning.latency import LatencySummary
 from ..planning.planner import CompressionPlan, LayerPlan
@@ -24,7 +25,8 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def layer_dict(p: LayerPlan) -> dict[str, Any]:
+def layer_dict(p: LayerPlan, calibration: LayerCalibration | None = None) -> dict[str, Any]:
+    """One layer of the JSON report: its plan, and its refit when `compress --calibrate` ran."""
     return {
         "name": p.name,
         "op_type": p.op_type,
@@ -41,7 +43,7 @@ def layer_dict(p: LayerPlan) -> dict[str, Any]:
         "policy": p.policy,
         "reason": p.reason,
         "cause": None if p.cause is None else p.cause.value,
-        "calibration": None if p.calibration is None else dict(p.calibration.__dict__),
+        "calibration": None if calibration is None else dict(calibration.__dict__),
         "time_before_ms": p.time_before_ms,
         "time_after_ms": p.time_after_ms,
         "time_speedup": p.time_speedup,
@@ -117,7 +119,7 @@ def result_dict(result: CompressionResult | CompressionPlan, latency: LatencyRep
     totals = dict(t.__dict__) | {"params_ratio": t.params_ratio, "macs_ratio": t.macs_ratio, "size_ratio": t.size_ratio}
     return _clean(
         {
-            "layers": [layer_dict(p) for p in result.plan.layers],
+            "layers": [layer_dict(p, result.layer_calibration.get(p.name)) for p in result.plan.layers],
             "totals": totals,
             "validation": validation_dict(result.validation),
             "latency": latency_dict(latency if latency is not None else result.latency),

@@ -5,14 +5,14 @@ from __future__ import annotations
 from rich.table import Table
 from rich.text import Text
 
-from ..finetune.config import FinetuneResult
+from ..calibration.calibrate import CalibrationSummary
 from ..planning.budget import BudgetCheck, BudgetOutcome
 from ..planning.latency import LatencySummary
 from ..planning.planner import CompressionPlan
 from ..results import CompressionResult, ModelTotals
 from ..runtime.bench import LatencyReport
-from ..runtime.calibrate import CalibrationSummary
 from ..runtime.validate import ValidationReport
+from ..training.config import FinetuneResult
 from . import fmt
 
 
@@ -158,17 +158,15 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def calibration_table(plan: CompressionPlan) -> Table | None:
+def calibration_table(result: CompressionResult) -> Table | None:
     """Per refit layer (compress --calibrate): its output error on the calibration data, before -> after."""
-    rows = [p for p in plan.layers if p.calibration is not None]
+    rows = [(p, result.layer_calibration[p.name]) for p in result.plan.layers if p.name in result.layer_calibration]
     if not rows:
         return None
     t = Table(title="Calibration (layer output error on the calibration data)", title_justify="left")
     for col in ("layer", "refit", "rows", "error before", "error after", "note"):
         t.add_column(col, justify="left" if col in ("layer", "refit", "note") else "right")
-    for p in rows:
-        c = p.calibration
-        assert c is not None
+    for p, c in rows:
         t.add_row(p.name, c.method, str(c.rows), "-" if c.error_before is None else f"{c.error_before:.4f}",
                   "-" if c.error_after is None else f"{c.error_after:.4f}", c.note or "")
     return t
@@ -206,7 +204,7 @@ def result_tables(
     latency = latency if latency is not None else result.latency
     lat = (latency.original_median, latency.compressed_median) if latency is not None else None
     tables: list[Table | Text] = [layer_table(plan), *timing]
-    cal = calibration_table(plan)
+    cal = calibration_table(result)
     if cal is not None:
         tables.append(cal)
     tables.append(summary_table(result.totals, lat))

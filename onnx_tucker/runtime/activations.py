@@ -18,21 +18,13 @@ from onnx import helper
 from ..errors import ValidationError
 from ..graph.probe import downstream, extract_segment, tensor_readers
 from ..graph.protos import PROTOBUF_LIMIT, first_line
+from .session import ort_session
 
 
 def _session(model: onnx.ModelProto, what: str):  # type: ignore[no-untyped-def]
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    try:
-        if model.ByteSize() > PROTOBUF_LIMIT:
-            raise ValidationError(f"the {what} model is over 2 GB: --calibrate does not support such models yet; leave it out")
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    except ValidationError:
-        raise
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated exception types
-        raise ValidationError(f"the {what} model does not load in onnxruntime ({first_line(e)})") from None
+    if model.ByteSize() > PROTOBUF_LIMIT:
+        raise ValidationError(f"the {what} model is over 2 GB: --calibrate does not support such models yet; leave it out")
+    return ort_session(model.SerializeToString(), what, quiet=False)  # full optimisation, onnxruntime's threads
 
 
 class ActivationCache:

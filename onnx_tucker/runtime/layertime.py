@@ -35,7 +35,8 @@ from ..graph.layermodel import (
 from ..ops.layer import Layer
 from ..ops.registry import LAYER_KERNELS as LAYER_KERNELS  # re-exported: the kernels the profile counts
 from ..ops.registry import is_layer_kernel
-from ..planning.latency import LayerTiming, timing_key
+from ..ort import inference_session
+from ..types import LayerTiming, timing_key
 from .bench import interleave
 from .session import ort_session, session_options
 from .validate import random_inputs
@@ -102,14 +103,13 @@ def profile_layer_times(
     threads: int = 1, runs: int = 10, seed: int = 0,
 ) -> dict[str, tuple[str, float]]:
     """Node name -> (op type, median ms per run) from onnxruntime's profiler over `runs` runs."""
-    import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix="onnx-tucker-profile-") as tmp:
         opts = session_options(threads)
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(tmp, "profile")
         src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-        sess = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+        sess = inference_session(src, opts)
         feeds = random_inputs(reference, input_shapes, np.random.default_rng(seed))
         for _ in range(runs):
             sess.run(None, feeds)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,10 +12,11 @@ import onnx
 from ..errors import ValidationError
 from ..graph.irmodel import IRModel
 from ..graph.protos import first_line, graph_input_names
+from ..types import StepProgress
 from .session import ort_session, session_folder
 
 DEFAULT_RANDOM_SAMPLES = 8
-Progress = Callable[[str, int, int], None]  # (step, samples done, samples in all)
+Progress = StepProgress  # (step, samples done, samples in all)
 # Said wherever class agreement on random inputs is shown: it compares two models' classes on noise.
 RANDOM_AGREEMENT_NOTE = ("random inputs: top-1/top-5 agreement compares the two models' classes on noise and is "
                          "not accuracy; give --data (with labels) for accuracy before/after")
@@ -181,10 +182,10 @@ class ValidationData:
 def load_validation_data(
     path: str | os.PathLike[str], model: onnx.ModelProto, limit: int | None = None, preprocess=None  # type: ignore[no-untyped-def]
 ) -> ValidationData:
-    """Read user data through the shared loader (runtime/data.py): a .npz holding an array per model
+    """Read user data through the shared loader (data/): a .npz holding an array per model
     input (named as the input, or `input` for a single-input model) and optionally `labels` (int
     class ids), or an image folder (one sub-folder per class, or a flat folder); first axis = samples."""
-    from .data import load_data
+    from ..data import load_data
 
     names = graph_input_names(model)
     by_name = {i.name: i for i in model.graph.input}

@@ -30,9 +30,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 
 from ..config import CompressionConfig
 from ..errors import ValidationError
@@ -57,7 +57,10 @@ from ..ops.base import OpHandler
 from ..ops.layer import Im2col, Layer, LayerFactors
 from ..ops.registry import handler_for
 from ..planning.planner import CompressionPlan
-from .activations import ActivationCache
+from ..runtime.activations import ActivationCache
+
+if TYPE_CHECKING:  # annotations only: the stages take models from the graph layer
+    import onnx
 
 METHODS = ("last", "joint", "full")
 Batches = Sequence[Mapping[str, np.ndarray]]
@@ -350,7 +353,7 @@ class CalibrationSummary:
 def _load_calibration(path: str, model: onnx.ModelProto, limit: int | None, seed: int, preprocess=None):  # type: ignore[no-untyped-def]
     """(data used for the refit, held-out data or None), as `ValidationData`."""
     from ..errors import UsageError
-    from .validate import ValidationData, load_validation_data
+    from ..runtime.validate import ValidationData, load_validation_data
 
     try:
         data = load_validation_data(path, model, None, preprocess)
@@ -368,7 +371,7 @@ def _load_calibration(path: str, model: onnx.ModelProto, limit: int | None, seed
 def _batches_of(data, model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]],  # type: ignore[no-untyped-def]
                 batch: int) -> list[dict[str, np.ndarray]]:
     from ..errors import UsageError
-    from .validate import data_batches, dynamic_batch
+    from ..runtime.validate import data_batches, dynamic_batch
 
     try:
         chunks = data_batches(data, input_shapes, model)
@@ -394,13 +397,14 @@ def calibration_batches(path: str, model: onnx.ModelProto, input_shapes: Mapping
 def calibrate_from_config(original: onnx.ModelProto, compressed: onnx.ModelProto, replacements: Mapping[int, Replacement],
                           plan: CompressionPlan, input_shapes: Mapping[str, tuple[int, ...]], config: CompressionConfig,
                           progress: Callable[[str, int, int], None] | None = None
-                          ) -> tuple[CompressionPlan, CalibrationSummary]:
-    """`compress --calibrate`: refit `compressed` in place; the plan with each layer's `calibration`,
-    and the whole model's agreement with the original on held-out samples before and after."""
+                          ) -> tuple[dict[str, LayerCalibration], CalibrationSummary]:
+    """`compress --calibrate`: refit `compressed` in place; each refit layer's `LayerCalibration` by
+    name (a result: plans hold only what replays), and the whole model's agreement with the original
+    on held-out samples before and after."""
     import copy
     import time
 
-    from .validate import validate_models
+    from ..runtime.validate import validate_models
 
     assert config.calibrate is not None
     t0 = time.perf_counter()
@@ -409,11 +413,10 @@ def calibrate_from_config(original: onnx.ModelProto, compressed: onnx.ModelProto
     one_shot = copy.deepcopy(compressed) if held is not None else None
     found = calibrate_model(original, compressed, replacements, batches, CalibrationOptions(seed=config.seed),
                             progress=progress)
-    layers = tuple(replace(lp, calibration=found.get(lp.name)) for lp in plan.layers)
     summary = CalibrationSummary(used.count, 0)
     if held is not None and one_shot is not None:
         before = validate_models(original, one_shot, input_shapes, data=held).outputs[0]
         after = validate_models(original, compressed, input_shapes, data=held).outputs[0]
         summary = CalibrationSummary(used.count, held.count, before.top1_agreement, after.top1_agreement,
                                      before.cosine, after.cosine)
-    return replace(plan, layers=layers), replace(summary, seconds=time.perf_counter() - t0)
+    return {lp.name: found[lp.name] for lp in plan.layers if lp.name in found}, replace(summary, seconds=time.perf_counter() - t0)

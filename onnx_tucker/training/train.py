@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from ..types import EventProgress
 from .config import FinetuneConfig
 from .convert import import_torch
 
-Progress = Callable[[str, Mapping[str, Any]], None]
+Progress = EventProgress
 
 
 def is_class_scores(shape: Sequence[int]) -> bool:

@@ -17,9 +17,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 
 from ..errors import UsageError
 from ..numerics.rankalloc import (
@@ -33,7 +33,10 @@ from ..numerics.refit import GramStats, conv_pads_begin, im2col, kernel_input_gr
 from ..ops.layer import Im2col, Layer
 from ..ops.registry import find_handler, handler_for
 from ..planning.planner import LayerPlan, PlannedRanks, SkipCause
-from .activations import ActivationCache
+from ..runtime.activations import ActivationCache
+
+if TYPE_CHECKING:  # annotations only: the stages take models from the graph layer
+    import onnx
 
 # Plans the user (--include / --exclude) or the weights (NaN/Inf) rule out: data ranks leave them alone.
 RULED_OUT = frozenset({SkipCause.INCLUDE, SkipCause.EXCLUDE, SkipCause.NON_FINITE})

@@ -57,29 +57,6 @@ class DataSet:
         )
 
 
-def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
-    if text is None or text == "":
-        return None
-    try:
-        return tuple(float(v) for v in text.replace(" ", "").split(","))
-    except ValueError:
-        raise UsageError(f"{option} {text}: not a comma-separated list of numbers, e.g. 0.485,0.456,0.406") from None
-
-
-def parse_size(text: str | None, option: str = "--size") -> tuple[int, int] | None:
-    if text is None or text == "":
-        return None
-    try:
-        v = [int(s) for s in text.replace("x", ",").split(",")]
-    except ValueError:
-        raise UsageError(f"{option} {text}: not a size; give N or H,W (e.g. 32 or 224,224)") from None
-    if len(v) == 1:
-        v = v * 2
-    if len(v) != 2 or min(v) < 1:
-        raise UsageError(f"{option} {text}: give N or H,W with positive numbers")
-    return (v[0], v[1])
-
-
 def load_data(
     path: str | os.PathLike[str],
     input_names: Sequence[str],

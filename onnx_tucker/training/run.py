@@ -8,19 +8,21 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
+from ..data import DataSet, load_data
 from ..errors import ModelLoadError, OnnxTuckerError, Terminated, UsageError, ValidationError
 from ..graph import torchready
 from ..graph.load import load_model
 from ..graph.save import OutputBatch, check_output_path, check_output_paths, make_temp
-from ..runtime.data import DataSet, load_data
+from ..ort import session_options
 from ..runtime.validate import compare_outputs
 from . import convert
 from .config import EpochStats, FinetuneConfig, FinetuneInterrupted, FinetuneResult, default_torch_threads
@@ -167,39 +169,27 @@ def _save_checkpoint(torch: Any, path: Path, state: dict[str, Any]) -> None:
 
 
 def _ort_outputs(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    import onnxruntime as ort
+    from ..ort import inference_session
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 4
+    opts = session_options()  # onnxruntime's defaults (full optimisation, its threads), quiet
     try:
-        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        sess = inference_session(model.SerializeToString(), opts)
         return list(sess.run(None, dict(feeds)))
     except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated types
         msg = " ".join(str(e).split())[:300] or type(e).__name__
         raise ValidationError(f"the exported model does not run in onnxruntime ({msg}); please report this") from None
 
 
-def finetune(
-    model: str | os.PathLike[str],
-    output: str | os.PathLike[str] | None,
-    data: str | os.PathLike[str],
-    *,
-    teacher: str | os.PathLike[str] | None = None,
-    val_data: str | os.PathLike[str] | None = None,
-    config: FinetuneConfig | None = None,
-    progress: Progress | None = None,
-    report: str | os.PathLike[str] | None = None,
-) -> FinetuneResult:
-    """Fine-tune the (compressed) ONNX `model` on `data` and write it to `output` (None: write nothing).
+@dataclass(frozen=True)
+class _Paths:
+    src: Path
+    out: Path | None
+    ckpt: Path | None
 
-    With labels in DATA: cross-entropy; with `teacher` (the original ONNX model): distillation,
-    no labels needed; with both: `alpha` * labelled + (1 - alpha) * distillation. The best epoch's
-    weights (on the held-out data) are exported with the same input/output names, checked in
-    onnxruntime against the torch module, and written atomically; the input is never overwritten.
-    A checkpoint (`config.checkpoint`, default OUT.finetune.pt) is kept after every epoch for `resume`.
-    `report`: also write the result as JSON (key `finetune`), together with OUT.
-    """
-    cfg = config or FinetuneConfig()
+
+def _paths(model: str | os.PathLike[str], output: str | os.PathLike[str] | None, data: str | os.PathLike[str],
+           teacher: str | os.PathLike[str] | None, report: str | os.PathLike[str] | None, cfg: FinetuneConfig) -> _Paths:
+    """Step 1: where everything is read and written, checked before any work (the input is never overwritten)."""
     src = Path(model)
     out = Path(output) if output is not None else None
     if out is not None:
@@ -215,18 +205,28 @@ def finetune(
     check_output_paths(src, {"OUT": out, "--checkpoint": ckpt, "--report": report})
     if cfg.resume and (ckpt is None or not ckpt.is_file()):
         raise UsageError(f"--resume: no checkpoint at {ckpt}; run without --resume first (or give --checkpoint)")
+    return _Paths(src, out, ckpt)
 
-    torch = convert.import_torch()
-    device = _device(torch, cfg.device)
-    rank, world, device = _distributed(torch, device)
-    if rank != 0:
-        progress = None  # one process reports (and writes: checkpoint, OUT, report)
-    notes: list[str] = []  # shown when training starts (progress "start") and kept in the result
+
+@dataclass(frozen=True)
+class _Protos:
+    student: onnx.ModelProto
+    teacher: onnx.ModelProto | None
+    in_names: list[str]
+    out_names: list[str]
+    shapes: dict[str, list[Any]]
+    dtypes: dict[str, np.dtype]
+    notes: list[str]
+
+
+def _load_protos(src: Path, teacher: str | os.PathLike[str] | None) -> _Protos:
+    """Step 2a: the student and the teacher as ONNX, the teacher checked against the student's inputs/outputs."""
     student_proto = load_model(src)
     in_names, out_names = torchready.graph_io(student_proto)
     shapes = torchready.io_shapes(student_proto)
     dtypes = torchready.io_dtypes(student_proto)
     teacher_proto = None
+    notes: list[str] = []
     if teacher is not None:
         teacher_proto = load_model(teacher)
         t_in, t_out = torchready.graph_io(teacher_proto)
@@ -236,7 +236,21 @@ def finetune(
                 f"{in_names} / {len(out_names)}; the teacher must be the model the student was compressed from"
             )
         notes += _teacher_notes(teacher, teacher_proto, t_out, in_names, out_names, shapes, dtypes)
+    return _Protos(student_proto, teacher_proto, in_names, out_names, dict(shapes), dict(dtypes), notes)
 
+
+@dataclass(frozen=True)
+class _Data:
+    train: DataSet
+    val: DataSet | None
+    eval: DataSet  # the held-out data, or the training data without any
+    notes: list[str]
+
+
+def _load_data(data: str | os.PathLike[str], val_data: str | os.PathLike[str] | None, teacher: object,
+               protos: _Protos, cfg: FinetuneConfig) -> _Data:
+    """Step 3: the training and held-out data (loaded, checked against the model, split, labels dropped)."""
+    in_names, shapes, dtypes = protos.in_names, protos.shapes, protos.dtypes
     ds = load_data(data, in_names, shapes, dtypes, cfg.preprocess, option="--data")
     _check_samples(ds, shapes, "--data")
     val_ds: DataSet | None
@@ -256,31 +270,52 @@ def finetune(
             "to distil from the original model, or labelled data (one sub-folder per class)"
         )
     eval_ds = val_ds if val_ds is not None else train_ds
-    notes += _held_out_notes(val_ds, val_data, cfg.val_split, ds.count)
+    return _Data(train_ds, val_ds, eval_ds, _held_out_notes(val_ds, val_data, cfg.val_split, ds.count))
 
+
+@dataclass(frozen=True)
+class _Modules:
+    student: Any  # the torch module being trained (eval mode: frozen BatchNorm statistics)
+    teacher: Any  # frozen, or None
+    norm: torchready.Normalized  # what was normalised for onnx2torch; its model is the export's reference
+    n_train: int
+    n_total: int
+    threads: int
+    threads_why: str
+
+
+def _to_torch(torch: Any, device: Any, src: Path, teacher: str | os.PathLike[str] | None, protos: _Protos,
+              cfg: FinetuneConfig) -> _Modules:
+    """Step 2b: torch threads and seeds, then both models converted to torch modules on `device`."""
     threads, threads_why = (cfg.threads, "--torch-threads") if cfg.threads is not None else default_torch_threads()
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
-    student, norm = convert.to_torch(student_proto, str(src))
+    student, norm = convert.to_torch(protos.student, str(src))
     t_module = None
-    if teacher_proto is not None:
-        t_module, _ = convert.to_torch(teacher_proto, str(teacher))
+    if protos.teacher is not None:
+        t_module, _ = convert.to_torch(protos.teacher, str(teacher))
         t_module = t_module.to(device).eval()
         for p in t_module.parameters():
             p.requires_grad_(False)
     student = student.to(device).eval()  # eval mode throughout: frozen BatchNorm statistics (train.py)
-    trainable, n_train, n_total = convert.select_trainable(student, cfg.train, str(src))
+    _, n_train, n_total = convert.select_trainable(student, cfg.train, str(src))
+    return _Modules(student, t_module, norm, n_train, n_total, threads, threads_why)
 
-    # What the outputs look like, from one small batch; the teacher must give the same shapes.
-    probe = {n: a[: min(2, eval_ds.count)] for n, a in eval_ds.inputs.items()}
+
+def _label_output(torch: Any, device: Any, src: Path, data: str | os.PathLike[str], teacher: object, protos: _Protos,
+                  mods: _Modules, ds: _Data) -> int | None:
+    """What the outputs look like, from one small batch (the teacher must give the same shapes): the
+    index of the class-score output the labels are checked against, or None."""
+    in_names, out_names = protos.in_names, protos.out_names
+    probe = {n: a[: min(2, ds.eval.count)] for n, a in ds.eval.inputs.items()}
     with torch.no_grad():
-        s_out = run_model(student, probe, in_names, device)
+        s_out = run_model(mods.student, probe, in_names, device)
         if len(s_out) != len(out_names):
             raise ModelLoadError(f"{src}: the converted model gives {len(s_out)} outputs, the ONNX model {len(out_names)}; please report this")
-        if t_module is not None:
-            t_probe = run_model(t_module, probe, in_names, device)
+        if mods.teacher is not None:
+            t_probe = run_model(mods.teacher, probe, in_names, device)
             s_shapes = [tuple(o.shape) for o in s_out]
             t_shapes = [tuple(o.shape) for o in t_probe]
             for name, s_shape, t_shape in zip(out_names, s_shapes, t_shapes, strict=True):
@@ -290,20 +325,43 @@ def finetune(
                         "the teacher must be the model the student was compressed from"
                     )
     label_output = next((k for k, so in enumerate(s_out) if is_class_scores(tuple(so.shape))), None)
-    labelled = train_ds.labels is not None
-    if labelled:
+    train_ds, val_ds = ds.train, ds.val
+    if train_ds.labels is not None:
         if label_output is None:
             raise UsageError(
                 f"--data {data}: has labels but no model output looks like class scores [N, C]; "
                 "give --teacher ORIG.onnx and unlabelled data instead"
             )
         classes = int(s_out[label_output].shape[1])
-        top = int(max(train_ds.labels.max(), -1 if val_ds is None or val_ds.labels is None else val_ds.labels.max()))  # type: ignore[union-attr]
-        if top >= classes or int(train_ds.labels.min()) < 0:  # type: ignore[union-attr]
+        top = int(max(train_ds.labels.max(), -1 if val_ds is None or val_ds.labels is None else val_ds.labels.max()))
+        if top >= classes or int(train_ds.labels.min()) < 0:
             raise UsageError(f"--data {data}: label {top} is out of range for the model's {classes} classes (output '{out_names[label_output]}')")
-    mode = "labels+distill" if labelled and teacher is not None else ("labels" if labelled else "distill")
+    return label_output
+
+
+@dataclass(frozen=True)
+class _Trained:
+    history: list[EpochStats]
+    steps: int
+    best_epoch: int | None
+    metric: str
+    before: dict[str, Any]
+    after: EvalStats
+    seconds: float
+    train_count: int
+    eval_batches: Batches
+
+
+def _train(torch: Any, device: Any, rank: int, world: int, paths: _Paths, protos: _Protos, mods: _Modules, ds: _Data,
+           label_output: int | None, mode: str, cfg: FinetuneConfig, progress: Progress | None) -> _Trained:
+    """Step 4: the training loop, resumed from the checkpoint when asked; a checkpoint after every epoch; the
+    best epoch's weights (the starting weights compete as epoch 0) loaded into the student at the end."""
+    src, ckpt = paths.src, paths.ckpt
+    in_names, student, t_module = protos.in_names, mods.student, mods.teacher
+    train_ds, val_ds, eval_ds = ds.train, ds.val, ds.eval
+    labelled = train_ds.labels is not None
     train_labels = train_ds.labels if labelled else None
-    layouts = _layouts(train_ds, shapes, cfg)
+    layouts = _layouts(train_ds, protos.shapes, cfg)
     train_b = Batches(train_ds.inputs, train_labels, cfg.batch_size, layouts, rank=rank, world=world)
     eval_b = Batches(eval_ds.inputs, eval_ds.labels if labelled or eval_ds.labels is not None else None,
                      max(cfg.batch_size, 256), layouts)
@@ -364,9 +422,9 @@ def finetune(
     if progress is not None:
         progress("start", {"epochs": cfg.epochs, "first_epoch": start_epoch + 1, "steps": len(train_b), "mode": mode,
                            "device": str(device), "train": train_b.count, "val": 0 if val_ds is None else val_ds.count,
-                           "trainable": n_train, "total": n_total, "before": before, "metric": metric,
-                           "changes": norm.changes, "notes": tuple(notes), "threads": threads,
-                           "threads_why": threads_why, "batch_size": cfg.batch_size})
+                           "trainable": mods.n_train, "total": mods.n_total, "before": before, "metric": metric,
+                           "changes": mods.norm.changes, "notes": tuple(protos.notes + ds.notes),
+                           "threads": mods.threads, "threads_why": mods.threads_why, "batch_size": cfg.batch_size})
     epoch = saved_epoch = start_epoch  # saved_epoch: what the checkpoint on disk holds
     try:
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
@@ -419,19 +477,14 @@ def finetune(
     if best_state is not None:
         student.load_state_dict(best_state)
     after = evaluate(student, t_module, eval_b, in_names, cfg, label_output, device)
-    if world > 1:
-        torch.distributed.destroy_process_group()
-        if rank != 0:  # the weights are the same in every process: rank 0 exports and writes them
-            return FinetuneResult(
-                input_path=str(src), output_path=None, teacher_path=None if teacher is None else str(teacher), mode=mode,
-                device=str(device), train_samples=train_b.count, val_samples=0 if val_ds is None else val_ds.count,
-                trainable_params=n_train, total_params=n_total, epochs=len(history), steps=steps_done,
-                history=tuple(history), best_epoch=best_epoch, best_metric=metric,
-                accuracy_before=before["accuracy"], accuracy_after=after.accuracy, agreement_before=before["agreement"],
-                agreement_after=after.agreement, seconds=seconds, export_opset=0, export_max_rel_error=0.0,
-                normalisation=norm.changes, checkpoint="", world_size=world, notes=tuple(notes), torch_threads=threads)
+    return _Trained(history, steps_done, best_epoch, metric, before, after, seconds, train_b.count, eval_b)
 
-    # Back to ONNX: same names, the structure of the compressed model, checked in onnxruntime.
+
+def _export_and_verify(src: Path, protos: _Protos, mods: _Modules, ds: _Data,
+                       cfg: FinetuneConfig) -> tuple[onnx.ModelProto, float]:
+    """Step 5: back to ONNX with the same names and the structure of the compressed model, checked in
+    onnxruntime against the trained torch module: (the exported model, the worst relative error)."""
+    in_names, out_names, student, norm, eval_ds = protos.in_names, protos.out_names, mods.student, mods.norm, ds.eval
     sample = {n: a[: min(2, eval_ds.count)] for n, a in eval_ds.inputs.items()}
     norm_shapes = torchready.io_shapes(norm.model)
     dynamic = all(not isinstance(norm_shapes[n][0], int) for n in in_names if norm_shapes[n])
@@ -442,10 +495,10 @@ def finetune(
             f"{src}: the exported model's layers differ from the compressed model's ({len(got)} vs {len(want)} weighted "
             "nodes); nothing was written; please report this"
         )
-    for p in student_proto.metadata_props:
+    for p in protos.student.metadata_props:
         exported.metadata_props.add(key=p.key, value=p.value)
-    if student_proto.doc_string:
-        exported.doc_string = student_proto.doc_string
+    if protos.student.doc_string:
+        exported.doc_string = protos.student.doc_string
     check = {n: a[: min(8, eval_ds.count)] for n, a in eval_ds.inputs.items()}
     ref = [t.detach().cpu().numpy() for t in run_model(student.to("cpu"), check, in_names, "cpu")]
     got_out = _ort_outputs(exported, check)
@@ -458,24 +511,82 @@ def finetune(
             f"{src}: the exported model differs from the trained torch module (max relative error {worst:.3g} > {cfg.rtol:g}); "
             "nothing was written; please report this"
         )
-    result = FinetuneResult(
-        input_path=str(src), output_path=None if out is None else str(out),
-        teacher_path=None if teacher is None else str(teacher), mode=mode, device=str(device),
-        train_samples=train_b.count, val_samples=0 if val_ds is None else val_ds.count,
-        trainable_params=n_train, total_params=n_total, epochs=len(history), steps=steps_done,
-        history=tuple(history), best_epoch=best_epoch, best_metric=metric,
-        accuracy_before=before["accuracy"], accuracy_after=after.accuracy,
-        agreement_before=before["agreement"], agreement_after=after.agreement,
-        seconds=seconds, export_opset=torchready.default_opset(exported), export_max_rel_error=worst,
-        normalisation=norm.changes, checkpoint=str(ckpt) if ckpt is not None else "", world_size=world,
-        notes=tuple(notes), torch_threads=threads,
-    )
-    with OutputBatch() as batch:  # OUT and the report appear together or not at all
-        if out is not None:
-            batch.add_model(exported, out, src)
+    return exported, worst
+
+
+def _write(exported: onnx.ModelProto, paths: _Paths, report: str | os.PathLike[str] | None, result: FinetuneResult) -> None:
+    """Step 6: OUT and the report appear together or not at all."""
+    with OutputBatch() as batch:
+        if paths.out is not None:
+            batch.add_model(exported, paths.out, paths.src)
         if report is not None:
             batch.add_text(report, json.dumps({"finetune": result.to_dict()}, indent=2, default=str) + "\n")
         batch.commit()
+
+
+def finetune(
+    model: str | os.PathLike[str],
+    output: str | os.PathLike[str] | None,
+    data: str | os.PathLike[str],
+    *,
+    teacher: str | os.PathLike[str] | None = None,
+    val_data: str | os.PathLike[str] | None = None,
+    config: FinetuneConfig | None = None,
+    progress: Progress | None = None,
+    report: str | os.PathLike[str] | None = None,
+) -> FinetuneResult:
+    """Fine-tune the (compressed) ONNX `model` on `data` and write it to `output` (None: write nothing).
+
+    With labels in DATA: cross-entropy; with `teacher` (the original ONNX model): distillation,
+    no labels needed; with both: `alpha` * labelled + (1 - alpha) * distillation. The best epoch's
+    weights (on the held-out data) are exported with the same input/output names, checked in
+    onnxruntime against the torch module, and written atomically; the input is never overwritten.
+    A checkpoint (`config.checkpoint`, default OUT.finetune.pt) is kept after every epoch for `resume`.
+    `report`: also write the result as JSON (key `finetune`), together with OUT.
+    """
+    with warnings.catch_warnings():
+        # onnx2torch's converted modules warn on every call (tensor indexing with a list); not actionable.
+        warnings.filterwarnings("ignore", module=r"onnx2torch(\.|$)")
+        return _finetune(model, output, data, teacher, val_data, config or FinetuneConfig(), progress, report)
+
+
+def _finetune(model: str | os.PathLike[str], output: str | os.PathLike[str] | None, data: str | os.PathLike[str],
+              teacher: str | os.PathLike[str] | None, val_data: str | os.PathLike[str] | None, cfg: FinetuneConfig,
+              progress: Progress | None, report: str | os.PathLike[str] | None) -> FinetuneResult:
+    paths = _paths(model, output, data, teacher, report, cfg)
+    torch = convert.import_torch()
+    rank, world, device = _distributed(torch, _device(torch, cfg.device))
+    if rank != 0:
+        progress = None  # one process reports (and writes: checkpoint, OUT, report)
+    protos = _load_protos(paths.src, teacher)
+    ds = _load_data(data, val_data, teacher, protos, cfg)
+    mods = _to_torch(torch, device, paths.src, teacher, protos, cfg)
+    label_output = _label_output(torch, device, paths.src, data, teacher, protos, mods, ds)
+    labelled = ds.train.labels is not None
+    mode = "labels+distill" if labelled and teacher is not None else ("labels" if labelled else "distill")
+    run = _train(torch, device, rank, world, paths, protos, mods, ds, label_output, mode, cfg, progress)
+    notes = tuple(protos.notes + ds.notes)  # shown when training started (progress "start") and kept in the result
+    common = dict(
+        input_path=str(paths.src), teacher_path=None if teacher is None else str(teacher), mode=mode,
+        device=str(device), train_samples=run.train_count, val_samples=0 if ds.val is None else ds.val.count,
+        trainable_params=mods.n_train, total_params=mods.n_total, epochs=len(run.history), steps=run.steps,
+        history=tuple(run.history), best_epoch=run.best_epoch, best_metric=run.metric,
+        accuracy_before=run.before["accuracy"], accuracy_after=run.after.accuracy,
+        agreement_before=run.before["agreement"], agreement_after=run.after.agreement, seconds=run.seconds,
+        normalisation=mods.norm.changes, world_size=world, notes=notes, torch_threads=mods.threads,
+    )
+    if world > 1:
+        torch.distributed.destroy_process_group()
+        if rank != 0:  # the weights are the same in every process: rank 0 exports and writes them
+            return FinetuneResult(output_path=None, export_opset=0, export_max_rel_error=0.0, checkpoint="",
+                                  **common)  # type: ignore[arg-type]
+    exported, worst = _export_and_verify(paths.src, protos, mods, ds, cfg)
+    result = FinetuneResult(
+        output_path=None if paths.out is None else str(paths.out), export_opset=torchready.default_opset(exported),
+        export_max_rel_error=worst, checkpoint=str(paths.ckpt) if paths.ckpt is not None else "",
+        **common,  # type: ignore[arg-type]
+    )
+    _write(exported, paths, report, result)
     return result
 
 

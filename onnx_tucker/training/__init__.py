@@ -1,0 +1,33 @@
+"""Fine-tuning a compressed ONNX model: ONNX -> torch (onnx2torch) -> train -> ONNX (the paper's step 3).
+
+    import onnx_tucker as ot
+    r = ot.finetune("model.tucker.onnx", "model.ft.onnx", "train/", teacher="model.onnx",
+                    config=ot.FinetuneConfig(epochs=3, optimizer="adam"))
+    print(r.accuracy_before, r.accuracy_after)
+
+torch and onnx2torch are imported only when `finetune` runs (the `finetune` extra); the function
+itself (`training.run.finetune`) is loaded on first use, so building a `FinetuneConfig` or reading a
+`FinetuneResult` loads neither onnx2torch nor the training code. `python -m onnx_tucker.training`
+is `onnx-tucker finetune` (for torchrun).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .config import EpochStats, FinetuneConfig, FinetuneInterrupted, FinetuneResult, FinetuneStep
+
+if TYPE_CHECKING:
+    from .run import finetune
+
+
+def __getattr__(name: str) -> Any:
+    if name == "finetune":  # PEP 562: the training code (onnx, onnxruntime, the converters) on first use
+        value = importlib.import_module(".run", __name__).finetune
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["EpochStats", "FinetuneConfig", "FinetuneInterrupted", "FinetuneResult", "FinetuneStep", "finetune"]
