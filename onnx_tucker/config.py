@@ -339,7 +339,7 @@ class ValidationConfig(_Normalised):
 @group("Calibration")
 @dataclass(frozen=True)
 class CalibrationConfig(_Normalised):
-    """Refit the factors on unlabeled data after decomposing (runtime/calibrate.py);
+    """Refit the factors on unlabeled data after decomposing (calibration/calibrate.py);
     `calibration_samples` caps how many samples are read."""
 
     calibrate: str | None = opt("--calibrate", default=None, cli_type=Path | None, help="Refit each decomposed layer's factors so its output matches the original's on this unlabeled data (.npz with one array per model input, or an image folder: see --size/--mean/--std); same graph. Without --data, validation runs on it too.")

@@ -8,4 +8,4 @@ import sys
 
 if __name__ == "__main__":
     sys.argv = [sys.argv[0], "finetune", *sys.argv[1:]]
-    runpy.run_module("onnx_tucker.cli", run_name="__main__")
+    runpy.run_module("onnx_tucker.cli", run_name="__main__", alter_sys=True)  # the app resolves its annotations in sys.modules["__main__"]
