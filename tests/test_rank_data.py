@@ -209,9 +209,9 @@ def test_data_ranks_rule_layers_out_by_their_cause_not_their_words(rng: np.rando
     cause says otherwise) does not rule the layer out (issue 17: no decision on message text)."""
     from dataclasses import replace
 
+    from onnx_tucker.calibration.rankselect import select_ranks_data
     from onnx_tucker.graph.model import ModelIndex, find_layers, infer_shapes
     from onnx_tucker.planning.planner import SkipCause, plan_layer
-    from onnx_tucker.calibration.rankselect import select_ranks_data
 
     model = make_small_cnn(batch="N")
     layers = find_layers(model, infer_shapes(model, {"x": (1, 3, 16, 16)}))
