@@ -331,3 +331,14 @@ def test_docs_tables_equal_what_their_rows_give() -> None:
     assert stale == [], f"{stale}: run `python tools/results_tables.py`"
     shown = {m.group("name") for p in tables.pages() for m in tables.MARKER.finditer(p.read_text())}
     assert shown == {p.name for p in (ROOT / "tools" / "results").glob("*.jsonl")}
+
+
+def test_relative_links_resolve() -> None:
+    """Moving sections into docs/ must not leave a link pointing at the old place."""
+    broken = [
+        f"{page.relative_to(ROOT)}: {link}"
+        for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+        for link in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text())
+        if not (page.parent / link).exists()
+    ]
+    assert broken == []
