@@ -1,0 +1,223 @@
+#!/usr/bin/env python3
+"""The docs' benchmark tables, regenerated from the committed rows in tools/results/*.jsonl.
+
+A table that comes from rows sits between two marker comments in a docs page:
+
+    <!-- results-table: latency.jsonl -->
+    | ... the generated Markdown table ... |
+    <!-- /results-table -->
+
+`python tools/results_tables.py` rewrites every such table from its rows; `--check` only says which
+tables differ (exit 1), which is what tests/test_readme.py asserts, so a table cannot drift from the
+rows it claims to show. Tables whose numbers are not kept as rows stay hand-written and name their
+source in the text. What the rows do not record (which code version a run used, a footnote) is kept
+here, beside the renderer, keyed by the row's position or name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "tools" / "results"
+DOCS = ROOT / "docs"
+MARKER = re.compile(r"(<!-- results-table: (?P<name>[\w.]+) -->\n)(?P<body>.*?)(<!-- /results-table -->)", re.S)
+
+Row = dict[str, object]
+
+
+def _rows(name: str) -> list[Row]:
+    return [json.loads(line) for line in (RESULTS / name).read_text().splitlines() if line.strip()]
+
+
+def _table(header: list[str], align: str, body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines) + "\n"
+
+
+def _x(v: object) -> str:
+    return f"x{float(v):.2f}"  # type: ignore[arg-type]
+
+
+def _pct(v: object) -> str:
+    return f"{100 * float(v):.2f} %"  # type: ignore[arg-type]
+
+
+# ---- latency.jsonl: tools/bench_latency.py ---------------------------------------------------------
+
+_LAT_MODELS = {"resnet20": "CIFAR ResNet-20", "resnet56": "CIFAR ResNet-56", "googlenet": "GoogLeNet (synthetic)",
+               "resnet50": "ResNet-50 (synthetic)", "vgg16": "VGG-16 (synthetic)"}
+
+
+def _variant_order(variant: str) -> int:
+    if variant.startswith("default"):
+        return 0
+    if variant == "--latency-aware":
+        return 1
+    if variant.startswith("--target macs:"):
+        return 3 if "--latency-aware" in variant else 2
+    return 4
+
+
+def latency_table(rows: list[Row]) -> str:
+    models = list(_LAT_MODELS)
+    rows = sorted(rows, key=lambda r: (models.index(str(r["model"])), _variant_order(str(r["variant"]))))
+    body = []
+    for r in rows:
+        timed = r["isolated_ms"] is not None
+        body.append([
+            _LAT_MODELS[str(r["model"])], f"`{r['variant']}`", str(r["decomposed"]), _x(r["macs_ratio"]),
+            f"{float(r['original_ms']):.2f} -> {float(r['compressed_ms']):.2f}",  # type: ignore[arg-type]
+            _x(r["latency_ratio"]), f"{float(r['quotient']):.2f}",  # type: ignore[arg-type]
+            str(r["reverted"]) if timed else "-",
+            _x(float(r["isolated_ms"]) / float(r["profiled_ms"])) if timed else "-",  # type: ignore[arg-type]
+        ])
+    header = ["model", "variant", "layers decomposed", "MACs", "latency ms (median)", "latency ratio",
+              "latency / MAC ratio", "reverted by timing", "isolated sum / profile"]
+    return _table(header, "llrrrrrrr", body)
+
+
+# ---- calibrate.jsonl: tools/bench_calibrate.py -----------------------------------------------------
+
+# Which refit each run used (the rows do not record it), by row number in the file (1-based): the
+# first run predates the alternation sweeps; 3 sweeps were the default until the last two rows.
+_CAL_RUNS = [(range(1, 10), "no alternation"), (range(10, 19), "3 sweeps"), (range(19, 21), "1 sweep (default), idle machine")]
+
+
+def _cal_run(i: int) -> str:
+    return next(label for span, label in _CAL_RUNS if i in span)
+
+
+def _policy(p: str) -> str:
+    if p.startswith("vbmf x"):
+        return f"EVBMF x {float(p[6:]):.2f}"
+    kind, _, f = p.partition(":")
+    return f"`{kind}:{float(f):.3g}`"
+
+
+def calibrate_table(rows: list[Row]) -> str:
+    models = list(dict.fromkeys(str(r["model"]) for r in rows))
+    numbered = sorted(enumerate(rows, 1), key=lambda ir: (models.index(str(ir[1]["model"])), float(ir[1]["target_ratio"])))  # type: ignore[arg-type]
+    body = [[
+        f"{str(r['model']).removesuffix('.onnx')} ({_pct(r['original'])})", f"x{float(r['target_ratio']):g}",  # type: ignore[arg-type]
+        _policy(str(r["policy"])), _x(r["macs_ratio"]), _x(r["params_ratio"]), str(r["cal_images"]),
+        _pct(r["one_shot"]), _pct(r["calibrated"]), f"{float(r['wall_s']):.0f} s", _cal_run(i),  # type: ignore[arg-type]
+    ] for i, r in numbered]
+    header = ["model (original top-1)", "MAC target", "policy", "MACs", "params", "calibration images",
+              "one-shot", "calibrated", "wall time", "refit"]
+    return _table(header, "lllrrrrrrl", body)
+
+
+# ---- finetune_*.jsonl: tools/bench_finetune.py -----------------------------------------------------
+
+# Footnotes the rows cannot carry: (†) run before the epoch-0 rule existed.
+_FT_NOTES = {("finetune_resnet20.jsonl", "control.adam3"), ("finetune_fmnist.jsonl", "control.adam1"),
+             ("finetune_fmnist.jsonl", "control.adam1lr5e-4")}
+_FT_KINDS = {"labels": "labels", "distill": "distillation only (`--teacher --no-labels`)",
+             "both": "labels + distillation (`--teacher`, alpha 0.5)",
+             "control": "control: the *original* fine-tuned with labels"}
+
+
+def _recipe(command: str) -> str:
+    args = shlex.split(command)
+
+    def opt(name: str, default: str | None = None) -> str | None:
+        return args[args.index(name) + 1] if name in args else default
+
+    optimizer = opt("--optimizer", "sgd")
+    lr = opt("--lr", "2e-3" if optimizer == "adam" else "1e-3")
+    text = f"{'Adam' if optimizer == 'adam' else 'SGD'} {lr} {opt('--schedule', 'cosine')}, {opt('--epochs', '3')} ep"
+    temperature = opt("--temperature")
+    return text + (f", `--temperature {temperature}`" if temperature else "")
+
+
+def _history(r: Row) -> str:
+    hist = r.get("val_history") or []
+    assert isinstance(hist, list)
+    if not hist:
+        return "-"
+    accuracy = hist[0][0] is not None
+    values = ", ".join(f"{100 * (h[0] if accuracy else h[1]):.1f}" for h in hist)
+    return ("acc " if accuracy else "agreement ") + values
+
+
+def finetune_table(rows: list[Row], name: str) -> str:
+    seen: set[tuple[str, str, object]] = set()
+    body = []
+    models = {Path(str(r["model"])).name for r in rows}
+    for r in rows:
+        model, row = Path(str(r["model"])).name, str(r["row"])
+        if row in ("original", "compressed"):
+            if (model, row, r["top1"]) in seen:
+                continue  # every variant run repeats the two reference rows
+            seen.add((model, row, r["top1"]))
+        totals = r["totals"]
+        assert isinstance(totals, dict)
+        compressed = row != "original" and not row.startswith("control")
+        if row == "original":
+            label = "original"
+        elif row == "compressed":
+            label = "compressed, before fine-tuning"
+        else:
+            label = f"{_FT_KINDS[row.split('.')[0]]}; {_recipe(str(r['command']))}"
+        label += " (†)" if (name, row) in _FT_NOTES else ""
+        wall = f"{float(r['wall_s']):.0f} s" if "wall_s" in r else "-"  # type: ignore[arg-type]
+        cells = [label, _pct(r["top1"]), _x(totals["macs_ratio"]) if compressed else "x1",
+                 _x(totals["params_ratio"]) if compressed else "x1", wall,
+                 str(r["best_epoch"]) if "best_epoch" in r else "-", _history(r)]
+        body.append(([model.removesuffix(".onnx")] if len(models) > 1 else []) + cells)
+    header = ["run", "top-1 (test)", "MACs", "params", "fine-tuning wall time", "best epoch", "held-out per epoch"]
+    align = "lrrrrrl"
+    if len(models) > 1:
+        header, align = ["model", *header], "l" + align
+    return _table(header, align, body)
+
+
+RENDERERS: dict[str, Callable[[list[Row]], str]] = {
+    "latency.jsonl": latency_table,
+    "calibrate.jsonl": calibrate_table,
+}
+
+
+def render(name: str) -> str:
+    """The Markdown table for tools/results/NAME."""
+    if name.startswith("finetune_"):
+        return finetune_table(_rows(name), name)
+    return RENDERERS[name](_rows(name))
+
+
+def regenerate(text: str) -> str:
+    """`text` with every marked table replaced by what its rows give."""
+    return MARKER.sub(lambda m: m.group(1) + render(m.group("name")) + m.group(4), text)
+
+
+def pages() -> list[Path]:
+    return [p for p in sorted(DOCS.glob("*.md")) if MARKER.search(p.read_text(encoding="utf-8"))]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="only report tables that differ from their rows (exit 1)")
+    args = ap.parse_args()
+    stale = []
+    for page in pages():
+        old = page.read_text(encoding="utf-8")
+        new = regenerate(old)
+        if new != old:
+            stale.append(page.relative_to(ROOT))
+            if not args.check:
+                page.write_text(new, encoding="utf-8")
+    for page in stale:
+        print(f"{page}: {'differs from' if args.check else 'regenerated from'} tools/results")
+    return 1 if stale and args.check else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
