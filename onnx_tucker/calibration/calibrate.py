@@ -396,11 +396,13 @@ def calibration_batches(path: str, model: onnx.ModelProto, input_shapes: Mapping
 
 def calibrate_from_config(original: onnx.ModelProto, compressed: onnx.ModelProto, replacements: Mapping[int, Replacement],
                           plan: CompressionPlan, input_shapes: Mapping[str, tuple[int, ...]], config: CompressionConfig,
-                          progress: Callable[[str, int, int], None] | None = None
+                          progress: Callable[[str, int, int], None] | None = None,
+                          read_weight: Callable[[str], np.ndarray] | None = None,
                           ) -> tuple[dict[str, LayerCalibration], CalibrationSummary]:
     """`compress --calibrate`: refit `compressed` in place; each refit layer's `LayerCalibration` by
     name (a result: plans hold only what replays), and the whole model's agreement with the original
-    on held-out samples before and after."""
+    on held-out samples before and after. `read_weight`: as for `calibrate_model` (the source model's
+    reader: no second graph index)."""
     import copy
     import time
 
@@ -412,7 +414,7 @@ def calibrate_from_config(original: onnx.ModelProto, compressed: onnx.ModelProto
     batches = _batches_of(used, original, input_shapes, 64)
     one_shot = copy.deepcopy(compressed) if held is not None else None
     found = calibrate_model(original, compressed, replacements, batches, CalibrationOptions(seed=config.seed),
-                            progress=progress)
+                            read_weight, progress)
     summary = CalibrationSummary(used.count, 0)
     if held is not None and one_shot is not None:
         before = validate_models(original, one_shot, input_shapes, data=held).outputs[0]
