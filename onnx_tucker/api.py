@@ -25,9 +25,8 @@ from .graph.fold import float_parameter_count
 from .graph.irmodel import IRModel
 from .graph.model import lowest_float_eps
 from .graph.protos import serialized_size, size_on_disk
-from .graph.rewrite import check_rewrite, rewrite
 from .graph.save import OutputBatch, check_output_paths, write_text_atomic
-from .graph.source import ModelLike, SourceModel, load_pair
+from .graph.source import ModelLike, SourceModel, load_pair, rewrite_source
 from .planning.budget import Evaluator
 from .planning.latency import LayerTimer
 from .planning.planner import CompressionPlan, PlannedRanks, load_plan_file
@@ -123,20 +122,11 @@ def compress(
     source = SourceModel.load(model_or_path, config.input_shapes)
     d = _planned(source, config, progress, timer, evaluator, profile_runs)
     planned, p = d.planned, d.plan
-    rewritten = rewrite(source.model, d.replacements, source.base_dir, source.index)
+    rewritten = rewrite_source(source, d.replacements)
     replacements = d.replacements if config.calibrate else {}
-    del d  # the factor arrays live on in `rewritten` (wrapped, not copied)
-    new_model: onnx.ModelProto | IRModel
-    if rewritten.over_protobuf_limit():
-        # Too big for one protobuf: stays an onnx-ir model, written straight from its arrays (and the
-        # input's file) as external data; checked and counted through a skeleton without the weights.
-        skeleton = rewritten.skeleton()
-        check_rewrite(source.model, skeleton)
-        new_model = rewritten
-    else:
-        new_model = skeleton = rewritten.to_proto()
-        check_rewrite(source.model, new_model)
-        source.materialize(new_model)  # weights kept as they were come back from the file now
+    del d  # the factor arrays live on in the compressed model
+    new_model, skeleton = rewritten.model, rewritten.skeleton
+    del rewritten
     calibration = CalibrationResult()
     if config.calibrate:  # refit the factors on data, in place, before validating and writing
         if isinstance(new_model, IRModel):

@@ -22,9 +22,11 @@ from ..errors import ModelLoadError, UsageError
 from ..ops.layer import Layer, Shape
 from ..ops.registry import find_handler, handler_for
 from . import lazyload
+from .irmodel import IRModel
 from .load import check_model, load_model
 from .model import ModelIndex, find_layers, infer_shapes, resolve_input_shapes
 from .protos import graph_input_names
+from .rewrite import Replacement, check_rewrite, rewrite
 
 ModelLike = onnx.ModelProto | str | os.PathLike[str]
 
@@ -104,6 +106,32 @@ def _check_weight_shapes(layers: list[Layer], source: str) -> None:
                 f"but its input {list(x)} has {have}; the model is inconsistent (onnxruntime would fail at run "
                 "time): re-export it"
             )
+
+
+# ---- the rewrite stage ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rewritten:
+    """The compressed model: a ModelProto with every weight in memory, or over 2 GB (too big for one
+    protobuf) the onnx-ir model, written straight from its arrays and the input's file as external
+    data; `skeleton` is what counts and checks it (the model itself, or its protobuf without weights)."""
+
+    model: onnx.ModelProto | IRModel = field(repr=False)
+    skeleton: onnx.ModelProto = field(repr=False)
+
+
+def rewrite_source(source: SourceModel, replacements: Mapping[int, Replacement]) -> Rewritten:
+    """Each replaced node of `source` spliced out for its factor chain (`graph.rewrite`), checked."""
+    rewritten = rewrite(source.model, replacements, source.base_dir, source.index)
+    if rewritten.over_protobuf_limit():
+        skeleton = rewritten.skeleton()
+        check_rewrite(source.model, skeleton)
+        return Rewritten(rewritten, skeleton)
+    model = rewritten.to_proto()  # the factor arrays wrapped by `rewritten` are copied once, here
+    check_rewrite(source.model, model)
+    source.materialize(model)  # weights kept as they were come back from the file now
+    return Rewritten(model, model)
 
 
 # ---- two models to compare -------------------------------------------------------------------------
