@@ -8,6 +8,8 @@ from typing import Any
 
 from .calibration.calibrate import CalibrationSummary, LayerCalibration
 from .errors import OnnxTuckerError
+from .planning.budget import BudgetCheck, BudgetOutcome
+from .planning.latency import LatencySummary
 from .planning.planner import CompressionPlan
 from .runtime.bench import LatencyReport
 from .runtime.validate import ValidationReport
@@ -59,6 +61,10 @@ class CompressionResult:
     # compress --calibrate: each refit layer's output error before/after, by layer name (not in the
     # plan: a plan holds only what replays, so `--save-plan` writes no calibration results).
     layer_calibration: Mapping[str, LayerCalibration] = field(default_factory=dict)
+    # Outcomes of the plan stage (`planning.stage.PlanResult`; a plan holds only what replays):
+    budget: BudgetOutcome | None = None  # --target: what the whole-model allocation chose
+    budget_check: BudgetCheck | None = None  # --ranks data:F (or --target macs:F with --calibrate): MACs vs. budget
+    layer_timing: LatencySummary | None = None  # --latency-aware: how the layers were timed
 
     @property
     def decomposed_layers(self) -> int:

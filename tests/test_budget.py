@@ -75,7 +75,7 @@ def test_params_target_holds_on_the_written_model() -> None:
     """The prediction counts every float parameter: the compressed model has exactly that many."""
     model = MODELS["small_cnn"]()
     result = api.compress(model, CompressionConfig.from_options(target="params:0.3", validate=False))
-    b = result.plan.budget
+    b = result.budget
     assert b is not None
     assert (result.totals.params_before, result.totals.params_after) == (b.before, b.after)
     assert result.totals.params_after <= 0.3 * result.totals.params_before

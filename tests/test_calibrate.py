@@ -18,14 +18,16 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from onnx_tucker import api
 from onnx_tucker.calibration.calibrate import CalibrationOptions, calibrate_model, calibration_batches
 from onnx_tucker.cli import app
 from onnx_tucker.config import CompressionConfig, RankPolicy
 from onnx_tucker.graph.probe import expose_outputs, factor_chain, read_initializer, write_initializers
 from onnx_tucker.graph.rewrite import Replacement, apply_replacements
+from onnx_tucker.graph.source import SourceModel
 from onnx_tucker.numerics import refit
 from onnx_tucker.ops.layer import LayerFactors
+from onnx_tucker.planning.decompose import decompose_layer
+from onnx_tucker.planning.stage import plan_and_decompose
 from tests.helpers import (
     he_normal,
     make_conv_model,
@@ -43,9 +45,9 @@ ALL_ROWS = CalibrationOptions(rows=10**9)  # every output position: the refit se
 # ---- helpers ------------------------------------------------------------------------------------
 
 def _decomposed(model: onnx.ModelProto, config: CompressionConfig):  # type: ignore[no-untyped-def]
-    prep = api._prepare(model, config)
-    plan, reps = api._plan_and_decompose(prep, config, None)
-    return prep, plan, reps
+    source = SourceModel.load(model, config.input_shapes)
+    d = plan_and_decompose(source, config)
+    return source, d.plan, d.replacements
 
 
 def _tensor(model: onnx.ModelProto, name: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -307,7 +309,7 @@ def test_a_reachable_target_is_recovered_with_a_data_aware_first_factor(rng: np.
     cfg = CompressionConfig(ranks=RankPolicy.parse("full"), validate=False)
     prep, plan, reps = _decomposed(model, cfg)
     (i, rep), = reps.items()
-    reps = {i: Replacement(rep.layer, api.decompose_layer(rep.layer, _ranks(plan.layers[0], (q, q)), w))}
+    reps = {i: Replacement(rep.layer, decompose_layer(rep.layer, _ranks(plan.layers[0], (q, q)), w))}
     comp = apply_replacements(model, reps)
     assert _layer_error(model, comp, i, {"x": x[:1]}) > 0.3
     found = calibrate_model(model, comp, reps, _batches({"x": x}, 1), ALL_ROWS)

@@ -331,16 +331,16 @@ def test_params_count_folded_weights() -> None:
 # ---- 2. shared weights ------------------------------------------------------------------------------
 
 def _count_decompositions(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    import onnx_tucker.api as api
+    import onnx_tucker.planning.stage as stage
 
     calls: list[str] = []
-    real = api.decompose_layer
+    real = stage.decompose_layer
 
     def spy(layer, *a, **k):  # type: ignore[no-untyped-def]
         calls.append(layer.layer_id)
         return real(layer, *a, **k)
 
-    monkeypatch.setattr(api, "decompose_layer", spy)
+    monkeypatch.setattr(stage, "decompose_layer", spy)
     return calls
 
 

@@ -126,7 +126,7 @@ def test_identical_layers_are_timed_once() -> None:
     p, timer = _plan(model, lambda k, r: 1.5, ranks="ratio:0.25")  # every layer at ranks (8, 8)
     assert [lp.kind for lp in p.layers] == ["tucker2"] * 4
     assert len(timer.calls) == 1
-    assert p.latency is not None and (p.latency.measured, p.latency.lookups) == (1, 4)
+    assert p.layer_timing is not None and (p.layer_timing.measured, p.layer_timing.lookups) == (1, 4)
 
 
 def test_cache_keys_on_shape_and_ranks() -> None:

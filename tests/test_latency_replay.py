@@ -44,7 +44,7 @@ def test_plan_with_latency_aware_replays_exactly_and_times(tmp_path: Path) -> No
     # Every decomposed layer timed once as planned, no variant tried, the time in the plan.
     assert sorted((n, k, r) for n, k, r in timer.calls) == sorted((p.name, p.kind, p.ranks) for p in saved.decomposed)
     assert all(p.time_before_ms == 1.0 and p.time_after_ms == 2.0 for p in replayed.decomposed)
-    assert replayed.latency is not None and replayed.latency.timed_only
+    assert replayed.layer_timing is not None and replayed.layer_timing.timed_only
     assert "replay as they are (--plan): timed, not re-selected" in _text(result_tables(replayed))
     res = api.compress(model, cfg, timer=timer)
     assert [(p.kind, p.ranks) for p in res.plan.layers] == [(p.kind, p.ranks) for p in saved.layers]
@@ -80,7 +80,7 @@ def test_data_budget_missed_under_latency_aware_is_said_plainly(cal: Path, tmp_p
 def test_data_budget_met_is_reported_too(cal: Path, tmp_path: Path) -> None:
     model = make_small_cnn(batch="N")
     res = api.compress(model, CompressionConfig(ranks="data:0.5", calibrate=str(cal), validate=False))  # type: ignore[arg-type]
-    b = res.plan.budget_check
+    b = res.budget_check
     assert b is not None and b.met and b.over == 0 and b.cause is None
     assert b.macs_after == res.totals.macs_after
     assert "MAC budget --ranks data:0.5" in _text(result_tables(res)) and "(met)" in _text(result_tables(res))

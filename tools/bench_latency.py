@@ -87,7 +87,7 @@ def main() -> None:
             plan = result.plan
             reverted = sum(1 for p in plan.layers if p.reason and "in the runtime" in p.reason)
             slower = sum(1 for p in plan.decomposed if p.time_speedup is not None and p.time_speedup < 1)
-            s = plan.latency
+            s = result.layer_timing
             agree = f"x{s.profile_ratio:.2f}" if s is not None and s.profile_ratio is not None else "-"
             quotient = lat.speedup / result.totals.macs_ratio
             # The fastest run of each: less sensitive to other jobs on a shared machine than the medians.

@@ -396,12 +396,13 @@ def calibration_batches(path: str, model: onnx.ModelProto, input_shapes: Mapping
 
 def calibrate_from_config(original: onnx.ModelProto, compressed: onnx.ModelProto, replacements: Mapping[int, Replacement],
                           plan: CompressionPlan, input_shapes: Mapping[str, tuple[int, ...]], config: CompressionConfig,
-                          progress: Callable[[str, int, int], None] | None = None
+                          progress: Callable[[str, int, int], None] | None = None,
+                          read_weight: Callable[[str], np.ndarray] | None = None,
                           ) -> tuple[dict[str, LayerCalibration], CalibrationSummary]:
     """`compress --calibrate`: refit `compressed` in place; each refit layer's `LayerCalibration` by
     name (a result: plans hold only what replays), and the whole model's agreement with the original
-    on held-out samples before and after."""
-    import copy
+    on held-out samples before and after. `read_weight`: as for `calibrate_model` (the source model's
+    reader: no second graph index)."""
     import time
 
     from ..runtime.validate import validate_models
@@ -410,12 +411,12 @@ def calibrate_from_config(original: onnx.ModelProto, compressed: onnx.ModelProto
     t0 = time.perf_counter()
     used, held = _load_calibration(config.calibrate, original, config.calibration_samples, config.seed, config.preprocess)
     batches = _batches_of(used, original, input_shapes, 64)
-    one_shot = copy.deepcopy(compressed) if held is not None else None
+    # The one-shot model measured before the refit changes it in place (no copy of it kept).
+    before = validate_models(original, compressed, input_shapes, data=held).outputs[0] if held is not None else None
     found = calibrate_model(original, compressed, replacements, batches, CalibrationOptions(seed=config.seed),
-                            progress=progress)
+                            read_weight, progress)
     summary = CalibrationSummary(used.count, 0)
-    if held is not None and one_shot is not None:
-        before = validate_models(original, one_shot, input_shapes, data=held).outputs[0]
+    if held is not None and before is not None:
         after = validate_models(original, compressed, input_shapes, data=held).outputs[0]
         summary = CalibrationSummary(used.count, held.count, before.top1_agreement, after.top1_agreement,
                                      before.cosine, after.cosine)

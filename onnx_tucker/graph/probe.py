@@ -38,11 +38,12 @@ class Segment:
 
 
 def extract_segment(model: onnx.ModelProto, names: Sequence[str], known: Mapping[str, int],
-                    live_out: bool = False) -> Segment:
+                    live_out: bool = False, types: ElementTypes | None = None) -> Segment:
     """The nodes of `model` needed for the tensors `names`, stopping at the tensors `known` (name ->
     ONNX element type), which become graph inputs. With `live_out`, the segment also outputs every
     tensor it computes that a node outside it (or a graph output) reads, so the next segment can start
-    from them instead of recomputing the prefix (`runtime.activations.ActivationCache`)."""
+    from them instead of recomputing the prefix (`runtime.activations.ActivationCache`). `types`: the
+    model's `ElementTypes`, kept by a caller extracting many segments (shape inference runs once)."""
     g = model.graph
     producer: dict[str, int] = {}
     for i, node in enumerate(g.node):
@@ -79,13 +80,13 @@ def extract_segment(model: onnx.ModelProto, names: Sequence[str], known: Mapping
                     read_outside.update(outer_names_used(sub))
         extra = [o for i in sorted(needed) for o in g.node[i].output
                  if o and o in read_outside and o not in outputs and o not in known]
-    types = _elem_types(model, [*outputs, *extra])
+    etypes = (types or ElementTypes(model)).of([*outputs, *extra])
     out = onnx.ModelProto()
     copy_fields(model, out, {"graph"})
     copy_fields(g, out.graph, {"node", "output"})
     out.graph.input.extend(helper.make_tensor_value_info(n, known[n], None) for n in fed)
     out.graph.node.extend(node for i, node in enumerate(g.node) if i in needed)
-    out.graph.output.extend(helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None)
+    out.graph.output.extend(helper.make_tensor_value_info(n, etypes.get(n, onnx.TensorProto.FLOAT), None)
                             for n in [*outputs, *extra])
     return Segment(out, tuple(outputs), tuple(extra), tuple(fed), frozenset(needed))
 
@@ -117,18 +118,32 @@ def downstream(model: onnx.ModelProto, tensors: Sequence[str]) -> set[str]:
     return found
 
 
-def _elem_types(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, int]:
-    g = model.graph
-    known = {v.name: v.type.tensor_type.elem_type for v in (*g.value_info, *g.input, *g.output)}
-    known.update({t.name: t.data_type for t in g.initializer})
-    missing = [n for n in names if not known.get(n)]
-    if missing:
-        try:
-            inferred = onnx.shape_inference.infer_shapes(model)
-            known.update({v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info})
-        except Exception:  # noqa: BLE001 - inference is a convenience here; float is the fallback
-            pass
-    return {n: known[n] for n in names if known.get(n)}
+class ElementTypes:
+    """Tensor name -> ONNX element type: from the graph's value_info / inputs / outputs / initializers,
+    and where a name is missing there, from whole-model shape inference, run at most once. Element
+    types do not change when initializer values are rewritten in place (calibration)."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        g = model.graph
+        self.model = model
+        self.known = {v.name: v.type.tensor_type.elem_type for v in (*g.value_info, *g.input, *g.output)}
+        self.known.update({t.name: t.data_type for t in g.initializer})
+        self._merged: dict[str, int] | None = None
+
+    def _with_inferred(self) -> dict[str, int]:
+        if self._merged is None:
+            merged = dict(self.known)
+            try:
+                inferred = onnx.shape_inference.infer_shapes(self.model)
+                merged.update({v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info})
+            except Exception:  # noqa: BLE001 - inference is a convenience here; float is the fallback
+                pass
+            self._merged = merged
+        return self._merged
+
+    def of(self, names: Sequence[str]) -> dict[str, int]:
+        known = self.known if all(self.known.get(n) for n in names) else self._with_inferred()
+        return {n: known[n] for n in names if known.get(n)}
 
 
 @dataclass(frozen=True)

@@ -71,16 +71,18 @@ def apply_replacements(model: onnx.ModelProto, replacements: Mapping[int, Replac
 
 
 def rewrite(
-    model: onnx.ModelProto, replacements: Mapping[int, Replacement], base_dir: str | None = None
+    model: onnx.ModelProto, replacements: Mapping[int, Replacement], base_dir: str | None = None,
+    index: ModelIndex | None = None,
 ) -> IRModel:
     """The rewritten model as onnx-ir (`IRModel`); node i is replaced by the chain of replacements[i].
 
     `base_dir`: the folder external data (lazily loaded weights) is relative to. `check_rewrite` runs
-    onnx.checker on the result's protobuf (or its `skeleton()` when over 2 GB).
+    onnx.checker on the result's protobuf (or its `skeleton()` when over 2 GB). `index`: `model`'s graph
+    index when the caller has it (`graph.source.SourceModel.index`), else built here.
     """
     import onnx_ir as ir
 
-    index = ModelIndex(model)
+    index = index if index is not None else ModelIndex(model)
     names = _Names(model)
     opset = opset_version(model)
     irm = IRModel(model, base_dir)

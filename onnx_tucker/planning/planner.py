@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,10 +23,6 @@ from ..numerics.spectral import LayerSpectra
 from ..ops.base import MODE_NAMES, OpHandler
 from ..ops.layer import Layer
 from ..ops.registry import handler_for
-
-if TYPE_CHECKING:
-    from .budget import BudgetCheck, BudgetOutcome
-    from .latency import LatencySummary
 
 PLAN_FORMAT_VERSION = 1
 KINDS = ("tucker2", "tucker1", "svd", "skip")
@@ -91,13 +86,11 @@ class LayerPlan:
 class CompressionPlan:
     layers: tuple[LayerPlan, ...]
     config: CompressionConfig = field(default_factory=CompressionConfig)
-    latency: LatencySummary | None = None  # --latency-aware: how the layers were timed (planning/latency.py)
-    budget: BudgetOutcome | None = None  # --target: what the whole-model allocation chose (planning/budget.py)
-    # Float parameters of the whole model (biases, BN, every layer): set by api.plan / api.compress so
-    # that the plan's totals count what `compress` counts, not only the planned layers' weights.
+    # Float parameters of the whole model (biases, BN, every layer): set by the plan stage so that the
+    # plan's totals count what `compress` counts, not only the planned layers' weights.
     model_params: int | None = None
-    # --ranks data:F (or --target macs:F with --calibrate): the plan's MACs against that budget
-    budget_check: BudgetCheck | None = None
+    # What replays, only: the budget search, its MAC check and the layer timing are outcomes of the plan
+    # stage (`planning.stage.PlanResult`, then `CompressionResult`).
 
     @property
     def decomposed(self) -> tuple[LayerPlan, ...]:

@@ -10,6 +10,7 @@ from ..calibration.calibrate import LayerCalibration
 from ..planning.budget import BudgetCheck, BudgetOutcome
 from ..planning.latency import LatencySummary
 from ..planning.planner import CompressionPlan, LayerPlan
+from ..planning.stage import PlanResult
 from ..results import CompressionResult, ratio
 from ..runtime.bench import LatencyReport
 from ..runtime.validate import ValidationReport
@@ -105,15 +106,17 @@ def latency_dict(r: LatencyReport | None) -> dict[str, Any] | None:
     }
 
 
-def result_dict(result: CompressionResult | CompressionPlan, latency: LatencyReport | None = None) -> dict[str, Any]:
+def result_dict(result: CompressionResult | PlanResult | CompressionPlan, latency: LatencyReport | None = None) -> dict[str, Any]:
     """The JSON report: top-level keys `layers`, `totals`, `validation`, `latency` (and `config`, `model`)."""
     if isinstance(result, CompressionPlan):
+        result = PlanResult(result)
+    if isinstance(result, PlanResult):
         totals: dict[str, Any] = result.totals()
         totals |= {"params_ratio": ratio(totals["params_before"], totals["params_after"]),
                    "macs_ratio": ratio(totals["macs_before"], totals["macs_after"])}
         return _clean({"layers": [layer_dict(p) for p in result.layers], "totals": totals, "validation": None,
                        "target": target_dict(result.budget), "mac_budget": mac_budget_dict(result.budget_check),
-                       "layer_timing": layer_timing_dict(result.latency),
+                       "layer_timing": layer_timing_dict(result.layer_timing),
                        "config": result.config.to_dict()})
     t = result.totals
     totals = dict(t.__dict__) | {"params_ratio": t.params_ratio, "macs_ratio": t.macs_ratio, "size_ratio": t.size_ratio}
@@ -125,9 +128,9 @@ def result_dict(result: CompressionResult | CompressionPlan, latency: LatencyRep
             "latency": latency_dict(latency if latency is not None else result.latency),
             "calibration": None if result.calibration is None else dict(result.calibration.__dict__),
             "finetune": None if result.finetune is None else result.finetune.to_dict(),
-            "target": target_dict(result.plan.budget),
-            "mac_budget": mac_budget_dict(result.plan.budget_check),
-            "layer_timing": layer_timing_dict(result.plan.latency),
+            "target": target_dict(result.budget),
+            "mac_budget": mac_budget_dict(result.budget_check),
+            "layer_timing": layer_timing_dict(result.layer_timing),
             "config": result.plan.config.to_dict(),
             "model": {
                 "input": result.input_path,
@@ -139,6 +142,6 @@ def result_dict(result: CompressionResult | CompressionPlan, latency: LatencyRep
     )
 
 
-def result_json(result: CompressionResult | CompressionPlan, latency: LatencyReport | None = None) -> str:
+def result_json(result: CompressionResult | PlanResult | CompressionPlan, latency: LatencyReport | None = None) -> str:
     """`result_dict` as indented JSON text (what `--report FILE` writes)."""
     return json.dumps(result_dict(result, latency), indent=2) + "\n"

@@ -9,6 +9,7 @@ from ..calibration.calibrate import CalibrationSummary
 from ..planning.budget import BudgetCheck, BudgetOutcome
 from ..planning.latency import LatencySummary
 from ..planning.planner import CompressionPlan
+from ..planning.stage import PlanResult
 from ..results import CompressionResult, ModelTotals
 from ..runtime.bench import LatencyReport
 from ..runtime.validate import ValidationReport
@@ -192,14 +193,16 @@ def finetune_line(f: FinetuneResult) -> Text:
 
 
 def result_tables(
-    result: CompressionResult | CompressionPlan, latency: LatencyReport | None = None
+    result: CompressionResult | PlanResult | CompressionPlan, latency: LatencyReport | None = None
 ) -> list[Table | Text]:
     """What a result shows in reading order: per-layer, calibration, summary, validation, latency."""
-    plan = result if isinstance(result, CompressionPlan) else result.plan
-    timing: list[Table | Text] = [budget_line(plan.budget)] if plan.budget is not None else []
-    timing += [mac_budget_line(plan.budget_check)] if plan.budget_check is not None else []
-    timing += [layer_timing_line(plan.latency)] if plan.latency is not None else []
     if isinstance(result, CompressionPlan):
+        result = PlanResult(result)
+    plan = result.plan
+    timing: list[Table | Text] = [budget_line(result.budget)] if result.budget is not None else []
+    timing += [mac_budget_line(result.budget_check)] if result.budget_check is not None else []
+    timing += [layer_timing_line(result.layer_timing)] if result.layer_timing is not None else []
+    if isinstance(result, PlanResult):
         return [layer_table(plan), *timing, summary_table(plan.totals())]
     latency = latency if latency is not None else result.latency
     lat = (latency.original_median, latency.compressed_median) if latency is not None else None

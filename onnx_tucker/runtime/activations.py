@@ -16,7 +16,7 @@ import onnx
 from onnx import helper
 
 from ..errors import ValidationError
-from ..graph.probe import downstream, extract_segment, tensor_readers
+from ..graph.probe import ElementTypes, downstream, extract_segment, tensor_readers
 from ..graph.protos import PROTOBUF_LIMIT, first_line
 from .session import ort_session
 
@@ -42,6 +42,7 @@ class ActivationCache:
         self.cache: dict[str, list[np.ndarray]] = {}
         self.inputs = {i.name for i in model.graph.input}
         self.readers = tensor_readers(model)
+        self.types = ElementTypes(model)  # one shape inference for the whole walk, not one per segment
         self.done: set[int] = set()  # nodes whose outputs are up to date (cached or no longer needed)
         self.runs = 0  # onnxruntime sessions created (tests and benchmarks read it)
 
@@ -55,7 +56,7 @@ class ActivationCache:
         fresh: dict[str, list[np.ndarray]] = {}
         if missing:
             known = {n: helper.np_dtype_to_tensor_dtype(v[0].dtype) for n, v in self.cache.items()}
-            seg = extract_segment(self.model, missing, known, live_out=True)
+            seg = extract_segment(self.model, missing, known, live_out=True, types=self.types)
             session = _session(seg.model, self.what)
             self.runs += 1
             wanted = [*seg.outputs, *seg.live_out]

@@ -243,10 +243,18 @@ def validate_models(
     rtol: float | None = None,
     data: ValidationData | None = None,
     progress: Progress | None = None,
+    *,
+    reference: onnx.ModelProto | None = None,
 ) -> ValidationReport:
     """Feed `samples` seeded random inputs (or the user's `data`) to both models; compare every output.
-    `progress("validation", done, total)` after each batch (samples)."""
-    ref_proto = original if isinstance(original, onnx.ModelProto) else onnx.load(str(original), load_external_data=False)
+    `progress("validation", done, total)` after each batch (samples). `reference`: the original as
+    already loaded, when `original` is its file (its inputs shape the data; the file is not parsed again)."""
+    if reference is not None:
+        ref_proto = reference
+    elif isinstance(original, onnx.ModelProto):
+        ref_proto = original
+    else:
+        ref_proto = onnx.load(str(original), load_external_data=False)
     rng = np.random.default_rng(seed)
     if data is not None:
         batches = data_batches(data, input_shapes, ref_proto)

@@ -1,4 +1,9 @@
-"""`finetune()`: ONNX -> torch -> train -> ONNX, validated in onnxruntime, written atomically."""
+"""`finetune()`: ONNX -> torch -> train -> ONNX, validated in onnxruntime, written atomically.
+
+`finetune_model(proto, data, ...)` is the stage itself, in memory: a ModelProto in, the fine-tuned
+ModelProto and its `FinetuneResult` out (what `compress --finetune` runs, with no file between);
+`finetune(path, out, ...)` wraps it with the files (paths checked first, models loaded, OUT written).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -219,23 +224,22 @@ class _Protos:
     notes: list[str]
 
 
-def _load_protos(src: Path, teacher: str | os.PathLike[str] | None) -> _Protos:
-    """Step 2a: the student and the teacher as ONNX, the teacher checked against the student's inputs/outputs."""
-    student_proto = load_model(src)
+def _check_protos(student_proto: onnx.ModelProto, teacher_proto: onnx.ModelProto | None,
+                  teacher: str | os.PathLike[str] | None) -> _Protos:
+    """Step 2a: the student's inputs and outputs, the teacher checked against them (`teacher`: how messages
+    name it)."""
     in_names, out_names = torchready.graph_io(student_proto)
     shapes = torchready.io_shapes(student_proto)
     dtypes = torchready.io_dtypes(student_proto)
-    teacher_proto = None
     notes: list[str] = []
-    if teacher is not None:
-        teacher_proto = load_model(teacher)
+    if teacher_proto is not None:
         t_in, t_out = torchready.graph_io(teacher_proto)
         if t_in != in_names or len(t_out) != len(out_names):
             raise UsageError(
                 f"--teacher {teacher}: inputs {t_in} / {len(t_out)} output(s) do not match the student's "
                 f"{in_names} / {len(out_names)}; the teacher must be the model the student was compressed from"
             )
-        notes += _teacher_notes(teacher, teacher_proto, t_out, in_names, out_names, shapes, dtypes)
+        notes += _teacher_notes(str(teacher), teacher_proto, t_out, in_names, out_names, shapes, dtypes)
     return _Protos(student_proto, teacher_proto, in_names, out_names, dict(shapes), dict(dtypes), notes)
 
 
@@ -284,7 +288,7 @@ class _Modules:
     threads_why: str
 
 
-def _to_torch(torch: Any, device: Any, src: Path, teacher: str | os.PathLike[str] | None, protos: _Protos,
+def _to_torch(torch: Any, device: Any, src: str, teacher: str | os.PathLike[str] | None, protos: _Protos,
               cfg: FinetuneConfig) -> _Modules:
     """Step 2b: torch threads and seeds, then both models converted to torch modules on `device`."""
     threads, threads_why = (cfg.threads, "--torch-threads") if cfg.threads is not None else default_torch_threads()
@@ -304,7 +308,7 @@ def _to_torch(torch: Any, device: Any, src: Path, teacher: str | os.PathLike[str
     return _Modules(student, t_module, norm, n_train, n_total, threads, threads_why)
 
 
-def _label_output(torch: Any, device: Any, src: Path, data: str | os.PathLike[str], teacher: object, protos: _Protos,
+def _label_output(torch: Any, device: Any, src: str, data: str | os.PathLike[str], teacher: object, protos: _Protos,
                   mods: _Modules, ds: _Data) -> int | None:
     """What the outputs look like, from one small batch (the teacher must give the same shapes): the
     index of the class-score output the labels are checked against, or None."""
@@ -352,11 +356,11 @@ class _Trained:
     eval_batches: Batches
 
 
-def _train(torch: Any, device: Any, rank: int, world: int, paths: _Paths, protos: _Protos, mods: _Modules, ds: _Data,
+def _train(torch: Any, device: Any, rank: int, world: int, where: _Where, protos: _Protos, mods: _Modules, ds: _Data,
            label_output: int | None, mode: str, cfg: FinetuneConfig, progress: Progress | None) -> _Trained:
     """Step 4: the training loop, resumed from the checkpoint when asked; a checkpoint after every epoch; the
     best epoch's weights (the starting weights compete as epoch 0) loaded into the student at the end."""
-    src, ckpt = paths.src, paths.ckpt
+    src, ckpt = where.source, where.ckpt
     in_names, student, t_module = protos.in_names, mods.student, mods.teacher
     train_ds, val_ds, eval_ds = ds.train, ds.val, ds.eval
     labelled = train_ds.labels is not None
@@ -372,7 +376,7 @@ def _train(torch: Any, device: Any, rank: int, world: int, paths: _Paths, protos
         ids = [device.index] if device.type == "cuda" else None
         trained = torch.nn.parallel.DistributedDataParallel(student, device_ids=ids)
 
-    fingerprint = _sha(src)
+    fingerprint = where.fingerprint() if ckpt is not None else ""  # what a checkpoint was written for
     history: list[EpochStats] = []
     start_epoch = 0
     steps_done = 0
@@ -480,7 +484,7 @@ def _train(torch: Any, device: Any, rank: int, world: int, paths: _Paths, protos
     return _Trained(history, steps_done, best_epoch, metric, before, after, seconds, train_b.count, eval_b)
 
 
-def _export_and_verify(src: Path, protos: _Protos, mods: _Modules, ds: _Data,
+def _export_and_verify(src: str, protos: _Protos, mods: _Modules, ds: _Data,
                        cfg: FinetuneConfig) -> tuple[onnx.ModelProto, float]:
     """Step 5: back to ONNX with the same names and the structure of the compressed model, checked in
     onnxruntime against the trained torch module: (the exported model, the worst relative error)."""
@@ -524,6 +528,16 @@ def _write(exported: onnx.ModelProto, paths: _Paths, report: str | os.PathLike[s
         batch.commit()
 
 
+@dataclass(frozen=True)
+class _Where:
+    """How one run names its model, where it keeps its checkpoint, and what the checkpoint is written for."""
+
+    source: str
+    teacher: str | None
+    ckpt: Path | None
+    fingerprint: Callable[[], str]
+
+
 def finetune(
     model: str | os.PathLike[str],
     output: str | os.PathLike[str] | None,
@@ -542,32 +556,84 @@ def finetune(
     weights (on the held-out data) are exported with the same input/output names, checked in
     onnxruntime against the torch module, and written atomically; the input is never overwritten.
     A checkpoint (`config.checkpoint`, default OUT.finetune.pt) is kept after every epoch for `resume`.
-    `report`: also write the result as JSON (key `finetune`), together with OUT.
+    `report`: also write the result as JSON (key `finetune`), together with OUT. In memory:
+    `finetune_model`.
     """
+    cfg = config or FinetuneConfig()
+    paths = _paths(model, output, data, teacher, report, cfg)
+
+    def load() -> tuple[onnx.ModelProto, onnx.ModelProto | None]:
+        student = load_model(paths.src)
+        return student, None if teacher is None else load_model(teacher)
+
+    where = _Where(str(paths.src), None if teacher is None else str(teacher), paths.ckpt, lambda: _sha(paths.src))
+    exported, result = _finetune(load, where, data, val_data, cfg, progress)
+    if exported is None:  # another process of a distributed run: rank 0 writes
+        return result
+    result = replace(result, output_path=None if paths.out is None else str(paths.out))
+    _write(exported, paths, report, result)
+    return result
+
+
+def finetune_model(
+    model: onnx.ModelProto,
+    data: str | os.PathLike[str],
+    *,
+    teacher: onnx.ModelProto | None = None,
+    val_data: str | os.PathLike[str] | None = None,
+    config: FinetuneConfig | None = None,
+    progress: Progress | None = None,
+    source: str = "(model in memory)",
+    teacher_source: str = "(original in memory)",
+) -> tuple[onnx.ModelProto, FinetuneResult]:
+    """`finetune` in memory: the fine-tuned model (checked in onnxruntime against the trained module)
+    and how it went; nothing is written but the checkpoint, when `config.checkpoint` names one (the
+    model is fingerprinted from its bytes then). `source` / `teacher_source`: how messages and the
+    result name the two models. `model` and `teacher` are read, never changed."""
+    cfg = config or FinetuneConfig()
+    ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
+    if cfg.resume and (ckpt is None or not ckpt.is_file()):
+        raise UsageError(f"--resume: no checkpoint at {ckpt}; give config.checkpoint (written by a run without resume)")
+
+    def fingerprint() -> str:
+        return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+
+    where = _Where(source, None if teacher is None else teacher_source, ckpt, fingerprint)
+    exported, result = _finetune(lambda: (model, teacher), where, data, val_data, cfg, progress)
+    if exported is None:  # another process of a distributed run: rank 0 has the model
+        raise OnnxTuckerError(f"{source}: fine-tuning in memory runs in one process; use finetune(path, out, ...) under torchrun")
+    return exported, result
+
+
+def _finetune(load: Callable[[], tuple[onnx.ModelProto, onnx.ModelProto | None]], where: _Where,
+              data: str | os.PathLike[str], val_data: str | os.PathLike[str] | None, cfg: FinetuneConfig,
+              progress: Progress | None) -> tuple[onnx.ModelProto | None, FinetuneResult]:
     with warnings.catch_warnings():
         # onnx2torch's converted modules warn on every call (tensor indexing with a list); not actionable.
         warnings.filterwarnings("ignore", module=r"onnx2torch(\.|$)")
-        return _finetune(model, output, data, teacher, val_data, config or FinetuneConfig(), progress, report)
+        return _run(load, where, data, val_data, cfg, progress)
 
 
-def _finetune(model: str | os.PathLike[str], output: str | os.PathLike[str] | None, data: str | os.PathLike[str],
-              teacher: str | os.PathLike[str] | None, val_data: str | os.PathLike[str] | None, cfg: FinetuneConfig,
-              progress: Progress | None, report: str | os.PathLike[str] | None) -> FinetuneResult:
-    paths = _paths(model, output, data, teacher, report, cfg)
+def _run(load: Callable[[], tuple[onnx.ModelProto, onnx.ModelProto | None]], where: _Where,
+         data: str | os.PathLike[str], val_data: str | os.PathLike[str] | None, cfg: FinetuneConfig,
+         progress: Progress | None) -> tuple[onnx.ModelProto | None, FinetuneResult]:
+    """Steps 2-5 on loaded models: (the exported model, or None in a process other than rank 0; the result)."""
     torch = convert.import_torch()
     rank, world, device = _distributed(torch, _device(torch, cfg.device))
     if rank != 0:
         progress = None  # one process reports (and writes: checkpoint, OUT, report)
-    protos = _load_protos(paths.src, teacher)
+    student_proto, teacher_proto = load()
+    teacher = where.teacher
+    protos = _check_protos(student_proto, teacher_proto, teacher)
     ds = _load_data(data, val_data, teacher, protos, cfg)
-    mods = _to_torch(torch, device, paths.src, teacher, protos, cfg)
-    label_output = _label_output(torch, device, paths.src, data, teacher, protos, mods, ds)
+    mods = _to_torch(torch, device, where.source, teacher, protos, cfg)
+    label_output = _label_output(torch, device, where.source, data, teacher, protos, mods, ds)
     labelled = ds.train.labels is not None
     mode = "labels+distill" if labelled and teacher is not None else ("labels" if labelled else "distill")
-    run = _train(torch, device, rank, world, paths, protos, mods, ds, label_output, mode, cfg, progress)
+    run = _train(torch, device, rank, world, where, protos, mods, ds, label_output, mode, cfg, progress)
     notes = tuple(protos.notes + ds.notes)  # shown when training started (progress "start") and kept in the result
     common = dict(
-        input_path=str(paths.src), teacher_path=None if teacher is None else str(teacher), mode=mode,
+        input_path=where.source, teacher_path=teacher, mode=mode,
         device=str(device), train_samples=run.train_count, val_samples=0 if ds.val is None else ds.val.count,
         trainable_params=mods.n_train, total_params=mods.n_total, epochs=len(run.history), steps=run.steps,
         history=tuple(run.history), best_epoch=run.best_epoch, best_metric=run.metric,
@@ -578,16 +644,15 @@ def _finetune(model: str | os.PathLike[str], output: str | os.PathLike[str] | No
     if world > 1:
         torch.distributed.destroy_process_group()
         if rank != 0:  # the weights are the same in every process: rank 0 exports and writes them
-            return FinetuneResult(output_path=None, export_opset=0, export_max_rel_error=0.0, checkpoint="",
-                                  **common)  # type: ignore[arg-type]
-    exported, worst = _export_and_verify(paths.src, protos, mods, ds, cfg)
+            return None, FinetuneResult(output_path=None, export_opset=0, export_max_rel_error=0.0, checkpoint="",
+                                        **common)  # type: ignore[arg-type]
+    exported, worst = _export_and_verify(where.source, protos, mods, ds, cfg)
     result = FinetuneResult(
-        output_path=None if paths.out is None else str(paths.out), export_opset=torchready.default_opset(exported),
-        export_max_rel_error=worst, checkpoint=str(paths.ckpt) if paths.ckpt is not None else "",
+        output_path=None, export_opset=torchready.default_opset(exported),
+        export_max_rel_error=worst, checkpoint=str(where.ckpt) if where.ckpt is not None else "",
         **common,  # type: ignore[arg-type]
     )
-    _write(exported, paths, report, result)
-    return result
+    return exported, result
 
 
-__all__ = ["finetune"]
+__all__ = ["finetune", "finetune_model"]
