@@ -23,6 +23,7 @@ import onnx
 from .calibration.calibrate import LayerCalibration, calibrate_from_config, calibration_batches
 from .calibration.rankselect import DataRankOptions, select_ranks_data
 from .config import BenchConfig, BudgetTarget, CompressionConfig, RankPolicy, ValidationConfig
+from .data import load_for_model
 from .errors import ModelLoadError, OnnxTuckerError, UsageError
 from .graph import lazyload
 from .graph.fold import float_parameter_count
@@ -66,7 +67,7 @@ from .report import latency_dict, result_json, result_markdown, validation_dict
 from .results import CompressionResult, ModelTotals
 from .runtime.bench import LatencyReport, measure_latency
 from .runtime.layertime import OrtLayerTimer, profile_layer_times, profiled_layer_ms
-from .runtime.validate import ValidationData, ValidationReport, load_validation_data, validate_models
+from .runtime.validate import ValidationReport, validate_models
 from .training.config import FinetuneResult, FinetuneStep
 from .types import StepProgress
 
@@ -286,16 +287,11 @@ def _agreement_evaluator(prep: _Prepared, config: CompressionConfig,
     (split at random with `config.seed`: folders sorted by class would give class-disjoint halves).
     `progress("agreement search", evaluations done, at most)` after each model evaluation."""
     assert config.data is not None
-    data = load_validation_data(config.data, prep.model, config.samples)
-    order = np.random.default_rng(config.seed).permutation(data.count)
-    half = data.count // 2
-    if half < 1:
+    data = load_for_model(config.data, prep.model, config.samples)
+    if data.count < 2:
         raise UsageError(f"--data {config.data}: {data.count} sample(s); --target agreement:F needs at least 2 (half held out)")
-    halves = {
-        name: ValidationData(data.path, {k: v[idx] for k, v in data.inputs.items()},
-                             None if data.labels is None else data.labels[idx])
-        for name, idx in (("search", np.sort(order[:half])), ("held-out", np.sort(order[half:])))
-    }
+    search, held_out = data.split(config.seed, data.count // 2)
+    halves = {"search": search, "held-out": held_out}
     plain = replace(config, target=None, plan_file=None, latency_aware=False, validate=False)
     prep.materialize(prep.model)  # onnxruntime runs the original from memory below
     most, done = LATENCY_SEARCH_STEPS + 2, [0]  # the bisection's bound (planning/budget.py)
@@ -319,7 +315,7 @@ def _agreement_evaluator(prep: _Prepared, config: CompressionConfig,
             progress("agreement search", min(done[0], most), most)
         return top1
 
-    return evaluate, (half, data.count - half)
+    return evaluate, (search.count, held_out.count)
 
 
 def _round_multiples(config: CompressionConfig) -> tuple[int, ...]:
@@ -497,7 +493,7 @@ def compress(
         # (capped as calibration is, so that a big folder costs no more than the refit read)
         real = config.data or config.calibrate
         limit = config.samples if config.data or config.samples else config.calibration_samples
-        data = load_validation_data(real, prep.model, limit, config.preprocess) if real else None
+        data = load_for_model(real, prep.model, limit, config.preprocess) if real else None
         validation = validate_models(
             original, new_model, prep.input_shapes, config.samples, config.seed, config.effective_rtol(lowest_float_eps(prep.model)), data,
             progress,
@@ -611,7 +607,7 @@ def validate(
     for path in _paths(original, compressed):
         check_output_paths(path, {"--report": report})
     orig, comp, shapes = _load_pair(original, compressed, v_cfg.input_shapes)
-    data = load_validation_data(v_cfg.data, orig, v_cfg.samples, v_cfg.preprocess) if v_cfg.data else None
+    data = load_for_model(v_cfg.data, orig, v_cfg.samples, v_cfg.preprocess) if v_cfg.data else None
     v = validate_models(
         _runnable(original, orig), _runnable(compressed, comp), shapes, v_cfg.samples, v_cfg.seed,
         v_cfg.effective_rtol(lowest_float_eps(orig), full_rank), data, progress,
@@ -715,7 +711,7 @@ def mobile_report(
     comp = load_model(compressed)
     _check_same_signature(orig, comp, str(original), str(compressed))
     shapes = resolve_input_shapes(orig, dict(config.input_shapes), str(original))
-    inputs = mobile_inputs(orig, shapes, config)
+    inputs, batch_size = mobile_inputs(orig, shapes, config)
     given = layer_plan is not None
     layers = layer_plan if layer_plan is not None else plan(original, replace(config, validate=False))
     plan_source = ("as compressed" if given else f"plan file {config.plan_file}" if config.plan_file
@@ -728,12 +724,12 @@ def mobile_report(
         macs_before=plan_totals["macs_before"], macs_after=model_macs(comp, shapes),
         size_before=size_on_disk(original, orig), size_after=size_on_disk(compressed, comp),
     )
-    results = run_runtimes(names, str(original), str(compressed), inputs, shapes, b.threads, b.warmup, b.runs,
-                           timeout, progress)
+    results = run_runtimes(names, str(original), str(compressed), inputs, batch_size,
+                           tuple(o.name for o in orig.graph.output), shapes, b.threads, b.warmup, b.runs, timeout, progress)
     rep = MobileReport(
         original_path=str(original), compressed_path=str(compressed), input_shapes=shapes,
         source="random" if (config.data or config.calibrate) is None else str(config.data or config.calibrate),
-        samples=inputs.count * inputs.batch_size,
+        samples=inputs.count,
         seed=config.seed, threads=b.threads, totals=totals, plan=layers, plan_source=plan_source,
         plan_mismatch=mismatch, runtimes=results, rtol=rtol, labels=inputs.labels is not None,
     )
