@@ -1,5 +1,5 @@
 """One DataSet, one seeded selection (data/dataset.py): `split` / `batches`, and the samples each former
-helper picked, pinned to what it picked before the helpers were merged into `DataSet.split`
+helper picks, pinned to what it picked before the helpers were merged into `DataSet.split`
 (training's --val-split, the agreement search's halves, calibration's --calibration-samples subset and
 its held-out samples), so accuracies and calibrated models do not move."""
 

@@ -57,10 +57,6 @@ class DataSet:
         """One DataSet per size, then the rest, as `split_indices(count, seed, *sizes)` picks them."""
         return tuple(self.select(i) for i in split_indices(self.count, seed, *sizes))
 
-    def take(self, n: Size, seed: int) -> DataSet:
-        """`n` samples (or a fraction) chosen at random with `seed`; all of them when there are no more."""
-        return self if not isinstance(n, float) and n >= self.count else self.split(seed, n)[0]
-
     def without_labels(self) -> DataSet:
         return replace(self, labels=None)
 
