@@ -20,6 +20,7 @@ import onnx
 
 from .calibration.stage import CalibrationResult, calibrate, data_ranks
 from .config import BenchConfig, CompressionConfig, ValidationConfig
+from .data import load_for_model
 from .errors import UsageError
 from .graph.fold import float_parameter_count
 from .graph.irmodel import IRModel
@@ -34,7 +35,7 @@ from .planning.stage import Decomposition, PlanResult, latency_summary, layer_ti
 from .report import latency_dict, result_json, result_markdown, validation_dict
 from .results import CompressionResult, ModelTotals
 from .runtime.bench import LatencyReport, measure_latency
-from .runtime.validate import ValidationReport, load_validation_data, validate_models
+from .runtime.validate import ValidationReport, validate_models
 from .training.config import FinetuneStep
 from .types import EventProgress, StepProgress
 
@@ -148,7 +149,7 @@ def compress(
         # (capped as calibration is, so that a big folder costs no more than the refit read)
         real = config.data or config.calibrate
         limit = config.samples if config.data or config.samples else config.calibration_samples
-        data = load_validation_data(real, source.model, limit, config.preprocess) if real else None
+        data = load_for_model(real, source.model, limit, config.preprocess) if real else None
         # onnxruntime reads the original from its file (its weights were loaded lazily: no copy of them).
         validation = validate_models(
             source.runnable, new_model, source.input_shapes, config.samples, config.seed,
@@ -245,7 +246,7 @@ def validate(
     for path in _paths(original, compressed):
         check_output_paths(path, {"--report": report})
     pair = load_pair(original, compressed, dict(v_cfg.input_shapes))
-    data = load_validation_data(v_cfg.data, pair.original, v_cfg.samples, v_cfg.preprocess) if v_cfg.data else None
+    data = load_for_model(v_cfg.data, pair.original, v_cfg.samples, v_cfg.preprocess) if v_cfg.data else None
     v = validate_models(
         pair.runnable_original, pair.runnable_compressed, pair.input_shapes, v_cfg.samples, v_cfg.seed,
         v_cfg.effective_rtol(lowest_float_eps(pair.original), full_rank), data, progress, reference=pair.original,

@@ -1,4 +1,4 @@
-"""The shared data loader (data/dataset.py): image folders with and without classes, .npz, and
+"""The shared data loader (data/load.py, data/images.py): image folders with and without classes, .npz, and
 every bad input as one clear error line."""
 
 from __future__ import annotations

@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..config import CompressionConfig
+from ..config import CompressionConfig, Preprocess
+from ..data import open_for_model
 from ..errors import ValidationError
 from ..graph.model import ModelIndex
 from ..graph.probe import factor_chain, node_io, read_initializer, residual_partner, write_initializers
@@ -61,6 +62,8 @@ from ..runtime.activations import ActivationCache
 
 if TYPE_CHECKING:  # annotations only: the stages take models from the graph layer
     import onnx
+
+    from ..data import DataSet
 
 METHODS = ("last", "joint", "full")
 Batches = Sequence[Mapping[str, np.ndarray]]
@@ -350,22 +353,16 @@ class CalibrationSummary:
     seconds: float = 0.0
 
 
-def _load_calibration(path: str, model: onnx.ModelProto, limit: int | None, seed: int, preprocess=None):  # type: ignore[no-untyped-def]
-    """(data used for the refit, held-out data or None), as `ValidationData`."""
-    from ..errors import UsageError
-    from ..runtime.validate import ValidationData, load_validation_data
-
-    try:
-        data = load_validation_data(path, model, None, preprocess)
-    except UsageError as e:
-        raise UsageError(str(e).replace("--data ", "--calibrate ", 1)) from None
-    if limit is None or data.count <= limit:
-        return data, None
-    order = np.random.default_rng(seed).permutation(data.count)
-    pick, rest = np.sort(order[:limit]), np.sort(order[limit : limit + HELD_OUT])
-    used = ValidationData(data.path, {n: a[pick] for n, a in data.inputs.items()}, None)
-    held = ValidationData(data.path, {n: a[rest] for n, a in data.inputs.items()}, None)
-    return used, held
+def calibration_data(path: str, model: onnx.ModelProto, limit: int | None, seed: int,
+                     preprocess: Preprocess | None = None) -> tuple[DataSet, DataSet | None]:
+    """(data used for the refit, held-out data or None), as `DataSet`s: with more than `limit` samples,
+    `limit` of them chosen with `seed` and the next HELD_OUT of the same permutation held out (only
+    those images are decoded)."""
+    source = open_for_model(path, model, None, preprocess, option="--calibrate")
+    if limit is None or source.count <= limit:
+        return source.read(), None
+    used, held = source.split(seed, limit, HELD_OUT)
+    return used.without_labels(), held.without_labels()
 
 
 def _batches_of(data, model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]],  # type: ignore[no-untyped-def]
@@ -390,7 +387,7 @@ def calibration_batches(path: str, model: onnx.ModelProto, input_shapes: Mapping
     With more samples than `limit`, a seeded random subset of `limit` is used (files are often sorted
     by class). Data that does not fit the model's inputs is a `UsageError` naming `--calibrate`.
     """
-    used, _ = _load_calibration(path, model, limit, seed, preprocess)
+    used, _ = calibration_data(path, model, limit, seed, preprocess)
     return _batches_of(used, model, input_shapes, batch)
 
 
@@ -409,7 +406,7 @@ def calibrate_from_config(original: onnx.ModelProto, compressed: onnx.ModelProto
 
     assert config.calibrate is not None
     t0 = time.perf_counter()
-    used, held = _load_calibration(config.calibrate, original, config.calibration_samples, config.seed, config.preprocess)
+    used, held = calibration_data(config.calibrate, original, config.calibration_samples, config.seed, config.preprocess)
     batches = _batches_of(used, original, input_shapes, 64)
     # The one-shot model measured before the refit changes it in place (no copy of it kept).
     before = validate_models(original, compressed, input_shapes, data=held).outputs[0] if held is not None else None

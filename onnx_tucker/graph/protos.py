@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import EncodeError
@@ -128,6 +129,17 @@ def graph_input_names(model: onnx.ModelProto) -> list[str]:
     """Real inputs: graph inputs that are not initializers (old IR lists weights as inputs)."""
     inits = {t.name for t in model.graph.initializer}
     return [i.name for i in model.graph.input if i.name not in inits]
+
+
+def input_specs(model: onnx.ModelProto) -> tuple[list[str], dict[str, list[int | None]], dict[str, np.dtype]]:
+    """(real input names, their declared shapes with None for an unknown dim, their numpy dtypes): what
+    the data loaders (data/) need to know of a model."""
+    names = graph_input_names(model)
+    by_name = {i.name: i for i in model.graph.input}
+    dtypes = {n: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(by_name[n].type.tensor_type.elem_type)) for n in names}
+    shapes = {n: [d.dim_value if d.HasField("dim_value") else None for d in by_name[n].type.tensor_type.shape.dim]
+              for n in names}
+    return names, shapes, dtypes
 
 
 def serialized_size(model: onnx.ModelProto) -> int:

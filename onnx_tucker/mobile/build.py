@@ -16,12 +16,12 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..data import DataSet
 from ..errors import UsageError, ValidationError
 from ..graph.protos import first_line
 from ..runtime.session import ort_session
@@ -45,28 +45,6 @@ def parse_runtimes(text: str | Sequence[str] | None) -> tuple[str, ...]:
         raise UsageError(f"--runtimes {text if isinstance(text, str) else ','.join(text)}: unknown runtime "
                          f"'{unknown[0] if unknown else ''}'; choose from {','.join(ADAPTERS)}")
     return tuple(dict.fromkeys(names))
-
-
-@dataclass(frozen=True)
-class Inputs:
-    """The batches every runtime runs, stacked (batch index first), and the labels when known."""
-
-    names: tuple[str, ...]
-    output_names: tuple[str, ...]
-    stacked: Mapping[str, np.ndarray]
-    labels: np.ndarray | None
-
-    @property
-    def count(self) -> int:
-        return int(next(iter(self.stacked.values())).shape[0])
-
-    @property
-    def batch_size(self) -> int:
-        first = next(iter(self.stacked.values()))
-        return int(first.shape[1]) if first.ndim > 1 else 1
-
-    def batch(self, i: int) -> dict[str, np.ndarray]:
-        return {n: a[i] for n, a in self.stacked.items()}
 
 
 def _failure(proc: subprocess.CompletedProcess[str] | None, timeout: float) -> str:
@@ -114,16 +92,17 @@ def call_child(job: dict[str, Any], folder: str, timeout: float) -> tuple[dict[s
     return json.loads(Path(job["result"]).read_text()), None
 
 
-def reference_outputs(model_path: str, inputs: Inputs, what: str) -> list[np.ndarray]:
-    """Each output of `model_path` in onnxruntime CPU over every batch, concatenated on axis 0."""
+def reference_outputs(model_path: str, inputs: DataSet, batch: int, output_names: Sequence[str],
+                      what: str) -> list[np.ndarray]:
+    """Each output of `model_path` in onnxruntime CPU over every batch of `batch` samples, concatenated on axis 0."""
     sess = ort_session(model_path, what)
     per_batch = []
-    for i in range(inputs.count):
+    for feeds in inputs.batches(batch):
         try:
-            per_batch.append([np.asarray(a) for a in sess.run(list(inputs.output_names), inputs.batch(i))])
+            per_batch.append([np.asarray(a) for a in sess.run(list(output_names), feeds)])
         except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated exception types
             raise ValidationError(f"{model_path}: the {what} model does not run in onnxruntime ({first_line(e)})") from None
-    return [np.concatenate([b[k] for b in per_batch]) for k in range(len(inputs.output_names))]
+    return [np.concatenate([b[k] for b in per_batch]) for k in range(len(output_names))]
 
 
 def _compare(refs: Sequence[np.ndarray], stacked: Mapping[str, np.ndarray], names: Sequence[str]) -> tuple[OutputComparison, ...]:
@@ -148,8 +127,8 @@ def _size(files: Sequence[str]) -> int:
 
 
 def run_runtime(
-    name: str, adapter_path: str, original: str, compressed: str, inputs: Inputs, input_npz: str,
-    references: Mapping[str, Sequence[np.ndarray] | None], input_shapes: Mapping[str, tuple[int, ...]],
+    name: str, adapter_path: str, original: str, compressed: str, inputs: DataSet, output_names: Sequence[str],
+    input_npz: str, references: Mapping[str, Sequence[np.ndarray] | None], input_shapes: Mapping[str, tuple[int, ...]],
     threads: int, warmup: int, runs: int, timeout: float, folder: str,
 ) -> RuntimeResult:
     """Convert, run and time both models in one runtime; every failure is recorded, none raised."""
@@ -168,7 +147,7 @@ def run_runtime(
         res, failure = call_child({"action": "model", "adapter": adapter_path, "model": str(Path(model).resolve()),
                                    "workdir": workdir, "input_shapes": shapes, "converted": converted,
                                    "threads": threads, "inputs": input_npz, "outputs": out_npz,
-                                   "input_names": list(inputs.names), "output_names": list(inputs.output_names)},
+                                   "input_names": list(inputs.names), "output_names": list(output_names)},
                                   folder, timeout)
         if not Path(converted).is_file():  # the conversion itself failed (or crashed, or hung)
             runs_by_role[role] = ModelRun(converted=False, ran=False, failure=failure, failed_step="convert")
@@ -183,9 +162,9 @@ def run_runtime(
         with np.load(out_npz) as z:
             stacked = {k: z[k] for k in z.files}
         try:
-            vs_original = _compare(references["original"] or [], stacked, inputs.output_names)
+            vs_original = _compare(references["original"] or [], stacked, output_names)
             same = references.get(role)
-            fidelity = _compare(same, stacked, inputs.output_names) if same is not None else ()
+            fidelity = _compare(same, stacked, output_names) if same is not None else ()
         except ValueError as e:
             runs_by_role[role] = ModelRun(True, False, str(e), "run", size, seconds)
             continue
@@ -197,7 +176,7 @@ def run_runtime(
         t, timing_failure = call_child({"action": "time", "adapter": adapter_path, "files_a": files_by_role["original"],
                                         "files_b": files_by_role["compressed"], "threads": threads, "warmup": warmup,
                                         "runs": runs, "inputs": input_npz, "input_names": list(inputs.names),
-                                        "output_names": list(inputs.output_names)}, folder, timeout)
+                                        "output_names": list(output_names)}, folder, timeout)
         if t is not None:
             timing = Timing(threads, warmup, runs, tuple(t["original_ms"]), tuple(t["compressed_ms"]))
     ort_mobile = None
@@ -215,23 +194,26 @@ def run_runtime(
 
 
 def run_runtimes(
-    runtimes: Sequence[str], original: str, compressed: str, inputs: Inputs, input_shapes: Mapping[str, tuple[int, ...]],
-    threads: int, warmup: int, runs: int, timeout: float, progress: Progress | None = None,
+    runtimes: Sequence[str], original: str, compressed: str, inputs: DataSet, batch: int, output_names: Sequence[str],
+    input_shapes: Mapping[str, tuple[int, ...]], threads: int, warmup: int, runs: int, timeout: float,
+    progress: Progress | None = None,
 ) -> tuple[RuntimeResult, ...]:
-    references: dict[str, Sequence[np.ndarray] | None] = {"original": reference_outputs(original, inputs, "original")}
+    """`inputs`: whole batches of `batch` samples; each runtime runs them one batch at a time."""
+    references: dict[str, Sequence[np.ndarray] | None] = {
+        "original": reference_outputs(original, inputs, batch, output_names, "original")}
     try:
-        references["compressed"] = reference_outputs(compressed, inputs, "compressed")
+        references["compressed"] = reference_outputs(compressed, inputs, batch, output_names, "compressed")
     except ValidationError:
         references["compressed"] = None  # the ort runtime's row says why
     results = []
     with tempfile.TemporaryDirectory(prefix="onnx-tucker-mobile-") as folder:
         input_npz = os.path.join(folder, "inputs.npz")
-        arrays: dict[str, Any] = dict(inputs.stacked)
+        arrays: dict[str, Any] = inputs.stacked(batch)  # the child runs [i] of each: one batch
         np.savez(input_npz, **arrays)
         for i, name in enumerate(runtimes):
             if progress is not None:
                 progress(name, i, len(runtimes))
-            results.append(run_runtime(name, ADAPTERS[name], original, compressed, inputs, input_npz, references,
+            results.append(run_runtime(name, ADAPTERS[name], original, compressed, inputs, output_names, input_npz, references,
                                        input_shapes, threads, warmup, runs, timeout, folder))
         if progress is not None:
             progress("runtimes", len(runtimes), len(runtimes))

@@ -29,7 +29,7 @@ def mobile_measure(
     """Each runtime of `names` on both files (`pair`: the two models loaded, and the input shapes);
     `plan_of()`: the per-layer plan to show and where it came from (asked once the inputs are read)."""
     orig, comp, shapes = pair.original, pair.compressed, pair.input_shapes
-    inputs = mobile_inputs(orig, shapes, config)
+    inputs, batch_size = mobile_inputs(orig, shapes, config)
     layers, plan_source = plan_of()
     comp_nodes = {(n.name, n.op_type) for n in comp.graph.node}
     mismatch = tuple(p.name for p in layers.layers if p.decomposed and (p.name, p.op_type) in comp_nodes)
@@ -39,12 +39,12 @@ def mobile_measure(
         macs_before=plan_totals["macs_before"], macs_after=model_macs(comp, shapes),
         size_before=size_on_disk(original, orig), size_after=size_on_disk(compressed, comp),
     )
-    results = run_runtimes(names, original, compressed, inputs, shapes, bench.threads, bench.warmup, bench.runs,
-                           timeout, progress)
+    results = run_runtimes(names, original, compressed, inputs, batch_size, tuple(o.name for o in orig.graph.output),
+                           shapes, bench.threads, bench.warmup, bench.runs, timeout, progress)
     return MobileReport(
         original_path=original, compressed_path=compressed, input_shapes=shapes,
         source="random" if (config.data or config.calibrate) is None else str(config.data or config.calibrate),
-        samples=inputs.count * inputs.batch_size,
+        samples=inputs.count,
         seed=config.seed, threads=bench.threads, totals=totals, plan=layers, plan_source=plan_source,
         plan_mismatch=mismatch, runtimes=results, rtol=rtol, labels=inputs.labels is not None,
     )

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from ..config import BudgetTarget, CompressionConfig
+from ..data import load_for_model
 from ..errors import OnnxTuckerError, UsageError
 from ..graph.fold import float_parameter_count
 from ..graph.protos import opset_version
@@ -26,7 +27,7 @@ from ..numerics.spectral import LayerSpectra, single_threaded_lapack
 from ..ops.layer import Layer, LayerFactors
 from ..ops.registry import handler_for
 from ..runtime.layertime import OrtLayerTimer, profile_layer_times, profiled_layer_ms
-from ..runtime.validate import ValidationData, load_validation_data, validate_models
+from ..runtime.validate import validate_models
 from ..types import StepProgress
 from .budget import (
     LATENCY_SEARCH_STEPS,
@@ -241,16 +242,11 @@ def agreement_evaluator(source: SourceModel, config: CompressionConfig,
     and the (search, held-out) sample counts. `progress("agreement search", evaluations done, at most)`
     after each model evaluation."""
     assert config.data is not None
-    data = load_validation_data(config.data, source.model, config.samples)
-    order = np.random.default_rng(config.seed).permutation(data.count)
-    half = data.count // 2
-    if half < 1:
+    data = load_for_model(config.data, source.model, config.samples)
+    if data.count < 2:
         raise UsageError(f"--data {config.data}: {data.count} sample(s); --target agreement:F needs at least 2 (half held out)")
-    halves = {
-        name: ValidationData(data.path, {k: v[idx] for k, v in data.inputs.items()},
-                             None if data.labels is None else data.labels[idx])
-        for name, idx in (("search", np.sort(order[:half])), ("held-out", np.sort(order[half:])))
-    }
+    search, held_out = data.split(config.seed, data.count // 2)
+    halves = {"search": search, "held-out": held_out}
     plain = replace(config, target=None, plan_file=None, latency_aware=False, validate=False)
     source.materialize()  # onnxruntime runs the original from memory below
     most, done = LATENCY_SEARCH_STEPS + 2, [0]  # the bisection's bound (planning/budget.py)
@@ -274,7 +270,7 @@ def agreement_evaluator(source: SourceModel, config: CompressionConfig,
             progress("agreement search", min(done[0], most), most)
         return top1
 
-    return evaluate, (half, data.count - half)
+    return evaluate, (search.count, held_out.count)
 
 
 def _round_multiples(config: CompressionConfig) -> tuple[int, ...]:

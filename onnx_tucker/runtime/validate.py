@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -14,6 +15,9 @@ from ..graph.irmodel import IRModel
 from ..graph.protos import first_line, graph_input_names
 from ..types import StepProgress
 from .session import ort_session, session_folder
+
+if TYPE_CHECKING:
+    from ..data import DataSet
 
 DEFAULT_RANDOM_SAMPLES = 8
 Progress = StepProgress  # (step, samples done, samples in all)
@@ -166,38 +170,6 @@ def compare_outputs(name: str, ref: np.ndarray, new: np.ndarray) -> OutputCompar
                             *counts)
 
 
-@dataclass(frozen=True)
-class ValidationData:
-    """User data for validation: one array per model input (first axis = samples), optional labels."""
-
-    path: str
-    inputs: Mapping[str, np.ndarray]
-    labels: np.ndarray | None
-
-    @property
-    def count(self) -> int:
-        return int(next(iter(self.inputs.values())).shape[0])
-
-
-def load_validation_data(
-    path: str | os.PathLike[str], model: onnx.ModelProto, limit: int | None = None, preprocess=None  # type: ignore[no-untyped-def]
-) -> ValidationData:
-    """Read user data through the shared loader (data/): a .npz holding an array per model
-    input (named as the input, or `input` for a single-input model) and optionally `labels` (int
-    class ids), or an image folder (one sub-folder per class, or a flat folder); first axis = samples."""
-    from ..data import load_data
-
-    names = graph_input_names(model)
-    by_name = {i.name: i for i in model.graph.input}
-    dtypes = {n: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(by_name[n].type.tensor_type.elem_type)) for n in names}
-    shapes = {
-        n: [d.dim_value if d.HasField("dim_value") else None for d in by_name[n].type.tensor_type.shape.dim]
-        for n in names
-    }
-    d = load_data(path, names, shapes, dtypes, preprocess, limit)
-    return ValidationData(d.path, d.inputs, d.labels)
-
-
 def dynamic_batch(model: onnx.ModelProto) -> bool:
     by_name = {i.name: i for i in model.graph.input}
     for n in graph_input_names(model):
@@ -208,7 +180,7 @@ def dynamic_batch(model: onnx.ModelProto) -> bool:
 
 
 def data_batches(
-    data: ValidationData, input_shapes: Mapping[str, tuple[int, ...]], model: onnx.ModelProto
+    data: DataSet, input_shapes: Mapping[str, tuple[int, ...]], model: onnx.ModelProto
 ) -> list[dict[str, np.ndarray]]:
     """Split the data along the batch axis: chunks of 256 for a dynamic batch, else the model's batch."""
     from ..errors import UsageError
@@ -219,16 +191,14 @@ def data_batches(
     if dynamic:
         batch = min(256, data.count)  # the last chunk may be smaller
         input_shapes = {n: (batch, *s[1:]) for n, s in input_shapes.items()}
-    batches = []
-    for start in range(0, data.count if dynamic else data.count - batch + 1, batch):
-        feeds = {n: a[start : start + batch] for n, a in data.inputs.items()}
+    batches = data.batches(batch, whole=not dynamic)  # a fixed batch takes whole batches only
+    for feeds in batches:
         for n, a in feeds.items():
             if a.shape[1:] != tuple(input_shapes[n][1:]) or (not dynamic and a.shape[0] != batch):
                 raise UsageError(
                     f"--data {data.path}: samples of '{n}' have shape {a.shape[1:]}, the model expects "
                     f"{tuple(input_shapes[n][1:])}; fix the data or --input-shape"
                 )
-        batches.append(feeds)
     if not batches:
         raise UsageError(f"--data {data.path}: fewer samples ({data.count}) than the batch size {batch}")
     return batches
@@ -241,7 +211,7 @@ def validate_models(
     samples: int | None = None,
     seed: int = 0,
     rtol: float | None = None,
-    data: ValidationData | None = None,
+    data: DataSet | None = None,
     progress: Progress | None = None,
     *,
     reference: onnx.ModelProto | None = None,

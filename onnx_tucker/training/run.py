@@ -84,6 +84,9 @@ def _check_samples(ds: DataSet, shapes: Mapping[str, list[Any]], option: str) ->
             )
 
 
+# --val-split draws from its own stream (not the epochs' shuffles, seeded [seed, epoch]).
+SPLIT_SEED_OFFSET = 7919
+
 # Below this many held-out samples one sample moves accuracy by 5 points or more, and the best
 # epoch is picked on noise.
 MIN_HELD_OUT = 20
@@ -132,14 +135,6 @@ def _teacher_notes(teacher: str | os.PathLike[str], proto: onnx.ModelProto, t_ou
     if not pairs:
         return []
     return [f"note: the teacher's output names differ; outputs paired by position: {', '.join(pairs)}"]
-
-
-def _split(ds: DataSet, share: float, seed: int) -> tuple[DataSet, DataSet | None]:
-    if share <= 0 or ds.count < 2:
-        return ds, None
-    n_val = max(1, int(round(ds.count * share)))
-    order = np.random.default_rng(seed + 7919).permutation(ds.count)
-    return ds.take(np.sort(order[n_val:])), ds.take(np.sort(order[:n_val]))
 
 
 def _layouts(ds: DataSet, shapes: Mapping[str, list[Any]], cfg: FinetuneConfig) -> dict[str, str | None]:
@@ -262,7 +257,9 @@ def _load_data(data: str | os.PathLike[str], val_data: str | os.PathLike[str] | 
         train_ds, val_ds = ds, load_data(val_data, in_names, shapes, dtypes, cfg.preprocess, option="--val-data")
         _check_samples(val_ds, shapes, "--val-data")
     else:
-        train_ds, val_ds = _split(ds, cfg.val_split, cfg.seed)
+        train_ds, val_ds = ds, None
+        if cfg.val_split > 0 and ds.count >= 2:
+            val_ds, train_ds = ds.split(cfg.seed + SPLIT_SEED_OFFSET, float(cfg.val_split))
     if not cfg.use_labels:
         if teacher is None:
             raise UsageError("--no-labels: needs --teacher ORIG.onnx (distillation is the only loss without labels)")
