@@ -33,11 +33,12 @@ if TYPE_CHECKING:
     from .mobile.results import MobileReport, RuntimeResult
     from .numerics.evbmf import EVBMFEstimate, select_rank_evbmf
     from .numerics.tucker import truncated_svd, tucker1, tucker2
-    from .planning.planner import CompressionPlan, LayerPlan
+    from .graph.source import SourceModel
+    from .planning.planner import CompressionPlan, LayerPlan, SkipCause
     from .results import CompressionResult, ModelTotals
     from .runtime.bench import LatencyReport
     from .runtime.validate import OutputComparison, ValidationReport
-    from .training import EpochStats, FinetuneConfig, FinetuneResult, finetune
+    from .training import EpochStats, FinetuneConfig, FinetuneResult, finetune, finetune_model
 
 # Names are loaded on first use (PEP 562): `import onnx_tucker.numerics` must not pull in onnx,
 # onnxruntime or scipy.optimize, and `onnx-tucker --help` should not pay for them either.
@@ -52,11 +53,13 @@ _EXPORTS = {
     "RewriteError": "errors", "UsageError": "errors", "ValidationError": "errors",
     "EVBMFEstimate": "numerics.evbmf", "select_rank_evbmf": "numerics.evbmf",
     "truncated_svd": "numerics.tucker", "tucker1": "numerics.tucker", "tucker2": "numerics.tucker",
-    "CompressionPlan": "planning.planner", "LayerPlan": "planning.planner",
+    "CompressionPlan": "planning.planner", "LayerPlan": "planning.planner", "SkipCause": "planning.planner",
+    "SourceModel": "graph.source",
     "CompressionResult": "results", "ModelTotals": "results",
     "LatencyReport": "runtime.bench",
     # torch is imported only when `finetune` runs (training/ loads its code on first use).
     "EpochStats": "training", "FinetuneConfig": "training", "FinetuneResult": "training", "finetune": "training",
+    "finetune_model": "training",
     "OutputComparison": "runtime.validate", "ValidationReport": "runtime.validate",
 }
 
