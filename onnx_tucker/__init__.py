@@ -30,10 +30,10 @@ if TYPE_CHECKING:
         UsageError,
         ValidationError,
     )
+    from .graph.source import SourceModel
     from .mobile.results import MobileReport, RuntimeResult
     from .numerics.evbmf import EVBMFEstimate, select_rank_evbmf
     from .numerics.tucker import truncated_svd, tucker1, tucker2
-    from .graph.source import SourceModel
     from .planning.planner import CompressionPlan, LayerPlan, SkipCause
     from .results import CompressionResult, ModelTotals
     from .runtime.bench import LatencyReport
