@@ -311,8 +311,16 @@ def _param_name(cls: type, name: str) -> str:
     return f"{cls.__name__}__{name}"
 
 
+def _field_types(cls: type) -> dict[str, Any]:
+    """The group's annotations resolved. A group defined here is looked up in this module's own namespace
+    too: run as a program by a runner (`python -m cProfile -m onnx_tucker.cli`, runpy), its `__module__` is
+    "__main__", which names the runner, not this module."""
+    module = sys.modules.get(cls.__module__)
+    return typing.get_type_hints(cls, globalns={**globals(), **(vars(module) if module is not None else {})})
+
+
 def _typer_parameter(use: Use, f: Field[Any], o: Opt) -> pyinspect.Parameter:
-    hint = o.cli_type if o.cli_type is not None else typing.get_type_hints(use.group)[f.name]
+    hint = o.cli_type if o.cli_type is not None else _field_types(use.group)[f.name]
     default = f.default if o.cli_default is FIELD_DEFAULT else o.cli_default
     if default is MISSING:
         default = typing.cast(Callable[[], Any], f.default_factory)()

@@ -215,3 +215,13 @@ def test_entry_point_in_a_real_process(model_path: Path, tmp_path: Path) -> None
     bad = subprocess.run([*cmd, "compress", str(model_path), str(model_path)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_the_cli_runs_under_a_runner_that_keeps_its_own_main() -> None:
+    """`python -m cProfile -m onnx_tucker.cli ...` (runpy without alter_sys): the grouped options' annotations
+    still resolve (they were looked up in the runner's __main__: NameError 'Path')."""
+    code = ("import runpy, sys; sys.argv = ['onnx-tucker', 'compress', '--help']; "
+            "runpy.run_module('onnx_tucker.cli', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--calibrate" in proc.stdout
