@@ -168,29 +168,26 @@ CLI_MODULES = {
 }
 
 
-def test_only_the_cli_imports_typer_or_rich_console() -> None:
-    """Anywhere in a module, lazy imports included: rendering helpers may use rich.table, never a Console."""
-    offenders = []
+def library_imports_of(roots: tuple[str, ...]) -> list[str]:
+    """`file:line: statement` of every import of a module under `roots` (lazy ones included) outside CLI_MODULES."""
+    found = []
     for name, path in package_modules().items():
         if name in CLI_MODULES:
             continue
         for node in all_imports(path):
-            hits = [m for m in imported_modules(path, node) if is_under(m, ("typer", "rich.console"))]
-            if hits:
-                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
-    assert offenders == []
+            if any(is_under(m, roots) for m in imported_modules(path, node)):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_only_the_cli_imports_typer_or_rich_console() -> None:
+    """Anywhere in a module, lazy imports included: rendering helpers may use rich.table, never a Console."""
+    assert library_imports_of(("typer", "rich.console")) == []
 
 
 def test_only_the_cli_imports_its_console() -> None:
     """report/console.py is the CLI's: no library module imports it, lazily or not."""
-    importers = []
-    for name, path in package_modules().items():
-        if name in CLI_MODULES:
-            continue
-        for node in all_imports(path):
-            if any(is_under(m, ("onnx_tucker.report.console",)) for m in imported_modules(path, node)):
-                importers.append(f"{path.relative_to(ROOT)}:{node.lineno}")
-    assert importers == []
+    assert library_imports_of(("onnx_tucker.report.console",)) == []
 
 
 def _protobuf_imports_outside_graph_and_runtime() -> list[tuple[str, int, str]]:
