@@ -232,7 +232,7 @@ def _solve(geo: _Geometry, lp: _LayerPass, intercept: bool, opts: CalibrationOpt
                 rss, g = cands[start]
                 kk, r3 = lp.kk, grp.first.shape[0]
                 for _ in range(opts.sweeps):
-                    first = fit_first_given_rest(lp.stats[k], g.front @ g.last, r3, kk, intercept, opts.ridge)
+                    first = fit_first_given_rest(lp.stats[k], g.front @ g.last, r3, kk, intercept, opts.ridge, start=g.first)
                     sa = lp.first_space(k, first)
                     fr, la, b = fit_reduced_rank(sa, r, intercept, opts.ridge)
                     new_rss = residual(sa, fr @ la, b)

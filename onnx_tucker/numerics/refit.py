@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.linalg
@@ -31,42 +30,79 @@ import scipy.linalg.blas
 DEFAULT_RIDGE = 1e-4
 
 
-@dataclass
 class GramStats:
-    """Sufficient statistics of regressors P (m x d) and targets Y (m x t), accumulated in float64."""
+    """Sufficient statistics of regressors P (m x d) and targets Y (m x t), accumulated in float64.
 
-    d: int
-    t: int
-    n: int = 0
-    sum_p: np.ndarray = field(init=False)
-    sum_y: np.ndarray = field(init=False)
-    pp: np.ndarray = field(init=False)
-    py: np.ndarray = field(init=False)
-    yy: np.ndarray = field(init=False)
+    `add` updates one (d + t)-square upper triangle in place (BLAS syrk, beta = 1): no per-batch
+    temporaries of the Gram's size; `pp`, `py` and `yy` are its blocks, symmetrised when read."""
 
-    def __post_init__(self) -> None:
-        self.sum_p = np.zeros(self.d)
-        self.sum_y = np.zeros(self.t)
-        self.pp = np.zeros((self.d, self.d))
-        self.py = np.zeros((self.d, self.t))
-        self.yy = np.zeros((self.t, self.t))
+    def __init__(self, d: int, t: int) -> None:
+        self.d, self.t, self.n = d, t, 0
+        self.sum_p = np.zeros(d)
+        self.sum_y = np.zeros(t)
+        self._upper: np.ndarray | None = None  # (d + t)^2, Fortran order, upper triangle accumulated
+        self._blocks: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def add(self, p: np.ndarray, y: np.ndarray) -> None:
         p = np.asarray(p).reshape(-1, self.d)
         y = np.asarray(y).reshape(-1, self.t)
         if p.shape[0] != y.shape[0]:
             raise ValueError(f"{p.shape[0]} regressor rows for {y.shape[0]} target rows")
+        if p.shape[0] == 0:
+            return
+        if self._upper is None:
+            self._upper = np.zeros((self.d + self.t,) * 2, order="F")
+            if self._blocks is not None:  # statistics set directly (projected ones) and then added to
+                pp, py, yy = self._blocks
+                self._upper[: self.d, : self.d], self._upper[: self.d, self.d :], self._upper[self.d :, self.d :] = pp, py, yy
+        self._blocks = None
         self.n += p.shape[0]
-        self.sum_p += p.sum(axis=0)
-        self.sum_y += y.sum(axis=0)
-        # One symmetric rank-k update of [P Y]^T [P Y] (BLAS syrk: half the work of three products).
-        both = np.empty((p.shape[0], self.d + self.t))
-        both[:, : self.d], both[:, self.d :] = p, y
-        g = scipy.linalg.blas.dsyrk(1.0, both.T)  # upper triangle of both^T both
-        d = self.d
-        self.pp += np.triu(g[:d, :d]) + np.triu(g[:d, :d], 1).T
-        self.py += g[:d, d:]
-        self.yy += np.triu(g[d:, d:]) + np.triu(g[d:, d:], 1).T
+        self.sum_p += p.sum(axis=0, dtype=np.float64)  # float32 activations summed in float64
+        self.sum_y += y.sum(axis=0, dtype=np.float64)
+        both = np.empty((self.d + self.t, p.shape[0]), order="F")  # [P Y]^T, columns contiguous for syrk
+        both[: self.d], both[self.d :] = p.T, y.T
+        self._upper = scipy.linalg.blas.dsyrk(1.0, both, beta=1.0, c=self._upper, overwrite_c=1)
+
+    def _split(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._blocks is None:
+            d, t = self.d, self.t
+            if self._upper is None:
+                self._blocks = (np.zeros((d, d)), np.zeros((d, t)), np.zeros((t, t)))
+            else:
+                g = self._upper
+                pp, yy = np.triu(g[:d, :d]), np.triu(g[d:, d:])
+                self._blocks = (pp + np.triu(pp, 1).T, np.array(g[:d, d:]), yy + np.triu(yy, 1).T)
+        return self._blocks
+
+    def _set(self, i: int, value: np.ndarray) -> None:
+        blocks = list(self._split())
+        blocks[i] = value
+        self._blocks = (blocks[0], blocks[1], blocks[2])
+        self._upper = None  # the blocks are now the truth; a later `add` rebuilds the triangle from them
+
+    @property
+    def pp(self) -> np.ndarray:
+        return self._split()[0]
+
+    @pp.setter
+    def pp(self, value: np.ndarray) -> None:
+        self._set(0, value)
+
+    @property
+    def py(self) -> np.ndarray:
+        return self._split()[1]
+
+    @py.setter
+    def py(self, value: np.ndarray) -> None:
+        self._set(1, value)
+
+    @property
+    def yy(self) -> np.ndarray:
+        return self._split()[2]
+
+    @yy.setter
+    def yy(self, value: np.ndarray) -> None:
+        self._set(2, value)
 
     def projected(self, front: np.ndarray) -> GramStats:
         """The statistics of the regressors P @ front (d x r), without another pass over the data."""
@@ -286,22 +322,53 @@ def balance_chain(weights: Sequence[np.ndarray], sweeps: int = 3) -> list[np.nda
     return [o.astype(np.asarray(w).dtype) for o, w in zip(out, weights, strict=True)]
 
 
+# Unknowns of the first factor up to which its normal equations are formed and solved directly (a
+# 4096^2 float64 matrix is 134 MB); beyond, conjugate gradients on the same equations, matrix-free:
+# ResNet-50's 256-channel 3x3 layers at input rank 128 have 32768 unknowns (an 8.6 GB matrix).
+FIRST_DIRECT_MAX = 4096
+
+
 def fit_first_given_rest(stats: GramStats, w: np.ndarray, rank: int, kk: int, intercept: bool,
-                         ridge: float = DEFAULT_RIDGE) -> np.ndarray:
+                         ridge: float = DEFAULT_RIDGE, start: np.ndarray | None = None,
+                         max_direct: int = FIRST_DIRECT_MAX, cg_iters: int = 60) -> np.ndarray:
     """The first factor A (rank x S) that best fits the targets with the rest of the chain fixed.
 
     `stats` are on the im2col of the chain's input (columns (channel s, offset k)); `w` (rank*kk x t,
     rows (r, k)) maps the im2col of A's output to the output, y ~ z @ w with z[(r,k)] = sum_s A[r,s]
     x[(s,k)]. The output is linear in A, so this is a ridge least squares in rank*S unknowns, solved
-    exactly from the Gram statistics: H vec(A) = B with H[(r,s),(r',s')] = sum_{k,k'} (w w^T)[(r,k),(r',k')]
+    from the Gram statistics: H vec(A) = B with H[(r,s),(r',s')] = sum_{k,k'} (w w^T)[(r,k),(r',k')]
     Cxx[(s,k),(s',k')] and B[r,s] = sum_{k,t} w[(r,k),t] Cxy[(s,k),t] (centred when a bias is fitted).
-    Alternating it with `fit_reduced_rank` on the projected statistics never increases the error.
+    Up to `max_direct` unknowns H is formed and solved exactly; beyond, conjugate gradients applies H
+    without forming it (memory: the Gram's size), warm-started at `start` (the current first factor),
+    so the result is never worse than `start` on the regularised objective. Alternating it with
+    `fit_reduced_rank` on the projected statistics never increases the error.
     """
     cpp, cpy, _, _, _ = stats.centred(intercept)
     s = stats.d // kk
     n4 = (w @ w.T).reshape(rank, kk, rank, kk)
     p4 = cpp.reshape(s, kk, s, kk)
-    h = np.einsum("akbl,skul->asbu", n4, p4, optimize=True).reshape(rank * s, rank * s)
     b = np.einsum("akt,skt->as", w.reshape(rank, kk, -1), cpy.reshape(s, kk, -1), optimize=True).reshape(-1)
-    lam = ridge_lambda(h, ridge)
-    return _solve_psd(h + lam * np.eye(h.shape[0]), b).reshape(rank, s)
+    if rank * s <= max_direct or start is None:
+        h = np.einsum("akbl,skul->asbu", n4, p4, optimize=True).reshape(rank * s, rank * s)
+        lam = ridge_lambda(h, ridge)
+        return _solve_psd(h + lam * np.eye(h.shape[0]), b).reshape(rank, s)
+    import scipy.sparse.linalg
+
+    # trace(H) = sum_k (sum_r N[r,k,r,k]) (sum_s P[s,k,s,k]): the same ridge rule as the direct solve.
+    trace = float(np.einsum("akak->k", n4) @ np.einsum("sksk->k", p4))
+    lam = ridge * trace / (rank * s)
+    pt = np.ascontiguousarray(p4.transpose(0, 1, 3, 2)).reshape(s, kk * kk * s)  # (s, (k, l, u))
+
+    def matvec(v: np.ndarray) -> np.ndarray:
+        a = v.reshape(rank, s)
+        t1 = np.tensordot(n4, a, axes=([2], [0]))  # (r, k, l, u)
+        return (t1.reshape(rank, -1) @ pt.T).reshape(-1) + lam * v
+
+    op = scipy.sparse.linalg.LinearOperator((rank * s, rank * s), matvec=matvec, dtype=np.float64)
+    x0 = np.asarray(start, dtype=np.float64).reshape(-1)
+    x, _ = scipy.sparse.linalg.cg(op, b, x0=x0, rtol=1e-7, maxiter=cg_iters)
+
+    def objective(v: np.ndarray) -> float:  # the regularised least squares, up to a constant
+        return float(v @ matvec(v) - 2 * b @ v)
+
+    return (x if objective(x) <= objective(x0) else x0).reshape(rank, s)

@@ -1,0 +1,64 @@
+"""Calibration that scales (issue 15 item 1): streaming statistics equal a direct computation, the
+first factor's matrix-free solve equals the direct one, and memory stays flat as the data grows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnx_tucker.numerics.refit import GramStats, fit_first_given_rest, residual
+
+
+@pytest.mark.parametrize("d,t,batches", [(5, 3, 1), (17, 9, 4), (40, 2, 7)])
+def test_gram_stats_streamed_equal_stacked(d: int, t: int, batches: int) -> None:
+    rng = np.random.default_rng(d)
+    ps = [rng.normal(size=(int(rng.integers(1, 30)), d)).astype(np.float32) for _ in range(batches)]
+    ys = [rng.normal(size=(p.shape[0], t)) for p in ps]
+    st = GramStats(d, t)
+    for p, y in zip(ps, ys, strict=True):
+        st.add(p, y)
+        _ = st.pp  # reading between batches must not disturb the accumulation
+    p, y = np.vstack(ps).astype(np.float64), np.vstack(ys)
+    assert st.n == p.shape[0]
+    np.testing.assert_allclose(st.pp, p.T @ p, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(st.py, p.T @ y, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(st.yy, y.T @ y, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(st.sum_p, p.sum(0), rtol=1e-12, atol=1e-9)
+    assert np.array_equal(st.pp, st.pp.T)
+
+
+def test_gram_stats_projected_then_added() -> None:
+    """Statistics derived without data (`projected`) and then accumulated on stay exact."""
+    rng = np.random.default_rng(1)
+    p, y = rng.normal(size=(50, 6)), rng.normal(size=(50, 2))
+    f = rng.normal(size=(6, 3))
+    st = GramStats(6, 2)
+    st.add(p[:30], y[:30])
+    pr = st.projected(f)
+    pr.add(p[30:] @ f, y[30:])
+    q = p @ f
+    np.testing.assert_allclose(pr.pp, q.T @ q, rtol=1e-10)
+    np.testing.assert_allclose(pr.py, q.T @ y, rtol=1e-10)
+    np.testing.assert_allclose(pr.yy, y.T @ y, rtol=1e-10)
+
+
+@pytest.mark.parametrize("intercept", [False, True])
+def test_first_factor_matrix_free_equals_direct(intercept: bool) -> None:
+    rng = np.random.default_rng(3)
+    s, kk, r, t, m = 6, 4, 3, 5, 400
+    x = rng.normal(size=(m, s * kk)) @ rng.normal(size=(s * kk, s * kk)) * 0.3 + 0.1
+    y = rng.normal(size=(m, t))
+    st = GramStats(s * kk, t)
+    st.add(x, y)
+    w = rng.normal(size=(r * kk, t))
+    direct = fit_first_given_rest(st, w, r, kk, intercept, max_direct=10**9)
+    start = rng.normal(size=(r, s))
+    free = fit_first_given_rest(st, w, r, kk, intercept, start=start, max_direct=1, cg_iters=500)
+    np.testing.assert_allclose(free, direct, rtol=1e-5, atol=1e-7)
+
+    def err(a: np.ndarray) -> float:
+        return residual(st.projected_channels(a, kk), w)
+
+    # Few iterations from a start: never worse than the start.
+    few = fit_first_given_rest(st, w, r, kk, False, start=start, max_direct=1, cg_iters=2)
+    assert err(few) <= err(start) * (1 + 1e-9)
