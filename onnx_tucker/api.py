@@ -45,11 +45,13 @@ PROFILE_RUNS = 10  # whole-model profiler runs the per-layer timings are checked
 
 
 def _planned(source: SourceModel, config: CompressionConfig, progress: Progress | None,
-             timer: LayerTimer | None, evaluator: Evaluator | None, profile_runs: int) -> Decomposition:
+             timer: LayerTimer | None, evaluator: Evaluator | None, profile_runs: int,
+             events: EventProgress | None = None) -> Decomposition:
     """The plan stage as `plan` and `compress` run it: the ranks to replay (a plan file's, or the ones
     chosen on the calibration data), every layer planned and decomposed, the layer timing summed up."""
     cached = layer_timer(source, config, timer)
-    ranks: PlannedRanks | None = load_plan_file(config.plan_file) if config.plan_file else data_ranks(source, config, progress)
+    ranks: PlannedRanks | None = (load_plan_file(config.plan_file) if config.plan_file
+                                  else data_ranks(source, config, progress, events))
     d = plan_and_decompose(source, config, progress, cached, evaluator, ranks)
     if cached is None:
         return d
@@ -66,18 +68,21 @@ def plan(
     timer: LayerTimer | None = None,
     profile_runs: int = PROFILE_RUNS,
     evaluator: Evaluator | None = None,
+    events: EventProgress | None = None,
 ) -> PlanResult:
     """The plan `compress` would apply (ranks, costs and kernel errors), without rewriting anything;
     `.plan` is what replays, beside it what the options measured (`budget`, `budget_check`, `layer_timing`).
     `save_plan` / `report`: also write the plan file / the JSON report (atomically, together).
     `timer`: how layers are timed under `config.latency_aware` (default: onnxruntime CPU, which is
     then also checked against a whole-model profile of `profile_runs` runs). `evaluator`: how a candidate
-    plan's agreement is measured under `--target agreement:F` (default: onnxruntime on `config.data`)."""
+    plan's agreement is measured under `--target agreement:F` (default: onnxruntime on `config.data`).
+    `events("calibration-estimate", {"estimate": CalibrationEstimate})` before each calibration walk
+    (the work and memory it will take; `report.tables.calibration_estimate_line` renders it)."""
     config = config or CompressionConfig()
     in_path = None if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
     check_output_paths(in_path, {"--save-plan": save_plan, "--report": report})
     source = SourceModel.load(model_or_path, config.input_shapes)
-    result = _planned(source, config, progress, timer, evaluator, profile_runs).planned
+    result = _planned(source, config, progress, timer, evaluator, profile_runs, events).planned
     with OutputBatch() as batch:
         if save_plan is not None:
             batch.add_text(save_plan, result.to_json())
@@ -102,6 +107,7 @@ def compress(
     evaluator: Evaluator | None = None,
     finetune: FinetuneStep | None = None,
     finetune_progress: EventProgress | None = None,
+    events: EventProgress | None = None,
 ) -> CompressionResult:
     """Compress a model; write it to `output` unless validation fails.
 
@@ -114,14 +120,14 @@ def compress(
     A model in which no layer is decomposed is still written (unchanged); check
     `result.decomposed_layers`. When validation fails the model is not written (`output_path` is None;
     the side files are, so the user can see why) and `result.validation_error()` says so.
-    `timer`, `profile_runs`, `evaluator`: as for `plan`.
+    `timer`, `profile_runs`, `evaluator`, `events`: as for `plan`.
     """
     config = config or CompressionConfig()
     t0 = time.perf_counter()
     in_path = None if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
     check_output_paths(in_path, {"OUT": output, "--save-plan": save_plan, "--report": report, "--markdown": markdown})
     source = SourceModel.load(model_or_path, config.input_shapes)
-    d = _planned(source, config, progress, timer, evaluator, profile_runs)
+    d = _planned(source, config, progress, timer, evaluator, profile_runs, events)
     planned, p = d.planned, d.plan
     rewritten = rewrite_source(source, d.replacements)
     replacements = d.replacements if config.calibrate else {}
@@ -133,7 +139,7 @@ def compress(
         if isinstance(new_model, IRModel):
             raise UsageError(f"--calibrate {config.calibrate}: the compressed model is over 2 GB, which calibration "
                              "cannot run in memory; compress without --calibrate")
-        calibration = calibrate(source, new_model, replacements, p, config, progress)
+        calibration = calibrate(source, new_model, replacements, p, config, progress, events)
         del replacements
     finetuned = None
     if finetune is not None:

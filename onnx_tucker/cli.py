@@ -392,7 +392,8 @@ def compress(input: InPath, output: OutPath, g: Groups) -> None:
         with _progress(not quiet) as progress:
             result = api.compress(input, cfg, output, progress, bench=timing, save_plan=out.save_plan, report=out.report,
                                   markdown=out.markdown, finetune=step,
-                                  finetune_progress=None if quiet else _FinetuneProgress())
+                                  finetune_progress=None if quiet else _FinetuneProgress(),
+                                  events=_calibration_events(quiet))
         if not quiet:
             _print(result_tables(result))
         failure = result.validation_error()
@@ -423,7 +424,8 @@ def inspect(input: InPath, g: Groups) -> None:
     with _errors(g[GeneralOptions].verbose):
         cfg, out = replace(g[CompressionConfig], validate=False), g[OutputOptions]
         with _progress(not g[GeneralOptions].quiet) as progress:
-            p = api.plan(input, cfg, progress, save_plan=out.save_plan, report=out.report)
+            p = api.plan(input, cfg, progress, save_plan=out.save_plan, report=out.report,
+                         events=_calibration_events(g[GeneralOptions].quiet))
         if not g[GeneralOptions].quiet:
             _print(result_tables(p))
 
@@ -537,6 +539,20 @@ def _duration(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
     return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def _calibration_events(quiet: bool):  # type: ignore[no-untyped-def]
+    """Prints the one-line estimate before each calibration walk (on a terminal or in a log)."""
+    if quiet:
+        return None
+
+    def show(kind: str, d: Any) -> None:
+        if kind == "calibration-estimate":
+            from .report.tables import calibration_estimate_line
+
+            _note(calibration_estimate_line(d["estimate"]))
+
+    return show
 
 
 class _FinetuneProgress:

@@ -344,11 +344,17 @@ class CalibrationConfig(_Normalised):
 
     calibrate: str | None = opt("--calibrate", default=None, cli_type=Path | None, help="Refit each decomposed layer's factors so its output matches the original's on this unlabeled data (.npz with one array per model input, or an image folder: see --size/--mean/--std); same graph. Without --data, validation runs on it too.")
     calibration_samples: int = opt("--calibration-samples", default=500, help="How many --calibrate samples to use (a random subset, seeded by --seed, when the file has more).")
+    calibration_memory: str = opt("--calibration-memory", default="2G", help="Memory for the activations kept between the layers of a calibration walk (refit, data-driven ranks), e.g. 512M or 4G; beyond it they go to a temporary folder (TMPDIR) and are read back one batch at a time. Checked against the memory available before the work starts.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.calibration_samples < 1:
             raise UsageError(f"--calibration-samples {self.calibration_samples}: must be >= 1; e.g. 500")
+        parse_bytes(self.calibration_memory, "--calibration-memory")
+
+    @property
+    def calibration_memory_bytes(self) -> int:
+        return parse_bytes(self.calibration_memory, "--calibration-memory")
 
 
 @group("Latency-aware planning")
@@ -691,6 +697,7 @@ class CompressionConfig:
             "data": self.data,
             "calibrate": self.calibrate,
             "calibration_samples": self.calibration_samples,
+            "calibration_memory": self.calibration_memory,
             "preprocess": {"size": p.size, "mean": p.mean, "std": p.std, "layout": p.layout, "scale": p.scale,
                            "resize_shorter": p.resize_shorter, "crop": p.crop, "channel_order": p.channel_order},
             "latency_aware": self.latency_aware,
@@ -861,6 +868,22 @@ def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
         return tuple(float(v) for v in text.replace(" ", "").split(","))
     except ValueError:
         raise UsageError(f"{option} {text}: not a comma-separated list of numbers, e.g. 0.485,0.456,0.406") from None
+
+
+_BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_bytes(text: object, option: str) -> int:
+    """`512M`, `2G`, `1.5G` or a number of bytes -> bytes (binary units; a trailing B or iB is allowed)."""
+    t = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in _BYTE_UNITS and t[-1:] else ""
+    try:
+        value = float(t[: len(t) - len(unit)])
+    except ValueError:
+        value = -1.0
+    if not value > 0 or not math.isfinite(value):
+        raise UsageError(f"{option} {text}: expected a size such as 512M or 2G")
+    return int(value * _BYTE_UNITS[unit])
 
 
 def parse_size(text: str | None, option: str = "--size") -> tuple[int, int] | None:

@@ -172,11 +172,14 @@ class _LayerPass:
         pads = conv_pads_begin(x.shape[2:], out_sp, im.kernel, im.strides, im.dilations, im.pads, im.auto_pad)
         g = len(geo.groups)
         s_g, t_g = x.shape[1] // g, y.shape[1] // g
+        kk = self.kk
         for k, grp in enumerate(geo.groups):
-            z = x[:, k * s_g : (k + 1) * s_g]
+            p = im2col(x[:, k * s_g : (k + 1) * s_g], n_idx, coords, im.kernel, im.strides, pads, im.dilations)
             if self.space[k] != "x" and grp.first is not None:
-                z = np.tensordot(grp.first, z.astype(np.float64), axes=([1], [1])).swapaxes(0, 1)
-            self._add(k, im2col(z, n_idx, coords, im.kernel, im.strides, pads, im.dilations), yr[:, k * t_g : (k + 1) * t_g])
+                # The first factor on the sampled receptive fields only (a 1x1 conv commutes with
+                # im2col): far less work and memory than on the whole activation map.
+                p = np.einsum("rs,msk->mrk", grp.first, p.reshape(p.shape[0], s_g, kk), optimize=True).reshape(p.shape[0], -1)
+            self._add(k, p, yr[:, k * t_g : (k + 1) * t_g])
 
     def _add(self, k: int, p: np.ndarray, y: np.ndarray) -> None:
         if self.space[k] == "q":
@@ -258,6 +261,7 @@ def calibrate_model(
     options: CalibrationOptions | None = None,
     read_weight: Callable[[str], np.ndarray] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    memory_bytes: int = 2 << 30,
 ) -> dict[str, LayerCalibration]:
     """Refit every replaced layer of `compressed` (modified in place) on `batches` of feeds; per layer id,
     what was done. `read_weight` reads an original weight by name (the data-aware first factor)."""
@@ -271,69 +275,80 @@ def calibrate_model(
     results: dict[str, LayerCalibration] = {}
     order = sorted(replacements)
     # The walk runs each model about once: each request starts from the cached frontier.
-    comp_cache = ActivationCache(compressed, batches, "compressed")
-    orig_cache = ActivationCache(original, batches, "original")
-    for step, node_index in enumerate(order):
-        rep = replacements[node_index]
-        layer, f = rep.layer, rep.factors
-        if progress is not None:
-            progress(layer.layer_id, step, len(order))
-        x_name, y_name = node_io(original, node_index)
-        chain = factor_chain(compressed, y_name, len(f.arrays))
-        if chain is None or chain.problem is not None:
-            why = chain.problem if chain is not None else "its factor chain was not found"
-            results[layer.layer_id] = LayerCalibration("kept", None, None, 0, f"not refit: {why}")
-            continue
-        bias = read_initializer(compressed, chain.bias) if chain.bias else None
-        handler = handler_for(layer)
-        im = handler.im2col(layer)
-        why = handler.refit_problem(layer, f, bias)
-        if why is not None or im is None:
-            results[layer.layer_id] = LayerCalibration("kept", None, None, 0, f"not refit: {why or 'no im2col'}")
-            continue
-        geo = _geometry(handler, im, layer, f, bias, chain.beta)
-        rng = np.random.default_rng([opts.seed, node_index])
-        grams = None
-        if opts.method == "full" and f.kind == "tucker2" and layer.weight_name:
-            grams = kernel_input_grams(read_weight(layer.weight_name), len(geo.groups))
-        per_sample = max(1, math.ceil(opts.rows / max(count, 1))) if im.conv else None
-        lp = _LayerPass(geo, opts, per_sample, rng, f.kind == "tucker2")
-        # Residual compensation: when the output only feeds an Add, aim at the original *sum*, i.e. the
-        # original output plus what the other branch lost in the compressed model.
-        skip = residual_partner(original, y_name) if opts.residual else None
-        extra = [skip] if skip else []
-        comp_vals = comp_cache.values([x_name, *extra])
-        orig_vals = orig_cache.values([y_name, *extra])
-        for xs, ys in zip(comp_vals, orig_vals, strict=True):
-            x, y = xs[0], ys[0]
-            _check_finite(x, x_name, "compressed")
-            _check_finite(y, y_name, "original")
-            if skip and xs[1].shape == y.shape:
-                _check_finite(xs[1], skip, "compressed")
-                y = y + (ys[1] - xs[1])
-            elif skip:  # a broadcasting Add: no compensation
-                skip = None
-            lp.add(x, y)
-        # Gemm with beta = 0 ignores C: nothing to fit there.
-        best, rss0, rss1, groups, rows, note = _solve(geo, lp, bias is not None and chain.beta != 0, opts, grams)
-        energy = sum(s.target_energy for s in lp.stats)
-        e0 = math.sqrt(rss0 / energy) if energy > 0 else math.sqrt(rss0)
-        e1 = math.sqrt(rss1 / energy) if energy > 0 else math.sqrt(rss1)
-        if best != "kept":
-            arrays = handler.from_refit_blocks(layer, f, [(g.first, g.front, g.last) for g in groups])
-            b = np.concatenate([g.bias for g in groups])
-            # Balanced scales along the chain: the same function, but trainable (finetune after this).
-            arrays = handler.balance(layer, arrays)
-            stored = handler.stored(layer, replace(f, arrays=tuple(arrays)))
-            values = dict(zip(chain.weights, stored, strict=True))
-            if chain.bias is not None and chain.beta != 0:
-                values[chain.bias] = b / chain.beta  # beta is 1 but for a Gemm's C
-            write_initializers(compressed, values)
-            comp_cache.invalidate(chain.produced)
-        results[layer.layer_id] = LayerCalibration(best, e0, e1, rows, note, skip)
+    # Each model's activations share the memory budget; the rest is spilled to disk.
+    with ActivationCache(compressed, batches, "compressed", memory_bytes // 2) as comp_cache, \
+            ActivationCache(original, batches, "original", memory_bytes // 2) as orig_cache:
+        for step, node_index in enumerate(order):
+            _refit_layer(step, node_index, original, compressed, replacements, order, opts, read_weight, count,
+                         comp_cache, orig_cache, results, progress)
     if progress is not None and order:
         progress(replacements[order[-1]].layer.layer_id, len(order), len(order))
     return results
+
+
+def _refit_layer(step: int, node_index: int, original: onnx.ModelProto, compressed: onnx.ModelProto,
+                 replacements: Mapping[int, Replacement], order: Sequence[int], opts: CalibrationOptions,
+                 read_weight: Callable[[str], np.ndarray], count: int, comp_cache: ActivationCache,
+                 orig_cache: ActivationCache, results: dict[str, LayerCalibration],
+                 progress: Callable[[str, int, int], None] | None) -> None:
+    """One layer of `calibrate_model`: gather its statistics, solve, write the factors back."""
+    rep = replacements[node_index]
+    layer, f = rep.layer, rep.factors
+    if progress is not None:
+        progress(layer.layer_id, step, len(order))
+    x_name, y_name = node_io(original, node_index)
+    chain = factor_chain(compressed, y_name, len(f.arrays))
+    if chain is None or chain.problem is not None:
+        why = chain.problem if chain is not None else "its factor chain was not found"
+        results[layer.layer_id] = LayerCalibration("kept", None, None, 0, f"not refit: {why}")
+        return
+    bias = read_initializer(compressed, chain.bias) if chain.bias else None
+    handler = handler_for(layer)
+    im = handler.im2col(layer)
+    why = handler.refit_problem(layer, f, bias)
+    if why is not None or im is None:
+        results[layer.layer_id] = LayerCalibration("kept", None, None, 0, f"not refit: {why or 'no im2col'}")
+        return
+    geo = _geometry(handler, im, layer, f, bias, chain.beta)
+    rng = np.random.default_rng([opts.seed, node_index])
+    grams = None
+    if opts.method == "full" and f.kind == "tucker2" and layer.weight_name:
+        grams = kernel_input_grams(read_weight(layer.weight_name), len(geo.groups))
+    per_sample = max(1, math.ceil(opts.rows / max(count, 1))) if im.conv else None
+    lp = _LayerPass(geo, opts, per_sample, rng, f.kind == "tucker2")
+    # Residual compensation: when the output only feeds an Add, aim at the original *sum*, i.e. the
+    # original output plus what the other branch lost in the compressed model.
+    skip = residual_partner(original, y_name) if opts.residual else None
+    extra = [skip] if skip else []
+    comp_vals = comp_cache.values([x_name, *extra])
+    orig_vals = orig_cache.values([y_name, *extra])
+    for xs, ys in zip(comp_vals, orig_vals, strict=True):
+        x, y = xs[0], ys[0]
+        _check_finite(x, x_name, "compressed")
+        _check_finite(y, y_name, "original")
+        if skip and xs[1].shape == y.shape:
+            _check_finite(xs[1], skip, "compressed")
+            y = y + (ys[1] - xs[1])
+        elif skip:  # a broadcasting Add: no compensation
+            skip = None
+        lp.add(x, y)
+    # Gemm with beta = 0 ignores C: nothing to fit there.
+    best, rss0, rss1, groups, rows, note = _solve(geo, lp, bias is not None and chain.beta != 0, opts, grams)
+    energy = sum(s.target_energy for s in lp.stats)
+    e0 = math.sqrt(rss0 / energy) if energy > 0 else math.sqrt(rss0)
+    e1 = math.sqrt(rss1 / energy) if energy > 0 else math.sqrt(rss1)
+    if best != "kept":
+        arrays = handler.from_refit_blocks(layer, f, [(g.first, g.front, g.last) for g in groups])
+        b = np.concatenate([g.bias for g in groups])
+        # Balanced scales along the chain: the same function, but trainable (finetune after this).
+        arrays = handler.balance(layer, arrays)
+        stored = handler.stored(layer, replace(f, arrays=tuple(arrays)))
+        values = dict(zip(chain.weights, stored, strict=True))
+        if chain.bias is not None and chain.beta != 0:
+            values[chain.bias] = b / chain.beta  # beta is 1 but for a Gemm's C
+        write_initializers(compressed, values)
+        comp_cache.invalidate(chain.produced)
+    results[layer.layer_id] = LayerCalibration(best, e0, e1, rows, note, skip)
 
 
 HELD_OUT = 500  # at most this many samples beyond --calibration-samples measure the whole model
@@ -365,7 +380,7 @@ def calibration_data(path: str, model: onnx.ModelProto, limit: int | None, seed:
     return used.without_labels(), held.without_labels()
 
 
-def _batches_of(data, model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]],  # type: ignore[no-untyped-def]
+def batches_of(data, model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]],  # type: ignore[no-untyped-def]
                 batch: int) -> list[dict[str, np.ndarray]]:
     from ..errors import UsageError
     from ..runtime.validate import data_batches, dynamic_batch
@@ -388,13 +403,15 @@ def calibration_batches(path: str, model: onnx.ModelProto, input_shapes: Mapping
     by class). Data that does not fit the model's inputs is a `UsageError` naming `--calibrate`.
     """
     used, _ = calibration_data(path, model, limit, seed, preprocess)
-    return _batches_of(used, model, input_shapes, batch)
+    return batches_of(used, model, input_shapes, batch)
 
 
 def calibrate_from_config(original: onnx.ModelProto, compressed: onnx.ModelProto, replacements: Mapping[int, Replacement],
                           plan: CompressionPlan, input_shapes: Mapping[str, tuple[int, ...]], config: CompressionConfig,
                           progress: Callable[[str, int, int], None] | None = None,
                           read_weight: Callable[[str], np.ndarray] | None = None,
+                          batch_size: Callable[[DataSet], int] | None = None, memory_bytes: int = 2 << 30,
+                          started: Callable[[DataSet, int], None] | None = None,
                           ) -> tuple[dict[str, LayerCalibration], CalibrationSummary]:
     """`compress --calibrate`: refit `compressed` in place; each refit layer's `LayerCalibration` by
     name (a result: plans hold only what replays), and the whole model's agreement with the original
@@ -407,11 +424,14 @@ def calibrate_from_config(original: onnx.ModelProto, compressed: onnx.ModelProto
     assert config.calibrate is not None
     t0 = time.perf_counter()
     used, held = calibration_data(config.calibrate, original, config.calibration_samples, config.seed, config.preprocess)
-    batches = _batches_of(used, original, input_shapes, 64)
+    batch = batch_size(used) if batch_size is not None else 64
+    batches = batches_of(used, original, input_shapes, batch)
+    if started is not None:
+        started(used, batch)
     # The one-shot model measured before the refit changes it in place (no copy of it kept).
     before = validate_models(original, compressed, input_shapes, data=held).outputs[0] if held is not None else None
     found = calibrate_model(original, compressed, replacements, batches, CalibrationOptions(seed=config.seed),
-                            read_weight, progress)
+                            read_weight, progress, memory_bytes)
     summary = CalibrationSummary(used.count, 0)
     if held is not None and before is not None:
         after = validate_models(original, compressed, input_shapes, data=held).outputs[0]

@@ -50,6 +50,7 @@ class DataRankOptions:
     max_width: int = 4096  # widest im2col handled; wider layers keep the fallback plan
     input_rank_points: int = 12  # Tucker-2 input ranks tried per layer
     seed: int = 0
+    memory_bytes: int = 2 << 30  # activations kept in memory between layers (the rest: on disk)
 
 
 def _covered(layer: Layer) -> Im2col | None:
@@ -156,17 +157,17 @@ def select_ranks_data(
             continue
         covered.append((lay, im))
     budget = math.floor(fraction * total) - fixed
-    cache = ActivationCache(original, batches, "original")
     candidates: list[list[RankCandidate]] = []
-    for step, (lay, geo) in enumerate(covered):
-        if progress is not None:
-            progress(lay.layer_id, step, len(covered))
-        per_sample = max(1, math.ceil(opts.rows / max(count, 1))) if geo.conv else None
-        acc = _Accumulator(geo, per_sample, np.random.default_rng([opts.seed, lay.node_index]))
-        for x, y in cache.values([lay.inputs[0], lay.outputs[0]]):
-            acc.add(x, y)
-        weight = read_weight(lay.weight_name) if lay.weight_name else np.zeros(0)
-        candidates.append(_candidates(lay, geo, acc.stats, weight, opts.input_rank_points))
+    with ActivationCache(original, batches, "original", opts.memory_bytes) as cache:
+        for step, (lay, geo) in enumerate(covered):
+            if progress is not None:
+                progress(lay.layer_id, step, len(covered))
+            per_sample = max(1, math.ceil(opts.rows / max(count, 1))) if geo.conv else None
+            acc = _Accumulator(geo, per_sample, np.random.default_rng([opts.seed, lay.node_index]))
+            for x, y in cache.values([lay.inputs[0], lay.outputs[0]]):
+                acc.add(x, y)
+            weight = read_weight(lay.weight_name) if lay.weight_name else np.zeros(0)
+            candidates.append(_candidates(lay, geo, acc.stats, weight, opts.input_rank_points))
     if progress is not None and covered:
         progress(covered[-1][0].layer_id, len(covered), len(covered))
     alloc = allocate_macs(candidates, max(budget, 0))

@@ -6,6 +6,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..calibration.calibrate import CalibrationSummary
+from ..calibration.memory import CalibrationEstimate
 from ..planning.budget import BudgetCheck, BudgetOutcome
 from ..planning.latency import LatencySummary
 from ..planning.planner import CompressionPlan
@@ -220,3 +221,16 @@ def result_tables(
     if latency is not None:
         tables.append(latency_table(latency))
     return tables
+
+
+def calibration_estimate_line(e: CalibrationEstimate) -> str:
+    """One line before a calibration walk starts: what it reads, how, and the memory it will hold."""
+    def gb(n: int) -> str:
+        return f"{n / 2**30:.1f} GB"
+
+    spill = f", {gb(e.spill_bytes)} to TMPDIR" if e.spill_bytes else ""
+    avail = f" of {gb(e.available_bytes)} available" if e.available_bytes is not None else ""
+    return (f"{e.what}: {e.layers} layers on {e.images} images of {e.input_size} in batches of {e.batch} "
+            f"({e.gmacs_per_pass:.3g} GMACs per pass); activations {gb(e.activation_bytes)} "
+            f"({gb(e.cache_bytes)} in memory{spill}); widest statistics {e.stats_width} wide; "
+            f"expected peak {gb(e.peak_bytes)}{avail}")
