@@ -83,7 +83,18 @@ def extract_segment(model: onnx.ModelProto, names: Sequence[str], known: Mapping
     etypes = (types or ElementTypes(model)).of([*outputs, *extra])
     out = onnx.ModelProto()
     copy_fields(model, out, {"graph"})
-    copy_fields(g, out.graph, {"node", "output"})
+    # Only the initializers the segment reads: copying (and serialising for onnxruntime) every weight of
+    # the model per segment made a layer-by-layer walk quadratic in the model's size.
+    copy_fields(g, out.graph, {"node", "output", "initializer", "value_info", "input"})
+    reads: set[str] = set()
+    for i in needed:
+        reads.update(g.node[i].input)
+        for sub in subgraphs(g.node[i]):
+            reads |= outer_names_used(sub)
+    out.graph.initializer.extend(t for t in g.initializer if t.name in reads)
+    weights = {t.name for t in g.initializer}  # IR < 4 lists them as graph inputs too
+    out.graph.input.extend(v for v in g.input if v.name not in weights or v.name in reads)
+    out.graph.value_info.extend(v for v in g.value_info if v.name in seen)
     out.graph.input.extend(helper.make_tensor_value_info(n, known[n], None) for n in fed)
     out.graph.node.extend(node for i, node in enumerate(g.node) if i in needed)
     out.graph.output.extend(helper.make_tensor_value_info(n, etypes.get(n, onnx.TensorProto.FLOAT), None)

@@ -36,12 +36,19 @@ class GramStats:
     `add` updates one (d + t)-square upper triangle in place (BLAS syrk, beta = 1): no per-batch
     temporaries of the Gram's size; `pp`, `py` and `yy` are its blocks, symmetrised when read."""
 
+    # Rows are buffered until this many, then added in one syrk: each update reads and writes the
+    # whole triangle, so a few dozen rows per call (one 224 x 224 image's sampled positions) would make
+    # it memory-bound (a 4096-wide layer: 134 MB touched per call).
+    FLUSH_ROWS = 512
+
     def __init__(self, d: int, t: int) -> None:
         self.d, self.t, self.n = d, t, 0
         self.sum_p = np.zeros(d)
         self.sum_y = np.zeros(t)
         self._upper: np.ndarray | None = None  # (d + t)^2, Fortran order, upper triangle accumulated
         self._blocks: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending_rows = 0
 
     def add(self, p: np.ndarray, y: np.ndarray) -> None:
         p = np.asarray(p).reshape(-1, self.d)
@@ -50,20 +57,33 @@ class GramStats:
             raise ValueError(f"{p.shape[0]} regressor rows for {y.shape[0]} target rows")
         if p.shape[0] == 0:
             return
+        self.n += p.shape[0]
+        self.sum_p += p.sum(axis=0, dtype=np.float64)  # float32 activations summed in float64
+        self.sum_y += y.sum(axis=0, dtype=np.float64)
+        self._pending.append((p, y))
+        self._pending_rows += p.shape[0]
+        if self._pending_rows >= self.FLUSH_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
         if self._upper is None:
             self._upper = np.zeros((self.d + self.t,) * 2, order="F")
             if self._blocks is not None:  # statistics set directly (projected ones) and then added to
                 pp, py, yy = self._blocks
                 self._upper[: self.d, : self.d], self._upper[: self.d, self.d :], self._upper[self.d :, self.d :] = pp, py, yy
         self._blocks = None
-        self.n += p.shape[0]
-        self.sum_p += p.sum(axis=0, dtype=np.float64)  # float32 activations summed in float64
-        self.sum_y += y.sum(axis=0, dtype=np.float64)
-        both = np.empty((self.d + self.t, p.shape[0]), order="F")  # [P Y]^T, columns contiguous for syrk
-        both[: self.d], both[self.d :] = p.T, y.T
+        both = np.empty((self.d + self.t, self._pending_rows), order="F")  # [P Y]^T, columns contiguous for syrk
+        at = 0
+        for p, y in self._pending:
+            both[: self.d, at : at + p.shape[0]], both[self.d :, at : at + p.shape[0]] = p.T, y.T
+            at += p.shape[0]
+        self._pending, self._pending_rows = [], 0
         self._upper = scipy.linalg.blas.dsyrk(1.0, both, beta=1.0, c=self._upper, overwrite_c=1)
 
     def _split(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self._flush()
         if self._blocks is None:
             d, t = self.d, self.t
             if self._upper is None:
