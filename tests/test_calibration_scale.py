@@ -62,3 +62,53 @@ def test_first_factor_matrix_free_equals_direct(intercept: bool) -> None:
     # Few iterations from a start: never worse than the start.
     few = fit_first_given_rest(st, w, r, kk, False, start=start, max_direct=1, cg_iters=2)
     assert err(few) <= err(start) * (1 + 1e-9)
+
+
+_CHILD = """
+import sys
+import numpy as np
+from onnx_tucker import api
+from onnx_tucker.config import CompressionConfig
+from tests.helpers import make_small_cnn
+
+count, memory, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+model = make_small_cnn(c1=16, c2=32, spatial=(64, 64), batch="N", low_rank=True)
+np.savez(path, x=np.random.default_rng(count).random((count, 3, 64, 64), dtype=np.float32))
+cfg = CompressionConfig(ranks="data:0.5", calibrate=path, calibration_samples=count, validate=False,
+                        calibration_memory=memory)
+api.compress(model, cfg)
+"""
+
+
+def _peak_rss_of_compress(tmp_path, count: int, memory: str) -> int:  # type: ignore[no-untyped-def]
+    """Peak RSS (bytes) of a child process running `compress --ranks data:0.5 --calibrate` on `count`
+    random 3 x 64 x 64 images (RSS, not tracemalloc: onnxruntime allocates the activations)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(count), memory, str(tmp_path / f"cal{count}.npz")],
+                            env=env, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, proc.stderr.read().decode() if proc.stderr else ""
+    return int(usage.ru_maxrss) * 1024
+
+
+@pytest.mark.slow  # two child processes per case, ~40 s on 2 cores
+@pytest.mark.parametrize("memory,flat", [("32M", True), ("4G", False)])
+def test_memory_stays_flat_as_the_calibration_set_grows(tmp_path, memory: str, flat: bool) -> None:  # type: ignore[no-untyped-def]
+    """Under --calibration-memory, 4x the images costs their own bytes (48 KB each), not 4x the cached
+    activations (two 16 x 64 x 64 float tensors at the frontier: 512 KB an image, 230 MB more for 450
+    more images); with room for everything in memory (the control) the growth is there. The spill
+    folder is gone afterwards."""
+    small = _peak_rss_of_compress(tmp_path, 150, memory)
+    big = _peak_rss_of_compress(tmp_path, 600, memory)
+    growth = big - small
+    data_growth = 450 * 3 * 64 * 64 * 4
+    if flat:
+        assert growth < 2 * data_growth + (24 << 20), growth
+    else:
+        assert growth > 100 << 20, growth  # the test can tell the difference
+    assert not list(tmp_path.glob("onnx-tucker-activations-*"))
