@@ -28,6 +28,7 @@ request runs its prefix again).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -278,24 +279,26 @@ def calibrate_model(
     # Each model's activations share the memory budget; the rest is spilled to disk.
     with ActivationCache(compressed, batches, "compressed", memory_bytes // 2) as comp_cache, \
             ActivationCache(original, batches, "original", memory_bytes // 2) as orig_cache:
+        rate = ""
         for step, node_index in enumerate(order):
-            _refit_layer(step, node_index, original, compressed, replacements, order, opts, read_weight, count,
-                         comp_cache, orig_cache, results, progress)
+            if progress is not None:  # the bar shows the layer and the speed of the one before
+                progress(replacements[node_index].layer.layer_id + rate, step, len(order))
+            t0 = time.perf_counter()
+            _refit_layer(node_index, original, compressed, replacements, opts, read_weight, count,
+                         comp_cache, orig_cache, results)
+            rate = f" ({count / max(time.perf_counter() - t0, 1e-9):.0f} img/s)"
     if progress is not None and order:
         progress(replacements[order[-1]].layer.layer_id, len(order), len(order))
     return results
 
 
-def _refit_layer(step: int, node_index: int, original: onnx.ModelProto, compressed: onnx.ModelProto,
-                 replacements: Mapping[int, Replacement], order: Sequence[int], opts: CalibrationOptions,
+def _refit_layer(node_index: int, original: onnx.ModelProto, compressed: onnx.ModelProto,
+                 replacements: Mapping[int, Replacement], opts: CalibrationOptions,
                  read_weight: Callable[[str], np.ndarray], count: int, comp_cache: ActivationCache,
-                 orig_cache: ActivationCache, results: dict[str, LayerCalibration],
-                 progress: Callable[[str, int, int], None] | None) -> None:
+                 orig_cache: ActivationCache, results: dict[str, LayerCalibration]) -> None:
     """One layer of `calibrate_model`: gather its statistics, solve, write the factors back."""
     rep = replacements[node_index]
     layer, f = rep.layer, rep.factors
-    if progress is not None:
-        progress(layer.layer_id, step, len(order))
     x_name, y_name = node_io(original, node_index)
     chain = factor_chain(compressed, y_name, len(f.arrays))
     if chain is None or chain.problem is not None:
@@ -417,8 +420,6 @@ def calibrate_from_config(original: onnx.ModelProto, compressed: onnx.ModelProto
     name (a result: plans hold only what replays), and the whole model's agreement with the original
     on held-out samples before and after. `read_weight`: as for `calibrate_model` (the source model's
     reader: no second graph index)."""
-    import time
-
     from ..runtime.validate import validate_models
 
     assert config.calibrate is not None
