@@ -112,3 +112,38 @@ def test_memory_stays_flat_as_the_calibration_set_grows(tmp_path, memory: str, f
     else:
         assert growth > 100 << 20, growth  # the test can tell the difference
     assert not list(tmp_path.glob("onnx-tucker-activations-*"))
+
+
+def test_memory_is_checked_before_any_work(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Calibration that cannot fit is one line naming the part that does not fit and the option that
+    shrinks it, exit 2, before onnxruntime runs, nothing written."""
+    from typer.testing import CliRunner
+
+    from onnx_tucker.calibration import memory
+    from onnx_tucker.cli import app
+    from tests.helpers import make_small_cnn, save
+
+    model = save(make_small_cnn(batch="N", low_rank=True), tmp_path / "m.onnx")
+    np.savez(tmp_path / "cal.npz", x=np.random.default_rng(0).random((40, 3, 16, 16), dtype=np.float32))
+    monkeypatch.setattr(memory, "available_memory", lambda: 1000)
+    res = CliRunner().invoke(app, ["compress", str(model), str(tmp_path / "out.onnx"), "--ranks", "data:0.5",
+                                   "--calibrate", str(tmp_path / "cal.npz")])
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: rank choice: needs about "), lines
+    assert "available" in lines[0] and ("--calibration" in lines[0] or "--exclude" in lines[0]), lines[0]
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_plan_calibration_sizes_the_batch_and_names_what_does_not_fit() -> None:
+    from onnx_tucker.calibration.memory import plan_calibration
+    from onnx_tucker.errors import UsageError
+
+    shapes = {"x": (1, 3, 224, 224), "a": (1, 64, 112, 112), "b": (1, 256, 56, 56)}
+    per_image = 4 * (64 * 112 * 112 + 256 * 56 * 56 + 3 * 224 * 224)
+    est = plan_calibration("refit", [], shapes, 256, 2 << 30, 10, 4096, available=None)
+    assert est.batch == max(1, min(64, (2 << 30) // 8 // per_image))
+    assert est.cache_bytes <= 2 << 30 and est.spill_bytes == est.activation_bytes - (2 << 30)
+    assert plan_calibration("refit", [], shapes, 256, 2 << 30, 10, 4096, batch=1, available=None).batch == 1
+    with pytest.raises(UsageError, match=r"the largest part is the calibration images .*--calibration-samples"):
+        plan_calibration("refit", [], shapes, 256, 1 << 20, 30 << 30, 4096, available=8 << 30)

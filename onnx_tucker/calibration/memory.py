@@ -101,8 +101,9 @@ def plan_calibration(what: str, layers: Sequence[Layer], shapes: Mapping[str, Sh
     if batch is None:
         batch = max(1, min(MAX_BATCH, images, (memory_bytes // BATCH_SHARE) // max(live, 1)))
     batch_bytes = batch * live * 2  # the tensors and onnxruntime's arena around them
-    # The frontier: between two layers of a ResNet, the block input and the branch (two tensors).
-    frontier = sum(per_image[:2]) * images
+    # The frontier: between two layers of a ResNet, the block input and the branch (two tensors), in
+    # each model walked (the refit walks the original and the compressed one side by side).
+    frontier = sum(per_image[:2]) * images * (2 if what == "refit" else 1)
     widest = max((_stats_width(lay, True) for lay in layers), default=0)
     width = widest if widest <= max_width else max((_stats_width(lay, False) for lay in layers), default=0)
     width = max(width, min(widest, max_width))
