@@ -4,6 +4,8 @@ first factor's matrix-free solve equals the direct one, and memory stays flat as
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import onnx.numpy_helper
 import pytest
 
 from onnx_tucker.numerics.refit import GramStats, fit_first_given_rest, residual
@@ -67,6 +69,8 @@ def test_first_factor_matrix_free_equals_direct(intercept: bool) -> None:
 _CHILD = """
 import sys
 import numpy as np
+import onnx
+import onnx.numpy_helper
 from onnx_tucker import api
 from onnx_tucker.config import CompressionConfig
 from tests.helpers import make_small_cnn
@@ -147,3 +151,71 @@ def test_plan_calibration_sizes_the_batch_and_names_what_does_not_fit() -> None:
     assert plan_calibration("refit", [], shapes, 256, 2 << 30, 10, 4096, batch=1, available=None).batch == 1
     with pytest.raises(UsageError, match=r"the largest part is the calibration images .*--calibration-samples"):
         plan_calibration("refit", [], shapes, 256, 1 << 20, 30 << 30, 4096, available=8 << 30)
+
+
+@pytest.mark.parametrize("group,bias", [(1, True), (2, True), (1, False)])
+def test_conv_transpose_last_factor_refits_to_the_least_squares_optimum(tmp_path, group: int, bias: bool) -> None:  # type: ignore[no-untyped-def]
+    """A ConvTranspose chain (issue 15 item 2): its last 1x1 conv and bias are refit per pixel on the
+    chain's own input, to the least-squares optimum computed directly on every output pixel; never worse
+    than the one-shot factors."""
+    from onnx_tucker import api
+    from onnx_tucker.config import CompressionConfig
+    from onnx_tucker.graph.probe import expose_outputs, factor_chain
+    from tests.helpers import run_ort
+    from tests.test_conv_transpose import make_convt_model
+
+    model = make_convt_model(cin=8, cout=8, kernel=(3, 3), group=group, bias=bias, strides=[2, 2], pads=[1, 1, 1, 1])
+    x = np.random.default_rng(1).standard_normal((12, 1, 8, 5, 5)).astype(np.float32)
+    np.savez(tmp_path / "cal.npz", x=x.reshape(12, 8, 5, 5))
+    plain = CompressionConfig(ranks="ratio:0.4", validate=False)
+    one_shot = api.compress(model, plain).model
+    calibrated = api.compress(model, CompressionConfig(ranks="ratio:0.4", validate=False,
+                                                       calibrate=str(tmp_path / "cal.npz"))).model
+    out = one_shot.graph.output[0].name
+    chain = factor_chain(one_shot, out, 3 if op_kinds(one_shot) == 3 else 2)
+    assert chain is not None and chain.last_pointwise
+    probe = expose_outputs(one_shot, [chain.last_input])
+    zs = np.concatenate([run_ort(probe, {"x": xi})[chain.last_input] for xi in x])  # (12, R, H, W)
+    ys = np.concatenate([run_ort(model, {"x": xi})[out] for xi in x])
+    t, r = ys.shape[1] // group, zs.shape[1] // group
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in calibrated.graph.initializer}
+    got_w = inits[chain.weights[-1]].astype(np.float64)
+    got_b = inits[chain.bias].astype(np.float64) if chain.bias else None
+    for k in range(group):
+        zk = zs[:, k * r : (k + 1) * r].transpose(0, 2, 3, 1).reshape(-1, r).astype(np.float64)
+        yk = ys[:, k * t : (k + 1) * t].transpose(0, 2, 3, 1).reshape(-1, t).astype(np.float64)
+        a = np.hstack([zk, np.ones((zk.shape[0], 1))]) if bias else zk
+        sol = np.linalg.lstsq(a, yk, rcond=None)[0]
+        np.testing.assert_allclose(got_w[k * t : (k + 1) * t, :, 0, 0], sol[:r].T, rtol=2e-3, atol=2e-4)
+        if bias:
+            assert got_b is not None
+            np.testing.assert_allclose(got_b[k * t : (k + 1) * t], sol[r], rtol=2e-3, atol=2e-4)
+
+    def err(m: onnx.ModelProto) -> float:
+        got = np.concatenate([run_ort(m, {"x": xi})[out] for xi in x])
+        return float(np.linalg.norm(got - ys) / np.linalg.norm(ys))
+
+    assert err(calibrated) < err(one_shot)
+
+
+def op_kinds(model) -> int:  # type: ignore[no-untyped-def]
+    """Nodes in the (one-layer) compressed model: 3 for a Tucker-2 chain, 2 for Tucker-1."""
+    return len(model.graph.node)
+
+
+def test_conv_transpose_full_rank_refit_reproduces_the_original(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from onnx_tucker import api
+    from onnx_tucker.config import CompressionConfig
+    from tests.helpers import run_ort
+    from tests.test_conv_transpose import make_convt_model
+
+    model = make_convt_model(cin=6, cout=4, kernel=(4, 4), strides=[2, 2], pads=[1, 1, 1, 1])
+    x = np.random.default_rng(2).standard_normal((10, 6, 5, 5)).astype(np.float32)
+    np.savez(tmp_path / "cal.npz", x=x)
+    res = api.compress(model, CompressionConfig(ranks="full", validate=False, calibrate=str(tmp_path / "cal.npz")))
+    (lc,) = res.layer_calibration.values()
+    assert lc.method in ("last", "kept") and lc.error_after is not None and lc.error_after < 1e-3
+    for xi in x[:3]:
+        a, b = run_ort(model, {"x": xi[None]}), run_ort(res.model, {"x": xi[None]})
+        (k,) = a
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-4)

@@ -39,7 +39,14 @@ from ..config import CompressionConfig, Preprocess
 from ..data import open_for_model
 from ..errors import ValidationError
 from ..graph.model import ModelIndex
-from ..graph.probe import factor_chain, node_io, read_initializer, residual_partner, write_initializers
+from ..graph.probe import (
+    FactorChain,
+    factor_chain,
+    node_io,
+    read_initializer,
+    residual_partner,
+    write_initializers,
+)
 from ..graph.rewrite import Replacement
 from ..numerics.refit import (
     DEFAULT_RIDGE,
@@ -50,6 +57,7 @@ from ..numerics.refit import (
     fit_first_given_rest,
     fit_last,
     fit_reduced_rank,
+    fit_ridge,
     im2col,
     kernel_input_grams,
     residual,
@@ -310,7 +318,11 @@ def _refit_layer(node_index: int, original: onnx.ModelProto, compressed: onnx.Mo
     im = handler.im2col(layer)
     why = handler.refit_problem(layer, f, bias)
     if why is not None or im is None:
-        results[layer.layer_id] = LayerCalibration("kept", None, None, 0, f"not refit: {why or 'no im2col'}")
+        if chain.last_pointwise and len(chain.weights) > 1:
+            results[layer.layer_id] = _refit_pointwise(original, compressed, chain, y_name, opts, count, node_index,
+                                                       comp_cache, orig_cache)
+        else:
+            results[layer.layer_id] = LayerCalibration("kept", None, None, 0, f"not refit: {why or 'no im2col'}")
         return
     geo = _geometry(handler, im, layer, f, bias, chain.beta)
     rng = np.random.default_rng([opts.seed, node_index])
@@ -352,6 +364,63 @@ def _refit_layer(node_index: int, original: onnx.ModelProto, compressed: onnx.Mo
         write_initializers(compressed, values)
         comp_cache.invalidate(chain.produced)
     results[layer.layer_id] = LayerCalibration(best, e0, e1, rows, note, skip)
+
+
+def _refit_pointwise(original: onnx.ModelProto, compressed: onnx.ModelProto, chain: FactorChain, y_name: str,
+                     opts: CalibrationOptions, count: int, node_index: int, comp_cache: ActivationCache,
+                     orig_cache: ActivationCache) -> LayerCalibration:
+    """The last 1x1 Conv of a chain the im2col model does not cover (a ConvTranspose's): its weight and
+    bias by ridge least squares per output pixel, from the compressed chain's own input to that conv
+    against the original output (plus the residual compensation); kept when that does not lower the
+    error on the calibration rows. Exact at full rank: the original is then a solution."""
+    w = read_initializer(compressed, chain.weights[-1]).astype(np.float64)  # (T, R/g, 1, 1)
+    g = chain.last_groups
+    t, r = w.shape[0] // g, w.shape[1]
+    bias = read_initializer(compressed, chain.bias).astype(np.float64) if chain.bias else np.zeros(w.shape[0])
+    stats = [GramStats(r, t) for _ in range(g)]
+    rng = np.random.default_rng([opts.seed, node_index])
+    per_sample = max(1, math.ceil(opts.rows / max(count, 1)))
+    skip = residual_partner(original, y_name) if opts.residual else None
+    extra = [skip] if skip else []
+    for zs, ys in zip(comp_cache.values([chain.last_input, *extra]), orig_cache.values([y_name, *extra]), strict=True):
+        z, y = zs[0], ys[0]
+        _check_finite(z, chain.last_input, "compressed")
+        _check_finite(y, y_name, "original")
+        if skip and zs[1].shape == y.shape:
+            y = y + (ys[1] - zs[1])
+        elif skip:
+            skip = None
+        if z.shape[2:] != y.shape[2:]:
+            return LayerCalibration("kept", None, None, 0, "not refit: the last 1x1 conv changes the resolution")
+        n_idx, coords = sample_positions(rng, z.shape[0], y.shape[2:], per_sample)
+        at = (n_idx, slice(None)) + tuple(coords.T)
+        zr, yr = z[at].astype(np.float64), y[at].astype(np.float64)
+        for k in range(g):
+            stats[k].add(zr[:, k * r : (k + 1) * r], yr[:, k * t : (k + 1) * t])
+    rows = stats[0].n
+    before = after = 0.0
+    new_w, new_b = w.copy(), bias.copy()
+    for k, st in enumerate(stats):
+        w0, b0 = w[k * t : (k + 1) * t, :, 0, 0].T, bias[k * t : (k + 1) * t]
+        rss0 = residual(st, w0, b0)
+        wk, bk = fit_ridge(st, chain.bias is not None, opts.ridge) if rows >= r else (w0, b0)
+        rss1 = residual(st, wk, bk)
+        if rss1 < rss0:
+            new_w[k * t : (k + 1) * t, :, 0, 0], new_b[k * t : (k + 1) * t] = wk.T, bk
+        before, after = before + rss0, after + min(rss0, rss1)
+    energy = sum(st.target_energy for st in stats) or 1.0
+    if not after < before:
+        note = "the last 1x1 conv refit on its input did not lower the error" if rows >= r else \
+            f"{rows} calibration rows for rank {r}: weight-space factors kept; use more samples"
+        return LayerCalibration("kept", math.sqrt(before / energy), math.sqrt(before / energy), rows, note, skip)
+    values = {chain.weights[-1]: new_w}
+    if chain.bias is not None:
+        values[chain.bias] = new_b
+    write_initializers(compressed, values)
+    comp_cache.invalidate(chain.produced[-1:])
+    return LayerCalibration("last", math.sqrt(before / energy), math.sqrt(after / energy), rows,
+                            "only the last 1x1 conv refit (on the chain's own input): the im2col model does not "
+                            "cover this operator", skip)
 
 
 HELD_OUT = 500  # at most this many samples beyond --calibration-samples measure the whole model
