@@ -17,21 +17,40 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 
-def run_once(model: Path, extra: list[str], out_dir: str) -> tuple[float, int]:
+def compress_command(model: Path, extra: list[str], out_dir: str) -> tuple[list[str], str]:
+    """The child's command line and the model it writes (`OUT_DIR/STEM.tucker.onnx`)."""
     out = os.path.join(out_dir, model.stem + ".tucker.onnx")
-    cmd = [sys.executable, "-m", "onnx_tucker.cli", "compress", str(model), out, "--quiet", *extra]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode() if proc.stderr else ""
+    return [sys.executable, "-m", "onnx_tucker.cli", "compress", str(model), out, "--quiet", *extra], out
+
+
+def run_once(model: Path, extra: list[str], out_dir: str, timeout: float | None = None) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of one `compress` in a fresh process; SystemExit with the
+    child's stderr when it fails (a signal reads as a negative exit code) or runs past `timeout`."""
+    cmd, _ = compress_command(model, extra, out_dir)
+    # stderr to a file, not a pipe nobody reads while the child runs (a long one would block it).
+    with tempfile.TemporaryFile() as err_file:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err_file)
+        timer = threading.Timer(timeout, proc.kill) if timeout is not None else None
+        if timer is not None:
+            timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            if timer is not None:
+                timer.cancel()
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err_file.seek(0)
+        err = err_file.read().decode(errors="replace")
     if proc.returncode != 0:
-        raise SystemExit(f"{model}: compress failed (exit {proc.returncode}): {err.strip()}")
+        late = f" (killed after the {timeout:g} s timeout)" if timeout is not None and wall >= timeout else ""
+        raise SystemExit(f"{model}: compress failed (exit {proc.returncode}{late}): {err.strip()}")
     return wall, usage.ru_maxrss * 1024  # ru_maxrss is in KiB on Linux
 
 

@@ -180,9 +180,98 @@ def finetune_table(rows: list[Row], name: str) -> str:
     return _table(header, align, body)
 
 
+# ---- real_models.jsonl: tools/bench_real.py --------------------------------------------------------
+
+_REAL_MODELS = ("darknet", "waifu2x", "resnet56", "resnet50", "vgg16")
+_REAL_ROWS = ("original", "data:0.67", "data:0.5", "data:0.33", "data:0.67+lat", "data:0.5+lat", "data:0.33+lat", "evbmf")
+_REAL_RUNTIMES = ("ort", "ort-mobile", "mnn")
+
+
+def real_models_latest(rows: list[Row]) -> list[Row]:
+    """The last row of each (model, row) in file order (a rerun replaces a row), in table order."""
+    last: dict[tuple[str, str], Row] = {}
+    for r in rows:
+        last[(str(r["model"]), str(r["row"]))] = r
+
+    def order(key: tuple[str, str]) -> tuple[int, str, int, str]:
+        m, row = key
+        return (_REAL_MODELS.index(m) if m in _REAL_MODELS else len(_REAL_MODELS), m,
+                _REAL_ROWS.index(row) if row in _REAL_ROWS else len(_REAL_ROWS), row)
+
+    return [last[k] for k in sorted(last, key=order)]
+
+
+def _real_row_label(row: str) -> str:
+    if row == "original":
+        return "original"
+    if row == "evbmf":
+        return "EVBMF (default ranks)"
+    policy, _, flag = row.partition("+")
+    return f"`--ranks {policy} --calibrate`" + (" `--latency-aware`" if flag == "lat" else "")
+
+
+def _real_score(r: Row) -> tuple[str, str]:
+    """(score, top-1 agreement) cells."""
+    m = r.get("metrics") or {}
+    assert isinstance(m, dict)
+    n = f" (n={r['eval_limit']})" if r.get("eval_limit") else ""
+    if "psnr" in m:
+        delta = "" if r["row"] == "original" else f" ({float(m['psnr_delta']):+.2f})"
+        return f"{float(m['psnr']):.2f} dB{delta}", "-"
+    if "top1" in m:
+        score = f"{100 * float(m['top1']):.1f} %" + (f" / {100 * float(m['top5']):.1f} %" if r["model"] == "darknet" else "")
+        agree = "-" if r["row"] == "original" else f"{100 * float(m['agreement']):.1f} %"
+        return score + n, agree
+    return "-", "-"
+
+
+def real_models_table(rows: list[Row]) -> str:
+    latest = real_models_latest(rows)
+    original_ms: dict[tuple[str, str], float] = {}
+    for r in latest:
+        rts = r.get("runtimes") or {}
+        assert isinstance(rts, dict)
+        for name, x in rts.items():
+            if x.get("original_ms") is not None:
+                original_ms.setdefault((str(r["model"]), name), float(x["original_ms"]))
+    body = []
+    for r in latest:
+        model, row = str(r["model"]), str(r["row"])
+        label = str(r.get("label") or model)
+        if r["status"] != "ok":
+            error = str(r.get("error") or "?").splitlines()[0].split("compress failed", 1)[-1].strip(" :")
+            body.append([label, _real_row_label(row), "-", "-", "failed: " + error[:120],
+                         "-", "-", "-", "-", "-", "-", "-"])
+            continue
+        score, agree = _real_score(r)
+        t = r.get("totals") or {}
+        assert isinstance(t, dict)
+        macs, params = (_x(t["macs_ratio"]), _x(t["params_ratio"])) if t else ("x1", "x1")
+        rts = r.get("runtimes") or {}
+        assert isinstance(rts, dict)
+        lat = []
+        for name in _REAL_RUNTIMES:
+            if row == "original":
+                ms = original_ms.get((model, name))
+                lat.append("-" if ms is None else f"{ms:.2f} ms")
+            else:
+                x = rts.get(name)
+                lat.append("-" if x is None else _x(x["speedup"]) if x.get("speedup") is not None else "failed")
+        wall = f"{float(r['wall_s']):.0f} s" if r.get("wall_s") is not None else "-"  # type: ignore[arg-type]
+        rss = f"{float(r['peak_rss_mb']) / 1024:.2f} GB" if r.get("peak_rss_mb") is not None else "-"  # type: ignore[arg-type]
+        lay = r.get("layers") or {}
+        assert isinstance(lay, dict)
+        data = f"{lay['data_path']}/{lay['total']}" if lay and row.startswith("data") else "-"
+        body.append([label, _real_row_label(row), macs, params, score, agree, *lat, wall, rss, data])
+    header = ["model", "row", "MACs", "params", "top-1 (/ top-5) or PSNR", "top-1 agreement", "ORT CPU", "ORT format",
+              "MNN", "compress", "peak RSS", "data path"]
+    return _table(header, "llrrrrrrrrrr", body)
+
+
 RENDERERS: dict[str, Callable[[list[Row]], str]] = {
     "latency.jsonl": latency_table,
     "calibrate.jsonl": calibrate_table,
+    "real_models.jsonl": real_models_table,
 }
 
 
