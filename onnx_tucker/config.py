@@ -351,6 +351,10 @@ class CalibrationConfig(_Normalised):
             raise UsageError(f"--calibration-samples {self.calibration_samples}: must be >= 1; e.g. 500")
 
 
+# The runtimes per-layer timing can run in (--latency-runtime): adapters of mobile/adapters.py.
+LATENCY_RUNTIMES = ("ort", "ort-mobile", "mnn")
+
+
 @group("Latency-aware planning")
 @dataclass(frozen=True)
 class LatencyConfig(_Normalised):
@@ -360,12 +364,20 @@ class LatencyConfig(_Normalised):
 
     latency_aware: bool = opt("--latency-aware", default=False, help="Time each layer and its chain alone in onnxruntime CPU (interleaved medians, cached per shape); keep a decomposition only where it is --min-speedup times faster, after trying ranks rounded to --round-to (else 8 and 16) and Tucker-1. With --plan: the plan replays exactly and its layers are only timed. With --ranks data:F it may miss the MAC budget: the output and the report say by how much.")
     min_speedup: float = opt("--min-speedup", default=1.1, help="With --latency-aware: the measured speed-up a layer's chain must reach to be kept.")
+    latency_runtime: str = opt("--latency-runtime", default="ort", help="Where --latency-aware and --target latency:F time each layer: ort (onnxruntime CPU, default), ort-mobile (the ORT format as onnxruntime's converter writes it for mobile: no NCHWc layout, as 'report' runs it) or mnn (MNN, in a child process).")
     threads: int = same_as("BenchConfig.threads", 1)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.min_speedup > 0:
             raise UsageError(f"--min-speedup {self.min_speedup}: must be > 0; e.g. 1.1 for 10% faster")
+        if not isinstance(self.latency_runtime, str):
+            raise _wrong_type("LatencyConfig", "latency_runtime", self.latency_runtime, "a str (ort, ort-mobile or mnn)", "'ort'")
+        runtime = self.latency_runtime.strip().lower()
+        if runtime not in LATENCY_RUNTIMES:
+            raise UsageError(f"--latency-runtime {self.latency_runtime}: not a runtime layers can be timed in; "
+                             f"use {', '.join(LATENCY_RUNTIMES)}")
+        object.__setattr__(self, "latency_runtime", runtime)
         if self.threads < 1:
             raise UsageError(f"--threads {self.threads}: must be >= 1; e.g. --threads 1")
 
@@ -695,6 +707,7 @@ class CompressionConfig:
                            "resize_shorter": p.resize_shorter, "crop": p.crop, "channel_order": p.channel_order},
             "latency_aware": self.latency_aware,
             "min_speedup": self.min_speedup,
+            "latency_runtime": self.latency_runtime,
             "threads": self.threads,
             "target": None if self.target is None else str(self.target),
         }

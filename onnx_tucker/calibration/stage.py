@@ -1,7 +1,9 @@
 """The calibration stages as plain functions over a `SourceModel`.
 
 `data_ranks(source, config)`: under `--ranks data:F` (or `--target macs:F` with `--calibrate`) the
-ranks chosen on the calibration data, as a plan to replay (`rankselect`); `calibrate(source, ...)`:
+ranks chosen on the calibration data, as a plan to replay (`rankselect`); `data_selection` the same
+with what was measured, on the layers' measured time too under `--latency-aware` or `--target
+latency:F --calibrate` (`latency_alloc`); `calibrate(source, ...)`:
 `compress --calibrate`, the factors refit in place on the data (`calibrate`), as a frozen
 `CalibrationResult`.
 """
@@ -13,12 +15,16 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from ..config import CompressionConfig, RankPolicy
+from ..errors import UsageError
 from ..graph.rewrite import Replacement
 from ..graph.source import SourceModel
+from ..planning.budget import BudgetOutcome
+from ..planning.latency import DEFAULT_ROUND_MULTIPLES, TimedAllocation
 from ..planning.planner import CompressionPlan, PlannedRanks, plan_layer
-from ..planning.stage import data_fraction
-from ..types import StepProgress
+from ..planning.stage import data_allocated, data_fraction
+from ..types import LayerTimer, StepProgress
 from .calibrate import CalibrationSummary, LayerCalibration, calibrate_from_config, calibration_batches
+from .latency_alloc import SIMD_MULTIPLE, LatencyAllocator
 from .rankselect import DataRankOptions, select_ranks_data
 
 if TYPE_CHECKING:
@@ -28,18 +34,55 @@ if TYPE_CHECKING:
 def data_ranks(source: SourceModel, config: CompressionConfig, progress: StepProgress | None = None) -> PlannedRanks | None:
     """The ranks chosen on `config.calibrate` for the MAC fraction of `--ranks data:F` (the layers the
     error model does not cover keep the EVBMF plan); None when the options ask for no such choice."""
-    fraction = data_fraction(config)
-    if fraction is None:
+    chosen = data_selection(source, config, progress)
+    return None if chosen is None else chosen.planned
+
+
+@dataclass(frozen=True)
+class DataRanks:
+    """`data_selection`'s result: the ranks to replay and, when the allocation timed the layers, what
+    it measured (`timing`) and, under `--target latency:F`, the target's outcome (`budget`)."""
+
+    planned: PlannedRanks
+    timing: TimedAllocation | None = None
+    budget: BudgetOutcome | None = None
+
+
+def data_selection(source: SourceModel, config: CompressionConfig, progress: StepProgress | None = None,
+                   timer: LayerTimer | None = None) -> DataRanks | None:
+    """The ranks chosen on `config.calibrate`: for the MAC fraction of `--ranks data:F` (or `--target
+    macs:F`), on the measured time of each layer too when `timer` is given and `--latency-aware` is on
+    (latency_alloc.py); for `--target latency:F`, on the measured time against that time budget. None
+    when the options ask for no such choice."""
+    if not data_allocated(config):
         return None
     assert config.calibrate is not None
-    fallback_cfg = replace(config, ranks=RankPolicy("vbmf"))
+    target = config.target
+    by_time = target is not None and target.metric == "latency"
+    fraction = data_fraction(config)
+    fallback_cfg = replace(config, ranks=RankPolicy("vbmf"), target=None)
     fallback = [plan_layer(lay, source.read_weight, fallback_cfg) for lay in source.layers]
     source.materialize()  # onnxruntime runs the original: its weights in memory
     batches = calibration_batches(config.calibrate, source.model, source.input_shapes, config.calibration_samples,
                                   seed=config.seed, preprocess=config.preprocess)
-    selection = select_ranks_data(source.model, list(source.layers), fallback, batches, fraction, source.read_weight,
-                                  DataRankOptions(seed=config.seed), progress)
-    return selection.planned
+    allocator = None
+    if timer is not None and (by_time or config.latency_aware):
+        option = f"--ranks {config.ranks}" if config.ranks.method == "data" else f"--target {target}"
+        multiples = (config.round_to,) if config.round_to > 1 else DEFAULT_ROUND_MULTIPLES
+        allocator = LatencyAllocator(
+            list(source.layers), fallback, timer, mode="latency" if by_time else "macs",
+            fraction=target.fraction if by_time and target is not None else float(fraction or 1.0), option=option,
+            min_speedup=config.min_speedup, multiple=config.round_to if config.round_to > 1 else SIMD_MULTIPLE,
+            runtime=config.latency_runtime, round_multiples=multiples,
+            measure_original=getattr(getattr(timer, "inner", timer), "measure_original", None), progress=progress)
+    elif by_time:
+        raise UsageError(f"--target {target} --calibrate: the layers must be timed; give a timer (the api's `timer`)")
+    selection = select_ranks_data(source.model, list(source.layers), fallback, batches,
+                                  1.0 if by_time else float(fraction or 1.0), source.read_weight,
+                                  DataRankOptions(seed=config.seed), progress, allocator=allocator)
+    if allocator is None:
+        return DataRanks(selection.planned)
+    return DataRanks(allocator.annotate(selection.planned), allocator.result, allocator.outcome(str(target)))
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,8 @@ class BudgetOutcome:
     held_out: float | None = None
     search_samples: int = 0
     held_out_samples: int = 0
+    # "data": allocated on the calibration data's error curves (with --calibrate), not on kernel energy
+    method: str = ""
 
     @property
     def achieved(self) -> float:

@@ -114,13 +114,21 @@ class Decomposition:
 
 def data_fraction(config: CompressionConfig) -> float | None:
     """The MAC fraction to allocate on the calibration data: `--ranks data:F`, or `--target macs:F` with
-    `--calibrate` (and without per-layer timing, which allocates on its own); else None."""
+    `--calibrate` (with --latency-aware too: then on the measured time as well); else None."""
     if config.ranks.method == "data":
         return config.ranks.value
     t = config.target
-    if t is not None and t.metric == "macs" and config.calibrate and not config.latency_aware:
+    if t is not None and t.metric == "macs" and config.calibrate:
         return t.fraction
     return None
+
+
+def data_allocated(config: CompressionConfig) -> bool:
+    """Whether the ranks are allocated on the calibration data (calibration/stage.py `data_selection`):
+    a MAC fraction (`data_fraction`), or `--target latency:F --calibrate` (on measured time too)."""
+    t = config.target
+    timed = t is not None and t.metric == "latency" and bool(config.calibrate) and not config.plan_file
+    return data_fraction(config) is not None or timed
 
 
 def plan_and_decompose(
@@ -147,7 +155,7 @@ def plan_and_decompose(
     check_plan_covers(layers, planned)
     read_weight = source.read_weight
     budget = None
-    if config.target is not None and data_fraction(config) is None:  # replayed like a plan file's ranks
+    if config.target is not None and not data_allocated(config):  # replayed like a plan file's ranks
         with single_threaded_lapack():
             planned, budget = _budget_plan(source, config, config.target, timer, evaluator, progress)
 
@@ -228,7 +236,7 @@ def _budget_plan(
     if target.metric == "latency":
         assert timer is not None
         inner = getattr(timer, "inner", timer)
-        measure_original = inner.measure_original if isinstance(inner, OrtLayerTimer) else None
+        measure_original = getattr(inner, "measure_original", None)
         return latency_budget_plan(layers, read_weight, config, target, timer, measure_original)
     # params: every float parameter of the model counts (biases, BN, ...); macs: the layers' MACs.
     total = float_parameter_count(source.model, source.index.folder) if target.metric == "params" else None
@@ -292,9 +300,10 @@ def latency_summary(source: SourceModel, config: CompressionConfig, timer: Cache
     """The timer's bookkeeping and, in onnxruntime, the sum of every layer's isolated original time
     against the kernels of a whole-model profile of the original (`profile_runs` runs; 0: none)."""
     summary = LatencySummary(config.threads, config.min_speedup, timer.measured, timer.lookups,
-                             timed_only=bool(config.plan_file))
+                             timed_only=bool(config.plan_file), runtime=config.latency_runtime)
     inner = timer.inner
-    if not isinstance(inner, OrtLayerTimer) or profile_runs < 1:
+    # The whole-model profile is onnxruntime's own (NCHWc layout included): it checks "ort" timings only.
+    if not isinstance(inner, OrtLayerTimer) or getattr(inner, "runtime", "ort") != "ort" or profile_runs < 1:
         return summary
     times = [inner.measure_original(lay) for lay in source.layers if lay.weight_shape is not None and lay.node_index >= 0]
     isolated = [t for t in times if t is not None]
