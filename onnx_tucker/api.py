@@ -53,7 +53,7 @@ def _planned(source: SourceModel, config: CompressionConfig, progress: Progress 
 
         timer = layer_timer_for(config.latency_runtime, opset_version(source.model), config.threads, config.seed)
     cached = layer_timer(source, config, timer)
-    chosen = None if config.plan_file else data_selection(source, config, progress, cached)
+    chosen = None if config.plan_file else data_selection(source, config, progress, cached, evaluator)
     ranks: PlannedRanks | None = load_plan_file(config.plan_file) if config.plan_file else None
     if chosen is not None:
         ranks = chosen.planned

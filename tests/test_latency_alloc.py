@@ -25,7 +25,7 @@ from onnx_tucker.config import CompressionConfig
 from onnx_tucker.errors import PlanError, UsageError
 from onnx_tucker.graph.model import find_layers, infer_shapes, resolve_input_shapes
 from onnx_tucker.numerics.rankalloc import RankCandidate, lower_hull
-from onnx_tucker.numerics.timealloc import TimedCandidate, allocate_time
+from onnx_tucker.numerics.timealloc import TimedCandidate, allocate_macs_and_time, allocate_time
 from onnx_tucker.ops.registry import handler_for
 from onnx_tucker.planning.latency import LayerTiming
 from onnx_tucker.planning.planner import LayerPlan, SkipCause
@@ -152,6 +152,34 @@ def test_time_allocation_is_optimal_against_everything_no_slower(data: list, fra
     for combo in itertools.product(*layers):
         if sum(c.ms for c in combo) <= alloc.ms + 1e-12:
             assert sum(c.error for c in combo) >= err - 1e-9
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.integers(1, 60), st.floats(0.01, 5.0), st.floats(0, 1)), min_size=1, max_size=4),
+                min_size=1, max_size=3), st.floats(0.05, 1.0), st.sampled_from([0.0, 1.0, 3.0]))
+def test_mac_budget_spent_on_time_too_is_within_budget_and_optimal_on_the_combined_cost(
+        data: list, frac: float, weight: float) -> None:
+    """`allocate_macs_and_time`: within the MAC budget when it says so; and no choice at no more combined
+    cost (MACs and time, each over the original's, time weighted) has less total error (brute force)."""
+    layers = []
+    for i, pts in enumerate(data):
+        top_macs, top_ms = max(m for m, _, _ in pts) + 10, max(ms for _, ms, _ in pts) + 1.0
+        layers.append([TimedCandidate(RankCandidate("original", (), top_macs, 0.0), top_ms)]
+                      + [TimedCandidate(RankCandidate("svd", (i, j), m, e), ms) for j, (m, ms, e) in enumerate(pts)])
+    macs0, ms0 = sum(c[0].candidate.macs for c in layers), sum(c[0].ms for c in layers)
+    budget = int(frac * macs0)
+    alloc = allocate_macs_and_time(layers, budget, weight)
+    assert alloc.macs == sum(c.candidate.macs for c in alloc.choice) and alloc.met == (alloc.macs <= budget)
+
+    def cost(combo) -> float:  # type: ignore[no-untyped-def]
+        return sum(c.candidate.macs / macs0 + weight * c.ms / ms0 for c in combo)
+
+    err = sum(c.error for c in alloc.choice)
+    for combo in itertools.product(*layers):
+        if cost(combo) <= cost(alloc.choice) + 1e-12:
+            assert sum(c.error for c in combo) >= err - 1e-9
+    if weight == 0.0:  # MACs alone: met exactly when the cheapest choice everywhere fits
+        assert alloc.met == (sum(min(c.candidate.macs for c in cs) for cs in layers) <= budget)
 
 
 # ---- the allocator on a model's layers, with made-up error curves --------------------------------
@@ -327,3 +355,60 @@ def test_mnn_timer_times_layers_in_a_child() -> None:
     (lay,) = _layers(make_conv_stack(layers=1, C=16, spatial=(8, 8)))
     got = layer_timer_for("mnn", 17).measure_many(lay, [("tucker2", (8, 8)), ("tucker1", (8,))])
     assert len(got) == 2 and all(t is not None and t.original_ms > 0 and t.decomposed_ms > 0 for t in got)
+
+
+# ---- --target agreement:F --calibrate: the search on the calibrated pipeline ------------------------
+
+
+class TotalRankEvaluator:
+    """A fake evaluator: agreement grows with the total rank granted (a kept layer counts 96)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __call__(self, planned, which: str) -> float:  # type: ignore[no-untyped-def]
+        self.calls.append(which)
+        total = sum(96 if kind == "skip" else sum(ranks) for kind, ranks, _ in planned.entries.values())
+        return min(1.0, total / 300)
+
+
+def test_agreement_target_with_calibration_searches_the_data_allocation(cal: Path, tmp_path: Path) -> None:
+    """Each candidate is the calibration data's allocation at the fraction tried: the plan found is the
+    one `--ranks data:f` gives at the fraction the search settled on."""
+    ev = TotalRankEvaluator()
+    cfg = CompressionConfig(target="agreement:0.6", calibrate=str(cal), data=str(tmp_path / "unused.npz"), validate=False)  # type: ignore[arg-type]
+    p = api.plan(STACK, cfg, evaluator=ev)
+    b = p.budget
+    assert b is not None and b.metric == "agreement" and b.method == "data" and b.after >= 0.6
+    assert ev.calls.count("held-out") == 1 and len(ev.calls) == b.evaluations <= 12
+    f = b.macs_fraction
+    assert f is not None and 0 < f < 1
+    same = api.plan(STACK, CompressionConfig(ranks=f"data:{f!r}", calibrate=str(cal), validate=False))  # type: ignore[arg-type]
+    assert [(lp.kind, lp.ranks) for lp in p.layers] == [(lp.kind, lp.ranks) for lp in same.layers]
+    assert all(lp.policy == "target agreement:0.6" for lp in p.decomposed)
+
+
+def test_agreement_target_with_calibration_refits_every_candidate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The real evaluator: each candidate model is refit on the calibration data before its agreement
+    is measured (one refit per evaluation), then `compress` refits the result."""
+    from onnx_tucker.calibration import stage
+
+    model = make_small_cnn(batch="N", c1=16, c2=32, spatial=(8, 8))
+    rng = np.random.default_rng(2)
+    cal, data = tmp_path / "cal.npz", tmp_path / "data.npz"
+    np.savez(cal, x=rng.standard_normal((24, 3, 8, 8)).astype(np.float32))
+    np.savez(data, x=rng.standard_normal((24, 3, 8, 8)).astype(np.float32))
+    refits: list[int] = []
+    real = stage.calibrate
+
+    def counting(*args, **kw):  # type: ignore[no-untyped-def]
+        refits.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(stage, "calibrate", counting)  # the search's refits
+    monkeypatch.setattr(api, "calibrate", counting)  # compress's own, of the result
+    cfg = CompressionConfig(target="agreement:0.8", calibrate=str(cal), data=str(data), validate=False)  # type: ignore[arg-type]
+    res = api.compress(model, cfg)
+    b = res.budget
+    assert b is not None and b.method == "data" and b.held_out is not None
+    assert len(refits) == b.evaluations + 1  # every candidate, and the result

@@ -18,11 +18,12 @@ from ..config import CompressionConfig, RankPolicy
 from ..errors import UsageError
 from ..graph.rewrite import Replacement
 from ..graph.source import SourceModel
-from ..planning.budget import BudgetOutcome
+from ..planning.budget import BudgetOutcome, Evaluator, agreement_budget_plan
 from ..planning.latency import DEFAULT_ROUND_MULTIPLES, TimedAllocation
 from ..planning.planner import CompressionPlan, PlannedRanks, plan_layer
-from ..planning.stage import data_allocated, data_fraction
+from ..planning.stage import agreement_evaluator, data_allocated, data_fraction
 from ..types import LayerTimer, StepProgress
+from .agreement import CapturingAllocator, data_plan_at
 from .calibrate import CalibrationSummary, LayerCalibration, calibrate_from_config, calibration_batches
 from .latency_alloc import SIMD_MULTIPLE, LatencyAllocator
 from .rankselect import DataRankOptions, select_ranks_data
@@ -49,11 +50,12 @@ class DataRanks:
 
 
 def data_selection(source: SourceModel, config: CompressionConfig, progress: StepProgress | None = None,
-                   timer: LayerTimer | None = None) -> DataRanks | None:
+                   timer: LayerTimer | None = None, evaluator: Evaluator | None = None) -> DataRanks | None:
     """The ranks chosen on `config.calibrate`: for the MAC fraction of `--ranks data:F` (or `--target
     macs:F`), on the measured time of each layer too when `timer` is given and `--latency-aware` is on
-    (latency_alloc.py); for `--target latency:F`, on the measured time against that time budget. None
-    when the options ask for no such choice."""
+    (latency_alloc.py); for `--target latency:F`, on the measured time against that time budget; for
+    `--target agreement:F`, by the agreement search on calibrated candidates (agreement.py; `evaluator`
+    measures a candidate plan instead, as for `api.plan`). None when the options ask for no such choice."""
     if not data_allocated(config):
         return None
     assert config.calibrate is not None
@@ -65,6 +67,21 @@ def data_selection(source: SourceModel, config: CompressionConfig, progress: Ste
     source.materialize()  # onnxruntime runs the original: its weights in memory
     batches = calibration_batches(config.calibrate, source.model, source.input_shapes, config.calibration_samples,
                                   seed=config.seed, preprocess=config.preprocess)
+    if target is not None and target.metric == "agreement":
+        captured = CapturingAllocator()  # the curves once; the search re-allocates them per fraction
+        selection = select_ranks_data(source.model, list(source.layers), fallback, batches, 1.0, source.read_weight,
+                                      DataRankOptions(seed=config.seed), progress, allocator=captured)
+        del batches
+        plan_at, least = data_plan_at(selection, captured, target)
+        samples = (0, 0)
+        if evaluator is None:
+            def refit(model: onnx.ModelProto, replacements: Mapping[int, Replacement], plan: CompressionPlan) -> None:
+                calibrate(source, model, replacements, plan, config)
+
+            evaluator, samples = agreement_evaluator(source, config, progress, refit=refit)
+        planned, outcome = agreement_budget_plan(list(source.layers), source.read_weight, config, target, evaluator,
+                                                 samples, plan_at=plan_at, least=least)
+        return DataRanks(planned, budget=replace(outcome, method="data"))
     allocator = None
     if timer is not None and (by_time or config.latency_aware):
         option = f"--ranks {config.ranks}" if config.ranks.method == "data" else f"--target {target}"

@@ -1,11 +1,13 @@
-"""Allocation of a whole-model *time* budget across layers, on measured per-candidate times. Pure Python.
+"""Allocation across layers on measured per-candidate times: a whole-model *time* budget, or a MAC
+budget spent where it saves time too. Pure Python.
 
 The MAC allocation (`rankalloc.allocate_macs`) walks each layer's lower convex hull of (MACs, error);
 here the cost axis is a measured time in milliseconds (a float) instead: each layer offers candidates
 (its original at its own time and error 0, and the decompositions that were timed), and the greedy walk
 from "everything kept" takes, step by step, the move that saves time at the least error per
 millisecond until the layers' summed time is within the budget. Exact on the hulls (the Lagrangian
-solution), within one step of the budget.
+solution), within one step of the budget. `allocate_macs_and_time` walks the same way on a combined
+cost (MACs and time, each relative to the original's) until a MAC budget is met.
 """
 
 from __future__ import annotations
@@ -87,3 +89,49 @@ def allocate_time(layers: Sequence[Sequence[TimedCandidate]], budget_ms: float) 
     choice = tuple(h[p] for h, p in zip(hulls, pos, strict=True))
     ms = float(sum(c.ms for c in choice))  # summed afresh: no drift from the running total
     return TimeAllocation(choice, ms, budget_ms, total <= budget_ms, float(sum(h[-1].ms for h in hulls)))
+
+
+@dataclass(frozen=True)
+class MacTimeAllocation:
+    choice: tuple[TimedCandidate, ...]  # one per layer
+    macs: int
+    ms: float
+    budget_macs: int
+    met: bool
+
+
+def allocate_macs_and_time(layers: Sequence[Sequence[TimedCandidate]], budget_macs: int,
+                           time_weight: float = 1.0) -> MacTimeAllocation:
+    """One candidate per layer, total MACs <= `budget_macs`, spending the budget where it saves time as
+    well: the greedy walk of `allocate_time` on a combined cost, a candidate's MACs over all layers'
+    original MACs plus `time_weight` times its time over their original time (the Lagrangian of the
+    two resources at that relative price), from everything kept until the MACs are within budget.
+    Exact on the combined hulls: no choice of candidates at no more combined cost has less total error.
+    `met` is False when the walk ends over budget (`allocate_macs` on MACs alone may still meet it)."""
+    macs0 = max(sum(max(c.candidate.macs for c in cs) for cs in layers), 1)
+    ms0 = sum(max(c.ms for c in cs) for cs in layers) or 1.0
+    # The combined cost rides in `ms` (time_hull's axis); each point keeps its candidate.
+    priced = [[TimedCandidate(c.candidate, c.candidate.macs / macs0 + time_weight * c.ms / ms0) for c in cs] for cs in layers]
+    hulls = [time_hull(c) for c in priced]
+    pos = [0] * len(hulls)
+    total = sum(h[0].candidate.macs for h in hulls)
+    heap: list[tuple[float, int, int]] = []
+
+    def push(i: int) -> None:
+        h, k = hulls[i], pos[i]
+        if k + 1 < len(h):
+            heapq.heappush(heap, ((h[k + 1].error - h[k].error) / (h[k].ms - h[k + 1].ms), i, k))
+
+    for i in range(len(hulls)):
+        push(i)
+    while total > budget_macs and heap:
+        _, i, k = heapq.heappop(heap)
+        if pos[i] != k:
+            continue
+        total += hulls[i][k + 1].candidate.macs - hulls[i][k].candidate.macs
+        pos[i] = k + 1
+        push(i)
+    by_id = [{id(c.candidate): c for c in cs} for cs in layers]  # back to the measured times
+    choice = tuple(b[id(h[p].candidate)] for b, h, p in zip(by_id, hulls, pos, strict=True))
+    macs = sum(c.candidate.macs for c in choice)
+    return MacTimeAllocation(choice, macs, float(sum(c.ms for c in choice)), budget_macs, macs <= budget_macs)

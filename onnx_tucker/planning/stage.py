@@ -10,9 +10,10 @@ bookkeeping) is beside it in the `PlanResult`, and goes on into `CompressionResu
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -125,10 +126,11 @@ def data_fraction(config: CompressionConfig) -> float | None:
 
 def data_allocated(config: CompressionConfig) -> bool:
     """Whether the ranks are allocated on the calibration data (calibration/stage.py `data_selection`):
-    a MAC fraction (`data_fraction`), or `--target latency:F --calibrate` (on measured time too)."""
+    a MAC fraction (`data_fraction`), `--target latency:F --calibrate` (on measured time too), or
+    `--target agreement:F --calibrate` (searched on calibrated candidates)."""
     t = config.target
-    timed = t is not None and t.metric == "latency" and bool(config.calibrate) and not config.plan_file
-    return data_fraction(config) is not None or timed
+    searched = t is not None and t.metric in ("latency", "agreement") and bool(config.calibrate) and not config.plan_file
+    return data_fraction(config) is not None or searched
 
 
 def plan_and_decompose(
@@ -243,12 +245,18 @@ def _budget_plan(
     return budget_plan(layers, read_weight, config, target, total, timer)
 
 
+# Refits a candidate's compressed model (an onnx.ModelProto) in place before it is measured (--calibrate):
+# the model, its replacements and its plan (calibration/agreement.py gives it; planning does not import
+# calibration).
+Refit = Callable[[Any, Mapping[int, Replacement], CompressionPlan], None]
+
+
 def agreement_evaluator(source: SourceModel, config: CompressionConfig,
-                        progress: StepProgress | None = None) -> tuple[Evaluator, tuple[int, int]]:
+                        progress: StepProgress | None = None, refit: Refit | None = None) -> tuple[Evaluator, tuple[int, int]]:
     """Top-1 agreement of a candidate plan's model with the original on one half of `config.data`
     (split at random with `config.seed`: folders sorted by class would give class-disjoint halves),
     and the (search, held-out) sample counts. `progress("agreement search", evaluations done, at most)`
-    after each model evaluation."""
+    after each model evaluation. `refit`: applied to each candidate model before it is measured."""
     assert config.data is not None
     data = load_for_model(config.data, source.model, config.samples)
     if data.count < 2:
@@ -262,9 +270,11 @@ def agreement_evaluator(source: SourceModel, config: CompressionConfig,
         progress("agreement search", 0, most)
 
     def evaluate(planned: PlannedRanks, which: str) -> float:
-        replacements = plan_and_decompose(source, plain, planned=planned).replacements
-        model = rewrite(source.model, replacements, source.base_dir, source.index).to_proto()
+        d = plan_and_decompose(source, plain, planned=planned)
+        model = rewrite(source.model, d.replacements, source.base_dir, source.index).to_proto()
         source.materialize(model)
+        if refit is not None:
+            refit(model, d.replacements, d.plan)
         v = validate_models(source.runnable, model, source.input_shapes, data=halves[which], reference=source.model)
         top1 = v.outputs[0].top1_agreement if v.outputs else None
         if v.nonfinite:
