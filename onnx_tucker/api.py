@@ -31,7 +31,14 @@ from .graph.source import ModelLike, SourceModel, load_pair, rewrite_source
 from .planning.budget import Evaluator
 from .planning.latency import LayerTimer
 from .planning.planner import CompressionPlan, PlannedRanks, load_plan_file
-from .planning.stage import Decomposition, PlanResult, latency_summary, layer_timer, plan_and_decompose
+from .planning.stage import (
+    Decomposition,
+    PlanResult,
+    latency_summary,
+    layer_timer,
+    plan_and_decompose,
+    times_layers,
+)
 from .report import latency_dict, result_json, result_markdown, validation_dict
 from .results import CompressionResult, ModelTotals
 from .runtime.bench import LatencyReport, measure_latency
@@ -48,7 +55,7 @@ def _planned(source: SourceModel, config: CompressionConfig, progress: Progress 
              timer: LayerTimer | None, evaluator: Evaluator | None, profile_runs: int) -> Decomposition:
     """The plan stage as `plan` and `compress` run it: the ranks to replay (a plan file's, or the ones
     chosen on the calibration data), every layer planned and decomposed, the layer timing summed up."""
-    if timer is None and config.latency_runtime != "ort":  # --latency-runtime: timed in another runtime
+    if timer is None and config.latency_runtime != "ort" and times_layers(config):  # --latency-runtime: elsewhere
         from .mobile.layertime import layer_timer_for
 
         timer = layer_timer_for(config.latency_runtime, opset_version(source.model), config.threads, config.seed)

@@ -412,3 +412,16 @@ def test_agreement_target_with_calibration_refits_every_candidate(monkeypatch: p
     b = res.budget
     assert b is not None and b.method == "data" and b.held_out is not None
     assert len(refits) == b.evaluations + 1  # every candidate, and the result
+
+
+def test_latency_runtime_builds_no_timer_when_nothing_is_timed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnx_tucker.mobile import layertime
+
+    def refuse(*args, **kw):  # type: ignore[no-untyped-def]
+        raise AssertionError("a timer was built though nothing is timed")
+
+    monkeypatch.setattr(layertime, "layer_timer_for", refuse)
+    p = api.plan(STACK, CompressionConfig(latency_runtime="mnn", validate=False))  # type: ignore[arg-type]
+    assert p.layer_timing is None and p.decomposed
+    with pytest.raises(AssertionError, match="a timer was built"):
+        api.plan(STACK, CompressionConfig(latency_runtime="mnn", latency_aware=True, validate=False))  # type: ignore[arg-type]

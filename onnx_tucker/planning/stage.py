@@ -296,10 +296,15 @@ def _round_multiples(config: CompressionConfig) -> tuple[int, ...]:
     return (config.round_to,) if config.round_to > 1 else DEFAULT_ROUND_MULTIPLES
 
 
+def times_layers(config: CompressionConfig) -> bool:
+    """Whether the options time layers: --latency-aware, or --target latency:F."""
+    return config.latency_aware or (config.target is not None and config.target.metric == "latency")
+
+
 def layer_timer(source: SourceModel, config: CompressionConfig, timer: LayerTimer | None = None) -> CachedLayerTimer | None:
     """The cached per-layer timer latency-aware selection uses (onnxruntime unless one is given); None
     when the options time nothing."""
-    if not config.latency_aware and not (config.target is not None and config.target.metric == "latency"):
+    if not times_layers(config):
         return None
     inner = timer if timer is not None else OrtLayerTimer(opset_version(source.model), config.threads, seed=config.seed)
     return CachedLayerTimer(inner)
