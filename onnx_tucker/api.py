@@ -18,20 +18,27 @@ from typing import Any
 
 import onnx
 
-from .calibration.stage import CalibrationResult, calibrate, data_ranks
+from .calibration.stage import CalibrationResult, calibrate, data_selection
 from .config import BenchConfig, CompressionConfig, ValidationConfig
 from .data import load_for_model
 from .errors import UsageError
 from .graph.fold import float_parameter_count
 from .graph.irmodel import IRModel
 from .graph.model import lowest_float_eps
-from .graph.protos import serialized_size, size_on_disk
+from .graph.protos import opset_version, serialized_size, size_on_disk
 from .graph.save import OutputBatch, check_output_paths, write_text_atomic
 from .graph.source import ModelLike, SourceModel, load_pair, rewrite_source
 from .planning.budget import Evaluator
 from .planning.latency import LayerTimer
 from .planning.planner import CompressionPlan, PlannedRanks, load_plan_file
-from .planning.stage import Decomposition, PlanResult, latency_summary, layer_timer, plan_and_decompose
+from .planning.stage import (
+    Decomposition,
+    PlanResult,
+    latency_summary,
+    layer_timer,
+    plan_and_decompose,
+    times_layers,
+)
 from .report import latency_dict, result_json, result_markdown, validation_dict
 from .results import CompressionResult, ModelTotals
 from .runtime.bench import LatencyReport, measure_latency
@@ -49,13 +56,24 @@ def _planned(source: SourceModel, config: CompressionConfig, progress: Progress 
              events: EventProgress | None = None) -> Decomposition:
     """The plan stage as `plan` and `compress` run it: the ranks to replay (a plan file's, or the ones
     chosen on the calibration data), every layer planned and decomposed, the layer timing summed up."""
+    if timer is None and config.latency_runtime != "ort" and times_layers(config):  # --latency-runtime: elsewhere
+        from .mobile.layertime import layer_timer_for
+
+        timer = layer_timer_for(config.latency_runtime, opset_version(source.model), config.threads, config.seed)
     cached = layer_timer(source, config, timer)
-    ranks: PlannedRanks | None = (load_plan_file(config.plan_file) if config.plan_file
-                                  else data_ranks(source, config, progress, events))
+    chosen = None if config.plan_file else data_selection(source, config, progress, cached, evaluator, events)
+    ranks: PlannedRanks | None = load_plan_file(config.plan_file) if config.plan_file else None
+    if chosen is not None:
+        ranks = chosen.planned
     d = plan_and_decompose(source, config, progress, cached, evaluator, ranks)
+    if chosen is not None and chosen.budget is not None:  # --target latency:F --calibrate: allocated on the data
+        d = replace(d, planned=replace(d.planned, budget=chosen.budget))
     if cached is None:
         return d
-    return replace(d, planned=replace(d.planned, layer_timing=latency_summary(source, config, cached, profile_runs)))
+    summary = latency_summary(source, config, cached, profile_runs)
+    if chosen is not None and chosen.timing is not None:
+        summary = replace(summary, allocation=chosen.timing)
+    return replace(d, planned=replace(d.planned, layer_timing=summary))
 
 
 def plan(

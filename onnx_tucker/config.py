@@ -260,7 +260,7 @@ class RankOptions(_Normalised):
     jobs: int = opt("--jobs", "-j", default=1, help="Layers planned and decomposed in parallel (threads); the result is the same for every N.")
     # A whole-model budget instead of per-layer ranks (planning/budget.py): `macs:0.3`, `params:0.2`,
     # `latency:0.5` (which times the layers, as latency_aware does, and keeps only chains that pay).
-    target: BudgetTarget | None = opt("--target", default=None, cli_type=str | None, help="Whole-model budget: macs:F or params:F (fraction of the original, 0 < F < 1): ranks spent where the kernels lose the least energy per MAC (or parameter) saved; latency:F: the least compression whose layers, timed alone in onnxruntime, take F of the original time (implies per-layer timing as --latency-aware); agreement:F (with --data): the most compression whose top-1 agreement with the original stays >= F.")
+    target: BudgetTarget | None = opt("--target", default=None, cli_type=str | None, help="Whole-model budget: macs:F or params:F (fraction of the original, 0 < F < 1): ranks spent where the kernels lose the least energy per MAC (or parameter) saved; latency:F: the least compression whose layers, timed alone in onnxruntime, take F of the original time (implies per-layer timing as --latency-aware; with --calibrate allocated on the data's output errors and the measured times); agreement:F (with --data): the most compression whose top-1 agreement with the original stays >= F (with --calibrate: the data's allocation, each candidate refit before it is measured).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -357,6 +357,10 @@ class CalibrationConfig(_Normalised):
         return parse_bytes(self.calibration_memory, "--calibration-memory")
 
 
+# The runtimes per-layer timing can run in (--latency-runtime): adapters of mobile/adapters.py.
+LATENCY_RUNTIMES = ("ort", "ort-mobile", "mnn")
+
+
 @group("Latency-aware planning")
 @dataclass(frozen=True)
 class LatencyConfig(_Normalised):
@@ -364,14 +368,22 @@ class LatencyConfig(_Normalised):
     than the original layer (planning/latency.py); layers are timed alone in onnxruntime CPU with
     `threads` intra-op threads (BenchConfig's --threads: one meaning in every command)."""
 
-    latency_aware: bool = opt("--latency-aware", default=False, help="Time each layer and its chain alone in onnxruntime CPU (interleaved medians, cached per shape); keep a decomposition only where it is --min-speedup times faster, after trying ranks rounded to --round-to (else 8 and 16) and Tucker-1. With --plan: the plan replays exactly and its layers are only timed. With --ranks data:F it may miss the MAC budget: the output and the report say by how much.")
+    latency_aware: bool = opt("--latency-aware", default=False, help="Time each layer and its chain alone in onnxruntime CPU (interleaved medians, cached per shape); keep a decomposition only where it is --min-speedup times faster, after trying ranks rounded to --round-to (else 8 and 16) and Tucker-1. With --plan: the plan replays exactly and its layers are only timed. With --ranks data:F (or --target macs:F --calibrate) the MAC budget is allocated on the calibration data and the measured time together: SIMD-friendly ranks timed (at most 8 per layer), only chains that pay, the budget met within one rank step or the run stops saying why.")
     min_speedup: float = opt("--min-speedup", default=1.1, help="With --latency-aware: the measured speed-up a layer's chain must reach to be kept.")
+    latency_runtime: str = opt("--latency-runtime", default="ort", help="Where --latency-aware and --target latency:F time each layer: ort (onnxruntime CPU, default), ort-mobile (the ORT format as onnxruntime's converter writes it for mobile: no NCHWc layout, as 'report' runs it) or mnn (MNN, in a child process).")
     threads: int = same_as("BenchConfig.threads", 1)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.min_speedup > 0:
             raise UsageError(f"--min-speedup {self.min_speedup}: must be > 0; e.g. 1.1 for 10% faster")
+        if not isinstance(self.latency_runtime, str):
+            raise _wrong_type("LatencyConfig", "latency_runtime", self.latency_runtime, "a str (ort, ort-mobile or mnn)", "'ort'")
+        runtime = self.latency_runtime.strip().lower()
+        if runtime not in LATENCY_RUNTIMES:
+            raise UsageError(f"--latency-runtime {self.latency_runtime}: not a runtime layers can be timed in; "
+                             f"use {', '.join(LATENCY_RUNTIMES)}")
+        object.__setattr__(self, "latency_runtime", runtime)
         if self.threads < 1:
             raise UsageError(f"--threads {self.threads}: must be >= 1; e.g. --threads 1")
 
@@ -702,6 +714,7 @@ class CompressionConfig:
                            "resize_shorter": p.resize_shorter, "crop": p.crop, "channel_order": p.channel_order},
             "latency_aware": self.latency_aware,
             "min_speedup": self.min_speedup,
+            "latency_runtime": self.latency_runtime,
             "threads": self.threads,
             "target": None if self.target is None else str(self.target),
         }

@@ -635,19 +635,23 @@ def test_refit_blocks_round_trip_the_factor_layout(kind: str) -> None:
             np.testing.assert_array_equal(a, np.asarray(b, dtype=np.float64))
 
 
-def test_a_conv_transpose_is_kept_with_a_note_not_refit(rng: np.random.Generator) -> None:
-    """Its handler gives no im2col: calibration keeps the weight-space factors and says why (this used to
-    fail inside the regression with a shape error)."""
+def test_a_conv_transpose_refits_only_its_last_factor_and_says_so(rng: np.random.Generator) -> None:
+    """Its handler gives no im2col (this used to fail inside the regression with a shape error, then was
+    kept): the chain's last 1x1 conv is refit on its own input, with a note; the front factors stay."""
     from tests.test_conv_transpose import make_convt_model
 
     model = make_convt_model(cin=8, cout=8)
     _, _, reps = _decomposed(model, CompressionConfig(ranks=RankPolicy("ratio", 0.5), validate=False))
     comp = apply_replacements(model, reps)
-    before = [t.SerializeToString() for t in comp.graph.initializer]
+    before = {t.name: t.SerializeToString() for t in comp.graph.initializer}
     found = calibrate_model(model, comp, reps, [{"x": rng.standard_normal((1, 8, 5, 5)).astype(np.float32)}])
     (cal,) = found.values()
-    assert cal.method == "kept" and cal.note == "not refit: calibration does not cover ConvTranspose layers"
-    assert [t.SerializeToString() for t in comp.graph.initializer] == before
+    assert cal.method == "last" and cal.note is not None and "only the last 1x1 conv refit" in cal.note
+    assert cal.error_after is not None and cal.error_before is not None and cal.error_after < cal.error_before
+    after = {t.name: t.SerializeToString() for t in comp.graph.initializer}
+    changed = {n for n in before if before[n] != after[n]}
+    last = comp.graph.node[-1]
+    assert changed and changed <= {last.input[1], *last.input[2:]}
 
 
 def test_save_plan_after_calibrate_holds_only_what_replays(tmp_path: Path, rng: np.random.Generator) -> None:

@@ -173,7 +173,7 @@ def test_conv_transpose_last_factor_refits_to_the_least_squares_optimum(tmp_path
                                                        calibrate=str(tmp_path / "cal.npz"))).model
     out = one_shot.graph.output[0].name
     chain = factor_chain(one_shot, out, 3 if op_kinds(one_shot) == 3 else 2)
-    assert chain is not None and chain.last_pointwise
+    assert chain is not None and chain.last_input
     probe = expose_outputs(one_shot, [chain.last_input])
     zs = np.concatenate([run_ort(probe, {"x": xi})[chain.last_input] for xi in x])  # (12, R, H, W)
     ys = np.concatenate([run_ort(model, {"x": xi})[out] for xi in x])

@@ -318,9 +318,9 @@ def _refit_layer(node_index: int, original: onnx.ModelProto, compressed: onnx.Mo
     im = handler.im2col(layer)
     why = handler.refit_problem(layer, f, bias)
     if why is not None or im is None:
-        if chain.last_pointwise and len(chain.weights) > 1:
-            results[layer.layer_id] = _refit_pointwise(original, compressed, chain, y_name, opts, count, node_index,
-                                                       comp_cache, orig_cache)
+        if handler.pointwise_last(layer, f) and len(chain.weights) > 1:
+            results[layer.layer_id] = _refit_pointwise(original, compressed, chain, handler.groups(layer), y_name,
+                                                       opts, count, node_index, comp_cache, orig_cache)
         else:
             results[layer.layer_id] = LayerCalibration("kept", None, None, 0, f"not refit: {why or 'no im2col'}")
         return
@@ -366,7 +366,7 @@ def _refit_layer(node_index: int, original: onnx.ModelProto, compressed: onnx.Mo
     results[layer.layer_id] = LayerCalibration(best, e0, e1, rows, note, skip)
 
 
-def _refit_pointwise(original: onnx.ModelProto, compressed: onnx.ModelProto, chain: FactorChain, y_name: str,
+def _refit_pointwise(original: onnx.ModelProto, compressed: onnx.ModelProto, chain: FactorChain, g: int, y_name: str,
                      opts: CalibrationOptions, count: int, node_index: int, comp_cache: ActivationCache,
                      orig_cache: ActivationCache) -> LayerCalibration:
     """The last 1x1 Conv of a chain the im2col model does not cover (a ConvTranspose's): its weight and
@@ -374,7 +374,6 @@ def _refit_pointwise(original: onnx.ModelProto, compressed: onnx.ModelProto, cha
     against the original output (plus the residual compensation); kept when that does not lower the
     error on the calibration rows. Exact at full rank: the original is then a solution."""
     w = read_initializer(compressed, chain.weights[-1]).astype(np.float64)  # (T, R/g, 1, 1)
-    g = chain.last_groups
     t, r = w.shape[0] // g, w.shape[1]
     bias = read_initializer(compressed, chain.bias).astype(np.float64) if chain.bias else np.zeros(w.shape[0])
     stats = [GramStats(r, t) for _ in range(g)]

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..numerics.rankalloc import (
+    Allocation,
     RankCandidate,
     allocate_macs,
     output_error_curve,
@@ -108,6 +109,12 @@ def _candidates(layer: Layer, im: Im2col, stats: GramStats, weight: np.ndarray, 
     return out
 
 
+# Chooses one candidate per covered layer for a MAC budget in place of `allocate_macs` (the covered
+# layers, their candidates, the budget): `latency_alloc.LatencyAllocator` allocates on measured time.
+# It raises its own error when it cannot meet its budget.
+Allocator = Callable[[Sequence[Layer], Sequence[Sequence[RankCandidate]], int], Allocation]
+
+
 @dataclass(frozen=True)
 class DataRankSelection:
     planned: PlannedRanks
@@ -127,10 +134,12 @@ def select_ranks_data(
     read_weight: Callable[[str], np.ndarray],
     options: DataRankOptions | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    allocator: Allocator | None = None,
 ) -> DataRankSelection:
     """Kinds and ranks for every layer so the model keeps `fraction` of its MACs (see the module
     docstring). `fallback`: the weight-space plan of each layer (same order as `layers`), used for the
-    layers the error model does not cover and for the ones it may not touch (skipped, excluded)."""
+    layers the error model does not cover and for the ones it may not touch (skipped, excluded).
+    `allocator`: how the candidates are allocated (default `allocate_macs`; see `Allocator`)."""
     opts = options or DataRankOptions()
     count = sum(int(next(iter(b.values())).shape[0]) for b in batches)
     total = sum(int(p.macs_before or 0) for p in fallback)
@@ -170,7 +179,10 @@ def select_ranks_data(
             candidates.append(_candidates(lay, geo, acc.stats, weight, opts.input_rank_points))
     if progress is not None and covered:
         progress(covered[-1][0].layer_id, len(covered), len(covered))
-    alloc = allocate_macs(candidates, max(budget, 0))
+    if allocator is None:
+        alloc = allocate_macs(candidates, max(budget, 0))
+    else:
+        alloc = allocator([lay for lay, _ in covered], candidates, max(budget, 0))
     if not alloc.met:
         least = fixed + sum(min(c.macs for c in cs) for cs in candidates)
         raise UsageError(

@@ -1,7 +1,9 @@
 """The calibration stages as plain functions over a `SourceModel`.
 
 `data_ranks(source, config)`: under `--ranks data:F` (or `--target macs:F` with `--calibrate`) the
-ranks chosen on the calibration data, as a plan to replay (`rankselect`); `calibrate(source, ...)`:
+ranks chosen on the calibration data, as a plan to replay (`rankselect`); `data_selection` the same
+with what was measured, on the layers' measured time too under `--latency-aware` or `--target
+latency:F --calibrate` (`latency_alloc`); `calibrate(source, ...)`:
 `compress --calibrate`, the factors refit in place on the data (`calibrate`), as a frozen
 `CalibrationResult`.
 """
@@ -13,13 +15,17 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from ..config import CompressionConfig, RankPolicy
+from ..errors import UsageError
 from ..graph.rewrite import Replacement
 from ..graph.source import SourceModel
 from ..ops.layer import Layer
+from ..planning.budget import BudgetOutcome, Evaluator, agreement_budget_plan
+from ..planning.latency import DEFAULT_ROUND_MULTIPLES, TimedAllocation
 from ..planning.planner import CompressionPlan, PlannedRanks, plan_layer
-from ..planning.stage import data_fraction
+from ..planning.stage import agreement_evaluator, data_allocated, data_fraction
 from ..runtime.validate import dynamic_batch
-from ..types import EventProgress, StepProgress
+from ..types import EventProgress, LayerTimer, StepProgress
+from .agreement import CapturingAllocator, data_plan_at
 from .calibrate import (
     CalibrationOptions,
     CalibrationSummary,
@@ -28,6 +34,7 @@ from .calibrate import (
     calibrate_from_config,
     calibration_data,
 )
+from .latency_alloc import SIMD_MULTIPLE, LatencyAllocator
 from .memory import CalibrationEstimate, plan_calibration
 from .rankselect import DataRankOptions, select_ranks_data
 
@@ -41,24 +48,78 @@ def data_ranks(source: SourceModel, config: CompressionConfig, progress: StepPro
                events: EventProgress | None = None) -> PlannedRanks | None:
     """The ranks chosen on `config.calibrate` for the MAC fraction of `--ranks data:F` (the layers the
     error model does not cover keep the EVBMF plan); None when the options ask for no such choice."""
-    fraction = data_fraction(config)
-    if fraction is None:
+    chosen = data_selection(source, config, progress, events=events)
+    return None if chosen is None else chosen.planned
+
+
+@dataclass(frozen=True)
+class DataRanks:
+    """`data_selection`'s result: the ranks to replay and, when the allocation timed the layers, what
+    it measured (`timing`) and, under `--target latency:F`, the target's outcome (`budget`)."""
+
+    planned: PlannedRanks
+    timing: TimedAllocation | None = None
+    budget: BudgetOutcome | None = None
+
+
+def data_selection(source: SourceModel, config: CompressionConfig, progress: StepProgress | None = None,
+                   timer: LayerTimer | None = None, evaluator: Evaluator | None = None,
+                   events: EventProgress | None = None) -> DataRanks | None:
+    """The ranks chosen on `config.calibrate`: for the MAC fraction of `--ranks data:F` (or `--target
+    macs:F`), on the measured time of each layer too when `timer` is given and `--latency-aware` is on
+    (latency_alloc.py); for `--target latency:F`, on the measured time against that time budget; for
+    `--target agreement:F`, by the agreement search on calibrated candidates (agreement.py; `evaluator`
+    measures a candidate plan instead, as for `api.plan`). None when the options ask for no such choice."""
+    if not data_allocated(config):
         return None
     assert config.calibrate is not None
-    fallback_cfg = replace(config, ranks=RankPolicy("vbmf"))
+    target = config.target
+    by_time = target is not None and target.metric == "latency"
+    fraction = data_fraction(config)
+    fallback_cfg = replace(config, ranks=RankPolicy("vbmf"), target=None)
     fallback = [plan_layer(lay, source.read_weight, fallback_cfg) for lay in source.layers]
     source.materialize()  # onnxruntime runs the original: its weights in memory
-    used, _ = calibration_data(config.calibrate, source.model, config.calibration_samples, config.seed, config.preprocess)
     memory = config.calibration.calibration_memory_bytes
     opts = DataRankOptions(seed=config.seed, memory_bytes=memory)
+    used, _ = calibration_data(config.calibrate, source.model, config.calibration_samples, config.seed, config.preprocess)
     est = _estimate("rank choice", source, list(source.layers), used, memory, opts.max_width)
     batches = batches_of(used, source.model, source.input_shapes, est.batch)  # checks the data first
+    del used
     if events is not None:
         events("calibration-estimate", {"estimate": est})
-    del used
-    selection = select_ranks_data(source.model, list(source.layers), fallback, batches, fraction, source.read_weight,
-                                  opts, progress)
-    return selection.planned
+    if target is not None and target.metric == "agreement":
+        captured = CapturingAllocator()  # the curves once; the search re-allocates them per fraction
+        selection = select_ranks_data(source.model, list(source.layers), fallback, batches, 1.0, source.read_weight,
+                                      opts, progress, allocator=captured)
+        del batches
+        plan_at, least = data_plan_at(selection, captured, target)
+        samples = (0, 0)
+        if evaluator is None:
+            def refit(model: onnx.ModelProto, replacements: Mapping[int, Replacement], plan: CompressionPlan) -> None:
+                calibrate(source, model, replacements, plan, config)
+
+            evaluator, samples = agreement_evaluator(source, config, progress, refit=refit)
+        planned, outcome = agreement_budget_plan(list(source.layers), source.read_weight, config, target, evaluator,
+                                                 samples, plan_at=plan_at, least=least)
+        return DataRanks(planned, budget=replace(outcome, method="data"))
+    allocator = None
+    if timer is not None and (by_time or config.latency_aware):
+        option = f"--ranks {config.ranks}" if config.ranks.method == "data" else f"--target {target}"
+        multiples = (config.round_to,) if config.round_to > 1 else DEFAULT_ROUND_MULTIPLES
+        allocator = LatencyAllocator(
+            list(source.layers), fallback, timer, mode="latency" if by_time else "macs",
+            fraction=target.fraction if by_time and target is not None else float(fraction or 1.0), option=option,
+            min_speedup=config.min_speedup, multiple=config.round_to if config.round_to > 1 else SIMD_MULTIPLE,
+            runtime=config.latency_runtime, round_multiples=multiples,
+            measure_original=getattr(getattr(timer, "inner", timer), "measure_original", None), progress=progress)
+    elif by_time:
+        raise UsageError(f"--target {target} --calibrate: the layers must be timed; give a timer (the api's `timer`)")
+    selection = select_ranks_data(source.model, list(source.layers), fallback, batches,
+                                  1.0 if by_time else float(fraction or 1.0), source.read_weight,
+                                  opts, progress, allocator=allocator)
+    if allocator is None:
+        return DataRanks(selection.planned)
+    return DataRanks(allocator.annotate(selection.planned), allocator.result, allocator.outcome(str(target)))
 
 
 def _estimate(what: str, source: SourceModel, layers: list[Layer], used: DataSet, memory: int,

@@ -167,11 +167,7 @@ class FactorChain:
     beta: float  # Gemm's beta on the bias (1 for Conv)
     problem: str | None  # why the factors cannot be written back (shared, not initializers), else None
     produced: tuple[str, ...] = ()  # the chain nodes' outputs (what changes when the factors do)
-    # The last node is a 1x1 Conv (stride 1, no padding, `last_groups` groups) reading `last_input`: its
-    # weight and bias can be refit per pixel, whatever the nodes before it are (calibration's fallback).
-    last_pointwise: bool = False
-    last_groups: int = 1
-    last_input: str = ""
+    last_input: str = ""  # what the last node reads (the refit of a pointwise last factor regresses on it)
 
 
 def factor_chain(model: onnx.ModelProto, output: str, length: int) -> FactorChain | None:
@@ -208,14 +204,7 @@ def factor_chain(model: onnx.ModelProto, output: str, length: int) -> FactorChai
             problem = f"bias '{bias}' is not an initializer"
         elif uses.get(bias, 0) != 1:
             problem = f"bias '{bias}' is shared by {uses[bias]} nodes"
-    attrs = {a.name: helper.get_attribute_value(a) for a in last.attribute}
-    init_last = inits.get(last.input[1])
-    pointwise = (is_op(last, "Conv") and last.domain in ("", "ai.onnx") and init_last is not None
-                 and all(int(d) == 1 for d in init_last.dims[2:])
-                 and all(int(v) == 1 for v in attrs.get("strides", [1])) and not any(attrs.get("pads", [0]))
-                 and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", b"VALID", "NOTSET", "VALID"))
-    return FactorChain(t, weights, bias, beta, problem, tuple(o for n in nodes for o in n.output if o),
-                       pointwise, int(attrs.get("group", 1)), last.input[0])
+    return FactorChain(t, weights, bias, beta, problem, tuple(o for n in nodes for o in n.output if o), last.input[0])
 
 
 def read_initializer(model: onnx.ModelProto, name: str) -> np.ndarray:

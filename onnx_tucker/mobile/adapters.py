@@ -58,6 +58,13 @@ class Adapter:
     def load(self, files: Sequence[str], threads: int, input_names: Sequence[str], output_names: Sequence[str]) -> RunFn:
         raise NotImplementedError
 
+    def bench_fn(self, files: Sequence[str], threads: int, input_names: Sequence[str], output_names: Sequence[str],
+                 feeds: Feeds) -> Callable[[], object]:
+        """One inference on fixed `feeds`, to time (per-layer timing): by default a whole `load` run;
+        runtimes whose `load` copies outputs slowly set the inputs once and time only the run."""
+        run = self.load(files, threads, input_names, output_names)
+        return lambda: run(feeds)
+
 
 def import_ort_tool(module: str) -> Any:
     """`onnxruntime.tools.<module>` without torch: the package's __init__ imports torch (4 s) when it
@@ -184,6 +191,23 @@ class MNNAdapter(Adapter):
             return result
 
         return run
+
+    def bench_fn(self, files, threads, input_names, output_names, feeds):  # type: ignore[no-untyped-def]
+        import MNN  # type: ignore[import-not-found]
+
+        interp = MNN.Interpreter(files[0])
+        interp.setSessionMode(9)
+        session = interp.createSession({"numThread": threads})
+        inputs = interp.getSessionInputAll(session)
+        hosts = []  # MNN keeps pointers to the host tensors' data
+        for name in input_names:
+            arr = np.ascontiguousarray(feeds[name], dtype=np.float32)
+            if tuple(inputs[name].getShape()) != arr.shape:
+                interp.resizeTensor(inputs[name], arr.shape)
+                interp.resizeSession(session)
+            hosts.append(MNN.Tensor(arr.shape, MNN.Halide_Type_Float, arr, MNN.Tensor_DimensionType_Caffe))
+            inputs[name].copyFrom(hosts[-1])
+        return lambda: interp.runSession(session)
 
 
 def _pnnx_binary() -> str | None:

@@ -46,6 +46,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         arrays: dict[str, Any] = {f"o{k}": np.stack([r[k] for r in results]) for k in range(len(outputs))}
         np.savez(job["outputs"], **arrays)
         return converted
+    if action == "time-layers":  # per-layer timing: the job brings its own tiny models and input shape
+        return _time_layers(adapter, job)
     batches = _batches(job["inputs"], inputs)
     if action == "time":
         runs = [adapter.load(files, job["threads"], inputs, outputs) for files in (job["files_a"], job["files_b"])]
@@ -63,6 +65,32 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
                 times[k].append((time.perf_counter() - start) * 1e3)
         return {"original_ms": times[0], "compressed_ms": times[1]}
     raise ValueError(f"unknown action {action!r}")
+
+
+def _time_layers(adapter: Any, job: dict[str, Any]) -> dict[str, Any]:
+    """Per-layer timing (mobile/layertime.py): tiny ONNX models (input x, output y) converted once each,
+    an Identity model alone (the cost of one run call) and each (original, chain) pair interleaved."""
+    from ..runtime.bench import interleave
+
+    shape = tuple(job["input_shape"])
+    feeds = {"x": np.random.default_rng(job["seed"]).standard_normal(shape).astype(np.float32)}
+    runs: dict[str, Any] = {}
+
+    def bench(path: str) -> Any:
+        if path not in runs:
+            workdir = Path(job["workdir"]) / f"m{len(runs)}"
+            workdir.mkdir()
+            files, _ = adapter.convert(path, str(workdir), {"x": shape})
+            runs[path] = adapter.bench_fn(files, job["threads"], ["x"], ["y"], feeds)
+        return runs[path]
+
+    ident = bench(job["identity"])
+    t_id, _ = interleave(ident, lambda: None, job["warmup"], job["runs"])
+    pairs = []
+    for original, chain in job["pairs"]:
+        a, b = bench(original), bench(chain)
+        pairs.append(interleave(a, b, job["warmup"], job["runs"]))
+    return {"identity_ms": list(t_id), "pairs": [[list(ta), list(tb)] for ta, tb in pairs]}
 
 
 def main(argv: list[str]) -> int:

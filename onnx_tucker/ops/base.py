@@ -203,6 +203,11 @@ class OpHandler:
         """Why calibration cannot refit this layer's chain (None: it can); `bias`: the chain's bias."""
         return None if self.im2col(layer) is not None else f"calibration does not cover {self.op_type} layers"
 
+    def pointwise_last(self, layer: Layer, factors: LayerFactors) -> bool:
+        """The chain ends in a 1x1 Conv (stride 1, no padding, the layer's groups) at the output
+        resolution, so calibration can refit that factor per pixel where `im2col` is None."""
+        return False
+
     def refit_blocks(self, layer: Layer, factors: LayerFactors) -> list[RefitBlock]:
         """`factors` as matrices, one `RefitBlock` per group, in float64. Here (P, Q): y = x @ P @ Q."""
         a = [np.asarray(x, dtype=np.float64) for x in factors.arrays]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from .conv import SPATIAL_ATTRS, ConvHandler
-from .layer import Im2col, Layer
+from .layer import Im2col, Layer, LayerFactors
 
 
 def _swap_channel_axes(w: np.ndarray, groups: int) -> np.ndarray:
@@ -71,6 +71,9 @@ class ConvTransposeHandler(ConvHandler):
         # A transposed conv scatters each input pixel over a kernel window: its output is not a
         # matrix product of input rows, so calibration and data-driven ranks do not cover it.
         return None
+
+    def pointwise_last(self, layer: Layer, factors: LayerFactors) -> bool:
+        return len(factors.arrays) > 1  # Tucker-1 and -2 chains end in the 1x1 Conv R_out -> C_out
 
     def cost(self, layer: Layer, kind: str, ranks: tuple[int, ...] = ()) -> tuple[int, int | None]:
         # A transposed conv does C_in x C_out/group x k MACs per *input* pixel; the core runs there

@@ -82,6 +82,8 @@ class BudgetOutcome:
     held_out: float | None = None
     search_samples: int = 0
     held_out_samples: int = 0
+    # "data": allocated on the calibration data's error curves (with --calibrate), not on kernel energy
+    method: str = ""
 
     @property
     def achieved(self) -> float:
@@ -433,25 +435,32 @@ def latency_budget_plan(
 Evaluator = Callable[[PlannedRanks, str], float]
 
 
+# The allocation at a MAC fraction, as a plan to replay and its outcome (the agreement search's step).
+PlanAt = Callable[[float], tuple[PlannedRanks, BudgetOutcome]]
+
+
 def agreement_budget_plan(
     layers: list[Layer], read_weight: Callable[[str], np.ndarray], config: CompressionConfig, target: BudgetTarget,
-    evaluate: Evaluator, samples: tuple[int, int] = (0, 0),
+    evaluate: Evaluator, samples: tuple[int, int] = (0, 0), plan_at: PlanAt | None = None, least: float | None = None,
 ) -> tuple[PlannedRanks, BudgetOutcome]:
     """`--target agreement:F --data D`: the most compression whose top-1 agreement with the original on
     the search half of D stays >= F. The MAC fraction is bisected (the rank allocation within a fraction
-    is the energy one of `macs:F`); each step costs one evaluation of a compressed model on the search
-    half, and the result one more on the held-out half: at most LATENCY_SEARCH_STEPS + 2 evaluations.
-    Data-light: no per-layer sensitivity pass (which would cost one evaluation per layer and rank)."""
-    found = rank_spaces(layers, read_weight, config, "macs", str(target))
-    spaces, step = found.spaces, config.round_to
-    fixed = found.layers_before - sum(sp.original_cost for sp in spaces)
-    why = f"kept by --target {target}: its rank steps win back less error per MAC than other layers'"
+    is the energy one of `macs:F`, or `plan_at`'s, from `least` up: with --calibrate, the calibration
+    data's); each step costs one evaluation of a compressed model on the search half, and the result one
+    more on the held-out half: at most LATENCY_SEARCH_STEPS + 2 evaluations. Data-light: no per-layer
+    sensitivity pass (which would cost one evaluation per layer and rank)."""
+    if plan_at is None or least is None:
+        found = rank_spaces(layers, read_weight, config, "macs", str(target))
+        spaces, step = found.spaces, config.round_to
+        fixed = found.layers_before - sum(sp.original_cost for sp in spaces)
+        why = f"kept by --target {target}: its rank steps win back less error per MAC than other layers'"
 
-    def plan_at(fraction: float) -> tuple[PlannedRanks, BudgetOutcome]:
-        chosen, outcome = allocate(spaces, fixed, found.layers_before, BudgetTarget("macs", fraction), step)
-        return planned_ranks(found, chosen, target, why), outcome
+        def energy_plan_at(fraction: float) -> tuple[PlannedRanks, BudgetOutcome]:
+            chosen, outcome = allocate(spaces, fixed, found.layers_before, BudgetTarget("macs", fraction), step)
+            return planned_ranks(found, chosen, target, why), outcome
 
-    least = least_cost(spaces, fixed, step) / found.layers_before if found.layers_before else 1.0
+        plan_at = energy_plan_at
+        least = least_cost(spaces, fixed, step) / found.layers_before if found.layers_before else 1.0
     planned, outcome = plan_at(least)
     agreement = evaluate(planned, "search")
     evaluations, fraction = 1, least

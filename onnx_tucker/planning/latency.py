@@ -45,6 +45,17 @@ class CachedLayerTimer:
             self.cache[key] = self.inner.measure(layer, kind, ranks)
         return self.cache[key]
 
+    def measure_many(self, layer: Layer, requests: Sequence[tuple[str, tuple[int, ...]]]) -> list[LayerTiming | None]:
+        """`measure` of each (kind, ranks); the ones not cached go to the inner timer together when it
+        can take them at once (a child process per layer, not per pair)."""
+        many = getattr(self.inner, "measure_many", None)
+        missing = list(dict.fromkeys(r for r in requests if timing_key(layer, *r) not in self.cache))
+        if many is not None and len(missing) > 1:
+            for (kind, ranks), t in zip(missing, many(layer, missing), strict=True):
+                self.measured += 1
+                self.cache[timing_key(layer, kind, ranks)] = t
+        return [self.measure(layer, kind, ranks) for kind, ranks in requests]
+
 
 def rank_caps(layer: Layer, kind: str) -> tuple[int, ...]:
     """The largest useful rank of each mode of `kind` (the rank of the matrix it applies to)."""
@@ -142,6 +153,50 @@ def select_by_latency(
 
 
 @dataclass(frozen=True)
+class LayerAllocation:
+    """One layer under an allocation on measured time: chains timed, how many paid, the best speed-up
+    measured, the original's time and the chosen candidate's (ms)."""
+
+    name: str
+    timed: int
+    paying: int
+    best_speedup: float | None
+    original_ms: float | None
+    chosen_ms: float | None
+
+
+@dataclass(frozen=True)
+class TimedAllocation:
+    """What an allocation on measured per-layer time chose (`calibration/latency_alloc.py`): under a
+    MAC budget (`mode` "macs": --ranks data:F --latency-aware) or a time budget ("latency": --target
+    latency:F --calibrate). Times are the layers' summed times alone in `runtime` (every layer, the
+    ones outside the allocation as applied); `timed`: chains timed for the allocation."""
+
+    runtime: str
+    mode: str
+    option: str
+    min_speedup: float
+    multiple: int  # the SIMD-friendly rank multiple
+    layers: int  # layers allocated on the data
+    layers_paying: int  # ... with at least one chain at --min-speedup or faster
+    layers_decomposed: int
+    timed: int
+    most_per_layer: int
+    time_before_ms: float
+    time_after_ms: float
+    budget_ms: float | None
+    macs_before: int
+    macs_after: int
+    macs_budget: int | None
+    per_layer: tuple[LayerAllocation, ...] = ()
+
+    @property
+    def speedup(self) -> float | None:
+        """Summed original time / summed allocated time (>= 1: never slower)."""
+        return self.time_before_ms / self.time_after_ms if self.time_after_ms > 0 else None
+
+
+@dataclass(frozen=True)
 class LatencySummary:
     """How the per-layer timings were made, and how well they add up to a whole-model profile."""
 
@@ -158,6 +213,9 @@ class LatencySummary:
     layers_summed: int = 0
     # --plan with --latency-aware: the plan file's kinds and ranks replay exactly; layers are only timed
     timed_only: bool = False
+    runtime: str = "ort"  # --latency-runtime: where the layers were timed
+    # --ranks data:F --latency-aware / --target latency:F --calibrate: the allocation on measured time
+    allocation: TimedAllocation | None = None
 
     @property
     def profile_ratio(self) -> float | None:

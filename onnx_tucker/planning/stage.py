@@ -10,9 +10,10 @@ bookkeeping) is beside it in the `PlanResult`, and goes on into `CompressionResu
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -114,13 +115,22 @@ class Decomposition:
 
 def data_fraction(config: CompressionConfig) -> float | None:
     """The MAC fraction to allocate on the calibration data: `--ranks data:F`, or `--target macs:F` with
-    `--calibrate` (and without per-layer timing, which allocates on its own); else None."""
+    `--calibrate` (with --latency-aware too: then on the measured time as well); else None."""
     if config.ranks.method == "data":
         return config.ranks.value
     t = config.target
-    if t is not None and t.metric == "macs" and config.calibrate and not config.latency_aware:
+    if t is not None and t.metric == "macs" and config.calibrate:
         return t.fraction
     return None
+
+
+def data_allocated(config: CompressionConfig) -> bool:
+    """Whether the ranks are allocated on the calibration data (calibration/stage.py `data_selection`):
+    a MAC fraction (`data_fraction`), `--target latency:F --calibrate` (on measured time too), or
+    `--target agreement:F --calibrate` (searched on calibrated candidates)."""
+    t = config.target
+    searched = t is not None and t.metric in ("latency", "agreement") and bool(config.calibrate) and not config.plan_file
+    return data_fraction(config) is not None or searched
 
 
 def plan_and_decompose(
@@ -147,7 +157,7 @@ def plan_and_decompose(
     check_plan_covers(layers, planned)
     read_weight = source.read_weight
     budget = None
-    if config.target is not None and data_fraction(config) is None:  # replayed like a plan file's ranks
+    if config.target is not None and not data_allocated(config):  # replayed like a plan file's ranks
         with single_threaded_lapack():
             planned, budget = _budget_plan(source, config, config.target, timer, evaluator, progress)
 
@@ -228,19 +238,25 @@ def _budget_plan(
     if target.metric == "latency":
         assert timer is not None
         inner = getattr(timer, "inner", timer)
-        measure_original = inner.measure_original if isinstance(inner, OrtLayerTimer) else None
+        measure_original = getattr(inner, "measure_original", None)
         return latency_budget_plan(layers, read_weight, config, target, timer, measure_original)
     # params: every float parameter of the model counts (biases, BN, ...); macs: the layers' MACs.
     total = float_parameter_count(source.model, source.index.folder) if target.metric == "params" else None
     return budget_plan(layers, read_weight, config, target, total, timer)
 
 
+# Refits a candidate's compressed model (an onnx.ModelProto) in place before it is measured (--calibrate):
+# the model, its replacements and its plan (calibration/agreement.py gives it; planning does not import
+# calibration).
+Refit = Callable[[Any, Mapping[int, Replacement], CompressionPlan], None]
+
+
 def agreement_evaluator(source: SourceModel, config: CompressionConfig,
-                        progress: StepProgress | None = None) -> tuple[Evaluator, tuple[int, int]]:
+                        progress: StepProgress | None = None, refit: Refit | None = None) -> tuple[Evaluator, tuple[int, int]]:
     """Top-1 agreement of a candidate plan's model with the original on one half of `config.data`
     (split at random with `config.seed`: folders sorted by class would give class-disjoint halves),
     and the (search, held-out) sample counts. `progress("agreement search", evaluations done, at most)`
-    after each model evaluation."""
+    after each model evaluation. `refit`: applied to each candidate model before it is measured."""
     assert config.data is not None
     data = load_for_model(config.data, source.model, config.samples)
     if data.count < 2:
@@ -254,9 +270,11 @@ def agreement_evaluator(source: SourceModel, config: CompressionConfig,
         progress("agreement search", 0, most)
 
     def evaluate(planned: PlannedRanks, which: str) -> float:
-        replacements = plan_and_decompose(source, plain, planned=planned).replacements
-        model = rewrite(source.model, replacements, source.base_dir, source.index).to_proto()
+        d = plan_and_decompose(source, plain, planned=planned)
+        model = rewrite(source.model, d.replacements, source.base_dir, source.index).to_proto()
         source.materialize(model)
+        if refit is not None:
+            refit(model, d.replacements, d.plan)
         v = validate_models(source.runnable, model, source.input_shapes, data=halves[which], reference=source.model)
         top1 = v.outputs[0].top1_agreement if v.outputs else None
         if v.nonfinite:
@@ -278,10 +296,15 @@ def _round_multiples(config: CompressionConfig) -> tuple[int, ...]:
     return (config.round_to,) if config.round_to > 1 else DEFAULT_ROUND_MULTIPLES
 
 
+def times_layers(config: CompressionConfig) -> bool:
+    """Whether the options time layers: --latency-aware, or --target latency:F."""
+    return config.latency_aware or (config.target is not None and config.target.metric == "latency")
+
+
 def layer_timer(source: SourceModel, config: CompressionConfig, timer: LayerTimer | None = None) -> CachedLayerTimer | None:
     """The cached per-layer timer latency-aware selection uses (onnxruntime unless one is given); None
     when the options time nothing."""
-    if not config.latency_aware and not (config.target is not None and config.target.metric == "latency"):
+    if not times_layers(config):
         return None
     inner = timer if timer is not None else OrtLayerTimer(opset_version(source.model), config.threads, seed=config.seed)
     return CachedLayerTimer(inner)
@@ -292,9 +315,10 @@ def latency_summary(source: SourceModel, config: CompressionConfig, timer: Cache
     """The timer's bookkeeping and, in onnxruntime, the sum of every layer's isolated original time
     against the kernels of a whole-model profile of the original (`profile_runs` runs; 0: none)."""
     summary = LatencySummary(config.threads, config.min_speedup, timer.measured, timer.lookups,
-                             timed_only=bool(config.plan_file))
+                             timed_only=bool(config.plan_file), runtime=config.latency_runtime)
     inner = timer.inner
-    if not isinstance(inner, OrtLayerTimer) or profile_runs < 1:
+    # The whole-model profile is onnxruntime's own (NCHWc layout included): it checks "ort" timings only.
+    if not isinstance(inner, OrtLayerTimer) or getattr(inner, "runtime", "ort") != "ort" or profile_runs < 1:
         return summary
     times = [inner.measure_original(lay) for lay in source.layers if lay.weight_shape is not None and lay.node_index >= 0]
     isolated = [t for t in times if t is not None]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from typing import Any
 
 from ..calibration.calibrate import LayerCalibration
@@ -67,7 +68,10 @@ def layer_timing_dict(s: LatencySummary | None) -> dict[str, Any] | None:
     """--latency-aware: how the layers were timed and how their sum compares with a whole-model profile."""
     if s is None:
         return None
-    return dict(s.__dict__) | {"profile_ratio": s.profile_ratio}
+    out = dict(s.__dict__) | {"profile_ratio": s.profile_ratio}
+    if s.allocation is not None:
+        out["allocation"] = asdict(s.allocation) | {"speedup": s.allocation.speedup}
+    return out
 
 
 def validation_dict(v: ValidationReport | None) -> dict[str, Any] | None:

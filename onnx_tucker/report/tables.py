@@ -48,6 +48,13 @@ def layer_table(plan: CompressionPlan, title: str = "Layers") -> Table:
 
 def budget_line(b: BudgetOutcome) -> Text:
     """What a --target allocation chose."""
+    if b.metric == "latency" and b.method == "data":
+        return Text(
+            f"Target {b.target}: the layers' summed time alone in the runtime {b.before:.3f} -> {b.after:.3f} ms = "
+            f"{b.achieved:.3f} of the original (per-layer timings), allocated on the calibration data's output errors "
+            f"and the measured time of each layer's timed chains, at MACs {b.macs_fraction or 0:.3f} of the original; "
+            f"{b.layers_decomposed} of {b.layers_considered} layers decomposed."
+        )
     if b.metric == "latency":
         return Text(
             f"Target {b.target}: the layers' summed time alone in the runtime {b.before:.3f} -> {b.after:.3f} ms = "
@@ -85,7 +92,8 @@ def mac_budget_line(b: BudgetCheck) -> Text:
 
 def layer_timing_line(s: LatencySummary) -> Text:
     """How the per-layer times were measured and how well they add up to a whole-model profile."""
-    text = (f"Per-layer timing: onnxruntime CPU, {s.threads} thread{'s' if s.threads != 1 else ''}, each layer and its "
+    where = RUNTIME_LABELS.get(s.runtime, s.runtime)
+    text = (f"Per-layer timing: {where}, {s.threads} thread{'s' if s.threads != 1 else ''}, each layer and its "
             f"chain alone, interleaved medians; {s.measured} pairs timed for {s.lookups} asked (cached per shape); "
             + ("the plan file's kinds and ranks replay as they are (--plan): timed, not re-selected."
                if s.timed_only else f"a chain is kept at x{s.min_speedup:g} or faster."))
@@ -94,7 +102,21 @@ def layer_timing_line(s: LatencySummary) -> Text:
         text += (f" Sum of {s.layers_summed} isolated layer times {s.isolated_ms:.3f} ms vs {s.profiled_ms:.3f} ms in a "
                  f"whole-model profile ({s.profile_runs} runs): x{ratio:.2f}"
                  + (f"; the model also spends {s.layout_ms:.3f} ms in NCHWc reorders" if s.layout_ms else "") + ".")
+    a = s.allocation
+    if a is not None:
+        budget = (f"MACs {fmt.fmt_int(a.macs_after)} of at most {fmt.fmt_int(a.macs_budget)} ({a.macs_after / max(a.macs_before, 1):.3f} "
+                  "of the original)" if a.macs_budget is not None else
+                  f"time {a.time_after_ms:.3f} ms of at most {a.budget_ms or 0:.3f} ms")
+        text += (f" Allocated on the data and the measured time ({a.option}): {a.timed} chains timed at ranks in multiples "
+                 f"of {a.multiple} on the layers' error/MAC hulls (at most {a.most_per_layer} per layer); {a.layers_paying} "
+                 f"of {a.layers} layers have a chain at x{a.min_speedup:g} or faster, {a.layers_decomposed} decomposed; "
+                 f"{budget}; summed layer time {a.time_before_ms:.3f} -> {a.time_after_ms:.3f} ms"
+                 + (f" (x{a.speedup:.2f})" if a.speedup else "") + ".")
     return Text(text)
+
+
+# --latency-runtime: where the per-layer times come from
+RUNTIME_LABELS = {"ort": "onnxruntime CPU", "ort-mobile": "onnxruntime, ORT format (mobile settings)", "mnn": "MNN"}
 
 
 def summary_table(totals: ModelTotals | dict[str, int], latency: tuple[float, float] | None = None) -> Table:

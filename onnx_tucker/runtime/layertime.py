@@ -21,6 +21,7 @@ import os
 import tempfile
 from collections import defaultdict
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import onnx
@@ -60,13 +61,18 @@ class OrtLayerTimer:
         self._originals: dict[tuple[object, ...], float] = {}
         self._overheads: dict[tuple[object, ...], float] = {}
 
+    runtime = "ort"
+
+    def session(self, model: onnx.ModelProto, what: str) -> Any:
+        """The session one tiny model is timed in (subclasses: another form of the same model)."""
+        return ort_session(model, what, threads=self.threads)
+
     def measure(self, layer: Layer, kind: str, ranks: tuple[int, ...]) -> LayerTiming | None:
         x_shape, dtype = timing_input_shape(layer), timing_dtype(layer)
         if x_shape is None or dtype is None or layer.weight_shape is None:
             return None
-        s0 = ort_session(original_layer_model(layer, self.opset, self.seed), f"one-node '{layer.layer_id}'", threads=self.threads)
-        s1 = ort_session(chain_layer_model(layer, kind, ranks, self.opset, self.seed), f"chain of '{layer.layer_id}'",
-                         threads=self.threads)
+        s0 = self.session(original_layer_model(layer, self.opset, self.seed), f"one-node '{layer.layer_id}'")
+        s1 = self.session(chain_layer_model(layer, kind, ranks, self.opset, self.seed), f"chain of '{layer.layer_id}'")
         x = np.random.default_rng(self.seed).standard_normal(x_shape, dtype=np.float32).astype(dtype)
         feeds = {"x": x}
         t0, t1 = interleave(lambda: s0.run(None, feeds), lambda: s1.run(None, feeds), self.warmup, self.runs)
@@ -78,7 +84,7 @@ class OrtLayerTimer:
         copies, dispatch) that a layer inside a whole model does not pay; subtracted from both times."""
         key = (x_shape, dtype.str)
         if key not in self._overheads:
-            sess = ort_session(identity_model(x_shape, dtype, self.opset), "identity", threads=self.threads)
+            sess = self.session(identity_model(x_shape, dtype, self.opset), "identity")
             feeds = {"x": np.zeros(x_shape, dtype)}
             t, _ = interleave(lambda: sess.run(None, feeds), lambda: None, self.warmup, self.runs)
             self._overheads[key] = float(np.median(t))
@@ -91,7 +97,7 @@ class OrtLayerTimer:
             return None
         key = timing_key(layer, "original", ())
         if key not in self._originals:
-            sess = ort_session(original_layer_model(layer, self.opset, self.seed), f"one-node '{layer.layer_id}'", threads=self.threads)
+            sess = self.session(original_layer_model(layer, self.opset, self.seed), f"one-node '{layer.layer_id}'")
             feeds = {"x": np.random.default_rng(self.seed).standard_normal(x_shape, dtype=np.float32).astype(dtype)}
             t0, _ = interleave(lambda: sess.run(None, feeds), lambda: None, self.warmup, self.runs)
             self._originals[key] = _net(t0, self.call_overhead(x_shape, dtype))
