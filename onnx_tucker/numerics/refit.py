@@ -91,6 +91,13 @@ class GramStats:
         out.py = np.tensordot(a, self.py.reshape(s, kk, self.t), axes=([1], [0])).reshape(r * kk, self.t)
         return out
 
+    def leading(self, k: int) -> GramStats:
+        """The statistics of the first `k` regressor columns only (a sub-block: no pass over the data)."""
+        out = GramStats(k, self.t)
+        out.n, out.sum_y, out.yy = self.n, self.sum_y, self.yy
+        out.sum_p, out.pp, out.py = self.sum_p[:k], self.pp[:k, :k], self.py[:k]
+        return out
+
     def centred(self, intercept: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(Cpp, Cpy, Cyy, mean_p, mean_y); uncentred (means 0) when no bias is fitted."""
         if not intercept or self.n == 0:
@@ -103,6 +110,45 @@ class GramStats:
     def target_energy(self) -> float:
         """sum ||y||^2 over the accumulated rows."""
         return float(np.trace(self.yy))
+
+
+@dataclass
+class MomentStats:
+    """Sum and Gram of one side only, rows Z (m x d) accumulated in float64: the output Gram a rank-R
+    output-space error needs (`rankalloc.output_space_tail`), or the input channel moment of a
+    Tucker-2 first factor, without the d_in x d_out cross terms of `GramStats`."""
+
+    d: int
+    n: int = 0
+    sum_z: np.ndarray = field(init=False)
+    zz: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sum_z = np.zeros(self.d)
+        self.zz = np.zeros((self.d, self.d))
+
+    def add(self, z: np.ndarray) -> None:
+        z = np.asarray(z, dtype=np.float64).reshape(-1, self.d)
+        if not z.shape[0]:
+            return
+        self.n += z.shape[0]
+        self.sum_z += z.sum(axis=0)
+        g = scipy.linalg.blas.dsyrk(1.0, z.T)  # upper triangle of z^T z
+        self.zz += np.triu(g) + np.triu(g, 1).T
+
+    def centred(self, intercept: bool) -> np.ndarray:
+        """The Gram, centred on the rows' mean when a bias is fitted."""
+        if not intercept or self.n == 0:
+            return self.zz
+        m = self.sum_z / self.n
+        return self.zz - self.n * np.outer(m, m)
+
+    @classmethod
+    def of_targets(cls, stats: GramStats) -> MomentStats:
+        """The target side of `stats` (its output Gram), sharing its arrays."""
+        out = cls(0)
+        out.d, out.n, out.sum_z, out.zz = stats.t, stats.n, stats.sum_y, stats.yy
+        return out
 
 
 def channel_moment(stats: GramStats, kk: int) -> np.ndarray:
@@ -225,6 +271,46 @@ def conv_pads_begin(
     if auto_pad == "VALID" or not pads:
         return (0,) * nd
     return tuple(int(p) for p in pads[:nd])
+
+
+def conv_out_spatial(
+    in_spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int],
+    pads: Sequence[int] | None, auto_pad: str = "NOTSET",
+) -> tuple[int, ...]:
+    """Output spatial size of an ONNX Conv (what onnxruntime computes), from its input's."""
+    nd = len(kernel)
+    out = []
+    for i in range(nd):
+        span = (kernel[i] - 1) * dilations[i] + 1
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            out.append(-(-in_spatial[i] // strides[i]))
+        else:
+            total = 0 if auto_pad == "VALID" or not pads else int(pads[i]) + int(pads[i + nd])
+            out.append((in_spatial[i] + total - span) // strides[i] + 1)
+    return tuple(out)
+
+
+def scatter_reception(
+    in_spatial: Sequence[int], out_spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
+    dilations: Sequence[int], pads: Sequence[int] | None, auto_pad: str = "NOTSET", output_padding: Sequence[int] | None = None,
+) -> float:
+    """Of a ConvTranspose: the taps (input pixel, kernel offset) that land inside the output, per output
+    pixel and per kernel tap: 1 / prod(strides) away from the borders, less where the pads crop.
+    Leading pads as the attributes give them, or (output_shape / auto_pad) half the total padding."""
+    nd = len(kernel)
+    ratio = 1.0
+    for i in range(nd):
+        span = (kernel[i] - 1) * dilations[i] + 1
+        if pads and auto_pad in ("NOTSET", ""):
+            begin = int(pads[i])
+        else:
+            extra = int(output_padding[i]) if output_padding else 0
+            total = max(strides[i] * (in_spatial[i] - 1) + extra + span - out_spatial[i], 0)
+            begin = total - total // 2 if auto_pad == "SAME_LOWER" else total // 2
+        pos = np.arange(in_spatial[i])[:, None] * strides[i] + np.arange(kernel[i])[None, :] * dilations[i] - begin
+        inside = int(np.count_nonzero((pos >= 0) & (pos < out_spatial[i])))
+        ratio *= inside / (kernel[i] * max(out_spatial[i], 1))
+    return ratio
 
 
 def sample_positions(rng: np.random.Generator, batch: int, out_spatial: Sequence[int],
