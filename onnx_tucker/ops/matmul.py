@@ -48,7 +48,9 @@ class MatMulHandler(OpHandler):
         shape = layer.output_shape
         if not self._left(layer) or macs is None or shape is None or len(shape) < 2:
             return params, macs
-        lead = [d or 1 for d in shape[:1]] + list(shape[1:-2]) if len(shape) > 2 else []  # an unknown batch counts as 1
+        lead: tuple[int | None, ...] = tuple(shape[:-2])
+        if lead and not lead[0]:  # an unknown batch counts as 1, as in `batch_rows`
+            lead = (1, *lead[1:])
         cols = prod((*lead, shape[-1]))  # batch x N columns
         return params, None if cols is None else params * cols
 
