@@ -365,3 +365,30 @@ def test_every_layer_of_a_mixed_model_is_chosen_on_the_data(tmp_path: Path, rng:
     assert all(lp["policy"].startswith("data:0.6") for lp in layers), [lp["policy"] for lp in layers]
     assert res.totals.macs_after <= 0.6 * res.totals.macs_before
     assert any(lp["kind"] != "skip" for lp in layers if lp["name"] in ("grouped", "up"))
+
+
+def test_layers_wider_than_the_gram_cap_are_chosen_on_the_data(rng: np.random.Generator) -> None:
+    """Through the real activation cache: a conv whose im2col (16 x 3x3 = 144) is over a cap of 100
+    takes its two passes, and a Gemm 5000 wide (over the old 4096 cap) its output Gram only."""
+    model = make_small_cnn(batch="N")
+    layers = find_layers(model, infer_shapes(model, {"x": (1, 3, 16, 16)}))
+    read = ModelIndex(model).constant_value
+    fallback = [plan_layer(lay, read, CompressionConfig()) for lay in layers]
+    batches = [{"x": rng.standard_normal((8, 3, 16, 16)).astype(np.float32)} for _ in range(2)]
+    sel = select_ranks_data(model, layers, fallback, batches, 0.7, read, DataRankOptions(max_width=100))
+    assert set(sel.chosen) == {"conv1", "conv2", "fc"} and sel.fallback == {}
+    assert "two passes, input ranks up to 11" in sel.notes["conv2"] and "conv1" not in sel.notes
+
+    k, n = 5000, 8
+    w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    gemm = helper.make_graph([helper.make_node("Gemm", ["x", "W"], ["y"], name="fc")], "wide",
+                             [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
+                             [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n])],
+                             initializer=[numpy_helper.from_array(w, "W")])
+    wide = helper.make_model(gemm, opset_imports=[helper.make_opsetid("", 17)])
+    (lay,) = find_layers(wide, infer_shapes(wide, {"x": (1, k)}))
+    x = (rng.standard_normal((64, 2)) @ rng.standard_normal((2, k))).astype(np.float32)  # outputs of rank 2
+    sel = select_ranks_data(wide, [lay], [plan_layer(lay, ModelIndex(wide).constant_value, CompressionConfig())],
+                            [{"x": x}], 0.5, ModelIndex(wide).constant_value)
+    # Within budget at rank 3 already (the walk stops there); rank 2 would do as well, rank 1 would not.
+    assert sel.chosen["fc"].kind == "svd" and sel.chosen["fc"].ranks in ((2,), (3,)) and sel.chosen["fc"].error < 1e-9

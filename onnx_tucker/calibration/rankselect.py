@@ -111,31 +111,23 @@ class Coverage:
         return "svd"
 
 
-def _ints(v: object, n: int, default: int) -> tuple[int, ...]:
-    return tuple(int(x) for x in v) if isinstance(v, (list, tuple)) and v else (default,) * n
-
-
 def _covered(layer: Layer) -> Coverage | str:
-    """How the error model reads the layer, or why it cannot."""
+    """How the error model reads the layer (its handler says), or why it cannot."""
     handler = find_handler(layer.op_type)
     w = layer.weight_shape
     if handler is None or w is None or not layer.inputs or not layer.outputs:
         return f"no data error model for {layer.op_type} layers"
-    if layer.op_type == "MatMul" and len(layer.inputs) == 2 and layer.weight_name == layer.inputs[0]:
+    if handler.weight_on_left(layer):
         if len(w) != 2:
-            return f"A @ X with a {len(w)}-D constant A"
+            return f"W @ X with a {len(w)}-D constant W"
         return Coverage("columns", 1, w[1], w[0])
-    if layer.op_type == "ConvTranspose":
-        if len(w) < 3:
-            return f"ConvTranspose weight of rank {len(w)}"
-        g = handler.groups(layer)
-        kk = math.prod(w[2:])
-        nd, a = len(w) - 2, layer.attrs
-        geo = Im2col(w[0] // g * kk, w[1] * g, g, tuple(int(k) for k in w[2:]), _ints(a.get("strides"), nd, 1),
-                     _ints(a.get("dilations"), nd, 1), _ints(a.get("pads"), 2 * nd, 0) if a.get("pads") else None,
-                     str(a.get("auto_pad", "NOTSET")))
-        return Coverage("scatter", g, w[0] // g, w[1], kk, geo, tucker2=kk > 1 and "tucker2" in handler.kinds(layer),
-                        output_padding=_ints(a.get("output_padding"), nd, 0))
+    geo = handler.scatter(layer)
+    if geo is not None:
+        g = geo.groups
+        out_pad = layer.attrs.get("output_padding")
+        return Coverage("scatter", g, geo.width // geo.taps, geo.outputs // g, geo.taps, geo,
+                        tucker2=geo.taps > 1 and "tucker2" in handler.kinds(layer),
+                        output_padding=tuple(int(v) for v in out_pad) if isinstance(out_pad, (list, tuple)) else ())
     im = handler.im2col(layer)
     if im is None:
         return f"no data error model for {layer.op_type} layers of weight {tuple(w)}"

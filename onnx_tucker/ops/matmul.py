@@ -32,21 +32,21 @@ class MatMulHandler(OpHandler):
             return None
         return "K", x[-1], w[0]
 
-    def _left(self, layer: Layer) -> bool:
-        """A @ X with the constant on the left (the graph layer keeps those today; the data error model
-        and the costs already read them: y^T = X^T A^T, a K x M matrix applied to every column of X)."""
+    def weight_on_left(self, layer: Layer) -> bool:
+        """A @ X (the graph layer keeps those today; the data error model and the costs already read
+        them: y^T = X^T A^T, a K x M matrix applied to every column of X)."""
         return len(layer.inputs) == 2 and layer.weight_name is not None and layer.weight_name == layer.inputs[0]
 
     def dims(self, layer: Layer) -> tuple[int, int]:
         assert layer.weight_shape is not None
-        if self._left(layer):
+        if self.weight_on_left(layer):
             return layer.weight_shape[1], layer.weight_shape[0]
         return super().dims(layer)
 
     def cost(self, layer: Layer, kind: str, ranks: tuple[int, ...] = ()) -> tuple[int, int | None]:
         params, macs = super().cost(layer, kind, ranks)
         shape = layer.output_shape
-        if not self._left(layer) or macs is None or shape is None or len(shape) < 2:
+        if not self.weight_on_left(layer) or macs is None or shape is None or len(shape) < 2:
             return params, macs
         lead: tuple[int | None, ...] = tuple(shape[:-2])
         if lead and not lead[0]:  # an unknown batch counts as 1, as in `batch_rows`
