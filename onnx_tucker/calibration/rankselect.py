@@ -37,9 +37,12 @@ from ..numerics.rankalloc import (
     additive_tucker2_grid,
     allocate_macs,
     combine_groups,
+    eigenbasis_tail,
     input_projection_tail,
     nested_tucker2_tails,
+    output_basis,
     output_space_tail,
+    projection_tail,
     rank_grid,
     tucker2_tails,
 )
@@ -98,6 +101,14 @@ class Coverage:
     im: Im2col | None = None
     tucker2: bool = False  # Tucker-2 candidates too (a spatial kernel)
     output_padding: tuple[int, ...] = ()  # ConvTranspose
+    # Calibration refits the factors (the curves count data-aware factors); otherwise the weight-space
+    # factors stay as built and the curves count theirs on the data.
+    refit: bool = True
+
+    @property
+    def reads_weight(self) -> bool:
+        """Whether the curves need the kernel (Tucker-2's input-mode Gram, or the factors as built)."""
+        return self.tucker2 or not self.refit
 
     @property
     def data_input(self) -> int:
@@ -120,14 +131,15 @@ def _covered(layer: Layer) -> Coverage | str:
     if handler.weight_on_left(layer):
         if len(w) != 2:
             return f"W @ X with a {len(w)}-D constant W"
-        return Coverage("columns", 1, w[1], w[0])
+        return Coverage("columns", 1, w[1], w[0], refit=handler.refits(layer))
     geo = handler.scatter(layer)
     if geo is not None:
         g = geo.groups
         out_pad = layer.attrs.get("output_padding")
         return Coverage("scatter", g, geo.width // geo.taps, geo.outputs // g, geo.taps, geo,
                         tucker2=geo.taps > 1 and "tucker2" in handler.kinds(layer),
-                        output_padding=tuple(int(v) for v in out_pad) if isinstance(out_pad, (list, tuple)) else ())
+                        output_padding=tuple(int(v) for v in out_pad) if isinstance(out_pad, (list, tuple)) else (),
+                        refit=handler.refits(layer))
     im = handler.im2col(layer)
     if im is None:
         return f"no data error model for {layer.op_type} layers of weight {tuple(w)}"
@@ -159,8 +171,9 @@ def _split(rows: np.ndarray, groups: int) -> list[np.ndarray]:
 
 
 def layer_curves(layer: Layer, cov: Coverage, values: Values, weight: np.ndarray, count: int,
-                 options: DataRankOptions | None = None) -> LayerCurves:
-    """The error curves of `layer` on the data `values` yields (`count` samples in all)."""
+                 options: DataRankOptions | None = None, bias: np.ndarray | None = None) -> LayerCurves:
+    """The error curves of `layer` on the data `values` yields (`count` samples in all). `weight`
+    (and `bias`, for a layer not refit) are read when `cov.reads_weight`."""
     opts = options or DataRankOptions()
     x_name, y_name = layer.inputs[cov.data_input], layer.outputs[0]
     intercept = bool(layer.bias_name)
@@ -203,8 +216,20 @@ def layer_curves(layer: Layer, cov: Coverage, values: Values, weight: np.ndarray
             for m, part in zip(moments, _split(_pixels(x, *sample_positions(gen, x.shape[0], x.shape[2:], per_sample)), g), strict=True):
                 m.add(part)
     curve, parts = one_rank(outs)
+    blocks = handler_for(layer).blocks(layer, weight) if cov.reads_weight else []  # Conv layout (T_g, S_g, k...)
+    if not cov.refit:
+        # The factors stay as built (HOSVD / truncated SVD): the outputs less the bias, projected on
+        # the weight's leading output-mode singular vectors; normalised by the same output energy.
+        b = np.zeros(t * g) if bias is None else np.asarray(bias, dtype=np.float64).reshape(-1)
+        projected = []
+        for k, (o, block) in enumerate(zip(outs, blocks, strict=True)):
+            bk = b[k * t : (k + 1) * t]
+            raw = o.zz - np.outer(bk, o.sum_z) - np.outer(o.sum_z, bk) + o.n * np.outer(bk, bk)
+            projected.append(projection_tail(raw, output_basis(block)))
+        parts = [(tail, energy) for tail, (_, energy) in zip(projected, parts, strict=True)]
+        curve = combine_groups(projected, [e for _, e in parts])
     if not moments:
-        return LayerCurves(curve)
+        return LayerCurves(curve, note="" if cov.refit else _AS_BUILT)
     # Input rank of a ConvTranspose: the data-aware projection's error per input pixel, in the units of
     # the output Gram (its rows are output pixels), added to the output rank's error. Each input pixel
     # writes k taps; per output pixel k * `scatter_reception` of them land (k / prod(strides) away
@@ -213,16 +238,20 @@ def layer_curves(layer: Layer, cov: Coverage, values: Values, weight: np.ndarray
     im = cov.im
     ratio = scatter_reception(shapes[0], shapes[1], im.kernel, im.strides, im.dilations, im.pads, im.auto_pad,
                               cov.output_padding)
-    blocks = handler_for(layer).blocks(layer, weight)  # Conv layout per group: (T_g, S_g, k...)
     tails = {r3: np.zeros(t + 1) for r3 in ranks3}
+    input_tail = input_projection_tail if cov.refit else eigenbasis_tail  # data-aware, or the HOSVD input factor
     for m, o, (out_tail, _), block in zip(moments, outs, parts, blocks, strict=True):
         per_pixel = m.zz / max(m.n, 1)
-        in_tail = input_projection_tail(per_pixel, kernel_input_grams(block)[0]) * o.n * ratio
+        in_tail = input_tail(per_pixel, kernel_input_grams(block)[0]) * o.n * ratio
         for r3, v in additive_tucker2_grid(out_tail, in_tail, ranks3).items():
             tails[r3] += v
     energy = sum(p[1] for p in parts)
     grid = {r3: v / energy if energy > 0 else np.zeros_like(v) for r3, v in tails.items()}
-    return LayerCurves(curve, grid, "input rank: additive estimate (ConvTranspose)")
+    return LayerCurves(curve, grid, "input rank: additive estimate" + ("" if cov.refit else f"; {_AS_BUILT}"))
+
+
+# The note of a layer whose curves count the weight-space factors (calibration does not refit it).
+_AS_BUILT = "not refit: ranks on the error of the weight-space factors on the data"
 
 
 def _conv_rows(cov: Coverage, x: np.ndarray, out_spatial: Sequence[int], gen: np.random.Generator,
@@ -400,8 +429,10 @@ def select_ranks_data(
     for step, (lay, cov) in enumerate(covered):
         if progress is not None:
             progress(lay.layer_id, step, len(covered))
-        weight = read_weight(lay.weight_name) if lay.weight_name else np.zeros(0)
-        curves = layer_curves(lay, cov, cache.values, weight, count, opts)
+        # Only Tucker-2 and the layers not refit read the kernel: a wide FC layer's weight is not touched.
+        weight = read_weight(lay.weight_name) if lay.weight_name and cov.reads_weight else np.zeros(0)
+        bias = read_weight(lay.bias_name) if lay.bias_name and not cov.refit else None
+        curves = layer_curves(lay, cov, cache.values, weight, count, opts, bias)
         if curves.note:
             notes[lay.layer_id] = curves.note
         candidates.append(_candidates(lay, cov, curves))

@@ -17,7 +17,10 @@ i.e. the output activations' spectrum. So one eigendecomposition gives the error
   of the first factor's output at the largest input rank, whose leading sub-blocks are the smaller
   ranks' (`nested_tucker2_tails`: the generalised eigenvectors are nested);
 - `tucker2` of a ConvTranspose (no im2col: each input pixel is scattered over a window):
-  `additive_tucker2_grid`, an approximation documented there.
+  `additive_tucker2_grid`, an approximation documented there;
+- a layer calibration does not refit keeps its weight-space factors (HOSVD / truncated SVD): its
+  errors are those factors' on the data, the outputs projected on the weight's leading output-mode
+  singular vectors (`projection_tail`) and the inputs on its input-mode ones (`eigenbasis_tail`).
 Errors are relative squared errors (divided by the layer's output energy, centred when it has a
 bias), so layers of different scale compare.
 
@@ -144,6 +147,32 @@ def input_projection_tail(moment: np.ndarray, kernel_gram: np.ndarray) -> np.nda
     m = root @ kernel_gram @ root
     eig = np.clip(np.sort(np.linalg.eigvalsh((m + m.T) / 2))[::-1], 0.0, None)
     return np.concatenate([np.cumsum(eig[::-1])[::-1], [0.0]])
+
+
+def projection_tail(gram: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """tail[R] = trace(C) - sum_{i<R} b_i^T C b_i, R = 0..r: the squared error of projecting rows with
+    Gram C (d x d) on the leading R of the orthonormal columns of `basis` (d x r), e.g. the outputs on
+    a weight's leading output-mode singular vectors (a truncated SVD / HOSVD as built, not refit)."""
+    b = np.asarray(basis, dtype=np.float64)
+    kept = np.einsum("ir,ij,jr->r", b, gram, b)
+    return np.clip(float(np.trace(gram)) - np.concatenate([[0.0], np.cumsum(kept)]), 0.0, None)
+
+
+def eigenbasis_tail(moment: np.ndarray, kernel_gram: np.ndarray) -> np.ndarray:
+    """tail[R] = E[(x - VV^T x)^T G (x - VV^T x)] for V the leading R eigenvectors of the kernel's
+    input-mode Gram G (the HOSVD input factor), R = 0..S: sum_{i>=R} lambda_i v_i^T M v_i, exactly
+    (G commutes with the projection), M the input channel moment; taps counted independent."""
+    lam, v = np.linalg.eigh((kernel_gram + kernel_gram.T) / 2)
+    lam, v = np.clip(lam[::-1], 0.0, None), v[:, ::-1]
+    part = lam * np.einsum("ir,ij,jr->r", v, moment, v)
+    return np.concatenate([np.cumsum(part[::-1])[::-1], [0.0]])
+
+
+def output_basis(block: np.ndarray) -> np.ndarray:
+    """The left singular vectors (descending) of a weight block's output unfolding (T x ...)."""
+    m = np.asarray(block, dtype=np.float64).reshape(block.shape[0], -1)
+    _, u = np.linalg.eigh(m @ m.T)
+    return u[:, ::-1]
 
 
 def additive_tucker2_grid(out_tail: np.ndarray, in_tail: np.ndarray, input_ranks: Sequence[int]) -> dict[int, np.ndarray]:

@@ -209,6 +209,11 @@ class OpHandler:
         """y = W @ X with the constant on the left: the columns of X are the regressors."""
         return False
 
+    def refits(self, layer: Layer) -> bool:
+        """Whether calibration refits this layer's factors on data (data-driven ranks then count the
+        error of data-aware factors; otherwise that of the weight-space factors, as built)."""
+        return self.im2col(layer) is not None
+
     def refit_problem(self, layer: Layer, factors: LayerFactors, bias: np.ndarray | None) -> str | None:
         """Why calibration cannot refit this layer's chain (None: it can); `bias`: the chain's bias."""
         return None if self.im2col(layer) is not None else f"calibration does not cover {self.op_type} layers"
