@@ -2,21 +2,37 @@
 fraction F of its MACs, spent where the original layers' *outputs on the data* lose least.
 
 One walk over the original model's layers in graph order (`ActivationCache`: about one onnxruntime
-pass) accumulates, per layer, the Gram statistics of its input im2col and its output; from them
-`numerics.rankalloc` gives the error at every rank (Tucker-1 / SVD) or rank pair (Tucker-2, input
-ranks on a grid) and allocates the MAC budget across layers, "keep the layer" being one candidate.
-The result replays through the planner like a plan file (`PlannedRanks`), and `--calibrate` then
-refits the chosen factors as usual.
+pass) accumulates, per layer, the statistics its error curves need (`numerics.rankalloc`), which give
+the error at every rank (Tucker-1 / SVD) or rank pair (Tucker-2, input ranks on a grid); the MAC
+budget is then allocated across layers, "keep the layer" being one candidate. The result replays
+through the planner like a plan file (`PlannedRanks`), and `--calibrate` then refits the chosen
+factors as usual.
 
-Layers the error model does not cover (grouped convs, ConvTranspose, MatMul with a constant left
-operand, im2col wider than `max_width`) keep the weight-space plan of `fallback` (EVBMF by default).
+What each layer needs (`_covered` says how the error model reads it):
+- Tucker-1 / SVD, any layer: the output Gram only (T x T per group), no width limit;
+- Tucker-2 of a Conv: the input im2col's Gram when S*k fits `DataRankOptions.max_width` (exact);
+  wider, two passes over the layer's input: the channel moment (S x S), then the im2col of the
+  data-aware first factor's output at the largest grid input rank (capped to fit the width);
+- grouped convs group by group, every group at the same ranks (docs/grouped-convs.md);
+- ConvTranspose: the output Gram, and for Tucker-2's input rank the input channel moment with the
+  kernel's input-mode Gram (`rankalloc.additive_tucker2_grid`, an approximation);
+- MatMul with a constant left operand (y = A @ X): the columns of y are the targets.
+Calibration refits most layers, and their curves count data-aware factors (what the refit reaches);
+a layer it does not refit (`OpHandler.refits`: ConvTranspose, A @ X today) keeps its weight-space
+factors, and its curves count those on the data (outputs and inputs projected on the weight's own
+singular vectors). On waifu2x (`data:0.5`, 64 crops) data-aware curves put its unrefit ConvTranspose
+at input rank 12, 27.3 dB; counting the factors as built keeps it, 34.8 dB (original 35.28 dB).
+Layers outside it (MACs unknown, ruled out by the user or the weights) keep the weight-space plan of
+`fallback` (EVBMF by default); every such layer's plan says why, and each layer's `policy` says which
+chose its ranks (`data:F`, or the fallback's policy followed by `;data:F fallback`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,12 +41,30 @@ from ..errors import UsageError
 from ..numerics.rankalloc import (
     Allocation,
     RankCandidate,
+    additive_tucker2_grid,
     allocate_macs,
-    output_error_curve,
+    combine_groups,
+    eigenbasis_tail,
+    input_projection_tail,
+    nested_tucker2_tails,
+    output_basis,
+    output_space_tail,
+    projection_tail,
     rank_grid,
-    tucker2_error_grid,
+    tucker2_tails,
 )
-from ..numerics.refit import GramStats, conv_pads_begin, im2col, kernel_input_grams, sample_positions
+from ..numerics.refit import (
+    DEFAULT_RIDGE,
+    GramStats,
+    MomentStats,
+    conv_out_spatial,
+    conv_pads_begin,
+    data_aware_basis,
+    im2col,
+    kernel_input_grams,
+    sample_positions,
+    scatter_reception,
+)
 from ..ops.layer import Im2col, Layer
 from ..ops.registry import find_handler, handler_for
 from ..planning.planner import LayerPlan, PlannedRanks, SkipCause
@@ -42,70 +76,286 @@ if TYPE_CHECKING:  # annotations only: the stages take models from the graph lay
 # Plans the user (--include / --exclude) or the weights (NaN/Inf) rule out: data ranks leave them alone.
 RULED_OUT = frozenset({SkipCause.INCLUDE, SkipCause.EXCLUDE, SkipCause.NON_FINITE})
 
+# Per batch, the values of the asked-for tensors (`ActivationCache.values`; asked once per pass).
+Values = Callable[[Sequence[str]], Iterable[Sequence[np.ndarray]]]
+
 
 @dataclass(frozen=True)
 class DataRankOptions:
     # Output positions sampled per layer over the calibration set (ResNet-20, 500 images: 16384 and 32768
     # rows gave the same top-1 within noise; the Gram products are half the work).
     rows: int = 16384
-    max_width: int = 4096  # widest im2col handled; wider layers keep the fallback plan
+    # Widest Gram built (columns): a Tucker-2 whose input im2col S*k is at most this gets the exact grid
+    # (512 x 3x3 = 4608 fits; a 6144^2 float64 Gram is 302 MB); a wider one two passes, its largest grid
+    # input rank R3 capped so that R3*k fits. Tucker-1 / SVD need the output Gram only: no cap there.
+    max_width: int = 6144
     input_rank_points: int = 12  # Tucker-2 input ranks tried per layer
     seed: int = 0
     memory_bytes: int = 2 << 30  # activations kept in memory between layers (the rest: on disk)
+    ridge: float = DEFAULT_RIDGE
 
 
-def _covered(layer: Layer) -> Im2col | None:
-    """How the layer reads its input, when the output-space error model covers it (None otherwise:
-    operators without a handler or im2col, grouped convs)."""
+@dataclass(frozen=True)
+class Coverage:
+    """How the error model reads one layer on data."""
+
+    mode: str  # "im2col" (Conv), "rows" (Gemm, MatMul X @ W), "columns" (MatMul A @ X), "scatter" (ConvTranspose)
+    groups: int
+    inputs: int  # per group: input channels, or K
+    outputs: int  # per group: output channels, or N (M for A @ X)
+    taps: int = 1  # kernel taps
+    # The kernel's geometry: a Conv's im2col; for a ConvTranspose its kernel, strides, pads, dilations
+    # and auto_pad (what `refit.scatter_reception` reads).
+    im: Im2col | None = None
+    tucker2: bool = False  # Tucker-2 candidates too (a spatial kernel)
+    output_padding: tuple[int, ...] = ()  # ConvTranspose
+    # Calibration refits the factors (the curves count data-aware factors); otherwise the weight-space
+    # factors stay as built and the curves count theirs on the data.
+    refit: bool = True
+
+    @property
+    def reads_weight(self) -> bool:
+        """Whether the curves need the kernel (Tucker-2's input-mode Gram, or the factors as built)."""
+        return self.tucker2 or not self.refit
+
+    @property
+    def data_input(self) -> int:
+        """The node input holding the data (the other one is the weight)."""
+        return 1 if self.mode == "columns" else 0
+
+    @property
+    def one_rank_kind(self) -> str:
+        if self.mode in ("im2col", "scatter") and (self.taps > 1 or self.mode == "scatter"):
+            return "tucker1"
+        return "svd"
+
+
+def _covered(layer: Layer) -> Coverage | str:
+    """How the error model reads the layer (its handler says), or why it cannot."""
     handler = find_handler(layer.op_type)
-    im = handler.im2col(layer) if handler is not None else None
-    return im if im is not None and im.groups == 1 else None
+    w = layer.weight_shape
+    if handler is None or w is None or not layer.inputs or not layer.outputs:
+        return f"no data error model for {layer.op_type} layers"
+    if handler.weight_on_left(layer):
+        if len(w) != 2:
+            return f"W @ X with a {len(w)}-D constant W"
+        return Coverage("columns", 1, w[1], w[0], refit=handler.refits(layer))
+    geo = handler.scatter(layer)
+    if geo is not None:
+        g = geo.groups
+        out_pad = layer.attrs.get("output_padding")
+        return Coverage("scatter", g, geo.width // geo.taps, geo.outputs // g, geo.taps, geo,
+                        tucker2=geo.taps > 1 and "tucker2" in handler.kinds(layer),
+                        output_padding=tuple(int(v) for v in out_pad) if isinstance(out_pad, (list, tuple)) else (),
+                        refit=handler.refits(layer))
+    im = handler.im2col(layer)
+    if im is None:
+        return f"no data error model for {layer.op_type} layers of weight {tuple(w)}"
+    if im.conv:
+        g = im.groups
+        return Coverage("im2col", g, im.width // im.taps, im.outputs // g, im.taps, im,
+                        tucker2=im.taps > 1 and "tucker2" in handler.kinds(layer))
+    return Coverage("rows", 1, im.width, im.outputs, 1, im)
 
 
-class _Accumulator:
-    """Gram statistics of one layer: im2col (or rows) of its input against its output."""
-
-    def __init__(self, im: Im2col, per_sample: int | None, rng: np.random.Generator) -> None:
-        self.im, self.per_sample, self.rng = im, per_sample, rng
-        self.stats = GramStats(im.width, im.outputs)
-
-    def add(self, x: np.ndarray, y: np.ndarray) -> None:
-        im = self.im
-        if im.conv:
-            n_idx, coords = sample_positions(self.rng, x.shape[0], y.shape[2:], self.per_sample)
-            pads = conv_pads_begin(x.shape[2:], y.shape[2:], im.kernel, im.strides, im.dilations, im.pads, im.auto_pad)
-            p = im2col(x, n_idx, coords, im.kernel, im.strides, pads, im.dilations)
-            yr = y[(n_idx, slice(None)) + tuple(coords.T)]
-            self.stats.add(p.astype(np.float64), yr.astype(np.float64))
-        elif im.trans_a:
-            self.stats.add(x.T.astype(np.float64), y.astype(np.float64))
-        else:
-            self.stats.add(x.reshape(-1, x.shape[-1]).astype(np.float64), y.reshape(-1, y.shape[-1]).astype(np.float64))
+# The note of a layer whose curves count the weight-space factors (calibration does not refit it).
+_AS_BUILT = "not refit: ranks on the error of the weight-space factors on the data"
 
 
-def _candidates(layer: Layer, im: Im2col, stats: GramStats, weight: np.ndarray, points: int) -> list[RankCandidate]:
-    handler = handler_for(layer)
+@dataclass(frozen=True)
+class LayerCurves:
+    """A layer's relative errors: `one_rank[R]` (Tucker-1 / SVD, R = 0..T per group) and, for Tucker-2,
+    `grid[R3][R4]`; `note` says how they were reached when not exactly (two passes, an estimate, the
+    factors as built)."""
+
+    one_rank: np.ndarray
+    grid: Mapping[int, np.ndarray] = field(default_factory=dict)
+    note: str = ""
+
+
+def _pixels(a: np.ndarray, n_idx: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """Rows (m, channels) of an N x C x ... tensor at the sampled positions."""
+    return a[(n_idx, slice(None)) + tuple(coords.T)]
+
+
+def _split(rows: np.ndarray, groups: int) -> list[np.ndarray]:
+    per = rows.shape[1] // groups
+    return [rows[:, k * per : (k + 1) * per] for k in range(groups)]
+
+
+def layer_curves(layer: Layer, cov: Coverage, values: Values, weight: np.ndarray, count: int,
+                 options: DataRankOptions | None = None, bias: np.ndarray | None = None) -> LayerCurves:
+    """The error curves of `layer` on the data `values` yields (`count` samples in all). `weight`
+    (and `bias`, for a layer not refit) are read when `cov.reads_weight`."""
+    opts = options or DataRankOptions()
+    x_name, y_name = layer.inputs[cov.data_input], layer.outputs[0]
     intercept = bool(layer.bias_name)
+    g, s, t, kk = cov.groups, cov.inputs, cov.outputs, cov.taps
+    per_sample = max(1, math.ceil(opts.rows / max(count, 1)))
+
+    def rng() -> np.random.Generator:  # the same positions in every pass
+        return np.random.default_rng([opts.seed, max(layer.node_index, 0)])
+
+    ranks3 = rank_grid(s, opts.input_rank_points)[:-1] or [1]
+
+    def one_rank(outs: Sequence[MomentStats]) -> tuple[np.ndarray, list[tuple[np.ndarray, float]]]:
+        parts = [output_space_tail(o, intercept) for o in outs]
+        return combine_groups([p[0] for p in parts], [p[1] for p in parts]), parts
+
+    if cov.mode == "im2col" and cov.tucker2:
+        assert cov.im is not None
+        grams = kernel_input_grams(weight, g)
+        if s * kk <= opts.max_width:
+            return _conv_exact(cov, values, x_name, y_name, grams, ranks3, intercept, per_sample, rng, opts)
+        return _conv_two_pass(cov, values, x_name, y_name, grams, ranks3, intercept, per_sample, rng, opts)
+
+    outs = [MomentStats(t) for _ in range(g)]
+    moments = [MomentStats(s) for _ in range(g)] if cov.mode == "scatter" and cov.tucker2 else []
+    gen = rng()
+    shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None  # ConvTranspose: (input, output) spatial
+    for batch in values([x_name, y_name] if moments else [y_name]):
+        y = np.asarray(batch[-1])
+        if cov.mode == "rows":
+            rows = y.reshape(-1, t)
+        elif cov.mode == "columns":
+            rows = np.swapaxes(y, -1, -2).reshape(-1, t)
+        else:
+            rows = _pixels(y, *sample_positions(gen, y.shape[0], y.shape[2:], per_sample))
+        for o, part in zip(outs, _split(rows, g), strict=True):
+            o.add(part)
+        if moments:
+            x = np.asarray(batch[0])
+            shapes = (x.shape[2:], y.shape[2:])
+            for m, part in zip(moments, _split(_pixels(x, *sample_positions(gen, x.shape[0], x.shape[2:], per_sample)), g), strict=True):
+                m.add(part)
+    curve, parts = one_rank(outs)
+    blocks = handler_for(layer).blocks(layer, weight) if cov.reads_weight else []  # Conv layout (T_g, S_g, k...)
+    if not cov.refit:
+        # The factors stay as built (HOSVD / truncated SVD): the outputs less the bias, projected on
+        # the weight's leading output-mode singular vectors; normalised by the same output energy.
+        b = np.zeros(t * g) if bias is None else np.asarray(bias, dtype=np.float64).reshape(-1)
+        projected = []
+        for k, (o, block) in enumerate(zip(outs, blocks, strict=True)):
+            bk = b[k * t : (k + 1) * t]
+            raw = o.zz - np.outer(bk, o.sum_z) - np.outer(o.sum_z, bk) + o.n * np.outer(bk, bk)
+            projected.append(projection_tail(raw, output_basis(block)))
+        parts = [(tail, energy) for tail, (_, energy) in zip(projected, parts, strict=True)]
+        curve = combine_groups(projected, [e for _, e in parts])
+    if not moments:
+        return LayerCurves(curve, note="" if cov.refit else _AS_BUILT)
+    # Input rank of a ConvTranspose: the input projection's error per input pixel (data-aware when the
+    # layer is refit, the HOSVD input factor's otherwise), in the units of the output Gram (its rows
+    # are output pixels), added to the output rank's error. Each input pixel
+    # writes k taps; per output pixel k * `scatter_reception` of them land (k / prod(strides) away
+    # from the borders): the input error per output pixel is that fraction of the per-input-pixel one.
+    assert cov.im is not None and shapes is not None
+    im = cov.im
+    ratio = scatter_reception(shapes[0], shapes[1], im.kernel, im.strides, im.dilations, im.pads, im.auto_pad,
+                              cov.output_padding)
+    tails = {r3: np.zeros(t + 1) for r3 in ranks3}
+    input_tail = input_projection_tail if cov.refit else eigenbasis_tail  # data-aware, or the HOSVD input factor
+    for m, o, (out_tail, _), block in zip(moments, outs, parts, blocks, strict=True):
+        per_pixel = m.zz / max(m.n, 1)
+        in_tail = input_tail(per_pixel, kernel_input_grams(block)[0]) * o.n * ratio
+        for r3, v in additive_tucker2_grid(out_tail, in_tail, ranks3).items():
+            tails[r3] += v
+    energy = sum(p[1] for p in parts)
+    grid = {r3: v / energy if energy > 0 else np.zeros_like(v) for r3, v in tails.items()}
+    return LayerCurves(curve, grid, "input rank: additive estimate" + ("" if cov.refit else f"; {_AS_BUILT}"))
+
+
+def _conv_rows(cov: Coverage, x: np.ndarray, out_spatial: Sequence[int], gen: np.random.Generator,
+               per_sample: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(im2col rows, sample index, output coordinates) at positions sampled over the output."""
+    im = cov.im
+    assert im is not None
+    n_idx, coords = sample_positions(gen, x.shape[0], out_spatial, per_sample)
+    pads = conv_pads_begin(x.shape[2:], out_spatial, im.kernel, im.strides, im.dilations, im.pads, im.auto_pad)
+    return im2col(x, n_idx, coords, im.kernel, im.strides, pads, im.dilations), n_idx, coords
+
+
+def _conv_exact(cov: Coverage, values: Values, x_name: str, y_name: str, grams: list[np.ndarray], ranks3: list[int],
+                intercept: bool, per_sample: int, rng: Callable[[], np.random.Generator],
+                opts: DataRankOptions) -> LayerCurves:
+    """One pass: the im2col Gram per group (width S*k), the exact grid."""
+    g, s, t, kk = cov.groups, cov.inputs, cov.outputs, cov.taps
+    stats = [GramStats(s * kk, t) for _ in range(g)]
+    gen = rng()
+    for x, y in values([x_name, y_name]):
+        p, n_idx, coords = _conv_rows(cov, np.asarray(x), np.asarray(y).shape[2:], gen, per_sample)
+        yr = _pixels(np.asarray(y), n_idx, coords)
+        for st, pg, yg in zip(stats, _split(p, g), _split(yr, g), strict=True):
+            st.add(pg.astype(np.float64), yg.astype(np.float64))
+    parts = [output_space_tail(MomentStats.of_targets(st), intercept) for st in stats]
+    energies = [e for _, e in parts]
+    curve = combine_groups([tl for tl, _ in parts], energies)
+    per_group = [tucker2_tails(st, gr, kk, ranks3, intercept, opts.ridge) for st, gr in zip(stats, grams, strict=True)]
+    grid = {r3: combine_groups([pg[r3] for pg in per_group], energies) for r3 in ranks3}
+    return LayerCurves(curve, grid)
+
+
+def _conv_two_pass(cov: Coverage, values: Values, x_name: str, y_name: str, grams: list[np.ndarray], ranks3: list[int],
+                   intercept: bool, per_sample: int, rng: Callable[[], np.random.Generator],
+                   opts: DataRankOptions) -> LayerCurves:
+    """Im2col wider than `max_width`: pass 1 the input channel moment (S x S per group) at the sampled
+    receptive fields; pass 2, at the same positions, the im2col statistics of the data-aware first
+    factor's output for the largest grid input rank (capped so R3*k fits the width). The grid at the
+    smaller ranks is exact (their first factors are leading rows of the largest); ranks above the cap
+    are left out."""
+    g, s, t, kk = cov.groups, cov.inputs, cov.outputs, cov.taps
+    im = cov.im
+    assert im is not None
+    cap = max(1, opts.max_width // kk)
+    kept = [r for r in ranks3 if r <= cap]
+    if len(kept) < len(ranks3):  # the widest input rank that fits, in place of the ones left out
+        kept.append(min(cap, s - 1))
+    kept = sorted(set(kept))
+    r_max = kept[-1]
+    moments = [MomentStats(s) for _ in range(g)]
+    gen = rng()
+    spatial: list[tuple[int, ...]] = []
+    for (x,) in values([x_name]):
+        x = np.asarray(x)
+        out_sp = conv_out_spatial(x.shape[2:], im.kernel, im.strides, im.dilations, im.pads, im.auto_pad)
+        spatial.append(out_sp)
+        p, _, _ = _conv_rows(cov, x, out_sp, gen, per_sample)
+        for m, pg in zip(moments, _split(p, g), strict=True):
+            # Rows (position, offset) x channel: the moment over the receptive fields' taps, as `channel_moment`.
+            m.add(pg.reshape(-1, s, kk).transpose(0, 2, 1).reshape(-1, s))
+    firsts = [data_aware_basis(m.zz / kk, gr, r_max, opts.ridge) for m, gr in zip(moments, grams, strict=True)]
+    stats = [GramStats(r_max * kk, t) for _ in range(g)]
+    gen = rng()
+    for i, (x, y) in enumerate(values([x_name, y_name])):
+        x, y = np.asarray(x), np.asarray(y)
+        if i >= len(spatial) or tuple(y.shape[2:]) != spatial[i]:
+            raise RuntimeError(f"{y_name}: output shape {y.shape} is not the {spatial[i:i + 1]} the conv's attributes give")
+        p, n_idx, coords = _conv_rows(cov, x, spatial[i], gen, per_sample)
+        yr = _pixels(y, n_idx, coords)
+        for st, a, pg, yg in zip(stats, firsts, _split(p, g), _split(yr, g), strict=True):
+            # One GEMM: rows (position, offset) x channel times A^T, back to columns (rank, offset).
+            taps = pg.reshape(-1, s, kk).transpose(0, 2, 1).reshape(-1, s).astype(np.float64)
+            z = (taps @ a.T).reshape(-1, kk, r_max).transpose(0, 2, 1).reshape(-1, r_max * kk)
+            st.add(z, yg.astype(np.float64))
+    parts = [output_space_tail(MomentStats.of_targets(st), intercept) for st in stats]
+    energies = [e for _, e in parts]
+    curve = combine_groups([tl for tl, _ in parts], energies)
+    per_group = [nested_tucker2_tails(st, kk, kept, intercept, opts.ridge) for st in stats]
+    grid = {r3: combine_groups([pg[r3] for pg in per_group], energies) for r3 in kept}
+    return LayerCurves(curve, grid, f"im2col {s * kk} wide: two passes, input ranks up to {r_max}")
+
+
+def _candidates(layer: Layer, cov: Coverage, curves: LayerCurves) -> list[RankCandidate]:
+    handler = handler_for(layer)
     _, macs0 = handler.cost(layer, "original")
     out = [RankCandidate("original", (), int(macs0 or 0), 0.0)]
-    kinds = handler.kinds(layer)
-    curve = output_error_curve(stats, intercept)
-    t = stats.t
-    kk = im.taps
-    if im.conv and kk > 1:
-        for r in range(1, t + 1):
-            out.append(RankCandidate("tucker1", (r,), int(handler.cost(layer, "tucker1", (r,))[1] or 0), float(curve[r])))
-        if "tucker2" in kinds:
-            s = stats.d // kk
-            grid = tucker2_error_grid(stats, kernel_input_grams(weight)[0], kk, rank_grid(s, points)[:-1] or [1], intercept)
-            for r3, errs in grid.items():
-                for r4 in range(1, t + 1):
-                    macs = int(handler.cost(layer, "tucker2", (r4, r3))[1] or 0)
-                    out.append(RankCandidate("tucker2", (r4, r3), macs, float(errs[r4])))
-    else:
-        kind = "svd" if "svd" in kinds else kinds[0]
-        for r in range(1, min(stats.d, t) + 1):
-            out.append(RankCandidate(kind, (r,), int(handler.cost(layer, kind, (r,))[1] or 0), float(curve[r])))
+    kind = cov.one_rank_kind
+    top = cov.outputs if kind == "tucker1" else min(cov.inputs * cov.taps, cov.outputs)
+    for r in range(1, top + 1):
+        out.append(RankCandidate(kind, (r,), int(handler.cost(layer, kind, (r,))[1] or 0), float(curves.one_rank[r])))
+    for r3, errs in curves.grid.items():
+        for r4 in range(1, cov.outputs + 1):
+            macs = int(handler.cost(layer, "tucker2", (r4, r3))[1] or 0)
+            out.append(RankCandidate("tucker2", (r4, r3), macs, float(errs[r4])))
     return out
 
 
@@ -123,6 +373,26 @@ class DataRankSelection:
     macs: int  # what they spend
     fixed_macs: int  # MACs of the layers outside the error model
     total_macs: int  # of the original model (Conv/Gemm/MatMul)
+    # Per layer left to the fallback plan (not ruled out by the model itself): why the data path did not take it.
+    fallback: Mapping[str, str] = field(default_factory=dict)
+    notes: Mapping[str, str] = field(default_factory=dict)  # per covered layer, how its curves were reached when not exactly
+
+
+def _fallback_reason(lay: Layer, p: LayerPlan, cov: Coverage | str) -> str | None:
+    """Why the data path leaves the layer to its fallback plan (None: it takes it)."""
+    if lay.skip_reason or lay.node_index < 0:
+        return lay.skip_reason or "inside a subgraph"
+    if p.cause in RULED_OUT:
+        return p.reason or str(p.cause)
+    if p.macs_before is None:
+        return "its MACs are unknown (shapes not inferred; --input-shape fixes them), so the MAC budget cannot count it"
+    return cov if isinstance(cov, str) else None
+
+
+def _fallback_policy(p: LayerPlan, fraction: float) -> str:
+    # The planner appends the per-group note itself when it replays the entry.
+    head = ";".join(part for part in (p.policy or "vbmf").split(";") if not part.startswith("ranks per group"))
+    return f"{head};data:{fraction:g} fallback"
 
 
 def select_ranks_data(
@@ -143,40 +413,52 @@ def select_ranks_data(
     opts = options or DataRankOptions()
     count = sum(int(next(iter(b.values())).shape[0]) for b in batches)
     total = sum(int(p.macs_before or 0) for p in fallback)
-    covered: list[tuple[Layer, Im2col]] = []
+    covered: list[tuple[Layer, Coverage]] = []
     fixed = 0
     entries: dict[str, tuple[str, tuple[int, ...] | None, tuple[int, ...] | None]] = {}
     reasons: dict[str, str] = {}
     causes: dict[str, SkipCause] = {}
+    policies: dict[str, str] = {}
+    notes: dict[str, str] = {}
+    why_fallback: dict[str, str] = {}
     for lay, p in zip(layers, fallback, strict=True):
-        im = _covered(lay)
-        if im is not None and im.width > opts.max_width:
-            im = None  # too wide an im2col
-        # Layers the user or the model rule out, and the ones the error model does not cover, keep
-        # their weight-space plan (decomposed or not, with its reason).
-        ruled_out = lay.skip_reason or p.macs_before is None or p.cause in RULED_OUT
-        if ruled_out or im is None or lay.node_index < 0:
-            if p.decomposed:
-                entries[lay.layer_id] = (p.kind, p.ranks, lay.weight_shape)
-            else:
-                entries[lay.layer_id] = ("skip", None, lay.weight_shape)
-                reasons[lay.layer_id] = p.reason or "not decomposed"
-                causes[lay.layer_id] = p.cause or SkipCause.PLAN
-            fixed += int(p.macs_after or p.macs_before or 0)
+        cov = _covered(lay)
+        why = _fallback_reason(lay, p, cov)
+        if why is None:
+            assert isinstance(cov, Coverage)
+            covered.append((lay, cov))
             continue
-        covered.append((lay, im))
+        # Layers the user or the model rule out, and the ones the error model does not cover, keep
+        # their weight-space plan (decomposed or not), saying why.
+        own = lay.skip_reason is not None or p.cause in RULED_OUT  # the plan's own reason says it all
+        if not own:
+            why_fallback[lay.layer_id] = why
+            policies[lay.layer_id] = _fallback_policy(p, fraction)
+        if p.decomposed:
+            entries[lay.layer_id] = (p.kind, p.ranks, lay.weight_shape)
+            if not own:
+                notes[lay.layer_id] = f"ranks from the {p.policy.split(';')[0] or 'fallback'} plan, not the data: {why}"
+        else:
+            entries[lay.layer_id] = ("skip", None, lay.weight_shape)
+            reasons[lay.layer_id] = (p.reason or "not decomposed") + ("" if own else f" (not chosen on the data: {why})")
+            causes[lay.layer_id] = p.cause or SkipCause.PLAN
+        fixed += int(p.macs_after or p.macs_before or 0)
     budget = math.floor(fraction * total) - fixed
     candidates: list[list[RankCandidate]] = []
     with ActivationCache(original, batches, "original", opts.memory_bytes) as cache:
-        for step, (lay, geo) in enumerate(covered):
-            if progress is not None:
-                progress(lay.layer_id, step, len(covered))
-            per_sample = max(1, math.ceil(opts.rows / max(count, 1))) if geo.conv else None
-            acc = _Accumulator(geo, per_sample, np.random.default_rng([opts.seed, lay.node_index]))
-            for x, y in cache.values([lay.inputs[0], lay.outputs[0]]):
-                acc.add(x, y)
-            weight = read_weight(lay.weight_name) if lay.weight_name else np.zeros(0)
-            candidates.append(_candidates(lay, geo, acc.stats, weight, opts.input_rank_points))
+        rate = ""
+        for step, (lay, cov) in enumerate(covered):
+            if progress is not None:  # the bar shows the layer and the speed of the one before
+                progress(lay.layer_id + rate, step, len(covered))
+            t0 = time.perf_counter()
+            # Only Tucker-2 and the layers not refit read the kernel: a wide FC layer's weight is not touched.
+            weight = read_weight(lay.weight_name) if lay.weight_name and cov.reads_weight else np.zeros(0)
+            bias = read_weight(lay.bias_name) if lay.bias_name and not cov.refit else None
+            curves = layer_curves(lay, cov, cache.values, weight, count, opts, bias)
+            if curves.note:
+                notes[lay.layer_id] = curves.note
+            candidates.append(_candidates(lay, cov, curves))
+            rate = f" ({count / max(time.perf_counter() - t0, 1e-9):.0f} img/s)"
     if progress is not None and covered:
         progress(covered[-1][0].layer_id, len(covered), len(covered))
     if allocator is None:
@@ -201,5 +483,6 @@ def select_ranks_data(
         else:
             entries[lay.layer_id] = (c.kind, c.ranks, lay.weight_shape)
     policy = f"data:{fraction:g}"
-    return DataRankSelection(PlannedRanks(entries, policy, reasons=reasons, policy=policy, causes=causes), chosen,
-                             max(budget, 0), alloc.macs, fixed, total)
+    planned = PlannedRanks(entries, policy, reasons=reasons, policy=policy, causes=causes, policies=policies,
+                           notes={k: v for k, v in notes.items() if entries[k][0] != "skip"})
+    return DataRankSelection(planned, chosen, max(budget, 0), alloc.macs, fixed, total, why_fallback, notes)

@@ -5,9 +5,22 @@ Error model. For a layer y = W p + b (p the im2col row of its input), the best r
 in *output* space on the data is the reduced-rank regression (`refit.fit_reduced_rank`); its error is
 the full regression's plus the tail of the eigenvalues of W^T C W (C the regressors' covariance),
 i.e. the output activations' spectrum. So one eigendecomposition gives the error at every rank:
-- `svd` / `tucker1` (one rank): that spectrum on the input im2col;
+- `svd` / `tucker1` (one rank): for the *original* layer the outputs are exactly W p + b, so the
+  full regression has no residual and W^T C W is the (centred) output Gram Cyy itself: the error at
+  rank R is the tail of Cyy's eigenvalues (`output_space_tail`). Output-side statistics only (T x T),
+  whatever the width of the input (a 25088 x 4096 Gemm needs a 4096^2 Gram); per group for a grouped
+  conv (the groups' errors add, every group at the same rank); the same for a ConvTranspose (its
+  output is a linear map of its input too) and for A @ X (the columns of y are the targets);
 - `tucker2` (output rank R4, input rank R3): for each R3 of a grid, the data-aware first factor
-  (`refit.data_aware_basis`) and then the same spectrum on the projected regressors.
+  (`refit.data_aware_basis`) and then the same spectrum on the projected regressors: from the input
+  im2col statistics (`tucker2_error_grid`), or, for im2col too wide for one Gram, from the statistics
+  of the first factor's output at the largest input rank, whose leading sub-blocks are the smaller
+  ranks' (`nested_tucker2_tails`: the generalised eigenvectors are nested);
+- `tucker2` of a ConvTranspose (no im2col: each input pixel is scattered over a window):
+  `additive_tucker2_grid`, an approximation documented there;
+- a layer calibration does not refit keeps its weight-space factors (HOSVD / truncated SVD): its
+  errors are those factors' on the data, the outputs projected on the weight's leading output-mode
+  singular vectors (`projection_tail`) and the inputs on its input-mode ones (`eigenbasis_tail`).
 Errors are relative squared errors (divided by the layer's output energy, centred when it has a
 bias), so layers of different scale compare.
 
@@ -26,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
-from .refit import DEFAULT_RIDGE, GramStats, channel_moment, data_aware_basis, ridge_lambda
+from .refit import DEFAULT_RIDGE, GramStats, MomentStats, channel_moment, data_aware_basis, ridge_lambda
 
 
 @dataclass(frozen=True)
@@ -58,20 +71,122 @@ def output_error_curve(stats: GramStats, intercept: bool, ridge: float = DEFAULT
     return (tail + full_rss) / energy if energy > 0 else np.zeros_like(tail)
 
 
+def output_space_tail(out: MomentStats, intercept: bool) -> tuple[np.ndarray, float]:
+    """(tail, energy) from the layer's output Gram alone: tail[R] = squared error of the best rank-R
+    approximation of the (centred, when a bias is fitted) outputs, R = 0..t; energy = tail[0].
+
+    For the original layer y = W p + b the reduced-rank regression's optimum at rank R is the outputs'
+    projection on the leading R eigenvectors V of Cyy (Y V V^T = P (W V V^T) is a rank-R map of the
+    regressors, and no rank-R map does better than the principal subspace), so this is
+    `output_error_curve`'s numerator without the input Gram (equal up to its ridge)."""
+    c = out.centred(intercept)
+    eig = np.clip(np.sort(np.linalg.eigvalsh((c + c.T) / 2))[::-1], 0.0, None)
+    tail = np.concatenate([np.cumsum(eig[::-1])[::-1], [0.0]])
+    return tail, float(tail[0])
+
+
+def output_space_curve(out: MomentStats, intercept: bool) -> np.ndarray:
+    """Relative squared error of the best rank-R output-space factorisation, R = 0..t, from the
+    outputs only (see `output_space_tail`)."""
+    tail, energy = output_space_tail(out, intercept)
+    return tail / energy if energy > 0 else np.zeros_like(tail)
+
+
+def combine_groups(tails: Sequence[np.ndarray], energies: Sequence[float]) -> np.ndarray:
+    """Relative error of a grouped layer, every group at the same rank: the groups' squared errors
+    and output energies add (block-diagonal factors never mix groups)."""
+    energy = float(sum(energies))
+    total = np.sum(np.stack(tails), axis=0)
+    return total / energy if energy > 0 else np.zeros_like(total)
+
+
+def tucker2_tails(stats: GramStats, kernel_gram: np.ndarray, kk: int, input_ranks: Sequence[int],
+                  intercept: bool, ridge: float = DEFAULT_RIDGE) -> dict[int, np.ndarray]:
+    """`tucker2_error_grid` before the division by the output energy (squared errors: they add over groups)."""
+    s = stats.d // kk
+    moment = channel_moment(stats, kk)
+    out: dict[int, np.ndarray] = {}
+    for r3 in input_ranks:
+        first = data_aware_basis(moment, kernel_gram, min(r3, s), ridge)
+        tail, full_rss, _ = _spectrum_tail(stats.projected_channels(first, kk), intercept, ridge)
+        out[r3] = tail + full_rss
+    return out
+
+
 def tucker2_error_grid(stats: GramStats, kernel_gram: np.ndarray, kk: int, input_ranks: Sequence[int],
                        intercept: bool, ridge: float = DEFAULT_RIDGE) -> dict[int, np.ndarray]:
     """For each input rank R3: the relative squared error at every output rank R4 = 0..t, with the
     data-aware first factor. `stats` are on the im2col of the input (columns (channel, offset))."""
-    s = stats.d // kk
-    moment = channel_moment(stats, kk)
     energy = float(np.trace(stats.centred(intercept)[2]))
+    tails = tucker2_tails(stats, kernel_gram, kk, input_ranks, intercept, ridge)
+    return {r3: t / energy if energy > 0 else np.zeros_like(t) for r3, t in tails.items()}
+
+
+def nested_tucker2_tails(proj: GramStats, kk: int, input_ranks: Sequence[int], intercept: bool,
+                         ridge: float = DEFAULT_RIDGE) -> dict[int, np.ndarray]:
+    """`tucker2_tails` from the statistics `proj` of the im2col of the data-aware first factor's
+    output at the largest input rank (columns (rank, offset), rank-major), without the input im2col's
+    Gram: the generalised eigenvectors `data_aware_basis` takes are nested, so the first factor at a
+    smaller rank R3 is the leading R3 rows of the largest one and its statistics the leading R3*kk
+    columns of `proj`. Ranks above proj's are left out."""
+    r_max = proj.d // kk
     out: dict[int, np.ndarray] = {}
     for r3 in input_ranks:
-        first = data_aware_basis(moment, kernel_gram, min(r3, s), ridge)
-        proj = stats.projected_channels(first, kk)
-        tail, full_rss, _ = _spectrum_tail(proj, intercept, ridge)
-        out[r3] = (tail + full_rss) / energy if energy > 0 else np.zeros_like(tail)
+        if r3 <= r_max:
+            tail, full_rss, _ = _spectrum_tail(proj.leading(r3 * kk), intercept, ridge)
+            out[r3] = tail + full_rss
     return out
+
+
+def input_projection_tail(moment: np.ndarray, kernel_gram: np.ndarray) -> np.ndarray:
+    """tail[R] = min over rank-R projections B A of the input channels of E[(x - BAx)^T G (x - BAx)],
+    R = 0..S (`moment` M = E[x x^T] per pixel, G the kernel's input-mode Gram): the trailing eigenvalues
+    of G M (those of M^1/2 G M^1/2), the error `data_aware_basis` minimises, taps counted independent."""
+    w, v = np.linalg.eigh((moment + moment.T) / 2)
+    root = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    m = root @ kernel_gram @ root
+    eig = np.clip(np.sort(np.linalg.eigvalsh((m + m.T) / 2))[::-1], 0.0, None)
+    return np.concatenate([np.cumsum(eig[::-1])[::-1], [0.0]])
+
+
+def projection_tail(gram: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """tail[R] = trace(C) - sum_{i<R} b_i^T C b_i, R = 0..r: the squared error of projecting rows with
+    Gram C (d x d) on the leading R of the orthonormal columns of `basis` (d x r), e.g. the outputs on
+    a weight's leading output-mode singular vectors (a truncated SVD / HOSVD as built, not refit)."""
+    b = np.asarray(basis, dtype=np.float64)
+    kept = np.einsum("ir,ij,jr->r", b, gram, b)
+    return np.clip(float(np.trace(gram)) - np.concatenate([[0.0], np.cumsum(kept)]), 0.0, None)
+
+
+def eigenbasis_tail(moment: np.ndarray, kernel_gram: np.ndarray) -> np.ndarray:
+    """tail[R] = E[(x - VV^T x)^T G (x - VV^T x)] for V the leading R eigenvectors of the kernel's
+    input-mode Gram G (the HOSVD input factor), R = 0..S: sum_{i>=R} lambda_i v_i^T M v_i, exactly
+    (G commutes with the projection), M the input channel moment; taps counted independent."""
+    lam, v = np.linalg.eigh((kernel_gram + kernel_gram.T) / 2)
+    lam, v = np.clip(lam[::-1], 0.0, None), v[:, ::-1]
+    part = lam * np.einsum("ir,ij,jr->r", v, moment, v)
+    return np.concatenate([np.cumsum(part[::-1])[::-1], [0.0]])
+
+
+def output_basis(block: np.ndarray) -> np.ndarray:
+    """The left singular vectors (descending) of a weight block's output unfolding (T x ...)."""
+    m = np.asarray(block, dtype=np.float64).reshape(block.shape[0], -1)
+    _, u = np.linalg.eigh(m @ m.T)
+    return u[:, ::-1]
+
+
+def additive_tucker2_grid(out_tail: np.ndarray, in_tail: np.ndarray, input_ranks: Sequence[int]) -> dict[int, np.ndarray]:
+    """Tucker-2 squared errors of a layer without an im2col (ConvTranspose), as the sum of the output
+    rank's error and the input rank's: tail_out[R4] + tail_in[R3] (both in the same units, summed over
+    the same pixels).
+
+    An approximation, with its direction stated: for the output projection P (on the leading R4
+    eigenvectors of Cyy) and the input projection Q (data-aware, rank R3), the chain's output P y_Q
+    errs by ||y - P y||^2 + ||P (y - y_Q)||^2 <= tail_out[R4] + ||y - y_Q||^2 (orthogonal parts), and
+    ||y - y_Q||^2 = tail_in[R3] when the kernel taps' contributions of the input error are uncorrelated
+    (exact in expectation for spatially white inputs; correlated neighbours make it an estimate).
+    So it errs high by at most the part of the input error outside the kept output subspace."""
+    return {r3: out_tail + in_tail[min(r3, len(in_tail) - 1)] for r3 in input_ranks}
 
 
 def rank_grid(dim: int, points: int = 16) -> list[int]:

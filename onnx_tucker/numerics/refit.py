@@ -52,9 +52,11 @@ class GramStats:
 
     def add(self, p: np.ndarray, y: np.ndarray) -> None:
         p = np.asarray(p).reshape(-1, self.d)
-        y = np.asarray(y).reshape(-1, self.t)
-        if p.shape[0] != y.shape[0]:
-            raise ValueError(f"{p.shape[0]} regressor rows for {y.shape[0]} target rows")
+        y = np.asarray(y)
+        rows = y.size // self.t if self.t else p.shape[0]  # no targets: a one-sided Gram (MomentStats)
+        if p.shape[0] != rows:
+            raise ValueError(f"{p.shape[0]} regressor rows for {rows} target rows")
+        y = y.reshape(rows, self.t)
         if p.shape[0] == 0:
             return
         self.n += p.shape[0]
@@ -147,6 +149,13 @@ class GramStats:
         out.py = np.tensordot(a, self.py.reshape(s, kk, self.t), axes=([1], [0])).reshape(r * kk, self.t)
         return out
 
+    def leading(self, k: int) -> GramStats:
+        """The statistics of the first `k` regressor columns only (a sub-block: no pass over the data)."""
+        out = GramStats(k, self.t)
+        out.n, out.sum_y, out.yy = self.n, self.sum_y, self.yy
+        out.sum_p, out.pp, out.py = self.sum_p[:k], self.pp[:k, :k], self.py[:k]
+        return out
+
     def centred(self, intercept: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(Cpp, Cpy, Cyy, mean_p, mean_y); uncentred (means 0) when no bias is fitted."""
         if not intercept or self.n == 0:
@@ -159,6 +168,50 @@ class GramStats:
     def target_energy(self) -> float:
         """sum ||y||^2 over the accumulated rows."""
         return float(np.trace(self.yy))
+
+
+class MomentStats:
+    """Sum and Gram of one side only, rows Z (m x d) accumulated in float64: the output Gram a rank-R
+    output-space error needs (`rankalloc.output_space_tail`), or the input channel moment of a
+    Tucker-2 first factor, without the d_in x d_out cross terms of `GramStats` (whose buffered,
+    in-place accumulation it shares: a `GramStats` with no targets)."""
+
+    def __init__(self, d: int) -> None:
+        self.d = d
+        self._g = GramStats(d, 0)
+        self._zz: np.ndarray | None = None  # set directly (`of_targets`)
+        self._n: int | None = None
+        self._sum: np.ndarray | None = None
+
+    def add(self, z: np.ndarray) -> None:
+        z = np.asarray(z).reshape(-1, self.d)
+        self._g.add(z, np.zeros((z.shape[0], 0)))
+
+    @property
+    def n(self) -> int:
+        return self._g.n if self._n is None else self._n
+
+    @property
+    def sum_z(self) -> np.ndarray:
+        return self._g.sum_p if self._sum is None else self._sum
+
+    @property
+    def zz(self) -> np.ndarray:
+        return self._g.pp if self._zz is None else self._zz
+
+    def centred(self, intercept: bool) -> np.ndarray:
+        """The Gram, centred on the rows' mean when a bias is fitted."""
+        if not intercept or self.n == 0:
+            return self.zz
+        m = self.sum_z / self.n
+        return self.zz - self.n * np.outer(m, m)
+
+    @classmethod
+    def of_targets(cls, stats: GramStats) -> MomentStats:
+        """The target side of `stats` (its output Gram), sharing its arrays."""
+        out = cls(stats.t)
+        out._n, out._sum, out._zz = stats.n, stats.sum_y, stats.yy
+        return out
 
 
 def channel_moment(stats: GramStats, kk: int) -> np.ndarray:
@@ -281,6 +334,46 @@ def conv_pads_begin(
     if auto_pad == "VALID" or not pads:
         return (0,) * nd
     return tuple(int(p) for p in pads[:nd])
+
+
+def conv_out_spatial(
+    in_spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int],
+    pads: Sequence[int] | None, auto_pad: str = "NOTSET",
+) -> tuple[int, ...]:
+    """Output spatial size of an ONNX Conv (what onnxruntime computes), from its input's."""
+    nd = len(kernel)
+    out = []
+    for i in range(nd):
+        span = (kernel[i] - 1) * dilations[i] + 1
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            out.append(-(-in_spatial[i] // strides[i]))
+        else:
+            total = 0 if auto_pad == "VALID" or not pads else int(pads[i]) + int(pads[i + nd])
+            out.append((in_spatial[i] + total - span) // strides[i] + 1)
+    return tuple(out)
+
+
+def scatter_reception(
+    in_spatial: Sequence[int], out_spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
+    dilations: Sequence[int], pads: Sequence[int] | None, auto_pad: str = "NOTSET", output_padding: Sequence[int] | None = None,
+) -> float:
+    """Of a ConvTranspose: the taps (input pixel, kernel offset) that land inside the output, per output
+    pixel and per kernel tap: 1 / prod(strides) away from the borders, less where the pads crop.
+    Leading pads as the attributes give them, or (output_shape / auto_pad) half the total padding."""
+    nd = len(kernel)
+    ratio = 1.0
+    for i in range(nd):
+        span = (kernel[i] - 1) * dilations[i] + 1
+        if pads and auto_pad in ("NOTSET", ""):
+            begin = int(pads[i])
+        else:
+            extra = int(output_padding[i]) if output_padding else 0
+            total = max(strides[i] * (in_spatial[i] - 1) + extra + span - out_spatial[i], 0)
+            begin = total - total // 2 if auto_pad == "SAME_LOWER" else total // 2
+        pos = np.arange(in_spatial[i])[:, None] * strides[i] + np.arange(kernel[i])[None, :] * dilations[i] - begin
+        inside = int(np.count_nonzero((pos >= 0) & (pos < out_spatial[i])))
+        ratio *= inside / (kernel[i] * max(out_spatial[i], 1))
+    return ratio
 
 
 def sample_positions(rng: np.random.Generator, batch: int, out_spatial: Sequence[int],

@@ -199,6 +199,21 @@ class OpHandler:
         k, n = self.dims(layer)
         return Im2col(k, n)
 
+    def scatter(self, layer: Layer) -> Im2col | None:
+        """For a layer that writes each input pixel over a kernel window (ConvTranspose), which has no
+        im2col: its geometry (input channels per group x taps, output channels, groups, kernel,
+        strides, dilations, pads, auto_pad), what data-driven ranks read. None for any other layer."""
+        return None
+
+    def weight_on_left(self, layer: Layer) -> bool:
+        """y = W @ X with the constant on the left: the columns of X are the regressors."""
+        return False
+
+    def refits(self, layer: Layer) -> bool:
+        """Whether calibration refits this layer's factors on data (data-driven ranks then count the
+        error of data-aware factors; otherwise that of the weight-space factors, as built)."""
+        return self.im2col(layer) is not None
+
     def refit_problem(self, layer: Layer, factors: LayerFactors, bias: np.ndarray | None) -> str | None:
         """Why calibration cannot refit this layer's chain (None: it can); `bias`: the chain's bias."""
         return None if self.im2col(layer) is not None else f"calibration does not cover {self.op_type} layers"

@@ -5,7 +5,7 @@ The constant on the left (W @ X) and 3-D constant weights are kept, with the rea
 
 from __future__ import annotations
 
-from .base import LABELS, Fresh, OpHandler
+from .base import LABELS, Fresh, OpHandler, prod
 from .layer import Chain, Im2col, Layer, LayerFactors, NodeSpec
 
 
@@ -31,6 +31,28 @@ class MatMulHandler(OpHandler):
         if w is None or len(w) != 2 or not x or x[-1] is None or x[-1] == w[0]:
             return None
         return "K", x[-1], w[0]
+
+    def weight_on_left(self, layer: Layer) -> bool:
+        """A @ X (the graph layer keeps those today; the data error model and the costs already read
+        them: y^T = X^T A^T, a K x M matrix applied to every column of X)."""
+        return len(layer.inputs) == 2 and layer.weight_name is not None and layer.weight_name == layer.inputs[0]
+
+    def dims(self, layer: Layer) -> tuple[int, int]:
+        assert layer.weight_shape is not None
+        if self.weight_on_left(layer):
+            return layer.weight_shape[1], layer.weight_shape[0]
+        return super().dims(layer)
+
+    def cost(self, layer: Layer, kind: str, ranks: tuple[int, ...] = ()) -> tuple[int, int | None]:
+        params, macs = super().cost(layer, kind, ranks)
+        shape = layer.output_shape
+        if not self.weight_on_left(layer) or macs is None or shape is None or len(shape) < 2:
+            return params, macs
+        lead: tuple[int | None, ...] = tuple(shape[:-2])
+        if lead and not lead[0]:  # an unknown batch counts as 1, as in `batch_rows`
+            lead = (1, *lead[1:])
+        cols = prod((*lead, shape[-1]))  # batch x N columns
+        return params, None if cols is None else params * cols
 
     def im2col(self, layer: Layer) -> Im2col | None:
         # Only X @ W reads its input as rows; a constant left operand is kept.

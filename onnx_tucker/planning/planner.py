@@ -151,6 +151,10 @@ class PlannedRanks:
     policy: str = "plan file"
     # The cause of each reason given (default: `SkipCause.PLAN`).
     causes: dict[str, SkipCause] = field(default_factory=dict)
+    # Per layer, the policy that chose its ranks when not `policy` (a data plan's fallback layers), and a
+    # note on a decomposed layer's ranks (its plan's `reason`).
+    policies: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
 
 
 def _whole_numbers(values: object) -> tuple[int, ...]:
@@ -290,7 +294,8 @@ def _plan_one(layer, read_weight, cfg, include, exclude, planned, spectra=None) 
                 f"in the model but {tuple(shape)} in the plan; the plan was made for another model"
             )
         if kind == "skip":
-            return replace(base, reason=planned.reasons.get(layer.layer_id, "skipped in the plan file"), policy=planned.policy,
+            return replace(base, reason=planned.reasons.get(layer.layer_id, "skipped in the plan file"),
+                           policy=planned.policies.get(layer.layer_id, planned.policy),
                            cause=planned.causes.get(layer.layer_id, SkipCause.PLAN))
         if kind not in handler.kinds(layer):
             raise PlanError(
@@ -311,7 +316,9 @@ def _plan_one(layer, read_weight, cfg, include, exclude, planned, spectra=None) 
     blocks = handler.blocks(layer, weight)
     groups = len(blocks)
     if groups > 1:
-        mats, specs, ests = _grouped_spectra(handler, blocks, kind, cfg.ranks)
+        # Replaying a plan, the ranks are the plan's: the spectra only report EVBMF (a `data:F` policy
+        # ranks nothing from a spectrum).
+        mats, specs, ests = _grouped_spectra(handler, blocks, kind, cfg.ranks if planned is None else RankPolicy("vbmf"))
     else:
         mats = handler.matrices(blocks[0], kind)
         specs = [
@@ -331,7 +338,7 @@ def _plan_one(layer, read_weight, cfg, include, exclude, planned, spectra=None) 
                 f"{planned.source}: layer '{layer.layer_id}' ranks {ranks} do not fit {kind} of weight "
                 f"{layer.weight_shape}; the plan was made for another model"
             )
-        policy = planned.policy
+        policy = planned.policies.get(layer.layer_id, planned.policy)
     else:
         raw = [_rank_by_policy(sp, cfg.ranks, e) for sp, e in zip(specs, ests, strict=True)]
         policy = str(cfg.ranks)
@@ -356,7 +363,8 @@ def _plan_one(layer, read_weight, cfg, include, exclude, planned, spectra=None) 
     if groups > 1:
         policy += f";ranks per group (group={groups})"
     params1, macs1 = handler.cost(layer, kind, ranks)
-    plan = replace(base, kind=kind, ranks=ranks, params_after=params1, macs_after=macs1, policy=policy)
+    plan = replace(base, kind=kind, ranks=ranks, params_after=params1, macs_after=macs1, policy=policy,
+                   reason=planned.notes.get(layer.layer_id) if planned is not None else None)
     if cfg.ranks.method == "full" or planned is not None:
         return plan
     grows = []
