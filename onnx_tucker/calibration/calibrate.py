@@ -84,8 +84,10 @@ class CalibrationOptions:
     ridge: float = DEFAULT_RIDGE
     # Output positions sampled per layer over the whole calibration set (all when there are fewer).
     rows: int = 32768
-    # Widest joint regression (columns of im2col per group); wider layers only refit the last factor.
-    max_width: int = 4096
+    # Widest joint regression (columns of im2col per group), as rank choice's cap (512 x 3x3 = 4608
+    # fits; a 6144-wide float64 Gram is 302 MB); wider layers (a VGG FC6's 25088 inputs) only refit the
+    # last factor, on the statistics of the front factor's output, with a note.
+    max_width: int = 6144
     seed: int = 0
     # A layer whose output only feeds an Add (a residual branch) is fitted to the original Add's output
     # minus the compressed other branch, so it also absorbs the error the skip path carries.
