@@ -344,7 +344,7 @@ class CalibrationConfig(_Normalised):
 
     calibrate: str | None = opt("--calibrate", default=None, cli_type=Path | None, help="Refit each decomposed layer's factors so its output matches the original's on this unlabeled data (.npz with one array per model input, or an image folder: see --size/--mean/--std); same graph. Without --data, validation runs on it too.")
     calibration_samples: int = opt("--calibration-samples", default=500, help="How many --calibrate samples to use (a random subset, seeded by --seed, when the file has more).")
-    calibration_memory: str = opt("--calibration-memory", default="2G", help="Memory for the activations kept between the layers of a calibration walk (refit, data-driven ranks), e.g. 512M or 4G; beyond it they go to a temporary folder (TMPDIR) and are read back one batch at a time. Checked against the memory available before the work starts.")
+    calibration_memory: str = opt("--calibration-memory", default="512M", help="Memory for the activations kept between the layers of a calibration walk (refit, data-driven ranks), e.g. 512M or 4G; beyond it they go to a temporary folder (TMPDIR) and are read back one batch at a time. Checked against the memory available before the work starts.")
 
     def __post_init__(self) -> None:
         super().__post_init__()

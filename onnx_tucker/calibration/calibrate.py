@@ -272,7 +272,7 @@ def calibrate_model(
     options: CalibrationOptions | None = None,
     read_weight: Callable[[str], np.ndarray] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
-    memory_bytes: int = 2 << 30,
+    memory_bytes: int = 512 << 20,
 ) -> dict[str, LayerCalibration]:
     """Refit every replaced layer of `compressed` (modified in place) on `batches` of feeds; per layer id,
     what was done. `read_weight` reads an original weight by name (the data-aware first factor)."""
@@ -483,7 +483,7 @@ def calibrate_from_config(original: onnx.ModelProto, compressed: onnx.ModelProto
                           plan: CompressionPlan, input_shapes: Mapping[str, tuple[int, ...]], config: CompressionConfig,
                           progress: Callable[[str, int, int], None] | None = None,
                           read_weight: Callable[[str], np.ndarray] | None = None,
-                          batch_size: Callable[[DataSet], int] | None = None, memory_bytes: int = 2 << 30,
+                          batch_size: Callable[[DataSet], int] | None = None, memory_bytes: int = 512 << 20,
                           started: Callable[[DataSet, int], None] | None = None,
                           ) -> tuple[dict[str, LayerCalibration], CalibrationSummary]:
     """`compress --calibrate`: refit `compressed` in place; each refit layer's `LayerCalibration` by

@@ -91,7 +91,7 @@ class DataRankOptions:
     max_width: int = 6144
     input_rank_points: int = 12  # Tucker-2 input ranks tried per layer
     seed: int = 0
-    memory_bytes: int = 2 << 30  # activations kept in memory between layers (the rest: on disk)
+    memory_bytes: int = 512 << 20  # activations kept in memory between layers (the rest: on disk)
     ridge: float = DEFAULT_RIDGE
 
 
