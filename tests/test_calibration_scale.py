@@ -219,3 +219,22 @@ def test_conv_transpose_full_rank_refit_reproduces_the_original(tmp_path) -> Non
         a, b = run_ort(model, {"x": xi[None]}), run_ort(res.model, {"x": xi[None]})
         (k,) = a
         np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("samples,on_data", [(6, False), (40, True)])
+def test_a_matrix_layer_with_fewer_rows_than_outputs_keeps_its_fallback_plan(tmp_path, samples: int, on_data: bool) -> None:  # type: ignore[no-untyped-def]
+    """With fewer calibration rows than outputs the output Gram is rank-deficient and would price
+    every rank above the row count at zero error: the layer keeps the weight-space plan and says why."""
+    from onnx_tucker import api
+    from onnx_tucker.config import CompressionConfig
+    from tests.helpers import make_small_cnn
+
+    model = make_small_cnn(batch="N", classes=10, low_rank=True)
+    np.savez(tmp_path / "cal.npz", x=np.random.default_rng(0).random((samples, 3, 16, 16), dtype=np.float32))
+    res = api.plan(model, CompressionConfig(ranks="data:0.6", calibrate=str(tmp_path / "cal.npz"), calibration_samples=samples))
+    (fc,) = [lp for lp in res.plan.layers if lp.name == "fc"]
+    text = " ".join(filter(None, (fc.policy, fc.reason, getattr(fc, "note", None))))
+    if on_data:
+        assert "fallback" not in (fc.policy or ""), text
+    else:
+        assert "fallback" in (fc.policy or "") and "6 calibration rows for 10 outputs" in text, text

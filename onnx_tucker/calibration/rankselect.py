@@ -173,6 +173,22 @@ class LayerCurves:
     note: str = ""
 
 
+def _too_few_rows(layer: Layer, cov: Coverage | str, count: int) -> str | None:
+    """Why a matrix layer's output space cannot be ranked on this data: with fewer rows (samples times
+    the other output dims) than outputs, the output Gram has rank < T and the curve reaches zero error
+    at that rank whatever the layer (a VGG FC7, 4096 outputs, on 256 images)."""
+    if not isinstance(cov, Coverage) or cov.mode not in ("rows", "columns"):
+        return None
+    shape = layer.output_shape or ()
+    dims = shape[1:-1] if cov.mode == "rows" else (shape[-1:] if shape else ())
+    per_sample = math.prod(int(d) for d in dims if d) if all(d for d in dims) else 1
+    rows = count * per_sample
+    if rows >= cov.outputs:
+        return None
+    return (f"{rows} calibration rows for {cov.outputs} outputs: too few to rank its output space "
+            f"(use --calibration-samples >= {math.ceil(cov.outputs / max(per_sample, 1))})")
+
+
 def _pixels(a: np.ndarray, n_idx: np.ndarray, coords: np.ndarray) -> np.ndarray:
     """Rows (m, channels) of an N x C x ... tensor at the sampled positions."""
     return a[(n_idx, slice(None)) + tuple(coords.T)]
@@ -423,7 +439,7 @@ def select_ranks_data(
     why_fallback: dict[str, str] = {}
     for lay, p in zip(layers, fallback, strict=True):
         cov = _covered(lay)
-        why = _fallback_reason(lay, p, cov)
+        why = _fallback_reason(lay, p, cov) or _too_few_rows(lay, cov, count)
         if why is None:
             assert isinstance(cov, Coverage)
             covered.append((lay, cov))
