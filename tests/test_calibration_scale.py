@@ -238,3 +238,36 @@ def test_a_matrix_layer_with_fewer_rows_than_outputs_keeps_its_fallback_plan(tmp
         assert "fallback" not in (fc.policy or ""), text
     else:
         assert "fallback" in (fc.policy or "") and "6 calibration rows for 10 outputs" in text, text
+
+
+@pytest.mark.slow  # a 4148-wide Gram on 4608 rows: ~10 s
+def test_a_layer_wider_than_the_old_cap_refits_to_the_least_squares_optimum(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A 3x3 conv over 460 channels reads an im2col 4140 wide (over the old 4096 cap, which refit only
+    the last factor): its Tucker-1 chain is now refit jointly, to the reduced-rank least-squares optimum
+    computed directly on every output position of the same data."""
+    from onnx_tucker import api
+    from onnx_tucker.config import CompressionConfig
+    from onnx_tucker.numerics.refit import GramStats, fit_reduced_rank, im2col, residual, sample_positions
+    from tests.helpers import make_conv_model, run_ort
+
+    s, t, n = 460, 8, 72
+    model = make_conv_model(T=t, S=s, kernel=(3, 3), pads=[1, 1, 1, 1], spatial=(8, 8), seed=3)
+    x = np.random.default_rng(4).standard_normal((n, s, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "cal.npz", x=x)
+    cfg = CompressionConfig(ranks="ratio:0.5", min_tucker2_channels=10**6, validate=False,
+                            calibrate=str(tmp_path / "cal.npz"), calibration_samples=n)
+    res = api.compress(model, cfg)
+    (lp,) = res.plan.decomposed
+    (cal,) = res.layer_calibration.values()
+    assert lp.kind == "tucker1" and cal.method == "joint", (lp.kind, cal)
+    y = np.concatenate([run_ort(model, {"x": xi[None]})["y"] for xi in x]).astype(np.float64)
+    got = np.concatenate([run_ort(res.model, {"x": xi[None]})["y"] for xi in x]).astype(np.float64)
+    n_idx, coords = sample_positions(np.random.default_rng(0), n, (8, 8), None)  # every position
+    st = GramStats(s * 9, t)
+    st.add(im2col(x.astype(np.float64), n_idx, coords, (3, 3), (1, 1), (1, 1), (1, 1)),
+           y[(n_idx, slice(None)) + tuple(coords.T)])
+    front, last, b = fit_reduced_rank(st, lp.ranks[0], True)
+    optimum = residual(st, front @ last, b)
+    achieved = float(np.sum((got - y) ** 2))
+    assert achieved <= optimum * 1.001 + 1e-9, (achieved, optimum)
+    assert achieved >= optimum * 0.98  # the same problem: not better than its optimum (up to the ridge)
