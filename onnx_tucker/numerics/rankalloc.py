@@ -33,8 +33,9 @@ least error per MAC (the Lagrangian solution; exact on the hulls, within one ste
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import numpy as np
 import scipy.linalg
@@ -197,29 +198,68 @@ def rank_grid(dim: int, points: int = 16) -> list[int]:
     return [int(r) for r in grid]
 
 
-def lower_hull(cands: Sequence[RankCandidate]) -> list[RankCandidate]:
-    """The candidates on the lower convex hull of (MACs, error), from the most MACs to the fewest,
-    errors rising: the only ones a MAC-budgeted sum of errors ever picks."""
-    pts = sorted(cands, key=lambda c: (-c.macs, c.error))
-    best: list[RankCandidate] = []
-    for c in pts:  # the Pareto front: a candidate with fewer MACs and no more error dominates
-        if best and c.macs == best[-1].macs:
+class _OnHull(Protocol):
+    @property
+    def error(self) -> float: ...
+
+
+H = TypeVar("H", bound=_OnHull)
+
+
+def hull_by(cands: Sequence[H], cost: Callable[[H], float]) -> list[H]:
+    """The candidates on the lower convex hull of (cost, error), costliest first, errors rising: the
+    only ones a cost-budgeted sum of errors ever picks (MACs here, measured time in `timealloc`)."""
+    pts = sorted(cands, key=lambda c: (-cost(c), c.error))
+    best: list[H] = []
+    for c in pts:  # the Pareto front: a cheaper candidate with no more error dominates
+        if best and cost(c) == cost(best[-1]):
             continue
         while best and c.error <= best[-1].error:
             best.pop()
         best.append(c)
-    hull: list[RankCandidate] = []
-    for c in best:  # macs descending: keep slopes (error gained per MAC saved) increasing
+    hull: list[H] = []
+    for c in best:  # cost descending: keep slopes (error gained per cost saved) increasing
         while len(hull) >= 2:
             a, b = hull[-2], hull[-1]
-            s_ab = (b.error - a.error) / (a.macs - b.macs)
-            s_bc = (c.error - b.error) / (b.macs - c.macs)
+            s_ab = (b.error - a.error) / (cost(a) - cost(b))
+            s_bc = (c.error - b.error) / (cost(b) - cost(c))
             if s_bc <= s_ab:
                 hull.pop()
             else:
                 break
         hull.append(c)
     return hull
+
+
+def lower_hull(cands: Sequence[RankCandidate]) -> list[RankCandidate]:
+    """`hull_by` on MACs."""
+    return hull_by(cands, lambda c: c.macs)
+
+
+def greedy_walk(hulls: Sequence[Sequence[H]], cost: Callable[[H], float], spend: Callable[[H], float],
+                budget: float) -> tuple[list[int], float]:
+    """(position on each hull, total spent): from every hull's first point, take the step with the least
+    error gained per `cost` saved until the summed `spend` is within `budget` (the Lagrangian walk;
+    `spend` is `cost` unless the hulls are on a combined cost, as in `timealloc`)."""
+    pos = [0] * len(hulls)
+    total = sum(spend(h[0]) for h in hulls)
+    heap: list[tuple[float, int, int]] = []
+
+    def push(i: int) -> None:
+        h, k = hulls[i], pos[i]
+        if k + 1 < len(h):
+            heapq.heappush(heap, ((h[k + 1].error - h[k].error) / (cost(h[k]) - cost(h[k + 1])), i, k))
+
+    for i in range(len(hulls)):
+        push(i)
+    while total > budget and heap:
+        _, i, k = heapq.heappop(heap)
+        if pos[i] != k:
+            continue
+        total += spend(hulls[i][k + 1]) - spend(hulls[i][k])
+        pos[i] = k + 1
+        push(i)
+    return pos, total
 
 
 @dataclass(frozen=True)
@@ -235,24 +275,7 @@ def allocate_macs(layers: Sequence[Sequence[RankCandidate]], budget: int) -> All
     from each layer's most expensive candidate and take the cheapest error-per-MAC step until within
     budget. `met` is False when even the cheapest candidates everywhere exceed the budget."""
     hulls = [lower_hull(c) for c in layers]
-    pos = [0] * len(hulls)
-    total = sum(h[0].macs for h in hulls)
-    heap: list[tuple[float, int, int]] = []
-
-    def push(i: int) -> None:
-        h, k = hulls[i], pos[i]
-        if k + 1 < len(h):
-            slope = (h[k + 1].error - h[k].error) / max(h[k].macs - h[k + 1].macs, 1)
-            heapq.heappush(heap, (slope, i, k))
-
-    for i in range(len(hulls)):
-        push(i)
-    while total > budget and heap:
-        _, i, k = heapq.heappop(heap)
-        if pos[i] != k:
-            continue
-        total -= hulls[i][k].macs - hulls[i][k + 1].macs
-        pos[i] = k + 1
-        push(i)
+    pos, spent = greedy_walk(hulls, lambda c: c.macs, lambda c: c.macs, budget)
+    total = int(spent)
     choice = tuple(h[p] for h, p in zip(hulls, pos, strict=True))
     return Allocation(choice, total, budget, total <= budget)

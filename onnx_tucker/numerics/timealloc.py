@@ -12,11 +12,10 @@ cost (MACs and time, each relative to the original's) until a MAC budget is met.
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .rankalloc import RankCandidate
+from .rankalloc import RankCandidate, greedy_walk, hull_by
 
 
 @dataclass(frozen=True)
@@ -33,24 +32,7 @@ class TimedCandidate:
 
 def time_hull(cands: Sequence[TimedCandidate]) -> list[TimedCandidate]:
     """The candidates on the lower convex hull of (ms, error), slowest first, errors rising."""
-    pts = sorted(cands, key=lambda c: (-c.ms, c.error))
-    best: list[TimedCandidate] = []
-    for c in pts:  # the Pareto front: faster with no more error dominates
-        if best and c.ms == best[-1].ms:
-            continue
-        while best and c.error <= best[-1].error:
-            best.pop()
-        best.append(c)
-    hull: list[TimedCandidate] = []
-    for c in best:  # keep slopes (error gained per ms saved) increasing
-        while len(hull) >= 2:
-            a, b = hull[-2], hull[-1]
-            if (c.error - b.error) / (b.ms - c.ms) <= (b.error - a.error) / (a.ms - b.ms):
-                hull.pop()
-            else:
-                break
-        hull.append(c)
-    return hull
+    return hull_by(cands, lambda c: c.ms)
 
 
 @dataclass(frozen=True)
@@ -68,24 +50,7 @@ def allocate_time(layers: Sequence[Sequence[TimedCandidate]], budget_ms: float) 
     error-per-ms step until within budget. `met` is False when even the fastest choice everywhere
     exceeds the budget (the choice is then the fastest everywhere)."""
     hulls = [time_hull(c) for c in layers]
-    pos = [0] * len(hulls)
-    total = sum(h[0].ms for h in hulls)
-    heap: list[tuple[float, int, int]] = []
-
-    def push(i: int) -> None:
-        h, k = hulls[i], pos[i]
-        if k + 1 < len(h):
-            heapq.heappush(heap, ((h[k + 1].error - h[k].error) / (h[k].ms - h[k + 1].ms), i, k))
-
-    for i in range(len(hulls)):
-        push(i)
-    while total > budget_ms and heap:
-        _, i, k = heapq.heappop(heap)
-        if pos[i] != k:
-            continue
-        total -= hulls[i][k].ms - hulls[i][k + 1].ms
-        pos[i] = k + 1
-        push(i)
+    pos, total = greedy_walk(hulls, lambda c: c.ms, lambda c: c.ms, budget_ms)
     choice = tuple(h[p] for h, p in zip(hulls, pos, strict=True))
     ms = float(sum(c.ms for c in choice))  # summed afresh: no drift from the running total
     return TimeAllocation(choice, ms, budget_ms, total <= budget_ms, float(sum(h[-1].ms for h in hulls)))
@@ -113,24 +78,7 @@ def allocate_macs_and_time(layers: Sequence[Sequence[TimedCandidate]], budget_ma
     # The combined cost rides in `ms` (time_hull's axis); each point keeps its candidate.
     priced = [[TimedCandidate(c.candidate, c.candidate.macs / macs0 + time_weight * c.ms / ms0) for c in cs] for cs in layers]
     hulls = [time_hull(c) for c in priced]
-    pos = [0] * len(hulls)
-    total = sum(h[0].candidate.macs for h in hulls)
-    heap: list[tuple[float, int, int]] = []
-
-    def push(i: int) -> None:
-        h, k = hulls[i], pos[i]
-        if k + 1 < len(h):
-            heapq.heappush(heap, ((h[k + 1].error - h[k].error) / (h[k].ms - h[k + 1].ms), i, k))
-
-    for i in range(len(hulls)):
-        push(i)
-    while total > budget_macs and heap:
-        _, i, k = heapq.heappop(heap)
-        if pos[i] != k:
-            continue
-        total += hulls[i][k + 1].candidate.macs - hulls[i][k].candidate.macs
-        pos[i] = k + 1
-        push(i)
+    pos, _ = greedy_walk(hulls, lambda c: c.ms, lambda c: c.candidate.macs, budget_macs)
     by_id = [{id(c.candidate): c for c in cs} for cs in layers]  # back to the measured times
     choice = tuple(b[id(h[p].candidate)] for b, h, p in zip(by_id, hulls, pos, strict=True))
     macs = sum(c.candidate.macs for c in choice)

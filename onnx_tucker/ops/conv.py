@@ -160,6 +160,11 @@ class ConvHandler(OpHandler):
 
     # ---- calibrating (statistics of the layer on data) ------------------------------------------
     def im2col(self, layer: Layer) -> Im2col | None:
+        return self.kernel_geometry(layer)
+
+    def kernel_geometry(self, layer: Layer) -> Im2col | None:
+        """The kernel, strides, pads, dilations, auto_pad and channels per group, as an `Im2col` (a
+        Conv's im2col; a ConvTranspose's scatter, `ConvTransposeHandler.scatter`)."""
         w = layer.weight_shape
         if w is None or len(w) < 3:
             return None

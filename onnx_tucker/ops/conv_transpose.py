@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .conv import SPATIAL_ATTRS, ConvHandler, _ints
+from .conv import SPATIAL_ATTRS, ConvHandler
 from .layer import Im2col, Layer, LayerFactors
 
 
@@ -76,15 +76,7 @@ class ConvTransposeHandler(ConvHandler):
         return len(factors.arrays) > 1  # Tucker-1 and -2 chains end in the 1x1 Conv R_out -> C_out
 
     def scatter(self, layer: Layer) -> Im2col | None:
-        w = layer.weight_shape
-        if w is None or len(w) < 3:
-            return None
-        nd, a = len(w) - 2, layer.attrs
-        return Im2col(
-            self.in_channels_per_group(layer) * self.kernel_size(layer), self.out_channels(layer), self.groups(layer),
-            tuple(int(k) for k in w[2:]), _ints(a.get("strides"), nd, 1), _ints(a.get("dilations"), nd, 1),
-            _ints(a.get("pads"), 2 * nd, 0) if a.get("pads") else None, str(a.get("auto_pad", "NOTSET")),
-        )
+        return self.kernel_geometry(layer)
 
     def cost(self, layer: Layer, kind: str, ranks: tuple[int, ...] = ()) -> tuple[int, int | None]:
         # A transposed conv does C_in x C_out/group x k MACs per *input* pixel; the core runs there

@@ -151,7 +151,7 @@ class ActivationCache:
         """Per batch, the values of `names` (see `BatchValues`)."""
         missing = [n for n in dict.fromkeys(names) if n not in self.cache and n not in self.inputs]
         if missing:
-            known = {n: helper.np_dtype_to_tensor_dtype(_dtype(v[0])) for n, v in self.cache.items()}
+            known = {n: helper.np_dtype_to_tensor_dtype(v[0].dtype) for n, v in self.cache.items()}
             seg = extract_segment(self.model, missing, known, live_out=True, types=self.types)
             session = _session(seg.model, self.what)
             self.runs += 1
@@ -186,7 +186,3 @@ class ActivationCache:
         stale = downstream(self.model, tensors)
         self.cache = {n: v for n, v in self.cache.items() if n not in stale}
         self.done = {i for i in self.done if not any(o in stale for o in self.model.graph.node[i].output)}
-
-
-def _dtype(v: Stored) -> np.dtype:
-    return v.dtype
