@@ -221,23 +221,94 @@ def test_conv_transpose_full_rank_refit_reproduces_the_original(tmp_path) -> Non
         np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("samples,on_data", [(6, False), (40, True)])
-def test_a_matrix_layer_with_fewer_rows_than_outputs_keeps_its_fallback_plan(tmp_path, samples: int, on_data: bool) -> None:  # type: ignore[no-untyped-def]
-    """With fewer calibration rows than outputs the output Gram is rank-deficient and would price
-    every rank above the row count at zero error: the layer keeps the weight-space plan and says why."""
-    from onnx_tucker import api
-    from onnx_tucker.config import CompressionConfig
-    from tests.helpers import make_small_cnn
+def test_a_matrix_layer_with_fewer_rows_than_outputs_is_ranked_on_a_shrunk_gram(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """With 8 calibration rows for 30 outputs the output Gram has rank 8 and prices every rank above 8
+    at zero error (the allocator would take rank 8 as free); on the Gram shrunk towards the weight's,
+    every rank above the row count still lowers the error. The layer is ranked on the data and says why."""
+    from dataclasses import replace
 
-    model = make_small_cnn(batch="N", classes=10, low_rank=True)
-    np.savez(tmp_path / "cal.npz", x=np.random.default_rng(0).random((samples, 3, 16, 16), dtype=np.float32))
-    res = api.plan(model, CompressionConfig(ranks="data:0.6", calibrate=str(tmp_path / "cal.npz"), calibration_samples=samples))
-    (fc,) = [lp for lp in res.plan.layers if lp.name == "fc"]
-    text = " ".join(filter(None, (fc.policy, fc.reason, getattr(fc, "note", None))))
-    if on_data:
-        assert "fallback" not in (fc.policy or ""), text
-    else:
-        assert "fallback" in (fc.policy or "") and "6 calibration rows for 10 outputs" in text, text
+    from onnx_tucker import api
+    from onnx_tucker.calibration.rankselect import _covered, layer_curves
+    from onnx_tucker.config import CompressionConfig
+    from onnx_tucker.graph.model import find_layers, infer_shapes
+    from tests.helpers import make_gemm_model, random_orthonormal, run_ort
+
+    rng = np.random.default_rng(0)
+    w = random_orthonormal(rng, 40, 30) @ np.diag(np.geomspace(1.0, 0.02, 30)) @ random_orthonormal(rng, 30, 30).T
+    model = make_gemm_model(K=40, N=30, rows=8, weight=w)
+    x = rng.standard_normal((8, 40)).astype(np.float32)
+    y = run_ort(model, {"x": x})["y"]
+    (layer,) = find_layers(model, infer_shapes(model, {}))
+    cov = _covered(layer)
+    assert not isinstance(cov, str)
+
+    def values(names):  # type: ignore[no-untyped-def]
+        assert list(names) == ["y"]
+        return [[y]]
+
+    raw = layer_curves(layer, cov, values, w, 8).one_rank
+    shrunk = layer_curves(layer, replace(cov, shrink=True), values, w, 8)
+    assert np.all(raw[8:] < 1e-9)  # the rank-8 Gram: zero error from rank 8 on
+    assert shrunk.one_rank[8] > 1e-3 and np.all(np.diff(shrunk.one_rank[8:]) < 0)
+    assert "8 calibration rows for 30 outputs: output covariance shrunk" in shrunk.note
+
+    np.savez(tmp_path / "cal.npz", x=x)
+    res = api.plan(make_gemm_model(K=40, N=30, rows=1, weight=w),
+                   CompressionConfig(ranks="data:0.5", calibrate=str(tmp_path / "cal.npz"), calibration_samples=8))
+    (fc,) = res.plan.layers
+    assert "fallback" not in (fc.policy or "") and fc.kind == "svd", (fc.policy, fc.kind)
+    assert "8 calibration rows for 30 outputs: output covariance shrunk" in (fc.reason or ""), fc.reason
+
+
+def _gaussian_rows(n: int, t: int, seed: int, white: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows y = W x + b with x white or not (K = 3t inputs): (rows, W W^T, the true covariance)."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((t, 3 * t)) * np.geomspace(1, 0.05, t)[:, None]
+    scale = np.ones(3 * t) if white else rng.permutation(np.geomspace(3, 0.1, 3 * t))  # the inputs' std
+    y = (rng.standard_normal((n, 3 * t)) * scale) @ w.T + rng.standard_normal(t)
+    return y, w @ w.T, (w * scale**2) @ w.T
+
+
+@pytest.mark.parametrize("n,t", [(8, 40), (30, 40), (2000, 20)])
+@pytest.mark.parametrize("intercept", [True, False])
+def test_shrunk_moment_intensity_is_ledoit_wolf_and_keeps_the_trace(n: int, t: int, intercept: bool) -> None:
+    from onnx_tucker.numerics.rankalloc import NormMoments, shrunk_moment
+    from onnx_tucker.numerics.refit import MomentStats
+
+    y, prior, _ = _gaussian_rows(n, t, seed=n + t, white=False)  # the prior is not the truth
+    out, norms = MomentStats(t), NormMoments(t)
+    for part in np.array_split(y, 3):
+        out.add(part)
+        norms.add(part)
+    shrunk, a = shrunk_moment(out, norms, prior, intercept)
+    z = y - y.mean(0) if intercept else y
+    s = z.T @ z / n
+    f = prior * np.trace(s) / np.trace(prior)
+    noise = np.sum([np.sum((np.outer(r, r) - s) ** 2) for r in z]) / n**2  # the direct formula
+    expected = min(1.0, min(noise, np.sum((s - f) ** 2)) / np.sum((s - f) ** 2))
+    assert a == pytest.approx(expected, rel=1e-8)
+    c = shrunk.centred(intercept) / n
+    np.testing.assert_allclose(c, (1 - a) * s + a * f, rtol=1e-8, atol=1e-10)
+    assert np.trace(c) == pytest.approx(np.trace(s))
+    assert np.linalg.eigvalsh(c).min() > -1e-9 * np.trace(s)
+    assert (a > 0.3) if n < t else (a < 0.1)  # few rows: mostly the prior; many: the data's
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_shrunk_gram_is_closer_to_the_truth_than_the_sample_gram_on_few_rows(seed: int) -> None:
+    """The point of shrinking: on 10 rows of 60 outputs the shrunk covariance estimates the true one
+    better than the rank-10 sample covariance (here the prior is the truth's shape)."""
+    from onnx_tucker.numerics.rankalloc import NormMoments, shrunk_moment
+    from onnx_tucker.numerics.refit import MomentStats
+
+    y, prior, truth = _gaussian_rows(10, 60, seed)
+    out, norms = MomentStats(60), NormMoments(60)
+    out.add(y)
+    norms.add(y)
+    shrunk, _ = shrunk_moment(out, norms, prior, True)
+    err_sample = np.linalg.norm(out.centred(True) / 10 - truth)
+    err_shrunk = np.linalg.norm(shrunk.centred(True) / 10 - truth)
+    assert err_shrunk < 0.8 * err_sample, (err_shrunk, err_sample)
 
 
 @pytest.mark.slow  # a 4148-wide Gram on 4608 rows: ~10 s

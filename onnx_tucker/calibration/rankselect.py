@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -40,6 +40,7 @@ import numpy as np
 from ..errors import UsageError
 from ..numerics.rankalloc import (
     Allocation,
+    NormMoments,
     RankCandidate,
     additive_tucker2_grid,
     allocate_macs,
@@ -51,6 +52,7 @@ from ..numerics.rankalloc import (
     output_space_tail,
     projection_tail,
     rank_grid,
+    shrunk_moment,
     tucker2_tails,
 )
 from ..numerics.refit import (
@@ -112,11 +114,15 @@ class Coverage:
     # Calibration refits the factors (the curves count data-aware factors); otherwise the weight-space
     # factors stay as built and the curves count theirs on the data.
     refit: bool = True
+    # Fewer calibration rows than outputs (a matrix layer refit): the output covariance is shrunk
+    # towards the weight's (`rankalloc.shrunk_moment`), which reads the weight.
+    shrink: bool = False
 
     @property
     def reads_weight(self) -> bool:
-        """Whether the curves need the kernel (Tucker-2's input-mode Gram, or the factors as built)."""
-        return self.tucker2 or not self.refit
+        """Whether the curves need the kernel (Tucker-2's input-mode Gram, the factors as built, or the
+        shrinkage target)."""
+        return self.tucker2 or not self.refit or self.shrink
 
     @property
     def data_input(self) -> int:
@@ -173,20 +179,23 @@ class LayerCurves:
     note: str = ""
 
 
-def _too_few_rows(layer: Layer, cov: Coverage | str, count: int) -> str | None:
-    """Why a matrix layer's output space cannot be ranked on this data: with fewer rows (samples times
-    the other output dims) than outputs, the output Gram has rank < T and the curve reaches zero error
-    at that rank whatever the layer (a VGG FC7, 4096 outputs, on 256 images)."""
-    if not isinstance(cov, Coverage) or cov.mode not in ("rows", "columns"):
-        return None
+def _too_few_rows(layer: Layer, cov: Coverage, count: int) -> bool:
+    """Whether a refit matrix layer has fewer rows (samples times the other output dims) than outputs:
+    its output Gram then has rank < T and would price every rank above the row count at zero error
+    whatever the layer (a VGG FC7, 4096 outputs, on 256 images), so its curves shrink the Gram."""
+    if cov.mode not in ("rows", "columns") or not cov.refit:
+        return False  # factors as built: their error on the data is an estimate at any row count
     shape = layer.output_shape or ()
     dims = shape[1:-1] if cov.mode == "rows" else (shape[-1:] if shape else ())
     per_sample = math.prod(int(d) for d in dims if d) if all(d for d in dims) else 1
-    rows = count * per_sample
-    if rows >= cov.outputs:
-        return None
-    return (f"{rows} calibration rows for {cov.outputs} outputs: too few to rank its output space "
-            f"(use --calibration-samples >= {math.ceil(cov.outputs / max(per_sample, 1))})")
+    return count * per_sample < cov.outputs
+
+
+def _output_prior(block: np.ndarray, mode: str) -> np.ndarray:
+    """W W^T in output space (T x T): the outputs' covariance were the inputs white. `block`: K x N
+    for X @ W ("rows"), M x K for A @ X ("columns")."""
+    b = np.asarray(block)
+    return np.asarray(b.T @ b if mode == "rows" else b @ b.T, dtype=np.float64)
 
 
 def _pixels(a: np.ndarray, n_idx: np.ndarray, coords: np.ndarray) -> np.ndarray:
@@ -226,6 +235,7 @@ def layer_curves(layer: Layer, cov: Coverage, values: Values, weight: np.ndarray
         return _conv_two_pass(cov, values, x_name, y_name, grams, ranks3, intercept, per_sample, rng, opts)
 
     outs = [MomentStats(t) for _ in range(g)]
+    norms = NormMoments(t) if cov.shrink else None
     moments = [MomentStats(s) for _ in range(g)] if cov.mode == "scatter" and cov.tucker2 else []
     gen = rng()
     shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None  # ConvTranspose: (input, output) spatial
@@ -239,13 +249,21 @@ def layer_curves(layer: Layer, cov: Coverage, values: Values, weight: np.ndarray
             rows = _pixels(y, *sample_positions(gen, y.shape[0], y.shape[2:], per_sample))
         for o, part in zip(outs, _split(rows, g), strict=True):
             o.add(part)
+        if norms is not None:
+            norms.add(rows)
         if moments:
             x = np.asarray(batch[0])
             shapes = (x.shape[2:], y.shape[2:])
             for m, part in zip(moments, _split(_pixels(x, *sample_positions(gen, x.shape[0], x.shape[2:], per_sample)), g), strict=True):
                 m.add(part)
-    curve, parts = one_rank(outs)
     blocks = handler_for(layer).blocks(layer, weight) if cov.reads_weight else []  # Conv layout (T_g, S_g, k...)
+    shrunk_note = ""
+    if norms is not None:  # one group: a matrix layer
+        rows_seen = outs[0].n
+        outs[0], a = shrunk_moment(outs[0], norms, _output_prior(blocks[0], cov.mode), intercept)
+        shrunk_note = (f"{rows_seen} calibration rows for {t} outputs: output covariance shrunk towards the "
+                       f"weight's (Ledoit-Wolf intensity {a:.2f}); more samples make it the data's alone")
+    curve, parts = one_rank(outs)
     if not cov.refit:
         # The factors stay as built (HOSVD / truncated SVD): the outputs less the bias, projected on
         # the weight's leading output-mode singular vectors; normalised by the same output energy.
@@ -258,7 +276,7 @@ def layer_curves(layer: Layer, cov: Coverage, values: Values, weight: np.ndarray
         parts = [(tail, energy) for tail, (_, energy) in zip(projected, parts, strict=True)]
         curve = combine_groups(projected, [e for _, e in parts])
     if not moments:
-        return LayerCurves(curve, note="" if cov.refit else _AS_BUILT)
+        return LayerCurves(curve, note=shrunk_note or ("" if cov.refit else _AS_BUILT))
     # Input rank of a ConvTranspose: the input projection's error per input pixel (data-aware when the
     # layer is refit, the HOSVD input factor's otherwise), in the units of the output Gram (its rows
     # are output pixels), added to the output rank's error. Each input pixel
@@ -439,10 +457,10 @@ def select_ranks_data(
     why_fallback: dict[str, str] = {}
     for lay, p in zip(layers, fallback, strict=True):
         cov = _covered(lay)
-        why = _fallback_reason(lay, p, cov) or _too_few_rows(lay, cov, count)
+        why = _fallback_reason(lay, p, cov)
         if why is None:
             assert isinstance(cov, Coverage)
-            covered.append((lay, cov))
+            covered.append((lay, replace(cov, shrink=_too_few_rows(lay, cov, count))))
             continue
         # Layers the user or the model rule out, and the ones the error model does not cover, keep
         # their weight-space plan (decomposed or not), saying why.

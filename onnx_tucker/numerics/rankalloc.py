@@ -93,6 +93,46 @@ def output_space_curve(out: MomentStats, intercept: bool) -> np.ndarray:
     return tail / energy if energy > 0 else np.zeros_like(tail)
 
 
+class NormMoments:
+    """Sums over rows z of ||z||^2, ||z||^4 and ||z||^2 z (float64): what the Ledoit-Wolf intensity of a
+    (centred) Gram needs beyond the Gram itself (`shrunk_moment`)."""
+
+    def __init__(self, d: int) -> None:
+        self.s2, self.s4, self.v3 = 0.0, 0.0, np.zeros(d)
+
+    def add(self, z: np.ndarray) -> None:
+        z = np.asarray(z, dtype=np.float64).reshape(-1, self.v3.shape[0])
+        q = np.einsum("ij,ij->i", z, z)
+        self.s2 += float(q.sum())
+        self.s4 += float(q @ q)
+        self.v3 += q @ z
+
+
+def shrunk_moment(out: MomentStats, norms: NormMoments, prior: np.ndarray, intercept: bool) -> tuple[MomentStats, float]:
+    """The output moment with its (centred) covariance S shrunk towards `prior` (T x T, the outputs'
+    covariance were the inputs white: W W^T), scaled to S's trace: (1 - a) S + a F, `a` the
+    Ledoit-Wolf (2004) intensity min(1, b^2 / ||S - F||^2), b^2 = sum_i ||z_i z_i^T - S||^2 / n^2 the
+    sampling noise of S. With fewer rows than outputs S has rank < T and prices every rank above the
+    row count at zero error; the shrunk one keeps the data's leading directions and the weight's
+    spectrum for the rest, and tends to S as rows grow (b^2 ~ 1/n). Returns (moment, a)."""
+    n = out.n
+    if n == 0:
+        return out, 0.0
+    mean = out.sum_z / n if intercept else np.zeros(out.d)
+    s = out.centred(intercept) / n
+    m2 = float(mean @ mean)
+    fourth = (norms.s4 + 4 * float(mean @ out.zz @ mean) - 4 * float(mean @ norms.v3)
+              + 2 * m2 * norms.s2 - 3 * n * m2 * m2)  # sum_i ||z_i - mean||^4, expanded
+    p = np.asarray(prior, dtype=np.float64)
+    tp = float(np.trace(p))
+    f = p * (float(np.trace(s)) / tp) if tp > 0 else np.eye(out.d) * (float(np.trace(s)) / out.d)
+    noise = max(fourth / n - float(np.sum(s * s)), 0.0) / n
+    gap = float(np.sum((s - f) ** 2))
+    a = 1.0 if gap <= 0 else min(1.0, noise / gap)
+    c = n * ((1 - a) * s + a * f)
+    return MomentStats.of(n, out.sum_z, c + n * np.outer(mean, mean) if intercept else c), a
+
+
 def combine_groups(tails: Sequence[np.ndarray], energies: Sequence[float]) -> np.ndarray:
     """Relative error of a grouped layer, every group at the same rank: the groups' squared errors
     and output energies add (block-diagonal factors never mix groups)."""

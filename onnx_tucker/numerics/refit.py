@@ -207,11 +207,16 @@ class MomentStats:
         return self.zz - self.n * np.outer(m, m)
 
     @classmethod
+    def of(cls, n: int, sum_z: np.ndarray, zz: np.ndarray) -> MomentStats:
+        """Moments given directly (`n` rows, their sum and Gram), sharing the arrays."""
+        out = cls(zz.shape[0])
+        out._n, out._sum, out._zz = n, sum_z, zz
+        return out
+
+    @classmethod
     def of_targets(cls, stats: GramStats) -> MomentStats:
         """The target side of `stats` (its output Gram), sharing its arrays."""
-        out = cls(stats.t)
-        out._n, out._sum, out._zz = stats.n, stats.sum_y, stats.yy
-        return out
+        return cls.of(stats.n, stats.sum_y, stats.yy)
 
 
 def channel_moment(stats: GramStats, kk: int) -> np.ndarray:
