@@ -16,7 +16,10 @@ What each layer needs (`_covered` says how the error model reads it):
 - grouped convs group by group, every group at the same ranks (docs/grouped-convs.md);
 - ConvTranspose: the output Gram, and for Tucker-2's input rank the input channel moment with the
   kernel's input-mode Gram (`rankalloc.additive_tucker2_grid`, an approximation);
-- MatMul with a constant left operand (y = A @ X): the columns of y are the targets.
+- MatMul with a constant left operand (y = A @ X): the columns of y are the targets;
+- a matrix layer with fewer calibration rows than outputs (a VGG FC7: 4096 outputs, 256 images): its
+  output Gram has rank < T and would price every rank above the row count at zero error, so the
+  output covariance is shrunk towards the weight's W W^T (Ledoit-Wolf, `rankalloc.shrunk_moment`).
 Calibration refits most layers, and their curves count data-aware factors (what the refit reaches);
 a layer it does not refit (`OpHandler.refits`: ConvTranspose, A @ X today) keeps its weight-space
 factors, and its curves count those on the data (outputs and inputs projected on the weight's own
