@@ -344,6 +344,8 @@ class CalibrationConfig(_Normalised):
 
     calibrate: str | None = opt("--calibrate", default=None, cli_type=Path | None, help="Refit each decomposed layer's factors so its output matches the original's on this unlabeled data (.npz with one array per model input, or an image folder: see --size/--mean/--std); same graph. Without --data, validation runs on it too.")
     calibration_samples: int = opt("--calibration-samples", default=500, help="How many --calibrate samples to use (a random subset, seeded by --seed, when the file has more).")
+    refine: bool = opt("--refine", default=False, help="After the refit, optimise the factors of each block of decomposed layers (a residual block, or up to 3 consecutive layers) by gradient descent so the block reproduces the original's output on the --calibrate data (torch: the finetune extra); a block keeps its new factors only when its error on held-out calibration images falls.")
+    refine_steps: int = opt("--refine-steps", default=200, help="With --refine: Adam steps per block (32 images each).")
     calibration_memory: str = opt("--calibration-memory", default="512M", help="Memory for the activations kept between the layers of a calibration walk (refit, data-driven ranks), e.g. 512M or 4G; beyond it they go to a temporary folder (TMPDIR) and are read back one batch at a time. Checked against the memory available before the work starts.")
 
     def __post_init__(self) -> None:
@@ -351,6 +353,10 @@ class CalibrationConfig(_Normalised):
         if self.calibration_samples < 1:
             raise UsageError(f"--calibration-samples {self.calibration_samples}: must be >= 1; e.g. 500")
         parse_bytes(self.calibration_memory, "--calibration-memory")
+        if self.refine_steps < 1:
+            raise UsageError(f"--refine-steps {self.refine_steps}: must be >= 1; e.g. 200")
+        if self.refine and not self.calibrate:
+            raise UsageError("--refine: block-wise recovery runs on the calibration data; add --calibrate DATA")
 
     @property
     def calibration_memory_bytes(self) -> int:

@@ -73,6 +73,7 @@ if TYPE_CHECKING:  # annotations only: the stages take models from the graph lay
     import onnx
 
     from ..data import DataSet
+    from ..training.refine import BlockRefinement
 
 METHODS = ("last", "joint", "full")
 Batches = Sequence[Mapping[str, np.ndarray]]
@@ -439,6 +440,8 @@ class CalibrationSummary:
     cosine_before: float | None = None
     cosine_after: float | None = None
     seconds: float = 0.0
+    # --refine: each block's held-out error before / after gradient descent (`training.refine`).
+    blocks: tuple[BlockRefinement, ...] = ()
 
 
 def calibration_data(path: str, model: onnx.ModelProto, limit: int | None, seed: int,
@@ -503,9 +506,16 @@ def calibrate_from_config(original: onnx.ModelProto, compressed: onnx.ModelProto
     before = validate_models(original, compressed, input_shapes, data=held).outputs[0] if held is not None else None
     found = calibrate_model(original, compressed, replacements, batches, CalibrationOptions(seed=config.seed),
                             read_weight, progress, memory_bytes)
-    summary = CalibrationSummary(used.count, 0)
+    blocks: tuple[BlockRefinement, ...] = ()
+    if config.calibration.refine:
+        from ..training.refine import RefineOptions, refine_blocks  # torch: imported only here
+
+        blocks = tuple(refine_blocks(original, compressed, replacements, batches,
+                                     RefineOptions(steps=config.calibration.refine_steps, seed=config.seed),
+                                     progress, memory_bytes))
+    summary = CalibrationSummary(used.count, 0, blocks=blocks)
     if held is not None and before is not None:
         after = validate_models(original, compressed, input_shapes, data=held).outputs[0]
         summary = CalibrationSummary(used.count, held.count, before.top1_agreement, after.top1_agreement,
-                                     before.cosine, after.cosine)
+                                     before.cosine, after.cosine, blocks=blocks)
     return {lp.name: found[lp.name] for lp in plan.layers if lp.name in found}, replace(summary, seconds=time.perf_counter() - t0)

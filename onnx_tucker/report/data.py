@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict
 from typing import Any
 
-from ..calibration.calibrate import LayerCalibration
+from ..calibration.calibrate import CalibrationSummary, LayerCalibration
 from ..planning.budget import BudgetCheck, BudgetOutcome
 from ..planning.latency import LatencySummary
 from ..planning.planner import CompressionPlan, LayerPlan
@@ -110,6 +110,15 @@ def latency_dict(r: LatencyReport | None) -> dict[str, Any] | None:
     }
 
 
+def calibration_dict(c: CalibrationSummary | None) -> dict[str, Any] | None:
+    """compress --calibrate: the summary, with `blocks` (--refine) one dict per block."""
+    if c is None:
+        return None
+    out = dict(c.__dict__)
+    out["blocks"] = [dict(b.__dict__) for b in c.blocks]
+    return out
+
+
 def result_dict(result: CompressionResult | PlanResult | CompressionPlan, latency: LatencyReport | None = None) -> dict[str, Any]:
     """The JSON report: top-level keys `layers`, `totals`, `validation`, `latency` (and `config`, `model`)."""
     if isinstance(result, CompressionPlan):
@@ -130,7 +139,7 @@ def result_dict(result: CompressionResult | PlanResult | CompressionPlan, latenc
             "totals": totals,
             "validation": validation_dict(result.validation),
             "latency": latency_dict(latency if latency is not None else result.latency),
-            "calibration": None if result.calibration is None else dict(result.calibration.__dict__),
+            "calibration": calibration_dict(result.calibration),
             "finetune": None if result.finetune is None else result.finetune.to_dict(),
             "target": target_dict(result.budget),
             "mac_budget": mac_budget_dict(result.budget_check),

@@ -202,7 +202,15 @@ def calibration_line(c: CalibrationSummary) -> Text:
         f"on {c.held_out} held-out samples, top-1 agreement with the original "
         f"{_pct(c.top1_agreement_before)} -> {_pct(c.top1_agreement_after)}, "
         f"cosine {c.cosine_before:.4f} -> {c.cosine_after:.4f}")
-    return Text(f"Calibration: refit on {c.samples} samples in {c.seconds:.1f} s; {held}")
+    text = f"Calibration: refit on {c.samples} samples in {c.seconds:.1f} s; {held}"
+    if c.blocks:
+        kept = [b for b in c.blocks if b.kept]
+        gain = "" if not kept else (
+            f", held-out block error {sum(b.error_before for b in kept) / len(kept):.4f} -> "
+            f"{sum(b.error_after for b in kept) / len(kept):.4f} on those (mean)")
+        text += (f"\nRefine: {len(kept)} of {len(c.blocks)} blocks improved on held-out calibration images and kept "
+                 f"their new factors{gain}; {sum(b.seconds for b in c.blocks):.0f} s")
+    return Text(text)
 
 
 def finetune_line(f: FinetuneResult) -> Text:
