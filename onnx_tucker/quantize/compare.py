@@ -97,3 +97,13 @@ def _dynamic(model: onnx.ModelProto) -> bool:
     from ..runtime.validate import dynamic_batch
 
     return dynamic_batch(model)
+
+
+@dataclass(frozen=True)
+class QuantizeRun:
+    """`onnx-tucker quantize`: the INT8 step on the uncompressed model and the FP32/INT8 comparison."""
+
+    result: object  # stage.QuantizeResult (typed loosely: compare.py does not import the stage)
+    comparison: FourWayReport | None
+    input_path: str | None
+    output_path: str | None
