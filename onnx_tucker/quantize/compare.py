@@ -9,8 +9,9 @@ fixed threads, medians and p90).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -78,7 +79,7 @@ def compare_models(models: Sequence[tuple[str, onnx.ModelProto, str | None]], da
         timed = [ort_session(m.SerializeToString(), name, threads=bench.threads) for name, m, _ in models]
         feed = dict(batches[0])
         feed = {k: v[:1] for k, v in feed.items()} if _dynamic(reference) else feed
-        latency = interleave_many([lambda s=s: s.run(None, feed) for s in timed], bench.warmup, bench.runs)
+        latency = interleave_many([_runner(s, feed) for s in timed], bench.warmup, bench.runs)
     rows = []
     for k, (name, model, path) in enumerate(models):
         c = compare_outputs(out_name, firsts[0], firsts[k])
@@ -91,6 +92,10 @@ def compare_models(models: Sequence[tuple[str, onnx.ModelProto, str | None]], da
                              float(np.median(lat)) if lat else None, float(np.percentile(lat, 90)) if lat else None))
     return FourWayReport(tuple(rows), count, data.path, out_name, bench.threads if bench else None,
                          bench.warmup if bench else 0, bench.runs if bench else 0)
+
+
+def _runner(session: Any, feed: dict[str, np.ndarray]) -> Callable[[], object]:
+    return lambda: session.run(None, feed)
 
 
 def _dynamic(model: onnx.ModelProto) -> bool:

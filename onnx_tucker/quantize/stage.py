@@ -278,12 +278,12 @@ def quantize_int8(model: onnx.ModelProto, data: DataSet, config: QuantizeConfig,
         int8 = run(fp32_nodes)
         errors, out_sqnr = _chain_errors(pre, int8, chains, sqnr_batches, reasons)
         if config.min_sqnr is not None:
-            low = [e for e in errors if e.quantized and e.sqnr_db is not None and e.sqnr_db < config.min_sqnr]
+            low = [c for c in errors if c.quantized and c.sqnr_db is not None and c.sqnr_db < config.min_sqnr]
             if low:
-                for e in low:
-                    reasons[e.name] = f"SQNR {e.sqnr_db:.1f} dB < --quantize-min-sqnr {config.min_sqnr:g} dB"
-                    fp32_nodes |= set(e.nodes)
-                before = {e.name: e.sqnr_db for e in low}
+                for c in low:
+                    reasons[c.name] = f"SQNR {c.sqnr_db:.1f} dB < --quantize-min-sqnr {config.min_sqnr:g} dB"
+                    fp32_nodes |= set(c.nodes)
+                before = {c.name: c.sqnr_db for c in low}
                 int8 = run(fp32_nodes)
                 errors, out_sqnr = _chain_errors(pre, int8, chains, sqnr_batches, reasons)
                 notes.append(f"{len(low)} chain(s) below {config.min_sqnr:g} dB kept in FP32: "

@@ -36,7 +36,7 @@ def _finite(v: float | None) -> float | None:
 def four_way_rows(rep: FourWayReport) -> list[tuple[str, ...]]:
     """One row per model; ratios against the first (the FP32 original): size and latency x (first / this)."""
     ref = rep.rows[0]
-    out = []
+    out: list[tuple[str, ...]] = []
     for r in rep.rows:
         lat = "-" if r.latency_ms is None else f"{r.latency_ms:.3f}"
         lat_ratio = "-" if r.latency_ms is None or ref.latency_ms is None else f"x{ref.latency_ms / r.latency_ms:.2f}"
