@@ -199,6 +199,9 @@ def test_the_quantize_command_writes_the_int8_reference(tmp_path: Path) -> None:
                             "--runs", "2", "--warmup", "0", "--report", str(rep), "-q"])
     assert r.exit_code == 0, r.stderr
     d = json.loads(rep.read_text())
+    assert list(d) == ["quantize", "comparison"]  # the keys its --report help names
+    help_text = " ".join(runner.invoke(app, ["quantize", "--help"], env={"COLUMNS": "200"}).stdout.split())
+    assert "(keys: quantize, comparison)" in help_text
     assert [m["name"] for m in d["comparison"]["models"]] == ["original FP32", "original INT8"]
     int8 = d["comparison"]["models"][1]
     assert int8["top1_agreement"] >= 0.95 and int8["sqnr_db"] >= 30.0

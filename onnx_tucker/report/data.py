@@ -148,9 +148,9 @@ def result_dict(result: CompressionResult | PlanResult | CompressionPlan, latenc
 
 
 def _quantize_keys(result: CompressionResult) -> dict[str, Any]:
-    """`quantize` and `comparison` (compress --quantize int8; report/quantize.py), only when quantized."""
+    """`quantize` and `comparison` (compress --quantize int8 [--quantize-compare]; report/quantize.py), else null."""
     if result.quantize is None:
-        return {}
+        return {"quantize": None, "comparison": None}
     from .quantize import four_way_dict, quantize_dict
 
     return {"quantize": quantize_dict(result.quantize), "comparison": four_way_dict(result.comparison)}
