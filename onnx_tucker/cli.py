@@ -384,7 +384,8 @@ def compress(input: InPath, output: OutPath, g: Groups) -> None:
     quiet = g[GeneralOptions].quiet
     with _errors(g[GeneralOptions].verbose):
         cfg, out = g[CompressionConfig], g[OutputOptions]
-        timing = g[BenchConfig] if g[CompressSteps].bench else None
+        # --quantize-compare times the four models as --threads/--warmup/--runs say (and both, as --bench does)
+        timing = g[BenchConfig] if g[CompressSteps].bench or g[QuantizeConfig].compare else None
         if out.mobile_report is not None:  # refused before any work, like every other output path
             from .graph.save import check_output_paths
 

@@ -207,3 +207,29 @@ def test_the_quantize_command_writes_the_int8_reference(tmp_path: Path) -> None:
     assert int8["top1_agreement"] >= 0.95 and int8["sqnr_db"] >= 30.0
     assert int8["accuracy"] is not None and abs(int8["accuracy"] - d["comparison"]["models"][0]["accuracy"]) <= 0.03
     assert len(d["quantize"]["chains"]) == 7 and all(c["precision"] == "int8" for c in d["quantize"]["chains"])
+
+
+def test_the_calibration_method_is_onnxruntimes() -> None:
+    """entropy / percentile ranges differ from minmax ones: the scales of the activations change."""
+    model = onnx.load(MODEL)
+    data = load_for_model(DATA, model, 32)
+    layers = ["/features/features.0/Conv"]
+    scales = {}
+    for method in ("minmax", "percentile"):
+        r = quantize_int8(model, data, QuantizeConfig(quantize="int8", method=method), layers, {"input": (1, 1, 28, 28)})
+        assert r.method == method and r.output_sqnr_db["logits"] > MIN_OUTPUT_SQNR_DB
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in r.model.graph.initializer}
+        scales[method] = {k: float(v) for k, v in inits.items() if k.endswith("_scale") and v.size == 1}
+    assert scales["minmax"].keys() == scales["percentile"].keys()
+    assert any(abs(scales["minmax"][k] - scales["percentile"][k]) > 1e-6 * scales["minmax"][k] for k in scales["minmax"])
+
+
+def test_interleave_many_rotates_the_order() -> None:
+    from onnx_tucker.runtime.bench import interleave_many
+
+    calls: list[str] = []
+    ticks = iter(range(1000))
+    fns = [lambda n=n: calls.append(n) for n in "abc"]
+    times = interleave_many(fns, warmup=1, runs=3, clock=lambda: float(next(ticks)))
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")
+    assert [len(t) for t in times] == [3, 3, 3] and all(v == pytest.approx(1e3) for t in times for v in t)
