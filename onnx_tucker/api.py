@@ -19,7 +19,7 @@ from typing import Any
 import onnx
 
 from .calibration.stage import CalibrationResult, calibrate, data_selection
-from .config import BenchConfig, CompressionConfig, ValidationConfig
+from .config import BenchConfig, CompressionConfig, QuantizeConfig, ValidationConfig
 from .data import load_for_model
 from .errors import UsageError
 from .graph.fold import float_parameter_count
@@ -126,8 +126,13 @@ def compress(
     finetune: FinetuneStep | None = None,
     finetune_progress: EventProgress | None = None,
     events: EventProgress | None = None,
+    quantize: QuantizeConfig | None = None,
 ) -> CompressionResult:
     """Compress a model; write it to `output` unless validation fails.
+
+    `quantize` (`--quantize int8`): then quantize the compressed (calibrated, fine-tuned) model to INT8 on
+    the calibration data (`config.calibrate`, else `config.data`); OUT is the INT8 model, `result.quantize`
+    says how it went, `result.comparison` holds the four-way table under `quantize.compare`.
 
     `finetune`: fine-tune the compressed (and calibrated) model before validating and writing it
     (torch + onnx2torch, imported only then); `result.finetune` says how it went.
@@ -144,7 +149,10 @@ def compress(
     t0 = time.perf_counter()
     in_path = None if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
     check_output_paths(in_path, {"OUT": output, "--save-plan": save_plan, "--report": report, "--markdown": markdown})
+    q_step = _QuantizeStep.before(config, quantize)  # issue 18: refused before any work
     source = SourceModel.load(model_or_path, config.input_shapes)
+    if q_step is not None:
+        q_step.check(source)
     d = _planned(source, config, progress, timer, evaluator, profile_runs, events)
     planned, p = d.planned, d.plan
     rewritten = rewrite_source(source, d.replacements)
@@ -166,6 +174,9 @@ def compress(
                              "load; compress first, then run `onnx-tucker finetune` on the written model")
         new_model, finetuned = _finetune_step(source, new_model, finetune, finetune_progress)
         skeleton = new_model
+
+    if q_step is not None:  # --quantize int8: OUT is the INT8 model; the FP32 skeleton keeps counting parameters
+        new_model = q_step.run(source, new_model, p, bench)
 
     validation = None
     if config.validate:
@@ -199,6 +210,7 @@ def compress(
         latency=latency, requested_output=str(output) if output is not None else None,
         calibration=calibration.summary, finetune=finetuned, layer_calibration=calibration.layers,
         budget=planned.budget, budget_check=planned.budget_check, layer_timing=planned.layer_timing,
+        quantize=q_step.result if q_step else None, comparison=q_step.comparison if q_step else None,
     )
     with OutputBatch() as batch:
         if result.output_path is not None:
@@ -347,3 +359,111 @@ def mobile_report(
             batch.add_text(json_path, mobile_json(rep))
         batch.commit()
     return rep
+
+
+# ---- INT8 after low-rank (issue 18): `compress --quantize int8` and `quantize` --------------------------
+
+
+class _QuantizeStep:
+    """`compress --quantize int8`: the options checked before any work, the INT8 step after the refit and
+    fine-tuning, on the data the refit used (`calibration_data`: the same seeded selection), else `--data`."""
+
+    def __init__(self, config: CompressionConfig, q: QuantizeConfig) -> None:
+        from .config import quantize_data_option
+
+        self.config, self.q = config, q
+        self.path, self.option = quantize_data_option(config.calibrate, config.data)
+        self.result: Any = None
+        self.comparison: Any = None
+
+    @classmethod
+    def before(cls, config: CompressionConfig, q: QuantizeConfig | None) -> _QuantizeStep | None:
+        if q is None or not q.enabled:
+            if q is not None and (q.exclude is not None or q.min_sqnr is not None or q.compare):
+                raise UsageError("--quantize-exclude / --quantize-min-sqnr / --quantize-compare: only with "
+                                 "--quantize int8; add it, or leave them out")
+            return None
+        return cls(config, q)
+
+    def check(self, source: SourceModel) -> None:
+        from .quantize import check_float_model
+
+        check_float_model(source.model, source.path or "model")
+
+    def data(self, source: SourceModel) -> Any:
+        from .calibration.calibrate import calibration_data
+
+        c = self.config
+        if self.option == "--calibrate":
+            return calibration_data(self.path, source.model, c.calibration_samples, c.seed, c.preprocess)[0]
+        return load_for_model(self.path, source.model, c.samples, c.preprocess)
+
+    def run(self, source: SourceModel, compressed: Any, plan: CompressionPlan, bench: BenchConfig | None) -> Any:
+        from .quantize import compare_models, quantize_int8
+
+        if isinstance(compressed, IRModel):
+            raise UsageError("--quantize int8: the compressed model is over 2 GB, which onnxruntime's quantizer "
+                             "cannot load; compress without --quantize")
+        source.materialize()
+        where = source.path or "model"
+        data = self.data(source)
+        chains = [lp.name for lp in plan.decomposed] or [lay.layer_id for lay in source.layers]
+        self.result = quantize_int8(compressed, data, self.q, chains, source.input_shapes,
+                                    data_option=self.option, source=f"{where} (compressed)")
+        if self.q.compare:
+            original = quantize_int8(source.model, data, self.q, [lay.layer_id for lay in source.layers],
+                                     source.input_shapes, data_option=self.option, source=where)
+            c = self.config
+            shown = load_for_model(c.data, source.model, c.samples, c.preprocess) if c.data else data
+            self.comparison = compare_models(
+                [("original FP32", source.model, source.path), ("original INT8", original.model, None),
+                 ("compressed FP32", compressed, None), ("compressed INT8", self.result.model, None)],
+                shown, source.input_shapes, bench or BenchConfig(), c.seed)
+        return self.result.model
+
+
+def quantize(
+    model_or_path: ModelLike,
+    output: PathLike | None = None,
+    config: CompressionConfig | None = None,
+    quantize: QuantizeConfig | None = None,
+    *,
+    bench: BenchConfig | None = None,
+    report: PathLike | None = None,
+    markdown: PathLike | None = None,
+) -> Any:
+    """`onnx-tucker quantize`: the uncompressed model to INT8 (the reference `compress --quantize int8` is
+    compared with), calibrated on `config.calibrate` (else `config.data`: input shapes, samples, seed and
+    preprocessing from `config` too), every layer a chain of its own; FP32 and INT8 compared on the data
+    (latency as `bench` says). Writes OUT, the JSON report and the Markdown report atomically, together.
+    Returns a `quantize.QuantizeRun`."""
+    from .config import quantize_data_option
+    from .quantize import check_float_model, compare_models, quantize_int8
+    from .quantize.compare import QuantizeRun
+    from .report.quantize import quantize_json, quantize_markdown
+
+    config = config or CompressionConfig()
+    q = replace(quantize or QuantizeConfig(), quantize="int8")
+    in_path = None if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
+    check_output_paths(in_path, {"OUT": output, "--report": report, "--markdown": markdown})
+    path, option = quantize_data_option(config.calibrate, config.data, "quantize")
+    source = SourceModel.load(model_or_path, config.input_shapes)
+    check_float_model(source.model, in_path or "model")
+    source.materialize()
+    step = _QuantizeStep(config, q)
+    data = step.data(source)
+    result = quantize_int8(source.model, data, q, [lay.layer_id for lay in source.layers], source.input_shapes,
+                           data_option=option, source=in_path or "model")
+    shown = load_for_model(config.data, source.model, config.samples, config.preprocess) if config.data else data
+    comparison = compare_models([("original FP32", source.model, in_path), ("original INT8", result.model, None)],
+                                shown, source.input_shapes, bench or BenchConfig(), config.seed)
+    run = QuantizeRun(result, comparison, in_path, str(output) if output is not None else None)
+    with OutputBatch() as batch:
+        if output is not None:
+            batch.add_model(result.model, output, in_path)
+        if report is not None:
+            batch.add_text(report, quantize_json(result, comparison))
+        if markdown is not None:
+            batch.add_text(markdown, "# onnx-tucker quantize\n\n" + quantize_markdown(result, comparison))
+        batch.commit()
+    return run

@@ -40,6 +40,7 @@ from .config import (
     OutputOptions,
     PlanIO,
     Preprocess,
+    QuantizeConfig,
     RankOptions,
     TrainingData,
     ValidationConfig,
@@ -373,7 +374,7 @@ MOBILE_REPORT_HELP = "Write the report as JSON (keys: models, inputs, totals, la
 @options(RankOptions, PlanIO, Use(OutputOptions, only=("save_plan", "report", "markdown", "mobile_report")), InputOptions,
          ValidationConfig, Preprocess, CalibrationConfig, FinetuneOptions,
          Use(FinetuneConfig, only=("epochs", "batch_size", "optimizer", "lr", "schedule", "device", "threads")),
-         CompressSteps, BenchConfig, LatencyConfig, GeneralOptions)
+         CompressSteps, BenchConfig, LatencyConfig, QuantizeConfig, GeneralOptions)
 def compress(input: InPath, output: OutPath, g: Groups) -> None:
     """Decompose every Conv / ConvTranspose / Gemm / MatMul that gains, validate, and write OUTPUT atomically."""
     from . import api
@@ -383,7 +384,8 @@ def compress(input: InPath, output: OutPath, g: Groups) -> None:
     quiet = g[GeneralOptions].quiet
     with _errors(g[GeneralOptions].verbose):
         cfg, out = g[CompressionConfig], g[OutputOptions]
-        timing = g[BenchConfig] if g[CompressSteps].bench else None
+        # --quantize-compare times the four models as --threads/--warmup/--runs say (and both, as --bench does)
+        timing = g[BenchConfig] if g[CompressSteps].bench or g[QuantizeConfig].compare else None
         if out.mobile_report is not None:  # refused before any work, like every other output path
             from .graph.save import check_output_paths
 
@@ -393,7 +395,7 @@ def compress(input: InPath, output: OutPath, g: Groups) -> None:
             result = api.compress(input, cfg, output, progress, bench=timing, save_plan=out.save_plan, report=out.report,
                                   markdown=out.markdown, finetune=step,
                                   finetune_progress=None if quiet else _FinetuneProgress(),
-                                  events=_calibration_events(quiet))
+                                  events=_calibration_events(quiet), quantize=g[QuantizeConfig])
         if not quiet:
             _print(result_tables(result))
         failure = result.validation_error()
@@ -488,6 +490,34 @@ def report_cmd(original: OriginalPath, compressed: CompareToPath, g: Groups) -> 
             _print(mobile_tables(rep))
         if m.strict and rep.failed_runtimes:
             raise OnnxTuckerError(f"--strict: runtime(s) {', '.join(rep.failed_runtimes)} did not pass (see the report)")
+
+
+# ---- quantize (issue 18): the uncompressed INT8 reference, as `compress --quantize int8` makes it --------
+QUANTIZE_REPORT_HELP = "Write the INT8 result as JSON (keys: quantize, comparison)."
+
+
+@app.command(cls=_Command, name="quantize", epilog="Example: onnx-tucker quantize model.onnx model.int8.onnx --data calib.npz --report int8.json")
+@options(Use(QuantizeConfig, only=("method", "exclude", "min_sqnr")), InputOptions,
+         Use(ValidationConfig, only=("samples", "data")), Use(CalibrationConfig, only=("calibrate", "calibration_samples")),
+         Preprocess, BenchConfig, Use(OutputOptions, only=("report", "markdown"), help={"report": QUANTIZE_REPORT_HELP}),
+         GeneralOptions)
+def quantize_cmd(
+    input: InPath,
+    output: Annotated[Path, typer.Argument(metavar="OUTPUT", help="Where to write the INT8 model (never the input).", show_default=False)],
+    g: Groups,
+) -> None:
+    """Quantize a float model to INT8 (onnxruntime's static quantizer, QDQ) on --data / --calibrate; compare with FP32."""
+    from . import api
+    from .report.quantize import quantize_tables
+
+    with _errors(g[GeneralOptions].verbose):
+        out = g[OutputOptions]
+        run = api.quantize(input, output, g[CompressionConfig], g[QuantizeConfig], bench=g[BenchConfig],
+                           report=out.report, markdown=out.markdown)
+        if not g[GeneralOptions].quiet:
+            _print(quantize_tables(run.result, run.comparison))
+            _note(f"wrote {run.output_path} ({run.result.qdq_nodes} QuantizeLinear/DequantizeLinear nodes, "
+                  f"{run.result.seconds:.1f} s)")
 
 
 # ---- finetune (issue 8): ONNX -> torch -> train -> ONNX; torch is imported only when it runs ----------

@@ -433,7 +433,7 @@ class MobileReportOptions:
 
 # --report writes a different JSON per command (report/data.py): each command gives its own help,
 # naming its top-level keys (cli.py); this one is compress's.
-COMPRESS_REPORT_HELP = "Write the full report as JSON (keys: layers, totals, validation, latency, calibration, finetune, target, mac_budget, layer_timing, config, model; latency is null without --bench, calibration without --calibrate, finetune without --finetune, target without --target, mac_budget without --ranks data:F, layer_timing without --latency-aware, validation under --no-validate)."
+COMPRESS_REPORT_HELP = "Write the full report as JSON (keys: layers, totals, validation, latency, calibration, finetune, target, mac_budget, layer_timing, config, quantize, comparison, model; latency is null without --bench, calibration without --calibrate, finetune without --finetune, target without --target, mac_budget without --ranks data:F, layer_timing without --latency-aware, quantize without --quantize int8, comparison without --quantize-compare, validation under --no-validate)."
 
 
 @group("Output")
@@ -588,6 +588,57 @@ class TrainingData:
 
     data: Path | None = opt("--data", default=None, cli_default=REQUIRED, help="Training data: an image folder (one sub-folder per class: labels), a flat image folder, or a .npz (one array per input, optional 'labels').")
     teacher: Path | None = opt("--teacher", default=None, help="The original model: distil from its outputs (no labels needed).")
+
+
+# ---- INT8 after low-rank (issue 18): quantize/ reads these; `compress --quantize int8` and `quantize` ----
+
+QUANTIZE_MODES = ("int8",)
+QUANTIZE_METHODS = ("minmax", "entropy", "percentile")
+
+
+@group("Quantization")
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Static post-training INT8 quantization with onnxruntime's quantizer (QDQ, per-channel weights),
+    calibrated on the same data as the refit (`--calibrate`, else `--data`); quantize/stage.py."""
+
+    quantize: str | None = opt("--quantize", default=None, help="int8: after compression (and --calibrate), quantize statically with onnxruntime's quantizer (QDQ format, per-channel INT8 weights, INT8 activations) calibrated on the --calibrate data (else --data); OUTPUT is the INT8 model.")
+    method: str = opt("--quantize-method", default="minmax", help="How activation ranges are calibrated: minmax, entropy or percentile (onnxruntime's CalibrationMethod).")
+    exclude: str | None = opt("--quantize-exclude", default=None, metavar="REGEX", help="Keep in FP32 every decomposed chain (layer name) or node whose name matches this regex (onnxruntime's nodes_to_exclude).")
+    min_sqnr: float | None = opt("--quantize-min-sqnr", default=None, metavar="DB", help="Keep in FP32 every chain whose INT8 output, fed the FP32 input, is below DB dB SQNR against FP32 on the calibration data (the reason is in the report); default: report the SQNR only.")
+    compare: bool = opt("--quantize-compare/--no-quantize-compare", default=False, help="Also quantize INPUT and measure the four models (original FP32 / INT8, compressed FP32 / INT8): agreement with the original, accuracy with labels, size, onnxruntime CPU latency.")
+
+    def __post_init__(self) -> None:
+        if self.quantize is not None:
+            mode = str(self.quantize).strip().lower()
+            if mode not in QUANTIZE_MODES:
+                raise UsageError(f"--quantize {self.quantize}: not a quantization; use {', '.join(QUANTIZE_MODES)}")
+            object.__setattr__(self, "quantize", mode)
+        method = str(self.method).strip().lower()
+        if method not in QUANTIZE_METHODS:
+            raise UsageError(f"--quantize-method {self.method}: not a calibration method; use {', '.join(QUANTIZE_METHODS)}")
+        object.__setattr__(self, "method", method)
+        compile_pattern(self.exclude, "--quantize-exclude")
+        if self.min_sqnr is not None and not (_is_real(self.min_sqnr) and math.isfinite(float(self.min_sqnr))):
+            raise UsageError(f"--quantize-min-sqnr {self.min_sqnr}: give a number of dB, e.g. 20")
+
+    @property
+    def enabled(self) -> bool:
+        return self.quantize is not None
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def quantize_data_option(calibrate: str | None, data: str | None, what: str = "--quantize int8") -> tuple[str, str]:
+    """(the data the quantizer calibrates on, the option it came from): `--calibrate` (the refit's
+    data), else `--data`; neither is the one-line usage error."""
+    if calibrate:
+        return calibrate, "--calibrate"
+    if data:
+        return data, "--data"
+    raise UsageError(f"{what}: needs calibration data for the activation ranges; add --calibrate DATA or --data DATA "
+                     "(a .npz with one array per input, or an image folder)")
 
 
 # ---- the compression pipeline's options: the groups it reads, and its first (flat) form --------------

@@ -45,6 +45,11 @@ class ValidationError(OnnxTuckerError):
     """The model could not be run in onnxruntime for validation (not: outputs differ)."""
 
 
+class QuantizeError(UsageError):
+    """`--quantize int8` / `quantize`: the model cannot be quantized as given (already quantized, or
+    onnxruntime's quantizer refuses a node); exit code 2, as for every input the command does not take."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised by the CLI's handler where Ctrl-C's KeyboardInterrupt would be: every clean-up
     that runs on Ctrl-C runs on `kill` too (temporary files removed, OUT untouched); exit code 143."""

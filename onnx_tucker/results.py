@@ -65,6 +65,10 @@ class CompressionResult:
     budget: BudgetOutcome | None = None  # --target: what the whole-model allocation chose
     budget_check: BudgetCheck | None = None  # --ranks data:F (or --target macs:F with --calibrate): MACs vs. budget
     layer_timing: LatencySummary | None = None  # --latency-aware: how the layers were timed
+    # compress --quantize int8 (issue 18): the INT8 step (`quantize.QuantizeResult`: `model` is then the INT8
+    # model) and, with --quantize-compare, the four models side by side (`quantize.FourWayReport`)
+    quantize: Any = None
+    comparison: Any = None
 
     @property
     def decomposed_layers(self) -> int:

@@ -30,7 +30,7 @@ PKG = ROOT / "onnx_tucker"
 PROTOBUF_LIBS = ("onnx", "onnxruntime", "google.protobuf", "onnx_ir")
 CLI_LIBS = ("typer", "rich")
 # Sub-packages allowed to import the protobuf libraries at module level.
-PROTOBUF_PACKAGES = {"graph", "runtime", "training"}
+PROTOBUF_PACKAGES = {"graph", "runtime", "training", "quantize"}  # quantize/: onnxruntime's quantizer, as runtime/ is its sessions
 # Module-level protobuf imports outside those packages: (file, imported module) -> reason. Every entry
 # must still exist (test below), so the list cannot silently outgrow the code.
 PROTOBUF_EXCEPTIONS = {
@@ -214,6 +214,18 @@ def test_protobuf_libraries_are_imported_at_module_level_only_by_graph_and_runti
 def test_every_listed_protobuf_exception_still_exists() -> None:
     present = {(rel, stmt) for rel, _, stmt in _protobuf_imports_outside_graph_and_runtime()}
     assert set(PROTOBUF_EXCEPTIONS) <= present, set(PROTOBUF_EXCEPTIONS) - present
+
+
+def test_only_the_quantize_stage_imports_onnxruntimes_quantizer() -> None:
+    """`onnxruntime.quantization` (issue 18) is imported by quantize/ only, lazily or not; and it is found there."""
+    found = library_imports_of(("onnxruntime.quantization",))
+    assert found and all(f.startswith("onnx_tucker/quantize/") for f in found), found
+
+
+def test_the_library_loads_no_quantizer_until_asked() -> None:
+    """`import onnx_tucker` does not load onnxruntime's quantizer (quantize/ is imported when a command asks)."""
+    result = loaded_in_fresh_process("onnx_tucker", ("onnxruntime.quantization",), parent_stub=False)
+    assert result["bad"] == [], result["bad"]
 
 
 def unit_of(module: str) -> str:

@@ -55,6 +55,7 @@ USAGE = {  # what each usage line ends with: plain upper-case metavars, no typer
     "bench": "[OPTIONS] ORIGINAL COMPRESSED",
     "finetune": "[OPTIONS] INPUT OUTPUT",
     "report": "[OPTIONS] ORIGINAL COMPRESSED",
+    "quantize": "[OPTIONS] INPUT OUTPUT",
 }
 
 
@@ -103,8 +104,9 @@ def _report_of(command: str, model_path: Path, tmp_path: Path) -> dict[str, obje
     return json.loads(report.read_text())
 
 
-# finetune's: tests/test_finetune.py; report's (it runs the runtimes): tests/test_mobile_report.py
-@pytest.mark.parametrize("command", sorted(set(USAGE) - {"finetune", "report"}))
+# finetune's: tests/test_finetune.py; report's (it runs the runtimes): tests/test_mobile_report.py; quantize's
+# (it quantizes): tests/test_quantize.py
+@pytest.mark.parametrize("command", sorted(set(USAGE) - {"finetune", "report", "quantize"}))
 def test_report_help_names_the_keys_the_command_writes(command: str, model_path: Path, tmp_path: Path) -> None:
     """Each command's --report help lists exactly the top-level keys of the JSON it writes (before:
     every command claimed compress's "layers, totals, validation")."""

@@ -268,10 +268,30 @@ def real_models_table(rows: list[Row]) -> str:
     return _table(header, "llrrrrrrrrrr", body)
 
 
+def int8_table(rows: list[Row]) -> str:
+    """tools/bench_int8.py (issue 18): the four models of each row against the FP32 original."""
+    labels = {"resnet56": "CIFAR ResNet-56", "darknet": "Darknet Tiny"}
+    body = []
+    for r in rows:
+        c = r["comparison"]
+        assert isinstance(c, dict)
+        ref = c["models"][0]
+        for m in c["models"]:
+            acc = "-" if m["accuracy"] is None else f"{100 * m['accuracy']:.2f}%"
+            sq = "exact" if m["sqnr_db"] is None else f"{m['sqnr_db']:.1f}"
+            body.append([labels.get(str(r["model"]), str(r["model"])), m["name"], acc, f"{100 * m['top1_agreement']:.2f}%",
+                         sq, f"{m['size_bytes'] / 1e6:.2f} MB", f"x{ref['size_bytes'] / m['size_bytes']:.2f}",
+                         f"{m['latency_ms']:.3f}", f"x{ref['latency_ms'] / m['latency_ms']:.2f}", f"{r['wall_s']} s"])
+    header = ["model", "row", "accuracy", "top-1 agreement", "output SQNR dB", "size", "size ratio", "ORT CPU ms",
+              "latency ratio", "compress + quantize"]
+    return _table(header, "llrrrrrrrr", body)
+
+
 RENDERERS: dict[str, Callable[[list[Row]], str]] = {
     "latency.jsonl": latency_table,
     "calibrate.jsonl": calibrate_table,
     "real_models.jsonl": real_models_table,
+    "int8.jsonl": int8_table,
 }
 
 

@@ -28,6 +28,15 @@ REPORTED_OPS = {
 }
 
 
+# The layer ops that are already integer (quantized) kernels: an input holding one is quantized already.
+QUANTIZED_LAYER_OPS = frozenset(op for op, reason in REPORTED_OPS.items() if reason.startswith("quantized"))
+
+
+def is_quantized_layer(op_type: str) -> bool:
+    """`op_type` is an integer layer kernel (QLinearConv, ConvInteger, QLinearMatMul, MatMulInteger)."""
+    return op_type in QUANTIZED_LAYER_OPS
+
+
 def find_handler(op_type: str) -> OpHandler | None:
     """The handler of `op_type`, None when onnx-tucker does not decompose that operator."""
     return HANDLERS.get(op_type)

@@ -145,6 +145,7 @@ def result_dict(result: CompressionResult | PlanResult | CompressionPlan, latenc
             "mac_budget": mac_budget_dict(result.budget_check),
             "layer_timing": layer_timing_dict(result.layer_timing),
             "config": result.plan.config.to_dict(),
+            **_quantize_keys(result),
             "model": {
                 "input": result.input_path,
                 "output": result.output_path,
@@ -153,6 +154,15 @@ def result_dict(result: CompressionResult | PlanResult | CompressionPlan, latenc
             },
         }
     )
+
+
+def _quantize_keys(result: CompressionResult) -> dict[str, Any]:
+    """`quantize` and `comparison` (compress --quantize int8 [--quantize-compare]; report/quantize.py), else null."""
+    if result.quantize is None:
+        return {"quantize": None, "comparison": None}
+    from .quantize import four_way_dict, quantize_dict
+
+    return {"quantize": quantize_dict(result.quantize), "comparison": four_way_dict(result.comparison)}
 
 
 def result_json(result: CompressionResult | PlanResult | CompressionPlan, latency: LatencyReport | None = None) -> str:

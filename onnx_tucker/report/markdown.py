@@ -55,4 +55,8 @@ def result_markdown(result: CompressionResult, latency: LatencyReport | None = N
             top1 = "-" if o.top1_agreement is None else f"{100 * o.top1_agreement:.1f}%"
             lines.append(f"| `{o.name}` | {o.max_abs_error:.3g} | {o.max_rel_error:.3g} | {o.cosine:.6f} | {top1} |")
         lines += ["", *(f"**Failed:** {o.nonfinite_text}." for o in v.nonfinite)] if v.nonfinite else []
+    if result.quantize is not None:  # compress --quantize int8
+        from .quantize import quantize_markdown
+
+        lines += ["", quantize_markdown(result.quantize, result.comparison).rstrip()]
     return "\n".join(lines) + "\n"

@@ -250,6 +250,10 @@ def result_tables(
         tables.append(validation_table(result.validation))
     if latency is not None:
         tables.append(latency_table(latency))
+    if result.quantize is not None:  # compress --quantize int8
+        from .quantize import quantize_tables
+
+        tables += quantize_tables(result.quantize, result.comparison)
     return tables
 
 

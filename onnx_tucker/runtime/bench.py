@@ -99,3 +99,24 @@ def interleave(
             fn()
             times.append((clock() - start) * 1e3)
     return tuple(ta), tuple(tb)
+
+
+def interleave_many(
+    runs_of: list[Callable[[], object]], warmup: int, runs: int, clock: Callable[[], float] | None = None,
+) -> tuple[tuple[float, ...], ...]:
+    """`interleave` for any number of models (the four-way INT8 comparison): `warmup` untimed calls of
+    each, then `runs` rounds in which every model runs once, the order rotated by one each round so that
+    none always runs first or on the warmest cache. Milliseconds per model, in the order given."""
+    clock = clock or time.perf_counter
+    for _ in range(warmup):
+        for fn in runs_of:
+            fn()
+    times: list[list[float]] = [[] for _ in runs_of]
+    n = len(runs_of)
+    for i in range(runs):
+        for k in range(n):
+            j = (i + k) % n
+            start = clock()
+            runs_of[j]()
+            times[j].append((clock() - start) * 1e3)
+    return tuple(tuple(t) for t in times)

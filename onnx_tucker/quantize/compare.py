@@ -1,0 +1,114 @@
+"""Original FP32 / INT8 against compressed FP32 / INT8: one table of the models side by side.
+
+Every model runs in onnxruntime CPU on the same data and is compared with the first (the FP32
+original) by `runtime.validate.compare_outputs`, the project's agreement metric: top-1 agreement for
+class-score outputs, cosine and SQNR of the first output; accuracy against the labels when the data
+has them; the serialised size; and the latency, all models interleaved (`runtime.bench.interleave_many`,
+fixed threads, medians and p90).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ..config import BenchConfig
+from ..data import DataSet
+from ..graph.protos import serialized_size
+from ..runtime.bench import interleave_many
+from ..runtime.session import ort_session
+from ..runtime.validate import compare_outputs, data_batches
+from .chains import sqnr_db
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """One model of the comparison; agreement, cosine and SQNR are of its first output against the
+    reference model's (the first row: itself)."""
+
+    name: str
+    path: str | None
+    size_bytes: int
+    top1_agreement: float | None
+    cosine: float
+    sqnr_db: float
+    max_rel_error: float
+    accuracy: float | None
+    latency_ms: float | None  # median
+    latency_p90_ms: float | None
+
+
+@dataclass(frozen=True)
+class FourWayReport:
+    """The models side by side (four under `compress --quantize int8 --quantize-compare`, two under
+    `quantize`), on `samples` samples of `source`; latency with `threads` threads, `runs` interleaved runs."""
+
+    rows: tuple[ModelRow, ...]
+    samples: int
+    source: str
+    output: str  # the output compared
+    threads: int | None
+    warmup: int
+    runs: int
+
+    def row(self, name: str) -> ModelRow:
+        return next(r for r in self.rows if r.name == name)
+
+
+def compare_models(models: Sequence[tuple[str, onnx.ModelProto, str | None]], data: DataSet,
+                   input_shapes: Mapping[str, tuple[int, ...]], bench: BenchConfig | None = None,
+                   seed: int = 0) -> FourWayReport:
+    """`models`: (row name, model, path or None), the reference first; `bench` None: no latency."""
+    reference = models[0][1]
+    batches = data_batches(data, input_shapes, reference)
+    sessions = [ort_session(m.SerializeToString(), name) for name, m, _ in models]
+    out_name = sessions[0].get_outputs()[0].name
+    outs: list[list[np.ndarray]] = [[] for _ in models]
+    for feeds in batches:
+        for k, s in enumerate(sessions):
+            outs[k].append(np.asarray(s.run([out_name], dict(feeds))[0]))
+    firsts = [np.concatenate(o, axis=0) for o in outs]
+    count = int(firsts[0].shape[0])
+    labels = data.labels[:count] if data.labels is not None else None
+    latency: tuple[tuple[float, ...], ...] | None = None
+    if bench is not None:
+        timed = [ort_session(m.SerializeToString(), name, threads=bench.threads) for name, m, _ in models]
+        feed = dict(batches[0])
+        feed = {k: v[:1] for k, v in feed.items()} if _dynamic(reference) else feed
+        latency = interleave_many([_runner(s, feed) for s in timed], bench.warmup, bench.runs)
+    rows = []
+    for k, (name, model, path) in enumerate(models):
+        c = compare_outputs(out_name, firsts[0], firsts[k])
+        acc = None
+        if labels is not None and firsts[k].ndim == 2 and firsts[k].shape[1] > 1:
+            acc = float(np.mean(np.argmax(firsts[k], axis=1) == labels))
+        lat = latency[k] if latency is not None else None
+        rows.append(ModelRow(name, path, serialized_size(model), c.top1_agreement, c.cosine,
+                             sqnr_db(firsts[0], firsts[k]), c.max_rel_error, acc,
+                             float(np.median(lat)) if lat else None, float(np.percentile(lat, 90)) if lat else None))
+    return FourWayReport(tuple(rows), count, data.path, out_name, bench.threads if bench else None,
+                         bench.warmup if bench else 0, bench.runs if bench else 0)
+
+
+def _runner(session: Any, feed: dict[str, np.ndarray]) -> Callable[[], object]:
+    return lambda: session.run(None, feed)
+
+
+def _dynamic(model: onnx.ModelProto) -> bool:
+    from ..runtime.validate import dynamic_batch
+
+    return dynamic_batch(model)
+
+
+@dataclass(frozen=True)
+class QuantizeRun:
+    """`onnx-tucker quantize`: the INT8 step on the uncompressed model and the FP32/INT8 comparison."""
+
+    result: object  # stage.QuantizeResult (typed loosely: compare.py does not import the stage)
+    comparison: FourWayReport | None
+    input_path: str | None
+    output_path: str | None

@@ -1,0 +1,131 @@
+"""INT8 results (issue 18): the four-way comparison and the per-chain SQNR, as terminal tables, JSON
+and Markdown. The rows of each table are built once (`four_way_rows`, `chain_rows`) and every format
+renders those same cells, so the terminal, JSON and Markdown say the same."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+
+from ..quantize import FourWayReport, QuantizeResult
+from . import fmt
+
+FOUR_WAY_HEADER = ("model", "accuracy", "top-1 agreement", "output SQNR dB", "cosine", "size", "size ratio",
+                   "latency ms", "latency ratio")
+CHAIN_HEADER = ("chain", "nodes", "SQNR dB (alone)", "SQNR dB (cumulative)", "precision", "reason")
+
+
+def _db(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return "exact" if math.isinf(v) and v > 0 else f"{v:.1f}"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def _finite(v: float | None) -> float | None:
+    return None if v is None or not math.isfinite(v) else v
+
+
+def four_way_rows(rep: FourWayReport) -> list[tuple[str, ...]]:
+    """One row per model; ratios against the first (the FP32 original): size and latency x (first / this)."""
+    ref = rep.rows[0]
+    out: list[tuple[str, ...]] = []
+    for r in rep.rows:
+        lat = "-" if r.latency_ms is None else f"{r.latency_ms:.3f}"
+        lat_ratio = "-" if r.latency_ms is None or ref.latency_ms is None else f"x{ref.latency_ms / r.latency_ms:.2f}"
+        out.append((r.name, _pct(r.accuracy), _pct(r.top1_agreement), _db(r.sqnr_db), f"{r.cosine:.6f}",
+                    fmt.fmt_bytes(r.size_bytes), f"x{ref.size_bytes / r.size_bytes:.2f}", lat, lat_ratio))
+    return out
+
+
+def chain_rows(q: QuantizeResult) -> list[tuple[str, ...]]:
+    return [(c.name, str(len(c.nodes)), _db(c.sqnr_db), _db(c.cumulative_sqnr_db), "INT8" if c.quantized else "FP32",
+             c.fp32_reason or "") for c in q.chains]
+
+
+def four_way_dict(rep: FourWayReport | None) -> dict[str, Any] | None:
+    if rep is None:
+        return None
+    return {
+        "samples": rep.samples, "source": rep.source, "output": rep.output, "threads": rep.threads,
+        "warmup": rep.warmup, "runs": rep.runs,
+        "models": [{"name": r.name, "path": r.path, "size_bytes": r.size_bytes, "accuracy": r.accuracy,
+                    "top1_agreement": r.top1_agreement, "sqnr_db": _finite(r.sqnr_db), "cosine": r.cosine,
+                    "max_rel_error": r.max_rel_error, "latency_ms": r.latency_ms, "latency_p90_ms": r.latency_p90_ms}
+                   for r in rep.rows],
+    }
+
+
+def quantize_dict(q: QuantizeResult | None) -> dict[str, Any] | None:
+    if q is None:
+        return None
+    return {
+        "method": q.method, "format": "QDQ", "weights": "int8 per-channel", "activations": "int8",
+        "data": q.data, "data_option": q.data_option, "samples": q.samples, "sqnr_samples": q.sqnr_samples,
+        "qdq_nodes": q.qdq_nodes, "fp32_nodes": list(q.fp32_nodes), "seconds": q.seconds, "notes": list(q.notes),
+        "output_sqnr_db": {k: _finite(v) for k, v in q.output_sqnr_db.items()},
+        "chains": [{"name": c.name, "nodes": list(c.nodes), "output": c.output, "sqnr_db": _finite(c.sqnr_db),
+                    "cumulative_sqnr_db": _finite(c.cumulative_sqnr_db), "precision": "int8" if c.quantized else "fp32",
+                    "fp32_reason": c.fp32_reason} for c in q.chains],
+    }
+
+
+def quantize_json(q: QuantizeResult | None, rep: FourWayReport | None) -> str:
+    """What `quantize --report` writes (keys: quantize, comparison)."""
+    return json.dumps({"quantize": quantize_dict(q), "comparison": four_way_dict(rep)}, indent=2) + "\n"
+
+
+def _titles(q: QuantizeResult | None, rep: FourWayReport | None) -> tuple[str, str]:
+    four = ""
+    if rep is not None:
+        lat = f"; latency onnxruntime CPU, {rep.threads} thread(s), batch 1, {rep.runs} interleaved runs" if rep.threads else ""
+        four = f"FP32 and INT8 against the FP32 original ({rep.samples} samples of {rep.source}, output {rep.output}{lat})"
+    chains = ""
+    if q is not None:
+        out = ", ".join(f"{k} {_db(v)} dB" for k, v in q.output_sqnr_db.items())
+        chains = (f"INT8 ({q.method}, QDQ, per-channel weights; calibrated on {q.samples} samples of {q.data_option} "
+                  f"{q.data}): output SQNR {out}; per chain on {q.sqnr_samples} samples")
+    return four, chains
+
+
+def _rich(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> Table:
+    t = Table(title=title, title_justify="left")
+    for i, col in enumerate(header):
+        t.add_column(col, justify="left" if i == 0 or col in ("precision", "reason") else "right")
+    for r in rows:
+        t.add_row(*r)
+    return t
+
+
+def quantize_tables(q: QuantizeResult | None, rep: FourWayReport | None) -> list[Table | Text]:
+    four, chains = _titles(q, rep)
+    out: list[Table | Text] = []
+    if q is not None:
+        out.append(_rich(chains, CHAIN_HEADER, chain_rows(q)))
+        out += [Text(f"note: {n}") for n in q.notes]
+    if rep is not None:
+        out.append(_rich(four, FOUR_WAY_HEADER, four_way_rows(rep)))
+    return out
+
+
+def _md(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    return lines + ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+
+
+def quantize_markdown(q: QuantizeResult | None, rep: FourWayReport | None, heading: str = "##") -> str:
+    four, chains = _titles(q, rep)
+    lines: list[str] = []
+    if rep is not None:
+        lines += [f"{heading} Four-way comparison", "", four + ".", "", *_md(FOUR_WAY_HEADER, four_way_rows(rep)), ""]
+    if q is not None:
+        lines += [f"{heading} INT8 per chain", "", chains + ".", "", *_md(CHAIN_HEADER, chain_rows(q)), ""]
+        lines += [f"Note: {n}." for n in q.notes]
+    return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,235 @@
+"""INT8 after low-rank (issue 18): `compress --quantize int8`, `quantize`, the per-chain SQNR, the four-way
+comparison, and the bad inputs. On the trained Fashion-MNIST fixture (fixtures/fmnist_vgg.onnx), 64
+samples of its test set as calibration data: each quantization takes a few seconds."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from onnx_tucker import api
+from onnx_tucker.cli import app
+from onnx_tucker.config import CompressionConfig, QuantizeConfig
+from onnx_tucker.data import load_for_model
+from onnx_tucker.quantize import quantize_int8
+from onnx_tucker.quantize.chains import sqnr_db
+from tests.helpers import run_ort
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+MODEL = FIXTURES / "fmnist_vgg.onnx"
+DATA = FIXTURES / "fmnist_test_500.npz"
+SAMPLES = 64
+EXCLUDED = "/features/features.7/Conv"  # the chain --quantize-exclude keeps in FP32
+# The stated bound: INT8 (minmax, per-channel QDQ) outputs within 20 dB SQNR of FP32 on the calibration
+# data (measured 27-31 dB for the compressed model, 41 dB for the original).
+MIN_OUTPUT_SQNR_DB = 20.0
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    out = tmp_path_factory.mktemp("int8")
+    cfg = CompressionConfig(ranks="energy:0.9", data=str(DATA), samples=SAMPLES)
+    q = QuantizeConfig(quantize="int8", exclude=re.escape(EXCLUDED) + "/", compare=True)
+    from onnx_tucker.config import BenchConfig
+
+    result = api.compress(MODEL, cfg, out / "int8.onnx", bench=BenchConfig(warmup=1, runs=3),
+                          report=out / "r.json", markdown=out / "r.md", quantize=q)
+    return result, out
+
+
+def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {t: n for n in model.graph.node for t in n.output}
+
+
+def test_qdq_around_the_decomposed_chains(run) -> None:  # type: ignore[no-untyped-def]
+    result, out = run
+    model = onnx.load(out / "int8.onnx")
+    prod = _producers(model)
+    chains = [c for c in result.quantize.chains if c.quantized]
+    assert len(chains) == result.decomposed_layers - 1  # all but the excluded one
+    for c in chains:
+        for name in c.nodes:
+            node = next(n for n in model.graph.node if n.name == name)
+            # activation in and weight in both come from a DequantizeLinear; the output goes through Q -> DQ
+            assert prod[node.input[0]].op_type == "DequantizeLinear", (name, node.input[0])
+            assert prod[node.input[1]].op_type == "DequantizeLinear", (name, node.input[1])
+            readers = [n.op_type for n in model.graph.node if node.output[0] in n.input]
+            assert readers == ["QuantizeLinear"], (name, readers)
+    assert result.quantize.qdq_nodes == sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+
+
+def test_int8_outputs_within_the_stated_sqnr_of_fp32(run) -> None:  # type: ignore[no-untyped-def]
+    result, out = run
+    assert result.quantize.output_sqnr_db["logits"] >= MIN_OUTPUT_SQNR_DB
+    # measured independently: the written INT8 file against the FP32 original, in onnxruntime
+    x = np.load(DATA)["input"][:SAMPLES]
+    ref = run_ort(onnx.load(MODEL), {"input": x})["logits"]
+    new = run_ort(onnx.load(out / "int8.onnx"), {"input": x})["logits"]
+    row = result.comparison.row("compressed INT8")
+    assert sqnr_db(ref, new) == pytest.approx(row.sqnr_db, abs=0.05)  # batching changes INT8 rounding a little
+    assert np.mean(ref.argmax(1) == new.argmax(1)) == pytest.approx(row.top1_agreement, abs=1.5 / SAMPLES)
+    fp32 = result.comparison.row("compressed FP32")
+    assert row.top1_agreement >= fp32.top1_agreement - 0.05  # INT8 costs little agreement on top of low rank
+    for c in result.quantize.chains:  # every chain measured, none exact by accident
+        assert c.sqnr_db is not None and c.cumulative_sqnr_db is not None
+        if c.quantized:
+            assert 10.0 < c.sqnr_db < 80.0, c
+
+
+def test_quantize_exclude_keeps_the_named_chain_fp32(run) -> None:  # type: ignore[no-untyped-def]
+    result, out = run
+    model = onnx.load(out / "int8.onnx")
+    prod = _producers(model)
+    inits = {t.name: t for t in model.graph.initializer}
+    chain = next(c for c in result.quantize.chains if c.name == EXCLUDED)
+    assert not chain.quantized and "--quantize-exclude" in (chain.fp32_reason or "")
+    for name in chain.nodes:
+        node = next(n for n in model.graph.node if n.name == name)
+        w = node.input[1]
+        assert w not in prod and inits[w].data_type == onnx.TensorProto.FLOAT, (name, w)  # no QDQ on its weight
+    others = [c for c in result.quantize.chains if c.name != EXCLUDED]
+    assert all(c.quantized for c in others)
+
+
+def test_four_way_json_and_markdown_agree(run) -> None:  # type: ignore[no-untyped-def]
+    result, out = run
+    report = json.loads((out / "r.json").read_text())
+    models = report["comparison"]["models"]
+    assert [m["name"] for m in models] == ["original FP32", "original INT8", "compressed FP32", "compressed INT8"]
+    md = (out / "r.md").read_text()
+    rows = {}
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells and cells[0] in {m["name"] for m in models}:
+            rows[cells[0]] = cells
+    assert set(rows) == {m["name"] for m in models}
+    for m in models:
+        cells = rows[m["name"]]
+        assert float(cells[2].rstrip("%")) == pytest.approx(100 * m["top1_agreement"], abs=0.006)
+        sq = "exact" if m["sqnr_db"] is None else float(cells[3])
+        assert sq == "exact" if m["sqnr_db"] is None else sq == pytest.approx(m["sqnr_db"], abs=0.051)
+        assert float(cells[7]) == pytest.approx(m["latency_ms"], abs=6e-4)
+    sizes = {m["name"]: m["size_bytes"] for m in models}
+    assert sizes["compressed INT8"] < sizes["compressed FP32"] < sizes["original FP32"]
+    assert sizes["original INT8"] < sizes["original FP32"] / 3  # INT8 weights: about 4x smaller
+    assert report["quantize"]["output_sqnr_db"]["logits"] == pytest.approx(result.quantize.output_sqnr_db["logits"])
+
+
+def test_min_sqnr_keeps_low_chains_fp32_with_the_reason() -> None:
+    model = onnx.load(MODEL)
+    data = load_for_model(DATA, model, SAMPLES)
+    layers = ["/features/features.0/Conv", "/features/features.2/Conv"]
+    r = quantize_int8(model, data, QuantizeConfig(quantize="int8", min_sqnr=200.0), layers, {"input": (1, 1, 28, 28)})
+    assert [c.quantized for c in r.chains] == [False, False]
+    assert all(re.match(r"SQNR -?[0-9.]+ dB < --quantize-min-sqnr 200 dB", c.fp32_reason or "") for c in r.chains)
+    assert set(r.fp32_nodes) >= set(layers)
+
+
+# ---- bad inputs: one line each, exit code 2 ------------------------------------------------------------
+
+
+def _one_error_line(result) -> str:  # type: ignore[no-untyped-def]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def test_quantize_without_data_is_one_usage_line(tmp_path: Path) -> None:
+    r = runner.invoke(app, ["compress", str(MODEL), str(tmp_path / "o.onnx"), "--quantize", "int8"])
+    assert r.exit_code == 2
+    assert "needs calibration data" in _one_error_line(r) and "--calibrate DATA or --data DATA" in r.stderr
+    r = runner.invoke(app, ["quantize", str(MODEL), str(tmp_path / "o.onnx")])
+    assert r.exit_code == 2 and "needs calibration data" in _one_error_line(r)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_an_already_quantized_input_is_refused_naming_the_node(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, out = run
+    r = runner.invoke(app, ["quantize", str(out / "int8.onnx"), str(tmp_path / "o.onnx"), "--data", str(DATA)])
+    assert r.exit_code == 2
+    line = _one_error_line(r)
+    assert re.search(r"node '[^']+' \((QuantizeLinear|DequantizeLinear)\) is quantized already", line), line
+
+
+def test_a_qlinearconv_input_is_refused() -> None:
+    from onnx import TensorProto, helper
+
+    from onnx_tucker.errors import QuantizeError
+    from onnx_tucker.quantize import check_float_model
+
+    node = helper.make_node("QLinearConv", [f"i{k}" for k in range(8)], ["y"], name="qconv")
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("i0", TensorProto.UINT8, [1, 1, 4, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.UINT8, None)])
+    with pytest.raises(QuantizeError, match=r"node 'qconv' \(QLinearConv\) is quantized already"):
+        check_float_model(helper.make_model(g), "m.onnx")
+
+
+def test_a_quantizer_failure_names_the_node_and_op(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnx_tucker.quantize import stage
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Unsupported: tensor /features/features.5/Conv_output_0 has no range")
+
+    monkeypatch.setattr(stage, "_quantize", fail)
+    r = runner.invoke(app, ["quantize", str(MODEL), str(tmp_path / "o.onnx"), "--data", str(DATA), "--samples", "16"])
+    assert r.exit_code == 2
+    line = _one_error_line(r)
+    assert "failed on node '/features/features.5/Conv' (Conv)" in line and "--quantize-exclude" in line
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_quantize_options_need_quantize(tmp_path: Path) -> None:
+    r = runner.invoke(app, ["compress", str(MODEL), str(tmp_path / "o.onnx"), "--quantize-exclude", "x"])
+    assert r.exit_code == 2 and "only with --quantize int8" in _one_error_line(r)
+    r = runner.invoke(app, ["compress", str(MODEL), str(tmp_path / "o.onnx"), "--quantize", "int4", "--data", str(DATA)])
+    assert r.exit_code == 2 and "--quantize int4: not a quantization" in _one_error_line(r)
+
+
+def test_the_quantize_command_writes_the_int8_reference(tmp_path: Path) -> None:
+    out, rep = tmp_path / "o.onnx", tmp_path / "o.json"
+    r = runner.invoke(app, ["quantize", str(MODEL), str(out), "--data", str(DATA), "--samples", str(SAMPLES),
+                            "--runs", "2", "--warmup", "0", "--report", str(rep), "-q"])
+    assert r.exit_code == 0, r.stderr
+    d = json.loads(rep.read_text())
+    assert list(d) == ["quantize", "comparison"]  # the keys its --report help names
+    help_text = " ".join(runner.invoke(app, ["quantize", "--help"], env={"COLUMNS": "200"}).stdout.split())
+    assert "(keys: quantize, comparison)" in help_text
+    assert [m["name"] for m in d["comparison"]["models"]] == ["original FP32", "original INT8"]
+    int8 = d["comparison"]["models"][1]
+    assert int8["top1_agreement"] >= 0.95 and int8["sqnr_db"] >= 30.0
+    assert int8["accuracy"] is not None and abs(int8["accuracy"] - d["comparison"]["models"][0]["accuracy"]) <= 0.03
+    assert len(d["quantize"]["chains"]) == 7 and all(c["precision"] == "int8" for c in d["quantize"]["chains"])
+
+
+def test_the_calibration_method_is_onnxruntimes() -> None:
+    """entropy / percentile ranges differ from minmax ones: the scales of the activations change."""
+    model = onnx.load(MODEL)
+    data = load_for_model(DATA, model, 32)
+    layers = ["/features/features.0/Conv"]
+    scales = {}
+    for method in ("minmax", "percentile"):
+        r = quantize_int8(model, data, QuantizeConfig(quantize="int8", method=method), layers, {"input": (1, 1, 28, 28)})
+        assert r.method == method and r.output_sqnr_db["logits"] > MIN_OUTPUT_SQNR_DB
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in r.model.graph.initializer}
+        scales[method] = {k: float(v) for k, v in inits.items() if k.endswith("_scale") and v.size == 1}
+    assert scales["minmax"].keys() == scales["percentile"].keys()
+    assert any(abs(scales["minmax"][k] - scales["percentile"][k]) > 1e-6 * scales["minmax"][k] for k in scales["minmax"])
+
+
+def test_interleave_many_rotates_the_order() -> None:
+    from onnx_tucker.runtime.bench import interleave_many
+
+    calls: list[str] = []
+    ticks = iter(range(1000))
+    fns = [lambda n=n: calls.append(n) for n in "abc"]
+    times = interleave_many(fns, warmup=1, runs=3, clock=lambda: float(next(ticks)))
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")
+    assert [len(t) for t in times] == [3, 3, 3] and all(v == pytest.approx(1e3) for t in times for v in t)
