@@ -8,7 +8,8 @@ ratios, for three rank policies, with several calibration set sizes. Not a timed
 Policies, each brought to the same MAC ratio (whole model, Conv/Gemm/MatMul):
 - `vbmf`:   EVBMF ranks (the paper) times a `--rank-scale` found by bisection;
 - `energy`: `--ranks energy:F`, F found by bisection (weight-space energy per layer);
-- `data`:   `--ranks data:1/ratio` (ranks chosen from the layers' outputs on the calibration data).
+- `data`:   `--ranks data:1/ratio` (ranks chosen from the layers' outputs on the calibration data);
+- `data+refine`: the same, then `--refine` (block-wise recovery on the same images, `--refine-steps`).
 For each: the one-shot model (no refit), then `--calibrate` with each calibration set size (drawn
 seeded from `--cal-dir`, labels unused), top-1 on the whole `--test-dir` in onnxruntime, and the wall
 time of the library's compress call with calibration (rank selection + decomposition + refit, no
@@ -57,6 +58,16 @@ def fmnist(split: str, count: int | None, seed: int) -> tuple[np.ndarray, np.nda
     return x, y
 
 
+def predictions(model, x: np.ndarray) -> np.ndarray:  # type: ignore[no-untyped-def]
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    name = s.get_inputs()[0].name
+    return np.concatenate([np.argmax(s.run(None, {name: x[i : i + 500]})[0], axis=1) for i in range(0, len(x), 500)])
+
+
 def top1(model, x: np.ndarray, labels: np.ndarray) -> float:  # type: ignore[no-untyped-def]
     import onnxruntime as ort
 
@@ -103,6 +114,7 @@ def main() -> None:
     ap.add_argument("--cal-counts", nargs="+", type=int, default=[500])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--results", type=Path, default=None)
+    ap.add_argument("--refine-steps", type=int, default=200, help="data+refine: Adam steps per block")
     a = ap.parse_args()
 
     import onnx
@@ -115,6 +127,7 @@ def main() -> None:
         x_test, y_test = cifar(a.test_dir, a.test_count, a.seed)
         cals = {n: cifar(a.cal_dir, n, a.seed)[0] for n in a.cal_counts}
     base = top1(model, x_test, y_test)
+    base_pred = predictions(model, x_test)
     print(f"{a.model.name}: original top-1 {100 * base:.2f} % on {len(y_test)} test images", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="bench-calibrate-"))
     name = model.graph.input[0].name
@@ -122,20 +135,21 @@ def main() -> None:
     for n, x in cals.items():
         cal_paths[n] = tmp / f"cal{n}.npz"
         np.savez(cal_paths[n], **{name: x})
-    print("| policy | MACs | params | one-shot | calibration images | calibrated | wall time |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| policy | MACs | params | one-shot | calibration images | calibrated | agreement | wall time |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for ratio in a.ratios:
         for policy in a.policies:
-            if policy == "data":
+            if policy in ("data", "data+refine"):
                 weight_cfg = None
             else:
                 weight_cfg = matched(model, policy, ratio)
                 one = api.compress(model, weight_cfg)
                 acc0 = top1(one.model, x_test, y_test)
             for n, path in cal_paths.items():
-                if policy == "data":
+                if policy in ("data", "data+refine"):
                     cfg = CompressionConfig(ranks=RankPolicy("data", 1.0 / ratio), calibrate=str(path), validate=False,
-                                            calibration_samples=n, seed=a.seed)
+                                            calibration_samples=n, seed=a.seed, refine=policy == "data+refine",
+                                            refine_steps=a.refine_steps)
                 else:
                     assert weight_cfg is not None
                     from dataclasses import replace
@@ -144,18 +158,22 @@ def main() -> None:
                 t0 = time.perf_counter()
                 res = api.compress(model, cfg)
                 wall = time.perf_counter() - t0
-                if policy == "data":  # its one-shot: the same ranks without the refit
+                if policy in ("data", "data+refine"):  # its one-shot: the same ranks without the refit
                     plan_path = tmp / "plan.json"
                     plan_path.write_text(res.plan.to_json())
                     acc0 = top1(api.compress(model, CompressionConfig(plan_file=str(plan_path), validate=False)).model,
                                 x_test, y_test)
-                acc1 = top1(res.model, x_test, y_test)
-                row = {"model": a.model.name, "original": base, "policy": str(cfg.ranks) if policy != "vbmf" else
-                       f"vbmf x{cfg.rank_scale:.3f}", "target_ratio": ratio, "macs_ratio": res.totals.macs_ratio,
+                pred = predictions(res.model, x_test)
+                acc1 = float(np.mean(pred == y_test))
+                name_of = str(cfg.ranks) + (" + refine" if policy == "data+refine" else "")
+                row = {"model": a.model.name, "original": base, "policy": name_of if policy != "vbmf" else
+                       f"vbmf x{cfg.rank_scale:.3f}", "target_ratio": ratio, "agreement": float(np.mean(pred == base_pred)),
+                       "refine_steps": a.refine_steps if policy == "data+refine" else None, "macs_ratio": res.totals.macs_ratio,
                        "params_ratio": res.totals.params_ratio, "one_shot": acc0, "cal_images": n, "calibrated": acc1,
                        "wall_s": wall, "test_images": int(len(y_test))}
                 print(f"| {row['policy']} | x{res.totals.macs_ratio:.2f} | x{res.totals.params_ratio:.2f} | "
-                      f"{100 * acc0:.2f} % | {n} | {100 * acc1:.2f} % | {wall:.0f} s |", flush=True)
+                      f"{100 * acc0:.2f} % | {n} | {100 * acc1:.2f} % | {100 * row['agreement']:.1f} % | {wall:.0f} s |",
+                      flush=True)
                 if a.results is not None:
                     with open(a.results, "a") as f:
                         f.write(json.dumps(row) + "\n")
