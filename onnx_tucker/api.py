@@ -98,7 +98,8 @@ def plan(
     (the work and memory it will take; `report.tables.calibration_estimate_line` renders it)."""
     config = config or CompressionConfig()
     in_path = None if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
-    check_output_paths(in_path, {"--save-plan": save_plan, "--report": report})
+    check_output_paths(in_path, {"--save-plan": save_plan, "--report": report,
+                                 "--sensitivity": config.calibration.sensitivity})
     source = SourceModel.load(model_or_path, config.input_shapes)
     result = _planned(source, config, progress, timer, evaluator, profile_runs, events).planned
     with OutputBatch() as batch:
@@ -148,7 +149,8 @@ def compress(
     config = config or CompressionConfig()
     t0 = time.perf_counter()
     in_path = None if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
-    check_output_paths(in_path, {"OUT": output, "--save-plan": save_plan, "--report": report, "--markdown": markdown})
+    check_output_paths(in_path, {"OUT": output, "--save-plan": save_plan, "--report": report, "--markdown": markdown,
+                                 "--sensitivity": config.calibration.sensitivity})
     q_step = _QuantizeStep.before(config, quantize)  # issue 18: refused before any work
     source = SourceModel.load(model_or_path, config.input_shapes)
     if q_step is not None:

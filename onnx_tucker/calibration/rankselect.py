@@ -74,6 +74,7 @@ from ..ops.layer import Im2col, Layer
 from ..ops.registry import find_handler, handler_for
 from ..planning.planner import LayerPlan, PlannedRanks, SkipCause
 from ..runtime.activations import ActivationCache
+from .sensitivity import LayerSensitivity
 
 if TYPE_CHECKING:  # annotations only: the stages take models from the graph layer
     import onnx
@@ -413,6 +414,10 @@ class DataRankSelection:
     # Per layer left to the fallback plan (not ruled out by the model itself): why the data path did not take it.
     fallback: Mapping[str, str] = field(default_factory=dict)
     notes: Mapping[str, str] = field(default_factory=dict)  # per covered layer, how its curves were reached when not exactly
+    # Per covered layer, its candidates and note: the sensitivity table (`sensitivity.py`), and whether
+    # they were computed on the data now (False: read from a table).
+    sensitivity: Mapping[str, LayerSensitivity] = field(default_factory=dict)
+    walked: bool = True
 
 
 def _fallback_reason(lay: Layer, p: LayerPlan, cov: Coverage | str) -> str | None:
@@ -432,6 +437,31 @@ def _fallback_policy(p: LayerPlan, fraction: float) -> str:
     return f"{head};data:{fraction:g} fallback"
 
 
+def _walk(original: onnx.ModelProto, covered: Sequence[tuple[Layer, Coverage]], batches: Sequence[Mapping[str, np.ndarray]],
+          count: int, read_weight: Callable[[str], np.ndarray], opts: DataRankOptions,
+          progress: Callable[[str, int, int], None] | None, notes: dict[str, str]) -> list[list[RankCandidate]]:
+    """The one walk over the original: each covered layer's candidates (`notes` gains how its curves
+    were reached when not exactly)."""
+    candidates: list[list[RankCandidate]] = []
+    with ActivationCache(original, batches, "original", opts.memory_bytes) as cache:
+        rate = ""
+        for step, (lay, cov) in enumerate(covered):
+            if progress is not None:  # the bar shows the layer and the speed of the one before
+                progress(lay.layer_id + rate, step, len(covered))
+            t0 = time.perf_counter()
+            # Only Tucker-2 and the layers not refit read the kernel: a wide FC layer's weight is not touched.
+            weight = read_weight(lay.weight_name) if lay.weight_name and cov.reads_weight else np.zeros(0)
+            bias = read_weight(lay.bias_name) if lay.bias_name and not cov.refit else None
+            curves = layer_curves(lay, cov, cache.values, weight, count, opts, bias)
+            if curves.note:
+                notes[lay.layer_id] = curves.note
+            candidates.append(_candidates(lay, cov, curves))
+            rate = f" ({count / max(time.perf_counter() - t0, 1e-9):.0f} img/s)"
+    if progress is not None and covered:
+        progress(covered[-1][0].layer_id, len(covered), len(covered))
+    return candidates
+
+
 def select_ranks_data(
     original: onnx.ModelProto,
     layers: Sequence[Layer],
@@ -442,11 +472,14 @@ def select_ranks_data(
     options: DataRankOptions | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     allocator: Allocator | None = None,
+    cached: Mapping[str, LayerSensitivity] | None = None,
 ) -> DataRankSelection:
     """Kinds and ranks for every layer so the model keeps `fraction` of its MACs (see the module
     docstring). `fallback`: the weight-space plan of each layer (same order as `layers`), used for the
     layers the error model does not cover and for the ones it may not touch (skipped, excluded).
-    `allocator`: how the candidates are allocated (default `allocate_macs`; see `Allocator`)."""
+    `allocator`: how the candidates are allocated (default `allocate_macs`; see `Allocator`).
+    `cached`: a sensitivity table for these layers and data (`sensitivity.read_table`): when it has
+    every covered layer, its candidates are used and the original is not walked."""
     opts = options or DataRankOptions()
     count = sum(int(next(iter(b.values())).shape[0]) for b in batches)
     total = sum(int(p.macs_before or 0) for p in fallback)
@@ -482,22 +515,17 @@ def select_ranks_data(
         fixed += int(p.macs_after or p.macs_before or 0)
     budget = math.floor(fraction * total) - fixed
     candidates: list[list[RankCandidate]] = []
-    with ActivationCache(original, batches, "original", opts.memory_bytes) as cache:
-        rate = ""
-        for step, (lay, cov) in enumerate(covered):
-            if progress is not None:  # the bar shows the layer and the speed of the one before
-                progress(lay.layer_id + rate, step, len(covered))
-            t0 = time.perf_counter()
-            # Only Tucker-2 and the layers not refit read the kernel: a wide FC layer's weight is not touched.
-            weight = read_weight(lay.weight_name) if lay.weight_name and cov.reads_weight else np.zeros(0)
-            bias = read_weight(lay.bias_name) if lay.bias_name and not cov.refit else None
-            curves = layer_curves(lay, cov, cache.values, weight, count, opts, bias)
-            if curves.note:
-                notes[lay.layer_id] = curves.note
-            candidates.append(_candidates(lay, cov, curves))
-            rate = f" ({count / max(time.perf_counter() - t0, 1e-9):.0f} img/s)"
-    if progress is not None and covered:
-        progress(covered[-1][0].layer_id, len(covered), len(covered))
+    walked = not (cached is not None and all(lay.layer_id in cached for lay, _ in covered))
+    if walked:
+        candidates = _walk(original, covered, batches, count, read_weight, opts, progress, notes)
+    else:
+        assert cached is not None
+        for lay, _ in covered:
+            candidates.append(list(cached[lay.layer_id].candidates))
+            if cached[lay.layer_id].note:
+                notes[lay.layer_id] = cached[lay.layer_id].note
+    table = {lay.layer_id: LayerSensitivity(tuple(cs), notes.get(lay.layer_id, ""))
+             for (lay, _), cs in zip(covered, candidates, strict=True)}
     if allocator is None:
         alloc = allocate_macs(candidates, max(budget, 0))
     else:
@@ -522,4 +550,4 @@ def select_ranks_data(
     policy = f"data:{fraction:g}"
     planned = PlannedRanks(entries, policy, reasons=reasons, policy=policy, causes=causes, policies=policies,
                            notes={k: v for k, v in notes.items() if entries[k][0] != "skip"})
-    return DataRankSelection(planned, chosen, max(budget, 0), alloc.macs, fixed, total, why_fallback, notes)
+    return DataRankSelection(planned, chosen, max(budget, 0), alloc.macs, fixed, total, why_fallback, notes, table, walked)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from ..config import CompressionConfig, RankPolicy
 from ..errors import UsageError
 from ..graph.rewrite import Replacement
+from ..graph.save import write_text_atomic
 from ..graph.source import SourceModel
 from ..ops.layer import Layer
 from ..planning.budget import BudgetOutcome, Evaluator, agreement_budget_plan
@@ -36,7 +37,8 @@ from .calibrate import (
 )
 from .latency_alloc import SIMD_MULTIPLE, LatencyAllocator
 from .memory import CalibrationEstimate, plan_calibration
-from .rankselect import DataRankOptions, select_ranks_data
+from .rankselect import DataRankOptions, DataRankSelection, select_ranks_data
+from .sensitivity import read_table, table_json, table_key
 
 if TYPE_CHECKING:
     import onnx
@@ -87,10 +89,19 @@ def data_selection(source: SourceModel, config: CompressionConfig, progress: Ste
     del used
     if events is not None:
         events("calibration-estimate", {"estimate": est})
+    table_path = config.calibration.sensitivity
+    key = table_key(source.model.SerializeToString(), batches, opts) if table_path else ""
+    cached = read_table(table_path, key) if table_path else None
+
+    def keep_table(selection: DataRankSelection) -> None:  # written when computed now, read next time
+        if table_path and selection.walked:
+            write_text_atomic(table_path, table_json(key, selection.sensitivity))
+
     if target is not None and target.metric == "agreement":
         captured = CapturingAllocator()  # the curves once; the search re-allocates them per fraction
         selection = select_ranks_data(source.model, list(source.layers), fallback, batches, 1.0, source.read_weight,
-                                      opts, progress, allocator=captured)
+                                      opts, progress, allocator=captured, cached=cached)
+        keep_table(selection)
         del batches
         plan_at, least = data_plan_at(selection, captured, target)
         samples = (0, 0)
@@ -116,7 +127,8 @@ def data_selection(source: SourceModel, config: CompressionConfig, progress: Ste
         raise UsageError(f"--target {target} --calibrate: the layers must be timed; give a timer (the api's `timer`)")
     selection = select_ranks_data(source.model, list(source.layers), fallback, batches,
                                   1.0 if by_time else float(fraction or 1.0), source.read_weight,
-                                  opts, progress, allocator=allocator)
+                                  opts, progress, allocator=allocator, cached=cached)
+    keep_table(selection)
     if allocator is None:
         return DataRanks(selection.planned)
     return DataRanks(allocator.annotate(selection.planned), allocator.result, allocator.outcome(str(target)))
