@@ -4,7 +4,8 @@ that compares op types (the rule is tests/test_boundaries.py's).
 Folding, normalisation for torch and the probes of a rewritten model need to know a `Constant`
 node, a pass-through (`Identity`, `Dropout`), a `Reshape`, a residual `Add`, the random and the
 quantize ops, and the pools whose padding is not zeros (`MaxPool`, `AveragePool`). Layer operators
-(Conv, ConvTranspose, Gemm, MatMul, the quantized and fused ones) are never named here: which nodes are layers, and what they mean, is asked of `ops.registry`.
+(Conv, ConvTranspose, Gemm, MatMul, the quantized and fused ones) are never named here: which nodes
+are layers, and what they mean, is asked of `ops.registry`.
 """
 
 from __future__ import annotations
