@@ -3,8 +3,9 @@ that compares op types (the rule is tests/test_boundaries.py's).
 
 Folding, normalisation for torch and the probes of a rewritten model need to know a `Constant`
 node, a pass-through (`Identity`, `Dropout`), a `Reshape`, a residual `Add`, the random and the
-quantize ops. Layer operators (Conv, ConvTranspose, Gemm, MatMul, the quantized and fused ones) are
-never named here: which nodes are layers, and what they mean, is asked of `ops.registry`.
+quantize ops, and the pools whose padding is not zeros (`MaxPool`, `AveragePool`). Layer operators
+(Conv, ConvTranspose, Gemm, MatMul, the quantized and fused ones) are never named here: which nodes
+are layers, and what they mean, is asked of `ops.registry`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ RANDOM_OPS = frozenset(
 )
 # Quantized weights stay quantized: decomposing a dequantized copy would silently de-quantize the model.
 QUANTIZED_OPS = frozenset({"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear"})
-# The structural ops the graph layer may name (besides the two sets above).
-STRUCTURAL_OPS = frozenset({"Constant", "Identity", "Dropout", "Reshape", "Add"}) | RANDOM_OPS | QUANTIZED_OPS
+# Pools whose padding is not a zero (torch-readiness: `auto_pad` made an explicit `Pad` node).
+PADDED_POOLS = frozenset({"MaxPool", "AveragePool"})
+# The structural ops the graph layer may name (besides the sets above).
+STRUCTURAL_OPS = frozenset({"Constant", "Identity", "Dropout", "Reshape", "Add"}) | RANDOM_OPS | QUANTIZED_OPS | PADDED_POOLS
 
 
 class _Node(Protocol):

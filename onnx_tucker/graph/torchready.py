@@ -7,6 +7,12 @@ same outputs at inference:
 - a `Reshape` whose constant shape hard-codes the batch size (the old exporters' `[1, 2048]`) gets
   `0` there ("copy the input's dim 0"), and fixed batch dims of graph inputs / outputs become the
   symbol `batch`, so the model trains and exports with any batch;
+- weights held in `Constant` nodes (every Paddle2ONNX export) are lifted into initializers, so
+  onnx2torch makes them parameters (trainable; the export writes them back as initializers);
+- `auto_pad` SAME_UPPER / SAME_LOWER / VALID becomes explicit `pads` from the input's inferred
+  shape (the handler says how for a transposed conv); where the padding depends on a spatial size
+  not known until run time (stride > 1), an explicit `Pad` node computes it from the input's shape
+  (-inf for a MaxPool); what cannot be made exact is refused naming the node;
 - the opset is converted (onnx.version_converter) to one where onnx2torch has a converter for every
   node, when the model's own opset has none for some node.
 """
@@ -15,11 +21,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..errors import ModelLoadError
+from ..ops.base import same_pads
 from ..ops.registry import find_handler
 from .optypes import is_op
 
@@ -195,18 +204,215 @@ def _fix_batch(model: onnx.ModelProto, changes: list[str]) -> None:
         changes.append("declared the batch dim of the graph inputs and outputs as dynamic")
 
 
-def normalize(model: onnx.ModelProto, supported: Supported) -> tuple[Normalized, list[str]]:
-    """A copy of `model` ready for onnx2torch, and the ops onnx2torch still cannot take (empty: fine)."""
+def _lift_constants(model: onnx.ModelProto, changes: list[str]) -> None:
+    """`Constant` nodes of the main graph (tensor values) -> initializers of the same name."""
+    g = model.graph
+    outputs = {o.name for o in g.output}
+    inits = {t.name for t in g.initializer}
+    keep, lifted = [], []
+    for n in g.node:
+        value = None
+        if is_op(n, "Constant") and n.domain in ("", "ai.onnx") and len(n.output) == 1 and n.output[0] not in outputs | inits:
+            value = _constant_attr(n)
+        if value is None:
+            keep.append(n)
+            continue
+        t = numpy_helper.from_array(value, n.output[0])
+        lifted.append(t)
+    if not lifted:
+        return
+    del g.node[:]
+    g.node.extend(keep)
+    g.initializer.extend(lifted)
+    if model.ir_version < 4:  # initializers must be graph inputs before IR 4
+        g.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in lifted)
+    weights = sum(1 for t in lifted if len(t.dims) >= 2)
+    changes.append(f"lifted {len(lifted)} Constant node(s) into initializers ({weights} of them weight-shaped, now trainable)")
+
+
+def _constant_attr(n: onnx.NodeProto) -> np.ndarray | None:
+    for a in n.attribute:
+        if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+            return numpy_helper.to_array(a.t)
+        if a.name in ("value_float", "value_floats"):
+            return np.asarray(helper.get_attribute_value(a), dtype=np.float32)
+        if a.name in ("value_int", "value_ints"):
+            return np.asarray(helper.get_attribute_value(a), dtype=np.int64)
+    return None  # sparse or string values stay Constant nodes
+
+
+AUTO_PADS = ("SAME_UPPER", "SAME_LOWER", "VALID")
+
+
+def _attr(n: onnx.NodeProto, name: str) -> Any:
+    for a in n.attribute:
+        if a.name == name:
+            v = helper.get_attribute_value(a)
+            return v.decode() if isinstance(v, bytes) else v
+    return None
+
+
+def _set_attr(n: onnx.NodeProto, name: str, value: Any) -> None:
+    kept = [a for a in n.attribute if a.name != name]
+    del n.attribute[:]
+    n.attribute.extend(kept)
+    if value is not None:
+        n.attribute.append(helper.make_attribute(name, value))
+
+
+def _inferred_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, list[int | None]]]:
+    """(elem type, dims: None where not known) of every tensor shape inference reaches."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - inference fails on odd graphs (and > 2 GB): the declared shapes only
+        inferred = model
+    out: dict[str, tuple[int, list[int | None]]] = {}
+    g = inferred.graph
+    for v in [*g.input, *g.value_info, *g.output]:
+        tt = v.type.tensor_type
+        if tt.HasField("shape"):
+            out[v.name] = (tt.elem_type, [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim])
+    for t in g.initializer:
+        out[t.name] = (t.data_type, list(t.dims))
+    return out
+
+
+def _explicit_pads(model: onnx.ModelProto, changes: list[str], source: str) -> None:
+    """Every `auto_pad` SAME_* / VALID of the default domain as explicit `pads` (or a `Pad` node)."""
+    g = model.graph
+    todo = {k for k, n in enumerate(g.node) if n.domain in ("", "ai.onnx") and _attr(n, "auto_pad") in AUTO_PADS}
+    if not todo:
+        return
+    shapes = _inferred_shapes(model)
+    existing = {t.name for t in g.initializer} | {o for n in g.node for o in n.output} | {i.name for i in g.input}
+
+    def fresh(base: str) -> str:
+        name, k = base, 1
+        while name in existing:
+            name, k = f"{base}_{k}", k + 1
+        existing.add(name)
+        return name
+
+    opset = default_opset(model)
+    new_nodes: list[onnx.NodeProto] = []
+    static = dynamic = 0
+    for k, n in enumerate(g.node):
+        mode = _attr(n, "auto_pad")
+        if k not in todo:
+            new_nodes.append(n)
+            continue
+        where = f"{source}: node '{n.name}' ({n.op_type}, auto_pad {mode})"
+        x = shapes.get(n.input[0])
+        if x is None or len(x[1]) < 3:
+            raise ModelLoadError(f"{where}: the rank of its input is not known, so its padding cannot be made explicit "
+                                 "for onnx2torch; declare the model's input shapes")
+        elem, dims = x
+        rank = len(dims) - 2
+        kernel = _attr(n, "kernel_shape")
+        if kernel is None and len(n.input) > 1 and n.input[1] in shapes:
+            kernel = shapes[n.input[1]][1][2:]
+        if kernel is None or None in kernel or len(kernel) != rank:
+            raise ModelLoadError(f"{where}: its kernel size is not known; give the node a kernel_shape attribute")
+        strides = _attr(n, "strides") or [1] * rank
+        dilations = _attr(n, "dilations") or [1] * rank
+        out_pad = _attr(n, "output_padding") or [0] * rank
+        if _attr(n, "output_shape") is not None:
+            raise ModelLoadError(f"{where}: an output_shape attribute with auto_pad is not rewritten; export the "
+                                 "model with explicit pads")
+        per: list[tuple[int, int] | None] = []
+        if mode == "VALID":
+            per = [(0, 0)] * rank
+        else:
+            handler = find_handler(n.op_type)
+            upper = mode == "SAME_UPPER"
+            for i in range(rank):
+                args = (dims[2 + i], int(kernel[i]), int(strides[i]), int(dilations[i]), int(out_pad[i]), upper)
+                per.append(handler.auto_pads(*args) if handler is not None else same_pads(*args[:4], upper))
+        if all(p is not None for p in per):
+            pads = [p[0] for p in per if p] + [p[1] for p in per if p]
+            static += 1
+        elif any(p is None and dims[2 + i] is not None for i, p in enumerate(per)):
+            raise ModelLoadError(f"{where}: its stride exceeds its kernel span, which needs negative pads; export the "
+                                 "model with explicit pads")
+        else:
+            new_nodes.extend(_runtime_pad(n, elem, rank, [int(k) for k in kernel], [int(v) for v in strides],
+                                          [int(v) for v in dilations], mode == "SAME_UPPER", opset, fresh, where, g))
+            pads = [0] * (2 * rank)
+            dynamic += 1
+        _set_attr(n, "auto_pad", None)
+        _set_attr(n, "pads", pads)
+        if _attr(n, "ceil_mode"):  # the SAME output size ceil(in / stride) is what floor mode gives with these pads
+            _set_attr(n, "ceil_mode", 0)
+        new_nodes.append(n)
+    del g.node[:]
+    g.node.extend(new_nodes)
+    if static:
+        changes.append(f"made the auto_pad of {static} node(s) explicit pads (from the inferred input shapes)")
+    if dynamic:
+        changes.append(f"made the auto_pad of {dynamic} node(s) explicit Pad nodes (their padding depends on the input size)")
+
+
+def _runtime_pad(n: onnx.NodeProto, elem: int, rank: int, kernel: list[int], strides: list[int], dilations: list[int],
+                 upper: bool, opset: int, fresh: Callable[[str], str], where: str, g: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Nodes computing SAME padding from the runtime shape of `n`'s input and padding it; `n` is rewired to
+    read the padded tensor."""
+    if opset < 11:
+        raise ModelLoadError(f"{where}: its padding depends on a spatial size not known until run time, which needs a "
+                             f"Pad node with computed pads (opset 11 or later; this model has {opset}); declare fixed input sizes")
+    value: float = 0.0
+    if is_op(n, "MaxPool"):
+        value = float("-inf")
+    elif is_op(n, "AveragePool") and not _attr(n, "count_include_pad"):
+        raise ModelLoadError(f"{where}: its padding depends on a spatial size not known until run time, and an average "
+                             "that leaves the padding out cannot read an explicitly padded input; declare fixed input sizes")
+    base = n.name or n.output[0]
+    span = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
+
+    def const(name: str, values: list[int]) -> str:
+        t = fresh(f"{base}_pad_{name}")
+        g.initializer.append(numpy_helper.from_array(np.asarray(values, dtype=np.int64), t))
+        return t
+
+    nodes: list[onnx.NodeProto] = []
+
+    def node(inputs: list[str], op: str, **attrs: Any) -> str:  # inputs first: no name here binds an op name
+        out = fresh(f"{base}_pad_{op.lower()}")
+        nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    shape = node([n.input[0]], "Shape")
+    size = node([shape, const("start", [2]), const("stop", [2 + rank]), const("axis", [0])], "Slice")
+    s = const("strides", strides)
+    out = node([node([size, const("stride_minus_1", [v - 1 for v in strides])], "Add"), s], "Div")  # ceil(size / stride)
+    need = node([node([node([node([out, const("one", [1] * rank)], "Sub"), s], "Mul"), const("span", span)], "Add"), size], "Sub")
+    total = node([need, const("zero", [0] * rank)], "Max")
+    half = node([total, const("two", [2] * rank)], "Div")
+    rest = node([total, half], "Sub")
+    begin, end = (half, rest) if upper else (rest, half)
+    zeros2 = const("zero2", [0, 0])
+    pads = node([zeros2, begin, zeros2, end], "Concat", axis=0)
+    fill = fresh(f"{base}_pad_value")
+    g.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=helper.tensor_dtype_to_np_dtype(elem)), fill))
+    padded = node([n.input[0], pads, fill], "Pad", mode="constant")
+    n.input[0] = padded
+    return nodes
+
+
+def normalize(model: onnx.ModelProto, supported: Supported, source: str = "the model") -> tuple[Normalized, list[str]]:
+    """A copy of `model` ready for onnx2torch, and the ops onnx2torch still cannot take (empty: fine).
+    Raises ModelLoadError (naming `source` and the node) for what cannot be rewritten exactly."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     changes: list[str] = []
-    source = default_opset(m)
+    source_opset = default_opset(m)
+    _lift_constants(m, changes)
     _drop_passthrough(m, changes)
+    _explicit_pads(m, changes, source)
     _fix_batch(m, changes)
     bad = unsupported_ops(m, supported)
     if bad:
         for target in CANDIDATE_OPSETS:
-            if target == source:
+            if target == source_opset:
                 continue
             try:
                 conv = onnx.version_converter.convert_version(m, target)
@@ -215,9 +421,9 @@ def normalize(model: onnx.ModelProto, supported: Supported) -> tuple[Normalized,
             if not unsupported_ops(conv, supported):
                 conv.ir_version = max(conv.ir_version, m.ir_version)
                 m, bad = conv, []
-                changes.append(f"converted opset {source} -> {target}")
+                changes.append(f"converted opset {source_opset} -> {target}")
                 break
-    return Normalized(m, default_opset(m), source, tuple(changes)), bad
+    return Normalized(m, default_opset(m), source_opset, tuple(changes)), bad
 
 
 def weight_structure(model: onnx.ModelProto) -> list[tuple[str, tuple[int, ...]]]:

@@ -44,6 +44,21 @@ LABELS = {
 MODE_NAMES = {"tucker2": ("output", "input"), "tucker1": ("output",), "svd": ("matrix",)}
 
 
+def same_pads(size: int | None, kernel: int, stride: int, dilation: int, upper: bool) -> tuple[int, int] | None:
+    """(begin, end) padding of one spatial axis under `auto_pad` SAME_UPPER / SAME_LOWER for a windowed
+    op that slides over its input (Conv, the pools): output ceil(size / stride), the odd pixel at the end
+    (UPPER) or the beginning (LOWER). None when it depends on a `size` not known (stride > 1)."""
+    span = (kernel - 1) * dilation + 1
+    if stride == 1:
+        total = span - 1
+    elif size is None:
+        return None
+    else:
+        total = max(0, (-(-size // stride) - 1) * stride + span - size)
+    small, big = total // 2, total - total // 2
+    return (small, big) if upper else (big, small)
+
+
 def prod(dims: tuple[int | None, ...] | None) -> int | None:
     """Product of known dims (None when any is unknown)."""
     if dims is None or any(d is None for d in dims):
@@ -242,6 +257,12 @@ class OpHandler:
         """What a round trip through torch keeps of this layer (fine-tuning's export check): matrix
         layers come back as Gemm or MatMul, their weight either way round."""
         return "Gemm/MatMul", tuple(sorted(weight_shape))
+
+    def auto_pads(self, size: int | None, kernel: int, stride: int, dilation: int, output_padding: int,
+                  upper: bool) -> tuple[int, int] | None:
+        """`auto_pad` SAME_* as explicit (begin, end) pads of one axis (fine-tuning's torch-readiness pass);
+        None when they depend on a size not known."""
+        return same_pads(size, kernel, stride, dilation, upper)
 
     # ---- rewriting -----------------------------------------------------------------------------
     def stored(self, layer: Layer, factors: LayerFactors) -> tuple[np.ndarray, ...]:

@@ -67,6 +67,16 @@ class ConvTransposeHandler(ConvHandler):
     def factorisation_key(self, layer: Layer) -> tuple[object, ...]:
         return (self.op_type, self.groups(layer))
 
+    def auto_pads(self, size: int | None, kernel: int, stride: int, dilation: int, output_padding: int,
+                  upper: bool) -> tuple[int, int] | None:
+        # Output size * stride: total = output_padding + span - stride whatever the size, the odd pixel at
+        # the end for SAME_UPPER (the ONNX spec; onnxruntime agrees, tests/test_torchready_exporters.py).
+        total = output_padding + (kernel - 1) * dilation + 1 - stride
+        if total < 0:
+            return None
+        small, big = total // 2, total - total // 2
+        return (small, big) if upper else (big, small)
+
     def im2col(self, layer: Layer) -> Im2col | None:
         # A transposed conv scatters each input pixel over a kernel window: its output is not a
         # matrix product of input rows, so calibration and data-driven ranks do not cover it.

@@ -18,8 +18,12 @@ from ..graph import torchready
 INSTALL_HINT = "pip install 'onnx-tucker[finetune]' after a CPU torch (see the README: Fine-tuning)"
 
 # Names given by the compressor to the nodes of a decomposed layer (graph/rewrite.py), as
-# onnx2torch turns them into module names: '.../tucker_core', '.../svd_last_1', ...
-FACTOR_MODULE = re.compile(r"(^|/)(tucker_first|tucker_core|tucker_last|svd_first|svd_last)(_\d+)?$")
+# onnx2torch turns them into module names: '.../tucker_core', '.../svd_last_1', and '.../tucker_core.1'
+# where onnx2torch wraps the conv in a Sequential (an asymmetric padding first).
+FACTOR_MODULE = re.compile(r"(^|/)(tucker_first|tucker_core|tucker_last|svd_first|svd_last)(_\d+)?(\.\d+)?$")
+# Set on a converted module: parameter name -> the ONNX node that owns it, for the weights this module
+# made parameters out of onnx2torch's constant buffers (a MatMul's weight).
+OWNERS_ATTR = "_onnx_tucker_owners"
 
 MAX_EXPORT_OPSET = 17
 MIN_EXPORT_OPSET = 9
@@ -77,7 +81,7 @@ def _supported() -> torchready.Supported:
 def to_torch(model: onnx.ModelProto, source: str) -> tuple[Any, torchready.Normalized]:
     """Normalise, then convert. Raises one ModelLoadError naming every op onnx2torch cannot take."""
     onnx2torch = import_onnx2torch()
-    norm, bad = torchready.normalize(model, _supported())
+    norm, bad = torchready.normalize(model, _supported(), source)
     if bad:
         raise ModelLoadError(
             f"{source}: onnx2torch cannot convert {len(bad)} op type(s) at opset {norm.source_opset} or any opset tried: "
@@ -88,7 +92,45 @@ def to_torch(model: onnx.ModelProto, source: str) -> tuple[Any, torchready.Norma
     except Exception as e:  # noqa: BLE001 - onnx2torch raises NotImplementedError, KeyError, ...
         msg = " ".join(str(e).split()) or type(e).__name__
         raise ModelLoadError(f"{source}: onnx2torch failed to convert the model ({msg[:300]}); please report this") from None
+    _weights_as_parameters(module, norm.model)
     return module, norm
+
+
+def _weights_as_parameters(module: Any, model: onnx.ModelProto) -> None:
+    """onnx2torch keeps the initializers a layer op reads as data (a MatMul's weight: Paddle's and the
+    Tucker SVD chains' fully connected layers) as constant buffers, which no optimizer sees. Each float
+    buffer of 2+ dims read by a layer node becomes a parameter, its ONNX owner recorded for --train factors."""
+    torch = import_torch()
+    from ..ops.registry import find_handler
+
+    container = getattr(module, "initializers", None)
+    graph = getattr(module, "graph", None)
+    if container is None or graph is None:
+        return
+    ops: dict[str, str] = {}  # onnx2torch's module name of each node (OnnxGraph.generate_node_name, numbered)
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        base = (f"{n.domain}/" + (n.name.replace(".", "/") or n.op_type)).lstrip("/")
+        k = counts.get(base, 0)
+        counts[base] = k + 1
+        ops[base + (f"_{k}" if k else "")] = n.op_type
+    owners: dict[str, str] = {}
+    for node in graph.nodes:
+        if node.op != "get_attr" or not str(node.target).startswith("initializers."):
+            continue
+        name = str(node.target).split(".", 1)[1]
+        t = container._buffers.get(name)
+        if t is None or not t.is_floating_point() or t.ndim < 2:
+            continue
+        users = [str(u.target) for u in node.users if u.op == "call_module"]
+        layer = next((u for u in users if find_handler(ops.get(u, "")) is not None), None)
+        if layer is None:
+            continue
+        del container._buffers[name]
+        container.register_parameter(name, torch.nn.Parameter(t))
+        owners[f"initializers.{name}"] = layer
+    if owners:
+        setattr(module, OWNERS_ATTR, owners)
 
 
 def select_trainable(module: Any, train: str, source: str) -> tuple[list[str], int, int]:
@@ -97,8 +139,9 @@ def select_trainable(module: Any, train: str, source: str) -> tuple[list[str], i
 
     names = []
     total = trainable = 0
+    owners = getattr(module, OWNERS_ATTR, {})
     for name, p in module.named_parameters():
-        owner = name.rsplit(".", 1)[0]
+        owner = owners.get(name, name.rsplit(".", 1)[0])
         on = train == "all" or bool(FACTOR_MODULE.search(owner))
         p.requires_grad_(on)
         total += p.numel()

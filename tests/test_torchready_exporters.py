@@ -1,0 +1,208 @@
+"""Torch-readiness of what real exporters write (issue 20): `auto_pad` SAME_* / VALID made explicit pads
+(or a `Pad` node for a spatial size known only at run time), weights held in `Constant` nodes lifted to
+initializers. Each rewrite equals onnxruntime before and after; the converted module equals it too; one
+training step changes exactly the trainable weights, the lifted Constant weights included."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.helpers import _finish, _init, he_normal, run_ort, save
+
+torch = pytest.importorskip("torch")
+if importlib.util.find_spec("onnx2torch") is None:
+    pytest.skip("onnx2torch is not installed (pip install -e '.[finetune]')", allow_module_level=True)
+
+import onnx_tucker as ot  # noqa: E402
+from onnx_tucker.config import RankPolicy  # noqa: E402
+from onnx_tucker.errors import ModelLoadError  # noqa: E402
+from onnx_tucker.graph import torchready  # noqa: E402
+from onnx_tucker.training import FinetuneConfig  # noqa: E402
+from onnx_tucker.training import convert as ftc  # noqa: E402
+
+torch.set_num_threads(1)
+ANY: torchready.Supported = lambda domain, op, version: True  # noqa: E731 - the graph rewrites need no converter list
+
+
+def _window_model(op: str, mode: str, size: int | str, stride: int, kernel: int = 3, opset: int = 17,
+                  **extra: object) -> onnx.ModelProto:
+    """x [N, 4, size, size] -> op (auto_pad `mode`) -> y; a Conv has 6 output channels and a bias."""
+    rng = np.random.default_rng(size if isinstance(size, int) else 0)
+    inits, inputs = [], ["x"]
+    if op in ("Conv", "ConvTranspose"):
+        shape = (6, 4, kernel, kernel) if op == "Conv" else (4, 6, kernel, kernel)
+        inits = [_init("w", he_normal(rng, shape)), _init("b", (0.1 * rng.standard_normal(6)).astype(np.float32))]
+        inputs += ["w", "b"]
+    node = helper.make_node(op, inputs, ["y"], name=f"{op.lower()}_0", auto_pad=mode, kernel_shape=[kernel, kernel],
+                            strides=[stride, stride], **extra)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, size, size])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6 if inits else 4, "h", "w"])
+    return _finish([node], [x], [y], inits, opset=opset)
+
+
+def _torch_out(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    module, _ = ftc.to_torch(model, "m.onnx")
+    with torch.no_grad():
+        return module(torch.from_numpy(x)).numpy()
+
+
+def _symmetric(pads: list[int]) -> bool:
+    return pads[: len(pads) // 2] == pads[len(pads) // 2 :]
+
+
+# ---- auto_pad -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("op", ["Conv", "MaxPool", "AveragePool"])
+@pytest.mark.parametrize("mode", ["SAME_UPPER", "SAME_LOWER", "VALID"])
+@pytest.mark.parametrize("size", [7, 8])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_auto_pad_becomes_explicit_pads_with_equal_outputs(op: str, mode: str, size: int, stride: int) -> None:
+    model = _window_model(op, mode, size, stride)
+    norm, bad = torchready.normalize(model, ANY)
+    assert bad == []
+    (node,) = norm.model.graph.node
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert "auto_pad" not in attrs and len(attrs["pads"]) == 4
+    onnx.checker.check_model(norm.model)
+    x = np.random.default_rng(1).standard_normal((2, 4, size, size)).astype(np.float32)
+    ref = run_ort(model, {"x": x})["y"]
+    assert ref.shape[2] == (-(-size // stride) if mode != "VALID" else (size - 3) // stride + 1)
+    np.testing.assert_allclose(run_ort(norm.model, {"x": x})["y"], ref, rtol=0, atol=1e-6)
+    if op == "AveragePool" and not _symmetric(list(attrs["pads"])):
+        with pytest.raises(ModelLoadError, match="non symmetrical"):  # onnx2torch's own limit, named
+            ftc.to_torch(model, "m.onnx")
+        return
+    np.testing.assert_allclose(_torch_out(model, x), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["Conv", "MaxPool"])
+@pytest.mark.parametrize("mode", ["SAME_UPPER", "SAME_LOWER"])
+def test_a_runtime_spatial_size_gets_a_pad_node_exact_at_odd_and_even_sizes(op: str, mode: str) -> None:
+    model = _window_model(op, mode, "H", 2)
+    norm, bad = torchready.normalize(model, ANY)
+    assert bad == [] and "Pad" in [n.op_type for n in norm.model.graph.node]
+    onnx.checker.check_model(norm.model)
+    module, _ = ftc.to_torch(model, "m.onnx")
+    for size in (7, 8, 9):
+        x = np.random.default_rng(size).standard_normal((2, 4, size, size)).astype(np.float32) - 3  # MaxPool: -inf pads show
+        ref = run_ort(model, {"x": x})["y"]
+        np.testing.assert_allclose(run_ort(norm.model, {"x": x})["y"], ref, rtol=0, atol=1e-6)
+        with torch.no_grad():
+            np.testing.assert_allclose(module(torch.from_numpy(x)).numpy(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_stride_one_needs_no_size_and_unexactable_padding_is_refused_naming_the_node() -> None:
+    norm, _ = torchready.normalize(_window_model("Conv", "SAME_UPPER", "H", 1), ANY)
+    assert [n.op_type for n in norm.model.graph.node] == ["Conv"]  # padding k - 1 whatever the size
+    model = _window_model("AveragePool", "SAME_UPPER", "H", 2)  # count_include_pad=0 cannot read a padded input
+    with pytest.raises(ModelLoadError, match=r"^m\.onnx: node 'averagepool_0' \(AveragePool, auto_pad SAME_UPPER\)"):
+        torchready.normalize(model, ANY, "m.onnx")
+    norm, _ = torchready.normalize(_window_model("AveragePool", "SAME_UPPER", "H", 2, count_include_pad=1), ANY)
+    x = np.random.default_rng(0).standard_normal((1, 4, 9, 9)).astype(np.float32)
+    ref = run_ort(_window_model("AveragePool", "SAME_UPPER", "H", 2, count_include_pad=1), {"x": x})["y"]
+    np.testing.assert_allclose(run_ort(norm.model, {"x": x})["y"], ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["SAME_UPPER", "SAME_LOWER", "VALID"])
+@pytest.mark.parametrize("kernel", [3, 4])
+def test_conv_transpose_auto_pad_equals_onnxruntime(mode: str, kernel: int) -> None:
+    model = _window_model("ConvTranspose", mode, 5, 2, kernel=kernel)
+    norm, bad = torchready.normalize(model, ANY)
+    (node,) = norm.model.graph.node
+    pads = next(helper.get_attribute_value(a) for a in node.attribute if a.name == "pads")
+    x = np.random.default_rng(2).standard_normal((2, 4, 5, 5)).astype(np.float32)
+    ref = run_ort(model, {"x": x})["y"]
+    np.testing.assert_allclose(run_ort(norm.model, {"x": x})["y"], ref, rtol=0, atol=1e-5)
+    if _symmetric(list(pads)):
+        np.testing.assert_allclose(_torch_out(model, x), ref, rtol=1e-5, atol=1e-5)
+
+
+# ---- Constant weights -------------------------------------------------------------------------------
+
+def _const(name: str, arr: np.ndarray) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], name=f"{name}_const", value=numpy_helper.from_array(arr, name))
+
+
+def _paddle_like(seed: int = 0) -> onnx.ModelProto:
+    """Paddle2ONNX's way: every weight a Constant node. x [N,3,12,12] -> conv1 -> Relu -> conv2 (SAME_UPPER,
+    stride 2) -> Relu -> GAP -> Flatten -> MatMul + Add -> y [N, 10]."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        _const("conv2d_0.w_0", he_normal(rng, (16, 3, 3, 3))),
+        _const("conv2d_1.w_0", he_normal(rng, (32, 16, 3, 3))),
+        _const("conv2d_1.b_0", (0.1 * rng.standard_normal(32)).astype(np.float32)),
+        _const("fc_0.w_0", he_normal(rng, (32, 10))),
+        _const("fc_0.b_0", np.zeros(10, np.float32)),
+        helper.make_node("Conv", ["x", "conv2d_0.w_0"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "conv2d_1.w_0", "conv2d_1.b_0"], ["c2"], name="conv2", auto_pad="SAME_UPPER",
+                         strides=[2, 2]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("MatMul", ["f", "fc_0.w_0"], ["m"], name="fc"),
+        helper.make_node("Add", ["m", "fc_0.b_0"], ["y"], name="fc_bias"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 12, 12])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])
+    return _finish(nodes, [x], [y], [])
+
+
+def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Every float tensor with 2+ dims by name, initializers and Constant nodes alike."""
+    g = model.graph
+    out = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    out.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in g.node if n.op_type == "Constant"})
+    return {k: v for k, v in out.items() if v.ndim >= 2 and v.dtype == np.float32}
+
+
+def test_constant_weights_are_lifted_and_become_parameters() -> None:
+    model = _paddle_like()
+    norm, bad = torchready.normalize(model, ANY)
+    assert bad == [] and not [n for n in norm.model.graph.node if n.op_type == "Constant"]
+    assert {t.name for t in norm.model.graph.initializer} >= {"conv2d_0.w_0", "conv2d_1.w_0", "fc_0.w_0"}
+    onnx.checker.check_model(norm.model)
+    x = np.random.default_rng(3).standard_normal((2, 3, 12, 12)).astype(np.float32)
+    ref = run_ort(model, {"x": x})["y"]
+    np.testing.assert_allclose(run_ort(norm.model, {"x": x})["y"], ref, rtol=0, atol=1e-6)
+    module, _ = ftc.to_torch(model, "paddle.onnx")
+    shapes = sorted(tuple(p.shape) for p in module.parameters())
+    assert (16, 3, 3, 3) in shapes and (32, 16, 3, 3) in shapes  # the conv weights train
+    with torch.no_grad():
+        np.testing.assert_allclose(module(torch.from_numpy(x)).numpy(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("train", ["factors", "all"])
+def test_one_step_changes_exactly_the_trainable_weights_lifted_constants_included(tmp_path: Path, train: str) -> None:
+    orig = save(_paddle_like(), tmp_path / "paddle.onnx")
+    comp = tmp_path / "paddle.tucker.onnx"
+    ot.compress(orig, ot.CompressionConfig(ranks=RankPolicy.parse("ratio:0.5"), validate=False, exclude="^conv1$"),
+                output=comp)
+    before = _weights(onnx.load(comp))
+    assert "conv2d_0.w_0" in before  # conv1 kept whole, its weight still a Constant node
+    rng = np.random.default_rng(0)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=rng.standard_normal((32, 3, 12, 12)).astype(np.float32), labels=rng.integers(0, 10, 32))
+    out = tmp_path / "ft.onnx"
+    cfg = FinetuneConfig(epochs=1, max_steps=1, lr=0.05, train=train, val_split=0, augment=False, threads=1)
+    r = ot.finetune(comp, out, data, config=cfg)
+    assert r.steps == 1
+    after = onnx.load(out)
+    # Same layers, same order: compare each layer's weight before and after.
+    def layer_weights(m: onnx.ModelProto) -> list[tuple[str, np.ndarray]]:
+        w = _weights(m)
+        return [(n.name, w[n.input[1]]) for n in m.graph.node if n.op_type in ("Conv", "MatMul", "Gemm") and n.input[1] in w]
+
+    wb, wa = layer_weights(onnx.load(comp)), layer_weights(after)
+    assert len(wb) == len(wa) and len(wb) >= 4
+    assert [n for n in onnx.load(comp).graph.node if n.op_type == "Constant"]  # the student held Constant weights
+    for (name, b), (_, a) in zip(wb, wa, strict=True):
+        a = a.T if a.shape != b.shape else a
+        changed = not np.array_equal(a, b)
+        assert changed == (train == "all" or bool(ftc.FACTOR_MODULE.search(name))), name
