@@ -228,6 +228,16 @@ def _refine(torch: Any, original: onnx.ModelProto, compressed: onnx.ModelProto, 
 def _train_block(torch: Any, seg: Any, feeds: Sequence[str], factors: Mapping[str, tuple[str, str | None]],
                  xs_np: Mapping[str, np.ndarray], matched: Sequence[int], ys_np: Sequence[np.ndarray],
                  opts: RefineOptions, names: Sequence[str]) -> dict[str, Any]:
+    # The segment's fed inputs come without shapes; the torch-readiness pass needs them (an auto_pad
+    # SAME_UPPER conv's explicit pads follow from its input size).
+    for v in seg.model.graph.input:
+        if v.name in xs_np:
+            dims = v.type.tensor_type.shape.dim
+            del dims[:]
+            for k, d in enumerate(xs_np[v.name].shape):
+                dims.add().dim_param = "N" if k == 0 else ""
+                if k:
+                    dims[k].dim_value = int(d)
     module, _ = to_torch(seg.model, f"block {','.join(names)}")
     module = module.float().train(False)  # inference semantics for any BN / dropout left in the block
     params: dict[str, tuple[str, Any]] = {}  # initializer name -> (kind, parameter)
