@@ -287,7 +287,17 @@ def int8_table(rows: list[Row]) -> str:
     return _table(header, "llrrrrrrrr", body)
 
 
+def refine_table(rows: list[Row]) -> str:
+    """tools/bench_calibrate.py rows with `--policies data data+refine` (agreement column)."""
+    body = [[str(r["model"]).removesuffix(".onnx"), f"`{r['policy']}`" + (f" ({r['refine_steps']} steps)" if r.get("refine_steps") else ""),
+             _x(r["macs_ratio"]), str(r["cal_images"]), _pct(r["original"]), _pct(r["calibrated"]), _pct(r["agreement"]),
+             f"{float(r['wall_s']):.0f} s", str(r["test_images"])] for r in rows]
+    header = ["model", "policy", "MACs", "calibration images", "original", "top-1", "top-1 agreement", "wall time", "test images"]
+    return _table(header, "llrrrrrrr", body)
+
+
 RENDERERS: dict[str, Callable[[list[Row]], str]] = {
+    "calibrate_refine_resnet56.jsonl": refine_table,
     "latency.jsonl": latency_table,
     "calibrate.jsonl": calibrate_table,
     "real_models.jsonl": real_models_table,
