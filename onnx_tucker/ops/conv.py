@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from ..numerics.refit import balance_chain
+from ..numerics.refit import balance_chain, spatial_basis, spatial_front
 from ..numerics.spectral import LayerSpectra
 from .base import LABELS, Fresh, OpHandler, prod, tensor_factor_shapes, tensor_factors
 from .layer import COPY, Chain, Im2col, Layer, LayerFactors, NodeSpec, RefitBlock
@@ -203,8 +203,8 @@ class ConvHandler(OpHandler):
 
     def refit_front(self, layer: Layer, factors: LayerFactors) -> str | None:
         if factors.kind == "spatial-svd":
-            return ("spatial SVD: the k x 1 factor kept (a free im2col front would not split into two convs); "
-                    "the 1 x k factor and the bias refit")
+            return ("spatial SVD: the 1 x k factor and the bias refit on the k x 1 factor's output (that factor as "
+                    "decomposed, or data-aware under 'data'; a free im2col front would not split into two convs)")
         return None
 
     def refit_blocks(self, layer: Layer, factors: LayerFactors) -> list[RefitBlock]:
@@ -228,11 +228,12 @@ class ConvHandler(OpHandler):
 
     def from_refit_blocks(self, layer: Layer, factors: LayerFactors, blocks: list[RefitBlock]) -> list[np.ndarray]:
         old = list(factors.arrays)
-        if factors.kind == "spatial-svd":  # the k x 1 factor as it was; the 1 x k one from the refit
+        if factors.kind == "spatial-svd":
             t, r, _, kw = old[1].shape
             tg = t // len(blocks)
+            verticals = [spatial_basis(fr, kw).reshape(old[0].shape[0] // len(blocks), *old[0].shape[1:]) for _, fr, _ in blocks]
             lasts = [la.reshape(r, kw, tg).transpose(2, 0, 1)[:, :, None, :] for _, _, la in blocks]
-            return [np.asarray(old[0], dtype=np.float64), np.concatenate(lasts)]
+            return [np.concatenate(verticals), np.concatenate(lasts)]
         core_old = old[1] if factors.kind == "tucker2" else old[0]
         last_old = old[-1]
         cores = [fr.T.reshape((fr.shape[1], *core_old.shape[1:])) for _, fr, _ in blocks]
@@ -317,10 +318,8 @@ def spatial_refit_blocks(vertical: np.ndarray, horizontal: np.ndarray, groups: i
     t, _, _, kw = horizontal.shape
     tg = t // groups
     out = []
-    eye = np.eye(kw)
     for k in range(groups):
-        v = vertical[k * rg : (k + 1) * rg, :, :, 0].reshape(rg, -1)  # R x (S kh)
-        front = np.einsum("ra,jb->ajrb", v, eye).reshape(v.shape[1] * kw, rg * kw)
+        front = spatial_front(vertical[k * rg : (k + 1) * rg, :, :, 0].reshape(rg, -1), kw)  # R x (S kh) inside
         h = horizontal[k * tg : (k + 1) * tg, :, 0, :]  # T_g x R x kw
         out.append((front, h.transpose(1, 2, 0).reshape(rg * kw, tg)))
     return out
