@@ -176,7 +176,9 @@ def spatial_svd_tails(stats: GramStats, basis: np.ndarray, kw: int, intercept: b
     The k x 1 factor's output at every column tap, q = (V kron I_kw) p, has columns (rank, column tap),
     rank-major, so rank R's regressors are q's leading R*kw columns: with the Cholesky factor L of Cqq
     and w = L^-1 Cqy, the variance explained by the leading m columns is ||w[:m]||^2 (L's leading block
-    is the leading block's factor). One factorisation gives every rank."""
+    is the leading block's factor). One factorisation gives every rank. With the ridge lambda this is
+    the ridge objective's minimum (rss + lambda ||w||^2, as `_spectrum_tail` counts Tucker-2): above
+    the fit's rss by about lambda / (mean regressor variance) = `ridge` of the energy."""
     q = stats.projected_channels(basis, kw)
     cqq, cqy, cyy, _, _ = q.centred(intercept)
     lam = ridge_lambda(cqq, ridge)
