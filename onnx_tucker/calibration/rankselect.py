@@ -461,6 +461,9 @@ class DataRankSelection:
     # Per layer left to the fallback plan (not ruled out by the model itself): why the data path did not take it.
     fallback: Mapping[str, str] = field(default_factory=dict)
     notes: Mapping[str, str] = field(default_factory=dict)  # per covered layer, how its curves were reached when not exactly
+    # Per decomposed covered layer offered more than one kind: the chosen kind's error and each other
+    # kind's least error at no more MACs (`kind_note`).
+    kinds: Mapping[str, str] = field(default_factory=dict)
 
 
 def _fallback_reason(lay: Layer, p: LayerPlan, cov: Coverage | str) -> str | None:
@@ -558,8 +561,12 @@ def select_ranks_data(
             f"{fixed} MACs in layers that are not decomposed or use the fallback plan); use a larger fraction"
         )
     chosen: dict[str, RankCandidate] = {}
-    for (lay, _), c in zip(covered, alloc.choice, strict=True):
+    kinds: dict[str, str] = {}
+    for (lay, _), c, cands in zip(covered, alloc.choice, candidates, strict=True):
         chosen[lay.layer_id] = c
+        note = kind_note(c, cands)
+        if note:
+            kinds[lay.layer_id] = note
         if c.kind == "original":
             entries[lay.layer_id] = ("skip", None, lay.weight_shape)
             causes[lay.layer_id] = SkipCause.BUDGET
@@ -568,6 +575,22 @@ def select_ranks_data(
         else:
             entries[lay.layer_id] = (c.kind, c.ranks, lay.weight_shape)
     policy = f"data:{fraction:g}"
+    merged = {k: "; ".join(v for v in (notes.get(k), kinds.get(k)) if v) for k in {*notes, *kinds}}
     planned = PlannedRanks(entries, policy, reasons=reasons, policy=policy, causes=causes, policies=policies,
-                           notes={k: v for k, v in notes.items() if entries[k][0] != "skip"})
-    return DataRankSelection(planned, chosen, max(budget, 0), alloc.macs, fixed, total, why_fallback, notes)
+                           notes={k: v for k, v in merged.items() if entries[k][0] != "skip"})
+    return DataRankSelection(planned, chosen, max(budget, 0), alloc.macs, fixed, total, why_fallback, notes, kinds)
+
+
+def kind_note(chosen: RankCandidate, cands: Sequence[RankCandidate]) -> str:
+    """"kind chosen on the data: spatial-svd (8,) error 0.012; at no more MACs tucker2 0.020, tucker1 0.031"
+    (relative squared output errors), or "" when the layer is kept or had one kind only."""
+    if chosen.kind == "original":
+        return ""
+    others = []
+    for kind in dict.fromkeys(c.kind for c in cands if c.kind not in ("original", chosen.kind)):
+        errs = [c.error for c in cands if c.kind == kind and c.macs <= chosen.macs]
+        others.append(f"{kind} {min(errs):.3g}" if errs else f"{kind} none")
+    if not others:
+        return ""
+    return (f"kind chosen on the data: {chosen.kind} {chosen.ranks} error {chosen.error:.3g}; "
+            f"at no more MACs {', '.join(others)}")
