@@ -303,7 +303,7 @@ def tensor_factors(
         g = tucker1(w, ranks[0], spectra=spectra)
         return (g.core, as_1x1(g.u_out, nd)), relative_error(w, reconstruct_tucker1(g))
     if kind == "spatial-svd":
-        f = spatial_svd(block, ranks[0], spectra=spectra)
-        err = f.rel_error if f.rel_error is not None else relative_error(w, reconstruct_spatial_svd(f))
-        return (f.vertical, f.horizontal), err
+        sp = spatial_svd(block, ranks[0], spectra=spectra)
+        err = sp.rel_error if sp.rel_error is not None else relative_error(w, reconstruct_spatial_svd(sp))
+        return (sp.vertical, sp.horizontal), err
     raise ValueError(f"cannot decompose a kernel as {kind!r}")
