@@ -231,3 +231,14 @@ def test_a_spatial_svd_plan_file_replays(tmp_path: Path) -> None:
     again = api.compress(model, CompressionConfig(plan_file=str(plan_path), validate=False))
     assert [(lp.kind, lp.ranks) for lp in again.plan.layers] == [(lp.kind, lp.ranks) for lp in first.plan.layers]
     assert first.plan.layers[0].kind == "spatial-svd"
+
+
+def test_kind_note_names_the_winner_and_the_best_of_each_other_kind_at_no_more_macs() -> None:
+    from onnx_tucker.calibration.rankselect import kind_note
+    from onnx_tucker.numerics.rankalloc import RankCandidate as C
+
+    cands = [C("original", (), 100, 0.0), C("tucker1", (2,), 40, 0.3), C("tucker1", (4,), 60, 0.1),
+             C("spatial-svd", (3,), 50, 0.2), C("tucker2", (5, 5), 70, 0.05)]
+    note = kind_note(cands[3], cands)
+    assert note == "kind chosen on the data: spatial-svd (3,) error 0.2; at no more MACs tucker1 0.3, tucker2 none"
+    assert kind_note(cands[0], cands) == "" and kind_note(cands[1], cands[:3]) == ""
