@@ -135,6 +135,7 @@ class Preprocess:
 
 
 RANK_METHODS = ("vbmf", "ratio", "energy", "full", "data")
+KIND_CHOICES = ("tucker2", "tucker1", "svd", "spatial-svd")  # what --kind may force
 
 
 @dataclass(frozen=True)
@@ -256,6 +257,8 @@ class RankOptions(_Normalised):
     # Convs with fewer input channels than this get Tucker-1 (output mode only), as the paper does
     # for the first RGB conv: a 1x1 S->R3 with tiny S saves nothing.
     min_tucker2_channels: int = 8
+    # None: each layer's default (Tucker-2, Tucker-1 for few input channels, SVD for 1x1 / matrices).
+    kind: str | None = opt("--kind", default=None, help="Decompose every layer that allows it as this kind: tucker2, tucker1, svd or spatial-svd (a 2-D k x k conv as k x 1 then 1 x k, AIMET's spatial SVD); the others keep their default. With --ranks data:F the data choose the kind per layer instead.")
     # Layers planned and decomposed in parallel (threads). Changes speed only, never the result.
     jobs: int = opt("--jobs", "-j", default=1, help="Layers planned and decomposed in parallel (threads); the result is the same for every N.")
     # A whole-model budget instead of per-layer ranks (planning/budget.py): `macs:0.3`, `params:0.2`,
@@ -274,6 +277,8 @@ class RankOptions(_Normalised):
             raise UsageError(f"--hooi-iters {self.hooi_iters}: must be >= 0; use 0 for plain HOSVD")
         if self.jobs < 1:
             raise UsageError(f"--jobs {self.jobs}: must be >= 1; use 1 for one layer at a time")
+        if self.kind is not None and self.kind not in KIND_CHOICES:
+            raise UsageError(f"--kind {self.kind}: not a decomposition; use one of {', '.join(KIND_CHOICES)}")
         compile_pattern(self.include, "--include")
         compile_pattern(self.exclude, "--exclude")
 
@@ -775,6 +780,7 @@ class CompressionConfig:
             "latency_runtime": self.latency_runtime,
             "threads": self.threads,
             "target": None if self.target is None else str(self.target),
+            "kind": self.kind,
         }
 
 

@@ -105,7 +105,7 @@ def test_compression_config_from_groups_equals_the_flat_form() -> None:
     assert list(CompressionConfig().to_dict()) == [
         "ranks", "rank_scale", "min_rank", "round_to", "include", "exclude", "hooi_iters", "min_tucker2_channels",
         "input_shapes", "validate", "samples", "seed", "rtol", "plan_file", "data", "calibrate", "calibration_samples",
-        "calibration_memory", "preprocess", "latency_aware", "min_speedup", "latency_runtime", "threads", "target"]
+        "calibration_memory", "preprocess", "latency_aware", "min_speedup", "latency_runtime", "threads", "target", "kind"]
     with pytest.raises(TypeError, match="unexpected keyword argument 'sampels'"):
         CompressionConfig(sampels=3)
 

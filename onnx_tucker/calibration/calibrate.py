@@ -10,6 +10,10 @@ bounded by the layer's width. Candidates, each solved exactly on those statistic
   ridge regression on the im2col of the spatial step's input (strides, pads, dilations, groups kept);
 - `data`:  as `joint`, after replacing a Tucker-2 first factor by a data-aware one chosen from the
   input activations' channel covariance (`numerics.refit.data_aware_basis`).
+A spatial SVD (kh x 1 then 1 x kw: a free im2col front would not split into two convs,
+`OpHandler.refit_front`) has `last` (its 1 x kw factor and the bias, the kh x 1 factor kept) and, under
+"full", `data` (the kh x 1 factor replaced by a data-aware one, `data_aware_basis` on the (channel,
+row tap) moment against the rearranged kernel's Gram, then the 1 x kw factor fitted on it).
 The candidate with the lowest calibration error wins, and the weight-space factors are kept when
 none beats them: a refit never increases a layer's error on the calibration rows.
 
@@ -62,7 +66,9 @@ from ..numerics.refit import (
     kernel_input_grams,
     residual,
     sample_positions,
+    spatial_front,
 )
+from ..numerics.tucker import spatial_unfold
 from ..ops.base import OpHandler
 from ..ops.layer import Im2col, Layer, LayerFactors
 from ..ops.registry import handler_for
@@ -127,6 +133,9 @@ class _Group:
 class _Geometry:
     im: Im2col  # how the layer reads its input (its handler's answer)
     groups: list[_Group]
+    # Why the front factor stays as it is whatever the method (`OpHandler.refit_front`: a spatial
+    # SVD's k x 1 factor); None: it may be refit.
+    front_kept: str | None = None
 
 
 def _geometry(handler: OpHandler, im: Im2col, layer: Layer, f: LayerFactors, bias: np.ndarray | None,
@@ -220,13 +229,29 @@ def _solve(geo: _Geometry, lp: _LayerPass, intercept: bool, opts: CalibrationOpt
         r = grp.front.shape[1]
         w0 = grp.last if space == "q" else grp.front @ grp.last
         cands: dict[str, tuple[float, _Group]] = {"kept": (residual(st, w0, grp.bias), grp)}
-        if rows >= r:
+        if geo.front_kept is not None:  # a spatial SVD: the 1 x k factor on the k x 1 factor's output
+            if not notes:
+                notes.append(geo.front_kept if rows >= r else
+                             f"{rows} calibration rows for rank {r}: weight-space factors kept; use more samples")
+            kw = geo.im.kernel[-1]
+            fronts = {"last": grp.front}
+            if space == "z" and kernel_grams is not None and opts.method == "full":
+                basis = data_aware_basis(channel_moment(st, kw), kernel_grams[k], r // kw, opts.ridge)
+                fronts["data"] = spatial_front(basis, kw)
+            for name, fr in fronts.items():
+                if rows >= r:
+                    qs = st if space == "q" else st.projected(fr)
+                    la, b = fit_last(qs, np.eye(r), intercept, opts.ridge)
+                    cands[name] = (residual(qs, la, b), _Group(grp.first, fr, la, b))
+        elif rows >= r:
             qs = st if space == "q" else st.projected(grp.front)
             la, b = fit_last(qs, np.eye(r), intercept, opts.ridge)
             cands["last"] = (residual(qs, la, b), _Group(grp.first, grp.front, la, b))
         elif not notes:
             notes.append(f"{rows} calibration rows for rank {r}: weight-space factors kept; use more samples")
-        if opts.method != "last" and space == "q":
+        if geo.front_kept is not None:
+            pass
+        elif opts.method != "last" and space == "q":
             if not notes:
                 notes.append(f"im2col width {grp.front.shape[0]} > {opts.max_width}: only the last factor refit")
         elif opts.method != "last" and rows < st.d:
@@ -327,11 +352,14 @@ def _refit_layer(node_index: int, original: onnx.ModelProto, compressed: onnx.Mo
         else:
             results[layer.layer_id] = LayerCalibration("kept", None, None, 0, f"not refit: {why or 'no im2col'}")
         return
-    geo = _geometry(handler, im, layer, f, bias, chain.beta)
+    geo = replace(_geometry(handler, im, layer, f, bias, chain.beta), front_kept=handler.refit_front(layer, f))
     rng = np.random.default_rng([opts.seed, node_index])
     grams = None
     if opts.method == "full" and f.kind == "tucker2" and layer.weight_name:
         grams = kernel_input_grams(read_weight(layer.weight_name), len(geo.groups))
+    elif opts.method == "full" and f.kind == "spatial-svd" and layer.weight_name:  # the (S*kh)-side Gram
+        grams = [m @ m.T for m in (spatial_unfold(np.asarray(b, dtype=np.float64))
+                                   for b in handler.blocks(layer, read_weight(layer.weight_name)))]
     per_sample = max(1, math.ceil(opts.rows / max(count, 1))) if im.conv else None
     lp = _LayerPass(geo, opts, per_sample, rng, f.kind == "tucker2")
     # Residual compensation: when the output only feeds an Add, aim at the original *sum*, i.e. the

@@ -43,7 +43,7 @@ from ..planning.planner import LayerPlan, PlannedRanks, SkipCause
 from ..types import LayerTimer
 
 SIMD_MULTIPLE = 8  # ranks in multiples of 8 floats fill AVX2 registers (and NCHWc blocks of 8)
-TIMED_PER_LAYER = 8  # chains timed per layer at most
+TIMED_PER_LAYER = 12  # chains timed per layer at most: 4 per kind for a spatial conv (Tucker-2, Tucker-1, spatial SVD)
 # Under a MAC budget, the relative price of time against MACs (each as a share of the original's) the
 # budget is spent at. CIFAR ResNet-56, data:0.5, 200 calibration images, onnxruntime 1 thread, on the
 # same timings: 0 (MACs alone) gave x1.24 the summed layer time at a summed output error of 4.33; 1 gave
@@ -267,7 +267,7 @@ class LatencyAllocator:
         for name, why in self.kept.items():
             reasons[name], causes[name] = why, SkipCause.SLOWER
         return PlannedRanks(dict(planned.entries), planned.source if self.mode == "macs" else self.option,
-                            reasons=reasons, policy=policy, causes=causes)
+                            reasons=reasons, policy=policy, causes=causes, notes=dict(planned.notes))
 
     def outcome(self, target: str) -> BudgetOutcome | None:
         """The time budget's outcome as `--target latency:F` reports it (None under a MAC budget)."""

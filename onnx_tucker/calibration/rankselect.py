@@ -11,6 +11,9 @@ factors as usual.
 What each layer needs (`_covered` says how the error model reads it):
 - Tucker-1 / SVD, any layer: the output Gram only (T x T per group), no width limit;
 - Tucker-2 of a Conv: the input im2col's Gram when S*k fits `DataRankOptions.max_width` (exact);
+  the same Gram prices a 2-D conv's spatial SVD at every rank (`rankalloc.spatial_svd_tails`: the
+  1 x k factor refit on the k x 1 factor's output, that factor from the kernel's singular vectors or
+  data-aware, whichever the data favour, as calibration does), on the same hull as Tucker-2 / -1;
   wider, two passes over the layer's input: the channel moment (S x S), then the im2col of the
   data-aware first factor's output at the largest grid input rank (capped to fit the width);
 - grouped convs group by group, every group at the same ranks (docs/grouped-convs.md);
@@ -56,12 +59,14 @@ from ..numerics.rankalloc import (
     projection_tail,
     rank_grid,
     shrunk_moment,
+    spatial_svd_tails,
     tucker2_tails,
 )
 from ..numerics.refit import (
     DEFAULT_RIDGE,
     GramStats,
     MomentStats,
+    channel_moment,
     conv_out_spatial,
     conv_pads_begin,
     data_aware_basis,
@@ -70,6 +75,7 @@ from ..numerics.refit import (
     sample_positions,
     scatter_reception,
 )
+from ..numerics.tucker import leading_left_vectors, spatial_unfold
 from ..ops.layer import Im2col, Layer
 from ..ops.registry import find_handler, handler_for
 from ..planning.planner import LayerPlan, PlannedRanks, SkipCause
@@ -99,6 +105,7 @@ class DataRankOptions:
     seed: int = 0
     memory_bytes: int = 512 << 20  # activations kept in memory between layers (the rest: on disk)
     ridge: float = DEFAULT_RIDGE
+    kind: str | None = None  # --kind: the only decomposition offered where a layer allows it (None: all of them)
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,7 @@ class Coverage:
     # and auto_pad (what `refit.scatter_reception` reads).
     im: Im2col | None = None
     tucker2: bool = False  # Tucker-2 candidates too (a spatial kernel)
+    spatial: bool = False  # spatial-SVD candidates too (a 2-D kernel, both sides > 1; exact im2col path only)
     output_padding: tuple[int, ...] = ()  # ConvTranspose
     # Calibration refits the factors (the curves count data-aware factors); otherwise the weight-space
     # factors stay as built and the curves count theirs on the data.
@@ -164,7 +172,8 @@ def _covered(layer: Layer) -> Coverage | str:
     if im.conv:
         g = im.groups
         return Coverage("im2col", g, im.width // im.taps, im.outputs // g, im.taps, im,
-                        tucker2=im.taps > 1 and "tucker2" in handler.kinds(layer))
+                        tucker2=im.taps > 1 and "tucker2" in handler.kinds(layer),
+                        spatial="spatial-svd" in handler.kinds(layer))
     return Coverage("rows", 1, im.width, im.outputs, 1, im)
 
 
@@ -181,6 +190,7 @@ class LayerCurves:
     one_rank: np.ndarray
     grid: Mapping[int, np.ndarray] = field(default_factory=dict)
     note: str = ""
+    spatial: np.ndarray | None = None  # spatial SVD at R = 0..cap (ranks whose MACs stay under the original's)
 
 
 def _too_few_rows(layer: Layer, cov: Coverage, count: int) -> bool:
@@ -235,7 +245,9 @@ def layer_curves(layer: Layer, cov: Coverage, values: Values, weight: np.ndarray
         assert cov.im is not None
         grams = kernel_input_grams(weight, g)
         if s * kk <= opts.max_width:
-            return _conv_exact(cov, values, x_name, y_name, grams, ranks3, intercept, per_sample, rng, opts)
+            blocks = handler_for(layer).blocks(layer, weight) if cov.spatial else []
+            return _conv_exact(cov, values, x_name, y_name, grams, ranks3, intercept, per_sample, rng, opts,
+                               blocks, _spatial_cap(layer, cov) if cov.spatial else 0)
         return _conv_two_pass(cov, values, x_name, y_name, grams, ranks3, intercept, per_sample, rng, opts)
 
     outs = [MomentStats(t) for _ in range(g)]
@@ -312,10 +324,33 @@ def _conv_rows(cov: Coverage, x: np.ndarray, out_spatial: Sequence[int], gen: np
     return im2col(x, n_idx, coords, im.kernel, im.strides, pads, im.dilations), n_idx, coords
 
 
+def _spatial_cap(layer: Layer, cov: Coverage) -> int:
+    """The largest spatial-SVD rank worth pricing: below the rearranged kernel's rank and the original's MACs."""
+    assert cov.im is not None and layer.weight_shape is not None
+    handler = handler_for(layer)
+    per_rank = int(handler.cost(layer, "spatial-svd", (1,))[1] or 0)  # MACs are linear in the rank
+    macs0 = int(handler.cost(layer, "original")[1] or 0)
+    kh, kw = cov.im.kernel
+    top = min(cov.inputs * kh, cov.outputs * kw)
+    return min(top, (macs0 - 1) // per_rank) if per_rank > 0 else 0
+
+
+def spatial_tails(stats: GramStats, block: np.ndarray, rank: int, intercept: bool, ridge: float) -> dict[str, np.ndarray]:
+    """One group's spatial-SVD squared errors at ranks 0..`rank`, by how the k x 1 factor is chosen:
+    "weights" (the rearranged kernel's leading singular vectors, as decomposed) and "data" (data-aware,
+    `refit.data_aware_basis` on the (channel, row tap) moment, as calibration's "data" candidate)."""
+    kw = int(block.shape[3])
+    m = spatial_unfold(np.asarray(block, dtype=np.float64))
+    bases = {"weights": leading_left_vectors(m, rank).T,
+             "data": data_aware_basis(channel_moment(stats, kw), m @ m.T, rank, ridge)}
+    return {name: spatial_svd_tails(stats, b, kw, intercept, ridge) for name, b in bases.items()}
+
+
 def _conv_exact(cov: Coverage, values: Values, x_name: str, y_name: str, grams: list[np.ndarray], ranks3: list[int],
                 intercept: bool, per_sample: int, rng: Callable[[], np.random.Generator],
-                opts: DataRankOptions) -> LayerCurves:
-    """One pass: the im2col Gram per group (width S*k), the exact grid."""
+                opts: DataRankOptions, blocks: Sequence[np.ndarray] = (), spatial_cap: int = 0) -> LayerCurves:
+    """One pass: the im2col Gram per group (width S*k), the exact grid; with `blocks` (the kernel per
+    group) and a `spatial_cap` >= 1, the spatial SVD's curve up to that rank from the same Gram."""
     g, s, t, kk = cov.groups, cov.inputs, cov.outputs, cov.taps
     stats = [GramStats(s * kk, t) for _ in range(g)]
     gen = rng()
@@ -329,7 +364,12 @@ def _conv_exact(cov: Coverage, values: Values, x_name: str, y_name: str, grams: 
     curve = combine_groups([tl for tl, _ in parts], energies)
     per_group = [tucker2_tails(st, gr, kk, ranks3, intercept, opts.ridge) for st, gr in zip(stats, grams, strict=True)]
     grid = {r3: combine_groups([pg[r3] for pg in per_group], energies) for r3 in ranks3}
-    return LayerCurves(curve, grid)
+    spatial = None
+    if blocks and spatial_cap >= 1:
+        tails = [spatial_tails(st, b, spatial_cap, intercept, opts.ridge) for st, b in zip(stats, blocks, strict=True)]
+        # Calibration keeps whichever k x 1 factor fits better over all the groups: so does the curve.
+        spatial = np.minimum(*(combine_groups([t[name] for t in tails], energies) for name in ("weights", "data")))
+    return LayerCurves(curve, grid, spatial=spatial)
 
 
 def _conv_two_pass(cov: Coverage, values: Values, x_name: str, y_name: str, grams: list[np.ndarray], ranks3: list[int],
@@ -382,7 +422,7 @@ def _conv_two_pass(cov: Coverage, values: Values, x_name: str, y_name: str, gram
     return LayerCurves(curve, grid, f"im2col {s * kk} wide: two passes, input ranks up to {r_max}")
 
 
-def _candidates(layer: Layer, cov: Coverage, curves: LayerCurves) -> list[RankCandidate]:
+def _candidates(layer: Layer, cov: Coverage, curves: LayerCurves, forced: str | None = None) -> list[RankCandidate]:
     handler = handler_for(layer)
     _, macs0 = handler.cost(layer, "original")
     out = [RankCandidate("original", (), int(macs0 or 0), 0.0)]
@@ -394,6 +434,14 @@ def _candidates(layer: Layer, cov: Coverage, curves: LayerCurves) -> list[RankCa
         for r4 in range(1, cov.outputs + 1):
             macs = int(handler.cost(layer, "tucker2", (r4, r3))[1] or 0)
             out.append(RankCandidate("tucker2", (r4, r3), macs, float(errs[r4])))
+    if curves.spatial is not None:
+        for r in range(1, len(curves.spatial)):
+            macs = int(handler.cost(layer, "spatial-svd", (r,))[1] or 0)
+            out.append(RankCandidate("spatial-svd", (r,), macs, float(curves.spatial[r])))
+    if forced is not None and forced in handler.kinds(layer):  # --kind: that kind only, where the layer allows it
+        only = [c for c in out if c.kind in ("original", forced)]
+        if len(only) > 1:
+            return only
     return out
 
 
@@ -418,6 +466,9 @@ class DataRankSelection:
     # they were computed on the data now (False: read from a table).
     sensitivity: Mapping[str, LayerSensitivity] = field(default_factory=dict)
     walked: bool = True
+    # Per decomposed covered layer offered more than one kind: the chosen kind's error and each other
+    # kind's least error at no more MACs (`kind_note`).
+    kinds: Mapping[str, str] = field(default_factory=dict)
 
 
 def _fallback_reason(lay: Layer, p: LayerPlan, cov: Coverage | str) -> str | None:
@@ -455,7 +506,7 @@ def _walk(original: onnx.ModelProto, covered: Sequence[tuple[Layer, Coverage]], 
             curves = layer_curves(lay, cov, cache.values, weight, count, opts, bias)
             if curves.note:
                 notes[lay.layer_id] = curves.note
-            candidates.append(_candidates(lay, cov, curves))
+            candidates.append(_candidates(lay, cov, curves, opts.kind))
             rate = f" ({count / max(time.perf_counter() - t0, 1e-9):.0f} img/s)"
     if progress is not None and covered:
         progress(covered[-1][0].layer_id, len(covered), len(covered))
@@ -538,8 +589,12 @@ def select_ranks_data(
             f"{fixed} MACs in layers that are not decomposed or use the fallback plan); use a larger fraction"
         )
     chosen: dict[str, RankCandidate] = {}
-    for (lay, _), c in zip(covered, alloc.choice, strict=True):
+    kinds: dict[str, str] = {}
+    for (lay, _), c, cands in zip(covered, alloc.choice, candidates, strict=True):
         chosen[lay.layer_id] = c
+        note = kind_note(c, cands)
+        if note:
+            kinds[lay.layer_id] = note
         if c.kind == "original":
             entries[lay.layer_id] = ("skip", None, lay.weight_shape)
             causes[lay.layer_id] = SkipCause.BUDGET
@@ -548,6 +603,23 @@ def select_ranks_data(
         else:
             entries[lay.layer_id] = (c.kind, c.ranks, lay.weight_shape)
     policy = f"data:{fraction:g}"
+    merged = {k: "; ".join(v for v in (notes.get(k), kinds.get(k)) if v) for k in {*notes, *kinds}}
     planned = PlannedRanks(entries, policy, reasons=reasons, policy=policy, causes=causes, policies=policies,
-                           notes={k: v for k, v in notes.items() if entries[k][0] != "skip"})
-    return DataRankSelection(planned, chosen, max(budget, 0), alloc.macs, fixed, total, why_fallback, notes, table, walked)
+                           notes={k: v for k, v in merged.items() if entries[k][0] != "skip"})
+    return DataRankSelection(planned, chosen, max(budget, 0), alloc.macs, fixed, total, why_fallback, notes,
+                             sensitivity=table, walked=walked, kinds=kinds)
+
+
+def kind_note(chosen: RankCandidate, cands: Sequence[RankCandidate]) -> str:
+    """"kind chosen on the data: spatial-svd (8,) error 0.012; at no more MACs tucker2 0.020, tucker1 0.031"
+    (relative squared output errors), or "" when the layer is kept or had one kind only."""
+    if chosen.kind == "original":
+        return ""
+    others = []
+    for kind in dict.fromkeys(c.kind for c in cands if c.kind not in ("original", chosen.kind)):
+        errs = [c.error for c in cands if c.kind == kind and c.macs <= chosen.macs]
+        others.append(f"{kind} {min(errs):.3g}" if errs else f"{kind} none")
+    if not others:
+        return ""
+    return (f"kind chosen on the data: {chosen.kind} {chosen.ranks} error {chosen.error:.3g}; "
+            f"at no more MACs {', '.join(others)}")

@@ -82,7 +82,7 @@ def data_selection(source: SourceModel, config: CompressionConfig, progress: Ste
     fallback = [plan_layer(lay, source.read_weight, fallback_cfg) for lay in source.layers]
     source.materialize()  # onnxruntime runs the original: its weights in memory
     memory = config.calibration.calibration_memory_bytes
-    opts = DataRankOptions(seed=config.seed, memory_bytes=memory)
+    opts = DataRankOptions(seed=config.seed, memory_bytes=memory, kind=config.kind)
     used, _ = calibration_data(config.calibrate, source.model, config.calibration_samples, config.seed, config.preprocess)
     est = _estimate("rank choice", source, list(source.layers), used, memory, opts.max_width)
     batches = batches_of(used, source.model, source.input_shapes, est.batch)  # checks the data first

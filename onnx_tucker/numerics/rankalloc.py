@@ -16,6 +16,10 @@ i.e. the output activations' spectrum. So one eigendecomposition gives the error
   im2col statistics (`tucker2_error_grid`), or, for im2col too wide for one Gram, from the statistics
   of the first factor's output at the largest input rank, whose leading sub-blocks are the smaller
   ranks' (`nested_tucker2_tails`: the generalised eigenvectors are nested);
+- `spatial-svd` (a kh x 1 conv then a 1 x kw one; its k x 1 factor V is kept by calibration and the
+  1 x kw one refit by least squares): for V the leading rows of a basis of the kernel's (S*kh)-side
+  (weight-space singular vectors, or data-aware ones), the refit's error at every rank from one
+  Cholesky factorisation of the statistics of V's output (`spatial_svd_tails`: nested regressors);
 - `tucker2` of a ConvTranspose (no im2col: each input pixel is scattered over a window):
   `additive_tucker2_grid`, an approximation documented there;
 - a layer calibration does not refit keeps its weight-space factors (HOSVD / truncated SVD): its
@@ -161,6 +165,36 @@ def tucker2_error_grid(stats: GramStats, kernel_gram: np.ndarray, kk: int, input
     energy = float(np.trace(stats.centred(intercept)[2]))
     tails = tucker2_tails(stats, kernel_gram, kk, input_ranks, intercept, ridge)
     return {r3: t / energy if energy > 0 else np.zeros_like(t) for r3, t in tails.items()}
+
+
+def spatial_svd_tails(stats: GramStats, basis: np.ndarray, kw: int, intercept: bool,
+                      ridge: float = DEFAULT_RIDGE) -> np.ndarray:
+    """Squared errors at ranks R = 0..r of a spatial SVD whose k x 1 factor is the leading R rows of
+    `basis` (r x S*kh, rows over (channel, row tap)) and whose 1 x k factor and bias are the ridge least
+    squares fit on the data. `stats`: on the layer's im2col (columns (channel, row tap, column tap)).
+
+    The k x 1 factor's output at every column tap, q = (V kron I_kw) p, has columns (rank, column tap),
+    rank-major, so rank R's regressors are q's leading R*kw columns: with the Cholesky factor L of Cqq
+    and w = L^-1 Cqy, the variance explained by the leading m columns is ||w[:m]||^2 (L's leading block
+    is the leading block's factor). One factorisation gives every rank. With the ridge lambda this is
+    the ridge objective's minimum (rss + lambda ||w||^2, as `_spectrum_tail` counts Tucker-2): above
+    the fit's rss by about lambda / (mean regressor variance) = `ridge` of the energy."""
+    q = stats.projected_channels(basis, kw)
+    cqq, cqy, cyy, _, _ = q.centred(intercept)
+    lam = ridge_lambda(cqq, ridge)
+    energy = float(np.trace(cyy))
+    eye = np.eye(q.d)
+    for jitter in (lam, 1e-8 * max(float(np.trace(cqq)), 1e-300), 1e-4 * max(float(np.trace(cqq)) / max(q.d, 1), 1e-300)):
+        try:
+            low = scipy.linalg.cholesky(cqq + jitter * eye, lower=True)
+            break
+        except np.linalg.LinAlgError:
+            continue
+    else:  # no factorisation: price nothing (the layer keeps its other kinds)
+        return np.full(basis.shape[0] + 1, energy)
+    w = scipy.linalg.solve_triangular(low, cqy, lower=True)
+    explained = np.cumsum(np.sum(w * w, axis=1))[kw - 1 :: kw]
+    return np.clip(np.concatenate([[energy], energy - explained]), 0.0, None)
 
 
 def nested_tucker2_tails(proj: GramStats, kk: int, input_ranks: Sequence[int], intercept: bool,

@@ -324,6 +324,20 @@ def data_aware_basis(cov: np.ndarray, kernel_gram: np.ndarray, rank: int, ridge:
     return a
 
 
+def spatial_front(basis: np.ndarray, kw: int) -> np.ndarray:
+    """A spatial SVD's k x 1 factor `basis` (R x S*kh, columns (channel, row tap)) as the front of
+    y = p @ front @ last on the layer's im2col p (columns (channel, row tap, column tap)): V kron I_kw
+    transposed, (S*kh*kw) x (R*kw), columns (rank, column tap) rank-major. `spatial_basis` inverts it."""
+    v = np.asarray(basis, dtype=np.float64)
+    r, a = v.shape
+    return np.einsum("ra,jb->ajrb", v, np.eye(kw)).reshape(a * kw, r * kw)
+
+
+def spatial_basis(front: np.ndarray, kw: int) -> np.ndarray:
+    """The R x S*kh k x 1 factor of a `spatial_front`."""
+    return np.asarray(front)[::kw, ::kw].T
+
+
 def conv_pads_begin(
     in_spatial: Sequence[int], out_spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
     dilations: Sequence[int], pads: Sequence[int] | None, auto_pad: str = "NOTSET",

@@ -1,7 +1,9 @@
-"""Tucker-2, Tucker-1 and truncated SVD of weight tensors, in numpy (float64 inside).
+"""Tucker-2, Tucker-1, truncated SVD and spatial SVD of weight tensors, in numpy (float64 inside).
 
-Kernels are in ONNX order: T x S x k1 x ... (output channels, input channels, spatial). Only the two
-channel modes are ever factorised; the spatial modes stay in the core.
+Kernels are in ONNX order: T x S x k1 x ... (output channels, input channels, spatial). Tucker
+factorises only the two channel modes (the spatial modes stay in the core); spatial SVD (AIMET's)
+splits a 2-D kernel T x S x kh x kw into a kh x 1 conv S -> R and a 1 x kw conv R -> T: the
+kernel's rearrangement (S*kh) x (T*kw) truncated at rank R (`spatial_unfold`).
 
 Leading singular vectors come from an eigendecomposition of the smaller Gram matrix of each
 unfolding (channels x channels for a conv), which is exact and much cheaper than an SVD of the
@@ -49,6 +51,16 @@ class SVDFactors:
     left: np.ndarray
     right: np.ndarray
     # ||W - left @ right||_F / ||W||_F, computed without forming left @ right (None: not computed).
+    rel_error: float | None = None
+
+
+@dataclass(frozen=True)
+class SpatialSVDFactors:
+    """K[t, s, i, j] ~ sum_r horizontal[t, r, 0, j] vertical[r, s, i, 0]: vertical R x S x kh x 1 (run
+    first), horizontal T x R x 1 x kw."""
+
+    vertical: np.ndarray
+    horizontal: np.ndarray
     rel_error: float | None = None
 
 
@@ -200,6 +212,34 @@ def _lean_projection(
             np.divide(blk, scale[:, None], out=blk, casting="unsafe")
         return u * scale, right, rel
     return u, right, rel
+
+
+def spatial_unfold(kernel: np.ndarray) -> np.ndarray:
+    """The (S*kh) x (T*kw) rearrangement of a T x S x kh x kw kernel, rows (s, i), columns (t, j):
+    its rank-R factorisations are exactly the kernels of a kh x 1 conv S -> R followed by a 1 x kw
+    conv R -> T."""
+    k = np.asarray(kernel)
+    if k.ndim != 4:
+        raise ValueError(f"spatial SVD needs a 2-D kernel (T x S x kh x kw), got shape {k.shape}")
+    t, s, kh, kw = k.shape
+    return k.transpose(1, 2, 0, 3).reshape(s * kh, t * kw)
+
+
+def spatial_svd(kernel: np.ndarray, rank: int, spectra: LayerSpectra | None = None) -> SpatialSVDFactors:
+    """Spatial SVD of a T x S x kh x kw kernel at rank `rank` (`spectra` key 0: `spatial_unfold`'s
+    matrix): the best such factorisation in the Frobenius norm of the kernel."""
+    k = np.asarray(kernel)
+    t, s, kh, kw = k.shape
+    f = truncated_svd(spatial_unfold(k), rank, spectra=spectra)  # left (S kh) x R, right R x (T kw)
+    r = f.left.shape[1]
+    vertical = f.left.T.reshape(r, s, kh, 1)
+    horizontal = f.right.reshape(r, t, kw).transpose(1, 0, 2).reshape(t, r, 1, kw)
+    return SpatialSVDFactors(vertical, horizontal, f.rel_error)
+
+
+def reconstruct_spatial_svd(f: SpatialSVDFactors) -> np.ndarray:
+    """The T x S x kh x kw kernel the two convs compute together."""
+    return np.einsum("trj,rsi->tsij", f.horizontal[:, :, 0, :], f.vertical[:, :, :, 0])
 
 
 def reconstruct_tucker2(f: Tucker2Factors) -> np.ndarray:

@@ -9,7 +9,8 @@ lays its factors out as matrices and back (`refit_blocks`, `from_refit_blocks`, 
 Planning, decomposition, costing, rewriting and calibration ask the handler found through
 `registry.handler_for` and never branch on the op type.
 
-Ranks are (R_out, R_in) for tucker2, (R_out,) for tucker1 and (R,) for svd. Grouped layers are
+Ranks are (R_out, R_in) for tucker2, (R_out,) for tucker1, (R,) for svd and spatial-svd (a 2-D conv
+as a kh x 1 conv S->R then a 1 x kw conv R->T). Grouped layers are
 decomposed group by group with the same ranks in every group: `blocks` splits the weight into its
 groups once, and every factor of the chain is itself a grouped (block-diagonal) operator.
 """
@@ -24,9 +25,12 @@ import numpy as np
 from ..numerics.refit import balance_chain
 from ..numerics.spectral import LayerSpectra
 from ..numerics.tucker import (
+    reconstruct_spatial_svd,
     reconstruct_tucker1,
     reconstruct_tucker2,
     relative_error,
+    spatial_svd,
+    spatial_unfold,
     truncated_svd,
     tucker1,
     tucker2,
@@ -40,8 +44,9 @@ LABELS = {
     "tucker2": ("tucker_first", "tucker_core", "tucker_last"),
     "tucker1": ("tucker_core", "tucker_last"),
     "svd": ("svd_first", "svd_last"),
+    "spatial-svd": ("spatial_vertical", "spatial_horizontal"),
 }
-MODE_NAMES = {"tucker2": ("output", "input"), "tucker1": ("output",), "svd": ("matrix",)}
+MODE_NAMES = {"tucker2": ("output", "input"), "tucker1": ("output",), "svd": ("matrix",), "spatial-svd": ("spatial",)}
 
 
 def same_pads(size: int | None, kernel: int, stride: int, dilation: int, upper: bool) -> tuple[int, int] | None:
@@ -126,6 +131,8 @@ class OpHandler:
             return [unfold(block, 0), unfold(block, 1)]
         if kind == "tucker1":
             return [unfold(block, 0)]
+        if kind == "spatial-svd":
+            return [spatial_unfold(block)]
         return [block if block.ndim == 2 else block.reshape(block.shape[0], -1)]  # a 1x1 kernel: T x S
 
     def dims(self, layer: Layer) -> tuple[int, int]:
@@ -233,6 +240,11 @@ class OpHandler:
         """Why calibration cannot refit this layer's chain (None: it can); `bias`: the chain's bias."""
         return None if self.im2col(layer) is not None else f"calibration does not cover {self.op_type} layers"
 
+    def refit_front(self, layer: Layer, factors: LayerFactors) -> str | None:
+        """Why calibration keeps the chain's front factor (the im2col side of `refit_blocks`) and refits
+        only the last one and the bias, whatever the method (None: the front may be refit too)."""
+        return None
+
     def pointwise_last(self, layer: Layer, factors: LayerFactors) -> bool:
         """The chain ends in a 1x1 Conv (stride 1, no padding, the layer's groups) at the output
         resolution, so calibration can refit that factor per pixel where `im2col` is None."""
@@ -286,6 +298,8 @@ def tensor_factor_shapes(kind: str, ranks: tuple[int, ...], block_shape: tuple[i
         return (r3, S, *one), (r4, r3, *spatial), (T, r4, *one)
     if kind == "tucker1":
         return (ranks[0], S, *spatial), (T, ranks[0], *one)
+    if kind == "spatial-svd" and len(spatial) == 2:
+        return (ranks[0], S, spatial[0], 1), (T, ranks[0], 1, spatial[1])
     raise ValueError(f"cannot decompose a kernel as {kind!r}")
 
 
@@ -293,7 +307,8 @@ def tensor_factors(
     kind: str, ranks: tuple[int, ...], block: np.ndarray, hooi_iters: int, spectra: LayerSpectra | None
 ) -> tuple[tuple[np.ndarray, ...], float]:
     """Factors of a T x S x k... kernel block as conv weights: tucker2 (1x1 S->R3, core R3->R4, 1x1
-    R4->T), tucker1 (core S->R4, 1x1 R4->T) or svd of a 1x1 kernel (1x1 S->R, 1x1 R->T)."""
+    R4->T), tucker1 (core S->R4, 1x1 R4->T), svd of a 1x1 kernel (1x1 S->R, 1x1 R->T) or spatial-svd
+    of a 2-D kernel (kh x 1 S->R, 1 x kw R->T)."""
     nd = block.ndim - 2
     if kind == "svd":
         # Kept in its own dtype: truncated_svd reads float32 in float64 blocks.
@@ -308,4 +323,8 @@ def tensor_factors(
     if kind == "tucker1":
         g = tucker1(w, ranks[0], spectra=spectra)
         return (g.core, as_1x1(g.u_out, nd)), relative_error(w, reconstruct_tucker1(g))
+    if kind == "spatial-svd":
+        sp = spatial_svd(block, ranks[0], spectra=spectra)
+        err = sp.rel_error if sp.rel_error is not None else relative_error(w, reconstruct_spatial_svd(sp))
+        return (sp.vertical, sp.horizontal), err
     raise ValueError(f"cannot decompose a kernel as {kind!r}")

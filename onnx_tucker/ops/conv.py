@@ -4,7 +4,10 @@ Weight T x S x k... (S: input channels per group). The chain (the paper's Tucker
 1x1 S->R3 at the input resolution, stride 1, no pads; the core R3->R4 with the original strides,
 pads, dilations and auto_pad; 1x1 R4->T carrying the original bias. Tucker-1 drops the first 1x1
 (few input channels, as for the first RGB conv); an SVD-split 1x1 conv carries its stride on the
-first factor. A grouped conv is decomposed group by group (docs/grouped-convs.md): every node of the
+first factor. Spatial SVD (AIMET's; 2-D kernels with kh, kw > 1) is a kh x 1 conv S->R carrying the
+height's stride, pads and dilation, then a 1 x kw conv R->T carrying the width's and the bias: exact
+at full rank (padding a column of the intermediate is padding the input's column), the intermediate
+at (output height x input width). A grouped conv is decomposed group by group (docs/grouped-convs.md): every node of the
 chain keeps the original `group`; depthwise convs (one input channel per group) are kept.
 """
 
@@ -14,7 +17,7 @@ import math
 
 import numpy as np
 
-from ..numerics.refit import balance_chain
+from ..numerics.refit import balance_chain, spatial_basis, spatial_front
 from ..numerics.spectral import LayerSpectra
 from .base import LABELS, Fresh, OpHandler, prod, tensor_factor_shapes, tensor_factors
 from .layer import COPY, Chain, Im2col, Layer, LayerFactors, NodeSpec, RefitBlock
@@ -93,7 +96,14 @@ class ConvHandler(OpHandler):
     def kinds(self, layer: Layer) -> tuple[str, ...]:
         if self.kernel_size(layer) == 1:
             return ("svd", "tucker2", "tucker1")
+        if self.spatial_separable(layer):
+            return ("tucker2", "tucker1", "spatial-svd")
         return ("tucker2", "tucker1")
+
+    def spatial_separable(self, layer: Layer) -> bool:
+        """A 2-D kernel with both sides > 1: spatial SVD applies (a k x 1 or 1 x k kernel has nothing to split)."""
+        w = layer.weight_shape or ()
+        return len(w) == 4 and w[2] > 1 and w[3] > 1
 
     def default_kind(self, layer: Layer, min_tucker2_channels: int) -> str:
         if self.kernel_size(layer) == 1:
@@ -145,6 +155,15 @@ class ConvHandler(OpHandler):
             first, rest = G * S * r3, G * r3 * r4 * k + r4 * T
             macs = None if out_px is None or in_px is None else batch * (first * in_px + rest * out_px)
             return first + rest, macs
+        if kind == "spatial-svd":
+            # kh x 1 (S -> R per group) at (output height x input width), 1 x kw (R -> T) at the output.
+            assert layer.weight_shape is not None
+            kh, kw = layer.weight_shape[2], layer.weight_shape[3]
+            (r,) = ranks
+            vertical, horizontal = G * r * S * kh, T * r * kw
+            mid = self.intermediate_pixels(layer)
+            macs = None if out_px is None or mid is None else batch * (vertical * mid + horizontal * out_px)
+            return vertical + horizontal, macs
         if kind == "tucker1":
             (r4,) = ranks
             params = G * r4 * S * k + r4 * T
@@ -154,6 +173,13 @@ class ConvHandler(OpHandler):
         else:
             raise ValueError(kind)
         return params, None if out_px is None else params * out_px * batch
+
+    def intermediate_pixels(self, layer: Layer) -> int | None:
+        """Pixels of a spatial-SVD chain's intermediate: the output's height by the input's width."""
+        out, inp = layer.output_shape, layer.input_shape
+        if not out or not inp or len(out) != 4 or len(inp) != 4 or not out[2] or not inp[3]:
+            return None
+        return int(out[2]) * int(inp[3])
 
     def export_signature(self, weight_shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
         return self.op_type, weight_shape
@@ -175,11 +201,19 @@ class ConvHandler(OpHandler):
             _ints(a.get("pads"), 2 * nd, 0) if a.get("pads") else None, str(a.get("auto_pad", "NOTSET")),
         )
 
+    def refit_front(self, layer: Layer, factors: LayerFactors) -> str | None:
+        if factors.kind == "spatial-svd":
+            return ("spatial SVD: the 1 x k factor and the bias refit on the k x 1 factor's output (that factor as "
+                    "decomposed, or data-aware under 'data'; a free im2col front would not split into two convs)")
+        return None
+
     def refit_blocks(self, layer: Layer, factors: LayerFactors) -> list[RefitBlock]:
         # Chain [first (Tucker-2)], core (the spatial step), last: per group, the core as im2col
         # columns x R and the last 1x1 as R x T_g.
         a = [np.asarray(x, dtype=np.float64) for x in factors.arrays]
         g = self.groups(layer)
+        if factors.kind == "spatial-svd":
+            return [(None, vf, hf) for vf, hf in spatial_refit_blocks(a[0], a[1], g)]
         first = a[0] if factors.kind == "tucker2" else None
         core, last = (a[1], a[2]) if factors.kind == "tucker2" else (a[0], a[1])
         r, t = core.shape[0] // g, last.shape[0] // g
@@ -194,6 +228,12 @@ class ConvHandler(OpHandler):
 
     def from_refit_blocks(self, layer: Layer, factors: LayerFactors, blocks: list[RefitBlock]) -> list[np.ndarray]:
         old = list(factors.arrays)
+        if factors.kind == "spatial-svd":
+            t, r, _, kw = old[1].shape
+            tg = t // len(blocks)
+            verticals = [spatial_basis(fr, kw).reshape(old[0].shape[0] // len(blocks), *old[0].shape[1:]) for _, fr, _ in blocks]
+            lasts = [la.reshape(r, kw, tg).transpose(2, 0, 1)[:, :, None, :] for _, _, la in blocks]
+            return [np.concatenate(verticals), np.concatenate(lasts)]
         core_old = old[1] if factors.kind == "tucker2" else old[0]
         last_old = old[-1]
         cores = [fr.T.reshape((fr.shape[1], *core_old.shape[1:])) for _, fr, _ in blocks]
@@ -214,9 +254,28 @@ class ConvHandler(OpHandler):
     def spatial_step(self, kind: str, j: int) -> bool:
         return (kind == "tucker2" and j == 1) or (kind in ("tucker1", "svd") and j == 0)
 
+    def split_attrs(self, layer: Layer, axis: int) -> list[tuple[str, object]]:
+        """A spatial-SVD factor's attributes: the replaced node's strides, pads and dilations on
+        spatial `axis` (0: height, 1: width), the identity on the other; auto_pad as it was (a 1-tap,
+        stride-1 axis pads nothing under SAME_* or VALID)."""
+        a = layer.attrs
+        out: list[tuple[str, object]] = []
+        for name in ("strides", "dilations"):
+            if a.get(name):
+                v = _ints(a.get(name), 2, 1)
+                out.append((name, [v[0], 1] if axis == 0 else [1, v[1]]))
+        if a.get("pads"):
+            p = _ints(a.get("pads"), 4, 0)
+            out.append(("pads", [p[0], 0, p[2], 0] if axis == 0 else [0, p[1], 0, p[3]]))
+        if "auto_pad" in a:
+            out.append(("auto_pad", COPY))
+        return out
+
     def chain(self, layer: Layer, factors: LayerFactors, weights: list[str], fresh: Fresh, opset: int) -> Chain:
         base = layer.node_name or layer.outputs[0]
         kind = factors.kind
+        if kind == "spatial-svd":
+            return self._spatial_chain(layer, factors, weights, fresh, base)
         labels = LABELS[kind][: len(weights)]
         x = layer.inputs[0]
         bias = (layer.bias_name,) if layer.bias_name else ()
@@ -238,6 +297,32 @@ class ConvHandler(OpHandler):
             nodes.append(NodeSpec(op, (ins[j], weights[j], *(bias if last else ())), (outs[j],),
                                   fresh(f"{base}/{label}"), tuple(attrs)))
         return Chain(tuple(nodes))
+
+    def _spatial_chain(self, layer: Layer, factors: LayerFactors, weights: list[str], fresh: Fresh, base: str) -> Chain:
+        labels = LABELS["spatial-svd"]
+        mid = fresh(f"{base}/{labels[0]}/out")
+        bias = (layer.bias_name,) if layer.bias_name else ()
+        group = [("group", COPY)] if self.groups(layer) != 1 else []
+        nodes = []
+        for j, (src, dst, extra) in enumerate(((layer.inputs[0], mid, ()), (mid, layer.outputs[0], bias))):
+            attrs = [*self.split_attrs(layer, j), ("kernel_shape", list(factors.arrays[j].shape[2:])), *group]
+            nodes.append(NodeSpec("Conv", (src, weights[j], *extra), (dst,), fresh(f"{base}/{labels[j]}"), tuple(attrs)))
+        return Chain(tuple(nodes))
+
+
+def spatial_refit_blocks(vertical: np.ndarray, horizontal: np.ndarray, groups: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A spatial-SVD chain per group as y = p @ front @ last on the layer's im2col p (columns (s, i, j)):
+    front = (V kron I_kw)^T, d x (R*kw), the k x 1 factor applied to every width tap, columns (r, j)
+    rank-major; last (R*kw) x T_g the 1 x k factor."""
+    rg = vertical.shape[0] // groups
+    t, _, _, kw = horizontal.shape
+    tg = t // groups
+    out = []
+    for k in range(groups):
+        front = spatial_front(vertical[k * rg : (k + 1) * rg, :, :, 0].reshape(rg, -1), kw)  # R x (S kh) inside
+        h = horizontal[k * tg : (k + 1) * tg, :, 0, :]  # T_g x R x kw
+        out.append((front, h.transpose(1, 2, 0).reshape(rg * kw, tg)))
+    return out
 
 
 HANDLER = ConvHandler()

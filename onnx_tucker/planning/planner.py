@@ -25,7 +25,7 @@ from ..ops.layer import Layer
 from ..ops.registry import handler_for
 
 PLAN_FORMAT_VERSION = 1
-KINDS = ("tucker2", "tucker1", "svd", "skip")
+KINDS = ("tucker2", "tucker1", "svd", "spatial-svd", "skip")
 
 
 class SkipCause(str, Enum):
@@ -312,7 +312,12 @@ def _plan_one(layer, read_weight, cfg, include, exclude, planned, spectra=None) 
         bad = int(np.size(weight) - np.count_nonzero(np.isfinite(weight)))
         return replace(base, reason=f"weight holds {bad} NaN/Inf values; fix the model (layer left as is)",
                        cause=SkipCause.NON_FINITE)
-    kind = handler.default_kind(layer, cfg.min_tucker2_channels) if planned is None else planned.entries[layer.layer_id][0]
+    if planned is not None:
+        kind = planned.entries[layer.layer_id][0]
+    elif cfg.kind is not None and cfg.kind in handler.kinds(layer):  # --kind, where the layer allows it
+        kind = cfg.kind
+    else:
+        kind = handler.default_kind(layer, cfg.min_tucker2_channels)
     blocks = handler.blocks(layer, weight)
     groups = len(blocks)
     if groups > 1:
