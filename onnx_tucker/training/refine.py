@@ -234,10 +234,10 @@ def _train_block(torch: Any, seg: Any, feeds: Sequence[str], factors: Mapping[st
         if v.name in xs_np:
             dims = v.type.tensor_type.shape.dim
             del dims[:]
-            for k, d in enumerate(xs_np[v.name].shape):
-                dims.add().dim_param = "N" if k == 0 else ""
-                if k:
-                    dims[k].dim_value = int(d)
+            for axis, d in enumerate(xs_np[v.name].shape):
+                dims.add().dim_param = "N" if axis == 0 else ""
+                if axis:
+                    dims[axis].dim_value = int(d)
     module, _ = to_torch(seg.model, f"block {','.join(names)}")
     module = module.float().train(False)  # inference semantics for any BN / dropout left in the block
     params: dict[str, tuple[str, Any]] = {}  # initializer name -> (kind, parameter)
