@@ -398,6 +398,33 @@ def _runtime_pad(n: onnx.NodeProto, elem: int, rank: int, kernel: list[int], str
     return nodes
 
 
+def _split_multi_output(model: onnx.ModelProto, changes: list[str]) -> None:
+    """onnx2torch returns the whole output tuple of a node with several outputs (an LSTM's Y, Y_h, Y_c) where
+    one of them is a graph output: each such graph output gets its own `Identity`."""
+    g = model.graph
+    outputs = {o.name for o in g.output}
+    existing = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer}
+    added = []
+    for n in g.node:
+        if len(n.output) < 2:
+            continue
+        for k, name in enumerate(n.output):
+            if name in outputs:
+                inner, j = f"{name}_tuple", 1
+                while inner in existing:
+                    inner, j = f"{name}_tuple_{j}", j + 1
+                existing.add(inner)
+                for m in g.node:  # other readers of the tensor read the renamed one
+                    for i, x in enumerate(m.input):
+                        if x == name:
+                            m.input[i] = inner
+                n.output[k] = inner
+                added.append(helper.make_node("Identity", [inner], [name], name=f"{name}_output"))
+    if added:
+        g.node.extend(added)
+        changes.append(f"gave {len(added)} graph output(s) of multi-output nodes their own Identity (onnx2torch maps them one by one)")
+
+
 def normalize(model: onnx.ModelProto, supported: Supported, source: str = "the model") -> tuple[Normalized, list[str]]:
     """A copy of `model` ready for onnx2torch, and the ops onnx2torch still cannot take (empty: fine).
     Raises ModelLoadError (naming `source` and the node) for what cannot be rewritten exactly."""
@@ -407,6 +434,7 @@ def normalize(model: onnx.ModelProto, supported: Supported, source: str = "the m
     source_opset = default_opset(m)
     _lift_constants(m, changes)
     _drop_passthrough(m, changes)
+    _split_multi_output(m, changes)
     _explicit_pads(m, changes, source)
     _fix_batch(m, changes)
     bad = unsupported_ops(m, supported)

@@ -63,6 +63,8 @@ def import_onnx2torch() -> Any:
             import onnx2torch
         except Exception as e2:  # noqa: BLE001
             raise OnnxTuckerError(f"fine-tuning needs onnx2torch ({type(e2).__name__}: {e2}); {INSTALL_HINT}") from None
+    from . import recurrent  # noqa: F401 - registers the LSTM / GRU converters with onnx2torch (once)
+
     return onnx2torch
 
 
@@ -89,6 +91,8 @@ def to_torch(model: onnx.ModelProto, source: str) -> tuple[Any, torchready.Norma
         )
     try:
         module = onnx2torch.convert(norm.model)
+    except ModelLoadError as e:  # our converters' refusals, naming the node and why
+        raise ModelLoadError(f"{source}: {e}") from None
     except Exception as e:  # noqa: BLE001 - onnx2torch raises NotImplementedError, KeyError, ...
         msg = " ".join(str(e).split()) or type(e).__name__
         raise ModelLoadError(f"{source}: onnx2torch failed to convert the model ({msg[:300]}); please report this") from None
