@@ -6,6 +6,7 @@ and what they cannot take is refused naming the node and why."""
 from __future__ import annotations
 
 import importlib.util
+from typing import Any
 
 import numpy as np
 import onnx
@@ -27,7 +28,7 @@ T, B, IN, H = 5, 3, 4, 6
 
 def _rnn_model(op: str, direction: str = "forward", states: bool = False, lbr: int = 0, layout: int = 0,
                outputs: tuple[str, ...] = ("Y", "Y_h", "Y_c"), seq_lens: bool = False, seed: int = 0,
-               **extra: object) -> onnx.ModelProto:
+               **extra: Any) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     gates, dirs = (4 if op == "LSTM" else 3), (2 if direction == "bidirectional" else 1)
     inits = [_init("W", (0.5 * rng.standard_normal((dirs, gates * H, IN))).astype(np.float32)),
@@ -50,7 +51,7 @@ def _rnn_model(op: str, direction: str = "forward", states: bool = False, lbr: i
     node_out = [o if o in outs else "" for o in ("Y", "Y_h", "Y_c")[: 3 if op == "LSTM" else 2]]
     while node_out and not node_out[-1]:
         node_out.pop()
-    attrs: dict[str, object] = {"hidden_size": H, "direction": direction, **extra}
+    attrs: dict[str, Any] = {"hidden_size": H, "direction": direction, **extra}
     if op == "GRU":
         attrs["linear_before_reset"] = lbr
     if layout:

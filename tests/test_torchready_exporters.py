@@ -6,6 +6,7 @@ training step changes exactly the trainable weights, the lifted Constant weights
 from __future__ import annotations
 
 import importlib.util
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ ANY: torchready.Supported = lambda domain, op, version: True  # noqa: E731 - the
 
 
 def _window_model(op: str, mode: str, size: int | str, stride: int, kernel: int = 3, opset: int = 17,
-                  **extra: object) -> onnx.ModelProto:
+                  **extra: Any) -> onnx.ModelProto:
     """x [N, 4, size, size] -> op (auto_pad `mode`) -> y; a Conv has 6 output channels and a bias."""
     rng = np.random.default_rng(size if isinstance(size, int) else 0)
     inits, inputs = [], ["x"]
