@@ -6,8 +6,8 @@ training step changes exactly the trainable weights, the lifted Constant weights
 from __future__ import annotations
 
 import importlib.util
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
