@@ -256,3 +256,11 @@ def test_a_paddle_classifier_head_converts_and_exports_with_any_batch(tmp_path: 
     assert r.steps == 1 and r.trainable_params == 8 * 3 * 9 + 8 * 5
     got = run_ort(onnx.load(out), {"x": np.concatenate([x, x[:2]])})["prob"]  # batch 5, exported at 2
     np.testing.assert_allclose(got[:3], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_dynamic_input_dims_are_fixed_to_the_datas_but_the_batch() -> None:
+    model = _window_model("Conv", "SAME_UPPER", "H", 2)
+    norm, _ = torchready.normalize(model, ANY, "m.onnx", {"x": (7, 4, 9, 9)})
+    dims = [d.dim_value or d.dim_param for d in norm.model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["N", 4, 9, 9] and any("x[2]=9, x[3]=9" in c for c in norm.changes)
+    assert [n.op_type for n in norm.model.graph.node] == ["Conv"]  # sizes known: static pads, no Pad node

@@ -19,7 +19,7 @@ same outputs at inference:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -511,13 +511,34 @@ def _split_multi_output(model: onnx.ModelProto, changes: list[str]) -> None:
         changes.append(f"gave {len(added)} graph output(s) of multi-output nodes their own Identity (onnx2torch maps them one by one)")
 
 
-def normalize(model: onnx.ModelProto, supported: Supported, source: str = "the model") -> tuple[Normalized, list[str]]:
+def _fix_input_dims(model: onnx.ModelProto, dims: Mapping[str, Sequence[int]], changes: list[str]) -> None:
+    """Dynamic dims of the graph inputs other than the batch set to the training data's (the export keeps
+    only the batch dynamic anyway): shape inference then reaches every node onnx2torch needs a rank of."""
+    fixed = []
+    for v in model.graph.input:
+        want = dims.get(v.name)
+        got = v.type.tensor_type.shape.dim
+        if want is None or len(want) != len(got):
+            continue
+        for k in range(1, len(got)):
+            if not (got[k].HasField("dim_value") and got[k].dim_value > 0):
+                got[k].dim_value = int(want[k])
+                fixed.append(f"{v.name}[{k}]={want[k]}")
+    if fixed:
+        changes.append(f"fixed the dynamic input dims to the training data's ({', '.join(fixed)})")
+
+
+def normalize(model: onnx.ModelProto, supported: Supported, source: str = "the model",
+              input_dims: Mapping[str, Sequence[int]] | None = None) -> tuple[Normalized, list[str]]:
     """A copy of `model` ready for onnx2torch, and the ops onnx2torch still cannot take (empty: fine).
+    `input_dims` (name -> shape of the data): the dynamic non-batch dims of the inputs are fixed to them.
     Raises ModelLoadError (naming `source` and the node) for what cannot be rewritten exactly."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     changes: list[str] = []
     source_opset = default_opset(m)
+    if input_dims:
+        _fix_input_dims(m, input_dims, changes)
     _lift_constants(m, changes)
     _drop_passthrough(m, changes)
     _split_multi_output(m, changes)

@@ -6,7 +6,7 @@ import io
 import re
 import sys
 import types
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -80,10 +80,12 @@ def _supported() -> torchready.Supported:
     return supported
 
 
-def to_torch(model: onnx.ModelProto, source: str) -> tuple[Any, torchready.Normalized]:
-    """Normalise, then convert. Raises one ModelLoadError naming every op onnx2torch cannot take."""
+def to_torch(model: onnx.ModelProto, source: str,
+             input_dims: Mapping[str, Sequence[int]] | None = None) -> tuple[Any, torchready.Normalized]:
+    """Normalise (dynamic non-batch input dims fixed to `input_dims`, the data's), then convert. Raises one
+    ModelLoadError naming every op onnx2torch cannot take."""
     onnx2torch = import_onnx2torch()
-    norm, bad = torchready.normalize(model, _supported(), source)
+    norm, bad = torchready.normalize(model, _supported(), source, input_dims)
     if bad:
         raise ModelLoadError(
             f"{source}: onnx2torch cannot convert {len(bad)} op type(s) at opset {norm.source_opset} or any opset tried: "
