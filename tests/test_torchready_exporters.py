@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -31,7 +32,7 @@ ANY: torchready.Supported = lambda domain, op, version: True  # noqa: E731 - the
 
 
 def _window_model(op: str, mode: str, size: int | str, stride: int, kernel: int = 3, opset: int = 17,
-                  **extra: object) -> onnx.ModelProto:
+                  **extra: Any) -> onnx.ModelProto:
     """x [N, 4, size, size] -> op (auto_pad `mode`) -> y; a Conv has 6 output channels and a bias."""
     rng = np.random.default_rng(size if isinstance(size, int) else 0)
     inits, inputs = [], ["x"]
@@ -206,3 +207,60 @@ def test_one_step_changes_exactly_the_trainable_weights_lifted_constants_include
         a = a.T if a.shape != b.shape else a
         changed = not np.array_equal(a, b)
         assert changed == (train == "all" or bool(ftc.FACTOR_MODULE.search(name))), name
+
+
+def _paddle_classifier() -> onnx.ModelProto:
+    """Paddle2ONNX's classifier head at opset 11: input dims declared -1, a bias reshaped to [1, C, 1, 1]
+    (a constant Reshape), flatten as Reshape(x, Concat(Shape(x)[0:1], [-1])) through int32 casts, Softmax."""
+    rng = np.random.default_rng(4)
+    nodes = [
+        _const("conv_w", he_normal(rng, (8, 3, 3, 3))), _const("conv_b", (0.1 * rng.standard_normal(8)).astype(np.float32)),
+        _const("b_shape", np.array([1, 8, 1, 1], np.int64)), _const("fc_w", he_normal(rng, (8, 5))),
+        _const("s0", np.array([0], np.int64)), _const("s1", np.array([1], np.int64)), _const("rest", np.array([-1], np.int32)),
+        helper.make_node("Conv", ["x", "conv_w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Reshape", ["conv_b", "b_shape"], ["b4"], name="bias_reshape"),
+        helper.make_node("Add", ["c", "b4"], ["cb"], name="bias"),
+        helper.make_node("GlobalAveragePool", ["cb"], ["g"], name="gap"),
+        helper.make_node("Shape", ["g"], ["sh"], name="shape"),
+        helper.make_node("Cast", ["sh"], ["sh32"], name="cast0", to=TensorProto.INT32),
+        helper.make_node("Slice", ["sh32", "s0", "s1", "s0"], ["n32"], name="slice"),
+        helper.make_node("Concat", ["n32", "rest"], ["shape32"], name="concat", axis=0),
+        helper.make_node("Cast", ["shape32"], ["shape64"], name="cast1", to=TensorProto.INT64),
+        helper.make_node("Reshape", ["g", "shape64"], ["f"], name="flatten"),
+        helper.make_node("MatMul", ["f", "fc_w"], ["logits"], name="fc"),
+        helper.make_node("Softmax", ["logits"], ["prob"], name="softmax", axis=1),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, -1, -1])
+    y = helper.make_tensor_value_info("prob", TensorProto.FLOAT, [-1, 5])
+    return _finish(nodes, [x], [y], [], opset=11)
+
+
+def test_a_paddle_classifier_head_converts_and_exports_with_any_batch(tmp_path: Path) -> None:
+    model = _paddle_classifier()
+    norm, bad = torchready.normalize(model, ftc._supported())
+    assert bad == [] and norm.opset == 13  # Softmax-11 exports with the batch baked in: opset 13
+    assert any("computed shape of 1 Reshape" in c for c in norm.changes)
+    shapes = {t.name: numpy_helper.to_array(t).tolist() for t in norm.model.graph.initializer}
+    assert shapes["b_shape"] == [1, 8, 1, 1]  # a constant's reshape keeps its 1
+    assert not [n for n in norm.model.graph.node if n.op_type == "Shape"]  # the shape computation is gone
+    x = np.random.default_rng(0).standard_normal((3, 3, 10, 12)).astype(np.float32)
+    ref = run_ort(model, {"x": x})["prob"]
+    np.testing.assert_allclose(run_ort(norm.model, {"x": x})["prob"], ref, rtol=1e-6, atol=1e-6)
+    src = save(model, tmp_path / "cls.onnx")
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.random.default_rng(1).standard_normal((12, 3, 10, 12)).astype(np.float32))
+    out = tmp_path / "ft.onnx"
+    cfg = FinetuneConfig(epochs=1, max_steps=1, lr=1e-6, val_split=0.5, augment=False, threads=1)
+    r = ot.finetune(src, out, data, teacher=src, config=cfg)
+    # The Constant weights train; a bias added by a separate Add (through a Reshape) stays a constant.
+    assert r.steps == 1 and r.trainable_params == 8 * 3 * 9 + 8 * 5
+    got = run_ort(onnx.load(out), {"x": np.concatenate([x, x[:2]])})["prob"]  # batch 5, exported at 2
+    np.testing.assert_allclose(got[:3], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_dynamic_input_dims_are_fixed_to_the_datas_but_the_batch() -> None:
+    model = _window_model("Conv", "SAME_UPPER", "H", 2)
+    norm, _ = torchready.normalize(model, ANY, "m.onnx", {"x": (7, 4, 9, 9)})
+    dims = [d.dim_value or d.dim_param for d in norm.model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["N", 4, 9, 9] and any("x[2]=9, x[3]=9" in c for c in norm.changes)
+    assert [n.op_type for n in norm.model.graph.node] == ["Conv"]  # sizes known: static pads, no Pad node

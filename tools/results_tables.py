@@ -296,8 +296,29 @@ def refine_table(rows: list[Row]) -> str:
     return _table(header, "llrrrrrrr", body)
 
 
+# ---- coverage_finetune.jsonl: tools/finetune_coverage.py ---------------------------------------------
+
+def _short_change(c: str) -> str:
+    return re.sub(r" \((from|their|all but|the batch|onnx2torch)[^)]*\)", "", c)
+
+
+def coverage_table(rows: list[Row]) -> str:
+    body = []
+    for r in rows:
+        yes = "yes" if r["converts"] else "**no**"
+        err = r.get("round_trip_max_rel")
+        what = "; ".join(_short_change(str(c)) for c in r.get("normalisation", []) or []) or "-"  # type: ignore[union-attr]
+        if not r["exports"]:
+            what = "refused: " + str(r.get("refused", "")).split(": ", 1)[-1]
+        body.append([str(r["model"]), f"{r['producer'] or '?'}, {r['opset']}", yes, "yes" if r["trains"] else "-",
+                     "yes" if r["exports"] else "-", "-" if err is None else f"{float(err):.1e}", what])  # type: ignore[arg-type]
+    return _table(["model", "exporter, opset", "converts", "trains 1 epoch", "exports", "round-trip max rel err",
+                   "normalised / refused"], "llllrrl", body)
+
+
 RENDERERS: dict[str, Callable[[list[Row]], str]] = {
     "calibrate_refine_resnet56.jsonl": refine_table,
+    "coverage_finetune.jsonl": coverage_table,
     "latency.jsonl": latency_table,
     "calibrate.jsonl": calibrate_table,
     "real_models.jsonl": real_models_table,

@@ -3,7 +3,8 @@ that compares op types (the rule is tests/test_boundaries.py's).
 
 Folding, normalisation for torch and the probes of a rewritten model need to know a `Constant`
 node, a pass-through (`Identity`, `Dropout`), a `Reshape`, a residual `Add`, the random and the
-quantize ops, and the pools whose padding is not zeros (`MaxPool`, `AveragePool`). Layer operators
+quantize ops, the pools whose padding is not zeros (`MaxPool`, `AveragePool`), Softmax (its opset-13
+change) and the shape-computing ops. Layer operators
 (Conv, ConvTranspose, Gemm, MatMul, the quantized and fused ones) are never named here: which nodes
 are layers, and what they mean, is asked of `ops.registry`.
 """
@@ -21,7 +22,12 @@ QUANTIZED_OPS = frozenset({"DequantizeLinear", "QuantizeLinear", "DynamicQuantiz
 # Pools whose padding is not a zero (torch-readiness: `auto_pad` made an explicit `Pad` node).
 PADDED_POOLS = frozenset({"MaxPool", "AveragePool"})
 # The structural ops the graph layer may name (besides the sets above).
-STRUCTURAL_OPS = frozenset({"Constant", "Identity", "Dropout", "Reshape", "Add"}) | RANDOM_OPS | QUANTIZED_OPS | PADDED_POOLS
+# Ops whose meaning changed at opset 13 in a way onnx2torch exports badly (torch-readiness converts the opset).
+SOFTMAX_OPS = frozenset({"Softmax", "LogSoftmax"})
+# Ops that compute a shape from a shape (torch-readiness folds a Reshape's computed shape).
+SHAPE_OPS = frozenset({"Shape", "Cast", "Squeeze", "Unsqueeze", "Concat", "Slice", "Gather"})
+STRUCTURAL_OPS = (frozenset({"Constant", "Identity", "Dropout", "Reshape", "Add"}) | RANDOM_OPS | QUANTIZED_OPS | PADDED_POOLS
+                  | SOFTMAX_OPS | SHAPE_OPS)
 
 
 class _Node(Protocol):

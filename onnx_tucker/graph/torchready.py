@@ -19,7 +19,7 @@ same outputs at inference:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,7 +65,8 @@ def io_shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
     for v in [*model.graph.input, *model.graph.output]:
         dims: list[int | str | None] = []
         for d in v.type.tensor_type.shape.dim:
-            dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
+            known = d.HasField("dim_value") and d.dim_value > 0  # Paddle declares -1 for a dynamic dim
+            dims.append(d.dim_value if known else (d.dim_param or None))
         out[v.name] = dims
     return out
 
@@ -167,6 +168,10 @@ def _fix_batch(model: onnx.ModelProto, changes: list[str]) -> None:
     g = model.graph
     inits = {t.name for t in g.initializer}
     inputs = [i for i in g.input if i.name not in inits]
+    for v in [*inputs, *g.output]:  # Paddle declares a dynamic dim as -1 (invalid ONNX): a symbol
+        for k, d in enumerate(v.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") and d.dim_value < 0:
+                d.dim_param = "batch" if k == 0 else f"{v.name}_dim{k}"
     batch_dims = set()
     for v in inputs:
         dims = v.type.tensor_type.shape.dim
@@ -177,8 +182,8 @@ def _fix_batch(model: onnx.ModelProto, changes: list[str]) -> None:
     fixed = 0
     existing = {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
     for n in g.node:
-        if not is_op(n, "Reshape") or len(n.input) < 2:
-            continue
+        if not is_op(n, "Reshape") or len(n.input) < 2 or _constant_value(g, n.input[0]) is not None:
+            continue  # a constant reshaped (Paddle's biases to [1, C, 1, 1]) carries no batch
         if any(a.name == "allowzero" and a.i for a in n.attribute):
             continue
         shape = _constant_value(g, n.input[1])
@@ -398,19 +403,152 @@ def _runtime_pad(n: onnx.NodeProto, elem: int, rank: int, kernel: list[int], str
     return nodes
 
 
-def normalize(model: onnx.ModelProto, supported: Supported, source: str = "the model") -> tuple[Normalized, list[str]]:
+def _static_reshapes(model: onnx.ModelProto, changes: list[str]) -> None:
+    """A `Reshape` whose shape is computed from `Shape` (Paddle's flatten: [batch, -1] built from the
+    input's shape) exports from torch with the batch of the trace baked in. Where shape inference (with
+    data propagation) knows every output dim but the batch, and the batch is the input's, the shape becomes
+    the constant [0, d1, ...]; the shape computation left unread is removed."""
+    g = model.graph
+    todo = [n for n in g.node if is_op(n, "Reshape") and len(n.input) > 1 and _constant_value(g, n.input[1]) is None
+            and not _attr(n, "allowzero")]
+    if not todo:
+        return
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # noqa: BLE001 - no inference: leave them
+        return
+    vi = {v.name: [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None)
+                   for d in v.type.tensor_type.shape.dim]
+          for v in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output] if v.type.tensor_type.HasField("shape")}
+    producers = {o: m for m in g.node for o in m.output}
+    fixed = 0
+    for n in todo:
+        x = vi.get(n.input[0])
+        shape = _shape_value(n.input[1], producers, vi, g, 0)
+        if not x or shape is None or len(shape) < 2 or shape[0] is None or shape[0] != x[0] \
+                or any(not isinstance(d, int) for d in shape[1:]):
+            continue
+        name = f"{n.output[0]}_static_shape"
+        g.initializer.append(numpy_helper.from_array(np.asarray([0, *shape[1:]], dtype=np.int64), name))
+        n.input[1] = name
+        fixed += 1
+    if fixed:
+        _drop_dead(model)
+        changes.append(f"made the computed shape of {fixed} Reshape node(s) constant (all but the batch known)")
+
+
+def _shape_value(name: str, producers: dict[str, onnx.NodeProto], vi: dict[str, list[Any]], g: onnx.GraphProto,
+                 depth: int) -> list[Any] | None:
+    """The value of a small int tensor computed from shapes (Shape, Cast, Slice, Concat, Gather, Squeeze,
+    Unsqueeze of constants and inferred dims), an entry a symbol where a dim is symbolic; None if not known."""
+    const = _constant_value(g, name)
+    if const is not None:
+        return [int(v) for v in const.reshape(-1)] if const.ndim <= 1 and const.dtype.kind in "iu" else None
+    n = producers.get(name)
+    if n is None or depth > 12:
+        return None
+    ins = [_shape_value(i, producers, vi, g, depth + 1) if k else None for k, i in enumerate(n.input)]
+    if is_op(n, "Shape"):
+        dims = vi.get(n.input[0])
+        start, end = _attr(n, "start") or 0, _attr(n, "end")
+        return None if dims is None else list(dims[start:end])
+    first = _shape_value(n.input[0], producers, vi, g, depth + 1)
+    if first is None:
+        return None
+    if is_op(n, "Cast", "Squeeze", "Unsqueeze"):
+        return first
+    if is_op(n, "Concat"):
+        parts = [first, *ins[1:]]
+        return None if any(p is None for p in parts) else [d for p in parts for d in p]  # type: ignore[union-attr]
+    if is_op(n, "Slice") and len(n.input) >= 3 and ins[1] is not None and ins[2] is not None:
+        steps = ins[4] if len(n.input) > 4 and ins[4] is not None else [1]
+        return first[slice(ins[1][0], ins[2][0], steps[0])]
+    if is_op(n, "Gather") and ins[1] is not None:
+        return [first[i] for i in ins[1]]
+    return None
+
+
+def _drop_dead(model: onnx.ModelProto) -> None:
+    """Nodes whose outputs nothing reads (nor the graph outputs), removed until none is left."""
+    g = model.graph
+    while True:
+        read = {o.name for o in g.output} | {i for n in g.node for i in n.input}
+        for n in g.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    read |= {i for m in _all_nodes(a.g) for i in m.input}
+        keep = [n for n in g.node if any(o and o in read for o in n.output)]
+        if len(keep) == len(g.node):
+            return
+        del g.node[:]
+        g.node.extend(keep)
+
+
+def _split_multi_output(model: onnx.ModelProto, changes: list[str]) -> None:
+    """onnx2torch returns the whole output tuple of a node with several outputs (an LSTM's Y, Y_h, Y_c) where
+    one of them is a graph output: each such graph output gets its own `Identity`."""
+    g = model.graph
+    outputs = {o.name for o in g.output}
+    existing = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer}
+    added = []
+    for n in g.node:
+        if len(n.output) < 2:
+            continue
+        for k, name in enumerate(n.output):
+            if name in outputs:
+                inner, j = f"{name}_tuple", 1
+                while inner in existing:
+                    inner, j = f"{name}_tuple_{j}", j + 1
+                existing.add(inner)
+                for m in g.node:  # other readers of the tensor read the renamed one
+                    for i, x in enumerate(m.input):
+                        if x == name:
+                            m.input[i] = inner
+                n.output[k] = inner
+                added.append(helper.make_node("Identity", [inner], [name], name=f"{name}_output"))
+    if added:
+        g.node.extend(added)
+        changes.append(f"gave {len(added)} graph output(s) of multi-output nodes their own Identity (onnx2torch maps them one by one)")
+
+
+def _fix_input_dims(model: onnx.ModelProto, dims: Mapping[str, Sequence[int]], changes: list[str]) -> None:
+    """Dynamic dims of the graph inputs other than the batch set to the training data's (the export keeps
+    only the batch dynamic anyway): shape inference then reaches every node onnx2torch needs a rank of."""
+    fixed = []
+    for v in model.graph.input:
+        want = dims.get(v.name)
+        got = v.type.tensor_type.shape.dim
+        if want is None or len(want) != len(got):
+            continue
+        for k in range(1, len(got)):
+            if not (got[k].HasField("dim_value") and got[k].dim_value > 0):
+                got[k].dim_value = int(want[k])
+                fixed.append(f"{v.name}[{k}]={want[k]}")
+    if fixed:
+        changes.append(f"fixed the dynamic input dims to the training data's ({', '.join(fixed)})")
+
+
+def normalize(model: onnx.ModelProto, supported: Supported, source: str = "the model",
+              input_dims: Mapping[str, Sequence[int]] | None = None) -> tuple[Normalized, list[str]]:
     """A copy of `model` ready for onnx2torch, and the ops onnx2torch still cannot take (empty: fine).
+    `input_dims` (name -> shape of the data): the dynamic non-batch dims of the inputs are fixed to them.
     Raises ModelLoadError (naming `source` and the node) for what cannot be rewritten exactly."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     changes: list[str] = []
     source_opset = default_opset(m)
+    if input_dims:
+        _fix_input_dims(m, input_dims, changes)
     _lift_constants(m, changes)
     _drop_passthrough(m, changes)
+    _split_multi_output(m, changes)
     _explicit_pads(m, changes, source)
     _fix_batch(m, changes)
+    _static_reshapes(m, changes)
     bad = unsupported_ops(m, supported)
-    if bad:
+    # onnx2torch's Softmax before opset 13 (flatten, softmax, reshape) exports with the batch baked in.
+    old_softmax = source_opset < 13 and any(is_op(n, "Softmax", "LogSoftmax") for n in m.graph.node)
+    if bad or old_softmax:
         for target in CANDIDATE_OPSETS:
             if target == source_opset:
                 continue
@@ -418,7 +556,7 @@ def normalize(model: onnx.ModelProto, supported: Supported, source: str = "the m
                 conv = onnx.version_converter.convert_version(m, target)
             except Exception:  # noqa: BLE001 - the converter raises many kinds; try the next opset
                 continue
-            if not unsupported_ops(conv, supported):
+            if not unsupported_ops(conv, supported) and not (old_softmax and target < 13):
                 conv.ir_version = max(conv.ir_version, m.ir_version)
                 m, bad = conv, []
                 changes.append(f"converted opset {source_opset} -> {target}")

@@ -6,7 +6,7 @@ import io
 import re
 import sys
 import types
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -63,6 +63,8 @@ def import_onnx2torch() -> Any:
             import onnx2torch
         except Exception as e2:  # noqa: BLE001
             raise OnnxTuckerError(f"fine-tuning needs onnx2torch ({type(e2).__name__}: {e2}); {INSTALL_HINT}") from None
+    from . import recurrent  # noqa: F401 - registers the LSTM / GRU converters with onnx2torch (once)
+
     return onnx2torch
 
 
@@ -78,10 +80,12 @@ def _supported() -> torchready.Supported:
     return supported
 
 
-def to_torch(model: onnx.ModelProto, source: str) -> tuple[Any, torchready.Normalized]:
-    """Normalise, then convert. Raises one ModelLoadError naming every op onnx2torch cannot take."""
+def to_torch(model: onnx.ModelProto, source: str,
+             input_dims: Mapping[str, Sequence[int]] | None = None) -> tuple[Any, torchready.Normalized]:
+    """Normalise (dynamic non-batch input dims fixed to `input_dims`, the data's), then convert. Raises one
+    ModelLoadError naming every op onnx2torch cannot take."""
     onnx2torch = import_onnx2torch()
-    norm, bad = torchready.normalize(model, _supported(), source)
+    norm, bad = torchready.normalize(model, _supported(), source, input_dims)
     if bad:
         raise ModelLoadError(
             f"{source}: onnx2torch cannot convert {len(bad)} op type(s) at opset {norm.source_opset} or any opset tried: "
@@ -89,6 +93,8 @@ def to_torch(model: onnx.ModelProto, source: str) -> tuple[Any, torchready.Norma
         )
     try:
         module = onnx2torch.convert(norm.model)
+    except ModelLoadError as e:  # our converters' refusals, naming the node and why
+        raise ModelLoadError(f"{source}: {e}") from None
     except Exception as e:  # noqa: BLE001 - onnx2torch raises NotImplementedError, KeyError, ...
         msg = " ".join(str(e).split()) or type(e).__name__
         raise ModelLoadError(f"{source}: onnx2torch failed to convert the model ({msg[:300]}); please report this") from None

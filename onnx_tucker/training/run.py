@@ -286,17 +286,17 @@ class _Modules:
 
 
 def _to_torch(torch: Any, device: Any, src: str, teacher: str | os.PathLike[str] | None, protos: _Protos,
-              cfg: FinetuneConfig) -> _Modules:
+              cfg: FinetuneConfig, input_dims: Mapping[str, tuple[int, ...]] | None = None) -> _Modules:
     """Step 2b: torch threads and seeds, then both models converted to torch modules on `device`."""
     threads, threads_why = (cfg.threads, "--torch-threads") if cfg.threads is not None else default_torch_threads()
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
-    student, norm = convert.to_torch(protos.student, str(src))
+    student, norm = convert.to_torch(protos.student, str(src), input_dims)
     t_module = None
     if protos.teacher is not None:
-        t_module, _ = convert.to_torch(protos.teacher, str(teacher))
+        t_module, _ = convert.to_torch(protos.teacher, str(teacher), input_dims)
         t_module = t_module.to(device).eval()
         for p in t_module.parameters():
             p.requires_grad_(False)
@@ -623,7 +623,7 @@ def _run(load: Callable[[], tuple[onnx.ModelProto, onnx.ModelProto | None]], whe
     teacher = where.teacher
     protos = _check_protos(student_proto, teacher_proto, teacher)
     ds = _load_data(data, val_data, teacher, protos, cfg)
-    mods = _to_torch(torch, device, where.source, teacher, protos, cfg)
+    mods = _to_torch(torch, device, where.source, teacher, protos, cfg, {n: a.shape for n, a in ds.train.inputs.items()})
     label_output = _label_output(torch, device, where.source, data, teacher, protos, mods, ds)
     labelled = ds.train.labels is not None
     mode = "labels+distill" if labelled and teacher is not None else ("labels" if labelled else "distill")
