@@ -383,6 +383,9 @@ class _QuantizeStep:
                 raise UsageError("--quantize-exclude / --quantize-min-sqnr / --quantize-compare: only with "
                                  "--quantize int8; add it, or leave them out")
             return None
+        from .quantize.compare import deploy_runtimes
+
+        deploy_runtimes(q.runtimes)  # an unknown runtime: the usage error before any work
         return cls(config, q)
 
     def check(self, source: SourceModel) -> None:
@@ -418,7 +421,7 @@ class _QuantizeStep:
             self.comparison = compare_models(
                 [("original FP32", source.model, source.path), ("original INT8", original.model, None),
                  ("compressed FP32", compressed, None), ("compressed INT8", self.result.model, None)],
-                shown, source.input_shapes, bench or BenchConfig(), c.seed)
+                shown, source.input_shapes, bench or BenchConfig(), c.seed, self.q.runtimes)
         return self.result.model
 
 
@@ -447,6 +450,9 @@ def quantize(
     in_path = None if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
     check_output_paths(in_path, {"OUT": output, "--report": report, "--markdown": markdown})
     path, option = quantize_data_option(config.calibrate, config.data, "quantize")
+    from .quantize.compare import deploy_runtimes
+
+    deploy_runtimes(q.runtimes)
     source = SourceModel.load(model_or_path, config.input_shapes)
     check_float_model(source.model, in_path or "model")
     source.materialize()
@@ -456,7 +462,7 @@ def quantize(
                            data_option=option, source=in_path or "model")
     shown = load_for_model(config.data, source.model, config.samples, config.preprocess) if config.data else data
     comparison = compare_models([("original FP32", source.model, in_path), ("original INT8", result.model, None)],
-                                shown, source.input_shapes, bench or BenchConfig(), config.seed)
+                                shown, source.input_shapes, bench or BenchConfig(), config.seed, q.runtimes)
     run = QuantizeRun(result, comparison, in_path, str(output) if output is not None else None)
     with OutputBatch() as batch:
         if output is not None:

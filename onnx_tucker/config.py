@@ -607,6 +607,7 @@ class QuantizeConfig:
     exclude: str | None = opt("--quantize-exclude", default=None, metavar="REGEX", help="Keep in FP32 every decomposed chain (layer name) or node whose name matches this regex (onnxruntime's nodes_to_exclude).")
     min_sqnr: float | None = opt("--quantize-min-sqnr", default=None, metavar="DB", help="Keep in FP32 every chain whose INT8 output, fed the FP32 input, is below DB dB SQNR against FP32 on the calibration data (the reason is in the report); default: report the SQNR only.")
     compare: bool = opt("--quantize-compare/--no-quantize-compare", default=False, help="Also quantize INPUT and measure the four models (original FP32 / INT8, compressed FP32 / INT8): agreement with the original, accuracy with labels, size, onnxruntime CPU latency.")
+    runtimes: str = opt("--quantize-runtimes", default="ort-mobile,mnn", help="Deploy runtimes the compared models are also converted, run and timed in, one column each (ort-mobile: ORT format; mnn; ncnn); 'none' for onnxruntime CPU only. A runtime that cannot convert or run a model (MNN and QDQ) is a finding in the table.")
 
     def __post_init__(self) -> None:
         if self.quantize is not None:

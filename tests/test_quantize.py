@@ -5,6 +5,7 @@ samples of its test set as calibration data: each quantization takes a few secon
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from onnx_tucker import api
 from onnx_tucker.cli import app
 from onnx_tucker.config import CompressionConfig, QuantizeConfig
 from onnx_tucker.data import load_for_model
+from onnx_tucker.mobile.adapters import OrtAdapter
 from onnx_tucker.quantize import quantize_int8
 from onnx_tucker.quantize.chains import sqnr_db
 from tests.helpers import run_ort
@@ -121,6 +123,75 @@ def test_four_way_json_and_markdown_agree(run) -> None:  # type: ignore[no-untyp
     assert sizes["compressed INT8"] < sizes["compressed FP32"] < sizes["original FP32"]
     assert sizes["original INT8"] < sizes["original FP32"] / 3  # INT8 weights: about 4x smaller
     assert report["quantize"]["output_sqnr_db"]["logits"] == pytest.approx(result.quantize.output_sqnr_db["logits"])
+    # the deploy-runtime columns (default --quantize-runtimes ort-mobile,mnn): the same cells in both
+    header = next(ln for ln in md.splitlines() if ln.startswith("| model |"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    runtimes = report["comparison"]["runtimes"]
+    assert [r["name"] for r in runtimes] == ["ort-mobile", "mnn"]
+    for r in runtimes:
+        short = {"ort-mobile": "ORT format", "mnn": "MNN"}[r["name"]]
+        k = columns.index(f"{short} ms")
+        for m in r["models"]:
+            cell = rows[m["name"]][k]
+            if r["status"] == "not installed":
+                assert cell == "not installed"
+            elif m["failure"] is not None:
+                assert cell == f"failed ({m['failed_step']})"
+                assert any(m["failure"] in f and m["name"] in f for f in report["comparison"]["findings"])
+            else:
+                assert float(cell) == pytest.approx(m["latency_ms"], abs=6e-4)
+
+
+def test_the_ort_format_column_runs_the_int8_models(run) -> None:  # type: ignore[no-untyped-def]
+    """The ORT format converts and runs QDQ models: every cell timed, and its INT8 top-1 agreement with
+    the FP32 original (first 32 samples) is onnxruntime CPU's on those samples, computed here."""
+    result, out = run
+    col = result.comparison.runtime("ort-mobile")
+    assert col is not None and col.status == "ok", col
+    x = np.load(DATA)["input"][:32]
+    ref = run_ort(onnx.load(MODEL), {"input": x})["logits"].argmax(1)
+    new = run_ort(onnx.load(out / "int8.onnx"), {"input": x})["logits"].argmax(1)
+    cell = col.cell("compressed INT8")
+    assert cell is not None and cell.latency_ms is not None and cell.latency_ms > 0
+    assert cell.top1_agreement == pytest.approx(np.mean(ref == new), abs=2.5 / 32)
+    assert col.cell("original FP32").top1_agreement == 1.0  # type: ignore[union-attr]
+    assert cell.size_bytes is not None and cell.size_bytes < col.cell("original FP32").size_bytes / 3  # type: ignore[union-attr,operator]
+
+
+class QdqAbortingAdapter(OrtAdapter):
+    """A converter that aborts the process on QDQ models (as MNN 3.6's does), and runs float models."""
+
+    def convert(self, onnx_path, workdir, input_shapes):  # type: ignore[no-untyped-def]
+        if any(n.op_type == "QuantizeLinear" for n in onnx.load(onnx_path).graph.node):
+            os.abort()
+        return super().convert(onnx_path, workdir, input_shapes)
+
+
+def test_a_runtime_that_cannot_run_qdq_is_a_finding(run, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    from onnx_tucker.config import BenchConfig
+    from onnx_tucker.mobile import adapters
+    from onnx_tucker.quantize import compare_models
+    from onnx_tucker.report.quantize import four_way_rows, runtime_findings
+
+    _, out = run
+    monkeypatch.setitem(adapters.ADAPTERS, "fake", f"{__name__}:QdqAbortingAdapter")
+    data = load_for_model(str(DATA), onnx.load(MODEL), 16, None)
+    rep = compare_models([("original FP32", onnx.load(MODEL), None), ("compressed INT8", onnx.load(out / "int8.onnx"), None)],
+                         data, {"input": (1, 1, 28, 28)}, BenchConfig(warmup=1, runs=3), runtimes="fake")
+    col = rep.runtime("fake")
+    assert col is not None and col.status == "failed"
+    fp32, int8 = col.cell("original FP32"), col.cell("compressed INT8")
+    assert fp32 is not None and fp32.failure is None and fp32.latency_ms is not None and fp32.top1_agreement == 1.0
+    assert int8 is not None and int8.failed_step == "convert" and "SIGABRT" in (int8.failure or "")
+    assert four_way_rows(rep)[1][-2:] == ("failed (convert)", "-")
+    assert any(f.startswith("fake cannot convert compressed INT8: crashed (signal 6, SIGABRT)") for f in runtime_findings(rep))
+
+
+def test_an_unknown_quantize_runtime_is_one_usage_line(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["quantize", str(MODEL), str(tmp_path / "q.onnx"), "--data", str(DATA),
+                              "--quantize-runtimes", "ort-mobile,tflite"])
+    assert res.exit_code == 2
+    assert "unknown runtime 'tflite'" in res.output
 
 
 def test_min_sqnr_keeps_low_chains_fp32_with_the_reason() -> None:
