@@ -311,6 +311,7 @@ def mobile_report(
     report: PathLike | None = None,
     json_path: PathLike | None = None,
     progress: Progress | None = None,
+    int8: tuple[Any, Any] | None = None,
 ):  # type: ignore[no-untyped-def]
     """Convert, run and time both models in each mobile runtime and compare every output with the
     original in onnxruntime; return a `mobile.MobileReport` and write the requested report files
@@ -324,7 +325,8 @@ def mobile_report(
     to convert and run one model, and to time both. `rtol`: a runtime passes when it computes the compressed model
     within this max relative error of onnxruntime (`report.failed_runtimes`: the ones that did not).
     A runtime that fails is a finding in the report, never an exception. `progress(runtime, done, in all)`
-    before each runtime runs (and once at the end).
+    before each runtime runs (and once at the end). `int8`: (QuantizeResult, FourWayReport) of
+    `compress --quantize int8`, shown in the HTML report's INT8 sections.
     """
     from .mobile.build import parse_runtimes
     from .mobile.stage import mobile_measure
@@ -352,7 +354,7 @@ def mobile_report(
     rep = mobile_measure(str(original), str(compressed), pair, config, b, names, plan_of, timeout, rtol, progress)
     with OutputBatch() as batch:
         if html is not None:
-            batch.add_text(html, mobile_html(rep))
+            batch.add_text(html, mobile_html(rep, int8))
         if markdown is not None:
             batch.add_text(markdown, mobile_markdown(rep))
         if json_path is not None:
@@ -434,6 +436,7 @@ def quantize(
     bench: BenchConfig | None = None,
     report: PathLike | None = None,
     markdown: PathLike | None = None,
+    html: PathLike | None = None,
 ) -> Any:
     """`onnx-tucker quantize`: the uncompressed model to INT8 (the reference `compress --quantize int8` is
     compared with), calibrated on `config.calibrate` (else `config.data`: input shapes, samples, seed and
@@ -448,7 +451,7 @@ def quantize(
     config = config or CompressionConfig()
     q = replace(quantize or QuantizeConfig(), quantize="int8")
     in_path = None if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
-    check_output_paths(in_path, {"OUT": output, "--report": report, "--markdown": markdown})
+    check_output_paths(in_path, {"OUT": output, "--report": report, "--markdown": markdown, "--html": html})
     path, option = quantize_data_option(config.calibrate, config.data, "quantize")
     from .quantize.compare import deploy_runtimes
 
@@ -471,5 +474,9 @@ def quantize(
             batch.add_text(report, quantize_json(result, comparison))
         if markdown is not None:
             batch.add_text(markdown, "# onnx-tucker quantize\n\n" + quantize_markdown(result, comparison))
+        if html is not None:
+            from .report.html import quantize_html
+
+            batch.add_text(html, quantize_html(result, comparison, "onnx-tucker quantize"))
         batch.commit()
     return run

@@ -304,3 +304,45 @@ def test_interleave_many_rotates_the_order() -> None:
     times = interleave_many(fns, warmup=1, runs=3, clock=lambda: float(next(ticks)))
     assert calls == list("abc") + list("abc") + list("bca") + list("cab")
     assert [len(t) for t in times] == [3, 3, 3] and all(v == pytest.approx(1e3) for t in times for v in t)
+
+
+def test_report_counts_an_int8_model_as_the_float_model_it_stands_for(run) -> None:  # type: ignore[no-untyped-def]
+    """`report ORIG INT8`: the QDQ model's weights (int8 behind DequantizeLinear) and layers counted, not 0."""
+    from onnx_tucker.graph.fold import float_parameter_count
+    from onnx_tucker.graph.qdq import float_view, has_qdq
+    from onnx_tucker.mobile.inputs import model_macs
+
+    result, out = run
+    int8 = onnx.load(out / "int8.onnx")
+    assert has_qdq(int8) and not has_qdq(onnx.load(MODEL))
+    view = float_view(int8)
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in view.graph.node)
+    shapes = {"input": (1, 1, 28, 28)}
+    t = result.totals  # the compressed FP32 model's counts
+    assert float_parameter_count(int8) < t.params_after / 2  # the float count alone sees only the FP32-kept chain
+    counted = float_view(int8, saturate=False)
+    assert float_parameter_count(counted) == t.params_after
+    assert model_macs(counted, shapes) == t.macs_after
+    # the float view computes the dequantized weights without activation rounding: close to the INT8 model
+    x = np.load(DATA)["input"][:16]
+    a = run_ort(int8, {"input": x})["logits"]
+    b = run_ort(view, {"input": x})["logits"]
+    assert sqnr_db(b, a) > MIN_OUTPUT_SQNR_DB
+
+
+def test_the_int8_html_shows_the_four_way_rows_and_findings(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from html import escape
+
+    from onnx_tucker.report.html import quantize_html
+    from onnx_tucker.report.quantize import four_way_rows, runtime_findings
+
+    result, _ = run
+    page = quantize_html(result.quantize, result.comparison)
+    for row in four_way_rows(result.comparison):
+        assert "".join(f"<td>{escape(c)}</td>" if not c.startswith("failed") else f"<td class='bad'>{escape(c)}</td>"
+                       for c in row) in page
+    for f in runtime_findings(result.comparison):
+        assert escape(f) in page
+    for c in result.quantize.chains:
+        assert escape(c.name) in page
+    assert "<svg" in page and not re.search(r"(src|href)=", page)  # self-contained: no external resource

@@ -90,8 +90,10 @@ def runtime_findings(rep: FourWayReport) -> list[str]:
                          f"(x{x:.2f}: {b.latency_ms:.3f} ms against {a.latency_ms:.3f} ms)")
         f, q = col.cell("original FP32"), col.cell("original INT8")
         if f and q and f.latency_ms and q.latency_ms and q.latency_ms > f.latency_ms:
+            why = ("; the ORT file is optimised for arm (target_platform='arm': NHWC QLinearConv between Transposes), "
+                   "which an x86 host runs slowly" if col.name == "ort-mobile" else "")
             lines.append(f"{label}: INT8 is slower than FP32 there (original: {q.latency_ms:.3f} ms against "
-                         f"{f.latency_ms:.3f} ms)")
+                         f"{f.latency_ms:.3f} ms{why})")
     return lines
 
 
