@@ -150,6 +150,8 @@ def compress(
     in_path = None if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
     check_output_paths(in_path, {"OUT": output, "--save-plan": save_plan, "--report": report, "--markdown": markdown})
     q_step = _QuantizeStep.before(config, quantize)  # issue 18: refused before any work
+    if q_step is not None and config.round_to == 1 and q_step.q.round_to > 1:
+        config = replace(config, round_to=int(q_step.q.round_to))  # INT8 kernels want multiples of 4 (docs/int8.md)
     source = SourceModel.load(model_or_path, config.input_shapes)
     if q_step is not None:
         q_step.check(source)

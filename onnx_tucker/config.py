@@ -607,6 +607,7 @@ class QuantizeConfig:
     exclude: str | None = opt("--quantize-exclude", default=None, metavar="REGEX", help="Keep in FP32 every decomposed chain (layer name) or node whose name matches this regex (onnxruntime's nodes_to_exclude).")
     min_sqnr: float | None = opt("--quantize-min-sqnr", default=None, metavar="DB", help="Keep in FP32 every chain whose INT8 output, fed the FP32 input, is below DB dB SQNR against FP32 on the calibration data (the reason is in the report); default: report the SQNR only.")
     compare: bool = opt("--quantize-compare/--no-quantize-compare", default=False, help="Also quantize INPUT and measure the four models (original FP32 / INT8, compressed FP32 / INT8): agreement with the original, accuracy with labels, size, onnxruntime CPU latency.")
+    round_to: int = opt("--quantize-round-to", default=4, metavar="N", help="Under --quantize int8, ranks are rounded up to a multiple of N when --round-to is left at 1: onnxruntime's INT8 kernels run ranks that are not a multiple of 4 up to x2.6 slower (docs/int8.md, measured); 1 to keep the ranks as planned.")
     runtimes: str = opt("--quantize-runtimes", default="ort-mobile,mnn", help="Deploy runtimes the compared models are also converted, run and timed in, one column each (ort-mobile: ORT format; mnn; ncnn); 'none' for onnxruntime CPU only. A runtime that cannot convert or run a model (MNN and QDQ) is a finding in the table.")
 
     def __post_init__(self) -> None:
@@ -620,6 +621,8 @@ class QuantizeConfig:
             raise UsageError(f"--quantize-method {self.method}: not a calibration method; use {', '.join(QUANTIZE_METHODS)}")
         object.__setattr__(self, "method", method)
         compile_pattern(self.exclude, "--quantize-exclude")
+        if not _is_int(self.round_to) or int(self.round_to) < 1:
+            raise UsageError(f"--quantize-round-to {self.round_to}: a whole number >= 1, e.g. 4; 1 for no rounding")
         if self.min_sqnr is not None and not (_is_real(self.min_sqnr) and math.isfinite(float(self.min_sqnr))):
             raise UsageError(f"--quantize-min-sqnr {self.min_sqnr}: give a number of dB, e.g. 20")
 

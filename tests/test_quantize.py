@@ -346,3 +346,24 @@ def test_the_int8_html_shows_the_four_way_rows_and_findings(run, tmp_path: Path)
     for c in result.quantize.chains:
         assert escape(c.name) in page
     assert "<svg" in page and not re.search(r"(src|href)=", page)  # self-contained: no external resource
+
+
+def test_the_int8_layer_timer_times_quantized_chains() -> None:
+    """quantize/layertime.py: the tiny chain model is quantized (every Conv reads DequantizeLinear inputs),
+    computes the FP32 chain within the stated SQNR on its seeded input, and the timer returns both times."""
+    from onnx_tucker.graph.layermodel import chain_layer_model
+    from onnx_tucker.ops.layer import Layer
+    from onnx_tucker.quantize.layertime import OrtInt8LayerTimer, quantize_tiny
+
+    layer = Layer(layer_id="l", op_type="Conv", node_index=0, weight_name="W", weight_shape=(32, 32, 3, 3),
+                  weight_dtype="float32", attrs={"pads": [1, 1, 1, 1]}, input_shape=(1, 32, 16, 16),
+                  output_shape=(1, 32, 16, 16))
+    fp32 = chain_layer_model(layer, "tucker2", (8, 8), 17)
+    int8 = quantize_tiny(fp32)
+    prod = _producers(int8)
+    convs = [n for n in int8.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 3 and all(prod[c.input[0]].op_type == prod[c.input[1]].op_type == "DequantizeLinear" for c in convs)
+    x = {"x": np.random.default_rng(0).standard_normal((1, 32, 16, 16)).astype(np.float32)}
+    assert sqnr_db(run_ort(fp32, x)["y"], run_ort(int8, x)["y"]) > MIN_OUTPUT_SQNR_DB
+    t = OrtInt8LayerTimer(17, warmup=1, runs=3).measure(layer, "tucker2", (8, 8))
+    assert t is not None and t.original_ms > 0 and t.decomposed_ms > 0
