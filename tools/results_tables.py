@@ -273,7 +273,7 @@ def int8_table(rows: list[Row]) -> str:
     onnxruntime CPU and in each deploy runtime the row measured (ORT format, MNN: `comparison.runtimes`)."""
     labels = {"resnet56": "CIFAR ResNet-56", "darknet": "Darknet Tiny"}
     short = {"ort-mobile": "ORT format", "mnn": "MNN", "ncnn": "ncnn"}
-    names = list(dict.fromkeys(str(rt["name"]) for r in rows for rt in r["comparison"].get("runtimes", [])))  # type: ignore[union-attr]
+    names = list(dict.fromkeys(str(rt["name"]) for r in rows for rt in r["comparison"].get("runtimes", [])))  # type: ignore[attr-defined]
     body = []
     for r in rows:
         c = r["comparison"]
