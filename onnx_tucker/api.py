@@ -59,7 +59,12 @@ def _planned(source: SourceModel, config: CompressionConfig, progress: Progress 
     if timer is None and config.latency_runtime != "ort" and times_layers(config):  # --latency-runtime: elsewhere
         from .mobile.layertime import layer_timer_for
 
-        timer = layer_timer_for(config.latency_runtime, opset_version(source.model), config.threads, config.seed)
+        if config.latency_runtime == "ort-int8":  # issue 18: the INT8 chains' times (quantize/layertime.py)
+            from .quantize.layertime import OrtInt8LayerTimer
+
+            timer = OrtInt8LayerTimer(opset_version(source.model), config.threads, seed=config.seed)
+        else:
+            timer = layer_timer_for(config.latency_runtime, opset_version(source.model), config.threads, config.seed)
     cached = layer_timer(source, config, timer)
     chosen = None if config.plan_file else data_selection(source, config, progress, cached, evaluator, events)
     ranks: PlannedRanks | None = load_plan_file(config.plan_file) if config.plan_file else None

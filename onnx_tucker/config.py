@@ -364,7 +364,7 @@ class CalibrationConfig(_Normalised):
 
 
 # The runtimes per-layer timing can run in (--latency-runtime): adapters of mobile/adapters.py.
-LATENCY_RUNTIMES = ("ort", "ort-mobile", "mnn")
+LATENCY_RUNTIMES = ("ort", "ort-mobile", "mnn", "ort-int8")  # ort-int8: quantize/layertime.py
 
 
 @group("Latency-aware planning")
@@ -376,7 +376,7 @@ class LatencyConfig(_Normalised):
 
     latency_aware: bool = opt("--latency-aware", default=False, help="Time each layer and its chain alone in onnxruntime CPU (interleaved medians, cached per shape); keep a decomposition only where it is --min-speedup times faster, after trying ranks rounded to --round-to (else 8 and 16) and Tucker-1. With --plan: the plan replays exactly and its layers are only timed. With --ranks data:F (or --target macs:F --calibrate) the MAC budget is allocated on the calibration data and the measured time together: SIMD-friendly ranks timed (at most 8 per layer), only chains that pay, the budget met within one rank step or the run stops saying why.")
     min_speedup: float = opt("--min-speedup", default=1.1, help="With --latency-aware: the measured speed-up a layer's chain must reach to be kept.")
-    latency_runtime: str = opt("--latency-runtime", default="ort", help="Where --latency-aware and --target latency:F time each layer: ort (onnxruntime CPU, default), ort-mobile (the ORT format as onnxruntime's converter writes it for mobile: no NCHWc layout, as 'report' runs it) or mnn (MNN, in a child process).")
+    latency_runtime: str = opt("--latency-runtime", default="ort", help="Where --latency-aware and --target latency:F time each layer: ort (onnxruntime CPU, default), ort-mobile (the ORT format as onnxruntime's converter writes it for mobile: no NCHWc layout, as 'report' runs it), mnn (MNN, in a child process) or ort-int8 (onnxruntime CPU, each layer and its chain quantized to INT8 as --quantize int8 does: the INT8 chains' times).")
     threads: int = same_as("BenchConfig.threads", 1)
 
     def __post_init__(self) -> None:

@@ -367,3 +367,25 @@ def test_the_int8_layer_timer_times_quantized_chains() -> None:
     assert sqnr_db(run_ort(fp32, x)["y"], run_ort(int8, x)["y"]) > MIN_OUTPUT_SQNR_DB
     t = OrtInt8LayerTimer(17, warmup=1, runs=3).measure(layer, "tucker2", (8, 8))
     assert t is not None and t.original_ms > 0 and t.decomposed_ms > 0
+
+
+def test_latency_aware_times_int8_chains_under_ort_int8(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--latency-aware --latency-runtime ort-int8`: the layers and chains timed are the INT8 ones
+    (OrtInt8LayerTimer's sessions load quantized models), and each planned layer carries its times."""
+    from onnx_tucker.quantize import layertime
+
+    quantized: list[int] = []
+    real = layertime.quantize_tiny
+
+    def spy(model, seed=0):  # type: ignore[no-untyped-def]
+        q = real(model, seed)
+        quantized.append(sum(n.op_type == "DequantizeLinear" for n in q.graph.node))
+        return q
+
+    monkeypatch.setattr(layertime, "quantize_tiny", spy)
+    cfg = CompressionConfig(ranks="energy:0.9", latency_aware=True, latency_runtime="ort-int8", validate=False)
+    result = api.compress(MODEL, cfg)
+    assert result.layer_timing is not None and result.layer_timing.runtime == "ort-int8"
+    assert quantized and all(k > 0 for k in quantized)
+    timed = [lp for lp in result.plan.layers if lp.time_before_ms is not None]
+    assert timed and all(lp.time_after_ms is not None and lp.time_after_ms > 0 for lp in timed)
