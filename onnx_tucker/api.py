@@ -59,7 +59,12 @@ def _planned(source: SourceModel, config: CompressionConfig, progress: Progress 
     if timer is None and config.latency_runtime != "ort" and times_layers(config):  # --latency-runtime: elsewhere
         from .mobile.layertime import layer_timer_for
 
-        timer = layer_timer_for(config.latency_runtime, opset_version(source.model), config.threads, config.seed)
+        if config.latency_runtime == "ort-int8":  # issue 18: the INT8 chains' times (quantize/layertime.py)
+            from .quantize.layertime import OrtInt8LayerTimer
+
+            timer = OrtInt8LayerTimer(opset_version(source.model), config.threads, seed=config.seed)
+        else:
+            timer = layer_timer_for(config.latency_runtime, opset_version(source.model), config.threads, config.seed)
     cached = layer_timer(source, config, timer)
     chosen = None if config.plan_file else data_selection(source, config, progress, cached, evaluator, events)
     ranks: PlannedRanks | None = load_plan_file(config.plan_file) if config.plan_file else None
@@ -152,6 +157,8 @@ def compress(
     check_output_paths(in_path, {"OUT": output, "--save-plan": save_plan, "--report": report, "--markdown": markdown,
                                  "--sensitivity": config.calibration.sensitivity})
     q_step = _QuantizeStep.before(config, quantize)  # issue 18: refused before any work
+    if q_step is not None and config.round_to == 1 and q_step.q.round_to > 1:
+        config = replace(config, round_to=int(q_step.q.round_to))  # INT8 kernels want multiples of 4 (docs/int8.md)
     source = SourceModel.load(model_or_path, config.input_shapes)
     if q_step is not None:
         q_step.check(source)
@@ -313,6 +320,7 @@ def mobile_report(
     report: PathLike | None = None,
     json_path: PathLike | None = None,
     progress: Progress | None = None,
+    int8: tuple[Any, Any] | None = None,
 ):  # type: ignore[no-untyped-def]
     """Convert, run and time both models in each mobile runtime and compare every output with the
     original in onnxruntime; return a `mobile.MobileReport` and write the requested report files
@@ -326,7 +334,8 @@ def mobile_report(
     to convert and run one model, and to time both. `rtol`: a runtime passes when it computes the compressed model
     within this max relative error of onnxruntime (`report.failed_runtimes`: the ones that did not).
     A runtime that fails is a finding in the report, never an exception. `progress(runtime, done, in all)`
-    before each runtime runs (and once at the end).
+    before each runtime runs (and once at the end). `int8`: (QuantizeResult, FourWayReport) of
+    `compress --quantize int8`, shown in the HTML report's INT8 sections.
     """
     from .mobile.build import parse_runtimes
     from .mobile.stage import mobile_measure
@@ -354,7 +363,7 @@ def mobile_report(
     rep = mobile_measure(str(original), str(compressed), pair, config, b, names, plan_of, timeout, rtol, progress)
     with OutputBatch() as batch:
         if html is not None:
-            batch.add_text(html, mobile_html(rep))
+            batch.add_text(html, mobile_html(rep, int8))
         if markdown is not None:
             batch.add_text(markdown, mobile_markdown(rep))
         if json_path is not None:
@@ -385,6 +394,9 @@ class _QuantizeStep:
                 raise UsageError("--quantize-exclude / --quantize-min-sqnr / --quantize-compare: only with "
                                  "--quantize int8; add it, or leave them out")
             return None
+        from .quantize.compare import deploy_runtimes
+
+        deploy_runtimes(q.runtimes)  # an unknown runtime: the usage error before any work
         return cls(config, q)
 
     def check(self, source: SourceModel) -> None:
@@ -420,7 +432,7 @@ class _QuantizeStep:
             self.comparison = compare_models(
                 [("original FP32", source.model, source.path), ("original INT8", original.model, None),
                  ("compressed FP32", compressed, None), ("compressed INT8", self.result.model, None)],
-                shown, source.input_shapes, bench or BenchConfig(), c.seed)
+                shown, source.input_shapes, bench or BenchConfig(), c.seed, self.q.runtimes)
         return self.result.model
 
 
@@ -433,6 +445,7 @@ def quantize(
     bench: BenchConfig | None = None,
     report: PathLike | None = None,
     markdown: PathLike | None = None,
+    html: PathLike | None = None,
 ) -> Any:
     """`onnx-tucker quantize`: the uncompressed model to INT8 (the reference `compress --quantize int8` is
     compared with), calibrated on `config.calibrate` (else `config.data`: input shapes, samples, seed and
@@ -447,8 +460,11 @@ def quantize(
     config = config or CompressionConfig()
     q = replace(quantize or QuantizeConfig(), quantize="int8")
     in_path = None if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
-    check_output_paths(in_path, {"OUT": output, "--report": report, "--markdown": markdown})
+    check_output_paths(in_path, {"OUT": output, "--report": report, "--markdown": markdown, "--html": html})
     path, option = quantize_data_option(config.calibrate, config.data, "quantize")
+    from .quantize.compare import deploy_runtimes
+
+    deploy_runtimes(q.runtimes)
     source = SourceModel.load(model_or_path, config.input_shapes)
     check_float_model(source.model, in_path or "model")
     source.materialize()
@@ -458,7 +474,7 @@ def quantize(
                            data_option=option, source=in_path or "model")
     shown = load_for_model(config.data, source.model, config.samples, config.preprocess) if config.data else data
     comparison = compare_models([("original FP32", source.model, in_path), ("original INT8", result.model, None)],
-                                shown, source.input_shapes, bench or BenchConfig(), config.seed)
+                                shown, source.input_shapes, bench or BenchConfig(), config.seed, q.runtimes)
     run = QuantizeRun(result, comparison, in_path, str(output) if output is not None else None)
     with OutputBatch() as batch:
         if output is not None:
@@ -467,5 +483,9 @@ def quantize(
             batch.add_text(report, quantize_json(result, comparison))
         if markdown is not None:
             batch.add_text(markdown, "# onnx-tucker quantize\n\n" + quantize_markdown(result, comparison))
+        if html is not None:
+            from .report.html import quantize_html
+
+            batch.add_text(html, quantize_html(result, comparison, "onnx-tucker quantize"))
         batch.commit()
     return run

@@ -404,7 +404,8 @@ def compress(input: InPath, output: OutPath, g: Groups) -> None:
         if out.mobile_report is not None and result.output_path is not None:
             with _progress(not quiet) as progress:
                 mobile = api.mobile_report(input, result.output_path, cfg, bench_config=g[BenchConfig],
-                                           layer_plan=result.plan, html=out.mobile_report, progress=progress)
+                                           layer_plan=result.plan, html=out.mobile_report, progress=progress,
+                                           int8=(result.quantize, result.comparison) if result.quantize else None)
             if not quiet:
                 _note(f"wrote {out.mobile_report} (runtimes: " + ", ".join(f"{r.name} {runtime_status(r)}" for r in mobile.runtimes) + ")")
         if quiet:
@@ -497,9 +498,9 @@ QUANTIZE_REPORT_HELP = "Write the INT8 result as JSON (keys: quantize, compariso
 
 
 @app.command(cls=_Command, name="quantize", epilog="Example: onnx-tucker quantize model.onnx model.int8.onnx --data calib.npz --report int8.json")
-@options(Use(QuantizeConfig, only=("method", "exclude", "min_sqnr")), InputOptions,
+@options(Use(QuantizeConfig, only=("method", "exclude", "min_sqnr", "runtimes")), InputOptions,
          Use(ValidationConfig, only=("samples", "data")), Use(CalibrationConfig, only=("calibrate", "calibration_samples")),
-         Preprocess, BenchConfig, Use(OutputOptions, only=("report", "markdown"), help={"report": QUANTIZE_REPORT_HELP}),
+         Preprocess, BenchConfig, Use(OutputOptions, only=("report", "markdown", "html"), help={"report": QUANTIZE_REPORT_HELP}),
          GeneralOptions)
 def quantize_cmd(
     input: InPath,
@@ -513,7 +514,7 @@ def quantize_cmd(
     with _errors(g[GeneralOptions].verbose):
         out = g[OutputOptions]
         run = api.quantize(input, output, g[CompressionConfig], g[QuantizeConfig], bench=g[BenchConfig],
-                           report=out.report, markdown=out.markdown)
+                           report=out.report, markdown=out.markdown, html=out.html)
         if not g[GeneralOptions].quiet:
             _print(quantize_tables(run.result, run.comparison))
             _note(f"wrote {run.output_path} ({run.result.qdq_nodes} QuantizeLinear/DequantizeLinear nodes, "

@@ -370,7 +370,7 @@ class CalibrationConfig(_Normalised):
 
 
 # The runtimes per-layer timing can run in (--latency-runtime): adapters of mobile/adapters.py.
-LATENCY_RUNTIMES = ("ort", "ort-mobile", "mnn")
+LATENCY_RUNTIMES = ("ort", "ort-mobile", "mnn", "ort-int8")  # ort-int8: quantize/layertime.py
 
 
 @group("Latency-aware planning")
@@ -382,7 +382,7 @@ class LatencyConfig(_Normalised):
 
     latency_aware: bool = opt("--latency-aware", default=False, help="Time each layer and its chain alone in onnxruntime CPU (interleaved medians, cached per shape); keep a decomposition only where it is --min-speedup times faster, after trying ranks rounded to --round-to (else 8 and 16) and Tucker-1. With --plan: the plan replays exactly and its layers are only timed. With --ranks data:F (or --target macs:F --calibrate) the MAC budget is allocated on the calibration data and the measured time together: SIMD-friendly ranks timed (at most 8 per layer), only chains that pay, the budget met within one rank step or the run stops saying why.")
     min_speedup: float = opt("--min-speedup", default=1.1, help="With --latency-aware: the measured speed-up a layer's chain must reach to be kept.")
-    latency_runtime: str = opt("--latency-runtime", default="ort", help="Where --latency-aware and --target latency:F time each layer: ort (onnxruntime CPU, default), ort-mobile (the ORT format as onnxruntime's converter writes it for mobile: no NCHWc layout, as 'report' runs it) or mnn (MNN, in a child process).")
+    latency_runtime: str = opt("--latency-runtime", default="ort", help="Where --latency-aware and --target latency:F time each layer: ort (onnxruntime CPU, default), ort-mobile (the ORT format as onnxruntime's converter writes it for mobile: no NCHWc layout, as 'report' runs it), mnn (MNN, in a child process) or ort-int8 (onnxruntime CPU, each layer and its chain quantized to INT8 as --quantize int8 does: the INT8 chains' times).")
     threads: int = same_as("BenchConfig.threads", 1)
 
     def __post_init__(self) -> None:
@@ -613,6 +613,8 @@ class QuantizeConfig:
     exclude: str | None = opt("--quantize-exclude", default=None, metavar="REGEX", help="Keep in FP32 every decomposed chain (layer name) or node whose name matches this regex (onnxruntime's nodes_to_exclude).")
     min_sqnr: float | None = opt("--quantize-min-sqnr", default=None, metavar="DB", help="Keep in FP32 every chain whose INT8 output, fed the FP32 input, is below DB dB SQNR against FP32 on the calibration data (the reason is in the report); default: report the SQNR only.")
     compare: bool = opt("--quantize-compare/--no-quantize-compare", default=False, help="Also quantize INPUT and measure the four models (original FP32 / INT8, compressed FP32 / INT8): agreement with the original, accuracy with labels, size, onnxruntime CPU latency.")
+    round_to: int = opt("--quantize-round-to", default=4, metavar="N", help="Under --quantize int8, ranks are rounded up to a multiple of N when --round-to is left at 1: onnxruntime's INT8 kernels run ranks that are not a multiple of 4 up to x2.6 slower (docs/int8.md, measured); 1 to keep the ranks as planned.")
+    runtimes: str = opt("--quantize-runtimes", default="ort-mobile,mnn", help="Deploy runtimes the compared models are also converted, run and timed in, one column each (ort-mobile: ORT format; mnn; ncnn); 'none' for onnxruntime CPU only. A runtime that cannot convert or run a model (MNN and QDQ) is a finding in the table.")
 
     def __post_init__(self) -> None:
         if self.quantize is not None:
@@ -625,6 +627,8 @@ class QuantizeConfig:
             raise UsageError(f"--quantize-method {self.method}: not a calibration method; use {', '.join(QUANTIZE_METHODS)}")
         object.__setattr__(self, "method", method)
         compile_pattern(self.exclude, "--quantize-exclude")
+        if not _is_int(self.round_to) or int(self.round_to) < 1:
+            raise UsageError(f"--quantize-round-to {self.round_to}: a whole number >= 1, e.g. 4; 1 for no rounding")
         if self.min_sqnr is not None and not (_is_real(self.min_sqnr) and math.isfinite(float(self.min_sqnr))):
             raise UsageError(f"--quantize-min-sqnr {self.min_sqnr}: give a number of dB, e.g. 20")
 

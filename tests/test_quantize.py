@@ -5,6 +5,7 @@ samples of its test set as calibration data: each quantization takes a few secon
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from onnx_tucker import api
 from onnx_tucker.cli import app
 from onnx_tucker.config import CompressionConfig, QuantizeConfig
 from onnx_tucker.data import load_for_model
+from onnx_tucker.mobile.adapters import OrtAdapter
 from onnx_tucker.quantize import quantize_int8
 from onnx_tucker.quantize.chains import sqnr_db
 from tests.helpers import run_ort
@@ -121,6 +123,75 @@ def test_four_way_json_and_markdown_agree(run) -> None:  # type: ignore[no-untyp
     assert sizes["compressed INT8"] < sizes["compressed FP32"] < sizes["original FP32"]
     assert sizes["original INT8"] < sizes["original FP32"] / 3  # INT8 weights: about 4x smaller
     assert report["quantize"]["output_sqnr_db"]["logits"] == pytest.approx(result.quantize.output_sqnr_db["logits"])
+    # the deploy-runtime columns (default --quantize-runtimes ort-mobile,mnn): the same cells in both
+    header = next(ln for ln in md.splitlines() if ln.startswith("| model |"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    runtimes = report["comparison"]["runtimes"]
+    assert [r["name"] for r in runtimes] == ["ort-mobile", "mnn"]
+    for r in runtimes:
+        short = {"ort-mobile": "ORT format", "mnn": "MNN"}[r["name"]]
+        k = columns.index(f"{short} ms")
+        for m in r["models"]:
+            cell = rows[m["name"]][k]
+            if r["status"] == "not installed":
+                assert cell == "not installed"
+            elif m["failure"] is not None:
+                assert cell == f"failed ({m['failed_step']})"
+                assert any(m["failure"] in f and m["name"] in f for f in report["comparison"]["findings"])
+            else:
+                assert float(cell) == pytest.approx(m["latency_ms"], abs=6e-4)
+
+
+def test_the_ort_format_column_runs_the_int8_models(run) -> None:  # type: ignore[no-untyped-def]
+    """The ORT format converts and runs QDQ models: every cell timed, and its INT8 top-1 agreement with
+    the FP32 original (first 32 samples) is onnxruntime CPU's on those samples, computed here."""
+    result, out = run
+    col = result.comparison.runtime("ort-mobile")
+    assert col is not None and col.status == "ok", col
+    x = np.load(DATA)["input"][:32]
+    ref = run_ort(onnx.load(MODEL), {"input": x})["logits"].argmax(1)
+    new = run_ort(onnx.load(out / "int8.onnx"), {"input": x})["logits"].argmax(1)
+    cell = col.cell("compressed INT8")
+    assert cell is not None and cell.latency_ms is not None and cell.latency_ms > 0
+    assert cell.top1_agreement == pytest.approx(np.mean(ref == new), abs=2.5 / 32)
+    assert col.cell("original FP32").top1_agreement == 1.0  # type: ignore[union-attr]
+    assert cell.size_bytes is not None and cell.size_bytes < col.cell("original FP32").size_bytes / 3  # type: ignore[union-attr,operator]
+
+
+class QdqAbortingAdapter(OrtAdapter):
+    """A converter that aborts the process on QDQ models (as MNN 3.6's does), and runs float models."""
+
+    def convert(self, onnx_path, workdir, input_shapes):  # type: ignore[no-untyped-def]
+        if any(n.op_type == "QuantizeLinear" for n in onnx.load(onnx_path).graph.node):
+            os.abort()
+        return super().convert(onnx_path, workdir, input_shapes)
+
+
+def test_a_runtime_that_cannot_run_qdq_is_a_finding(run, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    from onnx_tucker.config import BenchConfig
+    from onnx_tucker.mobile import adapters
+    from onnx_tucker.quantize import compare_models
+    from onnx_tucker.report.quantize import four_way_rows, runtime_findings
+
+    _, out = run
+    monkeypatch.setitem(adapters.ADAPTERS, "fake", f"{__name__}:QdqAbortingAdapter")
+    data = load_for_model(str(DATA), onnx.load(MODEL), 16, None)
+    rep = compare_models([("original FP32", onnx.load(MODEL), None), ("compressed INT8", onnx.load(out / "int8.onnx"), None)],
+                         data, {"input": (1, 1, 28, 28)}, BenchConfig(warmup=1, runs=3), runtimes="fake")
+    col = rep.runtime("fake")
+    assert col is not None and col.status == "failed"
+    fp32, int8 = col.cell("original FP32"), col.cell("compressed INT8")
+    assert fp32 is not None and fp32.failure is None and fp32.latency_ms is not None and fp32.top1_agreement == 1.0
+    assert int8 is not None and int8.failed_step == "convert" and "SIGABRT" in (int8.failure or "")
+    assert four_way_rows(rep)[1][-2:] == ("failed (convert)", "-")
+    assert any(f.startswith("fake cannot convert compressed INT8: crashed (signal 6, SIGABRT)") for f in runtime_findings(rep))
+
+
+def test_an_unknown_quantize_runtime_is_one_usage_line(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["quantize", str(MODEL), str(tmp_path / "q.onnx"), "--data", str(DATA),
+                              "--quantize-runtimes", "ort-mobile,tflite"])
+    assert res.exit_code == 2
+    assert "unknown runtime 'tflite'" in res.output
 
 
 def test_min_sqnr_keeps_low_chains_fp32_with_the_reason() -> None:
@@ -233,3 +304,88 @@ def test_interleave_many_rotates_the_order() -> None:
     times = interleave_many(fns, warmup=1, runs=3, clock=lambda: float(next(ticks)))
     assert calls == list("abc") + list("abc") + list("bca") + list("cab")
     assert [len(t) for t in times] == [3, 3, 3] and all(v == pytest.approx(1e3) for t in times for v in t)
+
+
+def test_report_counts_an_int8_model_as_the_float_model_it_stands_for(run) -> None:  # type: ignore[no-untyped-def]
+    """`report ORIG INT8`: the QDQ model's weights (int8 behind DequantizeLinear) and layers counted, not 0."""
+    from onnx_tucker.graph.fold import float_parameter_count
+    from onnx_tucker.graph.qdq import float_view, has_qdq
+    from onnx_tucker.mobile.inputs import model_macs
+
+    result, out = run
+    int8 = onnx.load(out / "int8.onnx")
+    assert has_qdq(int8) and not has_qdq(onnx.load(MODEL))
+    view = float_view(int8)
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in view.graph.node)
+    shapes = {"input": (1, 1, 28, 28)}
+    t = result.totals  # the compressed FP32 model's counts
+    assert float_parameter_count(int8) < t.params_after / 2  # the float count alone sees only the FP32-kept chain
+    counted = float_view(int8, saturate=False)
+    assert float_parameter_count(counted) == t.params_after
+    assert model_macs(counted, shapes) == t.macs_after
+    # the float view computes the dequantized weights without activation rounding: close to the INT8 model
+    x = np.load(DATA)["input"][:16]
+    a = run_ort(int8, {"input": x})["logits"]
+    b = run_ort(view, {"input": x})["logits"]
+    assert sqnr_db(b, a) > MIN_OUTPUT_SQNR_DB
+
+
+def test_the_int8_html_shows_the_four_way_rows_and_findings(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from html import escape
+
+    from onnx_tucker.report.html import quantize_html
+    from onnx_tucker.report.quantize import four_way_rows, runtime_findings
+
+    result, _ = run
+    page = quantize_html(result.quantize, result.comparison)
+    for row in four_way_rows(result.comparison):
+        assert "".join(f"<td>{escape(c)}</td>" if not c.startswith("failed") else f"<td class='bad'>{escape(c)}</td>"
+                       for c in row) in page
+    for f in runtime_findings(result.comparison):
+        assert escape(f) in page
+    for c in result.quantize.chains:
+        assert escape(c.name) in page
+    assert "<svg" in page and not re.search(r"(src|href)=", page)  # self-contained: no external resource
+
+
+def test_the_int8_layer_timer_times_quantized_chains() -> None:
+    """quantize/layertime.py: the tiny chain model is quantized (every Conv reads DequantizeLinear inputs),
+    computes the FP32 chain within the stated SQNR on its seeded input, and the timer returns both times."""
+    from onnx_tucker.graph.layermodel import chain_layer_model
+    from onnx_tucker.ops.layer import Layer
+    from onnx_tucker.quantize.layertime import OrtInt8LayerTimer, quantize_tiny
+
+    layer = Layer(layer_id="l", op_type="Conv", node_index=0, weight_name="W", weight_shape=(32, 32, 3, 3),
+                  weight_dtype="float32", attrs={"pads": [1, 1, 1, 1]}, input_shape=(1, 32, 16, 16),
+                  output_shape=(1, 32, 16, 16))
+    fp32 = chain_layer_model(layer, "tucker2", (8, 8), 17)
+    int8 = quantize_tiny(fp32)
+    prod = _producers(int8)
+    convs = [n for n in int8.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 3 and all(prod[c.input[0]].op_type == prod[c.input[1]].op_type == "DequantizeLinear" for c in convs)
+    x = {"x": np.random.default_rng(0).standard_normal((1, 32, 16, 16)).astype(np.float32)}
+    assert sqnr_db(run_ort(fp32, x)["y"], run_ort(int8, x)["y"]) > MIN_OUTPUT_SQNR_DB
+    t = OrtInt8LayerTimer(17, warmup=1, runs=3).measure(layer, "tucker2", (8, 8))
+    assert t is not None and t.original_ms > 0 and t.decomposed_ms > 0
+
+
+def test_latency_aware_times_int8_chains_under_ort_int8(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--latency-aware --latency-runtime ort-int8`: the layers and chains timed are the INT8 ones
+    (OrtInt8LayerTimer's sessions load quantized models), and each planned layer carries its times."""
+    from onnx_tucker.quantize import layertime
+
+    quantized: list[int] = []
+    real = layertime.quantize_tiny
+
+    def spy(model, seed=0):  # type: ignore[no-untyped-def]
+        q = real(model, seed)
+        quantized.append(sum(n.op_type == "DequantizeLinear" for n in q.graph.node))
+        return q
+
+    monkeypatch.setattr(layertime, "quantize_tiny", spy)
+    cfg = CompressionConfig(ranks="energy:0.9", latency_aware=True, latency_runtime="ort-int8", validate=False)
+    result = api.compress(MODEL, cfg)
+    assert result.layer_timing is not None and result.layer_timing.runtime == "ort-int8"
+    assert quantized and all(k > 0 for k in quantized)
+    timed = [lp for lp in result.plan.layers if lp.time_before_ms is not None]
+    assert timed and all(lp.time_after_ms is not None and lp.time_after_ms > 0 for lp in timed)

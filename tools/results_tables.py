@@ -269,22 +269,39 @@ def real_models_table(rows: list[Row]) -> str:
 
 
 def int8_table(rows: list[Row]) -> str:
-    """tools/bench_int8.py (issue 18): the four models of each row against the FP32 original."""
+    """tools/bench_int8.py (issue 18): the four models of each row against the FP32 original; latency in
+    onnxruntime CPU and in each deploy runtime the row measured (ORT format, MNN: `comparison.runtimes`)."""
     labels = {"resnet56": "CIFAR ResNet-56", "darknet": "Darknet Tiny"}
+    short = {"ort-mobile": "ORT format", "mnn": "MNN", "ncnn": "ncnn"}
+    names = list(dict.fromkeys(str(rt["name"]) for r in rows for rt in r["comparison"].get("runtimes", [])))  # type: ignore[attr-defined]
     body = []
     for r in rows:
         c = r["comparison"]
         assert isinstance(c, dict)
         ref = c["models"][0]
+        cols = {str(rt["name"]): rt for rt in c.get("runtimes", [])}
         for m in c["models"]:
             acc = "-" if m["accuracy"] is None else f"{100 * m['accuracy']:.2f}%"
             sq = "exact" if m["sqnr_db"] is None else f"{m['sqnr_db']:.1f}"
-            body.append([labels.get(str(r["model"]), str(r["model"])), m["name"], acc, f"{100 * m['top1_agreement']:.2f}%",
-                         sq, f"{m['size_bytes'] / 1e6:.2f} MB", f"x{ref['size_bytes'] / m['size_bytes']:.2f}",
-                         f"{m['latency_ms']:.3f}", f"x{ref['latency_ms'] / m['latency_ms']:.2f}", f"{r['wall_s']} s"])
+            cells = [labels.get(str(r["model"]), str(r["model"])), m["name"], acc, f"{100 * m['top1_agreement']:.2f}%",
+                     sq, f"{m['size_bytes'] / 1e6:.2f} MB", f"x{ref['size_bytes'] / m['size_bytes']:.2f}",
+                     f"{m['latency_ms']:.3f}", f"x{ref['latency_ms'] / m['latency_ms']:.2f}"]
+            for n in names:
+                rt = cols.get(n)
+                cell = next((x for x in rt["models"] if x["name"] == m["name"]), None) if rt else None
+                base = next((x for x in rt["models"] if x["name"] == ref["name"]), None) if rt else None
+                if cell is None:
+                    cells += ["-", "-"]
+                elif cell["failure"]:
+                    cells += [f"failed ({cell['failed_step']})", "-"]
+                else:
+                    ratio = (f"x{base['latency_ms'] / cell['latency_ms']:.2f}" if base and base["latency_ms"] else "-")
+                    cells += [f"{cell['latency_ms']:.3f}", ratio]
+            body.append([*cells, f"{r['wall_s']} s"])
     header = ["model", "row", "accuracy", "top-1 agreement", "output SQNR dB", "size", "size ratio", "ORT CPU ms",
-              "latency ratio", "compress + quantize"]
-    return _table(header, "llrrrrrrrr", body)
+              "latency ratio", *[h for n in names for h in (f"{short.get(n, n)} ms", f"{short.get(n, n)} ratio")],
+              "compress + quantize"]
+    return _table(header, "ll" + "r" * (len(header) - 2), body)
 
 
 def refine_table(rows: list[Row]) -> str:

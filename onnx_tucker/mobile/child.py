@@ -1,8 +1,8 @@
 """The child process that converts, runs and times models in one runtime:
 `python -m onnx_tucker.mobile.child JOB.json`.
 
-A job is one model (convert it, then run it on every input batch) or the timing of two models
-already converted. The conversion's result is written before the model runs, so when the run
+A job is one model (convert it, then run it on every input batch), the timing of two models
+already converted, or of any number of them (`time-many`: the four-way INT8 comparison). The conversion's result is written before the model runs, so when the run
 crashes the parent still knows the conversion succeeded (and the size of the result). Inputs and outputs travel as .npz files in
 the job's temporary folder; the result is a JSON file next to the job. A Python exception ends the
 process with exit code 3 and one line on stderr; a native crash ends it by a signal, which the
@@ -46,6 +46,12 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         arrays: dict[str, Any] = {f"o{k}": np.stack([r[k] for r in results]) for k in range(len(outputs))}
         np.savez(job["outputs"], **arrays)
         return converted
+    if action == "time-many":  # the four-way INT8 comparison: any number of models, interleaved
+        from ..runtime.bench import interleave_many
+
+        feeds = _batches(job["inputs"], inputs)[0]
+        fns = [adapter.bench_fn(files, job["threads"], inputs, outputs, feeds) for files in job["files"]]
+        return {"ms": [list(t) for t in interleave_many(fns, job["warmup"], job["runs"])]}
     if action == "time-layers":  # per-layer timing: the job brings its own tiny models and input shape
         return _time_layers(adapter, job)
     batches = _batches(job["inputs"], inputs)

@@ -231,3 +231,36 @@ class MobileReport:
     def failed_runtimes(self) -> tuple[str, ...]:
         """Listed runtimes that did not pass (not installed ones included): what --strict checks."""
         return tuple(r.name for r in self.runtimes if not r.passed(self.rtol))
+
+
+@dataclass(frozen=True)
+class RuntimeCell:
+    """One model of a many-model comparison (the four-way INT8 table) in one runtime: converted size,
+    median / p90 latency, top-1 agreement with the reference model in onnxruntime CPU; `failure` (and
+    `failed_step`: convert, run, time) as the runtime said it, None when it converted, ran and was timed."""
+
+    model: str
+    size_bytes: int | None = None
+    latency_ms: float | None = None
+    latency_p90_ms: float | None = None
+    top1_agreement: float | None = None
+    failure: str | None = None
+    failed_step: str | None = None
+
+
+@dataclass(frozen=True)
+class RuntimeColumn:
+    """One runtime across the models of a comparison; `status`: ok, failed (some cell says why), not installed."""
+
+    name: str
+    label: str
+    status: str
+    cells: tuple[RuntimeCell, ...] = ()
+    version: str | None = None
+    install: str | None = None
+    threads: int = 1
+    warmup: int = 0
+    runs: int = 0
+
+    def cell(self, model: str) -> RuntimeCell | None:
+        return next((c for c in self.cells if c.model == model), None)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from ..config import BenchConfig, CompressionConfig
 from ..graph.fold import float_parameter_count
 from ..graph.protos import size_on_disk
+from ..graph.qdq import float_view, has_qdq
 from ..graph.source import ModelPair
 from ..planning.planner import CompressionPlan
 from ..results import ModelTotals
@@ -34,9 +35,10 @@ def mobile_measure(
     comp_nodes = {(n.name, n.op_type) for n in comp.graph.node}
     mismatch = tuple(p.name for p in layers.layers if p.decomposed and (p.name, p.op_type) in comp_nodes)
     plan_totals = layers.totals()
+    counted = float_view(comp, saturate=False) if has_qdq(comp) else comp  # an INT8 (QDQ) model: its weights and layers counted
     totals = ModelTotals(
-        params_before=float_parameter_count(orig), params_after=float_parameter_count(comp),
-        macs_before=plan_totals["macs_before"], macs_after=model_macs(comp, shapes),
+        params_before=float_parameter_count(orig), params_after=float_parameter_count(counted),
+        macs_before=plan_totals["macs_before"], macs_after=model_macs(counted, shapes),
         size_before=size_on_disk(original, orig), size_after=size_on_disk(compressed, comp),
     )
     results = run_runtimes(names, original, compressed, inputs, batch_size, tuple(o.name for o in orig.graph.output),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -23,6 +23,11 @@ from ..runtime.bench import interleave_many
 from ..runtime.session import ort_session
 from ..runtime.validate import compare_outputs, data_batches
 from .chains import sqnr_db
+
+if TYPE_CHECKING:
+    from ..mobile.results import RuntimeColumn
+
+RUNTIME_TIMEOUT = 120.0  # seconds a deploy runtime may take to convert and run one model (mobile's --timeout)
 
 
 @dataclass(frozen=True)
@@ -54,15 +59,33 @@ class FourWayReport:
     threads: int | None
     warmup: int
     runs: int
+    # The deploy runtimes besides onnxruntime CPU (--quantize-runtimes: ORT format, MNN, ncnn), one column
+    # each: every model converted, run and timed there (mobile/many.py); a model a runtime cannot
+    # convert or run is a cell with its failure.
+    runtimes: tuple[RuntimeColumn, ...] = ()
 
     def row(self, name: str) -> ModelRow:
         return next(r for r in self.rows if r.name == name)
 
+    def runtime(self, name: str) -> RuntimeColumn | None:
+        return next((c for c in self.runtimes if c.name == name), None)
+
+
+def deploy_runtimes(text: str | Sequence[str] | None) -> tuple[str, ...]:
+    """`--quantize-runtimes`: 'ort-mobile,mnn' -> ('ort-mobile', 'mnn'); 'none' or '' -> (); 'ort' is left out
+    (onnxruntime CPU is the table's own latency column); an unknown name is the one-line usage error."""
+    from ..mobile.build import parse_runtimes
+
+    if text is None or (isinstance(text, str) and text.strip().lower() in ("", "none")):
+        return ()
+    return tuple(n for n in parse_runtimes(text) if n != "ort")
+
 
 def compare_models(models: Sequence[tuple[str, onnx.ModelProto, str | None]], data: DataSet,
                    input_shapes: Mapping[str, tuple[int, ...]], bench: BenchConfig | None = None,
-                   seed: int = 0) -> FourWayReport:
-    """`models`: (row name, model, path or None), the reference first; `bench` None: no latency."""
+                   seed: int = 0, runtimes: str | Sequence[str] = (), timeout: float = RUNTIME_TIMEOUT) -> FourWayReport:
+    """`models`: (row name, model, path or None), the reference first; `bench` None: no latency;
+    `runtimes`: the deploy runtimes (mobile/adapters.py names) each model is also converted, run and timed in."""
     reference = models[0][1]
     batches = data_batches(data, input_shapes, reference)
     sessions = [ort_session(m.SerializeToString(), name) for name, m, _ in models]
@@ -90,8 +113,17 @@ def compare_models(models: Sequence[tuple[str, onnx.ModelProto, str | None]], da
         rows.append(ModelRow(name, path, serialized_size(model), c.top1_agreement, c.cosine,
                              sqnr_db(firsts[0], firsts[k]), c.max_rel_error, acc,
                              float(np.median(lat)) if lat else None, float(np.percentile(lat, 90)) if lat else None))
+    columns: tuple[RuntimeColumn, ...] = ()
+    runtimes = deploy_runtimes(runtimes)
+    if runtimes:
+        from ..mobile.many import runtime_columns
+
+        b = bench or BenchConfig()
+        batch = 1 if _dynamic(reference) else int(next(iter(batches[0].values())).shape[0])
+        columns = runtime_columns(runtimes, [(name, m) for name, m, _ in models], data, batch,
+                                  b.threads, b.warmup, b.runs, timeout)
     return FourWayReport(tuple(rows), count, data.path, out_name, bench.threads if bench else None,
-                         bench.warmup if bench else 0, bench.runs if bench else 0)
+                         bench.warmup if bench else 0, bench.runs if bench else 0, columns)
 
 
 def _runner(session: Any, feed: dict[str, np.ndarray]) -> Callable[[], object]:

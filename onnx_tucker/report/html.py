@@ -5,10 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from html import escape
+from typing import TYPE_CHECKING
 
 from ..mobile.results import MobileReport
 from . import mobile as m
 from .svg import hbar_chart, scatter_chart
+
+if TYPE_CHECKING:
+    from ..quantize import FourWayReport, QuantizeResult
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px; color: #1b1f23; max-width: 1240px; }
@@ -22,6 +26,7 @@ tr.skip td { color: #8b949e; }
 .bad { color: #b42318; font-weight: 600; } .good { color: #1a7f37; font-weight: 600; }
 .verdict { padding: 8px 12px; border-left: 4px solid #1f77b4; background: #f6f8fa; }
 .verdict.bad { border-color: #b42318; }
+ul.findings { font-size: 13px; }
 p.meta { color: #57606a; font-size: 13px; } .plots { display: flex; flex-wrap: wrap; gap: 18px; }
 """
 
@@ -81,11 +86,56 @@ def _plots(rep: MobileReport) -> list[str]:
     return plots
 
 
-def mobile_html(rep: MobileReport) -> str:
+def int8_html(q: QuantizeResult | None, four: FourWayReport | None) -> list[str]:
+    """The INT8 sections (issue 18): the four-way table (the rows `report.quantize` builds for the terminal,
+    JSON and Markdown), the runtime findings, a latency plot per runtime, and the per-chain SQNR."""
+    from . import quantize as qr
+
+    four_title, chain_title = qr._titles(q, four)
+    body: list[str] = []
+    if four is not None:
+        body.append("<h2>INT8: four-way comparison</h2>")
+        body.append(f"<p class='meta'>{escape(four_title)}.</p>")
+        body.append(_table(qr.four_way_header(four), qr.four_way_rows(four), "fourway"))
+        findings = qr.runtime_findings(four)
+        if findings:
+            body.append("<ul class='findings'>" + "".join(f"<li class='{'bad' if 'NOT' in f or 'cannot' in f or 'slower' in f else ''}'>"
+                                         f"{escape(f)}</li>" for f in findings) + "</ul>")
+        labels = ["onnxruntime CPU"] + [c.label for c in four.runtimes]
+        series = []
+        for r in four.rows:
+            vals: list[float | None] = [r.latency_ms]
+            for c in four.runtimes:
+                cell = c.cell(r.name)
+                vals.append(cell.latency_ms if cell is not None else None)
+            series.append((r.name, vals))
+        if any(v is not None for _, vs in series for v in vs):
+            body.append("<div class='plots'>" + hbar_chart("Latency per runtime (median ms; no bar: failed)", labels,
+                                                         series, unit=" ms", width=900) + "</div>")
+    if q is not None:
+        body.append("<h2>INT8 per chain</h2>")
+        body.append(f"<p class='meta'>{escape(chain_title)}.</p>")
+        body.append(_table(qr.CHAIN_HEADER, qr.chain_rows(q), "chains", note_cols=(5,)))
+        body += [f"<p class='meta'>Note: {escape(n)}.</p>" for n in q.notes]
+    return body
+
+
+def quantize_html(q: QuantizeResult | None, four: FourWayReport | None, title: str = "onnx-tucker INT8 report") -> str:
+    """`quantize --html`: the INT8 sections alone, as one self-contained page."""
+    return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body>\n<h1>{escape(title)}</h1>\n" + "\n".join(int8_html(q, four))
+            + "\n</body></html>\n")
+
+
+def mobile_html(rep: MobileReport, int8: tuple[QuantizeResult | None, FourWayReport | None] | None = None) -> str:
+    """The mobile report; `int8`: the INT8 step's result and four-way comparison, shown after the
+    whole-model table (`compress --quantize int8 --mobile-report`)."""
     body = ["<h1>onnx-tucker mobile report</h1>"]
     body += [f"<p class='meta'>{escape(line)}</p>" for line in m.intro_lines(rep)]
     body.append("<h2>Whole model</h2>")
     body.append(_table(m.WHOLE_HEADER, m.whole_model_rows(rep), "whole"))
+    if int8 is not None:
+        body += int8_html(*int8)
     body.append("<h2>Validation per runtime</h2>")
     body.append(_table(m.runtime_header(rep), m.runtime_rows(rep), "runtimes", note_cols=(2,)))
     for r in rep.runtimes:

@@ -33,16 +33,68 @@ def _finite(v: float | None) -> float | None:
     return None if v is None or not math.isfinite(v) else v
 
 
+def four_way_header(rep: FourWayReport) -> tuple[str, ...]:
+    """FOUR_WAY_HEADER, then two columns per deploy runtime: its latency and the ratio against the FP32 original there."""
+    extra = [h for c in rep.runtimes for h in (f"{_short(c.name)} ms", f"{_short(c.name)} ratio")]
+    return FOUR_WAY_HEADER + tuple(extra)
+
+
+def _short(runtime: str) -> str:
+    return {"ort-mobile": "ORT format", "mnn": "MNN", "ncnn": "ncnn"}.get(runtime, runtime)
+
+
+def _ratio(ref: float | None, v: float | None) -> str:
+    return "-" if v is None or ref is None or v <= 0 else f"x{ref / v:.2f}"
+
+
 def four_way_rows(rep: FourWayReport) -> list[tuple[str, ...]]:
-    """One row per model; ratios against the first (the FP32 original): size and latency x (first / this)."""
+    """One row per model; ratios against the first (the FP32 original): size and latency x (first / this),
+    in onnxruntime CPU and in each deploy runtime (a cell that failed: `failed (step)`, the reason in
+    `runtime_findings`)."""
     ref = rep.rows[0]
     out: list[tuple[str, ...]] = []
     for r in rep.rows:
         lat = "-" if r.latency_ms is None else f"{r.latency_ms:.3f}"
-        lat_ratio = "-" if r.latency_ms is None or ref.latency_ms is None else f"x{ref.latency_ms / r.latency_ms:.2f}"
-        out.append((r.name, _pct(r.accuracy), _pct(r.top1_agreement), _db(r.sqnr_db), f"{r.cosine:.6f}",
-                    fmt.fmt_bytes(r.size_bytes), f"x{ref.size_bytes / r.size_bytes:.2f}", lat, lat_ratio))
+        cells = [r.name, _pct(r.accuracy), _pct(r.top1_agreement), _db(r.sqnr_db), f"{r.cosine:.6f}",
+                 fmt.fmt_bytes(r.size_bytes), f"x{ref.size_bytes / r.size_bytes:.2f}", lat,
+                 _ratio(ref.latency_ms, r.latency_ms)]
+        for col in rep.runtimes:
+            c, base = col.cell(r.name), col.cell(ref.name)
+            if col.status == "not installed" or c is None:
+                cells += ["not installed" if col.status == "not installed" else "-", "-"]
+            elif c.failure is not None:
+                cells += [f"failed ({c.failed_step})", "-"]
+            else:
+                cells += ["-" if c.latency_ms is None else f"{c.latency_ms:.3f}",
+                          _ratio(base.latency_ms if base else None, c.latency_ms)]
+        out.append(tuple(cells))
     return out
+
+
+def runtime_findings(rep: FourWayReport) -> list[str]:
+    """In words, per deploy runtime: what failed and why, and whether compressed INT8 is faster than
+    original INT8 there (said plainly where it is not)."""
+    lines: list[str] = []
+    for col in rep.runtimes:
+        label = _short(col.name)
+        if col.status == "not installed":
+            lines.append(f"{label}: not installed ({col.install})")
+            continue
+        for c in col.cells:
+            if c.failure is not None:
+                lines.append(f"{label} cannot {c.failed_step} {c.model}: {c.failure}")
+        a, b = col.cell("original INT8"), col.cell("compressed INT8")
+        if a and b and a.latency_ms and b.latency_ms:
+            x = a.latency_ms / b.latency_ms
+            lines.append(f"{label}: compressed INT8 is {'faster' if x > 1 else 'NOT faster'} than original INT8 "
+                         f"(x{x:.2f}: {b.latency_ms:.3f} ms against {a.latency_ms:.3f} ms)")
+        f, q = col.cell("original FP32"), col.cell("original INT8")
+        if f and q and f.latency_ms and q.latency_ms and q.latency_ms > f.latency_ms:
+            why = ("; the ORT file is optimised for arm (target_platform='arm': NHWC QLinearConv between Transposes), "
+                   "which an x86 host runs slowly" if col.name == "ort-mobile" else "")
+            lines.append(f"{label}: INT8 is slower than FP32 there (original: {q.latency_ms:.3f} ms against "
+                         f"{f.latency_ms:.3f} ms{why})")
+    return lines
 
 
 def chain_rows(q: QuantizeResult) -> list[tuple[str, ...]]:
@@ -60,6 +112,13 @@ def four_way_dict(rep: FourWayReport | None) -> dict[str, Any] | None:
                     "top1_agreement": r.top1_agreement, "sqnr_db": _finite(r.sqnr_db), "cosine": r.cosine,
                     "max_rel_error": r.max_rel_error, "latency_ms": r.latency_ms, "latency_p90_ms": r.latency_p90_ms}
                    for r in rep.rows],
+        "runtimes": [{"name": c.name, "label": c.label, "version": c.version, "status": c.status, "install": c.install,
+                      "threads": c.threads, "warmup": c.warmup, "runs": c.runs,
+                      "models": [{"name": m.model, "size_bytes": m.size_bytes, "latency_ms": m.latency_ms,
+                                  "latency_p90_ms": m.latency_p90_ms, "top1_agreement": m.top1_agreement,
+                                  "failure": m.failure, "failed_step": m.failed_step} for m in c.cells]}
+                     for c in rep.runtimes],
+        "findings": runtime_findings(rep),
     }
 
 
@@ -86,6 +145,9 @@ def _titles(q: QuantizeResult | None, rep: FourWayReport | None) -> tuple[str, s
     four = ""
     if rep is not None:
         lat = f"; latency onnxruntime CPU, {rep.threads} thread(s), batch 1, {rep.runs} interleaved runs" if rep.threads else ""
+        if rep.runtimes:
+            lat += ("; then in " + ", ".join(c.label for c in rep.runtimes)
+                    + f" (same threads, the models interleaved in each, {rep.runs} runs; ratios against the FP32 original there)")
         four = f"FP32 and INT8 against the FP32 original ({rep.samples} samples of {rep.source}, output {rep.output}{lat})"
     chains = ""
     if q is not None:
@@ -111,7 +173,8 @@ def quantize_tables(q: QuantizeResult | None, rep: FourWayReport | None) -> list
         out.append(_rich(chains, CHAIN_HEADER, chain_rows(q)))
         out += [Text(f"note: {n}") for n in q.notes]
     if rep is not None:
-        out.append(_rich(four, FOUR_WAY_HEADER, four_way_rows(rep)))
+        out.append(_rich(four, four_way_header(rep), four_way_rows(rep)))
+        out += [Text(f"finding: {n}") for n in runtime_findings(rep)]
     return out
 
 
@@ -124,7 +187,8 @@ def quantize_markdown(q: QuantizeResult | None, rep: FourWayReport | None, headi
     four, chains = _titles(q, rep)
     lines: list[str] = []
     if rep is not None:
-        lines += [f"{heading} Four-way comparison", "", four + ".", "", *_md(FOUR_WAY_HEADER, four_way_rows(rep)), ""]
+        lines += [f"{heading} Four-way comparison", "", four + ".", "", *_md(four_way_header(rep), four_way_rows(rep)), ""]
+        lines += [f"- {n}" for n in runtime_findings(rep)] + ([""] if rep.runtimes else [])
     if q is not None:
         lines += [f"{heading} INT8 per chain", "", chains + ".", "", *_md(CHAIN_HEADER, chain_rows(q)), ""]
         lines += [f"Note: {n}." for n in q.notes]
