@@ -20,7 +20,7 @@ from onnx_tucker.calibration import calibrate as cal  # noqa: E402
 from onnx_tucker.config import CompressionConfig  # noqa: E402
 from onnx_tucker.graph.probe import factor_chain, node_io, read_initializer, write_initializers  # noqa: E402
 from onnx_tucker.training.refine import RefineOptions, blocks_of, refine_blocks  # noqa: E402
-from tests.helpers import make_residual_model, make_small_cnn, run_ort  # noqa: E402
+from tests.helpers import make_small_cnn, run_ort  # noqa: E402
 
 
 def _corrupting(captured: dict[str, Any], scale: float):  # type: ignore[no-untyped-def]
