@@ -445,6 +445,44 @@ def _candidates(layer: Layer, cov: Coverage, curves: LayerCurves, forced: str | 
     return out
 
 
+def rank_caps(cov: Coverage, kind: str, cands: Sequence[RankCandidate]) -> tuple[int, ...]:
+    """Each rank's full value for `kind` on this layer (what `_candidates` enumerates up to): Tucker-1 /
+    SVD their one rank's top, Tucker-2 (outputs, inputs per group), spatial SVD the largest enumerated."""
+    if kind == "tucker2":
+        return (cov.outputs, cov.inputs)
+    if kind == cov.one_rank_kind:
+        return (cov.outputs if kind == "tucker1" else min(cov.inputs * cov.taps, cov.outputs),)
+    return (max((c.ranks[0] for c in cands if c.kind == kind), default=1),)
+
+
+def round_candidates(layer: Layer, cov: Coverage, cands: Sequence[RankCandidate], multiple: int) -> list[RankCandidate]:
+    """`--round-to N` inside the allocation: every rank rounded up to a multiple of N, capped at its full
+    value (`rank_caps`: never above it), the MACs recounted at the rounded ranks. Each rounded point's
+    error is the least error among the candidates that round to it: the error at the largest enumerated
+    ranks at or below it, so exact where the rounded ranks were enumerated (every Tucker-1 / SVD rank)
+    and an upper bound where not (Tucker-2 input ranks between grid points: the error falls with rank).
+    The allocation then walks the hull of the rounded points only, and meets its budget as before."""
+    if multiple <= 1:
+        return list(cands)
+    handler = handler_for(layer)
+    best: dict[tuple[str, tuple[int, ...]], RankCandidate] = {}
+    caps_of: dict[str, tuple[int, ...]] = {}
+    for c in cands:
+        if c.kind == "original":
+            best[(c.kind, c.ranks)] = c
+            continue
+        if c.kind not in caps_of:
+            caps_of[c.kind] = rank_caps(cov, c.kind, cands)
+        caps = caps_of[c.kind]
+        ranks = tuple(min(math.ceil(r / multiple) * multiple, cap) for r, cap in zip(c.ranks, caps, strict=True))
+        key = (c.kind, ranks)
+        old = best.get(key)
+        if old is None or c.error < old.error:
+            macs = old.macs if old is not None else int(handler.cost(layer, c.kind, ranks)[1] or 0)
+            best[key] = RankCandidate(c.kind, ranks, macs, c.error)
+    return list(best.values())
+
+
 # Chooses one candidate per covered layer for a MAC budget in place of `allocate_macs` (the covered
 # layers, their candidates, the budget): `latency_alloc.LatencyAllocator` allocates on measured time.
 # It raises its own error when it cannot meet its budget.
@@ -524,13 +562,16 @@ def select_ranks_data(
     progress: Callable[[str, int, int], None] | None = None,
     allocator: Allocator | None = None,
     cached: Mapping[str, LayerSensitivity] | None = None,
+    round_to: int = 1,
 ) -> DataRankSelection:
     """Kinds and ranks for every layer so the model keeps `fraction` of its MACs (see the module
     docstring). `fallback`: the weight-space plan of each layer (same order as `layers`), used for the
     layers the error model does not cover and for the ones it may not touch (skipped, excluded).
     `allocator`: how the candidates are allocated (default `allocate_macs`; see `Allocator`).
     `cached`: a sensitivity table for these layers and data (`sensitivity.read_table`): when it has
-    every covered layer, its candidates are used and the original is not walked."""
+    every covered layer, its candidates are used and the original is not walked.
+    `round_to`: `--round-to N`, applied inside the allocation (`round_candidates`); the table keeps the
+    candidates as measured."""
     opts = options or DataRankOptions()
     count = sum(int(next(iter(b.values())).shape[0]) for b in batches)
     total = sum(int(p.macs_before or 0) for p in fallback)
@@ -577,6 +618,8 @@ def select_ranks_data(
                 notes[lay.layer_id] = cached[lay.layer_id].note
     table = {lay.layer_id: LayerSensitivity(tuple(cs), notes.get(lay.layer_id, ""))
              for (lay, _), cs in zip(covered, candidates, strict=True)}
+    if round_to > 1:
+        candidates = [round_candidates(lay, cov, cs, round_to) for (lay, cov), cs in zip(covered, candidates, strict=True)]
     if allocator is None:
         alloc = allocate_macs(candidates, max(budget, 0))
     else:

@@ -100,7 +100,7 @@ def data_selection(source: SourceModel, config: CompressionConfig, progress: Ste
     if target is not None and target.metric == "agreement":
         captured = CapturingAllocator()  # the curves once; the search re-allocates them per fraction
         selection = select_ranks_data(source.model, list(source.layers), fallback, batches, 1.0, source.read_weight,
-                                      opts, progress, allocator=captured, cached=cached)
+                                      opts, progress, allocator=captured, cached=cached, round_to=config.round_to)
         keep_table(selection)
         del batches
         plan_at, least = data_plan_at(selection, captured, target)
@@ -127,7 +127,7 @@ def data_selection(source: SourceModel, config: CompressionConfig, progress: Ste
         raise UsageError(f"--target {target} --calibrate: the layers must be timed; give a timer (the api's `timer`)")
     selection = select_ranks_data(source.model, list(source.layers), fallback, batches,
                                   1.0 if by_time else float(fraction or 1.0), source.read_weight,
-                                  opts, progress, allocator=allocator, cached=cached)
+                                  opts, progress, allocator=allocator, cached=cached, round_to=config.round_to)
     keep_table(selection)
     if allocator is None:
         return DataRanks(selection.planned)
