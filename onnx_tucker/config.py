@@ -491,6 +491,12 @@ class FinetuneConfig:
     train: str = opt("--train", default="all", help="all weights, or only the decomposed layers' factors.")
     # random crop (zero padding H/8) and horizontal flip for image inputs
     augment: bool = opt("--augment/--no-augment", default=True, help="Random crop (zero padding) and horizontal flip of image inputs.")
+    # None: the zero-padded shift above; F: random resized crops (area F..1 of the image, aspect 3/4..4/3,
+    # resized back bilinearly: the inception crop), for few images of a large input (distillation on photos)
+    crop_scale: float | None = opt("--crop-scale", default=None, help="With --augment: random resized crops of F..1 of each image's area (aspect 3/4..4/3), resized back to the input size, instead of the zero-padded shift; e.g. 0.25 for few photos at 224x224.")
+    # 0: off; A: each batch mixed with a shuffled copy of itself, weight ~ Beta(A, A), teacher and
+    # labels mixed alike (function matching: the teacher answers on the same mixed input)
+    mixup: float = opt("--mixup", default=0.0, help="With --augment: mix each batch with a shuffled copy of itself (weight ~ Beta(A, A)); the teacher sees the same mixed inputs, labels are mixed alike. 0: off.")
     # held-out share of DATA when no val_data is given (0: no validation)
     val_split: float = opt("--val-split", default=0.1, help="Share of DATA held out when there is no --val-data (0: none).")
     device: str = opt("--device", default="auto", help="auto (cuda when available), cpu or cuda.")  # auto | cpu | cuda
@@ -533,6 +539,10 @@ class FinetuneConfig:
             bad("--alpha", self.alpha, "give a weight between 0 and 1")
         if self.train not in ("all", "factors"):
             bad("--train", self.train, "use all or factors")
+        if self.crop_scale is not None and not 0.0 < self.crop_scale <= 1.0:
+            bad("--crop-scale", self.crop_scale, "give the smallest crop's share of the image area, in (0, 1], e.g. 0.25")
+        if not (math.isfinite(self.mixup) and self.mixup >= 0):
+            bad("--mixup", self.mixup, "give 0 (off) or a positive Beta parameter, e.g. 1")
         if not 0.0 <= self.val_split < 1.0:
             bad("--val-split", self.val_split, "give a share in [0, 1)")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

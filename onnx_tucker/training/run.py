@@ -363,7 +363,8 @@ def _train(torch: Any, device: Any, rank: int, world: int, where: _Where, protos
     labelled = train_ds.labels is not None
     train_labels = train_ds.labels if labelled else None
     layouts = _layouts(train_ds, protos.shapes, cfg)
-    train_b = Batches(train_ds.inputs, train_labels, cfg.batch_size, layouts, rank=rank, world=world)
+    train_b = Batches(train_ds.inputs, train_labels, cfg.batch_size, layouts, rank=rank, world=world,
+                      crop_scale=cfg.crop_scale, mixup=cfg.mixup)
     eval_b = Batches(eval_ds.inputs, eval_ds.labels if labelled or eval_ds.labels is not None else None,
                      max(cfg.batch_size, 256), layouts)
     params = [p for n, p in student.named_parameters() if p.requires_grad]

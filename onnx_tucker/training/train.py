@@ -37,7 +37,8 @@ def is_class_scores(shape: Sequence[int]) -> bool:
 
 @dataclass
 class Batches:
-    """Shuffled mini-batches of numpy arrays; augmentation (crop with zero padding, flip) on 4-D images."""
+    """Shuffled mini-batches of numpy arrays; augmentation on 4-D images: a crop (a zero-padded shift,
+    or with `crop_scale` a random resized crop) and a horizontal flip, then optionally mixup."""
 
     inputs: Mapping[str, np.ndarray]
     labels: np.ndarray | None
@@ -52,12 +53,16 @@ class Batches:
     # seeded order, and every process the same number of them (DDP all-reduces once per step).
     rank: int = 0
     world: int = 1
+    crop_scale: float | None = None
+    mixup: float = 0.0
 
     def __len__(self) -> int:
         batches = math.ceil(self.count / self.batch_size)
         return batches if self.world == 1 else batches // self.world
 
     def iterate(self, rng: np.random.Generator | None, augment: bool):  # type: ignore[no-untyped-def]
+        """Yields (inputs, labels, mix): mix is None, or (permutation, weight) when the inputs were mixed
+        with their own permutation (every input alike), so a loss can mix the labels the same way."""
         order = rng.permutation(self.count) if rng is not None else np.arange(self.count)
         starts = list(range(0, self.count, self.batch_size))
         if self.world > 1:
@@ -68,9 +73,16 @@ class Batches:
             for n, a in self.inputs.items():
                 x = a[idx]
                 if augment and rng is not None and self.layout.get(n):
-                    x = _augment(x, self.layout[n], rng)  # type: ignore[arg-type]
+                    layout = self.layout[n]
+                    x = _augment(x, layout, rng) if self.crop_scale is None else _resized_crops(x, layout, rng, self.crop_scale)  # type: ignore[arg-type]
                 xs[n] = x
-            yield xs, (None if self.labels is None else self.labels[idx])
+            mix = None
+            if augment and rng is not None and self.mixup > 0 and len(idx) > 1:
+                lam = float(rng.beta(self.mixup, self.mixup))
+                perm = rng.permutation(len(idx))
+                xs = {n: _mixed(x, perm, lam) for n, x in xs.items()}
+                mix = (perm, lam)
+            yield xs, (None if self.labels is None else self.labels[idx]), mix
 
 
 def _augment(x: np.ndarray, layout: str, rng: np.random.Generator) -> np.ndarray:
@@ -96,13 +108,71 @@ def _augment(x: np.ndarray, layout: str, rng: np.random.Generator) -> np.ndarray
     return out
 
 
+def _mixed(x: np.ndarray, perm: np.ndarray, lam: float) -> np.ndarray:
+    if not np.issubdtype(x.dtype, np.floating):
+        return x  # token ids, masks: nothing to interpolate
+    return (lam * x + (1.0 - lam) * x[perm]).astype(x.dtype, copy=False)
+
+
+def _interpolation(n_out: int, start: int, size: int, n_in: int) -> np.ndarray:
+    """(n_out, n_in) bilinear weights (half-pixel centres, as torch's align_corners=False) mapping the
+    window [start, start + size) of a length-n_in axis onto n_out samples."""
+    pos = start + (np.arange(n_out) + 0.5) * (size / n_out) - 0.5
+    pos = np.clip(pos, start, start + size - 1)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, start + size - 1)
+    frac = (pos - lo).astype(np.float32)
+    m = np.zeros((n_out, n_in), dtype=np.float32)
+    rows = np.arange(n_out)
+    np.add.at(m, (rows, lo), 1.0 - frac)
+    np.add.at(m, (rows, hi), frac)
+    return m
+
+
+def _resized_crops(x: np.ndarray, layout: str, rng: np.random.Generator, min_area: float) -> np.ndarray:
+    """Random resized crops (area min_area..1, aspect 3/4..4/3, as torchvision's RandomResizedCrop)
+    resized back to the input's size, each flipped with probability 1/2."""
+    hw = (2, 3) if layout == "nchw" else (1, 2)
+    h, w = x.shape[hw[0]], x.shape[hw[1]]
+    if min(h, w) < 8:
+        return x
+    out = np.empty_like(x)
+    for i in range(len(x)):
+        ch, cw = h, w
+        for _ in range(10):
+            area = h * w * rng.uniform(min_area, 1.0)
+            aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            tw, th = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if 0 < tw <= w and 0 < th <= h:
+                ch, cw = th, tw
+                break
+        y0 = int(rng.integers(0, h - ch + 1))
+        x0 = int(rng.integers(0, w - cw + 1))
+        ry = _interpolation(h, y0, ch, h)
+        rx = _interpolation(w, x0, cw, w)
+        if rng.random() < 0.5:
+            rx = rx[::-1]
+        img = x[i].astype(np.float32, copy=False)
+        if layout == "nchw":
+            r = np.einsum("yh,chw,xw->cyx", ry, img, rx, optimize=True)
+        else:
+            r = np.einsum("yh,hwc,xw->yxc", ry, img, rx, optimize=True)
+        out[i] = r
+    return out
+
+
 def loss_terms(student: Sequence[Any], teacher: Sequence[Any] | None, labels: Any, cfg: FinetuneConfig,
-               label_output: int | None) -> Any:
+               label_output: int | None, mix: tuple[Any, float] | None = None) -> Any:
+    """The batch loss; `mix` (permutation, weight): the inputs were mixed, so is the labelled loss
+    (the teacher saw the mixed inputs, its targets need nothing)."""
     torch = import_torch()
     F = torch.nn.functional
     total = None
     if labels is not None and label_output is not None:
         ce = F.cross_entropy(student[label_output], labels)
+        if mix is not None:
+            perm, lam = mix
+            ce = lam * ce + (1.0 - lam) * F.cross_entropy(student[label_output], labels[perm])
         total = ce if teacher is None else cfg.alpha * ce
     if teacher is not None:
         d = 0.0
@@ -143,7 +213,7 @@ def evaluate(student: Any, teacher: Any, data: Batches, names: Sequence[str], cf
     n = correct = agree = 0
     loss_sum = 0.0
     with torch.no_grad():
-        for xs, ys in data.iterate(None, False):
+        for xs, ys, _ in data.iterate(None, False):
             s = run_model(student, xs, names, device)
             t = run_model(teacher, xs, names, device) if teacher is not None else None
             y = torch.from_numpy(ys).to(device) if ys is not None else None
@@ -193,7 +263,7 @@ def train_epoch(student: Any, teacher: Any, data: Batches, names: Sequence[str],
     n = correct = steps = 0
     loss_sum = 0.0
     total = len(data)
-    for xs, ys in data.iterate(rng, cfg.augment):
+    for xs, ys, mix in data.iterate(rng, cfg.augment):
         if steps_left is not None and steps >= steps_left:
             break
         lr = float(opt.param_groups[0]["lr"])  # the rate this step uses (the scheduler moves it after the step)
@@ -204,7 +274,8 @@ def train_epoch(student: Any, teacher: Any, data: Batches, names: Sequence[str],
                 t = run_model(teacher, xs, names, device)
         else:
             t = None
-        loss = loss_terms(s, t, y, cfg, label_output)
+        tmix = None if mix is None else (torch.from_numpy(mix[0]).to(device), mix[1])
+        loss = loss_terms(s, t, y, cfg, label_output, tmix)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_grad is not None:
