@@ -100,7 +100,8 @@ def plan(
     then also checked against a whole-model profile of `profile_runs` runs). `evaluator`: how a candidate
     plan's agreement is measured under `--target agreement:F` (default: onnxruntime on `config.data`).
     `events("calibration-estimate", {"estimate": CalibrationEstimate})` before each calibration walk
-    (the work and memory it will take; `report.tables.calibration_estimate_line` renders it)."""
+    (the work and memory it will take; `report.tables.calibration_estimate_line` renders it), and
+    `events("loss-weights", {"weights": LossWeights})` under `--loss-aware` (`loss_weights_line`)."""
     config = config or CompressionConfig()
     in_path = None if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
     check_output_paths(in_path, {"--save-plan": save_plan, "--report": report,

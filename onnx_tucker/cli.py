@@ -582,6 +582,10 @@ def _calibration_events(quiet: bool):  # type: ignore[no-untyped-def]
             from .report.tables import calibration_estimate_line
 
             _note(calibration_estimate_line(d["estimate"]))
+        elif kind == "loss-weights":
+            from .report.tables import loss_weights_line
+
+            _note(loss_weights_line(d["weights"]))
 
     return show
 

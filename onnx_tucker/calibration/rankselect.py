@@ -563,6 +563,7 @@ def select_ranks_data(
     allocator: Allocator | None = None,
     cached: Mapping[str, LayerSensitivity] | None = None,
     round_to: int = 1,
+    error_weights: Mapping[str, float] | None = None,
 ) -> DataRankSelection:
     """Kinds and ranks for every layer so the model keeps `fraction` of its MACs (see the module
     docstring). `fallback`: the weight-space plan of each layer (same order as `layers`), used for the
@@ -571,7 +572,8 @@ def select_ranks_data(
     `cached`: a sensitivity table for these layers and data (`sensitivity.read_table`): when it has
     every covered layer, its candidates are used and the original is not walked.
     `round_to`: `--round-to N`, applied inside the allocation (`round_candidates`); the table keeps the
-    candidates as measured."""
+    candidates as measured. `error_weights`: per layer, a factor on its candidates' errors for the
+    allocation only (`--loss-aware`: training/fisher.py); the notes and the table keep the errors as measured."""
     opts = options or DataRankOptions()
     count = sum(int(next(iter(b.values())).shape[0]) for b in batches)
     total = sum(int(p.macs_before or 0) for p in fallback)
@@ -620,10 +622,21 @@ def select_ranks_data(
              for (lay, _), cs in zip(covered, candidates, strict=True)}
     if round_to > 1:
         candidates = [round_candidates(lay, cov, cs, round_to) for (lay, cov), cs in zip(covered, candidates, strict=True)]
+    measured = candidates
+    if error_weights:
+        candidates = [[replace(c, error=c.error * error_weights.get(lay.layer_id, 1.0)) for c in cs]
+                      for (lay, _), cs in zip(covered, candidates, strict=True)]
     if allocator is None:
         alloc = allocate_macs(candidates, max(budget, 0))
     else:
         alloc = allocator([lay for lay, _ in covered], candidates, max(budget, 0))
+    if error_weights:  # back to the errors as measured
+        alloc = replace(alloc, choice=tuple(_as_measured(c, cs) for c, cs in zip(alloc.choice, measured, strict=True)))
+        candidates = measured
+        for lay, _ in covered:
+            w = error_weights.get(lay.layer_id)
+            if w is not None:
+                notes[lay.layer_id] = "; ".join(x for x in (notes.get(lay.layer_id), f"loss-aware weight {w:.3g}") if x)
     if not alloc.met:
         least = fixed + sum(min(c.macs for c in cs) for cs in candidates)
         raise UsageError(
@@ -651,6 +664,31 @@ def select_ranks_data(
                            notes={k: v for k, v in merged.items() if entries[k][0] != "skip"})
     return DataRankSelection(planned, chosen, max(budget, 0), alloc.macs, fixed, total, why_fallback, notes,
                              sensitivity=table, walked=walked, kinds=kinds)
+
+
+def _as_measured(choice: RankCandidate, measured: Sequence[RankCandidate]) -> RankCandidate:
+    """The measured candidate a weighted choice stands for (same kind and ranks; an allocator may have
+    replaced the MACs, e.g. with a time, which it keeps)."""
+    for c in measured:
+        if c.kind == choice.kind and c.ranks == choice.ranks:
+            return replace(choice, error=c.error)
+    return choice
+
+
+def output_channel_axis(cov: Coverage) -> int:
+    """The axis of a covered layer's output that holds its channels (the T of its curves)."""
+    return {"rows": -1, "columns": -2}.get(cov.mode, 1)
+
+
+def output_channels(layers: Sequence[Layer]) -> list[tuple[str, str, int]]:
+    """(layer id, output tensor, channel axis) of each layer the error model covers: what
+    `--loss-aware` weighs (training/fisher.py)."""
+    found = []
+    for lay in layers:
+        cov = _covered(lay)
+        if isinstance(cov, Coverage) and lay.outputs:
+            found.append((lay.layer_id, lay.outputs[0], output_channel_axis(cov)))
+    return found
 
 
 def kind_note(chosen: RankCandidate, cands: Sequence[RankCandidate]) -> str:

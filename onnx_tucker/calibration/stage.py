@@ -10,7 +10,7 @@ latency:F --calibrate` (`latency_alloc`); `calibrate(source, ...)`:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -37,13 +37,15 @@ from .calibrate import (
 )
 from .latency_alloc import SIMD_MULTIPLE, LatencyAllocator
 from .memory import CalibrationEstimate, plan_calibration
-from .rankselect import DataRankOptions, DataRankSelection, select_ranks_data
+from .rankselect import DataRankOptions, DataRankSelection, output_channels, select_ranks_data
 from .sensitivity import read_table, table_json, table_key
 
 if TYPE_CHECKING:
+    import numpy as np
     import onnx
 
     from ..data import DataSet
+    from ..training.fisher import LossWeights
 
 
 def data_ranks(source: SourceModel, config: CompressionConfig, progress: StepProgress | None = None,
@@ -97,10 +99,15 @@ def data_selection(source: SourceModel, config: CompressionConfig, progress: Ste
         if table_path and selection.walked:
             write_text_atomic(table_path, table_json(key, selection.sensitivity))
 
+    weights = loss_aware_weights(source, config, batches) if config.calibration.loss_aware else None
+    if events is not None and weights is not None:
+        events("loss-weights", {"weights": weights})
+    error_weights = None if weights is None else weights.weights
     if target is not None and target.metric == "agreement":
         captured = CapturingAllocator()  # the curves once; the search re-allocates them per fraction
         selection = select_ranks_data(source.model, list(source.layers), fallback, batches, 1.0, source.read_weight,
-                                      opts, progress, allocator=captured, cached=cached, round_to=config.round_to)
+                                      opts, progress, allocator=captured, cached=cached, round_to=config.round_to,
+                                      error_weights=error_weights)
         keep_table(selection)
         del batches
         plan_at, least = data_plan_at(selection, captured, target)
@@ -127,11 +134,23 @@ def data_selection(source: SourceModel, config: CompressionConfig, progress: Ste
         raise UsageError(f"--target {target} --calibrate: the layers must be timed; give a timer (the api's `timer`)")
     selection = select_ranks_data(source.model, list(source.layers), fallback, batches,
                                   1.0 if by_time else float(fraction or 1.0), source.read_weight,
-                                  opts, progress, allocator=allocator, cached=cached, round_to=config.round_to)
+                                  opts, progress, allocator=allocator, cached=cached, round_to=config.round_to,
+                                  error_weights=error_weights)
     keep_table(selection)
     if allocator is None:
         return DataRanks(selection.planned)
     return DataRanks(allocator.annotate(selection.planned), allocator.result, allocator.outcome(str(target)))
+
+
+def loss_aware_weights(source: SourceModel, config: CompressionConfig,
+                       batches: Sequence[Mapping[str, np.ndarray]]) -> LossWeights:
+    """`--loss-aware`: each covered layer's weight in the allocation (training/fisher.py; torch)."""
+    from ..training.config import default_torch_threads
+    from ..training.fisher import LayerTensor, loss_weights  # torch: imported only here
+
+    tensors = [LayerTensor(*t) for t in output_channels(list(source.layers))]
+    return loss_weights(source.model, tensors, batches, source=source.path or "model", seed=config.seed,
+                        threads=default_torch_threads()[0])
 
 
 def _estimate(what: str, source: SourceModel, layers: list[Layer], used: DataSet, memory: int,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.table import Table
 from rich.text import Text
 
@@ -16,6 +18,9 @@ from ..runtime.bench import LatencyReport
 from ..runtime.validate import ValidationReport
 from ..training.config import FinetuneResult
 from . import fmt
+
+if TYPE_CHECKING:
+    from ..training.fisher import LossWeights
 
 
 def layer_table(plan: CompressionPlan, title: str = "Layers") -> Table:
@@ -255,6 +260,15 @@ def result_tables(
 
         tables += quantize_tables(result.quantize, result.comparison)
     return tables
+
+
+def loss_weights_line(w: LossWeights) -> str:
+    """One line after `--loss-aware` measured its layer weights: how, on what, and their spread."""
+    vals = sorted(w.weights.values())
+    spread = f"weights {vals[0]:.3g} .. {vals[-1]:.3g} (mean 1)" if vals else "no layers"
+    missing = f"; {len(w.missing)} layer(s) at weight 1: {next(iter(w.missing.values()))}" if w.missing else ""
+    how = "Fisher of sampled labels" if w.loss == "fisher" else "Gauss-Newton of the outputs"
+    return f"loss-aware: {len(w.weights)} layers weighted by the {how} on {w.images} images x {w.draws} draws in {w.seconds:.0f} s; {spread}{missing}"
 
 
 def calibration_estimate_line(e: CalibrationEstimate) -> str:

@@ -102,6 +102,19 @@ def to_torch(model: onnx.ModelProto, source: str,
     return module, norm
 
 
+def module_names(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """onnx2torch's module name of each node of `model` (OnnxGraph.generate_node_name: the domain, the
+    node's name with dots as slashes or its op type, numbered from the second of a name)."""
+    names: dict[str, onnx.NodeProto] = {}
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        base = (f"{n.domain}/" + (n.name.replace(".", "/") or n.op_type)).lstrip("/")
+        k = counts.get(base, 0)
+        counts[base] = k + 1
+        names[base + (f"_{k}" if k else "")] = n
+    return names
+
+
 def _weights_as_parameters(module: Any, model: onnx.ModelProto) -> None:
     """onnx2torch keeps the initializers a layer op reads as data (a MatMul's weight: Paddle's and the
     Tucker SVD chains' fully connected layers) as constant buffers, which no optimizer sees. Each float
@@ -113,13 +126,7 @@ def _weights_as_parameters(module: Any, model: onnx.ModelProto) -> None:
     graph = getattr(module, "graph", None)
     if container is None or graph is None:
         return
-    ops: dict[str, str] = {}  # onnx2torch's module name of each node (OnnxGraph.generate_node_name, numbered)
-    counts: dict[str, int] = {}
-    for n in model.graph.node:
-        base = (f"{n.domain}/" + (n.name.replace(".", "/") or n.op_type)).lstrip("/")
-        k = counts.get(base, 0)
-        counts[base] = k + 1
-        ops[base + (f"_{k}" if k else "")] = n.op_type
+    ops = {name: n.op_type for name, n in module_names(model).items()}
     owners: dict[str, str] = {}
     for node in graph.nodes:
         if node.op != "get_attr" or not str(node.target).startswith("initializers."):
