@@ -573,7 +573,7 @@ def select_ranks_data(
     every covered layer, its candidates are used and the original is not walked.
     `round_to`: `--round-to N`, applied inside the allocation (`round_candidates`); the table keeps the
     candidates as measured. `error_weights`: per layer, a factor on its candidates' errors for the
-    allocation only (`--loss-aware`: training/fisher.py); the notes and the table keep the errors as measured."""
+    allocation only (`--loss-aware`: training/lossaware.py); the notes and the table keep the errors as measured."""
     opts = options or DataRankOptions()
     count = sum(int(next(iter(b.values())).shape[0]) for b in batches)
     total = sum(int(p.macs_before or 0) for p in fallback)
@@ -682,7 +682,7 @@ def output_channel_axis(cov: Coverage) -> int:
 
 def output_channels(layers: Sequence[Layer]) -> list[tuple[str, str, int]]:
     """(layer id, output tensor, channel axis) of each layer the error model covers: what
-    `--loss-aware` weighs (training/fisher.py)."""
+    `--loss-aware` weighs (training/lossaware.py)."""
     found = []
     for lay in layers:
         cov = _covered(lay)

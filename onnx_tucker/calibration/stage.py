@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     import onnx
 
     from ..data import DataSet
-    from ..training.fisher import LossWeights
+    from ..training.lossaware import LossWeights
 
 
 def data_ranks(source: SourceModel, config: CompressionConfig, progress: StepProgress | None = None,
@@ -144,12 +144,12 @@ def data_selection(source: SourceModel, config: CompressionConfig, progress: Ste
 
 def loss_aware_weights(source: SourceModel, config: CompressionConfig,
                        batches: Sequence[Mapping[str, np.ndarray]]) -> LossWeights:
-    """`--loss-aware`: each covered layer's weight in the allocation (training/fisher.py; torch)."""
+    """`--loss-aware`: each covered layer's weight in the allocation (training/lossaware.py; torch)."""
     from ..training.config import default_torch_threads
-    from ..training.fisher import LayerTensor, loss_weights  # torch: imported only here
+    from ..training.lossaware import LayerTensor, loss_weights  # torch: imported only here
 
     tensors = [LayerTensor(*t) for t in output_channels(list(source.layers))]
-    return loss_weights(source.model, tensors, batches, source=source.path or "model", seed=config.seed,
+    return loss_weights(source.model, tensors, batches, source=source.path or "model", seed=config.seed, method=config.calibration.loss_aware_method,
                         threads=default_torch_threads()[0])
 
 

@@ -20,7 +20,7 @@ from ..training.config import FinetuneResult
 from . import fmt
 
 if TYPE_CHECKING:
-    from ..training.fisher import LossWeights
+    from ..training.lossaware import LossWeights
 
 
 def layer_table(plan: CompressionPlan, title: str = "Layers") -> Table:
@@ -267,8 +267,10 @@ def loss_weights_line(w: LossWeights) -> str:
     vals = sorted(w.weights.values())
     spread = f"weights {vals[0]:.3g} .. {vals[-1]:.3g} (mean 1)" if vals else "no layers"
     missing = f"; {len(w.missing)} layer(s) at weight 1: {next(iter(w.missing.values()))}" if w.missing else ""
-    how = "Fisher of sampled labels" if w.loss == "fisher" else "Gauss-Newton of the outputs"
-    return f"loss-aware: {len(w.weights)} layers weighted by the {how} on {w.images} images x {w.draws} draws in {w.seconds:.0f} s; {spread}{missing}"
+    change = "KL of the class distribution" if w.loss == "kl" else "relative squared error of the outputs"
+    how = (f"the {change} under a projection of each layer's output" if w.method == "probe"
+           else f"a diagonal Fisher estimate ({change}, {w.draws} draws)")
+    return f"loss-aware: {len(w.weights)} layers weighted by {how}, on {w.images} images in {w.seconds:.0f} s; {spread}{missing}"
 
 
 def calibration_estimate_line(e: CalibrationEstimate) -> str:
