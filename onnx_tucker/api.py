@@ -34,6 +34,7 @@ from .planning.planner import CompressionPlan, PlannedRanks, load_plan_file
 from .planning.stage import (
     Decomposition,
     PlanResult,
+    data_allocated,
     latency_summary,
     layer_timer,
     plan_and_decompose,
@@ -56,6 +57,9 @@ def _planned(source: SourceModel, config: CompressionConfig, progress: Progress 
              events: EventProgress | None = None) -> Decomposition:
     """The plan stage as `plan` and `compress` run it: the ranks to replay (a plan file's, or the ones
     chosen on the calibration data), every layer planned and decomposed, the layer timing summed up."""
+    if config.calibration.loss_aware and not data_allocated(config):
+        raise UsageError("--loss-aware weights the layers when the ranks are allocated on the calibration data; "
+                         "use --ranks data:F (or --target macs:F / latency:F) with --calibrate, or leave out --loss-aware")
     if timer is None and config.latency_runtime != "ort" and times_layers(config):  # --latency-runtime: elsewhere
         from .mobile.layertime import layer_timer_for
 

@@ -101,7 +101,9 @@ def test_the_weights_steer_the_allocation(tmp_path) -> None:  # type: ignore[no-
 def test_options_are_checked() -> None:
     with pytest.raises(UsageError, match="--calibrate"):
         CompressionConfig(loss_aware=True)  # type: ignore[call-arg]
+    with pytest.raises(UsageError, match="allocated on the calibration data"):
+        api.plan(two_branches(False), CompressionConfig(calibrate="x.npz", ranks="vbmf", loss_aware=True))  # type: ignore[call-arg]
     with pytest.raises(UsageError, match="probe or fisher"):
-        CompressionConfig(calibrate="x.npz", loss_aware=True, loss_aware_method="hessian")  # type: ignore[call-arg]
+        CompressionConfig(calibrate="x.npz", ranks="data:0.5", loss_aware=True, loss_aware_method="hessian")  # type: ignore[call-arg]
     with pytest.raises(UsageError, match="method"):
         loss_weights(two_branches(False), LAYERS, batches(), method="hessian")
