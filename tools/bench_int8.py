@@ -10,6 +10,8 @@ Models (../shared/data/README.md):
 - `resnet56`: cifar10-resnets/resnet56.onnx; calibrated (refit and INT8 ranges) on 500 seeded images of
   cifar10/train, scored on cifar10/test (all 10,000 JPEGs unless --eval-count), tools/cifar_npz.py
   preprocessing.
+- `fmnist`: the shipped fixtures/fmnist_vgg.onnx; calibrated on 500 seeded Fashion-MNIST train images,
+  scored on the 10,000 test images (Debian dataset-fashion-mnist; tools/fmnist_npz.py).
 - `darknet`: imagenet/darknet_tiny.onnx; calibrated on photos/bsds500-trainval (256 photos), scored on
   imagenet/val (1,000 images), shorter side 256, centre crop 224, RGB / 255.
 
@@ -63,6 +65,25 @@ def cifar_files(work: Path, eval_count: int | None) -> tuple[Path, Path]:
     return cal, test
 
 
+def fmnist_files(work: Path, eval_count: int | None) -> tuple[Path, Path]:
+    """500 seeded Fashion-MNIST train images (calibration) and the test set (Debian dataset-fashion-mnist)."""
+    import numpy as np
+    from fmnist_npz import load_split
+
+    cal, test = work / "fmnist_cal500_seed0.npz", work / f"fmnist_test{eval_count or 'all'}.npz"
+    if not cal.exists():
+        x, y = load_split("train")
+        pick = np.sort(np.random.default_rng(0).choice(len(x), 500, replace=False))
+        np.savez(cal, input=x[pick], labels=y[pick])
+    if not test.exists():
+        x, y = load_split("test")
+        if eval_count:
+            pick = np.sort(np.random.default_rng(0).choice(len(x), eval_count, replace=False))
+            x, y = x[pick], y[pick]
+        np.savez(test, input=x, labels=y)
+    return cal, test
+
+
 def command(model: str, work: Path, args: argparse.Namespace) -> list[str]:
     out = work / model
     out.mkdir(parents=True, exist_ok=True)
@@ -73,6 +94,10 @@ def command(model: str, work: Path, args: argparse.Namespace) -> list[str]:
         cal, test = cifar_files(work, args.eval_count)
         src = DATA / "cifar10-resnets" / "resnet56.onnx"
         return ["onnx-tucker", "compress", rel(src), rel(out / "int8.onnx"), "--calibrate", rel(cal),
+                "--calibration-samples", "500", "--data", rel(test), *common]
+    if model == "fmnist":
+        cal, test = fmnist_files(work, args.eval_count)
+        return ["onnx-tucker", "compress", "fixtures/fmnist_vgg.onnx", rel(out / "int8.onnx"), "--calibrate", rel(cal),
                 "--calibration-samples", "500", "--data", rel(test), *common]
     src = DATA / "imagenet" / "darknet_tiny.onnx"
     return ["onnx-tucker", "compress", rel(src), rel(out / "int8.onnx"), "--calibrate",
@@ -130,7 +155,7 @@ def main() -> None:
     ap.add_argument("--fraction", type=float, default=0.5, help="--ranks data:F")
     ap.add_argument("--method", default="minmax")
     ap.add_argument("--runs", type=int, default=50)
-    ap.add_argument("--eval-count", type=int, default=None, help="CIFAR test images (default all 10,000)")
+    ap.add_argument("--eval-count", type=int, default=None, help="CIFAR / Fashion-MNIST test images (default all 10,000)")
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/int8-bench"))
     ap.add_argument("--results", type=Path, default=None, help="append one JSON line per model")
     ap.add_argument("--markdown", type=Path, default=None)

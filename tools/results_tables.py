@@ -271,7 +271,7 @@ def real_models_table(rows: list[Row]) -> str:
 def int8_table(rows: list[Row]) -> str:
     """tools/bench_int8.py (issue 18): the four models of each row against the FP32 original; latency in
     onnxruntime CPU and in each deploy runtime the row measured (ORT format, MNN: `comparison.runtimes`)."""
-    labels = {"resnet56": "CIFAR ResNet-56", "darknet": "Darknet Tiny"}
+    labels = {"resnet56": "CIFAR ResNet-56", "darknet": "Darknet Tiny", "fmnist": "Fashion-MNIST fixture"}
     short = {"ort-mobile": "ORT format", "mnn": "MNN", "ncnn": "ncnn"}
     names = list(dict.fromkeys(str(rt["name"]) for r in rows for rt in r["comparison"].get("runtimes", [])))  # type: ignore[attr-defined]
     body = []
