@@ -341,6 +341,9 @@ class ValidationConfig(_Normalised):
         return max(1e-4, 10 * weight_eps) if full_rank else None
 
 
+LOSS_AWARE_METHODS = ("probe", "fisher")  # training/lossaware.py
+
+
 @group("Calibration")
 @dataclass(frozen=True)
 class CalibrationConfig(_Normalised):
@@ -351,7 +354,7 @@ class CalibrationConfig(_Normalised):
     calibration_samples: int = opt("--calibration-samples", default=500, help="How many --calibrate samples to use (a random subset, seeded by --seed, when the file has more).")
     sensitivity: str | None = opt("--sensitivity", default=None, cli_type=Path | None, help="With ranks chosen on the calibration data (data:F, or a MAC, latency or agreement target with --calibrate): keep every layer's calibrated candidates in this JSON file, keyed by the model, the calibration data and the options; a later run with the same three (another F, --latency-aware) reads them instead of walking the model again. A file with another key is recomputed and rewritten.")
     refine: bool = opt("--refine", default=False, help="After the refit, optimise the factors of each block of decomposed layers (a residual block, or up to 3 consecutive layers) by gradient descent so the block reproduces the original's output on the --calibrate data (torch: the finetune extra); a block keeps its new factors only when its error on held-out calibration images falls.")
-    loss_aware: bool = opt("--loss-aware", default=False, help="With ranks chosen on the calibration data (data:F, or a MAC or latency target with --calibrate): weight each layer's output error by how much the model's prediction moves per unit of it (a Fisher estimate from label-free gradients on 64 calibration images; torch: the finetune extra), so the MAC budget goes where errors cost the most.")
+    loss_aware: bool = opt("--loss-aware", default=False, help="With ranks chosen on the calibration data (data:F, or a MAC or latency target with --calibrate): weight each layer's output error by how much the model's prediction moves per unit of it (measured without labels on 64 calibration images, see --loss-aware-method; torch: the finetune extra), so the MAC budget goes where errors cost the most. Measured no better than without on ResNet-20 and worse on Darknet Tiny (docs/calibration.md).")
     loss_aware_method: str = opt("--loss-aware-method", default="probe", help="With --loss-aware: probe (each layer's output projected on its leading channels in a forward pass, the output change measured) or fisher (a diagonal Fisher estimate from gradients: cheaper in theory, measured worse; docs/calibration.md).")
     refine_steps: int = opt("--refine-steps", default=200, help="With --refine: Adam steps per block (32 images each).")
     calibration_memory: str = opt("--calibration-memory", default="512M", help="Memory for the activations kept between the layers of a calibration walk (refit, data-driven ranks), e.g. 512M or 4G; beyond it they go to a temporary folder (TMPDIR) and are read back one batch at a time. Checked against the memory available before the work starts.")
@@ -363,8 +366,8 @@ class CalibrationConfig(_Normalised):
         parse_bytes(self.calibration_memory, "--calibration-memory")
         if self.refine_steps < 1:
             raise UsageError(f"--refine-steps {self.refine_steps}: must be >= 1; e.g. 200")
-        if self.loss_aware_method not in ("probe", "fisher"):
-            raise UsageError(f"--loss-aware-method {self.loss_aware_method}: use probe or fisher")
+        if self.loss_aware_method not in LOSS_AWARE_METHODS:
+            raise UsageError(f"--loss-aware-method {self.loss_aware_method}: use {' or '.join(LOSS_AWARE_METHODS)}")
         if self.loss_aware and not self.calibrate:
             raise UsageError("--loss-aware: the layer weights are measured on the calibration data; add --calibrate DATA")
         if self.refine and not self.calibrate:

@@ -38,8 +38,10 @@ from typing import Any
 import numpy as np
 import onnx
 
+from ..config import LOSS_AWARE_METHODS as METHODS
 from ..errors import OnnxTuckerError, UsageError
 from .convert import import_torch, module_names, to_torch
+from .train import is_class_scores
 
 
 @dataclass(frozen=True)
@@ -69,9 +71,6 @@ class LossWeights:
     missing: Mapping[str, str]
     probe_errors: Mapping[str, float] = field(default_factory=dict)
     draws: int = 0
-
-
-METHODS = ("probe", "fisher")
 
 
 def _stack(batches: Sequence[Mapping[str, np.ndarray]], names: Sequence[str], limit: int) -> dict[str, np.ndarray]:
@@ -234,7 +233,7 @@ def _probe(torch: Any, model: _Hooked, batch: int, probe_error: float) -> tuple[
                 m[0] = m[0] + flat.sum(0)
                 m[1] = m[1] + flat.T @ flat
                 m[2] += int(flat.shape[0])
-    classes = len(refs[0]) == 1 and refs[0][0].ndim == 2 and refs[0][0].shape[1] > 1
+    classes = len(refs[0]) == 1 and is_class_scores(tuple(refs[0][0].shape))
     raw: dict[str, float] = {}
     errors: dict[str, float] = {}
     for lt in model.layers:
@@ -287,7 +286,7 @@ def _fisher(torch: Any, model: _Hooked, batch: int, draws: int, seed: int) -> tu
             sums[lt.layer_id] = sums.get(lt.layer_id, 0) + flat.sum(0)
             squares[lt.layer_id] = squares.get(lt.layer_id, 0) + (flat**2).sum(0)
             counts[lt.layer_id] = counts.get(lt.layer_id, 0) + int(flat.shape[0])
-        classes = len(outs) == 1 and outs[0].ndim == 2 and outs[0].shape[1] > 1
+        classes = len(outs) == 1 and is_class_scores(tuple(outs[0].shape))
         logp = _log_probs(torch, outs[0]) if classes else None
         nb = int(inputs[0].shape[0])
         for d in range(draws):
