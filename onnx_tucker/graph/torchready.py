@@ -98,6 +98,33 @@ def unsupported_ops(model: onnx.ModelProto, supported: Supported) -> list[str]:
     return sorted(bad)
 
 
+def unconvertible_nodes(model: onnx.ModelProto, supported: Supported) -> dict[int, str]:
+    """Top-level node index -> 'Op-version' label, for the nodes (a node's subgraphs included) that have no
+    converter at the model's opset nor at any opset `normalize` would convert to: what keeps the whole model
+    from converting, found before any conversion (subgraph fine-tuning trains around them)."""
+    opsets = [default_opset(model), *CANDIDATE_OPSETS]
+    out: dict[int, str] = {}
+    for i, top in enumerate(model.graph.node):
+        for node in _node_and_subgraphs(top):
+            versions = [_since_version(node, o) for o in opsets]
+            if any(v is not None and supported(node.domain or "", node.op_type, v) for v in versions):
+                continue
+            v = versions[0]
+            dom = f"{node.domain}." if node.domain not in ("", "ai.onnx") else ""
+            out[i] = f"{dom}{node.op_type}" + (f"-{v}" if v is not None else "")
+            break
+    return out
+
+
+def _node_and_subgraphs(node: onnx.NodeProto):  # type: ignore[no-untyped-def]
+    yield node
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield from _all_nodes(a.g)
+        for g in a.graphs:
+            yield from _all_nodes(g)
+
+
 def _all_nodes(graph: onnx.GraphProto):  # type: ignore[no-untyped-def]
     for n in graph.node:
         yield n
