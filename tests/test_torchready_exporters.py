@@ -264,3 +264,76 @@ def test_dynamic_input_dims_are_fixed_to_the_datas_but_the_batch() -> None:
     dims = [d.dim_value or d.dim_param for d in norm.model.graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["N", 4, 9, 9] and any("x[2]=9, x[3]=9" in c for c in norm.changes)
     assert [n.op_type for n in norm.model.graph.node] == ["Conv"]  # sizes known: static pads, no Pad node
+
+
+def _svtr_reshapes() -> onnx.ModelProto:
+    """PP-OCRv4 rec's SVTR attention head at opset 12: Reshape(x, Concat(Cast(0), Shape(x)[1], Cast(2), Cast(4)))
+    (0 = "copy dim 0", the batch), BatchNormalization on it, then a second computed Reshape from the first's
+    result back to [N, 6, 8] and a BatchNormalization on that 3-D tensor. onnx's inference loses the rank at
+    the first computed Reshape (and so at every tensor after it): onnx2torch's BN read rank 0."""
+    rng = np.random.default_rng(5)
+
+    def bn(name: str, x: str, y: str) -> list[onnx.NodeProto]:
+        c = 6
+        return [_const(f"{name}_s", (1 + 0.1 * rng.standard_normal(c)).astype(np.float32)),
+                _const(f"{name}_b", (0.1 * rng.standard_normal(c)).astype(np.float32)),
+                _const(f"{name}_m", (0.1 * rng.standard_normal(c)).astype(np.float32)),
+                _const(f"{name}_v", (1 + 0.1 * rng.random(c)).astype(np.float32)),
+                helper.make_node("BatchNormalization", [x, f"{name}_s", f"{name}_b", f"{name}_m", f"{name}_v"], [y],
+                                 name=name)]
+
+    def shape_of(src: str, tail: list[int], tag: str) -> list[onnx.NodeProto]:
+        """Concat(Cast(0), Shape(src)[1:2], Cast(tail...)) as Paddle2ONNX writes it (int32 constants)."""
+        nodes = [helper.make_node("Shape", [src], [f"{tag}_sh"], name=f"{tag}_shape"),
+                 helper.make_node("Cast", [f"{tag}_sh"], [f"{tag}_sh32"], name=f"{tag}_cast", to=TensorProto.INT32),
+                 _const(f"{tag}_one", np.array([1], np.int64)), _const(f"{tag}_two", np.array([2], np.int64)),
+                 _const(f"{tag}_zero", np.array([0], np.int64)),
+                 helper.make_node("Slice", [f"{tag}_sh32", f"{tag}_one", f"{tag}_two", f"{tag}_zero"], [f"{tag}_d1"],
+                                  name=f"{tag}_slice"),
+                 helper.make_node("Cast", [f"{tag}_d1"], [f"{tag}_d1_64"], name=f"{tag}_d1_cast", to=TensorProto.INT64)]
+        parts = []
+        for k, v in enumerate([0, None, *tail]):
+            if v is None:
+                parts.append(f"{tag}_d1_64")
+                continue
+            nodes += [_const(f"{tag}_c{k}", np.array([v], np.int32)),
+                      helper.make_node("Cast", [f"{tag}_c{k}"], [f"{tag}_c{k}_64"], name=f"{tag}_c{k}_cast", to=TensorProto.INT64)]
+            parts.append(f"{tag}_c{k}_64")
+        return [*nodes, helper.make_node("Concat", parts, [f"{tag}_shape"], name=f"{tag}_concat", axis=0)]
+
+    nodes = [
+        *shape_of("x", [2, 4], "r1"), helper.make_node("Reshape", ["x", "r1_shape"], ["x4"], name="reshape_4d"),
+        *bn("bn_4d", "x4", "b4"),
+        *shape_of("b4", [8], "r2"), helper.make_node("Reshape", ["b4", "r2_shape"], ["x3"], name="reshape_3d"),
+        *bn("bn_3d", "x3", "y"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 6, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 6, 8])
+    return _finish(nodes, [x], [y], [], opset=12)
+
+
+def _rank(model: onnx.ModelProto, tensor: str) -> int | None:
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    for v in inferred.graph.value_info:
+        if v.name == tensor and v.type.tensor_type.HasField("shape"):
+            return len(v.type.tensor_type.shape.dim)
+    return None
+
+
+def test_computed_reshapes_with_a_literal_zero_batch_become_constant_so_batchnorm_has_a_rank() -> None:
+    model = _svtr_reshapes()
+    assert _rank(model, "x4") is None and _rank(model, "x3") is None  # the problem: inference loses the rank
+    norm, bad = torchready.normalize(model, ftc._supported())
+    assert bad == []
+    assert any("computed shape of 2 Reshape" in c for c in norm.changes)  # the second folds once the first has
+    assert _rank(norm.model, "x4") == 4 and _rank(norm.model, "x3") == 3
+    shapes = {t.name: numpy_helper.to_array(t).tolist() for t in norm.model.graph.initializer if "static_shape" in t.name}
+    assert sorted(shapes.values()) == [[0, 6, 2, 4], [0, 6, 8]]
+    assert not [n for n in norm.model.graph.node if n.op_type == "Shape"]
+    x = np.random.default_rng(0).standard_normal((3, 6, 8)).astype(np.float32)
+    ref = run_ort(model, {"x": x})["y"]
+    np.testing.assert_allclose(run_ort(norm.model, {"x": x})["y"], ref, rtol=0, atol=1e-6)
+    module, _ = ftc.to_torch(model, "rec.onnx")  # onnx2torch converts it now
+    with torch.no_grad():
+        got = module.eval()(torch.from_numpy(x)).numpy()  # eval: BatchNorm's running statistics
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)

@@ -102,6 +102,40 @@ def extract_segment(model: onnx.ModelProto, names: Sequence[str], known: Mapping
     return Segment(out, tuple(outputs), tuple(extra), tuple(fed), frozenset(needed))
 
 
+def prepare_for_torch(seg: Segment) -> tuple[list[str], dict[str, tuple[str, ...]]]:
+    """Ready `seg.model` (in place) for onnx2torch and for writing trained weights back: the graph inputs
+    it does not read are dropped, and its nodes are renamed `n0`, `n1`, ... (onnx2torch names its modules
+    after the nodes, so a module names the node it came from). Returns the data inputs in the order the
+    converted module takes them, and per (renamed) node its inputs that are initializers ('' for the others,
+    by position: a Conv's weight is [1], its bias [2])."""
+    g = seg.model.graph
+    reads = {x for node in g.node for x in node.input}
+    inits = {t.name for t in g.initializer}
+    keep = [v for v in g.input if v.name in reads or v.name in inits]
+    del g.input[:]
+    g.input.extend(keep)
+    feeds = [v.name for v in g.input if v.name not in inits]
+    owned: dict[str, tuple[str, ...]] = {}
+    for i, node in enumerate(g.node):
+        node.name = f"n{i}"
+        owned[node.name] = tuple(x if x in inits else "" for x in node.input)
+    return feeds, owned
+
+
+def set_input_dims(model: onnx.ModelProto, dims: Mapping[str, Sequence[int]]) -> None:
+    """Declare the shapes of graph inputs (a segment's fed tensors come without): the batch dim a symbol,
+    the others fixed; the torch-readiness pass needs them (an auto_pad conv's explicit pads, a BN's rank)."""
+    for v in model.graph.input:
+        if v.name in dims:
+            shape = v.type.tensor_type.shape.dim
+            del shape[:]
+            for axis, d in enumerate(dims[v.name]):
+                if axis:
+                    shape.add().dim_value = int(d)
+                else:
+                    shape.add().dim_param = "N"
+
+
 def tensor_readers(model: onnx.ModelProto) -> dict[str, set[int]]:
     """Tensor name -> indices of the top-level nodes that read it (subgraph reads count for their node);
     graph outputs are read by index -1."""

@@ -98,6 +98,33 @@ def unsupported_ops(model: onnx.ModelProto, supported: Supported) -> list[str]:
     return sorted(bad)
 
 
+def unconvertible_nodes(model: onnx.ModelProto, supported: Supported) -> dict[int, str]:
+    """Top-level node index -> 'Op-version' label, for the nodes (a node's subgraphs included) that have no
+    converter at the model's opset nor at any opset `normalize` would convert to: what keeps the whole model
+    from converting, found before any conversion (subgraph fine-tuning trains around them)."""
+    opsets = [default_opset(model), *CANDIDATE_OPSETS]
+    out: dict[int, str] = {}
+    for i, top in enumerate(model.graph.node):
+        for node in _node_and_subgraphs(top):
+            versions = [_since_version(node, o) for o in opsets]
+            if any(v is not None and supported(node.domain or "", node.op_type, v) for v in versions):
+                continue
+            v = versions[0]
+            dom = f"{node.domain}." if node.domain not in ("", "ai.onnx") else ""
+            out[i] = f"{dom}{node.op_type}" + (f"-{v}" if v is not None else "")
+            break
+    return out
+
+
+def _node_and_subgraphs(node: onnx.NodeProto):  # type: ignore[no-untyped-def]
+    yield node
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield from _all_nodes(a.g)
+        for g in a.graphs:
+            yield from _all_nodes(g)
+
+
 def _all_nodes(graph: onnx.GraphProto):  # type: ignore[no-untyped-def]
     for n in graph.node:
         yield n
@@ -406,35 +433,57 @@ def _runtime_pad(n: onnx.NodeProto, elem: int, rank: int, kernel: list[int], str
 def _static_reshapes(model: onnx.ModelProto, changes: list[str]) -> None:
     """A `Reshape` whose shape is computed from `Shape` (Paddle's flatten: [batch, -1] built from the
     input's shape) exports from torch with the batch of the trace baked in. Where shape inference (with
-    data propagation) knows every output dim but the batch, and the batch is the input's, the shape becomes
-    the constant [0, d1, ...]; the shape computation left unread is removed."""
+    data propagation) knows every output dim but the batch, and the batch is the input's (computed from
+    it, or a literal 0: "copy dim 0"), the shape becomes the constant [0, d1, ...]; the shape computation
+    left unread is removed.
+
+    onnx's inference leaves a Reshape with a computed shape rankless, and so every tensor after it:
+    PP-OCRv4 rec's SVTR attention reshapes to Concat(Cast(0), Shape(x)[1], Cast(3), ...), after which
+    onnx2torch's BatchNormalization reads a rank of 0 ("spatial rank == -2"). Each folded Reshape lets
+    inference reach the next one, so the pass repeats until nothing more folds."""
+    fixed = 0
+    for _ in range(64):  # each round folds at least one Reshape; a model has far fewer than this
+        done = _static_reshapes_once(model)
+        fixed += done
+        if not done:
+            break
+    if fixed:
+        _drop_dead(model)
+        changes.append(f"made the computed shape of {fixed} Reshape node(s) constant (all but the batch known)")
+
+
+def _static_reshapes_once(model: onnx.ModelProto) -> int:
     g = model.graph
     todo = [n for n in g.node if is_op(n, "Reshape") and len(n.input) > 1 and _constant_value(g, n.input[1]) is None
             and not _attr(n, "allowzero")]
     if not todo:
-        return
+        return 0
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # noqa: BLE001 - no inference: leave them
-        return
+        return 0
     vi = {v.name: [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None)
                    for d in v.type.tensor_type.shape.dim]
           for v in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output] if v.type.tensor_type.HasField("shape")}
     producers = {o: m for m in g.node for o in m.output}
+    existing = {t.name for t in g.initializer}
     fixed = 0
     for n in todo:
         x = vi.get(n.input[0])
         shape = _shape_value(n.input[1], producers, vi, g, 0)
-        if not x or shape is None or len(shape) < 2 or shape[0] is None or shape[0] != x[0] \
+        # shape[0]: the input's own dim 0 (a symbol or size read from its Shape), or 0, which without
+        # allowzero copies the input's dim 0: either way the batch passes through, as with the constant's 0.
+        if not x or shape is None or len(shape) < 2 or shape[0] is None or (shape[0] != x[0] and shape[0] != 0) \
                 or any(not isinstance(d, int) for d in shape[1:]):
             continue
-        name = f"{n.output[0]}_static_shape"
+        name, k = f"{n.output[0]}_static_shape", 1
+        while name in existing:
+            name, k = f"{n.output[0]}_static_shape_{k}", k + 1
+        existing.add(name)
         g.initializer.append(numpy_helper.from_array(np.asarray([0, *shape[1:]], dtype=np.int64), name))
         n.input[1] = name
         fixed += 1
-    if fixed:
-        _drop_dead(model)
-        changes.append(f"made the computed shape of {fixed} Reshape node(s) constant (all but the batch known)")
+    return fixed
 
 
 def _shape_value(name: str, producers: dict[str, onnx.NodeProto], vi: dict[str, list[Any]], g: onnx.GraphProto,

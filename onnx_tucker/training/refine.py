@@ -32,12 +32,14 @@ from ..graph.probe import (
     extract_segment,
     factor_chain,
     node_io,
+    prepare_for_torch,
     residual_partner,
     write_initializers,
 )
 from ..graph.rewrite import Replacement
 from ..runtime.activations import ActivationCache
-from .convert import import_torch, to_torch
+from .convert import import_torch
+from .segment import bind_parameters, segment_module, trained_values
 
 
 @dataclass(frozen=True)
@@ -98,30 +100,19 @@ def blocks_of(original: onnx.ModelProto, replacements: Mapping[int, Replacement]
 
 
 def _block_segment(compressed: onnx.ModelProto, chains: Sequence[Any], target: str,
-                   types: ElementTypes) -> tuple[Any, list[str], dict[str, tuple[str, str | None]]]:
+                   types: ElementTypes) -> tuple[Any, list[str], dict[str, tuple[str, ...]]]:
     """The block's segment of `compressed` (everything computed before its first chain node is known),
-    its data inputs in the order the converted module takes them, and per factor node its (weight,
-    bias) initializers; the segment's nodes are renamed `n0`, `n1`, ... (onnx2torch names modules
-    after nodes) and graph inputs it does not read are dropped."""
+    its data inputs in the order the converted module takes them, and per factor node its initializer
+    inputs (`prepare_for_torch`: the nodes are renamed `n0`, `n1`, ..., unread graph inputs dropped)."""
     produced = {t for c in chains for t in c.produced}
     nodes = compressed.graph.node
     first = min(i for i, n in enumerate(nodes) if any(o in produced for o in n.output))
     known = types.of([o for n in nodes[:first] for o in n.output if o])
     seg = extract_segment(compressed, [target], known, live_out=True, types=types)
-    g = seg.model.graph
-    reads = {x for node in g.node for x in node.input}
-    inits = {t.name for t in g.initializer}
-    keep = [v for v in g.input if v.name in reads or v.name in inits]
-    del g.input[:]
-    g.input.extend(keep)
-    feeds = [v.name for v in g.input if v.name not in inits]
+    feeds, owned = prepare_for_torch(seg)
     weights = {w for c in chains for w in c.weights}
-    factors: dict[str, tuple[str, str | None]] = {}
-    for i, node in enumerate(seg.model.graph.node):
-        node.name = f"n{i}"
-        if len(node.input) > 1 and node.input[1] in weights and any(o in produced for o in node.output):
-            bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-            factors[node.name] = (node.input[1], bias)
+    factors = {node.name: owned[node.name] for node in seg.model.graph.node
+               if len(node.input) > 1 and node.input[1] in weights and any(o in produced for o in node.output)}
     return seg, feeds, factors
 
 
@@ -225,30 +216,14 @@ def _refine(torch: Any, original: onnx.ModelProto, compressed: onnx.ModelProto, 
     return results
 
 
-def _train_block(torch: Any, seg: Any, feeds: Sequence[str], factors: Mapping[str, tuple[str, str | None]],
+def _train_block(torch: Any, seg: Any, feeds: Sequence[str], factors: Mapping[str, tuple[str, ...]],
                  xs_np: Mapping[str, np.ndarray], matched: Sequence[int], ys_np: Sequence[np.ndarray],
                  opts: RefineOptions, names: Sequence[str]) -> dict[str, Any]:
     # The segment's fed inputs come without shapes; the torch-readiness pass needs them (an auto_pad
     # SAME_UPPER conv's explicit pads follow from its input size).
-    for v in seg.model.graph.input:
-        if v.name in xs_np:
-            dims = v.type.tensor_type.shape.dim
-            del dims[:]
-            for axis, d in enumerate(xs_np[v.name].shape):
-                dims.add().dim_param = "N" if axis == 0 else ""
-                if axis:
-                    dims[axis].dim_value = int(d)
-    module, _ = to_torch(seg.model, f"block {','.join(names)}")
-    module = module.float().train(False)  # inference semantics for any BN / dropout left in the block
-    params: dict[str, tuple[str, Any]] = {}  # initializer name -> (kind, parameter)
-    for pname, p in module.named_parameters():
-        owner, _, kind = pname.rpartition(".")
-        found = factors.get(owner)
-        if found is None or kind not in ("weight", "bias") or (kind == "bias" and found[1] is None):
-            p.requires_grad_(False)
-            continue
-        p.requires_grad_(True)
-        params[found[0] if kind == "weight" else str(found[1])] = (kind, p)
+    module, _ = segment_module(seg.model, {n: xs_np[n].shape for n in feeds}, f"block {','.join(names)}")
+    bound = bind_parameters(module, seg.model, factors, set(factors))
+    params = bound.params
     if not params:
         return {"before": math.nan, "after": math.nan, "values": {}, "note": "no trainable factor in the block"}
     n = next(iter(xs_np.values())).shape[0]
@@ -260,8 +235,8 @@ def _train_block(torch: Any, seg: Any, feeds: Sequence[str], factors: Mapping[st
     ys = [torch.from_numpy(np.ascontiguousarray(y)) for y in ys_np]
     judge = held if len(held) else train
     before = _relative_error(torch, module, xs, ys, feeds, matched, judge, opts.batch)
-    start = {k: p.detach().clone() for k, (_, p) in params.items()}
-    trainable = [p for _, p in params.values()]
+    start = {k: p.detach().clone() for k, p in params.items()}
+    trainable = list(params.values())
     opt = torch.optim.Adam(trainable, lr=opts.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, opts.steps))
     energy = [float((y[torch.from_numpy(train)] ** 2).mean()) or 1.0 for y in ys]
@@ -278,9 +253,9 @@ def _train_block(torch: Any, seg: Any, feeds: Sequence[str], factors: Mapping[st
     after = _relative_error(torch, module, xs, ys, feeds, matched, judge, opts.batch)
     values: dict[str, np.ndarray] = {}
     if after < before:
-        values = {k: p.detach().cpu().numpy() for k, (_, p) in params.items()}
+        values = trained_values(bound)
     else:
-        for k, (_, p) in params.items():
+        for k, p in params.items():
             with torch.no_grad():
                 p.copy_(start[k])
     return {"before": before, "after": after, "values": values}
