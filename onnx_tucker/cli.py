@@ -560,6 +560,10 @@ def finetune_cmd(
                 f"accuracy {pct(result.accuracy_before)} -> {pct(result.accuracy_after)}, agreement with the teacher "
                 f"{pct(result.agreement_before)} -> {pct(result.agreement_after)}; onnxruntime vs torch max rel error "
                 f"{result.export_max_rel_error:.2g}", markup=False, highlight=False, soft_wrap=True)
+            if result.segments:
+                from .report.tables import segments_table
+
+                err_console.print(segments_table(result))
             if result.best_epoch == 0:
                 err_console.print(
                     f"note: no epoch improved {result.best_metric} on the held-out data; {result.output_path} holds the "
@@ -608,6 +612,12 @@ class _FinetuneProgress:
         def pct(v: float | None) -> str:
             return "-" if v is None else f"{100 * v:.2f}%"
 
+        if kind == "note":
+            _note(d["text"])
+        elif kind == "segment":
+            from .report.tables import segment_start_line
+
+            _note(segment_start_line(d))
         if kind == "start":
             b = d["before"]
             changes = "; ".join(d["changes"]) or "none"

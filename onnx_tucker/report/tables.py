@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 from rich.text import Text
@@ -224,8 +225,35 @@ def finetune_line(f: FinetuneResult) -> Text:
     agree = (f"agreement with the original {_pct(f.agreement_before)} -> {_pct(f.agreement_after)}"
              if f.agreement_before is not None else "")
     held = "; ".join(x for x in (acc, agree) if x) or "no held-out metric"
+    parts = (f"; {len(f.segments)} convertible part(s) trained around {'; '.join(f.untrained_ops)}"
+             if f.segments else "")
     return Text(f"Fine-tuning: {f.mode}, {f.epochs} epoch(s), {f.steps} steps, {f.seconds:.0f} s on {f.device}, "
-                f"best epoch {f.best_epoch} ({f.best_metric}); on {f.val_samples} held-out samples: {held}")
+                f"best epoch {f.best_epoch} ({f.best_metric}); on {f.val_samples} held-out samples: {held}{parts}")
+
+
+def segment_start_line(d: Mapping[str, Any]) -> str:
+    """Subgraph fine-tuning: the part about to train (progress event "segment")."""
+    layers = ", ".join(d["layers"])
+    return (f"part {d['index']} of {d['count']}: {d['nodes']} node(s) from {d['first']} to {d['last']} (decomposed: "
+            f"{layers}), {d['trainable']:,} weights trained on {d['samples']} samples; in: {', '.join(d['inputs'])}; "
+            f"matched to the original at: {', '.join(d['outputs'])}")
+
+
+def segments_table(f: FinetuneResult) -> Table:
+    """Subgraph fine-tuning: what each part trained and how far its outputs moved towards the original's."""
+    t = Table(title=f"Trained parts (the rest runs as it was: {'; '.join(f.untrained_ops)})", title_justify="left")
+    for col in ("part", "nodes", "decomposed layers", "matched at", "weights", "samples", "loss before", "loss after",
+                "best epoch", "ORT vs torch", "time"):
+        t.add_column(col, justify="left" if col in ("decomposed layers", "matched at") else "right")
+    for k, s in enumerate(f.segments, 1):
+        t.add_row(str(k), f"{s.nodes} ({s.first_node} .. {s.last_node})", ", ".join(s.layers), ", ".join(s.outputs),
+                  f"{s.trainable_params:,}", str(s.images), _num(s.loss_before), _num(s.loss_after),
+                  "-" if s.best_epoch is None else str(s.best_epoch), f"{s.max_rel_error:.1e}", f"{s.seconds:.0f} s")
+    return t
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
 
 
 def result_tables(

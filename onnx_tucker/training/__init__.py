@@ -16,7 +16,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .config import EpochStats, FinetuneConfig, FinetuneInterrupted, FinetuneResult, FinetuneStep
+from .config import (
+    EpochStats,
+    FinetuneConfig,
+    FinetuneInterrupted,
+    FinetuneResult,
+    FinetuneStep,
+    TrainedSegment,
+)
 
 if TYPE_CHECKING:
     from .run import finetune, finetune_model
@@ -30,4 +37,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["EpochStats", "FinetuneConfig", "FinetuneInterrupted", "FinetuneResult", "FinetuneStep", "finetune", "finetune_model"]
+__all__ = ["EpochStats", "FinetuneConfig", "FinetuneInterrupted", "FinetuneResult", "FinetuneStep", "TrainedSegment", "finetune", "finetune_model"]

@@ -64,6 +64,26 @@ class EpochStats:
 
 
 @dataclass(frozen=True)
+class TrainedSegment:
+    """Subgraph fine-tuning (the model has ops onnx2torch cannot convert): one convertible part around
+    decomposed layers, trained to reproduce the original model's tensors of the same names at its outputs."""
+
+    nodes: int  # top-level nodes of the compressed model in it
+    first_node: str
+    last_node: str
+    layers: tuple[str, ...]  # the decomposed layers it holds
+    inputs: tuple[str, ...]  # computed by onnxruntime on the compressed model (earlier segments trained)
+    outputs: tuple[str, ...]  # matched against the original's same tensors
+    trainable_params: int
+    images: int  # training samples whose tensors were held (fewer than the data's when they did not fit)
+    loss_before: float | None  # held-out distillation loss of its outputs (training data without a split)
+    loss_after: float | None
+    best_epoch: int | None
+    seconds: float
+    max_rel_error: float  # onnxruntime on the written segment vs the trained torch module
+
+
+@dataclass(frozen=True)
 class FinetuneResult:
     input_path: str
     output_path: str | None
@@ -92,6 +112,9 @@ class FinetuneResult:
     world_size: int = 1  # processes under torchrun (DistributedDataParallel); batches are per process
     notes: tuple[str, ...] = ()  # warnings and notes shown when training started (held-out size, output pairing)
     torch_threads: int = 0  # torch CPU threads used (0: not recorded)
+    # Subgraph fine-tuning: the parts trained, and the nodes no converter takes (index: 'Op-version').
+    segments: tuple[TrainedSegment, ...] = ()
+    untrained_ops: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)

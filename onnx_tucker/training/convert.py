@@ -68,7 +68,8 @@ def import_onnx2torch() -> Any:
     return onnx2torch
 
 
-def _supported() -> torchready.Supported:
+def supported_ops() -> torchready.Supported:
+    """onnx2torch's converters (ours registered too), as a predicate on (domain, op type, version)."""
     import_onnx2torch()
     from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY
 
@@ -85,7 +86,7 @@ def to_torch(model: onnx.ModelProto, source: str,
     """Normalise (dynamic non-batch input dims fixed to `input_dims`, the data's), then convert. Raises one
     ModelLoadError naming every op onnx2torch cannot take."""
     onnx2torch = import_onnx2torch()
-    norm, bad = torchready.normalize(model, _supported(), source, input_dims)
+    norm, bad = torchready.normalize(model, supported_ops(), source, input_dims)
     if bad:
         raise ModelLoadError(
             f"{source}: onnx2torch cannot convert {len(bad)} op type(s) at opset {norm.source_opset} or any opset tried: "

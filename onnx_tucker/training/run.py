@@ -26,11 +26,20 @@ from ..data import DataSet, load_data
 from ..errors import ModelLoadError, OnnxTuckerError, Terminated, UsageError, ValidationError
 from ..graph import torchready
 from ..graph.load import load_model
+from ..graph.probe import ElementTypes, write_initializers
 from ..graph.save import OutputBatch, check_output_path, check_output_paths, make_temp
 from ..ort import session_options
 from ..runtime.validate import compare_outputs
-from . import convert
-from .config import EpochStats, FinetuneConfig, FinetuneInterrupted, FinetuneResult, default_torch_threads
+from . import convert, subgraph
+from .config import (
+    EpochStats,
+    FinetuneConfig,
+    FinetuneInterrupted,
+    FinetuneResult,
+    TrainedSegment,
+    default_torch_threads,
+)
+from .segment import trained_values
 from .train import (
     Batches,
     EvalStats,
@@ -285,14 +294,19 @@ class _Modules:
     threads_why: str
 
 
-def _to_torch(torch: Any, device: Any, src: str, teacher: str | os.PathLike[str] | None, protos: _Protos,
-              cfg: FinetuneConfig, input_dims: Mapping[str, tuple[int, ...]] | None = None) -> _Modules:
-    """Step 2b: torch threads and seeds, then both models converted to torch modules on `device`."""
+def _torch_setup(torch: Any, device: Any, cfg: FinetuneConfig) -> tuple[int, str]:
     threads, threads_why = (cfg.threads, "--torch-threads") if cfg.threads is not None else default_torch_threads()
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
+    return threads, threads_why
+
+
+def _to_torch(torch: Any, device: Any, src: str, teacher: str | os.PathLike[str] | None, protos: _Protos,
+              cfg: FinetuneConfig, input_dims: Mapping[str, tuple[int, ...]] | None = None) -> _Modules:
+    """Step 2b: torch threads and seeds, then both models converted to torch modules on `device`."""
+    threads, threads_why = _torch_setup(torch, device, cfg)
     student, norm = convert.to_torch(protos.student, str(src), input_dims)
     t_module = None
     if protos.teacher is not None:
@@ -624,6 +638,13 @@ def _run(load: Callable[[], tuple[onnx.ModelProto, onnx.ModelProto | None]], whe
     teacher = where.teacher
     protos = _check_protos(student_proto, teacher_proto, teacher)
     ds = _load_data(data, val_data, teacher, protos, cfg)
+    dims = {n: a.shape for n, a in ds.train.inputs.items()}
+    parts = subgraph.plan(student_proto, convert.supported_ops(), where.source, dims)
+    if parts.bad:  # some ops have no converter: train the convertible parts around the decomposed layers
+        if teacher_proto is None:
+            raise subgraph.refuse_without_teacher(where.source, student_proto, parts.bad)
+        subgraph.check_plan(where.source, parts, world, cfg.resume)
+        return _run_segments(torch, device, where, protos, ds, cfg, progress, parts)
     mods = _to_torch(torch, device, where.source, teacher, protos, cfg, {n: a.shape for n, a in ds.train.inputs.items()})
     label_output = _label_output(torch, device, where.source, data, teacher, protos, mods, ds)
     labelled = ds.train.labels is not None
@@ -651,6 +672,92 @@ def _run(load: Callable[[], tuple[onnx.ModelProto, onnx.ModelProto | None]], whe
         **common,  # type: ignore[arg-type]
     )
     return exported, result
+
+
+def _run_segments(torch: Any, device: Any, where: _Where, protos: _Protos, ds: _Data, cfg: FinetuneConfig,
+                  progress: Progress | None, parts: subgraph.Plan) -> tuple[onnx.ModelProto, FinetuneResult]:
+    """Subgraph fine-tuning (training/subgraph.py): each part trained by distillation towards the original's
+    tensors, in graph order, its weights written back into a copy of the compressed model."""
+    src = where.source
+    assert protos.teacher is not None
+    student, teacher = copy.deepcopy(protos.student), protos.teacher
+    threads, threads_why = _torch_setup(torch, device, cfg)
+    label_output = subgraph.class_output(student)
+    before = subgraph.full_model_stats(student, teacher, ds.eval, protos.out_names, label_output)
+    ops = ", ".join(dict.fromkeys(parts.bad.values()))
+    notes = [*protos.notes, *ds.notes,
+             f"note: onnx2torch cannot convert {ops} ({len(parts.bad)} node(s)): training the {len(parts.segments)} "
+             "convertible part(s) around the decomposed layers, each towards the original's tensors at its outputs"]
+    if ds.train.labels is not None:
+        notes.append("note: labels are not used to train a part of the model (distillation only); they score the whole model")
+    if cfg.augment:
+        notes.append("note: no augmentation: a part starts at tensors computed inside the model, not at the images")
+    if parts.left_out:
+        notes.append(f"note: decomposed layer(s) {', '.join(parts.left_out)} cannot be converted themselves: not trained")
+    for note in notes:
+        if progress is not None:
+            progress("note", {"text": note})
+    seg_cfg = replace(cfg, augment=False, checkpoint=None, resume=False)
+    types = ElementTypes(student)  # shape inference once (training changes weights only)
+    done: list[TrainedSegment] = []
+    history: list[EpochStats] = []
+    steps = 0
+    seconds = 0.0
+    changes: list[str] = []
+    for k, spec in enumerate(parts.segments):
+        name = f"{src} (part {k + 1} of {len(parts.segments)})"
+        data = subgraph.segment_data(student, teacher, spec, ds.train, ds.val, cfg.train == "all", types)
+        s_mod, t_mod, bound, norm = subgraph.segment_modules(data, name)
+        first, last = subgraph.spans(student, spec)
+        layers = subgraph.factor_layers(data, student)
+        n_train = sum(int(p.numel()) for p in bound.params.values())
+        if progress is not None:
+            progress("segment", {"index": k + 1, "count": len(parts.segments), "nodes": len(spec.nodes), "first": first,
+                                 "last": last, "layers": layers, "inputs": spec.inputs, "outputs": data.target_names,
+                                 "trainable": n_train, "samples": data.train.count, "notes": tuple(data.notes)})
+        if not bound.params:
+            raise OnnxTuckerError(f"{name}: no weight of its decomposed layers {', '.join(layers)} was found in the "
+                                  "converted part; nothing was written; please report this")
+        shapes = {key: [None, *a.shape[1:]] for key, a in data.train.inputs.items()}
+        dtypes = {key: a.dtype for key, a in data.train.inputs.items()}
+        seg_protos = _Protos(data.seg.model, None, data.keys, data.target_names, shapes, dtypes, list(data.notes))
+        seg_mods = _Modules(s_mod.to(device), t_mod, norm, n_train, bound.total, threads, threads_why)
+        seg_ds = _Data(data.train, data.val, data.val if data.val is not None else data.train, [])
+        run = _train(torch, device, 0, 1, _Where(name, where.teacher, None, lambda: ""), seg_protos, seg_mods, seg_ds,
+                     None, "distill", seg_cfg, progress)
+        s_mod.to("cpu")
+        write_initializers(student, trained_values(bound))
+        worst = subgraph.check_written(student, data, s_mod, cfg.rtol)
+        if not worst <= cfg.rtol:
+            raise ValidationError(
+                f"{name}: onnxruntime on the written part differs from the trained torch module (max relative error "
+                f"{worst:.3g} > {cfg.rtol:g}); nothing was written; please report this"
+            )
+        done.append(TrainedSegment(len(spec.nodes), first, last, layers, spec.inputs, tuple(data.target_names), n_train,
+                                   data.train.count, run.before["loss"], run.after.loss, run.best_epoch, run.seconds, worst))
+        history += run.history
+        steps += run.steps
+        seconds += run.seconds
+        changes += [c for c in norm.changes if c not in changes]
+    after = subgraph.full_model_stats(student, teacher, ds.eval, protos.out_names, label_output)
+    _ort_outputs(student, {n: a[: min(2, ds.eval.count)] for n, a in ds.eval.inputs.items()})  # the whole model runs
+    bests = [s.best_epoch for s in done if s.best_epoch is not None]
+    total = sum(int(np.prod(t.dims)) for t in student.graph.initializer
+                if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE))
+    result = FinetuneResult(
+        input_path=src, output_path=None, teacher_path=where.teacher, mode="distill", device=str(device),
+        train_samples=ds.train.count, val_samples=0 if ds.val is None else ds.val.count,
+        trainable_params=sum(s.trainable_params for s in done), total_params=total,
+        epochs=cfg.epochs, steps=steps, history=tuple(history),
+        best_epoch=max(bests) if len(bests) == len(done) and bests else None,
+        best_metric="val_loss" if ds.val is not None else "train_loss",
+        accuracy_before=before.accuracy, accuracy_after=after.accuracy,
+        agreement_before=before.agreement, agreement_after=after.agreement, seconds=seconds,
+        export_opset=torchready.default_opset(student), export_max_rel_error=max((s.max_rel_error for s in done), default=0.0),
+        normalisation=tuple(changes), checkpoint="", world_size=1, notes=tuple(notes), torch_threads=threads,
+        segments=tuple(done), untrained_ops=subgraph.untrained_ops(student, parts.bad),
+    )
+    return student, result
 
 
 __all__ = ["finetune", "finetune_model"]
