@@ -98,7 +98,7 @@ def _weights_in_order(model: onnx.ModelProto) -> list[np.ndarray]:
 
 def test_normalisation_makes_a_legacy_graph_convertible_with_equal_outputs() -> None:
     model = _legacy_model()
-    supported = ftc._supported()
+    supported = ftc.supported_ops()
     assert torchready.unsupported_ops(model, supported) == ["Dropout-7", "Slice-1"]  # what onnx2torch lacks as is
     norm, bad = torchready.normalize(model, supported)
     assert bad == []

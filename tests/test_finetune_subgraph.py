@@ -20,7 +20,7 @@ if importlib.util.find_spec("onnx2torch") is None:
 
 import onnx_tucker as ot  # noqa: E402
 from onnx_tucker.config import RankPolicy  # noqa: E402
-from onnx_tucker.errors import UsageError  # noqa: E402
+from onnx_tucker.errors import ModelLoadError, UsageError  # noqa: E402
 from onnx_tucker.graph.subgraph import convertible_segments  # noqa: E402
 from onnx_tucker.training import FinetuneConfig  # noqa: E402
 from onnx_tucker.training import convert as ftc  # noqa: E402
@@ -148,13 +148,51 @@ def test_distillation_moves_the_model_towards_the_original(pair: tuple[Path, Pat
     assert err(out) < 0.8 * err(comp), (err(out), err(comp))
 
 
+def _detector_with_nms(seed: int = 0) -> onnx.ModelProto:
+    """x [N,3,8,8] -> conv1 -> Relu -> conv2 (5 channels) -> [N,5,64]: boxes [N,64,4] and scores [N,1,64] ->
+    NonMaxSuppression -> selected indices (the only output)."""
+    rng = np.random.default_rng(seed)
+    inits = [_init("w1", he_normal(rng, (16, 3, 3, 3))), _init("w2", he_normal(rng, (5, 16, 3, 3))),
+             _init("shape", np.array([0, 5, 64], np.int64)), _init("s0", np.array([0], np.int64)),
+             _init("s4", np.array([4], np.int64)), _init("s5", np.array([5], np.int64)),
+             _init("ax", np.array([1], np.int64)), _init("keep", np.array([10], np.int64)),
+             _init("iou", np.array([0.5], np.float32)), _init("thr", np.array([-1e9], np.float32))]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["h1"], name="conv1", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h1"], ["a1"], name="relu1"),
+        helper.make_node("Conv", ["a1", "w2"], ["h2"], name="conv2", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Reshape", ["h2", "shape"], ["r"], name="flat"),
+        helper.make_node("Slice", ["r", "s0", "s4", "ax"], ["b4"], name="boxes_part"),
+        helper.make_node("Transpose", ["b4"], ["boxes"], name="boxes", perm=[0, 2, 1]),
+        helper.make_node("Slice", ["r", "s4", "s5", "ax"], ["scores"], name="scores"),
+        helper.make_node("NonMaxSuppression", ["boxes", "scores", "keep", "iou", "thr"], ["idx"], name="nms"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])
+    y = helper.make_tensor_value_info("idx", TensorProto.INT64, [None, 3])
+    return _finish(nodes, [x], [y], inits, name="detector")
+
+
+def test_a_detector_with_nms_trains_the_part_before_it(tmp_path: Path) -> None:
+    orig = save(_detector_with_nms(), tmp_path / "det.onnx")
+    comp = tmp_path / "det.tucker.onnx"
+    ot.compress(orig, ot.CompressionConfig(ranks=RankPolicy.parse("ratio:0.3"), validate=False), output=comp)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.random.default_rng(4).standard_normal((48, 3, 8, 8)).astype(np.float32))
+    r = ot.finetune(comp, tmp_path / "ft.onnx", data, teacher=orig,
+                    config=FinetuneConfig(epochs=2, batch_size=16, optimizer="adam", lr=3e-3, threads=1))
+    assert len(r.segments) == 1 and "NonMaxSuppression" in r.untrained_ops[0]
+    assert r.segments[0].outputs == ("h2",)  # the last decomposed layer's output: the part ends there
+    out = run_ort(onnx.load(tmp_path / "ft.onnx"), {"x": np.load(data)["x"][:2]})
+    assert out["idx"].ndim == 2 and out["idx"].shape[1] == 3
+
+
 def test_without_a_teacher_it_is_refused_in_one_line(pair: tuple[Path, Path, Path], tmp_path: Path) -> None:
     _, comp, _ = pair
     x = np.random.default_rng(3).standard_normal((32, 3, 8, 8)).astype(np.float32)
     data = tmp_path / "lab.npz"
     np.savez(data, x=x, labels=np.arange(32) % 10)
     out = tmp_path / "ft.onnx"
-    with pytest.raises(UsageError) as e:
+    with pytest.raises(ModelLoadError) as e:
         ot.finetune(comp, out, data, config=FinetuneConfig(epochs=1, threads=1))
     msg = str(e.value)
     assert "Shrink" in msg and "--teacher" in msg and "\n" not in msg

@@ -237,7 +237,7 @@ def _paddle_classifier() -> onnx.ModelProto:
 
 def test_a_paddle_classifier_head_converts_and_exports_with_any_batch(tmp_path: Path) -> None:
     model = _paddle_classifier()
-    norm, bad = torchready.normalize(model, ftc._supported())
+    norm, bad = torchready.normalize(model, ftc.supported_ops())
     assert bad == [] and norm.opset == 13  # Softmax-11 exports with the batch baked in: opset 13
     assert any("computed shape of 1 Reshape" in c for c in norm.changes)
     shapes = {t.name: numpy_helper.to_array(t).tolist() for t in norm.model.graph.initializer}
@@ -323,7 +323,7 @@ def _rank(model: onnx.ModelProto, tensor: str) -> int | None:
 def test_computed_reshapes_with_a_literal_zero_batch_become_constant_so_batchnorm_has_a_rank() -> None:
     model = _svtr_reshapes()
     assert _rank(model, "x4") is None and _rank(model, "x3") is None  # the problem: inference loses the rank
-    norm, bad = torchready.normalize(model, ftc._supported())
+    norm, bad = torchready.normalize(model, ftc.supported_ops())
     assert bad == []
     assert any("computed shape of 2 Reshape" in c for c in norm.changes)  # the second folds once the first has
     assert _rank(norm.model, "x4") == 4 and _rank(norm.model, "x3") == 3

@@ -26,8 +26,12 @@ PADDED_POOLS = frozenset({"MaxPool", "AveragePool"})
 SOFTMAX_OPS = frozenset({"Softmax", "LogSoftmax"})
 # Ops that compute a shape from a shape (torch-readiness folds a Reshape's computed shape).
 SHAPE_OPS = frozenset({"Shape", "Cast", "Squeeze", "Unsqueeze", "Concat", "Slice", "Gather"})
+# Ops fine-tuning does not train through (subgraph fine-tuning trains around them): NMS gives indices, no
+# loss or gradient goes through it; RoiAlign has no kernel without a working torchvision.
+UNTRAINABLE_OPS = frozenset({"NonMaxSuppression"})
+TORCHVISION_OPS = frozenset({"RoiAlign", "NonMaxSuppression"})
 STRUCTURAL_OPS = (frozenset({"Constant", "Identity", "Dropout", "Reshape", "Add"}) | RANDOM_OPS | QUANTIZED_OPS | PADDED_POOLS
-                  | SOFTMAX_OPS | SHAPE_OPS)
+                  | SOFTMAX_OPS | SHAPE_OPS | UNTRAINABLE_OPS | TORCHVISION_OPS)
 
 
 class _Node(Protocol):

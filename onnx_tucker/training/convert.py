@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from ..errors import ModelLoadError, OnnxTuckerError
-from ..graph import torchready
+from ..graph import optypes, torchready
 
 INSTALL_HINT = "pip install 'onnx-tucker[finetune]' after a CPU torch (see the README: Fine-tuning)"
 
@@ -74,6 +74,10 @@ def supported_ops() -> torchready.Supported:
     from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY
 
     keys = {(k.domain, k.operation_type, k.version) for k in _CONVERTER_REGISTRY}
+    # A detector with NMS in its graph trains the parts before it (subgraph fine-tuning).
+    stubbed = getattr(sys.modules.get("torchvision"), "__onnx_tucker_stub__", False)
+    never = optypes.UNTRAINABLE_OPS | (optypes.TORCHVISION_OPS if stubbed else frozenset())
+    keys = {k for k in keys if k[1] not in never}
 
     def supported(domain: str, op: str, version: int) -> bool:
         return (domain if domain != "ai.onnx" else "", op, version) in keys

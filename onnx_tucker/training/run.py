@@ -686,7 +686,7 @@ def _run_segments(torch: Any, device: Any, where: _Where, protos: _Protos, ds: _
     before = subgraph.full_model_stats(student, teacher, ds.eval, protos.out_names, label_output)
     ops = ", ".join(dict.fromkeys(parts.bad.values()))
     notes = [*protos.notes, *ds.notes,
-             f"note: onnx2torch cannot convert {ops} ({len(parts.bad)} node(s)): training the {len(parts.segments)} "
+             f"note: no torch converter trains through {ops} ({len(parts.bad)} node(s)): training the {len(parts.segments)} "
              "convertible part(s) around the decomposed layers, each towards the original's tensors at its outputs"]
     if ds.train.labels is not None:
         notes.append("note: labels are not used to train a part of the model (distillation only); they score the whole model")

@@ -72,10 +72,10 @@ def untrained_ops(student: onnx.ModelProto, bad: Mapping[int, str]) -> tuple[str
     return tuple(f"{label} (node '{nodes[i].name or i}')" for i, label in sorted(bad.items()))
 
 
-def refuse_without_teacher(source: str, student: onnx.ModelProto, bad: Mapping[int, str]) -> UsageError:
+def refuse_without_teacher(source: str, student: onnx.ModelProto, bad: Mapping[int, str]) -> ModelLoadError:
     ops = ", ".join(dict.fromkeys(bad.values()))
-    return UsageError(
-        f"{source}: onnx2torch cannot convert {ops} ({len(bad)} node(s)); give --teacher ORIG.onnx to fine-tune "
+    return ModelLoadError(
+        f"{source}: no torch converter trains through {ops} ({len(bad)} node(s)); give --teacher ORIG.onnx to fine-tune "
         "the convertible parts around the decomposed layers by distillation from the original's tensors, or "
         "replace those ops"
     )
@@ -283,5 +283,5 @@ def check_plan(source: str, p: Plan, world: int, resume: bool) -> None:
                          "checkpoint; run without --resume")
     if not p.segments:
         what = f"; its decomposed layers {', '.join(p.left_out)} are themselves unconvertible" if p.left_out else ""
-        raise UsageError(f"{source}: no convertible part of the model holds a decomposed layer{what}; nothing to "
+        raise ModelLoadError(f"{source}: no convertible part of the model holds a decomposed layer{what}; nothing to "
                          "fine-tune (compress it first, or fine-tune it in its own framework)")
