@@ -106,7 +106,7 @@ class FinetuneResult:
     agreement_after: float | None
     seconds: float  # training wall time (this call)
     export_opset: int
-    export_max_rel_error: float  # onnxruntime on OUT vs the torch module, same inputs
+    export_max_rel_error: float  # onnxruntime on OUT vs the torch module, same inputs (a Sigmoid output's: vs its range, 1)
     normalisation: tuple[str, ...]
     checkpoint: str
     world_size: int = 1  # processes under torchrun (DistributedDataParallel); batches are per process

@@ -496,10 +496,32 @@ def _train(torch: Any, device: Any, rank: int, world: int, where: _Where, protos
     return _Trained(history, steps_done, best_epoch, metric, before, after, seconds, train_b.count, eval_b)
 
 
+# Outputs computed by these ops have their export error measured against their range [0, 1], not against
+# their largest value: onnxruntime's float32 Sigmoid (MLAS, 0.5 + a rational odd function) is accurate to
+# ~1.5e-7 absolute but has no relative precision below ~1e-5 (exactly 0 under -18, up to x4.6 off near
+# 1e-7), so a probability map that is all but zero (a detector on noise: PP-OCRv4 det, max 3e-7) differs
+# from torch's exact sigmoid by a "relative" 0.3 while its logits agree to 1e-6.
+RANGE_ONE_OUTPUT_OPS = frozenset({"Sigmoid"})
+
+
+def _range_one_outputs(model: onnx.ModelProto) -> set[str]:
+    """The graph outputs of `model` computed by an op of RANGE_ONE_OUTPUT_OPS (through Identity nodes)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    found = set()
+    for out in model.graph.output:
+        n = producer.get(out.name)
+        while n is not None and n.op_type == "Identity":
+            n = producer.get(n.input[0])
+        if n is not None and n.domain in ("", "ai.onnx") and n.op_type in RANGE_ONE_OUTPUT_OPS:
+            found.add(out.name)
+    return found
+
+
 def _export_and_verify(src: str, protos: _Protos, mods: _Modules, ds: _Data,
                        cfg: FinetuneConfig) -> tuple[onnx.ModelProto, float]:
     """Step 5: back to ONNX with the same names and the structure of the compressed model, checked in
-    onnxruntime against the trained torch module: (the exported model, the worst relative error)."""
+    onnxruntime against the trained torch module: (the exported model, the worst relative error; a Sigmoid
+    output's relative to its range, 1)."""
     in_names, out_names, student, norm, eval_ds = protos.in_names, protos.out_names, mods.student, mods.norm, ds.eval
     sample = {n: a[: min(2, eval_ds.count)] for n, a in eval_ds.inputs.items()}
     norm_shapes = torchready.io_shapes(norm.model)
@@ -519,9 +541,10 @@ def _export_and_verify(src: str, protos: _Protos, mods: _Modules, ds: _Data,
     ref = [t.detach().cpu().numpy() for t in run_model(student.to("cpu"), check, in_names, "cpu")]
     got_out = _ort_outputs(exported, check)
     worst = 0.0
+    range_one = _range_one_outputs(exported)
     for name, r_out, o_out in zip(out_names, ref, got_out, strict=True):
         c = compare_outputs(name, r_out, o_out)
-        worst = max(worst, c.max_rel_error)
+        worst = max(worst, c.max_abs_error if name in range_one else c.max_rel_error)
     if not worst <= cfg.rtol:
         raise ValidationError(
             f"{src}: the exported model differs from the trained torch module (max relative error {worst:.3g} > {cfg.rtol:g}); "
