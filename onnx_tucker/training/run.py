@@ -24,7 +24,7 @@ import onnx
 
 from ..data import DataSet, load_data
 from ..errors import ModelLoadError, OnnxTuckerError, Terminated, UsageError, ValidationError
-from ..graph import torchready
+from ..graph import optypes, torchready
 from ..graph.load import load_model
 from ..graph.probe import ElementTypes, write_initializers
 from ..graph.save import OutputBatch, check_output_path, check_output_paths, make_temp
@@ -496,23 +496,20 @@ def _train(torch: Any, device: Any, rank: int, world: int, where: _Where, protos
     return _Trained(history, steps_done, best_epoch, metric, before, after, seconds, train_b.count, eval_b)
 
 
-# Outputs computed by these ops have their export error measured against their range [0, 1], not against
-# their largest value: onnxruntime's float32 Sigmoid (MLAS, 0.5 + a rational odd function) is accurate to
+# Outputs computed by optypes.RANGE_ONE_OPS have their export error measured against their range [0, 1], not
+# against their largest value: onnxruntime's float32 Sigmoid (MLAS, 0.5 + a rational odd function) is accurate to
 # ~1.5e-7 absolute but has no relative precision below ~1e-5 (exactly 0 under -18, up to x4.6 off near
 # 1e-7), so a probability map that is all but zero (a detector on noise: PP-OCRv4 det, max 3e-7) differs
 # from torch's exact sigmoid by a "relative" 0.3 while its logits agree to 1e-6.
-RANGE_ONE_OUTPUT_OPS = frozenset({"Sigmoid"})
-
-
 def _range_one_outputs(model: onnx.ModelProto) -> set[str]:
-    """The graph outputs of `model` computed by an op of RANGE_ONE_OUTPUT_OPS (through Identity nodes)."""
+    """The graph outputs of `model` computed by an op of optypes.RANGE_ONE_OPS (through Identity nodes)."""
     producer = {o: n for n in model.graph.node for o in n.output}
     found = set()
     for out in model.graph.output:
         n = producer.get(out.name)
-        while n is not None and n.op_type == "Identity":
+        while n is not None and optypes.is_op(n, "Identity"):
             n = producer.get(n.input[0])
-        if n is not None and n.domain in ("", "ai.onnx") and n.op_type in RANGE_ONE_OUTPUT_OPS:
+        if n is not None and n.domain in ("", "ai.onnx") and optypes.is_op(n, *optypes.RANGE_ONE_OPS):
             found.add(out.name)
     return found
 
