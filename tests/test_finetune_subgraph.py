@@ -221,3 +221,15 @@ def test_cli_names_the_parts(pair: tuple[Path, Path, Path], tmp_path: Path) -> N
     text = res.output
     assert "part 1 of 2" in text and "part 2 of 2" in text and "Shrink" in text, text
     assert out.exists()
+
+
+def test_every_kind_s_factor_nodes_are_recognised() -> None:
+    """Fine-tuning (--train factors, the parts of subgraph fine-tuning) finds a decomposed layer by its node
+    names: every kind's labels must match, spatial SVD's too (once they did not)."""
+    from onnx_tucker.ops.base import LABELS
+
+    for kind, labels in LABELS.items():
+        for label in labels:
+            for name in (f"layer1/conv/{label}", f"/conv1/Conv/{label}", f"a/{label}_2", f"a/{label}.1"):
+                assert ftc.FACTOR_MODULE.search(name), (kind, name)
+    assert not ftc.FACTOR_MODULE.search("layer1/conv/Relu")

@@ -14,13 +14,14 @@ import onnx
 
 from ..errors import ModelLoadError, OnnxTuckerError
 from ..graph import optypes, torchready
+from ..ops.base import LABELS
 
 INSTALL_HINT = "pip install 'onnx-tucker[finetune]' after a CPU torch (see the README: Fine-tuning)"
 
-# Names given by the compressor to the nodes of a decomposed layer (graph/rewrite.py), as
+# Names given by the compressor to the nodes of a decomposed layer (ops/base.py LABELS, every kind's), as
 # onnx2torch turns them into module names: '.../tucker_core', '.../svd_last_1', and '.../tucker_core.1'
 # where onnx2torch wraps the conv in a Sequential (an asymmetric padding first).
-FACTOR_MODULE = re.compile(r"(^|/)(tucker_first|tucker_core|tucker_last|svd_first|svd_last)(_\d+)?(\.\d+)?$")
+FACTOR_MODULE = re.compile(rf"(^|/)({'|'.join(sorted({x for names in LABELS.values() for x in names}))})(_\d+)?(\.\d+)?$")
 # Set on a converted module: parameter name -> the ONNX node that owns it, for the weights this module
 # made parameters out of onnx2torch's constant buffers (a MatMul's weight).
 OWNERS_ATTR = "_onnx_tucker_owners"
