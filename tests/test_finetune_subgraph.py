@@ -223,6 +223,19 @@ def test_cli_names_the_parts(pair: tuple[Path, Path, Path], tmp_path: Path) -> N
     assert out.exists()
 
 
+def test_a_constant_computed_outside_a_part_is_no_input_of_it() -> None:
+    """A Constant node's output (no batch dim) read by a part is pulled into it, not fed (ResNet's option-A
+    shortcuts read pads from Constant nodes)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    nodes = [helper.make_node("Constant", [], ["c"], name="c", value=numpy_helper.from_array(np.ones(4, np.float32))),
+             helper.make_node("Shrink", ["x"], ["a"], name="odd"),
+             helper.make_node("Add", ["a", "c"], ["y"], name="g/tucker_last")]
+    model = _finish(nodes, [x], [y], [])
+    (seg,) = convertible_segments(model, {1}, [2])
+    assert seg.inputs == ("a",)
+
+
 def test_every_kind_s_factor_nodes_are_recognised() -> None:
     """Fine-tuning (--train factors, the parts of subgraph fine-tuning) finds a decomposed layer by its node
     names: every kind's labels must match, spatial SVD's too (once they did not)."""

@@ -76,6 +76,12 @@ def convertible_segments(model: onnx.ModelProto, bad: Collection[int], factors: 
                     group[j] = k
                     stack.append(j)
         groups.append(sorted(members))
+    # Tensors that do not depend on a graph input (Constant nodes, shapes computed from them) are no inputs of
+    # a segment: extraction pulls their producers in, so a segment's inputs all have the batch dim.
+    dynamic = {v.name for v in g.input} - {t.name for t in g.initializer}
+    for i in range(len(nodes)):
+        if reads[i] & dynamic:
+            dynamic.update(o for o in nodes[i].output if o)
     factor_set = set(factors) - bad_set
     outputs = {o.name for o in g.output}
     constants = {t.name for t in g.initializer}
@@ -90,7 +96,7 @@ def convertible_segments(model: onnx.ModelProto, bad: Collection[int], factors: 
         seg = sorted(down & up)
         seg_set = set(seg)
         produced = {o for i in seg for o in nodes[i].output if o}
-        ins = [x for i in seg for x in sorted(reads[i]) if x not in produced and x not in constants]
+        ins = [x for i in seg for x in sorted(reads[i]) if x not in produced and x not in constants and x in dynamic]
         read_outside = set(outputs)
         for j in range(len(nodes)):
             if j not in seg_set:
