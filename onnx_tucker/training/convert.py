@@ -19,8 +19,10 @@ INSTALL_HINT = "pip install 'onnx-tucker[finetune]' after a CPU torch (see the R
 
 # Names given by the compressor to the nodes of a decomposed layer (graph/rewrite.py), as
 # onnx2torch turns them into module names: '.../tucker_core', '.../svd_last_1', and '.../tucker_core.1'
-# where onnx2torch wraps the conv in a Sequential (an asymmetric padding first).
-FACTOR_MODULE = re.compile(r"(^|/)(tucker_first|tucker_core|tucker_last|svd_first|svd_last)(_\d+)?(\.\d+)?$")
+# where onnx2torch wraps the conv in a Sequential (an asymmetric padding first). Every label of
+# ops/base.py LABELS (each kind's chain: Tucker-2 / -1 / -1-in, SVD, spatial SVD) must match.
+FACTOR_MODULE = re.compile(
+    r"(^|/)(tucker_first|tucker_core|tucker_last|svd_first|svd_last|spatial_vertical|spatial_horizontal)(_\d+)?(\.\d+)?$")
 # Set on a converted module: parameter name -> the ONNX node that owns it, for the weights this module
 # made parameters out of onnx2torch's constant buffers (a MatMul's weight).
 OWNERS_ATTR = "_onnx_tucker_owners"
@@ -167,7 +169,7 @@ def select_trainable(module: Any, train: str, source: str) -> tuple[list[str], i
             trainable += p.numel()
             names.append(name)
     if not names:
-        why = "has no decomposed layers (nodes named .../tucker_* or .../svd_*)" if train == "factors" else "has no weights"
+        why = "has no decomposed layers (nodes named .../tucker_*, .../svd_* or .../spatial_*)" if train == "factors" else "has no weights"
         raise UsageError(f"{source}: the model {why}; nothing to train: use --train all, or compress it first")
     return names, trainable, total
 
