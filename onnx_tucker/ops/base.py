@@ -334,8 +334,8 @@ def tensor_factors(
         g = tucker1(w, ranks[0], spectra=spectra)
         return (g.core, as_1x1(g.u_out, nd)), relative_error(w, reconstruct_tucker1(g))
     if kind == "tucker1-in":
-        m = tucker1_in(w, ranks[0], spectra=spectra)
-        return (as_1x1(m.u_in.T, nd), m.core), relative_error(w, reconstruct_tucker1_in(m))
+        mi = tucker1_in(w, ranks[0], spectra=spectra)
+        return (as_1x1(mi.u_in.T, nd), mi.core), relative_error(w, reconstruct_tucker1_in(mi))
     if kind == "spatial-svd":
         sp = spatial_svd(block, ranks[0], spectra=spectra)
         err = sp.rel_error if sp.rel_error is not None else relative_error(w, reconstruct_spatial_svd(sp))

@@ -254,9 +254,9 @@ class ConvHandler(OpHandler):
             lasts = [la.reshape(r, kw, tg).transpose(2, 0, 1)[:, :, None, :] for _, _, la in blocks]
             return [np.concatenate(verticals), np.concatenate(lasts)]
         if factors.kind == "tucker1-in":  # the last factor folded into the core
-            firsts = np.concatenate([fi for fi, _, _ in blocks]).reshape(old[0].shape)  # type: ignore[arg-type]
-            cores = [(fr @ la).T.reshape((la.shape[1], *old[1].shape[1:])) for _, fr, la in blocks]
-            return [firsts, np.concatenate(cores)]
+            first = np.concatenate([fi for fi, _, _ in blocks]).reshape(old[0].shape)  # type: ignore[arg-type]
+            folded = [(fr @ la).T.reshape((la.shape[1], *old[1].shape[1:])) for _, fr, la in blocks]
+            return [first, np.concatenate(folded)]
         core_old = old[1] if factors.kind == "tucker2" else old[0]
         last_old = old[-1]
         cores = [fr.T.reshape((fr.shape[1], *core_old.shape[1:])) for _, fr, _ in blocks]
