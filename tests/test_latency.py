@@ -112,8 +112,8 @@ def test_rounded_ranks_chosen_when_they_pay() -> None:
 def test_round_to_option_sets_the_multiples_tried() -> None:
     p, timer = _plan(STACK, lambda k, r: 0.9, round_to=4)  # planned ranks are then (12, 12)
     tried = {r for _, k, r in timer.calls if k == "tucker2"}
-    assert tried == {(12, 12)}  # already multiples of 4: nothing else to try but Tucker-1
-    assert p.layers[0].kind == "skip" and "best of 2 variants" in (p.layers[0].reason or "")
+    assert tried == {(12, 12)}  # already multiples of 4: nothing else to try but Tucker-1 and Tucker-1-in
+    assert p.layers[0].kind == "skip" and "best of 3 variants" in (p.layers[0].reason or "")
 
 
 def test_the_planned_decomposition_is_kept_when_it_pays_without_trying_variants() -> None:

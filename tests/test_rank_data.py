@@ -151,7 +151,8 @@ def test_data_ranks_see_the_input_subspace_that_weight_ranks_cannot(tmp_path: Pa
     want = run_ort(model, {"x": held})["y"]
     data = api.compress(model, CompressionConfig(ranks=RankPolicy.parse("data:0.45"), calibrate=str(cal), validate=False))
     lp = data.plan.layers[0]
-    assert lp.kind == "tucker2" and lp.ranks is not None and lp.ranks[1] <= 5 and lp.policy == "data:0.45"
+    # Only the input mode is compressible on these data: Tucker-1-in (its mirror, no output 1x1) since issue 19.
+    assert lp.kind in ("tucker2", "tucker1-in") and lp.ranks is not None and lp.ranks[-1] <= 5 and lp.policy == "data:0.45"
     assert data.totals.macs_after <= 0.45 * data.totals.macs_before
     got = run_ort(data.model, {"x": held})["y"]  # type: ignore[arg-type]
     err_data = float(np.linalg.norm(got - want) / np.linalg.norm(want))

@@ -202,12 +202,12 @@ def test_data_ranks_choose_the_kind_against_brute_force(tmp_path: Path) -> None:
     with ActivationCache(model, [{"x": x}], "original") as cache:
         curves = layer_curves(layer, cov, cache.values, initializer(model, "W"), 32)
     cands = _candidates(layer, cov, curves)
-    assert {c.kind for c in cands} == {"original", "tucker2", "tucker1", "spatial-svd"}
+    assert {c.kind for c in cands} == {"original", "tucker2", "tucker1", "tucker1-in", "spatial-svd"}
     budget = 0.3 * int(lp.macs_before or 0)
     best = min((c for c in cands if c.macs <= budget), key=lambda c: c.error)
     # ~1e-4: the ridge objective (rss + lambda ||w||^2, lambda 1e-4 of the mean variance) of an exact fit.
     assert best.kind == "spatial-svd" and best.error < 1e-3
-    for kind in ("tucker2", "tucker1"):  # the other kinds lose a lot at these MACs
+    for kind in ("tucker2", "tucker1", "tucker1-in"):  # the other kinds lose a lot at these MACs
         assert min(c.error for c in cands if c.kind == kind and c.macs <= budget) > 0.05
     # --kind tucker2 keeps the data path to that kind.
     forced = api.compress(model, CompressionConfig(ranks=RankPolicy.parse("data:0.3"), calibrate=str(cal),

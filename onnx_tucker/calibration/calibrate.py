@@ -10,6 +10,9 @@ bounded by the layer's width. Candidates, each solved exactly on those statistic
   ridge regression on the im2col of the spatial step's input (strides, pads, dilations, groups kept);
 - `data`:  as `joint`, after replacing a Tucker-2 first factor by a data-aware one chosen from the
   input activations' channel covariance (`numerics.refit.data_aware_basis`).
+A Tucker-1-in chain (1x1 S->R3 then the k x k core R3->T) is refit as a Tucker-2 one whose last factor
+is the identity (folded into the core afterwards, `ConvHandler.from_refit_blocks`): its first factor
+data-aware under "full", its core by least squares on the first factor's output.
 A spatial SVD (kh x 1 then 1 x kw: a free im2col front would not split into two convs,
 `OpHandler.refit_front`) has `last` (its 1 x kw factor and the bias, the kh x 1 factor kept) and, under
 "full", `data` (the kh x 1 factor replaced by a data-aware one, `data_aware_basis` on the (channel,
@@ -355,13 +358,13 @@ def _refit_layer(node_index: int, original: onnx.ModelProto, compressed: onnx.Mo
     geo = replace(_geometry(handler, im, layer, f, bias, chain.beta), front_kept=handler.refit_front(layer, f))
     rng = np.random.default_rng([opts.seed, node_index])
     grams = None
-    if opts.method == "full" and f.kind == "tucker2" and layer.weight_name:
+    if opts.method == "full" and f.kind in ("tucker2", "tucker1-in") and layer.weight_name:
         grams = kernel_input_grams(read_weight(layer.weight_name), len(geo.groups))
     elif opts.method == "full" and f.kind == "spatial-svd" and layer.weight_name:  # the (S*kh)-side Gram
         grams = [m @ m.T for m in (spatial_unfold(np.asarray(b, dtype=np.float64))
                                    for b in handler.blocks(layer, read_weight(layer.weight_name)))]
     per_sample = max(1, math.ceil(opts.rows / max(count, 1))) if im.conv else None
-    lp = _LayerPass(geo, opts, per_sample, rng, f.kind == "tucker2")
+    lp = _LayerPass(geo, opts, per_sample, rng, f.kind in ("tucker2", "tucker1-in"))
     # Residual compensation: when the output only feeds an Add, aim at the original *sum*, i.e. the
     # original output plus what the other branch lost in the compressed model.
     skip = residual_partner(original, y_name) if opts.residual else None

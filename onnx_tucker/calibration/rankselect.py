@@ -14,8 +14,11 @@ What each layer needs (`_covered` says how the error model reads it):
   the same Gram prices a 2-D conv's spatial SVD at every rank (`rankalloc.spatial_svd_tails`: the
   1 x k factor refit on the k x 1 factor's output, that factor from the kernel's singular vectors or
   data-aware, whichever the data favour, as calibration does), on the same hull as Tucker-2 / -1;
+  and Tucker-1-in (1x1 S->R3 then the k x k R3->T) at every input rank (`rankalloc.tucker1_in_tails`:
+  the core refit on the 1x1 factor's output, that factor data-aware or the input mode's HOSVD);
   wider, two passes over the layer's input: the channel moment (S x S), then the im2col of the
-  data-aware first factor's output at the largest grid input rank (capped to fit the width);
+  data-aware first factor's output at the largest grid input rank (capped to fit the width), which
+  also price Tucker-1-in up to that rank;
 - grouped convs group by group, every group at the same ranks (docs/grouped-convs.md);
 - ConvTranspose: the output Gram, and for Tucker-2's input rank the input channel moment with the
   kernel's input-mode Gram (`rankalloc.additive_tucker2_grid`, an approximation);
@@ -53,6 +56,7 @@ from ..numerics.rankalloc import (
     combine_groups,
     eigenbasis_tail,
     input_projection_tail,
+    nested_block_tails,
     nested_tucker2_tails,
     output_basis,
     output_space_tail,
@@ -60,6 +64,7 @@ from ..numerics.rankalloc import (
     rank_grid,
     shrunk_moment,
     spatial_svd_tails,
+    tucker1_in_tails,
     tucker2_tails,
 )
 from ..numerics.refit import (
@@ -75,7 +80,7 @@ from ..numerics.refit import (
     sample_positions,
     scatter_reception,
 )
-from ..numerics.tucker import leading_left_vectors, spatial_unfold
+from ..numerics.tucker import leading_left_vectors, spatial_unfold, unfold
 from ..ops.layer import Im2col, Layer
 from ..ops.registry import find_handler, handler_for
 from ..planning.planner import LayerPlan, PlannedRanks, SkipCause
@@ -122,6 +127,7 @@ class Coverage:
     im: Im2col | None = None
     tucker2: bool = False  # Tucker-2 candidates too (a spatial kernel)
     spatial: bool = False  # spatial-SVD candidates too (a 2-D kernel, both sides > 1; exact im2col path only)
+    mirror: bool = False  # Tucker-1-in candidates too (a spatial kernel, more than one input channel per group)
     output_padding: tuple[int, ...] = ()  # ConvTranspose
     # Calibration refits the factors (the curves count data-aware factors); otherwise the weight-space
     # factors stay as built and the curves count theirs on the data.
@@ -173,7 +179,7 @@ def _covered(layer: Layer) -> Coverage | str:
         g = im.groups
         return Coverage("im2col", g, im.width // im.taps, im.outputs // g, im.taps, im,
                         tucker2=im.taps > 1 and "tucker2" in handler.kinds(layer),
-                        spatial="spatial-svd" in handler.kinds(layer))
+                        spatial="spatial-svd" in handler.kinds(layer), mirror="tucker1-in" in handler.kinds(layer))
     return Coverage("rows", 1, im.width, im.outputs, 1, im)
 
 
@@ -191,6 +197,7 @@ class LayerCurves:
     grid: Mapping[int, np.ndarray] = field(default_factory=dict)
     note: str = ""
     spatial: np.ndarray | None = None  # spatial SVD at R = 0..cap (ranks whose MACs stay under the original's)
+    mirror: np.ndarray | None = None  # Tucker-1-in at R3 = 0..cap (likewise)
 
 
 def _too_few_rows(layer: Layer, cov: Coverage, count: int) -> bool:
@@ -244,11 +251,12 @@ def layer_curves(layer: Layer, cov: Coverage, values: Values, weight: np.ndarray
     if cov.mode == "im2col" and cov.tucker2:
         assert cov.im is not None
         grams = kernel_input_grams(weight, g)
+        mirror_cap = _mirror_cap(layer, cov) if cov.mirror else 0
         if s * kk <= opts.max_width:
-            blocks = handler_for(layer).blocks(layer, weight) if cov.spatial else []
+            blocks = handler_for(layer).blocks(layer, weight) if cov.spatial or mirror_cap else []
             return _conv_exact(cov, values, x_name, y_name, grams, ranks3, intercept, per_sample, rng, opts,
-                               blocks, _spatial_cap(layer, cov) if cov.spatial else 0)
-        return _conv_two_pass(cov, values, x_name, y_name, grams, ranks3, intercept, per_sample, rng, opts)
+                               blocks, _spatial_cap(layer, cov) if cov.spatial else 0, mirror_cap)
+        return _conv_two_pass(cov, values, x_name, y_name, grams, ranks3, intercept, per_sample, rng, opts, mirror_cap)
 
     outs = [MomentStats(t) for _ in range(g)]
     norms = NormMoments(t) if cov.shrink else None
@@ -335,6 +343,26 @@ def _spatial_cap(layer: Layer, cov: Coverage) -> int:
     return min(top, (macs0 - 1) // per_rank) if per_rank > 0 else 0
 
 
+def _mirror_cap(layer: Layer, cov: Coverage) -> int:
+    """The largest Tucker-1-in rank worth pricing: below the input channels and the original's MACs."""
+    handler = handler_for(layer)
+    per_rank = int(handler.cost(layer, "tucker1-in", (1,))[1] or 0)  # MACs are linear in the rank
+    macs0 = int(handler.cost(layer, "original")[1] or 0)
+    return min(cov.inputs, (macs0 - 1) // per_rank) if per_rank > 0 else 0
+
+
+def mirror_tails(stats: GramStats, block: np.ndarray, kernel_gram: np.ndarray, rank: int, intercept: bool,
+                 ridge: float) -> dict[str, np.ndarray]:
+    """One group's Tucker-1-in squared errors at ranks 0..`rank`, by how the 1x1 factor is chosen:
+    "weights" (the input mode's leading singular vectors, as decomposed; calibration's `joint` refits the
+    core on it) and "data" (data-aware, `refit.data_aware_basis` on the channel moment against the
+    kernel's input-mode Gram, as Tucker-2's first factor and calibration's "data" candidate)."""
+    kk = stats.d // int(block.shape[1])
+    bases = {"weights": leading_left_vectors(unfold(np.asarray(block, dtype=np.float64), 1), rank).T,
+             "data": data_aware_basis(channel_moment(stats, kk), kernel_gram, rank, ridge)}
+    return {name: tucker1_in_tails(stats, b, kk, intercept, ridge) for name, b in bases.items()}
+
+
 def spatial_tails(stats: GramStats, block: np.ndarray, rank: int, intercept: bool, ridge: float) -> dict[str, np.ndarray]:
     """One group's spatial-SVD squared errors at ranks 0..`rank`, by how the k x 1 factor is chosen:
     "weights" (the rearranged kernel's leading singular vectors, as decomposed) and "data" (data-aware,
@@ -348,9 +376,11 @@ def spatial_tails(stats: GramStats, block: np.ndarray, rank: int, intercept: boo
 
 def _conv_exact(cov: Coverage, values: Values, x_name: str, y_name: str, grams: list[np.ndarray], ranks3: list[int],
                 intercept: bool, per_sample: int, rng: Callable[[], np.random.Generator],
-                opts: DataRankOptions, blocks: Sequence[np.ndarray] = (), spatial_cap: int = 0) -> LayerCurves:
+                opts: DataRankOptions, blocks: Sequence[np.ndarray] = (), spatial_cap: int = 0,
+                mirror_cap: int = 0) -> LayerCurves:
     """One pass: the im2col Gram per group (width S*k), the exact grid; with `blocks` (the kernel per
-    group) and a `spatial_cap` >= 1, the spatial SVD's curve up to that rank from the same Gram."""
+    group) and a `spatial_cap` >= 1, the spatial SVD's curve up to that rank from the same Gram; with a
+    `mirror_cap` >= 1, Tucker-1-in's likewise."""
     g, s, t, kk = cov.groups, cov.inputs, cov.outputs, cov.taps
     stats = [GramStats(s * kk, t) for _ in range(g)]
     gen = rng()
@@ -369,17 +399,23 @@ def _conv_exact(cov: Coverage, values: Values, x_name: str, y_name: str, grams: 
         tails = [spatial_tails(st, b, spatial_cap, intercept, opts.ridge) for st, b in zip(stats, blocks, strict=True)]
         # Calibration keeps whichever k x 1 factor fits better over all the groups: so does the curve.
         spatial = np.minimum(*(combine_groups([t[name] for t in tails], energies) for name in ("weights", "data")))
-    return LayerCurves(curve, grid, spatial=spatial)
+    mirror = None
+    if blocks and mirror_cap >= 1:
+        mt = [mirror_tails(st, b, gr, mirror_cap, intercept, opts.ridge) for st, b, gr in zip(stats, blocks, grams, strict=True)]
+        # Calibration keeps whichever 1x1 factor (with its core refit) fits better: so does the curve.
+        mirror = np.minimum(*(combine_groups([t[name] for t in mt], energies) for name in ("weights", "data")))
+    return LayerCurves(curve, grid, spatial=spatial, mirror=mirror)
 
 
 def _conv_two_pass(cov: Coverage, values: Values, x_name: str, y_name: str, grams: list[np.ndarray], ranks3: list[int],
                    intercept: bool, per_sample: int, rng: Callable[[], np.random.Generator],
-                   opts: DataRankOptions) -> LayerCurves:
+                   opts: DataRankOptions, mirror_cap: int = 0) -> LayerCurves:
     """Im2col wider than `max_width`: pass 1 the input channel moment (S x S per group) at the sampled
     receptive fields; pass 2, at the same positions, the im2col statistics of the data-aware first
     factor's output for the largest grid input rank (capped so R3*k fits the width). The grid at the
     smaller ranks is exact (their first factors are leading rows of the largest); ranks above the cap
-    are left out."""
+    are left out. With a `mirror_cap` >= 1, Tucker-1-in (data-aware 1x1 factor) at every rank up to the
+    smaller of it and that largest rank, from the same statistics (nested regressors)."""
     g, s, t, kk = cov.groups, cov.inputs, cov.outputs, cov.taps
     im = cov.im
     assert im is not None
@@ -419,7 +455,11 @@ def _conv_two_pass(cov: Coverage, values: Values, x_name: str, y_name: str, gram
     curve = combine_groups([tl for tl, _ in parts], energies)
     per_group = [nested_tucker2_tails(st, kk, kept, intercept, opts.ridge) for st in stats]
     grid = {r3: combine_groups([pg[r3] for pg in per_group], energies) for r3 in kept}
-    return LayerCurves(curve, grid, f"im2col {s * kk} wide: two passes, input ranks up to {r_max}")
+    mirror = None
+    if mirror_cap >= 1:
+        top = min(mirror_cap, r_max)
+        mirror = combine_groups([nested_block_tails(st.leading(top * kk), kk, intercept, opts.ridge) for st in stats], energies)
+    return LayerCurves(curve, grid, f"im2col {s * kk} wide: two passes, input ranks up to {r_max}", mirror=mirror)
 
 
 def _candidates(layer: Layer, cov: Coverage, curves: LayerCurves, forced: str | None = None) -> list[RankCandidate]:
@@ -438,6 +478,10 @@ def _candidates(layer: Layer, cov: Coverage, curves: LayerCurves, forced: str | 
         for r in range(1, len(curves.spatial)):
             macs = int(handler.cost(layer, "spatial-svd", (r,))[1] or 0)
             out.append(RankCandidate("spatial-svd", (r,), macs, float(curves.spatial[r])))
+    if curves.mirror is not None:
+        for r in range(1, len(curves.mirror)):
+            macs = int(handler.cost(layer, "tucker1-in", (r,))[1] or 0)
+            out.append(RankCandidate("tucker1-in", (r,), macs, float(curves.mirror[r])))
     if forced is not None and forced in handler.kinds(layer):  # --kind: that kind only, where the layer allows it
         only = [c for c in out if c.kind in ("original", forced)]
         if len(only) > 1:
@@ -447,7 +491,8 @@ def _candidates(layer: Layer, cov: Coverage, curves: LayerCurves, forced: str | 
 
 def rank_caps(cov: Coverage, kind: str, cands: Sequence[RankCandidate]) -> tuple[int, ...]:
     """Each rank's full value for `kind` on this layer (what `_candidates` enumerates up to): Tucker-1 /
-    SVD their one rank's top, Tucker-2 (outputs, inputs per group), spatial SVD the largest enumerated."""
+    SVD their one rank's top, Tucker-2 (outputs, inputs per group), spatial SVD and Tucker-1-in the
+    largest enumerated."""
     if kind == "tucker2":
         return (cov.outputs, cov.inputs)
     if kind == cov.one_rank_kind:

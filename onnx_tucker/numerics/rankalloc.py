@@ -20,6 +20,9 @@ i.e. the output activations' spectrum. So one eigendecomposition gives the error
   1 x kw one refit by least squares): for V the leading rows of a basis of the kernel's (S*kh)-side
   (weight-space singular vectors, or data-aware ones), the refit's error at every rank from one
   Cholesky factorisation of the statistics of V's output (`spatial_svd_tails`: nested regressors);
+- `tucker1-in` (a 1x1 conv S -> R3 then the k x k core R3 -> T, both refit by calibration): for the
+  1x1 factor the leading rows of the input mode's data-aware (or weight-space) basis, the core's least
+  squares error at every R3 from one Cholesky factorisation likewise (`tucker1_in_tails`);
 - `tucker2` of a ConvTranspose (no im2col: each input pixel is scattered over a window):
   `additive_tucker2_grid`, an approximation documented there;
 - a layer calibration does not refit keeps its weight-space factors (HOSVD / truncated SVD): its
@@ -179,7 +182,23 @@ def spatial_svd_tails(stats: GramStats, basis: np.ndarray, kw: int, intercept: b
     is the leading block's factor). One factorisation gives every rank. With the ridge lambda this is
     the ridge objective's minimum (rss + lambda ||w||^2, as `_spectrum_tail` counts Tucker-2): above
     the fit's rss by about lambda / (mean regressor variance) = `ridge` of the energy."""
-    q = stats.projected_channels(basis, kw)
+    return nested_block_tails(stats.projected_channels(basis, kw), kw, intercept, ridge)
+
+
+def tucker1_in_tails(stats: GramStats, basis: np.ndarray, kk: int, intercept: bool,
+                     ridge: float = DEFAULT_RIDGE) -> np.ndarray:
+    """Squared errors at ranks R = 0..r of a Tucker-1-in chain (1x1 S -> R, then the k x k core R -> T)
+    whose 1x1 factor is the leading R rows of `basis` (r x S) and whose core and bias are the ridge least
+    squares fit on the data (what calibration refits). `stats`: on the layer's im2col (columns (channel,
+    offset)). The 1x1 factor's im2col has columns (rank, offset), rank-major, so rank R's regressors are
+    its leading R*kk columns: one Cholesky factorisation gives every rank (`nested_block_tails`), as for
+    spatial SVD. It is Tucker-2's error at R4 = T (no output-mode factor) at every input rank."""
+    return nested_block_tails(stats.projected_channels(basis, kk), kk, intercept, ridge)
+
+
+def nested_block_tails(q: GramStats, block: int, intercept: bool, ridge: float = DEFAULT_RIDGE) -> np.ndarray:
+    """Squared errors of the ridge least squares fit of the targets on q's leading R*`block` regressor
+    columns, R = 0..q.d / block, from one Cholesky factorisation of Cqq (see `spatial_svd_tails`)."""
     cqq, cqy, cyy, _, _ = q.centred(intercept)
     lam = ridge_lambda(cqq, ridge)
     energy = float(np.trace(cyy))
@@ -191,9 +210,9 @@ def spatial_svd_tails(stats: GramStats, basis: np.ndarray, kw: int, intercept: b
         except np.linalg.LinAlgError:
             continue
     else:  # no factorisation: price nothing (the layer keeps its other kinds)
-        return np.full(basis.shape[0] + 1, energy)
+        return np.full(q.d // block + 1, energy)
     w = scipy.linalg.solve_triangular(low, cqy, lower=True)
-    explained = np.cumsum(np.sum(w * w, axis=1))[kw - 1 :: kw]
+    explained = np.cumsum(np.sum(w * w, axis=1))[block - 1 :: block]
     return np.clip(np.concatenate([[energy], energy - explained]), 0.0, None)
 
 

@@ -1,7 +1,10 @@
-"""Tucker-2, Tucker-1, truncated SVD and spatial SVD of weight tensors, in numpy (float64 inside).
+"""Tucker-2, Tucker-1 (on either channel mode), truncated SVD and spatial SVD of weight tensors, in
+numpy (float64 inside).
 
 Kernels are in ONNX order: T x S x k1 x ... (output channels, input channels, spatial). Tucker
-factorises only the two channel modes (the spatial modes stay in the core); spatial SVD (AIMET's)
+factorises only the two channel modes (the spatial modes stay in the core): Tucker-1 the output mode
+(a k x k conv S -> R then a 1x1 R -> T), its mirror `tucker1_in` the input mode (a 1x1 S -> R then a
+k x k conv R -> T); spatial SVD (AIMET's)
 splits a 2-D kernel T x S x kh x kw into a kh x 1 conv S -> R and a 1 x kw conv R -> T: the
 kernel's rearrangement (S*kh) x (T*kw) truncated at rank R (`spatial_unfold`).
 
@@ -42,6 +45,14 @@ class Tucker1Factors:
 
     core: np.ndarray
     u_out: np.ndarray
+
+
+@dataclass(frozen=True)
+class Tucker1InFactors:
+    """K ~ core x_1 u_in (input mode only, Tucker-1's mirror); core T x R3 x k..., u_in S x R3."""
+
+    core: np.ndarray
+    u_in: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -121,6 +132,17 @@ def tucker1(kernel: np.ndarray, rank_out: int, spectra: LayerSpectra | None = No
     m0 = unfold(k, 0)
     u_out = leading_left_vectors(m0, rank_out, _eigen(spectra, 0, m0))
     return Tucker1Factors(core=_mode_product(k, u_out, 0), u_out=u_out)
+
+
+def tucker1_in(kernel: np.ndarray, rank_in: int, spectra: LayerSpectra | None = None) -> Tucker1InFactors:
+    """Tucker-1 on the input mode (the mirror of `tucker1`): a 1x1 conv S -> R3 (u_in^T) followed by a
+    k x k conv R3 -> T (the core W x_1 u_in^T). u_in: the leading left singular vectors of the mode-1
+    (input) unfolding, so the error is that unfolding's tail (Eckart-Young: the best such pair).
+    `spectra` key 0: the input-mode unfolding (the only matrix this kind factorises)."""
+    k = np.asarray(kernel, dtype=np.float64)
+    m1 = unfold(k, 1)
+    u_in = leading_left_vectors(m1, rank_in, _eigen(spectra, 0, m1))
+    return Tucker1InFactors(core=_mode_product(k, u_in, 1), u_in=u_in)
 
 
 def truncated_svd(matrix: np.ndarray, rank: int, spectra: LayerSpectra | None = None) -> SVDFactors:
@@ -248,6 +270,10 @@ def reconstruct_tucker2(f: Tucker2Factors) -> np.ndarray:
 
 def reconstruct_tucker1(f: Tucker1Factors) -> np.ndarray:
     return _mode_product(f.core, f.u_out.T, 0)
+
+
+def reconstruct_tucker1_in(f: Tucker1InFactors) -> np.ndarray:
+    return _mode_product(f.core, f.u_in.T, 1)
 
 
 def relative_error(original: np.ndarray, approx: np.ndarray) -> float:

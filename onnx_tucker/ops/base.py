@@ -9,8 +9,9 @@ lays its factors out as matrices and back (`refit_blocks`, `from_refit_blocks`, 
 Planning, decomposition, costing, rewriting and calibration ask the handler found through
 `registry.handler_for` and never branch on the op type.
 
-Ranks are (R_out, R_in) for tucker2, (R_out,) for tucker1, (R,) for svd and spatial-svd (a 2-D conv
-as a kh x 1 conv S->R then a 1 x kw conv R->T). Grouped layers are
+Ranks are (R_out, R_in) for tucker2, (R_out,) for tucker1, (R_in,) for tucker1-in (Tucker-1's mirror:
+a 1x1 conv S->R then the k x k conv R->T), (R,) for svd and spatial-svd (a 2-D conv as a kh x 1 conv
+S->R then a 1 x kw conv R->T). Grouped layers are
 decomposed group by group with the same ranks in every group: `blocks` splits the weight into its
 groups once, and every factor of the chain is itself a grouped (block-diagonal) operator.
 """
@@ -27,12 +28,14 @@ from ..numerics.spectral import LayerSpectra
 from ..numerics.tucker import (
     reconstruct_spatial_svd,
     reconstruct_tucker1,
+    reconstruct_tucker1_in,
     reconstruct_tucker2,
     relative_error,
     spatial_svd,
     spatial_unfold,
     truncated_svd,
     tucker1,
+    tucker1_in,
     tucker2,
     unfold,
 )
@@ -43,10 +46,13 @@ Fresh = Callable[[str], str]  # a name derived from the argument that collides w
 LABELS = {
     "tucker2": ("tucker_first", "tucker_core", "tucker_last"),
     "tucker1": ("tucker_core", "tucker_last"),
+    # Node labels double as fine-tuning's factor names (training/convert.py FACTOR_MODULE matches each).
+    "tucker1-in": ("tucker_first", "tucker_core"),
     "svd": ("svd_first", "svd_last"),
     "spatial-svd": ("spatial_vertical", "spatial_horizontal"),
 }
-MODE_NAMES = {"tucker2": ("output", "input"), "tucker1": ("output",), "svd": ("matrix",), "spatial-svd": ("spatial",)}
+MODE_NAMES = {"tucker2": ("output", "input"), "tucker1": ("output",), "tucker1-in": ("input",), "svd": ("matrix",),
+              "spatial-svd": ("spatial",)}
 
 
 def same_pads(size: int | None, kernel: int, stride: int, dilation: int, upper: bool) -> tuple[int, int] | None:
@@ -131,6 +137,8 @@ class OpHandler:
             return [unfold(block, 0), unfold(block, 1)]
         if kind == "tucker1":
             return [unfold(block, 0)]
+        if kind == "tucker1-in":
+            return [unfold(block, 1)]
         if kind == "spatial-svd":
             return [spatial_unfold(block)]
         return [block if block.ndim == 2 else block.reshape(block.shape[0], -1)]  # a 1x1 kernel: T x S
@@ -298,6 +306,8 @@ def tensor_factor_shapes(kind: str, ranks: tuple[int, ...], block_shape: tuple[i
         return (r3, S, *one), (r4, r3, *spatial), (T, r4, *one)
     if kind == "tucker1":
         return (ranks[0], S, *spatial), (T, ranks[0], *one)
+    if kind == "tucker1-in":
+        return (ranks[0], S, *one), (T, ranks[0], *spatial)
     if kind == "spatial-svd" and len(spatial) == 2:
         return (ranks[0], S, spatial[0], 1), (T, ranks[0], 1, spatial[1])
     raise ValueError(f"cannot decompose a kernel as {kind!r}")
@@ -307,7 +317,7 @@ def tensor_factors(
     kind: str, ranks: tuple[int, ...], block: np.ndarray, hooi_iters: int, spectra: LayerSpectra | None
 ) -> tuple[tuple[np.ndarray, ...], float]:
     """Factors of a T x S x k... kernel block as conv weights: tucker2 (1x1 S->R3, core R3->R4, 1x1
-    R4->T), tucker1 (core S->R4, 1x1 R4->T), svd of a 1x1 kernel (1x1 S->R, 1x1 R->T) or spatial-svd
+    R4->T), tucker1 (core S->R4, 1x1 R4->T), tucker1-in (1x1 S->R3, core R3->T), svd of a 1x1 kernel (1x1 S->R, 1x1 R->T) or spatial-svd
     of a 2-D kernel (kh x 1 S->R, 1 x kw R->T)."""
     nd = block.ndim - 2
     if kind == "svd":
@@ -323,6 +333,9 @@ def tensor_factors(
     if kind == "tucker1":
         g = tucker1(w, ranks[0], spectra=spectra)
         return (g.core, as_1x1(g.u_out, nd)), relative_error(w, reconstruct_tucker1(g))
+    if kind == "tucker1-in":
+        mi = tucker1_in(w, ranks[0], spectra=spectra)
+        return (as_1x1(mi.u_in.T, nd), mi.core), relative_error(w, reconstruct_tucker1_in(mi))
     if kind == "spatial-svd":
         sp = spatial_svd(block, ranks[0], spectra=spectra)
         err = sp.rel_error if sp.rel_error is not None else relative_error(w, reconstruct_spatial_svd(sp))

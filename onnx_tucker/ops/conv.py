@@ -3,8 +3,10 @@
 Weight T x S x k... (S: input channels per group). The chain (the paper's Tucker-2 layer):
 1x1 S->R3 at the input resolution, stride 1, no pads; the core R3->R4 with the original strides,
 pads, dilations and auto_pad; 1x1 R4->T carrying the original bias. Tucker-1 drops the first 1x1
-(few input channels, as for the first RGB conv); an SVD-split 1x1 conv carries its stride on the
-first factor. Spatial SVD (AIMET's; 2-D kernels with kh, kw > 1) is a kh x 1 conv S->R carrying the
+(few input channels, as for the first RGB conv); its mirror Tucker-1-in drops the last 1x1 instead (a
+1x1 S->R3 at the input resolution, then the k x k core R3->T carrying the strides, pads, dilations,
+auto_pad and the bias: the input mode compressed, for many input channels and few output ones); an
+SVD-split 1x1 conv carries its stride on the first factor. Spatial SVD (AIMET's; 2-D kernels with kh, kw > 1) is a kh x 1 conv S->R carrying the
 height's stride, pads and dilation, then a 1 x kw conv R->T carrying the width's and the bias: exact
 at full rank (padding a column of the intermediate is padding the input's column), the intermediate
 at (output height x input width). A grouped conv is decomposed group by group (docs/grouped-convs.md): every node of the
@@ -96,9 +98,13 @@ class ConvHandler(OpHandler):
     def kinds(self, layer: Layer) -> tuple[str, ...]:
         if self.kernel_size(layer) == 1:
             return ("svd", "tucker2", "tucker1")
+        # Tucker-1-in (the 1x1 S->R projection then the k x k R->T) wants a spatial kernel (of a 1x1
+        # conv it is the SVD, offered already) and more than one input channel per group (else the
+        # projection is 1 -> R, never smaller); 1-D, 2-D and 3-D alike, as Tucker-1.
+        mirror = ("tucker1-in",) if self.in_channels_per_group(layer) > 1 else ()
         if self.spatial_separable(layer):
-            return ("tucker2", "tucker1", "spatial-svd")
-        return ("tucker2", "tucker1")
+            return ("tucker2", "tucker1", *mirror, "spatial-svd")
+        return ("tucker2", "tucker1", *mirror)
 
     def spatial_separable(self, layer: Layer) -> bool:
         """A 2-D kernel with both sides > 1: spatial SVD applies (a k x 1 or 1 x k kernel has nothing to split)."""
@@ -164,6 +170,12 @@ class ConvHandler(OpHandler):
             mid = self.intermediate_pixels(layer)
             macs = None if out_px is None or mid is None else batch * (vertical * mid + horizontal * out_px)
             return vertical + horizontal, macs
+        if kind == "tucker1-in":
+            # 1x1 (S -> R3 per group) at the input resolution, the core (R3 -> T per group) at the output's.
+            (r3,) = ranks
+            first, core = G * S * r3, r3 * T * k
+            macs = None if out_px is None or in_px is None else batch * (first * in_px + core * out_px)
+            return first + core, macs
         if kind == "tucker1":
             (r4,) = ranks
             params = G * r4 * S * k + r4 * T
@@ -214,6 +226,13 @@ class ConvHandler(OpHandler):
         g = self.groups(layer)
         if factors.kind == "spatial-svd":
             return [(None, vf, hf) for vf, hf in spatial_refit_blocks(a[0], a[1], g)]
+        if factors.kind == "tucker1-in":
+            # The first 1x1 (R3 x S_g), the core as im2col columns x T_g, and an identity last factor
+            # (T_g x T_g) that `from_refit_blocks` folds back into the core: refit like Tucker-2's
+            # first factor and core (data-aware first factor, joint least squares of the core).
+            r3, t = a[0].shape[0] // g, a[1].shape[0] // g
+            return [(a[0][k * r3 : (k + 1) * r3].reshape(r3, -1), a[1][k * t : (k + 1) * t].reshape(t, -1).T, np.eye(t))
+                    for k in range(g)]
         first = a[0] if factors.kind == "tucker2" else None
         core, last = (a[1], a[2]) if factors.kind == "tucker2" else (a[0], a[1])
         r, t = core.shape[0] // g, last.shape[0] // g
@@ -234,6 +253,10 @@ class ConvHandler(OpHandler):
             verticals = [spatial_basis(fr, kw).reshape(old[0].shape[0] // len(blocks), *old[0].shape[1:]) for _, fr, _ in blocks]
             lasts = [la.reshape(r, kw, tg).transpose(2, 0, 1)[:, :, None, :] for _, _, la in blocks]
             return [np.concatenate(verticals), np.concatenate(lasts)]
+        if factors.kind == "tucker1-in":  # the last factor folded into the core
+            first = np.concatenate([fi for fi, _, _ in blocks]).reshape(old[0].shape)  # type: ignore[arg-type]
+            folded = [(fr @ la).T.reshape((la.shape[1], *old[1].shape[1:])) for _, fr, la in blocks]
+            return [first, np.concatenate(folded)]
         core_old = old[1] if factors.kind == "tucker2" else old[0]
         last_old = old[-1]
         cores = [fr.T.reshape((fr.shape[1], *core_old.shape[1:])) for _, fr, _ in blocks]
@@ -252,7 +275,7 @@ class ConvHandler(OpHandler):
     spatial_op = "Conv"  # the op of the chain's spatial step
 
     def spatial_step(self, kind: str, j: int) -> bool:
-        return (kind == "tucker2" and j == 1) or (kind in ("tucker1", "svd") and j == 0)
+        return (kind in ("tucker2", "tucker1-in") and j == 1) or (kind in ("tucker1", "svd") and j == 0)
 
     def split_attrs(self, layer: Layer, axis: int) -> list[tuple[str, object]]:
         """A spatial-SVD factor's attributes: the replaced node's strides, pads and dilations on

@@ -5,7 +5,8 @@ a Tucker chain are memory-bound. A `LayerTimer` measures one layer's original no
 replacement chain (runtime/layertime.py does it in onnxruntime; tests inject a deterministic fake).
 `select_by_latency` keeps the planned decomposition when it is at least `min_speedup` times faster;
 otherwise it tries variants that may suit the runtime better (ranks rounded down and up to SIMD-friendly
-multiples, Tucker-1 instead of Tucker-2: no input-mode 1x1) and keeps the fastest that pays; when none
+multiples, Tucker-1 instead of Tucker-2: no input-mode 1x1, or its mirror Tucker-1-in: no output-mode
+1x1) and keeps the fastest that pays; when none
 does, the layer is kept as it is, with the measured ratio as the reason. Pure Python: no onnxruntime.
 """
 
@@ -78,7 +79,8 @@ def _pays(layer: Layer, plan: LayerPlan, kind: str, ranks: tuple[int, ...]) -> b
 
 def variants(layer: Layer, plan: LayerPlan, multiples: Sequence[int]) -> list[tuple[str, tuple[int, ...]]]:
     """The alternatives to the planned (kind, ranks): each rank rounded down and up to each multiple
-    (capped at the mode's rank), and Tucker-1 (no input-mode 1x1) at each output rank of a Tucker-2."""
+    (capped at the mode's rank), and Tucker-1 (no input-mode 1x1) at each output rank of a Tucker-2,
+    Tucker-1-in (no output-mode 1x1) at each input rank."""
     assert plan.ranks is not None
     kind, ranks = plan.kind, plan.ranks
     caps = rank_caps(layer, kind)
@@ -90,6 +92,8 @@ def variants(layer: Layer, plan: LayerPlan, multiples: Sequence[int]) -> list[tu
                 found.append((kind, rr))
     if kind == "tucker2" and "tucker1" in handler_for(layer).kinds(layer):
         found += [("tucker1", (rr[0],)) for _, rr in [(kind, ranks), *found]]
+    if kind == "tucker2" and "tucker1-in" in handler_for(layer).kinds(layer):
+        found += [("tucker1-in", (rr[1],)) for k, rr in [(kind, ranks), *found] if k == "tucker2"]
     seen = {(kind, ranks)}
     out = []
     for v in found:

@@ -25,7 +25,7 @@ from ..ops.layer import Layer
 from ..ops.registry import handler_for
 
 PLAN_FORMAT_VERSION = 1
-KINDS = ("tucker2", "tucker1", "svd", "spatial-svd", "skip")
+KINDS = ("tucker2", "tucker1", "tucker1-in", "svd", "spatial-svd", "skip")
 
 
 class SkipCause(str, Enum):
@@ -47,7 +47,8 @@ class SkipCause(str, Enum):
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """One layer's decision. Ranks are (R4, R3) for tucker2, (R4,) for tucker1, (R,) for svd."""
+    """One layer's decision. Ranks are (R4, R3) for tucker2, (R4,) for tucker1, (R3,) for tucker1-in,
+    (R,) for svd and spatial-svd."""
 
     name: str
     op_type: str

@@ -64,6 +64,8 @@ def _plots(rep: MobileReport) -> list[str]:
             in_pts.append((float(w[1]), float(p.ranks[1]), f"{p.name}: input channels {w[1]} -> rank {p.ranks[1]}"))
         elif p.kind == "tucker1":
             out_pts.append((float(w[0]), float(p.ranks[0]), f"{p.name}: output channels {w[0]} -> rank {p.ranks[0]}"))
+        elif p.kind == "tucker1-in":  # the input mode only
+            in_pts.append((float(w[1]), float(p.ranks[0]), f"{p.name}: input channels {w[1]} -> rank {p.ranks[0]}"))
         elif p.kind == "spatial-svd" and len(w) == 4:  # the rank of the (S*kh) x (T*kw) rearrangement
             side = float(min(w[1] * w[2], w[0] * w[3]))
             out_pts.append((side, float(p.ranks[0]), f"{p.name} (spatial SVD): min(S*kh, T*kw) {side:g} -> rank {p.ranks[0]}"))

@@ -168,7 +168,7 @@ def select_trainable(module: Any, train: str, source: str) -> tuple[list[str], i
             trainable += p.numel()
             names.append(name)
     if not names:
-        why = "has no decomposed layers (nodes named .../tucker_* or .../svd_*)" if train == "factors" else "has no weights"
+        why = "has no decomposed layers (nodes named .../tucker_*, .../svd_* or .../spatial_*)" if train == "factors" else "has no weights"
         raise UsageError(f"{source}: the model {why}; nothing to train: use --train all, or compress it first")
     return names, trainable, total
 
