@@ -7,6 +7,7 @@ Other test files may ADD functions here; do not change the existing ones (many t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -15,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from onnx_tucker.config import CompressionConfig, RankPolicy
 
 IR_VERSION = 8
 OPSET = 17
@@ -379,3 +382,23 @@ def make_conv_stack(
     nodes[-1] = helper.make_node("Relu", [f"h{layers - 1}"], ["y"], name=f"relu{layers - 1}")
     vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, C, *spatial]) for n in ("x", "y")]
     return _finish(nodes, vi[:1], vi[1:], inits, name="conv_stack")
+
+
+# Conv configurations every decomposition kind is exact over at full rank (2-D kernels).
+CONV_CONFIGS_2D = [
+    dict(),
+    dict(strides=(2, 2), pads=(1, 1, 1, 1)),
+    dict(strides=(2, 1), pads=(1, 0, 2, 1)),  # asymmetric
+    dict(dilations=(2, 3), pads=(2, 3, 2, 3)),
+    dict(auto_pad="SAME_UPPER", strides=(2, 2)),
+    dict(auto_pad="SAME_LOWER", kernel=(3, 5)),
+    dict(auto_pad="VALID", kernel=(5, 3), strides=(1, 2)),
+    dict(group=2, pads=(1, 2, 0, 1), strides=(2, 1)),
+    dict(group=3, T=9, S=6, dilations=(1, 2), pads=(1, 2, 1, 2), bias=False),
+    dict(batch=2, kernel=(2, 4), pads=(0, 1, 1, 2)),
+]
+
+
+def replace_ranks(cfg: CompressionConfig, ranks: str) -> CompressionConfig:
+    """`cfg` with the rank policy `ranks` (text, as --ranks takes it)."""
+    return dataclasses.replace(cfg, ranks=RankPolicy.parse(ranks))

@@ -26,22 +26,19 @@ from onnx_tucker.graph.source import SourceModel
 from onnx_tucker.numerics import rankalloc, refit
 from onnx_tucker.numerics.tucker import reconstruct_spatial_svd, spatial_svd, spatial_unfold
 from onnx_tucker.planning.stage import plan_and_decompose
-from tests.helpers import assert_outputs_close, initializer, make_conv_model, node_attrs, run_ort
+from tests.helpers import (
+    CONV_CONFIGS_2D,
+    assert_outputs_close,
+    initializer,
+    make_conv_model,
+    node_attrs,
+    replace_ranks,
+    run_ort,
+)
 
 SPATIAL = CompressionConfig(ranks=RankPolicy("full"), kind="spatial-svd", validate=False)
 
-CONFIGS = [
-    dict(),
-    dict(strides=(2, 2), pads=(1, 1, 1, 1)),
-    dict(strides=(2, 1), pads=(1, 0, 2, 1)),  # asymmetric
-    dict(dilations=(2, 3), pads=(2, 3, 2, 3)),
-    dict(auto_pad="SAME_UPPER", strides=(2, 2)),
-    dict(auto_pad="SAME_LOWER", kernel=(3, 5)),
-    dict(auto_pad="VALID", kernel=(5, 3), strides=(1, 2)),
-    dict(group=2, pads=(1, 2, 0, 1), strides=(2, 1)),
-    dict(group=3, T=9, S=6, dilations=(1, 2), pads=(1, 2, 1, 2), bias=False),
-    dict(batch=2, kernel=(2, 4), pads=(0, 1, 1, 2)),
-]
+CONFIGS = CONV_CONFIGS_2D
 
 
 def _decomposed(model: onnx.ModelProto, config: CompressionConfig):  # type: ignore[no-untyped-def]
@@ -104,11 +101,6 @@ def test_cost_is_the_arithmetic_of_the_tensors_the_chain_computes(kw: dict) -> N
     assert lp.macs_after == sizes[0] * 2 * mid.shape[2] * mid.shape[3] + sizes[1] * 2 * y.shape[2] * y.shape[3]
     assert lp.macs_before == initializer(model, "W").size * 2 * y.shape[2] * y.shape[3]
 
-
-def replace_ranks(cfg: CompressionConfig, ranks: str) -> CompressionConfig:
-    from dataclasses import replace
-
-    return replace(cfg, ranks=RankPolicy.parse(ranks))
 
 
 @pytest.mark.parametrize("intercept", [False, True])

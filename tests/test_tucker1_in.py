@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,28 +30,23 @@ from onnx_tucker.numerics.tucker import reconstruct_tucker1_in, tucker1_in, unfo
 from onnx_tucker.ops.base import LABELS
 from onnx_tucker.planning.stage import plan_and_decompose
 from onnx_tucker.training.convert import FACTOR_MODULE
-from tests.helpers import assert_outputs_close, initializer, make_conv_model, node_attrs, run_ort
+from tests.helpers import (
+    CONV_CONFIGS_2D,
+    assert_outputs_close,
+    initializer,
+    make_conv_model,
+    node_attrs,
+    replace_ranks,
+    run_ort,
+)
 
 MIRROR = CompressionConfig(ranks=RankPolicy("full"), kind="tucker1-in", validate=False)
 
 CONFIGS = [
-    dict(),
-    dict(strides=(2, 2), pads=(1, 1, 1, 1)),
-    dict(strides=(2, 1), pads=(1, 0, 2, 1)),  # asymmetric
-    dict(dilations=(2, 3), pads=(2, 3, 2, 3)),
-    dict(auto_pad="SAME_UPPER", strides=(2, 2)),
-    dict(auto_pad="SAME_LOWER", kernel=(3, 5)),
-    dict(auto_pad="VALID", kernel=(5, 3), strides=(1, 2)),
-    dict(group=2, pads=(1, 2, 0, 1), strides=(2, 1)),
-    dict(group=3, T=9, S=6, dilations=(1, 2), pads=(1, 2, 1, 2), bias=False),
-    dict(batch=2, kernel=(2, 4), pads=(0, 1, 1, 2)),
+    *CONV_CONFIGS_2D,
     dict(kernel=(5,), spatial=(17,), strides=(2,), pads=(2, 1)),  # 1-D
     dict(kernel=(3, 3, 3), spatial=(6, 7, 5), pads=(1, 1, 1, 1, 1, 1), group=2),  # 3-D
 ]
-
-
-def _rank_config(cfg: CompressionConfig, ranks: str) -> CompressionConfig:
-    return replace(cfg, ranks=RankPolicy.parse(ranks))
 
 
 @pytest.mark.parametrize("kw", CONFIGS, ids=[str(i) for i in range(len(CONFIGS))])
@@ -96,7 +90,7 @@ def test_grouped_layers_are_decomposed_group_by_group() -> None:
     """Each group's block is its own Tucker-1-in: the first factor block-diagonal (group=G), the core
     grouped, and the error is the groups' errors combined."""
     model = make_conv_model(T=8, S=12, group=2, pads=(1, 1, 1, 1), seed=3)
-    res = api.compress(model, _rank_config(MIRROR, "ratio:0.5"))
+    res = api.compress(model, replace_ranks(MIRROR, "ratio:0.5"))
     (lp,) = res.plan.layers
     (r,) = lp.ranks or ()
     w = initializer(model, "W").astype(np.float64)
@@ -119,7 +113,7 @@ def test_cost_is_the_arithmetic_of_the_tensors_the_chain_computes(kw: dict) -> N
     writes, read from onnxruntime (the 1x1 at the input resolution, the core at the output's)."""
     args = dict(T=12, S=16, spatial=(13, 11), batch=2) | kw
     model = make_conv_model(**args)  # type: ignore[arg-type]
-    res = api.compress(model, _rank_config(MIRROR, "ratio:0.25"))
+    res = api.compress(model, replace_ranks(MIRROR, "ratio:0.25"))
     (lp,) = res.plan.layers
     assert lp.kind == "tucker1-in" and lp.ranks is not None
     nodes = list(res.model.graph.node)
@@ -182,7 +176,7 @@ def test_calibration_refits_the_chain_exactly_and_never_worse() -> None:
     found = calibrate_model(model, comp, bad, batches, CalibrationOptions(rows=10**9))
     assert found["conv"].method != "kept" and err(comp) < 1e-3
     # Reduced rank: never worse than the factors as decomposed, under each method.
-    reps = decomposed(_rank_config(MIRROR, "ratio:0.5"))
+    reps = decomposed(replace_ranks(MIRROR, "ratio:0.5"))
     assert len(reps) == 1 and next(iter(reps.values())).factors.kind == "tucker1-in"
     one_shot = apply_replacements(model, reps)
     for method in ("last", "joint", "full"):
@@ -284,10 +278,10 @@ def test_kind_option_and_where_the_mirror_applies() -> None:
         CompressionConfig(kind="cp")
     CompressionConfig(kind="tucker1-in")
     # A 1x1 conv has no mirror (it would be its SVD): it keeps its default.
-    res = api.compress(make_conv_model(T=16, S=16, kernel=(1, 1)), _rank_config(MIRROR, "ratio:0.3"))
+    res = api.compress(make_conv_model(T=16, S=16, kernel=(1, 1)), replace_ranks(MIRROR, "ratio:0.3"))
     assert res.plan.layers[0].kind == "svd"
     # One input channel: a 1 -> R projection saves nothing; the default (Tucker-1) stays.
-    res = api.compress(make_conv_model(T=16, S=1, pads=(1, 1, 1, 1)), _rank_config(MIRROR, "ratio:0.5"))
+    res = api.compress(make_conv_model(T=16, S=1, pads=(1, 1, 1, 1)), replace_ranks(MIRROR, "ratio:0.5"))
     assert res.plan.layers[0].kind != "tucker1-in"
 
 

@@ -19,7 +19,7 @@ same outputs at inference:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ from ..errors import ModelLoadError
 from ..ops.base import same_pads
 from ..ops.registry import find_handler
 from .optypes import is_op
+from .protos import subgraphs
 
 # Opsets tried, in order, when some node has no onnx2torch converter at the model's own opset.
 CANDIDATE_OPSETS = (13, 17, 11, 16, 14, 15, 12)
@@ -116,23 +117,15 @@ def unconvertible_nodes(model: onnx.ModelProto, supported: Supported) -> dict[in
     return out
 
 
-def _node_and_subgraphs(node: onnx.NodeProto):  # type: ignore[no-untyped-def]
+def _node_and_subgraphs(node: onnx.NodeProto) -> Iterator[onnx.NodeProto]:
     yield node
-    for a in node.attribute:
-        if a.type == onnx.AttributeProto.GRAPH:
-            yield from _all_nodes(a.g)
-        for g in a.graphs:
-            yield from _all_nodes(g)
+    for sub in subgraphs(node):
+        yield from _all_nodes(sub)
 
 
-def _all_nodes(graph: onnx.GraphProto):  # type: ignore[no-untyped-def]
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
     for n in graph.node:
-        yield n
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(a.g)
-            for g in a.graphs:
-                yield from _all_nodes(g)
+        yield from _node_and_subgraphs(n)
 
 
 def _drop_passthrough(model: onnx.ModelProto, changes: list[str]) -> None:

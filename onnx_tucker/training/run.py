@@ -662,7 +662,7 @@ def _run(load: Callable[[], tuple[onnx.ModelProto, onnx.ModelProto | None]], whe
     parts = subgraph.plan(student_proto, convert.supported_ops(), where.source, dims)
     if parts.bad:  # some ops have no converter: train the convertible parts around the decomposed layers
         if teacher_proto is None:
-            raise subgraph.refuse_without_teacher(where.source, student_proto, parts.bad)
+            raise subgraph.refuse_without_teacher(where.source, parts.bad)
         subgraph.check_plan(where.source, parts, world, cfg.resume)
         return _run_segments(torch, device, where, protos, ds, cfg, progress, parts)
     mods = _to_torch(torch, device, where.source, teacher, protos, cfg, {n: a.shape for n, a in ds.train.inputs.items()})
@@ -703,7 +703,7 @@ def _run_segments(torch: Any, device: Any, where: _Where, protos: _Protos, ds: _
     student, teacher = copy.deepcopy(protos.student), protos.teacher
     threads, threads_why = _torch_setup(torch, device, cfg)
     label_output = subgraph.class_output(student)
-    before = subgraph.full_model_stats(student, teacher, ds.eval, protos.out_names, label_output)
+    before = subgraph.full_model_stats(student, teacher, ds.eval, label_output)
     ops = ", ".join(dict.fromkeys(parts.bad.values()))
     notes = [*protos.notes, *ds.notes,
              f"note: no torch converter trains through {ops} ({len(parts.bad)} node(s)): training the {len(parts.segments)} "
@@ -759,7 +759,7 @@ def _run_segments(torch: Any, device: Any, where: _Where, protos: _Protos, ds: _
         steps += run.steps
         seconds += run.seconds
         changes += [c for c in norm.changes if c not in changes]
-    after = subgraph.full_model_stats(student, teacher, ds.eval, protos.out_names, label_output)
+    after = subgraph.full_model_stats(student, teacher, ds.eval, label_output)
     _ort_outputs(student, {n: a[: min(2, ds.eval.count)] for n, a in ds.eval.inputs.items()})  # the whole model runs
     bests = [s.best_epoch for s in done if s.best_epoch is not None]
     total = sum(int(np.prod(t.dims)) for t in student.graph.initializer

@@ -72,7 +72,7 @@ def untrained_ops(student: onnx.ModelProto, bad: Mapping[int, str]) -> tuple[str
     return tuple(f"{label} (node '{nodes[i].name or i}')" for i, label in sorted(bad.items()))
 
 
-def refuse_without_teacher(source: str, student: onnx.ModelProto, bad: Mapping[int, str]) -> ModelLoadError:
+def refuse_without_teacher(source: str, bad: Mapping[int, str]) -> ModelLoadError:
     ops = ", ".join(dict.fromkeys(bad.values()))
     return ModelLoadError(
         f"{source}: no torch converter trains through {ops} ({len(bad)} node(s)); give --teacher ORIG.onnx to fine-tune "
@@ -229,8 +229,8 @@ class FullStats:
     agreement: float | None
 
 
-def full_model_stats(student: onnx.ModelProto, teacher: onnx.ModelProto, ds: DataSet, out_names: Sequence[str],
-                     label_output: int | None, batch: int = 64) -> FullStats:
+def full_model_stats(student: onnx.ModelProto, teacher: onnx.ModelProto, ds: DataSet, label_output: int | None,
+                     batch: int = 64) -> FullStats:
     """Top-1 accuracy (labels) and agreement with the original of the whole compressed model, in onnxruntime."""
     import onnxruntime as ort
 
