@@ -498,7 +498,7 @@ QUANTIZE_REPORT_HELP = "Write the INT8 result as JSON (keys: quantize, compariso
 
 
 @app.command(cls=_Command, name="quantize", epilog="Example: onnx-tucker quantize model.onnx model.int8.onnx --data calib.npz --report int8.json")
-@options(Use(QuantizeConfig, only=("method", "exclude", "min_sqnr", "runtimes")), InputOptions,
+@options(Use(QuantizeConfig, only=("method", "exclude", "min_sqnr", "keep_names", "runtimes")), InputOptions,
          Use(ValidationConfig, only=("samples", "data")), Use(CalibrationConfig, only=("calibrate", "calibration_samples")),
          Preprocess, BenchConfig, Use(OutputOptions, only=("report", "markdown", "html"), help={"report": QUANTIZE_REPORT_HELP}),
          GeneralOptions)

@@ -280,6 +280,28 @@ def test_the_quantize_command_writes_the_int8_reference(tmp_path: Path) -> None:
     assert len(d["quantize"]["chains"]) == 7 and all(c["precision"] == "int8" for c in d["quantize"]["chains"])
 
 
+def test_the_quantizers_names_are_shortened_unless_kept(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The written INT8 file has short tensor names (graph/compact.py) and says so; --quantize-keep-names
+    writes the quantizer's names: a larger file computing the same outputs."""
+    result, out = run
+    short = onnx.load(out / "int8.onnx")
+    assert not any("_QuantizeLinear" in t or t.endswith("_quantized") for n in short.graph.node for t in n.output)
+    assert any("names shortened" in n for n in result.quantize.notes)
+    kept_path = tmp_path / "kept.onnx"
+    r = runner.invoke(app, ["quantize", str(MODEL), str(kept_path), "--data", str(DATA), "--samples", str(SAMPLES),
+                            "--quantize-runtimes", "none", "--quantize-keep-names", "-q"])
+    assert r.exit_code == 0, r.stderr
+    plain_path = tmp_path / "plain.onnx"
+    r = runner.invoke(app, ["quantize", str(MODEL), str(plain_path), "--data", str(DATA), "--samples", str(SAMPLES),
+                            "--quantize-runtimes", "none", "-q"])
+    assert r.exit_code == 0, r.stderr
+    kept, plain = onnx.load(kept_path), onnx.load(plain_path)
+    assert any(t.endswith("_quantized") for t in (i.name for i in kept.graph.initializer))
+    assert plain_path.stat().st_size < kept_path.stat().st_size
+    x = {"input": np.load(DATA)["input"][:8]}
+    assert np.array_equal(run_ort(kept, x)["logits"], run_ort(plain, x)["logits"])
+
+
 def test_the_calibration_method_is_onnxruntimes() -> None:
     """entropy / percentile ranges differ from minmax ones: the scales of the activations change."""
     model = onnx.load(MODEL)
@@ -287,7 +309,7 @@ def test_the_calibration_method_is_onnxruntimes() -> None:
     layers = ["/features/features.0/Conv"]
     scales = {}
     for method in ("minmax", "percentile"):
-        r = quantize_int8(model, data, QuantizeConfig(quantize="int8", method=method), layers, {"input": (1, 1, 28, 28)})
+        r = quantize_int8(model, data, QuantizeConfig(quantize="int8", method=method, keep_names=True), layers, {"input": (1, 1, 28, 28)})
         assert r.method == method and r.output_sqnr_db["logits"] > MIN_OUTPUT_SQNR_DB
         inits = {t.name: onnx.numpy_helper.to_array(t) for t in r.model.graph.initializer}
         scales[method] = {k: float(v) for k, v in inits.items() if k.endswith("_scale") and v.size == 1}

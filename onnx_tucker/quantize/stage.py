@@ -8,7 +8,8 @@ FP32. Each chain of `layers` (the decomposed layers, or every layer of an uncomp
 measured on the data: its SQNR alone (the INT8 chain fed the FP32 chain input, against the FP32 chain
 output: which chains quantize badly) and cumulative (its output in the INT8 model against the FP32
 model's). Under `--quantize-min-sqnr DB` the chains below DB are kept in FP32 and the model quantized
-again, the reason recorded. Failures name the node and op (`QuantizeError`, exit code 2).
+again, the reason recorded. Last, unless `--quantize-keep-names`, the quantizer's long tensor names are
+shortened and identical constants shared (`graph/compact.py`: the same computation, a smaller file). Failures name the node and op (`QuantizeError`, exit code 2).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import onnx
 from ..config import QuantizeConfig
 from ..data import DataSet
 from ..errors import QuantizeError, first_line
+from ..graph.compact import compact_names
 from ..graph.optypes import is_op, is_quantize
 from ..ops.registry import is_quantized_layer
 from ..runtime.session import ort_session
@@ -288,6 +290,11 @@ def quantize_int8(model: onnx.ModelProto, data: DataSet, config: QuantizeConfig,
                 errors, out_sqnr = _chain_errors(pre, int8, chains, sqnr_batches, reasons)
                 notes.append(f"{len(low)} chain(s) below {config.min_sqnr:g} dB kept in FP32: "
                              + ", ".join(f"{n} ({db:.1f} dB)" for n, db in before.items()))
+    if not config.keep_names:  # after the chain errors, which find the chains by the quantizer's names
+        before = int8.ByteSize()
+        int8 = compact_names(int8)
+        notes.append(f"tensor names shortened and identical constants shared: {before / 1e6:.2f} -> "
+                     f"{int8.ByteSize() / 1e6:.2f} MB (--quantize-keep-names keeps the quantizer's names)")
     qdq = sum(1 for n in int8.graph.node if is_quantize(n))
     return QuantizeResult(int8, config.method, data.path, data_option, data.count, taken, tuple(errors),
                           tuple(sorted(fp32_nodes)), out_sqnr, qdq, time.perf_counter() - t0, tuple(notes))
