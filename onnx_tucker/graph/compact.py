@@ -1,7 +1,7 @@
 """Smaller files, same computation: short tensor names and shared identical constants.
 
 onnxruntime's quantizer names every tensor it adds after the one it quantizes
-(`/layer1/layer1.0/conv1/Conv/tucker2_core/W_DequantizeLinear_Output`, `..._zero_point`, ...), and gives
+(`/layer1/layer1.0/conv1/Conv/spatial_horizontal/W_DequantizeLinear_Output`, `..._zero_point`, ...), and gives
 each activation its own scale and zero-point initializers. On a network of many thin layers those names
 are a quarter of an INT8 file (ResNet-56 compressed at x2 MACs: 185 KB of 720 KB), which a phone stores
 and loads for nothing. `compact_names(model)` renames every tensor of the main graph to a short name
