@@ -12,9 +12,11 @@ a Lagrangian sweep, the same idea as `timealloc.allocate_macs_and_time`:
    hold. w = 0 is `allocate_macs` (MACs alone); a large w spends the parameters first.
 2. Two more starting points aimed at feasibility: the least parameters within the MAC budget (the
    MAC walk with parameters as the "error") and the least MACs within the parameter budget.
-3. Each result over a budget is repaired (the single-layer move among the sweep's hull points that
-   takes the most excess away per error added), then every feasible one improved (the move that
-   lowers the error most and keeps both budgets, until none does).
+3. Each result over a budget is repaired (the single-layer move that takes the most excess away per
+   error added; when stuck, the best move of two layers at once), then every feasible one improved
+   (the single-layer move that lowers the error most within both budgets, until none does; on the
+   best one, moves of two layers at once too). Moves go to each layer's candidates that no other beats
+   on MACs, parameters and error at once (`pareto`).
 
 The feasible result with the least total error is returned. Exact when the parameter budget does not
 bind (the w = 0 walk is `allocate_macs`'s solution, and the result is never worse than it when that one
@@ -72,7 +74,6 @@ def allocate_macs_and_params(layers: Sequence[Sequence[RankCandidate]], budget_m
                              weights: Sequence[float | None] = SWEEP_WEIGHTS) -> MacParamAllocation:
     """One candidate per layer, summed MACs <= `budget_macs` and summed parameters (`params_of(layer
     index, candidate)`) <= `budget_params`, at the least total error found (see the module docstring)."""
-    n = len(layers)
     params = [[int(params_of(i, c)) for c in cs] for i, cs in enumerate(layers)]
     macs0 = max(sum(max(c.macs for c in cs) for cs in layers), 1)
     params0 = max(sum(max(p) for p in params), 1)
