@@ -707,7 +707,7 @@ def select_ranks_data(
             return int(handler_for(lay).cost(lay, c.kind, c.ranks)[0])
 
         both = allocate_macs_and_params(candidates, max(budget, 0), budget_params, params_of)
-        alloc = Allocation(both.choice, both.macs, max(budget, 0), both.met or both.least_params is None)
+        alloc = Allocation(both.choice, both.macs, max(budget, 0), both.met or both.least_params is not None)
     elif allocator is None:
         alloc = allocate_macs(candidates, max(budget, 0))
     else:

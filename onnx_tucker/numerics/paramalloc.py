@@ -105,7 +105,9 @@ def allocate_macs_and_params(layers: Sequence[Sequence[RankCandidate]], budget_m
     moves = [pareto(list(b.values())) for b in by_key]  # what repair and improvement may move a layer to
 
     best: tuple[float, list[Priced], float | None] | None = None
-    least_params: int | None = None
+    least_params: int | None = None  # the least-parameter start meets the MAC budget when anything does
+    if fewest.met:
+        least_params = sum(by_key[i][(c.kind, c.ranks)].params for i, c in enumerate(fewest.choice))
     seen: set[tuple[tuple[str, tuple[int, ...]], ...]] = set()
     for choice, w in starts:
         key = tuple((c.candidate.kind, c.candidate.ranks) for c in choice)
