@@ -448,7 +448,7 @@ class MobileReportOptions:
 
 # --report writes a different JSON per command (report/data.py): each command gives its own help,
 # naming its top-level keys (cli.py); this one is compress's.
-COMPRESS_REPORT_HELP = "Write the full report as JSON (keys: layers, totals, validation, latency, calibration, finetune, target, mac_budget, layer_timing, config, quantize, comparison, model; latency is null without --bench, calibration without --calibrate, finetune without --finetune, target without --target, mac_budget without --ranks data:F, layer_timing without --latency-aware, quantize without --quantize int8, comparison without --quantize-compare, validation under --no-validate)."
+COMPRESS_REPORT_HELP = "Write the full report as JSON (keys: layers, totals, validation, latency, calibration, finetune, target, mac_budget, layer_timing, config, quantize, comparison, model; latency is null without --bench, calibration without --calibrate, finetune without --finetune, target without --target (and under --ranks data:F --target params:G, whose two budgets mac_budget gives), mac_budget without --ranks data:F, layer_timing without --latency-aware, quantize without --quantize int8, comparison without --quantize-compare, validation under --no-validate)."
 
 
 @group("Output")

@@ -6,7 +6,8 @@ pass) accumulates, per layer, the statistics its error curves need (`numerics.ra
 the error at every rank (Tucker-1 / SVD) or rank pair (Tucker-2, input ranks on a grid); the MAC
 budget is then allocated across layers, "keep the layer" being one candidate. The result replays
 through the planner like a plan file (`PlannedRanks`), and `--calibrate` then refits the chosen
-factors as usual.
+factors as usual. With `--target params:G` the model's float parameters are kept within G too, the
+two budgets allocated together (`numerics.paramalloc.allocate_macs_and_params`).
 
 What each layer needs (`_covered` says how the error model reads it):
 - Tucker-1 / SVD, any layer: the output Gram only (T x T per group), no width limit;

@@ -138,7 +138,7 @@ def allocate_macs_and_params(layers: Sequence[Sequence[RankCandidate]], budget_m
         return MacParamAllocation(tuple(c.candidate for c in fallback), m, p, budget_macs, budget_params, False,
                                   least_params, None)
     _, choice, w = best
-    while True:  # the best one: moves of two layers at once too
+    for _ in range(PAIR_ROUNDS):  # the best one: moves of two layers at once too
         paired = _pair_move(choice, moves, budget_macs, budget_params, macs0, params0, repair=False)
         if paired is None:
             break
@@ -252,6 +252,7 @@ def _improve(choice: list[Priced], moves: Sequence[Sequence[Priced]], budget_mac
 
 # Pair moves are tried while the candidates of all pairs of layers stay under this many combinations.
 PAIR_LIMIT = 20_000_000
+PAIR_ROUNDS = 64  # improving pair moves taken at most
 
 
 def _pair_move(choice: list[Priced], moves: Sequence[Sequence[Priced]], budget_macs: int, budget_params: int,
