@@ -363,7 +363,7 @@ def options(*uses: type | Use) -> Callable[[Callable[..., None]], Callable[..., 
 
 
 # --report writes a different JSON per command (report/data.py); each help names its top-level keys.
-INSPECT_REPORT_HELP = "Write the plan as a JSON report (keys: layers, totals, validation, target, mac_budget, layer_timing, config; validation is always null: nothing is run; target is null without --target, mac_budget without --ranks data:F, layer_timing without --latency-aware)."
+INSPECT_REPORT_HELP = "Write the plan as a JSON report (keys: layers, totals, validation, target, mac_budget, layer_timing, config; validation is always null: nothing is run; target is null without --target (and under --ranks data:F --target params:G, whose two budgets mac_budget gives), mac_budget without --ranks data:F, layer_timing without --latency-aware)."
 VALIDATE_REPORT_HELP = "Write the comparison as JSON (keys: validation)."
 FINETUNE_REPORT_HELP = "Write the fine-tuning result as JSON (keys: finetune)."
 BENCH_REPORT_HELP = "Write the latencies as JSON (keys: latency)."

@@ -263,7 +263,7 @@ class RankOptions(_Normalised):
     jobs: int = opt("--jobs", "-j", default=1, help="Layers planned and decomposed in parallel (threads); the result is the same for every N.")
     # A whole-model budget instead of per-layer ranks (planning/budget.py): `macs:0.3`, `params:0.2`,
     # `latency:0.5` (which times the layers, as latency_aware does, and keeps only chains that pay).
-    target: BudgetTarget | None = opt("--target", default=None, cli_type=str | None, help="Whole-model budget: macs:F or params:F (fraction of the original, 0 < F < 1): ranks spent where the kernels lose the least energy per MAC (or parameter) saved; latency:F: the least compression whose layers, timed alone in onnxruntime, take F of the original time (implies per-layer timing as --latency-aware; with --calibrate allocated on the data's output errors and the measured times); agreement:F (with --data): the most compression whose top-1 agreement with the original stays >= F (with --calibrate: the data's allocation, each candidate refit before it is measured).")
+    target: BudgetTarget | None = opt("--target", default=None, cli_type=str | None, help="Whole-model budget: macs:F or params:F (fraction of the original, 0 < F < 1): ranks spent where the kernels lose the least energy per MAC (or parameter) saved; params:G with --ranks data:F --calibrate: both budgets at once (MACs <= F and all float parameters <= G of the original), allocated on the calibration data's output errors; latency:F: the least compression whose layers, timed alone in onnxruntime, take F of the original time (implies per-layer timing as --latency-aware; with --calibrate allocated on the data's output errors and the measured times); agreement:F (with --data): the most compression whose top-1 agreement with the original stays >= F (with --calibrate: the data's allocation, each candidate refit before it is measured).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -448,7 +448,7 @@ class MobileReportOptions:
 
 # --report writes a different JSON per command (report/data.py): each command gives its own help,
 # naming its top-level keys (cli.py); this one is compress's.
-COMPRESS_REPORT_HELP = "Write the full report as JSON (keys: layers, totals, validation, latency, calibration, finetune, target, mac_budget, layer_timing, config, quantize, comparison, model; latency is null without --bench, calibration without --calibrate, finetune without --finetune, target without --target, mac_budget without --ranks data:F, layer_timing without --latency-aware, quantize without --quantize int8, comparison without --quantize-compare, validation under --no-validate)."
+COMPRESS_REPORT_HELP = "Write the full report as JSON (keys: layers, totals, validation, latency, calibration, finetune, target, mac_budget, layer_timing, config, quantize, comparison, model; latency is null without --bench, calibration without --calibrate, finetune without --finetune, target without --target (and under --ranks data:F --target params:G, whose two budgets mac_budget gives), mac_budget without --ranks data:F, layer_timing without --latency-aware, quantize without --quantize int8, comparison without --quantize-compare, validation under --no-validate)."
 
 
 @group("Output")
@@ -728,9 +728,13 @@ class CompressionConfig:
         target, ranks = self.rank.target, self.rank.ranks
         if target is not None and target.metric == "agreement" and self.validation.data is None:
             raise UsageError(f"--target {target} needs --data (the images agreement is measured on); add --data DATA")
-        if target is not None and ranks.method == "data":
+        if target is not None and ranks.method == "data" and target.metric != "params":
             raise UsageError(f"--target {target} and --ranks {ranks} both set the MACs; give one of them "
-                             "(with --calibrate, --target macs:F allocates on the data as data:F does)")
+                             "(only --target params:G combines with data:F: both budgets met; with --calibrate, "
+                             "--target macs:F allocates on the data as data:F does)")
+        if target is not None and target.metric == "params" and ranks.method == "data" and self.latency.latency_aware:
+            raise UsageError(f"--ranks {ranks} --target {target} with --latency-aware: not supported (the MAC and "
+                             "parameter allocation does not time the layers); leave out --latency-aware or --target")
         if target is not None and self.plan_io.plan_file is not None:
             raise UsageError(f"--target {target} and --plan both choose the ranks; give one of them")
         if ranks.method == "data" and not self.calibration.calibrate and not self.plan_io.plan_file:

@@ -6,7 +6,8 @@ pass) accumulates, per layer, the statistics its error curves need (`numerics.ra
 the error at every rank (Tucker-1 / SVD) or rank pair (Tucker-2, input ranks on a grid); the MAC
 budget is then allocated across layers, "keep the layer" being one candidate. The result replays
 through the planner like a plan file (`PlannedRanks`), and `--calibrate` then refits the chosen
-factors as usual.
+factors as usual. With `--target params:G` the model's float parameters are kept within G too, the
+two budgets allocated together (`numerics.paramalloc.allocate_macs_and_params`).
 
 What each layer needs (`_covered` says how the error model reads it):
 - Tucker-1 / SVD, any layer: the output Gram only (T x T per group), no width limit;
@@ -47,6 +48,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import UsageError
+from ..numerics.paramalloc import MacParamAllocation, allocate_macs_and_params
 from ..numerics.rankalloc import (
     Allocation,
     NormMoments,
@@ -552,6 +554,14 @@ class DataRankSelection:
     # Per decomposed covered layer offered more than one kind: the chosen kind's error and each other
     # kind's least error at no more MACs (`kind_note`).
     kinds: Mapping[str, str] = field(default_factory=dict)
+    # `--target params:G` with data:F: the parameter budget of the covered layers and what they spend,
+    # the parameters outside them (the fallback plans as applied, biases, BN, ...) and the model's whole
+    # float parameter count (what G is a fraction of); None without it.
+    params_fraction: float | None = None
+    budget_params: int | None = None
+    params: int | None = None
+    fixed_params: int = 0
+    total_params: int | None = None
 
 
 def _fallback_reason(lay: Layer, p: LayerPlan, cov: Coverage | str) -> str | None:
@@ -609,6 +619,8 @@ def select_ranks_data(
     cached: Mapping[str, LayerSensitivity] | None = None,
     round_to: int = 1,
     error_weights: Mapping[str, float] | None = None,
+    params_fraction: float | None = None,
+    total_params: int | None = None,
 ) -> DataRankSelection:
     """Kinds and ranks for every layer so the model keeps `fraction` of its MACs (see the module
     docstring). `fallback`: the weight-space plan of each layer (same order as `layers`), used for the
@@ -618,12 +630,17 @@ def select_ranks_data(
     every covered layer, its candidates are used and the original is not walked.
     `round_to`: `--round-to N`, applied inside the allocation (`round_candidates`); the table keeps the
     candidates as measured. `error_weights`: per layer, a factor on its candidates' errors for the
-    allocation only (`--loss-aware`: training/lossaware.py); the notes and the table keep the errors as measured."""
+    allocation only (`--loss-aware`: training/lossaware.py); the notes and the table keep the errors as measured.
+    `params_fraction` (`--target params:G`): the model's float parameters (`total_params`, every float
+    parameter: biases, BN, ... count against it unchanged) are kept within that fraction too, the MACs
+    and parameters allocated together (`paramalloc.allocate_macs_and_params`; no `allocator` then)."""
     opts = options or DataRankOptions()
     count = sum(int(next(iter(b.values())).shape[0]) for b in batches)
     total = sum(int(p.macs_before or 0) for p in fallback)
     covered: list[tuple[Layer, Coverage]] = []
     fixed = 0
+    fixed_params = 0  # params of the layers outside the error model, as their fallback plan applies them
+    covered_params0: list[int] = []  # each covered layer's weight as it is
     entries: dict[str, tuple[str, tuple[int, ...] | None, tuple[int, ...] | None]] = {}
     reasons: dict[str, str] = {}
     causes: dict[str, SkipCause] = {}
@@ -636,6 +653,7 @@ def select_ranks_data(
         if why is None:
             assert isinstance(cov, Coverage)
             covered.append((lay, replace(cov, shrink=_too_few_rows(lay, cov, count))))
+            covered_params0.append(int(p.params_before or 0))
             continue
         # Layers the user or the model rule out, and the ones the error model does not cover, keep
         # their weight-space plan (decomposed or not), saying why.
@@ -652,7 +670,17 @@ def select_ranks_data(
             reasons[lay.layer_id] = (p.reason or "not decomposed") + ("" if own else f" (not chosen on the data: {why})")
             causes[lay.layer_id] = p.cause or SkipCause.PLAN
         fixed += int(p.macs_after or p.macs_before or 0)
+        fixed_params -= int(p.params_before or 0) - int(p.params_after if p.params_after is not None else p.params_before or 0)
     budget = math.floor(fraction * total) - fixed
+    budget_params: int | None = None
+    if params_fraction is not None:
+        if total_params is None:
+            raise ValueError("params_fraction needs total_params")
+        if allocator is not None:
+            raise ValueError("a MAC and parameter budget allocates on its own: no allocator")
+        # As the report counts them: the whole model's less what the layers' plans save.
+        fixed_params += total_params - sum(covered_params0)
+        budget_params = math.floor(params_fraction * total_params) - fixed_params
     candidates: list[list[RankCandidate]] = []
     walked = not (cached is not None and all(lay.layer_id in cached for lay, _ in covered))
     if walked:
@@ -671,7 +699,17 @@ def select_ranks_data(
     if error_weights:
         candidates = [[replace(c, error=c.error * error_weights.get(lay.layer_id, 1.0)) for c in cs]
                       for (lay, _), cs in zip(covered, candidates, strict=True)]
-    if allocator is None:
+    both: MacParamAllocation | None = None
+    if budget_params is not None:
+        def params_of(i: int, c: RankCandidate) -> int:
+            if c.kind == "original":
+                return covered_params0[i]
+            lay = covered[i][0]
+            return int(handler_for(lay).cost(lay, c.kind, c.ranks)[0])
+
+        both = allocate_macs_and_params(candidates, max(budget, 0), budget_params, params_of)
+        alloc = Allocation(both.choice, both.macs, max(budget, 0), both.met or both.least_params is not None)
+    elif allocator is None:
         alloc = allocate_macs(candidates, max(budget, 0))
     else:
         alloc = allocator([lay for lay, _ in covered], candidates, max(budget, 0))
@@ -689,6 +727,15 @@ def select_ranks_data(
             f"the least this model can reach is {least / max(total, 1):.3f} of it (rank 1 everywhere, and "
             f"{fixed} MACs in layers that are not decomposed or use the fallback plan); use a larger fraction"
         )
+    if both is not None and not both.met:
+        assert params_fraction is not None and total_params is not None and both.least_params is not None
+        least_p = fixed_params + both.least_params
+        raise UsageError(
+            f"--ranks data:{fraction:g} --target params:{params_fraction:g}: cannot keep the parameters at "
+            f"{params_fraction:g} of the original ({total_params}) with the MACs at {fraction:g}; the least found at "
+            f"that MAC fraction is {least_p / max(total_params, 1):.3f} of it ({least_p} parameters, {fixed_params} of them "
+            "outside the decomposed layers' weights: biases, normalisation, layers not chosen on the data); use a larger G or F"
+        )
     chosen: dict[str, RankCandidate] = {}
     kinds: dict[str, str] = {}
     for (lay, _), c, cands in zip(covered, alloc.choice, candidates, strict=True):
@@ -699,8 +746,12 @@ def select_ranks_data(
         if c.kind == "original":
             entries[lay.layer_id] = ("skip", None, lay.weight_shape)
             causes[lay.layer_id] = SkipCause.BUDGET
-            reasons[lay.layer_id] = (f"kept by --ranks data:{fraction:g}: decomposing it costs more output error "
-                                     "per MAC saved than the layers that were decomposed")
+            reasons[lay.layer_id] = (
+                f"kept by --ranks data:{fraction:g}: decomposing it costs more output error per MAC saved than the "
+                "layers that were decomposed" if params_fraction is None else
+                f"kept by --ranks data:{fraction:g} --target params:{params_fraction:g}: within both budgets (MACs and "
+                "parameters), decomposing it costs more output error per MAC and parameter saved than the layers "
+                "that were decomposed")
         else:
             entries[lay.layer_id] = (c.kind, c.ranks, lay.weight_shape)
     policy = f"data:{fraction:g}"
@@ -708,7 +759,9 @@ def select_ranks_data(
     planned = PlannedRanks(entries, policy, reasons=reasons, policy=policy, causes=causes, policies=policies,
                            notes={k: v for k, v in merged.items() if entries[k][0] != "skip"})
     return DataRankSelection(planned, chosen, max(budget, 0), alloc.macs, fixed, total, why_fallback, notes,
-                             sensitivity=table, walked=walked, kinds=kinds)
+                             sensitivity=table, walked=walked, kinds=kinds, params_fraction=params_fraction,
+                             budget_params=budget_params, params=None if both is None else both.params,
+                             fixed_params=fixed_params if both is not None else 0, total_params=total_params)
 
 
 def _as_measured(choice: RankCandidate, measured: Sequence[RankCandidate]) -> RankCandidate:

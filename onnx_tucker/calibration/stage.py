@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from ..config import CompressionConfig, RankPolicy
 from ..errors import UsageError
+from ..graph.fold import float_parameter_count
 from ..graph.rewrite import Replacement
 from ..graph.save import write_text_atomic
 from ..graph.source import SourceModel
@@ -132,10 +133,15 @@ def data_selection(source: SourceModel, config: CompressionConfig, progress: Ste
             measure_original=getattr(getattr(timer, "inner", timer), "measure_original", None), progress=progress)
     elif by_time:
         raise UsageError(f"--target {target} --calibrate: the layers must be timed; give a timer (the api's `timer`)")
+    by_params = target is not None and target.metric == "params" and config.ranks.method == "data"
+    if by_params and allocator is not None:  # CompressionConfig refuses it too; the api may be given a timer
+        raise UsageError(f"--ranks {config.ranks} --target {target} with --latency-aware: not supported")
     selection = select_ranks_data(source.model, list(source.layers), fallback, batches,
                                   1.0 if by_time else float(fraction or 1.0), source.read_weight,
                                   opts, progress, allocator=allocator, cached=cached, round_to=config.round_to,
-                                  error_weights=error_weights)
+                                  error_weights=error_weights,
+                                  params_fraction=target.fraction if by_params and target is not None else None,
+                                  total_params=float_parameter_count(source.model, source.index.folder) if by_params else None)
     keep_table(selection)
     if allocator is None:
         return DataRanks(selection.planned)

@@ -20,6 +20,7 @@ agreement with the original on half of the user's data (an injected `Evaluator`)
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -103,14 +104,33 @@ class BudgetCheck:
     macs_after: int  # of the plan as it will be applied
     layers_kept: int = 0  # decompositions --latency-aware reverted (slower in the runtime)
     layers_changed: int = 0  # ... or replaced by a faster variant (other ranks or kind)
+    # `--target params:G` with data:F: the parameter budget (G x the model's float parameters, rounded
+    # down) and the plan's parameters as `compress` counts them (every float parameter); None without it.
+    params_fraction: float | None = None
+    params_before: int | None = None
+    params_budget: int | None = None
+    params_after: int | None = None
 
     @property
     def achieved(self) -> float:
         return self.macs_after / self.macs_before if self.macs_before else 0.0
 
     @property
+    def params_achieved(self) -> float | None:
+        if self.params_after is None or not self.params_before:
+            return None
+        return self.params_after / self.params_before
+
+    @property
+    def params_over(self) -> int:
+        """Parameters over their budget (0 when met or none)."""
+        if self.params_after is None or self.params_budget is None:
+            return 0
+        return max(0, self.params_after - self.params_budget)
+
+    @property
     def met(self) -> bool:
-        return self.macs_after <= self.macs_budget
+        return self.macs_after <= self.macs_budget and self.params_over == 0
 
     @property
     def over(self) -> int:
@@ -127,14 +147,22 @@ class BudgetCheck:
         return "the applied ranks differ from the allocated ones"
 
 
-def check_mac_budget(option: str, fraction: float, layers: list[LayerPlan] | tuple[LayerPlan, ...]) -> BudgetCheck:
-    """The plan's MACs against `fraction` of the original's (`layers`: the final layer plans)."""
+def check_mac_budget(option: str, fraction: float, layers: list[LayerPlan] | tuple[LayerPlan, ...],
+                     params_fraction: float | None = None, model_params: int | None = None) -> BudgetCheck:
+    """The plan's MACs against `fraction` of the original's (`layers`: the final layer plans); with
+    `params_fraction`, its parameters against that fraction of `model_params` (the model's whole float
+    parameter count, less what the layers' plans save, as the totals count them)."""
     with_macs = [p for p in layers if p.params_before is not None and p.macs_before is not None]
     before = sum(p.macs_before or 0 for p in with_macs)
     after = sum(p.macs_after if p.macs_after is not None else (p.macs_before or 0) for p in with_macs)
     kept = sum(";latency: kept" in p.policy for p in layers)
     changed = sum(";latency:" in p.policy and " -> " in p.policy.split(";latency:", 1)[1] for p in layers)
-    return BudgetCheck(option, fraction, before, int(fraction * before), after, kept, changed)
+    if params_fraction is None or model_params is None:
+        return BudgetCheck(option, fraction, before, int(fraction * before), after, kept, changed)
+    saved = sum((p.params_before or 0) - (p.params_after if p.params_after is not None else p.params_before or 0)
+                for p in layers if p.params_before is not None)
+    return BudgetCheck(option, fraction, before, int(fraction * before), after, kept, changed, params_fraction,
+                       model_params, math.floor(params_fraction * model_params), model_params - saved)
 
 
 def least_cost(spaces: list[RankSpace], fixed_cost: int, step: int = 1) -> int:

@@ -202,7 +202,12 @@ def plan_and_decompose(
     budget_check = None
     if fraction is not None:  # allocated for a MAC budget: does the plan, as applied, still meet it?
         option = f"--ranks {config.ranks}" if config.ranks.method == "data" else f"--target {config.target}"
-        budget_check = check_mac_budget(option, fraction, plan.layers)
+        t = config.target
+        if t is not None and t.metric == "params" and config.ranks.method == "data":  # both budgets
+            budget_check = check_mac_budget(f"{option} --target {t}", fraction, plan.layers, t.fraction,
+                                            float_parameter_count(source.model, source.index.folder))
+        else:
+            budget_check = check_mac_budget(option, fraction, plan.layers)
     replacements: dict[int, Replacement] = {}
     shared: dict[tuple[object, ...], LayerFactors] = {}
     new_plans: list[LayerPlan] = []

@@ -61,7 +61,10 @@ def mac_budget_dict(b: BudgetCheck | None) -> dict[str, Any] | None:
     """--ranks data:F: the MAC budget the ranks were allocated for, and whether the plan as applied meets it."""
     if b is None:
         return None
-    return dict(b.__dict__) | {"achieved": b.achieved, "met": b.met, "over": b.over, "cause": b.cause}
+    out = dict(b.__dict__) | {"achieved": b.achieved, "met": b.met, "over": b.over, "cause": b.cause}
+    if b.params_budget is None:  # without --target params:G the keys are as before
+        return {k: v for k, v in out.items() if not k.startswith("params_")}
+    return out | {"params_achieved": b.params_achieved, "params_over": b.params_over}
 
 
 def layer_timing_dict(s: LatencySummary | None) -> dict[str, Any] | None:

@@ -89,8 +89,16 @@ def mac_budget_line(b: BudgetCheck) -> Text:
     """--ranks data:F: the budget the ranks were allocated for, met or (plainly) missed and by how much."""
     head = (f"MAC budget {b.option}: at most {fmt.fmt_int(b.macs_budget)} MACs ({b.fraction:g} of "
             f"{fmt.fmt_int(b.macs_before)}); the plan has {fmt.fmt_int(b.macs_after)} = {b.achieved:.3f} of the original")
+    if b.params_budget is not None and b.params_after is not None:
+        head += (f"; at most {fmt.fmt_int(b.params_budget)} parameters ({b.params_fraction:g} of "
+                 f"{fmt.fmt_int(b.params_before)}), the plan has {fmt.fmt_int(b.params_after)} = "
+                 f"{b.params_achieved or 0:.3f} of the original")
     if b.met:
         return Text(head + " (met).")
+    if b.over == 0:  # the parameters missed
+        over = b.params_over / b.params_budget if b.params_budget else float("inf")
+        return Text(f"BUDGET MISSED: {head}, {fmt.fmt_int(b.params_over)} parameters ({100 * over:.1f}%) over the "
+                    f"budget: {b.cause}.", style="bold")
     over = b.over / b.macs_budget if b.macs_budget else float("inf")
     return Text(f"BUDGET MISSED: {head}, {fmt.fmt_int(b.over)} MACs ({100 * over:.1f}%) over the budget: {b.cause}. "
                 "Use a smaller F, or leave out --latency-aware, to meet it.", style="bold")
