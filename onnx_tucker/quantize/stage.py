@@ -137,12 +137,25 @@ def _pre_process(src: str, dst: str) -> str | None:
         return f"onnxruntime's symbolic shape inference failed ({first_line(e)}); onnx's shape inference was used"
 
 
+def equal_batches(batches: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """`batches` as batches of one size: onnxruntime's histogram calibrators (entropy, percentile) stack
+    every batch's activations into one array and fail on a last, shorter batch ("setting an array element
+    with a sequence ... inhomogeneous shape"; onnxruntime issue #18792). Uneven batches are split into
+    single samples; the samples and their order are unchanged."""
+    sizes = {int(next(iter(b.values())).shape[0]) for b in batches}
+    if len(sizes) <= 1:
+        return [dict(b) for b in batches]
+    return [{k: v[i:i + 1] for k, v in b.items()} for b in batches for i in range(int(next(iter(b.values())).shape[0]))]
+
+
 def _quantize(pre_path: str, out_path: str, batches: Sequence[Mapping[str, np.ndarray]], method: str,
               exclude: Sequence[str]) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
+    if method != "minmax":
+        batches = equal_batches(batches)
     with _ort_quiet():
         quantize_static(pre_path, out_path, DataSetReader(batches), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
