@@ -226,12 +226,13 @@ def test_round_to_rounds_up_to_multiple(lowrank_conv, round_to: int, expected: t
 
 
 def test_round_to_is_capped_at_dimension() -> None:
-    """T = 20: rounding 4 up to 32 would exceed it; the output rank stops at 20, the input rank at 32 < S."""
+    """T = 20: rounding 4 up to 32 would exceed it; the output rank stops at 20, the input rank at 32 < S.
+    A full output rank leaves nothing to the last 1x1: the planner writes the mirror, Tucker-1-in at 32."""
     w = low_rank_kernel(np.random.default_rng(4), 20, 48, (3, 3), 4, 10)
     model = make_conv_model(T=20, S=48, weight=w, pads=(1, 1, 1, 1), spatial=(6, 6))
     assert only(plan_of(model)).ranks == (4, 10)
     lp = only(plan_of(model, round_to=32))
-    assert lp.kind == "tucker2" and lp.ranks == (20, 32)
+    assert lp.kind == "tucker1-in" and lp.ranks == (32,) and "output mode full" in lp.policy
     w2 = low_rank_plus_noise(np.random.default_rng(5), (40, 24), 5, sigma=0.01)
     gemm = make_gemm_model(K=40, N=24, weight=w2)
     assert only(plan_of(gemm, round_to=32)).ranks == (24,)  # min(K, N); no gain, but capped

@@ -34,6 +34,7 @@ from tests.helpers import (
     CONV_CONFIGS_2D,
     assert_outputs_close,
     initializer,
+    low_rank_kernel,
     make_conv_model,
     node_attrs,
     replace_ranks,
@@ -306,3 +307,25 @@ def test_every_chain_label_is_a_factor_for_fine_tuning() -> None:
             for name in (f"conv/{label}", f"stage1.conv/{label}_1", f"conv/{label}.1"):
                 assert FACTOR_MODULE.search(name), (kind, name)
     assert not FACTOR_MODULE.search("conv/relu")
+
+
+def test_a_full_output_rank_becomes_the_mirror_with_the_same_approximation() -> None:
+    """The energy policy keeps all 8 output channels of a kernel of input rank 5: Tucker-2 at (8, 5) would end in an
+    8 x 8 1x1 (a rotation the core absorbs), so the planner writes Tucker-1-in at 5, the same kernel."""
+    from onnx_tucker.numerics.tucker import reconstruct_tucker2, tucker2
+
+    rng = np.random.default_rng(3)
+    w = low_rank_kernel(rng, 8, 32, (3, 3), 8, 5, noise=0.001)
+    model = make_conv_model(T=8, S=32, weight=w, pads=(1, 1, 1, 1), spatial=(9, 9))
+    res = api.compress(model, CompressionConfig(ranks=RankPolicy.parse("energy:0.999"), validate=False))
+    (lp,) = res.plan.layers
+    assert (lp.kind, lp.ranks) == ("tucker1-in", (5,)) and "output mode full -> tucker1-in" in lp.policy
+    t2 = api.compress(model, CompressionConfig(ranks=RankPolicy.parse("ratio:0.5"), validate=False)).plan.layers[0]
+    assert t2.kind == "tucker2"  # the output mode not full: Tucker-2 as before
+    # 1x1 32 -> 5 and 3x3 5 -> 8 at 9 x 9; Tucker-2 would add the 8 x 8 1x1 (64 weights, 64 MACs a pixel)
+    assert (lp.params_after, lp.macs_after) == (32 * 5 + 5 * 8 * 9, 81 * (32 * 5 + 5 * 8 * 9))
+    ref = model.graph.initializer[0]
+    same = copy.deepcopy(model)
+    same.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(
+        reconstruct_tucker2(tucker2(w.astype(np.float64), 8, 5)).astype(np.float32), ref.name))
+    assert_outputs_close(same, res.model, rtol=1e-4)

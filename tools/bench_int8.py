@@ -85,11 +85,13 @@ def fmnist_files(work: Path, eval_count: int | None) -> tuple[Path, Path]:
 
 
 def command(model: str, work: Path, args: argparse.Namespace) -> list[str]:
-    out = work / model
+    out = work / (model if args.params is None else f"{model}-params{args.params:g}")
     out.mkdir(parents=True, exist_ok=True)
     common = ["--ranks", f"data:{args.fraction:g}", "--quantize", "int8", "--quantize-compare",
               "--quantize-method", args.method, "--threads", "1", "--runs", str(args.runs), "--no-validate", "-q",
               "--report", rel(out / "report.json")]
+    if args.params is not None:  # the data allocation meets a parameter budget as well (the x6 size target)
+        common[2:2] = ["--target", f"params:{args.params:g}"]
     if model == "resnet56":
         cal, test = cifar_files(work, args.eval_count)
         src = DATA / "cifar10-resnets" / "resnet56.onnx"
@@ -110,10 +112,10 @@ def run(model: str, work: Path, args: argparse.Namespace) -> dict[str, object]:
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "onnx_tucker.cli", *cmd[1:]], cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    row: dict[str, object] = {"model": model, "command": shlex.join(cmd), "wall_s": round(wall, 1),
+    row: dict[str, object] = {"model": model, "params_fraction": args.params, "command": shlex.join(cmd), "wall_s": round(wall, 1),
                               "status": "ok" if proc.returncode == 0 else f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}"}
     if proc.returncode == 0:
-        rep = json.loads((work / model / "report.json").read_text())
+        rep = json.loads((ROOT / cmd[cmd.index("--report") + 1]).read_text())  # relative to the root, or absolute
         row |= {"comparison": rep["comparison"], "macs_ratio": rep["totals"]["macs_ratio"],
                 "quantize_seconds": rep["quantize"]["seconds"], "output_sqnr_db": rep["quantize"]["output_sqnr_db"],
                 "chains": [{k: c[k] for k in ("name", "sqnr_db", "cumulative_sqnr_db", "precision")}
@@ -153,6 +155,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="resnet56,darknet")
     ap.add_argument("--fraction", type=float, default=0.5, help="--ranks data:F")
+    ap.add_argument("--params", type=float, default=None,
+                    help="also --target params:G: the data allocation keeps at most G of the parameters")
     ap.add_argument("--method", default="minmax")
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--eval-count", type=int, default=None, help="CIFAR / Fashion-MNIST test images (default all 10,000)")

@@ -283,7 +283,10 @@ def int8_table(rows: list[Row]) -> str:
         for m in c["models"]:
             acc = "-" if m["accuracy"] is None else f"{100 * m['accuracy']:.2f}%"
             sq = "exact" if m["sqnr_db"] is None else f"{m['sqnr_db']:.1f}"
-            cells = [labels.get(str(r["model"]), str(r["model"])), m["name"], acc, f"{100 * m['top1_agreement']:.2f}%",
+            label = labels.get(str(r["model"]), str(r["model"]))
+            if r.get("params_fraction") is not None:
+                label += f" (params:{r['params_fraction']:g})"
+            cells = [label, m["name"], acc, f"{100 * m['top1_agreement']:.2f}%",
                      sq, f"{m['size_bytes'] / 1e6:.2f} MB", f"x{ref['size_bytes'] / m['size_bytes']:.2f}",
                      f"{m['latency_ms']:.3f}", f"x{ref['latency_ms'] / m['latency_ms']:.2f}"]
             for n in names:

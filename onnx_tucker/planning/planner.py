@@ -363,9 +363,15 @@ def _plan_one(layer, read_weight, cfg, include, exclude, planned, spectra=None) 
 
     if kind == "tucker2" and cfg.ranks.method != "full" and planned is None and ranks[1] >= caps[1]:
         # No saving on the input mode: the first 1x1 would be S -> S. Tucker-1 is strictly cheaper.
-        kind, ranks = "tucker1", (ranks[0],)
+        kind, ranks, caps = "tucker1", (ranks[0],), caps[:1]
         base = replace(base, evbmf_ranks=base.evbmf_ranks[:1], sigma2=base.sigma2[:1])  # type: ignore[index]
         policy += ";input mode full -> tucker1"
+    elif kind == "tucker2" and cfg.ranks.method != "full" and planned is None and ranks[0] >= caps[0]:
+        # The mirror: no saving on the output mode, the last 1x1 would be a T x T rotation that the core
+        # absorbs. Tucker-1 on the input mode is the same approximation without it.
+        kind, ranks, caps = "tucker1-in", (ranks[1],), caps[1:]
+        base = replace(base, evbmf_ranks=base.evbmf_ranks[1:], sigma2=base.sigma2[1:])  # type: ignore[index]
+        policy += ";output mode full -> tucker1-in"
     if groups > 1:
         policy += f";ranks per group (group={groups})"
     params1, macs1 = handler.cost(layer, kind, ranks)
