@@ -1,6 +1,6 @@
 """A CRNN (convs -> bidirectional LSTM -> per-step class scores [T, N, C]) through compress and finetune
 (issue 20's CRNN figure): the time-first output is distilled by KL per time step, not the scale-free MSE;
-the LSTM's default zero state as torch's exporter writes it (Shape -> ... -> ConstantOfShape) does not
+validation on data joins its batches on the output's batch axis; the LSTM's default zero state as torch's exporter writes it (Shape -> ... -> ConstantOfShape) does not
 pin the batch, and the fine-tuned export keeps the batch dynamic on the output's axis 1. Tiny model,
 torch-exported as a real CRNN would be: seconds."""
 
@@ -89,6 +89,11 @@ def test_crnn_compresses_finetunes_and_keeps_a_dynamic_batch(tmp_path: Path) -> 
     np.savez(data, image=x)
     comp = tmp_path / "c.onnx"
     ot.compress(orig, ot.CompressionConfig(ranks=RankPolicy.parse("ratio:0.5"), validate=False), output=comp)
+    # Validation on data joins its batches (256 + 44 here) on the output's batch axis, 1, not on time.
+    many = tmp_path / "many.npz"
+    np.savez(many, image=np.random.default_rng(2).random((300, 1, 16, 2 * STEPS)).astype(np.float32))
+    rep = ot.validate(orig, comp, ot.ValidationConfig(data=str(many)))
+    assert [o.shape for o in rep.outputs] == [(STEPS, 300, CLASSES)] and rep.samples == 300
     out = tmp_path / "ft.onnx"
     cfg = FinetuneConfig(epochs=2, optimizer="adam", lr=2e-3, batch_size=16, augment=False, use_labels=False,
                          val_split=0.25, threads=1)

@@ -12,7 +12,7 @@ the CTC blank, CTC loss) on the CPU, prints greedy-CTC accuracy on held-out line
 It also writes, for `compress --calibrate` and `finetune --data ... --no-labels`, an .npz of unlabeled
 lines (key `image`), and an .npz of held-out lines with their texts (keys `image`, `texts`):
 
-    python tools/make_crnn.py --out /tmp/crnn --minutes 8 --lines 2000
+    python tools/make_crnn.py --out /tmp/crnn --steps 720 --lines 2000
     # /tmp/crnn/crnn.onnx, /tmp/crnn/lines.npz (2000 unlabeled), /tmp/crnn/heldout.npz (20 + texts)
 
 Everything is seeded (--seed); torch runs on one thread (--threads).
@@ -134,12 +134,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("/tmp/crnn"))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--minutes", type=float, default=8.0, help="training time budget (CPU)")
+    ap.add_argument("--steps", type=int, default=720, help="Adam steps (about 8 minutes on one CPU thread)")
     ap.add_argument("--train-lines", type=int, default=20000, help="labelled lines rendered for training (cycled)")
     ap.add_argument("--lines", type=int, default=2000, help="unlabeled lines for calibration / distillation")
     ap.add_argument("--heldout", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-3, help="Adam, cosine to 0 over --minutes (2e-3 stalls at all-blank)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="Adam, cosine to 0 over --steps (2e-3 stalls at all-blank)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
 
@@ -161,14 +161,12 @@ def main() -> None:
     ctc = torch.nn.CTCLoss(blank=0, zero_infinity=True)
     targets = [torch.tensor([CHARS.index(c) + 1 for c in t]) for t in ytr]
     rng = np.random.default_rng(args.seed)
-    budget = args.minutes * 60.0
     t1 = time.perf_counter()
     step = 0
-    while time.perf_counter() - t1 < budget:
+    while step < args.steps:
         idx = rng.choice(len(xtr), size=args.batch_size, replace=False)
-        frac = (time.perf_counter() - t1) / budget
-        for g in opt.param_groups:  # cosine decay over the time budget
-            g["lr"] = args.lr * 0.5 * (1.0 + np.cos(np.pi * min(frac, 1.0)))
+        for g in opt.param_groups:  # cosine decay over the steps
+            g["lr"] = args.lr * 0.5 * (1.0 + np.cos(np.pi * step / args.steps))
         model.train()
         logp = model(torch.from_numpy(xtr[idx])).log_softmax(2)
         tg = [targets[i] for i in idx]
@@ -198,7 +196,7 @@ def main() -> None:
     np.savez(args.out / "heldout.npz", image=xho, texts=np.array(yho))
     np.savez(args.out / "test500.npz", image=xte, texts=np.array(yte))
     info = {"steps": step, "train_s": round(train_s, 1), "test500_strings": s_te, "test500_chars": c_te,
-            "heldout_strings": s_ho, "heldout_chars": c_ho, "seed": args.seed, "minutes": args.minutes,
+            "heldout_strings": s_ho, "heldout_chars": c_ho, "seed": args.seed, "lr": args.lr,
             "train_lines": args.train_lines, "lines": args.lines}
     (args.out / "crnn.json").write_text(json.dumps(info) + "\n")
     print(json.dumps(info))

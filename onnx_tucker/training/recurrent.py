@@ -28,6 +28,7 @@ from onnx2torch.utils.common import OnnxMapping, OnnxToTorchModule, OperationCon
 from torch import nn
 
 from ..errors import ModelLoadError
+from ..graph import optypes
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def _is_zero_state(name: str, graph: OnnxGraph) -> bool:
         producer, _ = graph.value_as_node_output(name)
     except KeyError:
         return False
-    if producer.operation_type != "ConstantOfShape":
+    if not optypes.is_op(producer.proto, *optypes.FILL_OPS):
         return False
     value = producer.attributes.get("value")
     return value is None or not np.any(value.to_numpy())

@@ -524,7 +524,7 @@ def _export_and_verify(src: str, protos: _Protos, mods: _Modules, ds: _Data,
     in_names, out_names, student, norm, eval_ds = protos.in_names, protos.out_names, mods.student, mods.norm, ds.eval
     # torch's exporter writes an nn.LSTM / nn.GRU's default (zero) state as zeros of the traced batch expanded
     # to the batch: only a batch of 1 expands to every batch (torch's own advice); other models trace 2 rows.
-    recurrent = any(n.op_type in ("LSTM", "GRU") and n.domain in ("", "ai.onnx") for n in norm.model.graph.node)
+    recurrent = any(optypes.is_op(n, *optypes.RECURRENT_OPS) and n.domain in ("", "ai.onnx") for n in norm.model.graph.node)
     sample = {n: a[: min(1 if recurrent else 2, eval_ds.count)] for n, a in eval_ds.inputs.items()}
     norm_shapes = torchready.io_shapes(norm.model)
     dynamic = all(not isinstance(norm_shapes[n][0], int) for n in in_names if norm_shapes[n])
