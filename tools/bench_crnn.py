@@ -41,7 +41,7 @@ def _run(cmd: list[str]) -> tuple[float, str]:
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         sys.exit(f"failed ({p.returncode}): {shlex.join(cmd)}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return time.perf_counter() - t0, p.stdout
+    return time.perf_counter() - t0, p.stdout + p.stderr
 
 
 def _cli(cmd: list[str]) -> str:
@@ -71,8 +71,8 @@ def main() -> None:
     made = json.loads((w / "crnn.json").read_text())
     py = [sys.executable, "-m", "onnx_tucker.cli"]
     tag = f".{args.tag}" if args.tag else ""
-    comp, ft = w / f"crnn.x2{tag}.onnx", w / f"crnn.x2.ft{tag}.onnx"
-    report = w / f"crnn.x2{tag}.json"
+    stem = "crnn." + args.ranks.replace(":", "") + tag
+    comp, ft, report = w / f"{stem}.onnx", w / f"{stem}.ft.onnx", w / f"{stem}.json"
     c_cmd = [*py, "compress", str(orig), str(comp), "--ranks", args.ranks, "--calibrate", str(lines), "--report", str(report)]
     c_s, _ = _run(c_cmd)
     totals = json.loads(report.read_text())["totals"]
@@ -92,7 +92,8 @@ def main() -> None:
              for k, (x, _) in tests.items()}
     rows = []
     for m, wall, cmd in (("original", made.get("train_s"), None), ("compressed", c_s, _cli(c_cmd)), ("distilled", f_s, _cli(f_cmd))):
-        row: dict[str, object] = {"model": "crnn", "tag": args.tag, "row": m, "macs_ratio": None if m == "original" else
+        row: dict[str, object] = {"model": "crnn", "tag": args.tag, "ranks": args.ranks, "row": m,
+                                  "distill_lines": int(np.load(lines)["image"].shape[0]), "macs_ratio": None if m == "original" else
                                   totals["macs_before"] / totals["macs_after"], "wall_s": None if wall is None else round(float(wall), 1),
                                   "command": cmd}
         for k, (_, texts) in tests.items():

@@ -12,8 +12,8 @@ the CTC blank, CTC loss) on the CPU, prints greedy-CTC accuracy on held-out line
 It also writes, for `compress --calibrate` and `finetune --data ... --no-labels`, an .npz of unlabeled
 lines (key `image`), and an .npz of held-out lines with their texts (keys `image`, `texts`):
 
-    python tools/make_crnn.py --out /tmp/crnn --steps 720 --lines 2000
-    # /tmp/crnn/crnn.onnx, /tmp/crnn/lines.npz (2000 unlabeled), /tmp/crnn/heldout.npz (20 + texts)
+    python tools/make_crnn.py --out /tmp/crnn --steps 720 --lines 4000
+    # /tmp/crnn/crnn.onnx, /tmp/crnn/lines.npz (4000 unlabeled), /tmp/crnn/heldout.npz (20 + texts)
 
 Everything is seeded (--seed); torch runs on one thread (--threads).
 """
@@ -136,7 +136,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=720, help="Adam steps (about 8 minutes on one CPU thread)")
     ap.add_argument("--train-lines", type=int, default=20000, help="labelled lines rendered for training (cycled)")
-    ap.add_argument("--lines", type=int, default=2000, help="unlabeled lines for calibration / distillation")
+    ap.add_argument("--lines", type=int, default=4000, help="unlabeled lines for calibration / distillation")
     ap.add_argument("--heldout", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3, help="Adam, cosine to 0 over --steps (2e-3 stalls at all-blank)")
