@@ -61,6 +61,7 @@ def test_sequence_outputs_are_the_time_first_class_scores() -> None:
     assert sequence_outputs(shapes, ["x"], outs) == frozenset({0})
     # No symbol on the input: the output's only dynamic dim is its batch.
     assert torchready.batch_axes({"x": [None, 3], "y": [5, None, 4]}, ["x"], ["y"]) == {"y": 1}
+    assert torchready.batch_axes({"x": [1, 3], "y": [1, None, 4]}, ["x"], ["y"]) == {"y": 0}  # a static batch
 
 
 def test_a_sequence_is_distilled_by_kl_per_time_step() -> None:
