@@ -336,7 +336,31 @@ def coverage_table(rows: list[Row]) -> str:
                    "normalised / refused"], "llllrrl", body)
 
 
+# ---- crnn.jsonl: tools/bench_crnn.py ------------------------------------------------------------------
+
+def crnn_table(rows: list[Row]) -> str:
+    """One line per model and rank policy; the original once (every run reads the same original)."""
+    body, seen = [], set()
+    for r in rows:
+        if r["row"] == "original":
+            if "original" in seen:
+                continue
+            seen.add("original")
+            what, macs = "original (project-trained, tools/make_crnn.py)", "-"
+        else:
+            what = f"`{r['ranks']}` calibrated" + (", + distilled (no labels)" if r["row"] == "distilled" else "")
+            macs = _x(r["macs_ratio"])
+        n, m = int(r["heldout_lines"]), int(r["test500_lines"])  # type: ignore[call-overload]
+        body.append([what, macs, f"**{r['heldout_same']}/{n}**", f"{r['heldout_right']}/{n}",
+                     f"{r['test500_same']}/{m}", f"{r['test500_right']}/{m}", _pct(r["test500_chars"]),
+                     "-" if r["wall_s"] is None else f"{float(r['wall_s']):.0f} s"])  # type: ignore[arg-type]
+    header = ["model", "MACs (Conv, MatMul)", "20 held-out: read as the original", "20 held-out: right", "500 more: as the original",
+              "500 more: right", "500 more: characters right", "wall time"]
+    return _table(header, "llrrrrrr", body)
+
+
 RENDERERS: dict[str, Callable[[list[Row]], str]] = {
+    "crnn.jsonl": crnn_table,
     "calibrate_refine_resnet56.jsonl": refine_table,
     "coverage_finetune.jsonl": coverage_table,
     "latency.jsonl": latency_table,

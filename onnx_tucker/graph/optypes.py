@@ -33,8 +33,12 @@ TORCHVISION_OPS = frozenset({"RoiAlign", "NonMaxSuppression"})
 # Ops whose outputs lie in [0, 1] and that onnxruntime computes to an absolute, not a relative, precision
 # (its float32 Sigmoid: ~1.5e-7 absolute, 0 under -18): a round trip measures such outputs against 1.
 RANGE_ONE_OPS = frozenset({"Sigmoid"})
+# Recurrent ops: torch's exporter writes their default (zero) state as zeros of the traced batch, so
+# fine-tuning exports a model holding them from a batch of 1; the zeros it reads come from `ConstantOfShape`.
+RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
+FILL_OPS = frozenset({"ConstantOfShape"})
 STRUCTURAL_OPS = (frozenset({"Constant", "Identity", "Dropout", "Reshape", "Add"}) | RANDOM_OPS | QUANTIZED_OPS | PADDED_POOLS
-                  | SOFTMAX_OPS | SHAPE_OPS | UNTRAINABLE_OPS | TORCHVISION_OPS | RANGE_ONE_OPS)
+                  | SOFTMAX_OPS | SHAPE_OPS | UNTRAINABLE_OPS | TORCHVISION_OPS | RANGE_ONE_OPS | RECURRENT_OPS | FILL_OPS)
 
 
 class _Node(Protocol):

@@ -72,6 +72,28 @@ def io_shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
     return out
 
 
+def batch_axes(shapes: Mapping[str, Sequence[int | str | None]], inputs: Sequence[str],
+               outputs: Sequence[str]) -> dict[str, int]:
+    """Each output's batch axis by its declared shape: where the first input's batch symbol is, else (an
+    unnamed dynamic batch) its only dynamic dim (a time-first sequence [T, N, C]: 1); 0 when neither
+    tells, and for every output of a model whose batch is static."""
+    first = shapes.get(inputs[0], []) if inputs else []
+    symbol = first[0] if first and isinstance(first[0], str) else None
+    out: dict[str, int] = {}
+    if first and isinstance(first[0], int):
+        return dict.fromkeys(outputs, 0)
+    for name in outputs:
+        dims = list(shapes.get(name, []))
+        dynamic = [i for i, d in enumerate(dims) if not isinstance(d, int)]
+        if symbol is not None and symbol in dims:
+            out[name] = dims.index(symbol)
+        elif len(dynamic) == 1:
+            out[name] = dynamic[0]
+        else:
+            out[name] = 0
+    return out
+
+
 def io_dtypes(model: onnx.ModelProto) -> dict[str, np.dtype]:
     return {
         v.name: np.dtype(helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type))

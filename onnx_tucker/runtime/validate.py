@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 
 from ..errors import ValidationError
+from ..graph import torchready
 from ..graph.irmodel import IRModel
 from ..graph.protos import first_line, graph_input_names
 from ..types import StepProgress
@@ -259,10 +260,14 @@ def validate_models(
             if progress is not None:
                 progress("validation", done, total)
     outputs = []
+    # Batches are joined on each output's batch axis by its declared shape: 1 for a time-first sequence
+    # [T, N, C] (a CRNN's scores), whose batches of different sizes cannot be joined on the time axis.
+    axes = torchready.batch_axes(torchready.io_shapes(ref_proto), graph_input_names(ref_proto), names)
     for k, name in enumerate(names):
-        axis_ok = refs[k][0].ndim >= 1
-        a = np.concatenate(refs[k], axis=0) if axis_ok else np.stack(refs[k])
-        b = np.concatenate(news[k], axis=0) if axis_ok else np.stack(news[k])
+        nd = refs[k][0].ndim
+        axis = axes.get(name, 0) if axes.get(name, 0) < nd else 0
+        a = np.concatenate(refs[k], axis=axis) if nd >= 1 else np.stack(refs[k])
+        b = np.concatenate(news[k], axis=axis) if nd >= 1 else np.stack(news[k])
         outputs.append(compare_outputs(name, a, b))
         if k == 0 and data is not None and data.labels is not None and a.ndim == 2:
             labels = data.labels[: a.shape[0]]

@@ -180,12 +180,16 @@ def export(
     output_names: Sequence[str],
     opset: int,
     dynamic_batch: bool,
+    batch_axes: Mapping[str, int] | None = None,
 ) -> onnx.ModelProto:
-    """torch.onnx.export(dynamo=False) of the module (on CPU, eval mode), same input/output names."""
+    """torch.onnx.export(dynamo=False) of the module (on CPU, eval mode), same input/output names;
+    `dynamic_batch`: each input's and output's batch axis is dynamic, axis 0 unless `batch_axes` names
+    another (a time-first sequence output [T, N, C]: 1)."""
     torch = import_torch()
     module = module.to("cpu").eval()
     args = tuple(torch.from_numpy(np.ascontiguousarray(sample[n])) for n in input_names)
-    axes = {n: {0: "batch"} for n in [*input_names, *output_names]} if dynamic_batch else None
+    where = batch_axes or {}
+    axes = {n: {where.get(n, 0): "batch"} for n in [*input_names, *output_names]} if dynamic_batch else None
     target = max(MIN_EXPORT_OPSET, min(MAX_EXPORT_OPSET, opset))
     buf = io.BytesIO()
     try:

@@ -3,8 +3,9 @@
 Imported by `convert.import_onnx2torch` only (torch is loaded by then). One layer per node, as ONNX
 has it: forward, reverse (the sequence flipped in time around a forward layer) or bidirectional; the
 ONNX gate orders (LSTM i,o,f,c; GRU z,r,h) are laid out as torch's (i,f,c,o; r,z,n); the node's
-initial states are inputs of the module; `layout` 0 (time first) and 1 (batch first). An LSTM and a
-GRU with `linear_before_reset=1` become `nn.LSTM` / `nn.GRU`, which torch's exporter writes back as
+initial states are inputs of the module (zeros from a `ConstantOfShape`, the default state as torch's
+exporter writes it, are dropped: the module's own zeros follow the batch); `layout` 0 (time first) and
+1 (batch first). An LSTM and a GRU with `linear_before_reset=1` become `nn.LSTM` / `nn.GRU`, which torch's exporter writes back as
 ONNX `LSTM` / `GRU` nodes; a GRU with `linear_before_reset=0` (ONNX's default, which torch's GRU
 cannot compute) is a loop over time in ONNX's own gate layout, exported as the ops it unrolls to.
 Refused, with the node and the reason: `sequence_lens`, peepholes, `clip`, `input_forget`, activations
@@ -27,6 +28,7 @@ from onnx2torch.utils.common import OnnxMapping, OnnxToTorchModule, OperationCon
 from torch import nn
 
 from ..errors import ModelLoadError
+from ..graph import optypes
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,22 @@ def _const(node: OnnxNode, graph: OnnxGraph, index: int, what: str) -> np.ndarra
     return np.asarray(value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value, dtype=np.float32)
 
 
+def _is_zero_state(name: str, graph: OnnxGraph) -> bool:
+    """Whether the state input `name` is zeros made by a `ConstantOfShape` (value 0 or none), as
+    torch's exporter writes an `nn.LSTM` / `nn.GRU` called without states: Shape(X) -> Gather(batch) ->
+    Concat -> ConstantOfShape. That is the op's default state, and dropping it keeps the batch dynamic
+    (onnx2torch's ConstantOfShape makes its shape a Python constant when traced, so the export would
+    hold zeros of the sample's batch size)."""
+    try:
+        producer, _ = graph.value_as_node_output(name)
+    except KeyError:
+        return False
+    if not optypes.is_op(producer.proto, *optypes.FILL_OPS):
+        return False
+    value = producer.attributes.get("value")
+    return value is None or not np.any(value.to_numpy())
+
+
 def _gates(w: np.ndarray, cell: Cell) -> np.ndarray:
     """Rows of stacked gates (ONNX order) -> torch's order; works on W / R (gates x ...) and on biases."""
     blocks = np.split(w, len(cell.order), axis=0)
@@ -107,7 +125,8 @@ class OnnxRecurrent(nn.Module, OnnxToTorchModule):
             c = h
         if self.reverse:
             y = torch.flip(y, [0])
-        y = y.reshape(y.shape[0], batch, self.directions, self.hidden).transpose(1, 2)  # [seq, dirs, batch, H]
+        # unflatten, not reshape(seq, batch, ...): traced sizes would be written as constants of the sample's
+        y = y.unflatten(2, (self.directions, self.hidden)).transpose(1, 2)  # [seq, dirs, batch, H]
         if self.batch_first:
             y, h, c = y.permute(2, 0, 1, 3), h.transpose(0, 1), c.transpose(0, 1)
         return (y, h, c)[: self.outputs] if self.outputs > 1 else y
@@ -176,6 +195,7 @@ def _convert(node: OnnxNode, graph: OnnxGraph, cell: Cell) -> OperationConverter
         b = np.zeros((directions, 2 * gates * hidden), np.float32)
     h0_name = names[5] if len(names) > 5 and names[5] else ""
     c0_name = names[6] if cell.has_cell and len(names) > 6 and names[6] else ""
+    h0_name, c0_name = ("" if n and _is_zero_state(n, graph) else n for n in (h0_name, c0_name))
     if not cell.has_cell and not a.get("linear_before_reset", 0):
         layer: nn.Module = GruResetAfter(w, r, b)
     else:

@@ -48,6 +48,7 @@ from .train import (
     is_class_scores,
     make_optimizer,
     run_model,
+    sequence_outputs,
     train_epoch,
 )
 
@@ -381,6 +382,7 @@ def _train(torch: Any, device: Any, rank: int, world: int, where: _Where, protos
                       crop_scale=cfg.crop_scale, mixup=cfg.mixup)
     eval_b = Batches(eval_ds.inputs, eval_ds.labels if labelled or eval_ds.labels is not None else None,
                      max(cfg.batch_size, 256), layouts)
+    seqs = sequence_outputs(protos.shapes, in_names, protos.out_names)
     params = [p for n, p in student.named_parameters() if p.requires_grad]
     opt, sched = make_optimizer(params, cfg, len(train_b))
     trained = student
@@ -422,7 +424,7 @@ def _train(torch: Any, device: Any, rank: int, world: int, where: _Where, protos
         before = state["before"]
     t_start = time.perf_counter()
     if before is None:
-        ev0 = evaluate(student, t_module, eval_b, in_names, cfg, label_output, device)
+        ev0 = evaluate(student, t_module, eval_b, in_names, cfg, label_output, device, seqs)
         if ev0.loss is not None and not np.isfinite(ev0.loss):
             raise OnnxTuckerError(
                 f"{src}: the loss is {ev0.loss} before any training step (the data is finite: the model's outputs "
@@ -452,10 +454,10 @@ def _train(torch: Any, device: Any, rank: int, world: int, where: _Where, protos
             t0 = time.perf_counter()
             left = None if cfg.max_steps is None else cfg.max_steps - steps_done
             loss, acc, steps, ips = train_epoch(trained, t_module, train_b, in_names, cfg, label_output, device, opt,
-                                                sched, rng, epoch, left, progress)
+                                                sched, rng, epoch, left, progress, seqs)
             steps_done += steps
             ev: EvalStats | None = (
-                evaluate(student, t_module, eval_b, in_names, cfg, label_output, device) if val_ds is not None else None
+                evaluate(student, t_module, eval_b, in_names, cfg, label_output, device, seqs) if val_ds is not None else None
             )
             v_loss = ev.loss if ev is not None else None
             v_acc = ev.accuracy if ev is not None else None
@@ -492,7 +494,7 @@ def _train(torch: Any, device: Any, rank: int, world: int, where: _Where, protos
 
     if best_state is not None:
         student.load_state_dict(best_state)
-    after = evaluate(student, t_module, eval_b, in_names, cfg, label_output, device)
+    after = evaluate(student, t_module, eval_b, in_names, cfg, label_output, device, seqs)
     return _Trained(history, steps_done, best_epoch, metric, before, after, seconds, train_b.count, eval_b)
 
 
@@ -520,10 +522,14 @@ def _export_and_verify(src: str, protos: _Protos, mods: _Modules, ds: _Data,
     onnxruntime against the trained torch module: (the exported model, the worst relative error; a Sigmoid
     output's relative to its range, 1)."""
     in_names, out_names, student, norm, eval_ds = protos.in_names, protos.out_names, mods.student, mods.norm, ds.eval
-    sample = {n: a[: min(2, eval_ds.count)] for n, a in eval_ds.inputs.items()}
+    # torch's exporter writes an nn.LSTM / nn.GRU's default (zero) state as zeros of the traced batch expanded
+    # to the batch: only a batch of 1 expands to every batch (torch's own advice); other models trace 2 rows.
+    recurrent = any(optypes.is_op(n, *optypes.RECURRENT_OPS) and n.domain in ("", "ai.onnx") for n in norm.model.graph.node)
+    sample = {n: a[: min(1 if recurrent else 2, eval_ds.count)] for n, a in eval_ds.inputs.items()}
     norm_shapes = torchready.io_shapes(norm.model)
     dynamic = all(not isinstance(norm_shapes[n][0], int) for n in in_names if norm_shapes[n])
-    exported = convert.export(copy.deepcopy(student).to("cpu"), sample, in_names, out_names, norm.opset, dynamic)
+    exported = convert.export(copy.deepcopy(student).to("cpu"), sample, in_names, out_names, norm.opset, dynamic,
+                              torchready.batch_axes(norm_shapes, in_names, out_names))
     want, got = torchready.weight_structure(norm.model), torchready.weight_structure(exported)
     if want != got:
         raise OnnxTuckerError(

@@ -3,7 +3,9 @@
 Losses, per batch:
 - labels: cross-entropy on the first class-score output (shape [N, C], C > 1);
 - teacher: summed over all outputs: KL(softmax(t / T) || softmax(s / T)) * T^2 where the teacher's
-  output looks like class scores ([N, C], C > 1), else the MSE divided by the teacher output's
+  output looks like class scores ([N, C], C > 1); the same KL per time step, over the last axis and
+  averaged over steps and samples, on a time-first sequence of class scores ([T, N, C], C > 1, its
+  batch axis 1 by the declared shapes: a CRNN's CTC logits, see `sequence_outputs`); else the MSE divided by the teacher output's
   mean square (scale-free, so outputs of different scales weigh alike: detector maps, embeddings,
   sequence logits);
 - both: alpha * labelled + (1 - alpha) * distillation.
@@ -33,6 +35,22 @@ Progress = EventProgress
 
 def is_class_scores(shape: Sequence[int]) -> bool:
     return len(shape) == 2 and shape[1] > 1
+
+
+def sequence_outputs(shapes: Mapping[str, Sequence[Any]], inputs: Sequence[str], outputs: Sequence[str]) -> frozenset[int]:
+    """Indices of the outputs that are time-first sequences of class scores by their declared shapes:
+    3-D, the batch on axis 1 (`torchready.batch_axes`), more than one class on axis 2 ([T, N, C]: a
+    CRNN's per-step scores, torch's sequence-first default). A batch-first [N, A, B] output (a detector's
+    boxes) is not one: its axes say nothing of which holds classes, and it keeps the scale-free MSE."""
+    from ..graph import torchready
+
+    axes = torchready.batch_axes(shapes, inputs, outputs)
+    found = set()
+    for k, name in enumerate(outputs):
+        dims = list(shapes.get(name, []))
+        if len(dims) == 3 and axes[name] == 1 and isinstance(dims[2], int) and dims[2] > 1:
+            found.add(k)
+    return frozenset(found)
 
 
 @dataclass
@@ -162,9 +180,11 @@ def _resized_crops(x: np.ndarray, layout: str, rng: np.random.Generator, min_are
 
 
 def loss_terms(student: Sequence[Any], teacher: Sequence[Any] | None, labels: Any, cfg: FinetuneConfig,
-               label_output: int | None, mix: tuple[Any, float] | None = None) -> Any:
+               label_output: int | None, mix: tuple[Any, float] | None = None,
+               sequences: frozenset[int] = frozenset()) -> Any:
     """The batch loss; `mix` (permutation, weight): the inputs were mixed, so is the labelled loss
-    (the teacher saw the mixed inputs, its targets need nothing)."""
+    (the teacher saw the mixed inputs, its targets need nothing); `sequences`: the outputs that are
+    time-first sequences of class scores (`sequence_outputs`), distilled by KL per time step."""
     torch = import_torch()
     F = torch.nn.functional
     total = None
@@ -176,9 +196,11 @@ def loss_terms(student: Sequence[Any], teacher: Sequence[Any] | None, labels: An
         total = ce if teacher is None else cfg.alpha * ce
     if teacher is not None:
         d = 0.0
-        for s, t in zip(student, teacher, strict=True):
+        for k, (s, t) in enumerate(zip(student, teacher, strict=True)):
             s = s.float()
             t = t.float()
+            if k in sequences and t.ndim == 3 and t.shape[2] > 1:  # [T, N, C]: one distribution per step
+                s, t = s.reshape(-1, t.shape[2]), t.reshape(-1, t.shape[2])
             if is_class_scores(tuple(t.shape)):
                 T = cfg.temperature
                 d = d + F.kl_div(F.log_softmax(s / T, dim=1), F.log_softmax(t / T, dim=1), log_target=True,
@@ -208,7 +230,7 @@ class EvalStats:
 
 
 def evaluate(student: Any, teacher: Any, data: Batches, names: Sequence[str], cfg: FinetuneConfig,
-             label_output: int | None, device: Any) -> EvalStats:
+             label_output: int | None, device: Any, sequences: frozenset[int] = frozenset()) -> EvalStats:
     torch = import_torch()
     n = correct = agree = 0
     loss_sum = 0.0
@@ -217,7 +239,7 @@ def evaluate(student: Any, teacher: Any, data: Batches, names: Sequence[str], cf
             s = run_model(student, xs, names, device)
             t = run_model(teacher, xs, names, device) if teacher is not None else None
             y = torch.from_numpy(ys).to(device) if ys is not None else None
-            loss = loss_terms(s, t, y, cfg, label_output)
+            loss = loss_terms(s, t, y, cfg, label_output, sequences=sequences)
             b = len(next(iter(xs.values())))
             if loss is not None:
                 loss_sum += float(loss) * b
@@ -256,8 +278,9 @@ def make_optimizer(params: list[Any], cfg: FinetuneConfig, steps_per_epoch: int)
 
 def train_epoch(student: Any, teacher: Any, data: Batches, names: Sequence[str], cfg: FinetuneConfig,
                 label_output: int | None, device: Any, opt: Any, sched: Any, rng: np.random.Generator,
-                epoch: int, steps_left: int | None, progress: Progress | None) -> tuple[float, float | None, int, float]:
-    """One pass; returns (mean loss, train accuracy or None, steps, images/s)."""
+                epoch: int, steps_left: int | None, progress: Progress | None,
+                sequences: frozenset[int] = frozenset()) -> tuple[float, float | None, int, float]:
+    """One pass; returns (mean loss, train accuracy or None, steps, images/s); `sequences`: as `loss_terms`."""
     torch = import_torch()
     t0 = time.perf_counter()
     n = correct = steps = 0
@@ -275,7 +298,7 @@ def train_epoch(student: Any, teacher: Any, data: Batches, names: Sequence[str],
         else:
             t = None
         tmix = None if mix is None else (torch.from_numpy(mix[0]).to(device), mix[1])
-        loss = loss_terms(s, t, y, cfg, label_output, tmix)
+        loss = loss_terms(s, t, y, cfg, label_output, tmix, sequences)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_grad is not None:
