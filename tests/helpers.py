@@ -12,6 +12,7 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -402,3 +403,19 @@ CONV_CONFIGS_2D = [
 def replace_ranks(cfg: CompressionConfig, ranks: str) -> CompressionConfig:
     """`cfg` with the rank policy `ranks` (text, as --ranks takes it)."""
     return dataclasses.replace(cfg, ranks=RankPolicy.parse(ranks))
+
+
+def single_layer_candidates(model: onnx.ModelProto, x: np.ndarray, weight: str = "W") -> tuple[Any, Any, list[Any]]:
+    """The data path's coverage, error curves and candidates (calibration/rankselect.py) of the one layer of `model`,
+    whose input is `x`, computed on the calibration batch `x`: what `--ranks data:F` allocates from."""
+    from onnx_tucker.calibration.rankselect import _candidates, _covered, layer_curves
+    from onnx_tucker.graph.model import find_layers, infer_shapes
+    from onnx_tucker.runtime.activations import ActivationCache
+
+    (layer,) = find_layers(model, infer_shapes(model, {"x": (1, *x.shape[1:])}))
+    cov = _covered(layer)
+    assert not isinstance(cov, str), cov
+    with ActivationCache(model, [{"x": x}], "original") as cache:
+        curves = layer_curves(layer, cov, cache.values, initializer(model, weight), len(x))
+    return cov, curves, _candidates(layer, cov, curves)
+

@@ -34,6 +34,7 @@ from tests.helpers import (
     node_attrs,
     replace_ranks,
     run_ort,
+    single_layer_candidates,
 )
 
 SPATIAL = CompressionConfig(ranks=RankPolicy("full"), kind="spatial-svd", validate=False)
@@ -171,10 +172,6 @@ def test_data_ranks_choose_the_kind_against_brute_force(tmp_path: Path) -> None:
     """On a spatially separable conv, `data:0.3` picks spatial SVD (exact at rank 3); the chosen candidate
     is the least error any candidate of any kind reaches within the budget (brute force over the
     candidates), and the compressed model is exact."""
-    from onnx_tucker.calibration.rankselect import _candidates, _covered, layer_curves
-    from onnx_tucker.graph.model import find_layers, infer_shapes
-    from onnx_tucker.runtime.activations import ActivationCache
-
     model = _separable_model()
     rng = np.random.default_rng(1)
     x = rng.standard_normal((32, 16, 12, 12)).astype(np.float32)
@@ -188,12 +185,8 @@ def test_data_ranks_choose_the_kind_against_brute_force(tmp_path: Path) -> None:
     want, got = run_ort(model, {"x": held})["y"], run_ort(res.model, {"x": held})["y"]
     assert float(np.linalg.norm(got - want) / np.linalg.norm(want)) < 1e-3
     # Brute force over the layer's candidates at the same budget.
-    (layer,) = find_layers(model, infer_shapes(model, {"x": (1, 16, 12, 12)}))
-    cov = _covered(layer)
-    assert not isinstance(cov, str) and cov.spatial
-    with ActivationCache(model, [{"x": x}], "original") as cache:
-        curves = layer_curves(layer, cov, cache.values, initializer(model, "W"), 32)
-    cands = _candidates(layer, cov, curves)
+    cov, _, cands = single_layer_candidates(model, x)
+    assert cov.spatial
     assert {c.kind for c in cands} == {"original", "tucker2", "tucker1", "tucker1-in", "spatial-svd"}
     budget = 0.3 * int(lp.macs_before or 0)
     best = min((c for c in cands if c.macs <= budget), key=lambda c: c.error)

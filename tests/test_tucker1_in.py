@@ -39,6 +39,7 @@ from tests.helpers import (
     node_attrs,
     replace_ranks,
     run_ort,
+    single_layer_candidates,
 )
 
 MIRROR = CompressionConfig(ranks=RankPolicy("full"), kind="tucker1-in", validate=False)
@@ -202,10 +203,6 @@ def test_data_ranks_choose_the_mirror_against_brute_force(tmp_path: Path) -> Non
     """On a conv whose input mode is exactly low-rank, `data:0.4` picks Tucker-1-in (exact at rank 4);
     the chosen candidate is the least error any candidate of any kind reaches within the budget (brute
     force over the candidates), the kind note names it, and the compressed model is exact."""
-    from onnx_tucker.calibration.rankselect import _candidates, _covered, layer_curves
-    from onnx_tucker.graph.model import find_layers, infer_shapes
-    from onnx_tucker.runtime.activations import ActivationCache
-
     model = _low_rank_input_model()
     rng = np.random.default_rng(1)
     x = rng.standard_normal((32, 32, 12, 12)).astype(np.float32)
@@ -220,12 +217,8 @@ def test_data_ranks_choose_the_mirror_against_brute_force(tmp_path: Path) -> Non
     want, got = run_ort(model, {"x": held})["y"], run_ort(res.model, {"x": held})["y"]
     assert float(np.linalg.norm(got - want) / np.linalg.norm(want)) < 1e-3
     # Brute force over the layer's candidates at the same budget.
-    (layer,) = find_layers(model, infer_shapes(model, {"x": (1, 32, 12, 12)}))
-    cov = _covered(layer)
-    assert not isinstance(cov, str) and cov.mirror
-    with ActivationCache(model, [{"x": x}], "original") as cache:
-        curves = layer_curves(layer, cov, cache.values, initializer(model, "W"), 32)
-    cands = _candidates(layer, cov, curves)
+    cov, curves, cands = single_layer_candidates(model, x)
+    assert cov.mirror
     assert {c.kind for c in cands} == {"original", "tucker2", "tucker1", "tucker1-in", "spatial-svd"}
     budget = 0.4 * int(lp.macs_before or 0)
     best = min((c for c in cands if c.macs <= budget), key=lambda c: c.error)

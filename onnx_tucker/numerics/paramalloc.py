@@ -194,60 +194,56 @@ def _excess(macs: int, params: int, budget_macs: int, budget_params: int, macs0:
     return max(macs - budget_macs, 0) / macs0 + max(params - budget_params, 0) / params0
 
 
+def _single_moves(choice: list[Priced], moves: Sequence[Sequence[Priced]],
+                  score: Callable[[int, int, Priced, Priced], float | None]) -> list[Priced]:
+    """Repeatedly take the single-layer move of least `score(macs, params, current, option)` (None: not a
+    move now) until no move is left; the MAC and parameter totals are kept as the choice changes."""
+    choice = list(choice)
+    m = sum(c.candidate.macs for c in choice)
+    p = sum(c.params for c in choice)
+    for _ in range(10 * sum(len(o) for o in moves) + 1):
+        best: tuple[float, int, Priced] | None = None
+        for i, opts in enumerate(moves):
+            cur = choice[i]
+            for o in opts:
+                sc = score(m, p, cur, o)
+                if sc is not None and (best is None or sc < best[0]):
+                    best = (sc, i, o)
+        if best is None:
+            break
+        _, i, o = best
+        m += o.candidate.macs - choice[i].candidate.macs
+        p += o.params - choice[i].params
+        choice[i] = o
+    return choice
+
+
 def _repair(choice: list[Priced], moves: Sequence[Sequence[Priced]], budget_macs: int, budget_params: int,
             macs0: int, params0: int) -> list[Priced]:
     """While over a budget: the single-layer move that takes the most relative excess away per error
     added (a move that lowers the error too first)."""
-    choice = list(choice)
-    m = sum(c.candidate.macs for c in choice)
-    p = sum(c.params for c in choice)
-    for _ in range(10 * sum(len(o) for o in moves) + 1):
+
+    def score(m: int, p: int, cur: Priced, o: Priced) -> float | None:
         now = _excess(m, p, budget_macs, budget_params, macs0, params0)
-        if now <= 0:
-            break
-        best: tuple[float, int, Priced] | None = None
-        for i, opts in enumerate(moves):
-            cur = choice[i]
-            for o in opts:
-                dm, dp = o.candidate.macs - cur.candidate.macs, o.params - cur.params
-                gain = now - _excess(m + dm, p + dp, budget_macs, budget_params, macs0, params0)
-                if gain <= 1e-15:
-                    continue
-                de = o.error - cur.error
-                score = de / gain  # error per unit of excess removed (negative: both better)
-                if best is None or score < best[0]:
-                    best = (score, i, o)
-        if best is None:
-            break
-        _, i, o = best
-        m += o.candidate.macs - choice[i].candidate.macs
-        p += o.params - choice[i].params
-        choice[i] = o
-    return choice
+        if now <= 0:  # within both budgets: repaired
+            return None
+        gain = now - _excess(m + o.candidate.macs - cur.candidate.macs, p + o.params - cur.params,
+                             budget_macs, budget_params, macs0, params0)
+        return (o.error - cur.error) / gain if gain > 1e-15 else None  # error per unit of excess removed
+
+    return _single_moves(choice, moves, score)
 
 
 def _improve(choice: list[Priced], moves: Sequence[Sequence[Priced]], budget_macs: int, budget_params: int) -> list[Priced]:
     """While some single-layer move lowers the total error within both budgets: the one that lowers it most."""
-    choice = list(choice)
-    m = sum(c.candidate.macs for c in choice)
-    p = sum(c.params for c in choice)
-    for _ in range(10 * sum(len(o) for o in moves) + 1):
-        best: tuple[float, int, Priced] | None = None
-        for i, opts in enumerate(moves):
-            cur = choice[i]
-            for o in opts:
-                de = o.error - cur.error
-                if de >= -1e-15 or (best is not None and de >= best[0]):
-                    continue
-                if m + o.candidate.macs - cur.candidate.macs <= budget_macs and p + o.params - cur.params <= budget_params:
-                    best = (de, i, o)
-        if best is None:
-            break
-        _, i, o = best
-        m += o.candidate.macs - choice[i].candidate.macs
-        p += o.params - choice[i].params
-        choice[i] = o
-    return choice
+
+    def score(m: int, p: int, cur: Priced, o: Priced) -> float | None:
+        de = o.error - cur.error
+        within = (m + o.candidate.macs - cur.candidate.macs <= budget_macs
+                  and p + o.params - cur.params <= budget_params)
+        return de if de < -1e-15 and within else None
+
+    return _single_moves(choice, moves, score)
 
 
 # Pair moves are tried while the candidates of all pairs of layers stay under this many combinations.
