@@ -437,7 +437,7 @@ class _QuantizeStep:
             self.comparison = compare_models(
                 [("original FP32", source.model, source.path), ("original INT8", original.model, None),
                  ("compressed FP32", compressed, None), ("compressed INT8", self.result.model, None)],
-                shown, source.input_shapes, bench or BenchConfig(), c.seed, self.q.runtimes)
+                shown, source.input_shapes, bench or BenchConfig(), c.seed, self.q.runtimes, calibration=data)
         return self.result.model
 
 
@@ -479,7 +479,8 @@ def quantize(
                            data_option=option, source=in_path or "model")
     shown = load_for_model(config.data, source.model, config.samples, config.preprocess) if config.data else data
     comparison = compare_models([("original FP32", source.model, in_path), ("original INT8", result.model, None)],
-                                shown, source.input_shapes, bench or BenchConfig(), config.seed, q.runtimes)
+                                shown, source.input_shapes, bench or BenchConfig(), config.seed, q.runtimes,
+                                calibration=data)
     run = QuantizeRun(result, comparison, in_path, str(output) if output is not None else None)
     with OutputBatch() as batch:
         if output is not None:

@@ -58,6 +58,17 @@ class Adapter:
     def load(self, files: Sequence[str], threads: int, input_names: Sequence[str], output_names: Sequence[str]) -> RunFn:
         raise NotImplementedError
 
+    # A runtime with its own INT8 quantizer (MNN's mnnquant) names it here; the four-way comparison then
+    # builds that runtime's INT8 rows with it from the FP32 model, on the onnxruntime quantizer's
+    # calibration samples, instead of converting the QDQ file.
+    quantizer: str | None = None
+
+    def quantize(self, files: Sequence[str], workdir: str, calibration: str, input_names: Sequence[str]
+                 ) -> tuple[list[str], dict[str, Any]]:
+        """The converted FP32 model `files` quantized by the runtime's own tool on the samples in the
+        .npz `calibration` (one array per input, samples on axis 0): the INT8 files and facts."""
+        raise NotImplementedError
+
     def bench_fn(self, files: Sequence[str], threads: int, input_names: Sequence[str], output_names: Sequence[str],
                  feeds: Feeds) -> Callable[[], object]:
         """One inference on fixed `feeds`, to time (per-layer timing): by default a whole `load` run;
@@ -158,6 +169,53 @@ class MNNAdapter(Adapter):
         if not Path(target).is_file() or Path(target).stat().st_size == 0:
             raise ConversionFailed("mnnconvert wrote no model")
         return [target], {}
+
+    quantizer = "mnnquant"
+    feature_method = "KL"  # mnnquant's feature_quantize_method (its default); weights MAX_ABS per channel
+    weight_method = "MAX_ABS"
+
+    def quantize(self, files, workdir, calibration, input_names):  # type: ignore[no-untyped-def]
+        """mnnquant on the .mnn file. Its calibration reader takes image files only for a 4-D input (its
+        "sequence" input type is for 3-D inputs), so each sample is written as an 8-bit PPM image and
+        the config's mean / normal (per channel) map the pixels back to the sample's values; the largest
+        difference that encoding leaves is a fact of the result (0 when the samples were 8-bit images
+        normalised per channel, as the CIFAR, Fashion-MNIST and photo folders are)."""
+        import json
+
+        import _tools  # type: ignore[import-not-found]
+
+        if len(input_names) != 1:
+            raise ConversionFailed(f"mnnquant calibrates one image input; the model has {len(input_names)} inputs")
+        with np.load(calibration) as z:
+            x = np.asarray(z[input_names[0]], dtype=np.float32)
+        if x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise ConversionFailed(f"mnnquant calibrates from images: it needs an NCHW input with 1 or 3 channels, "
+                                   f"the calibration samples have shape {list(x.shape[1:])}")
+        folder = Path(workdir) / "mnnquant-images"
+        folder.mkdir()
+        lo, hi = x.min(axis=(0, 2, 3)).astype(np.float64), x.max(axis=(0, 2, 3)).astype(np.float64)
+        normal = np.where(hi > lo, (hi - lo) / 255.0, 1.0)
+        mean = -lo / normal
+        pixels = np.clip(np.round(x / normal[None, :, None, None] + mean[None, :, None, None]), 0, 255).astype(np.uint8)
+        error = float(np.max(np.abs((pixels - mean[None, :, None, None]) * normal[None, :, None, None] - x)))
+        h, w = x.shape[2], x.shape[3]
+        for i, sample in enumerate(pixels):
+            rgb = np.repeat(sample, 3, axis=0) if sample.shape[0] == 1 else sample
+            (folder / f"{i:05d}.ppm").write_bytes(b"P6\n%d %d\n255\n" % (w, h) + rgb.transpose(1, 2, 0).tobytes())
+        config = {"format": "GRAY" if x.shape[1] == 1 else "RGB", "mean": mean.tolist(), "normal": normal.tolist(),
+                  "width": w, "height": h, "path": str(folder) + os.sep, "used_image_num": len(x),
+                  "feature_quantize_method": self.feature_method, "weight_quantize_method": self.weight_method}
+        config_path = Path(workdir) / "mnnquant.json"
+        config_path.write_text(json.dumps(config))
+        target = str(Path(workdir) / (Path(files[0]).stem + ".int8.mnn"))
+        # The binding itself: MNN 3.6's `mnnquant` script passes three strings where the binding takes an
+        # argv list (std::length_error), and its logger installs a package and sends usage data.
+        _tools.mnnquant(["mnnquant", files[0], target, str(config_path)])
+        if not Path(target).is_file() or Path(target).stat().st_size == 0:
+            raise ConversionFailed("mnnquant wrote no model")
+        return [target], {"quantizer": self.quantizer, "feature_quantize_method": self.feature_method,
+                          "weight_quantize_method": self.weight_method, "calibration_samples": len(x),
+                          "image_encoding_max_error": error}
 
     def load(self, files, threads, input_names, output_names):  # type: ignore[no-untyped-def]
         import MNN  # type: ignore[import-not-found]

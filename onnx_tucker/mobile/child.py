@@ -1,7 +1,8 @@
 """The child process that converts, runs and times models in one runtime:
 `python -m onnx_tucker.mobile.child JOB.json`.
 
-A job is one model (convert it, then run it on every input batch), the timing of two models
+A job is one model (convert it, with `quantize` then quantize the result with the runtime's own
+INT8 tool, then run it on every input batch), the timing of two models
 already converted, or of any number of them (`time-many`: the four-way INT8 comparison). The conversion's result is written before the model runs, so when the run
 crashes the parent still knows the conversion succeeded (and the size of the result). Inputs and outputs travel as .npz files in
 the job's temporary folder; the result is a JSON file next to the job. A Python exception ends the
@@ -40,6 +41,11 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         files, extras = adapter.convert(job["model"], job["workdir"], {k: tuple(v) for k, v in job["input_shapes"].items()})
         converted = {"files": files, "extras": extras, "seconds": time.perf_counter() - t0}
         Path(job["converted"]).write_text(json.dumps(converted))
+        if job.get("quantize"):  # the runtime's own INT8 quantizer on the converted FP32 model
+            files, q_extras = adapter.quantize(files, job["workdir"], job["quantize"]["calibration"], inputs)
+            converted = {"files": files, "extras": extras | q_extras, "seconds": time.perf_counter() - t0,
+                         "quantized": True}
+            Path(job["converted"]).write_text(json.dumps(converted))
         batches = _batches(job["inputs"], inputs)
         run = adapter.load(files, job["threads"], inputs, outputs)
         results = [run(b) for b in batches]

@@ -245,7 +245,12 @@ class RuntimeCell:
     latency_p90_ms: float | None = None
     top1_agreement: float | None = None
     failure: str | None = None
-    failed_step: str | None = None
+    failed_step: str | None = None  # convert, quantize, run, time
+    # Set when the runtime's own quantizer made this INT8 model from the FP32 one (not the QDQ file):
+    # what it was, in words ("mnnquant, KL activations, MAX_ABS weights, 64 calibration samples").
+    quantizer: str | None = None
+    sqnr_db: float | None = None  # first output against the reference model in onnxruntime CPU
+    accuracy: float | None = None  # top-1 against the labels, when the data has them
 
 
 @dataclass(frozen=True)

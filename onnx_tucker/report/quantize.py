@@ -65,10 +65,23 @@ def four_way_rows(rep: FourWayReport) -> list[tuple[str, ...]]:
             elif c.failure is not None:
                 cells += [f"failed ({c.failed_step})", "-"]
             else:
-                cells += ["-" if c.latency_ms is None else f"{c.latency_ms:.3f}",
-                          _ratio(base.latency_ms if base else None, c.latency_ms)]
+                ms = "-" if c.latency_ms is None else f"{c.latency_ms:.3f}"
+                if c.quantizer is not None:  # the runtime's own quantizer made this INT8 model, not the QDQ file
+                    ms += f" ({c.quantizer.split(',')[0]} {_own_method(c.quantizer)})".replace(" )", ")")
+                cells += [ms, _ratio(base.latency_ms if base else None, c.latency_ms)]
         out.append(tuple(cells))
     return out
+
+
+def _own_method(words: str) -> str:
+    """'mnnquant, KL activations, ...' -> 'KL'."""
+    parts = words.split(", ")
+    return parts[1].split()[0] if len(parts) > 1 and parts[1].endswith("activations") else ""
+
+
+def runtime_cell_number(text: str) -> float:
+    """A runtime latency cell back to its number: '1.234' or '1.234 (mnnquant KL)'."""
+    return float(text.split()[0])
 
 
 def runtime_findings(rep: FourWayReport) -> list[str]:
@@ -83,6 +96,14 @@ def runtime_findings(rep: FourWayReport) -> list[str]:
         for c in col.cells:
             if c.failure is not None:
                 lines.append(f"{label} cannot {c.failed_step} {c.model}: {c.failure}")
+        own = [c for c in col.cells if c.quantizer is not None and c.failure is None]
+        for c in own:
+            got = ", ".join(w for w in (f"top-1 agreement {_pct(c.top1_agreement)}" if c.top1_agreement is not None else "",
+                                        f"output SQNR {_db(c.sqnr_db)} dB" if c.sqnr_db is not None else "",
+                                        f"accuracy {_pct(c.accuracy)}" if c.accuracy is not None else "") if w)
+            lines.append(f"{label} INT8 ({c.quantizer}) for {c.model}: MNN's own quantizer on the FP32 model, "
+                         f"calibrated on the onnxruntime quantizer's samples (the QDQ file is not what ran); {got} "
+                         f"against the FP32 original in onnxruntime CPU")
         a, b = col.cell("original INT8"), col.cell("compressed INT8")
         if a and b and a.latency_ms and b.latency_ms:
             x = a.latency_ms / b.latency_ms
@@ -116,7 +137,8 @@ def four_way_dict(rep: FourWayReport | None) -> dict[str, Any] | None:
                       "threads": c.threads, "warmup": c.warmup, "runs": c.runs,
                       "models": [{"name": m.model, "size_bytes": m.size_bytes, "latency_ms": m.latency_ms,
                                   "latency_p90_ms": m.latency_p90_ms, "top1_agreement": m.top1_agreement,
-                                  "failure": m.failure, "failed_step": m.failed_step} for m in c.cells]}
+                                  "failure": m.failure, "failed_step": m.failed_step, "quantizer": m.quantizer,
+                                  "sqnr_db": m.sqnr_db, "accuracy": m.accuracy} for m in c.cells]}
                      for c in rep.runtimes],
         "findings": runtime_findings(rep),
     }
