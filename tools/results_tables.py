@@ -299,11 +299,50 @@ def int8_table(rows: list[Row]) -> str:
                     cells += [f"failed ({cell['failed_step']})", "-"]
                 else:
                     ratio = (f"x{base['latency_ms'] / cell['latency_ms']:.2f}" if base and base["latency_ms"] else "-")
-                    cells += [f"{cell['latency_ms']:.3f}", ratio]
+                    own = " (mnnquant)" if cell.get("quantizer") else ""  # MNN's own quantizer, not the QDQ file
+                    cells += [f"{cell['latency_ms']:.3f}{own}", ratio]
             body.append([*cells, f"{r['wall_s']} s"])
     header = ["model", "row", "accuracy", "top-1 agreement", "output SQNR dB", "size", "size ratio", "ORT CPU ms",
               "latency ratio", *[h for n in names for h in (f"{short.get(n, n)} ms", f"{short.get(n, n)} ratio")],
               "compress + quantize"]
+    return _table(header, "ll" + "r" * (len(header) - 2), body)
+
+
+def int8_mnn_table(rows: list[Row]) -> str:
+    """tools/bench_int8.py rows with MNN's own quantizer in the MNN column: per model, MNN FP32 against MNN
+    INT8 (mnnquant, on the onnxruntime quantizer's calibration samples) and onnxruntime's INT8 (QDQ, CPU),
+    original and compressed. MNN agreement / SQNR / accuracy on the comparison's first samples, against the
+    FP32 original in onnxruntime CPU; latency ratios against the FP32 original in the same runtime."""
+    labels = {"resnet56": "CIFAR ResNet-56", "darknet": "Darknet Tiny", "fmnist": "Fashion-MNIST fixture"}
+    body = []
+    for r in rows:
+        c = r["comparison"]
+        assert isinstance(c, dict)
+        mnn = next((rt for rt in c.get("runtimes", []) if rt["name"] == "mnn"), None)
+        if mnn is None:
+            continue
+        cells_by = {m["name"]: m for m in mnn["models"]}
+        ort_by = {m["name"]: m for m in c["models"]}
+        base, ort_base = cells_by.get("original FP32"), ort_by["original FP32"]
+        for name in ("original FP32", "original INT8", "compressed FP32", "compressed INT8"):
+            m, o = cells_by.get(name), ort_by.get(name)
+            if m is None or o is None:
+                continue
+            label = labels.get(str(r["model"]), str(r["model"]))
+            what = f"{name} (mnnquant KL)" if m.get("quantizer") else name
+            if m["failure"]:
+                mnn_cells = [f"failed ({m['failed_step']})", "-", "-", "-", "-", "-"]
+            else:
+                sq = "exact" if m.get("sqnr_db") is None and m["top1_agreement"] == 1.0 else (
+                    "-" if m.get("sqnr_db") is None else f"{m['sqnr_db']:.1f}")
+                ratio = f"x{base['latency_ms'] / m['latency_ms']:.2f}" if base and base["latency_ms"] and m["latency_ms"] else "-"
+                mnn_cells = ["-" if m.get("accuracy") is None else _pct(m["accuracy"]), _pct(m["top1_agreement"]), sq,
+                             f"{m['size_bytes'] / 1e6:.2f} MB", f"{m['latency_ms']:.3f}", ratio]
+            ort_sq = "exact" if o["sqnr_db"] is None else f"{o['sqnr_db']:.1f}"
+            body.append([label, what, *mnn_cells, _pct(o["accuracy"]) if o["accuracy"] is not None else "-",
+                         _pct(o["top1_agreement"]), ort_sq, f"x{ort_base['latency_ms'] / o['latency_ms']:.2f}"])
+    header = ["model", "row", "MNN accuracy", "MNN top-1 agreement", "MNN output SQNR dB", "MNN size", "MNN ms",
+              "MNN latency ratio", "ORT CPU accuracy", "ORT CPU top-1 agreement", "ORT CPU SQNR dB", "ORT CPU latency ratio"]
     return _table(header, "ll" + "r" * (len(header) - 2), body)
 
 
@@ -367,6 +406,7 @@ RENDERERS: dict[str, Callable[[list[Row]], str]] = {
     "calibrate.jsonl": calibrate_table,
     "real_models.jsonl": real_models_table,
     "int8.jsonl": int8_table,
+    "int8_mnnquant.jsonl": int8_mnn_table,
 }
 
 
