@@ -116,12 +116,12 @@ def test_without_calibration_data_mnn_converts_the_qdq_file(four_way) -> None:  
 class AbortingMnnQuant(MNNAdapter):
     """mnnquant aborting the process (a native crash in the quantizer)."""
 
-    def quantize(self, files, workdir, calibration, input_names):  # type: ignore[no-untyped-def]
+    def quantize(self, files, workdir, calibration, input_names, method=None):  # type: ignore[no-untyped-def]
         os.abort()
 
 
 class HangingMnnQuant(MNNAdapter):
-    def quantize(self, files, workdir, calibration, input_names):  # type: ignore[no-untyped-def]
+    def quantize(self, files, workdir, calibration, input_names, method=None):  # type: ignore[no-untyped-def]
         import time
 
         time.sleep(600)
@@ -146,3 +146,29 @@ def test_a_crash_or_hang_of_mnnquant_is_a_finding(four_way, monkeypatch: pytest.
     k = four_way_header(rep).index("MNN ms")
     assert four_way_rows(rep)[1][k] == "failed (quantize)"
     assert any(f.startswith("MNN cannot quantize original INT8:") and said in f for f in runtime_findings(rep))
+
+
+class KlCrashingMnnQuant(MNNAdapter):
+    """mnnquant's KL calibration segfaulting (as MNN 3.6.1's does on Darknet Tiny), EMA working."""
+
+    def quantize(self, files, workdir, calibration, input_names, method=None):  # type: ignore[no-untyped-def]
+        import signal
+
+        if method in (None, "KL"):
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return super().quantize(files, workdir, calibration, input_names, method)
+
+
+def test_when_kl_crashes_the_next_method_is_used_and_said(four_way, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    from onnx_tucker.mobile import adapters
+
+    model, int8, data = four_way
+    monkeypatch.setitem(adapters.ADAPTERS, "mnn", f"{__name__}:KlCrashingMnnQuant")
+    rep = compare_models([("original FP32", model, None), ("original INT8", int8, None)], data,
+                         {"input": (1, 1, 28, 28)}, BenchConfig(warmup=1, runs=2), runtimes="mnn", calibration=data)
+    q = rep.runtime("mnn").cell("original INT8")  # type: ignore[union-attr]
+    assert q is not None and q.failure is None and q.latency_ms is not None, q
+    assert q.quantizer is not None and q.quantizer.startswith("mnnquant, EMA activations")
+    assert "KL failed (crashed (signal 11, SIGSEGV))" in q.quantizer
+    k = four_way_header(rep).index("MNN ms")
+    assert four_way_rows(rep)[1][k].endswith("(mnnquant EMA)")

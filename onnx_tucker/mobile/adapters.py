@@ -63,10 +63,14 @@ class Adapter:
     # calibration samples, instead of converting the QDQ file.
     quantizer: str | None = None
 
-    def quantize(self, files: Sequence[str], workdir: str, calibration: str, input_names: Sequence[str]
-                 ) -> tuple[list[str], dict[str, Any]]:
+    # The quantizer's activation-calibration methods to try, in order: the next one when one fails.
+    quantize_methods: tuple[str, ...] = ()
+
+    def quantize(self, files: Sequence[str], workdir: str, calibration: str, input_names: Sequence[str],
+                 method: str | None = None) -> tuple[list[str], dict[str, Any]]:
         """The converted FP32 model `files` quantized by the runtime's own tool on the samples in the
-        .npz `calibration` (one array per input, samples on axis 0): the INT8 files and facts."""
+        .npz `calibration` (one array per input, samples on axis 0) with `method` (one of
+        `quantize_methods`; None: the first): the INT8 files and facts."""
         raise NotImplementedError
 
     def bench_fn(self, files: Sequence[str], threads: int, input_names: Sequence[str], output_names: Sequence[str],
@@ -171,10 +175,12 @@ class MNNAdapter(Adapter):
         return [target], {}
 
     quantizer = "mnnquant"
-    feature_method = "KL"  # mnnquant's feature_quantize_method (its default); weights MAX_ABS per channel
+    # mnnquant's feature_quantize_method: KL (its default), then EMA, which MNN 3.6.1 runs where KL
+    # crashes (Darknet Tiny: SIGSEGV after "fake quant weights done"); weights MAX_ABS per channel.
+    quantize_methods = ("KL", "EMA")
     weight_method = "MAX_ABS"
 
-    def quantize(self, files, workdir, calibration, input_names):  # type: ignore[no-untyped-def]
+    def quantize(self, files, workdir, calibration, input_names, method=None):  # type: ignore[no-untyped-def]
         """mnnquant on the .mnn file. Its calibration reader takes image files only for a 4-D input (its
         "sequence" input type is for 3-D inputs), so each sample is written as an 8-bit PPM image and
         the config's mean / normal (per channel) map the pixels back to the sample's values; the largest
@@ -184,6 +190,7 @@ class MNNAdapter(Adapter):
 
         import _tools  # type: ignore[import-not-found]
 
+        feature_method = method or self.quantize_methods[0]
         if len(input_names) != 1:
             raise ConversionFailed(f"mnnquant calibrates one image input; the model has {len(input_names)} inputs")
         with np.load(calibration) as z:
@@ -191,7 +198,7 @@ class MNNAdapter(Adapter):
         if x.ndim != 4 or x.shape[1] not in (1, 3):
             raise ConversionFailed(f"mnnquant calibrates from images: it needs an NCHW input with 1 or 3 channels, "
                                    f"the calibration samples have shape {list(x.shape[1:])}")
-        folder = Path(workdir) / "mnnquant-images"
+        folder = Path(workdir) / f"mnnquant-images-{feature_method}"
         folder.mkdir()
         lo, hi = x.min(axis=(0, 2, 3)).astype(np.float64), x.max(axis=(0, 2, 3)).astype(np.float64)
         normal = np.where(hi > lo, (hi - lo) / 255.0, 1.0)
@@ -204,16 +211,16 @@ class MNNAdapter(Adapter):
             (folder / f"{i:05d}.ppm").write_bytes(b"P6\n%d %d\n255\n" % (w, h) + rgb.transpose(1, 2, 0).tobytes())
         config = {"format": "GRAY" if x.shape[1] == 1 else "RGB", "mean": mean.tolist(), "normal": normal.tolist(),
                   "width": w, "height": h, "path": str(folder) + os.sep, "used_image_num": len(x),
-                  "feature_quantize_method": self.feature_method, "weight_quantize_method": self.weight_method}
-        config_path = Path(workdir) / "mnnquant.json"
+                  "feature_quantize_method": feature_method, "weight_quantize_method": self.weight_method}
+        config_path = Path(workdir) / f"mnnquant-{feature_method}.json"
         config_path.write_text(json.dumps(config))
-        target = str(Path(workdir) / (Path(files[0]).stem + ".int8.mnn"))
+        target = str(Path(workdir) / (Path(files[0]).stem + f".int8-{feature_method}.mnn"))
         # The binding itself: MNN 3.6's `mnnquant` script passes three strings where the binding takes an
         # argv list (std::length_error), and its logger installs a package and sends usage data.
         _tools.mnnquant(["mnnquant", files[0], target, str(config_path)])
         if not Path(target).is_file() or Path(target).stat().st_size == 0:
             raise ConversionFailed("mnnquant wrote no model")
-        return [target], {"quantizer": self.quantizer, "feature_quantize_method": self.feature_method,
+        return [target], {"quantizer": self.quantizer, "feature_quantize_method": feature_method,
                           "weight_quantize_method": self.weight_method, "calibration_samples": len(x),
                           "image_encoding_max_error": error}
 

@@ -42,7 +42,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         converted = {"files": files, "extras": extras, "seconds": time.perf_counter() - t0}
         Path(job["converted"]).write_text(json.dumps(converted))
         if job.get("quantize"):  # the runtime's own INT8 quantizer on the converted FP32 model
-            files, q_extras = adapter.quantize(files, job["workdir"], job["quantize"]["calibration"], inputs)
+            files, q_extras = adapter.quantize(files, job["workdir"], job["quantize"]["calibration"], inputs,
+                                               job["quantize"].get("method"))
             converted = {"files": files, "extras": extras | q_extras, "seconds": time.perf_counter() - t0,
                          "quantized": True}
             Path(job["converted"]).write_text(json.dumps(converted))

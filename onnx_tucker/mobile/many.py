@@ -107,19 +107,30 @@ def _column(name: str, rows: Sequence[str], paths: Sequence[str], input_names: S
         quantizing = own_int8 and row in own.sources
         said = None
         if quantizing:  # the FP32 row's model, quantized by the runtime's own tool
-            job |= {"model": paths[own.sources[row]], "quantize": {"calibration": own.calibration}}
+            job["model"] = paths[own.sources[row]]
             said = f"{adapter.quantizer} (the runtime's own quantizer, from {rows[own.sources[row]]})"
-        res, failure = call_child(job, folder, timeout)
+        failed: list[str] = []  # the quantizer's methods that failed, with how
+        for method in (adapter.quantize_methods or (None,)) if quantizing else (None,):
+            if quantizing:
+                job["quantize"] = {"calibration": own.calibration, "method": method}
+                Path(converted).unlink(missing_ok=True)
+            res, failure = call_child(job, folder, timeout)
+            if not quantizing or not Path(converted).is_file():
+                break
+            if json.loads(Path(converted).read_text()).get("quantized"):
+                break
+            failed.append(f"{method}: {failure}")
         if not Path(converted).is_file():
             cells[row] = RuntimeCell(row, failure=failure, failed_step="convert", quantizer=said)
             continue
         conv = json.loads(Path(converted).read_text())
         size = sum(Path(f).stat().st_size for f in conv["files"])
         if quantizing and not conv.get("quantized"):
-            cells[row] = RuntimeCell(row, failure=failure, failed_step="quantize", quantizer=said)
+            cells[row] = RuntimeCell(row, failure="; ".join(failed), failed_step="quantize", quantizer=said)
             continue
         if quantizing:
-            said = _quantizer_words(conv["extras"])
+            said = _quantizer_words(conv["extras"]) + "".join(f"; {f.split(':')[0]} failed ({f.split(': ', 1)[1]})"
+                                                              for f in failed)
         if res is None:
             cells[row] = RuntimeCell(row, size, failure=failure, failed_step="run", quantizer=said)
             continue
