@@ -437,7 +437,8 @@ class _QuantizeStep:
             self.comparison = compare_models(
                 [("original FP32", source.model, source.path), ("original INT8", original.model, None),
                  ("compressed FP32", compressed, None), ("compressed INT8", self.result.model, None)],
-                shown, source.input_shapes, bench or BenchConfig(), c.seed, self.q.runtimes, calibration=data)
+                shown, source.input_shapes, bench or BenchConfig(), c.seed, self.q.runtimes, calibration=data,
+                runtime_samples=self.q.runtime_samples)
         return self.result.model
 
 
@@ -480,7 +481,7 @@ def quantize(
     shown = load_for_model(config.data, source.model, config.samples, config.preprocess) if config.data else data
     comparison = compare_models([("original FP32", source.model, in_path), ("original INT8", result.model, None)],
                                 shown, source.input_shapes, bench or BenchConfig(), config.seed, q.runtimes,
-                                calibration=data)
+                                calibration=data, runtime_samples=q.runtime_samples)
     run = QuantizeRun(result, comparison, in_path, str(output) if output is not None else None)
     with OutputBatch() as batch:
         if output is not None:

@@ -90,6 +90,8 @@ def command(model: str, work: Path, args: argparse.Namespace) -> list[str]:
     common = ["--ranks", f"data:{args.fraction:g}", "--quantize", "int8", "--quantize-compare",
               "--quantize-method", args.method, "--threads", "1", "--runs", str(args.runs), "--no-validate", "-q",
               "--report", rel(out / "report.json")]
+    if args.runtime_samples is not None:  # the deploy runtimes' agreement / accuracy on more than 32 samples
+        common += ["--quantize-runtime-samples", str(args.runtime_samples)]
     if args.params is not None:  # the data allocation meets a parameter budget as well (the x6 size target)
         common[2:2] = ["--target", f"params:{args.params:g}"]
     if model == "resnet56":
@@ -159,6 +161,8 @@ def main() -> None:
                     help="also --target params:G: the data allocation keeps at most G of the parameters")
     ap.add_argument("--method", default="minmax")
     ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--runtime-samples", type=int, default=None,
+                    help="--quantize-runtime-samples: samples each deploy runtime (ORT format, MNN) runs (default 32)")
     ap.add_argument("--eval-count", type=int, default=None, help="CIFAR / Fashion-MNIST test images (default all 10,000)")
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/int8-bench"))
     ap.add_argument("--results", type=Path, default=None, help="append one JSON line per model")

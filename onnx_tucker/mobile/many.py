@@ -37,16 +37,16 @@ RUN_SAMPLES = 32  # samples each runtime runs to measure its agreement (batch `b
 
 def runtime_columns(runtimes: Sequence[str], models: Sequence[tuple[str, Any]], data: DataSet, batch: int,
                     threads: int, warmup: int, runs: int, timeout: float, calibration: DataSet | None = None,
-                    int8_sources: Mapping[str, str] | None = None) -> tuple[RuntimeColumn, ...]:
+                    int8_sources: Mapping[str, str] | None = None, samples: int | None = None) -> tuple[RuntimeColumn, ...]:
     """`models`: (row name, onnx.ModelProto), the reference first; `data`: its first whole batches of
-    `batch` samples (up to RUN_SAMPLES) are run in each runtime, the first batch timed.
+    `batch` samples (up to `samples`, default RUN_SAMPLES) are run in each runtime, the first batch timed.
 
     `int8_sources`: INT8 row -> its FP32 row ("original INT8" -> "original FP32"); in a runtime with its
     own quantizer (`Adapter.quantizer`: MNN's mnnquant) that INT8 row is the FP32 row's model quantized by
     that tool on `calibration` (the samples onnxruntime's quantizer used), not the QDQ model."""
     import onnx  # the graph layer's models arrive as protos; the child processes read files
 
-    count = max(batch, min(data.count, RUN_SAMPLES) // batch * batch)
+    count = max(batch, min(data.count, samples or RUN_SAMPLES) // batch * batch)
     inputs = data.select(slice(0, count))
     with tempfile.TemporaryDirectory(prefix="onnx-tucker-many-") as folder:
         paths = []
@@ -91,7 +91,7 @@ def _column(name: str, rows: Sequence[str], paths: Sequence[str], input_names: S
             timeout: float, folder: str, own: _OwnInt8) -> RuntimeColumn:
     adapter_path = ADAPTERS[name]
     adapter = load_adapter(adapter_path)
-    common: dict[str, Any] = {"name": name, "label": adapter.label or name, "threads": threads}
+    common: dict[str, Any] = {"name": name, "label": adapter.label or name, "threads": threads, "samples": int(ref.shape[0])}
     if not adapter.installed():
         return RuntimeColumn(**common, status="not installed", install=adapter.install)
     cells: dict[str, RuntimeCell] = {}

@@ -266,6 +266,7 @@ class RuntimeColumn:
     threads: int = 1
     warmup: int = 0
     runs: int = 0
+    samples: int = 0  # the samples every model ran on there (agreement, SQNR, accuracy)
 
     def cell(self, model: str) -> RuntimeCell | None:
         return next((c for c in self.cells if c.model == model), None)

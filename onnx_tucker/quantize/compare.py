@@ -84,11 +84,12 @@ def deploy_runtimes(text: str | Sequence[str] | None) -> tuple[str, ...]:
 def compare_models(models: Sequence[tuple[str, onnx.ModelProto, str | None]], data: DataSet,
                    input_shapes: Mapping[str, tuple[int, ...]], bench: BenchConfig | None = None,
                    seed: int = 0, runtimes: str | Sequence[str] = (), timeout: float = RUNTIME_TIMEOUT,
-                   calibration: DataSet | None = None) -> FourWayReport:
+                   calibration: DataSet | None = None, runtime_samples: int | None = None) -> FourWayReport:
     """`models`: (row name, model, path or None), the reference first; `bench` None: no latency;
     `runtimes`: the deploy runtimes (mobile/adapters.py names) each model is also converted, run and timed in;
     `calibration`: the samples the INT8 models were calibrated on: a runtime with its own quantizer (MNN's
-    mnnquant) makes its "X INT8" rows from the "X FP32" models with it, on these samples."""
+    mnnquant) makes its "X INT8" rows from the "X FP32" models with it, on these samples; `runtime_samples`:
+    the samples each deploy runtime runs (None: mobile.many.RUN_SAMPLES)."""
     reference = models[0][1]
     batches = data_batches(data, input_shapes, reference)
     sessions = [ort_session(m.SerializeToString(), name) for name, m, _ in models]
@@ -126,7 +127,7 @@ def compare_models(models: Sequence[tuple[str, onnx.ModelProto, str | None]], da
         names = [name for name, _, _ in models]
         sources = {n: n.replace("INT8", "FP32") for n in names if n.endswith("INT8") and n.replace("INT8", "FP32") in names}
         columns = runtime_columns(runtimes, [(name, m) for name, m, _ in models], data, batch,
-                                  b.threads, b.warmup, b.runs, timeout, calibration, sources)
+                                  b.threads, b.warmup, b.runs, timeout, calibration, sources, runtime_samples)
     return FourWayReport(tuple(rows), count, data.path, out_name, bench.threads if bench else None,
                          bench.warmup if bench else 0, bench.runs if bench else 0, columns)
 

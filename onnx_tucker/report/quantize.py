@@ -101,9 +101,9 @@ def runtime_findings(rep: FourWayReport) -> list[str]:
             got = ", ".join(w for w in (f"top-1 agreement {_pct(c.top1_agreement)}" if c.top1_agreement is not None else "",
                                         f"output SQNR {_db(c.sqnr_db)} dB" if c.sqnr_db is not None else "",
                                         f"accuracy {_pct(c.accuracy)}" if c.accuracy is not None else "") if w)
-            lines.append(f"{label} INT8 ({c.quantizer}) for {c.model}: MNN's own quantizer on the FP32 model, "
+            lines.append(f"{label} INT8 ({c.quantizer}) for {c.model}: {label}'s own quantizer on the FP32 model, "
                          f"calibrated on the onnxruntime quantizer's samples (the QDQ file is not what ran); {got} "
-                         f"against the FP32 original in onnxruntime CPU")
+                         f"(agreement and SQNR against the FP32 original in onnxruntime CPU) on {col.samples} samples")
         a, b = col.cell("original INT8"), col.cell("compressed INT8")
         if a and b and a.latency_ms and b.latency_ms:
             x = a.latency_ms / b.latency_ms
@@ -134,7 +134,7 @@ def four_way_dict(rep: FourWayReport | None) -> dict[str, Any] | None:
                     "max_rel_error": r.max_rel_error, "latency_ms": r.latency_ms, "latency_p90_ms": r.latency_p90_ms}
                    for r in rep.rows],
         "runtimes": [{"name": c.name, "label": c.label, "version": c.version, "status": c.status, "install": c.install,
-                      "threads": c.threads, "warmup": c.warmup, "runs": c.runs,
+                      "threads": c.threads, "warmup": c.warmup, "runs": c.runs, "samples": c.samples,
                       "models": [{"name": m.model, "size_bytes": m.size_bytes, "latency_ms": m.latency_ms,
                                   "latency_p90_ms": m.latency_p90_ms, "top1_agreement": m.top1_agreement,
                                   "failure": m.failure, "failed_step": m.failed_step, "quantizer": m.quantizer,
