@@ -329,7 +329,9 @@ def int8_mnn_table(rows: list[Row]) -> str:
             if m is None or o is None:
                 continue
             label = labels.get(str(r["model"]), str(r["model"]))
-            what = f"{name} (mnnquant KL)" if m.get("quantizer") else name
+            q = str(m.get("quantizer") or "")
+            method = q.split(", ")[1].split()[0] if q.count(", ") and q.split(", ")[1].endswith("activations") else ""
+            what = f"{name} (mnnquant {method})".replace(" )", ")") if q else name
             if m["failure"]:
                 mnn_cells = [f"failed ({m['failed_step']})", "-", "-", "-", "-", "-"]
             else:
