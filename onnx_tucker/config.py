@@ -135,7 +135,7 @@ class Preprocess:
 
 
 RANK_METHODS = ("vbmf", "ratio", "energy", "full", "data")
-KIND_CHOICES = ("tucker2", "tucker1", "tucker1-in", "svd", "spatial-svd")  # what --kind may force
+KIND_CHOICES = ("tucker2", "tucker1", "tucker1-in", "svd", "spatial-svd", "cp")  # what --kind may force
 
 
 @dataclass(frozen=True)
@@ -258,7 +258,7 @@ class RankOptions(_Normalised):
     # for the first RGB conv: a 1x1 S->R3 with tiny S saves nothing.
     min_tucker2_channels: int = 8
     # None: each layer's default (Tucker-2, Tucker-1 for few input channels, SVD for 1x1 / matrices).
-    kind: str | None = opt("--kind", default=None, help="Decompose every layer that allows it as this kind: tucker2, tucker1, tucker1-in (Tucker-1 on the input mode: a 1x1 S->R then the k x k R->T), svd or spatial-svd (a 2-D k x k conv as k x 1 then 1 x k, AIMET's spatial SVD); the others keep their default. With --ranks data:F the data choose the kind per layer instead.")
+    kind: str | None = opt("--kind", default=None, help="Decompose every layer that allows it as this kind: tucker2, tucker1, tucker1-in (Tucker-1 on the input mode: a 1x1 S->R then the k x k R->T), svd spatial-svd (a 2-D k x k conv as k x 1 then 1 x k, AIMET's spatial SVD) or cp (CP: 1x1, depthwise k x k, 1x1; ungrouped convs); the others keep their default. With --ranks data:F the data choose the kind per layer instead.")
     # Layers planned and decomposed in parallel (threads). Changes speed only, never the result.
     jobs: int = opt("--jobs", "-j", default=1, help="Layers planned and decomposed in parallel (threads); the result is the same for every N.")
     # A whole-model budget instead of per-layer ranks (planning/budget.py): `macs:0.3`, `params:0.2`,

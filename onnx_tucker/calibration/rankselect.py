@@ -17,6 +17,8 @@ What each layer needs (`_covered` says how the error model reads it):
   data-aware, whichever the data favour, as calibration does), on the same hull as Tucker-2 / -1;
   and Tucker-1-in (1x1 S->R3 then the k x k R3->T) at every input rank (`rankalloc.tucker1_in_tails`:
   the core refit on the 1x1 factor's output, that factor data-aware or the input mode's HOSVD);
+  and an ungrouped conv's CP at a grid of ranks (`cp_tails`: each rank's ALS factors as decomposed,
+  the last 1x1 refit on the depthwise factor's output, as calibration does);
   wider, two passes over the layer's input: the channel moment (S x S), then the im2col of the
   data-aware first factor's output at the largest grid input rank (capped to fit the width), which
   also price Tucker-1-in up to that rank;
@@ -82,7 +84,7 @@ from ..numerics.refit import (
     sample_positions,
     scatter_reception,
 )
-from ..numerics.tucker import leading_left_vectors, spatial_unfold, unfold
+from ..numerics.tucker import cp, leading_left_vectors, spatial_unfold, unfold
 from ..ops.layer import Im2col, Layer
 from ..ops.registry import find_handler, handler_for
 from ..planning.planner import LayerPlan, PlannedRanks, SkipCause
@@ -113,6 +115,7 @@ class DataRankOptions:
     memory_bytes: int = 512 << 20  # activations kept in memory between layers (the rest: on disk)
     ridge: float = DEFAULT_RIDGE
     kind: str | None = None  # --kind: the only decomposition offered where a layer allows it (None: all of them)
+    cp_rank_points: int = 6  # CP ranks priced per layer (one ALS each)
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,7 @@ class Coverage:
     tucker2: bool = False  # Tucker-2 candidates too (a spatial kernel)
     spatial: bool = False  # spatial-SVD candidates too (a 2-D kernel, both sides > 1; exact im2col path only)
     mirror: bool = False  # Tucker-1-in candidates too (a spatial kernel, more than one input channel per group)
+    cp: bool = False  # CP candidates too (a spatial kernel, ungrouped; exact im2col path only)
     output_padding: tuple[int, ...] = ()  # ConvTranspose
     # Calibration refits the factors (the curves count data-aware factors); otherwise the weight-space
     # factors stay as built and the curves count theirs on the data.
@@ -181,7 +185,8 @@ def _covered(layer: Layer) -> Coverage | str:
         g = im.groups
         return Coverage("im2col", g, im.width // im.taps, im.outputs // g, im.taps, im,
                         tucker2=im.taps > 1 and "tucker2" in handler.kinds(layer),
-                        spatial="spatial-svd" in handler.kinds(layer), mirror="tucker1-in" in handler.kinds(layer))
+                        spatial="spatial-svd" in handler.kinds(layer), mirror="tucker1-in" in handler.kinds(layer),
+                        cp="cp" in handler.kinds(layer))
     return Coverage("rows", 1, im.width, im.outputs, 1, im)
 
 
@@ -200,6 +205,7 @@ class LayerCurves:
     note: str = ""
     spatial: np.ndarray | None = None  # spatial SVD at R = 0..cap (ranks whose MACs stay under the original's)
     mirror: np.ndarray | None = None  # Tucker-1-in at R3 = 0..cap (likewise)
+    cp: Mapping[int, float] = field(default_factory=dict)  # CP at a grid of ranks (each its own ALS)
 
 
 def _too_few_rows(layer: Layer, cov: Coverage, count: int) -> bool:
@@ -255,9 +261,10 @@ def layer_curves(layer: Layer, cov: Coverage, values: Values, weight: np.ndarray
         grams = kernel_input_grams(weight, g)
         mirror_cap = _mirror_cap(layer, cov) if cov.mirror else 0
         if s * kk <= opts.max_width:
-            blocks = handler_for(layer).blocks(layer, weight) if cov.spatial or mirror_cap else []
+            cp_ranks = _cp_ranks(layer, cov, opts) if cov.cp else []
+            blocks = handler_for(layer).blocks(layer, weight) if cov.spatial or mirror_cap or cp_ranks else []
             return _conv_exact(cov, values, x_name, y_name, grams, ranks3, intercept, per_sample, rng, opts,
-                               blocks, _spatial_cap(layer, cov) if cov.spatial else 0, mirror_cap)
+                               blocks, _spatial_cap(layer, cov) if cov.spatial else 0, mirror_cap, cp_ranks)
         return _conv_two_pass(cov, values, x_name, y_name, grams, ranks3, intercept, per_sample, rng, opts, mirror_cap)
 
     outs = [MomentStats(t) for _ in range(g)]
@@ -353,6 +360,32 @@ def _mirror_cap(layer: Layer, cov: Coverage) -> int:
     return min(cov.inputs, (macs0 - 1) // per_rank) if per_rank > 0 else 0
 
 
+def _cp_ranks(layer: Layer, cov: Coverage, opts: DataRankOptions) -> list[int]:
+    """The CP ranks priced: a grid up to the largest whose MACs stay under the original's (each rank
+    is its own ALS, so a grid of `DataRankOptions.cp_rank_points`, not every rank)."""
+    handler = handler_for(layer)
+    per_rank = int(handler.cost(layer, "cp", (1,))[1] or 0)  # MACs are linear in the rank
+    macs0 = int(handler.cost(layer, "original")[1] or 0)
+    assert layer.weight_shape is not None
+    bound = (handler.rank_limits(tuple(layer.weight_shape), "cp") or (0,))[0]
+    top = min(bound, (macs0 - 1) // per_rank) if per_rank > 0 else 0
+    if top < 1 or opts.cp_rank_points < 1:
+        return []
+    return [int(r) for r in np.unique(np.round(np.linspace(top / opts.cp_rank_points, top, opts.cp_rank_points)).astype(int)) if r >= 1]
+
+
+def cp_tails(stats: GramStats, block: np.ndarray, ranks: Sequence[int], intercept: bool, ridge: float) -> dict[int, float]:
+    """Squared errors of CP at each rank: the 1x1 and depthwise factors as decomposed (`tucker.cp`, as
+    `decompose` builds them), the last 1x1 and the bias the ridge least squares fit on the data (what
+    calibration refits): regressors z = p @ front, front[(s, tap), r] = inp[s, r] taps[tap, r]."""
+    out: dict[int, float] = {}
+    for r in ranks:
+        f = cp(np.asarray(block, dtype=np.float64), r)
+        front = np.einsum("sr,kr->skr", f.inp, f.taps).reshape(-1, f.inp.shape[1])
+        out[r] = float(nested_block_tails(stats.projected(front), front.shape[1], intercept, ridge)[-1])
+    return out
+
+
 def mirror_tails(stats: GramStats, block: np.ndarray, kernel_gram: np.ndarray, rank: int, intercept: bool,
                  ridge: float) -> dict[str, np.ndarray]:
     """One group's Tucker-1-in squared errors at ranks 0..`rank`, by how the 1x1 factor is chosen:
@@ -379,7 +412,7 @@ def spatial_tails(stats: GramStats, block: np.ndarray, rank: int, intercept: boo
 def _conv_exact(cov: Coverage, values: Values, x_name: str, y_name: str, grams: list[np.ndarray], ranks3: list[int],
                 intercept: bool, per_sample: int, rng: Callable[[], np.random.Generator],
                 opts: DataRankOptions, blocks: Sequence[np.ndarray] = (), spatial_cap: int = 0,
-                mirror_cap: int = 0) -> LayerCurves:
+                mirror_cap: int = 0, cp_ranks: Sequence[int] = ()) -> LayerCurves:
     """One pass: the im2col Gram per group (width S*k), the exact grid; with `blocks` (the kernel per
     group) and a `spatial_cap` >= 1, the spatial SVD's curve up to that rank from the same Gram; with a
     `mirror_cap` >= 1, Tucker-1-in's likewise."""
@@ -406,7 +439,11 @@ def _conv_exact(cov: Coverage, values: Values, x_name: str, y_name: str, grams: 
         mt = [mirror_tails(st, b, gr, mirror_cap, intercept, opts.ridge) for st, b, gr in zip(stats, blocks, grams, strict=True)]
         # Calibration keeps whichever 1x1 factor (with its core refit) fits better: so does the curve.
         mirror = np.minimum(*(combine_groups([t[name] for t in mt], energies) for name in ("weights", "data")))
-    return LayerCurves(curve, grid, spatial=spatial, mirror=mirror)
+    cp_curve: dict[int, float] = {}
+    if blocks and cp_ranks and g == 1:
+        energy = float(sum(energies))
+        cp_curve = {r: v / energy if energy > 0 else 0.0 for r, v in cp_tails(stats[0], blocks[0], cp_ranks, intercept, opts.ridge).items()}
+    return LayerCurves(curve, grid, spatial=spatial, mirror=mirror, cp=cp_curve)
 
 
 def _conv_two_pass(cov: Coverage, values: Values, x_name: str, y_name: str, grams: list[np.ndarray], ranks3: list[int],
@@ -484,6 +521,8 @@ def _candidates(layer: Layer, cov: Coverage, curves: LayerCurves, forced: str | 
         for r in range(1, len(curves.mirror)):
             macs = int(handler.cost(layer, "tucker1-in", (r,))[1] or 0)
             out.append(RankCandidate("tucker1-in", (r,), macs, float(curves.mirror[r])))
+    for r, err in curves.cp.items():
+        out.append(RankCandidate("cp", (r,), int(handler.cost(layer, "cp", (r,))[1] or 0), float(err)))
     if forced is not None and forced in handler.kinds(layer):  # --kind: that kind only, where the layer allows it
         only = [c for c in out if c.kind in ("original", forced)]
         if len(only) > 1:

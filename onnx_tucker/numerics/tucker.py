@@ -282,3 +282,90 @@ def relative_error(original: np.ndarray, approx: np.ndarray) -> float:
     num = float(np.linalg.norm(o - approx))
     den = float(np.linalg.norm(o))
     return num / den if den > 0 else num
+
+
+@dataclass(frozen=True)
+class CPFactors:
+    """K[t, s, taps] ~ sum_r out[t, r] inp[s, r] taps[tap, r] (the spatial modes kept together: each
+    component's kernel is a free k x k slice); out T x R, inp S x R, taps k x R, components by
+    decreasing norm."""
+
+    out: np.ndarray
+    inp: np.ndarray
+    taps: np.ndarray
+    rel_error: float | None = None
+
+
+def cp_rank_bound(t: int, s: int, k: int) -> int:
+    """The rank at which `cp` is exact for every T x S x k kernel (the smallest of the three slice
+    counts: one component per (s, tap), (t, tap) or (t, s) pair)."""
+    return min(s * k, t * k, t * s)
+
+
+def _exact_cp(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An exact CP of a T x S x k tensor with `cp_rank_bound` components: one-hot on two modes."""
+    t, s, k = w.shape
+    if s * k <= min(t * k, t * s):
+        a = w.reshape(t, s * k)
+        b = np.repeat(np.eye(s), k, axis=1)
+        c = np.tile(np.eye(k), (1, s))
+    elif t * k <= t * s:
+        a = np.repeat(np.eye(t), k, axis=1)
+        b = w.transpose(1, 0, 2).reshape(s, t * k)
+        c = np.tile(np.eye(k), (1, t))
+    else:
+        a = np.repeat(np.eye(t), s, axis=1)
+        b = np.tile(np.eye(s), (1, t))
+        c = w.transpose(2, 0, 1).reshape(k, t * s)
+    return a, b, c
+
+
+def cp(kernel: np.ndarray, rank: int, iters: int = 200, seed: int = 0, tol: float = 1e-7) -> CPFactors:
+    """CP (CANDECOMP/PARAFAC, Lebedev et al. 2015) of a T x S x k... kernel with its spatial modes
+    as one mode of k taps, by alternating least squares from an HOSVD start (random columns, seeded,
+    where the rank exceeds a mode's size); exact at `cp_rank_bound` and above (built directly)."""
+    w = np.asarray(kernel, dtype=np.float64)
+    t, s = w.shape[:2]
+    x = w.reshape(t, s, -1)
+    k = x.shape[2]
+    if rank >= cp_rank_bound(t, s, k):
+        a, b, c = _exact_cp(x)
+    else:
+        rng = np.random.default_rng(seed)
+
+        def start(m: np.ndarray) -> np.ndarray:
+            u = leading_left_vectors(m, min(rank, m.shape[0]))
+            extra = rng.standard_normal((m.shape[0], rank - u.shape[1])) / np.sqrt(m.shape[0])
+            return np.concatenate([u, extra], axis=1)
+
+        b, c = start(unfold(x, 1)), start(unfold(x, 2))
+        a = np.zeros((t, rank))
+        norm2 = float(np.sum(x * x))
+        lam = 1e-12 * max(norm2, 1e-300)
+        prev = np.inf
+        for _ in range(iters):
+            a = np.einsum("tsk,sr,kr->tr", x, b, c, optimize=True) @ np.linalg.pinv((b.T @ b) * (c.T @ c) + lam * np.eye(rank))
+            b = np.einsum("tsk,tr,kr->sr", x, a, c, optimize=True) @ np.linalg.pinv((a.T @ a) * (c.T @ c) + lam * np.eye(rank))
+            m = np.einsum("tsk,tr,sr->kr", x, a, b, optimize=True)
+            c = m @ np.linalg.pinv((a.T @ a) * (b.T @ b) + lam * np.eye(rank))
+            # ||X - [[a, b, c]]||^2 from the Grams: no reconstruction per sweep.
+            fit = norm2 - 2 * float(np.sum(m * c)) + float(np.sum((a.T @ a) * (b.T @ b) * (c.T @ c)))
+            err = np.sqrt(max(fit, 0.0) / norm2) if norm2 > 0 else 0.0
+            if abs(prev - err) < tol:
+                break
+            prev = err
+    # Even scales across the three factors, components by decreasing weight.
+    na, nb, nc = (np.linalg.norm(f, axis=0) for f in (a, b, c))
+    g = np.cbrt(na * nb * nc)
+    ok = (na > 0) & (nb > 0) & (nc > 0)
+    sa, sb, sc = (np.where(ok, g / np.where(n > 0, n, 1.0), 1.0) for n in (na, nb, nc))
+    a, b, c = a * sa, b * sb, c * sc
+    order = np.argsort(-g, kind="stable")
+    a, b, c = a[:, order], b[:, order], c[:, order]
+    f = CPFactors(a, b, c.reshape(k, -1))
+    return CPFactors(f.out, f.inp, f.taps, relative_error(w, reconstruct_cp(f, w.shape)))
+
+
+def reconstruct_cp(f: CPFactors, shape: tuple[int, ...]) -> np.ndarray:
+    """The T x S x k... kernel of a CP (`shape`: the kernel's)."""
+    return np.einsum("tr,sr,kr->tsk", f.out, f.inp, f.taps).reshape(shape)

@@ -11,7 +11,8 @@ Planning, decomposition, costing, rewriting and calibration ask the handler foun
 
 Ranks are (R_out, R_in) for tucker2, (R_out,) for tucker1, (R_in,) for tucker1-in (Tucker-1's mirror:
 a 1x1 conv S->R then the k x k conv R->T), (R,) for svd and spatial-svd (a 2-D conv as a kh x 1 conv
-S->R then a 1 x kw conv R->T). Grouped layers are
+S->R then a 1 x kw conv R->T) and cp (CP with the spatial modes as one: a 1x1 S->R, a depthwise k x k
+R->R, a 1x1 R->T). Grouped layers are
 decomposed group by group with the same ranks in every group: `blocks` splits the weight into its
 groups once, and every factor of the chain is itself a grouped (block-diagonal) operator.
 """
@@ -26,6 +27,8 @@ import numpy as np
 from ..numerics.refit import balance_chain
 from ..numerics.spectral import LayerSpectra
 from ..numerics.tucker import (
+    cp,
+    cp_rank_bound,
     reconstruct_spatial_svd,
     reconstruct_tucker1,
     reconstruct_tucker1_in,
@@ -50,9 +53,10 @@ LABELS = {
     "tucker1-in": ("tucker_first", "tucker_core"),
     "svd": ("svd_first", "svd_last"),
     "spatial-svd": ("spatial_vertical", "spatial_horizontal"),
+    "cp": ("cp_first", "cp_depthwise", "cp_last"),
 }
 MODE_NAMES = {"tucker2": ("output", "input"), "tucker1": ("output",), "tucker1-in": ("input",), "svd": ("matrix",),
-              "spatial-svd": ("spatial",)}
+              "spatial-svd": ("spatial",), "cp": ("cp",)}
 
 
 def same_pads(size: int | None, kernel: int, stride: int, dilation: int, upper: bool) -> tuple[int, int] | None:
@@ -141,7 +145,16 @@ class OpHandler:
             return [unfold(block, 1)]
         if kind == "spatial-svd":
             return [spatial_unfold(block)]
+        if kind == "cp":  # a weight-space policy reads the output mode's spectrum (`rank_limits`: the cap)
+            return [unfold(block, 0)]
         return [block if block.ndim == 2 else block.reshape(block.shape[0], -1)]  # a 1x1 kernel: T x S
+
+    def rank_limits(self, block_shape: tuple[int, ...], kind: str) -> tuple[int, ...] | None:
+        """The largest meaningful rank of each mode of `kind` where it is not the smaller side of its
+        matrix (`matrices`): CP's exact rank bound. None: the matrices' smaller sides."""
+        if kind == "cp" and len(block_shape) >= 3:
+            return (cp_rank_bound(block_shape[0], block_shape[1], math.prod(block_shape[2:])),)
+        return None
 
     def dims(self, layer: Layer) -> tuple[int, int]:
         """(K, N) of the matrix as used: y = x @ W with W K x N."""
@@ -310,6 +323,8 @@ def tensor_factor_shapes(kind: str, ranks: tuple[int, ...], block_shape: tuple[i
         return (ranks[0], S, *one), (T, ranks[0], *spatial)
     if kind == "spatial-svd" and len(spatial) == 2:
         return (ranks[0], S, spatial[0], 1), (T, ranks[0], 1, spatial[1])
+    if kind == "cp":
+        return (ranks[0], S, *one), (ranks[0], 1, *spatial), (T, ranks[0], *one)
     raise ValueError(f"cannot decompose a kernel as {kind!r}")
 
 
@@ -317,8 +332,8 @@ def tensor_factors(
     kind: str, ranks: tuple[int, ...], block: np.ndarray, hooi_iters: int, spectra: LayerSpectra | None
 ) -> tuple[tuple[np.ndarray, ...], float]:
     """Factors of a T x S x k... kernel block as conv weights: tucker2 (1x1 S->R3, core R3->R4, 1x1
-    R4->T), tucker1 (core S->R4, 1x1 R4->T), tucker1-in (1x1 S->R3, core R3->T), svd of a 1x1 kernel (1x1 S->R, 1x1 R->T) or spatial-svd
-    of a 2-D kernel (kh x 1 S->R, 1 x kw R->T)."""
+    R4->T), tucker1 (core S->R4, 1x1 R4->T), tucker1-in (1x1 S->R3, core R3->T), svd of a 1x1 kernel (1x1 S->R, 1x1 R->T), spatial-svd
+    of a 2-D kernel (kh x 1 S->R, 1 x kw R->T) or cp (1x1 S->R, depthwise k x k R->R, 1x1 R->T)."""
     nd = block.ndim - 2
     if kind == "svd":
         # Kept in its own dtype: truncated_svd reads float32 in float64 blocks.
@@ -340,4 +355,9 @@ def tensor_factors(
         sp = spatial_svd(block, ranks[0], spectra=spectra)
         err = sp.rel_error if sp.rel_error is not None else relative_error(w, reconstruct_spatial_svd(sp))
         return (sp.vertical, sp.horizontal), err
+    if kind == "cp":
+        c = cp(w, ranks[0])
+        r = c.out.shape[1]
+        depthwise = c.taps.T.reshape((r, 1, *block.shape[2:]))
+        return (as_1x1(c.inp.T, nd), depthwise, as_1x1(c.out, nd)), float(c.rel_error or 0.0)
     raise ValueError(f"cannot decompose a kernel as {kind!r}")

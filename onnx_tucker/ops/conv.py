@@ -9,13 +9,17 @@ auto_pad and the bias: the input mode compressed, for many input channels and fe
 SVD-split 1x1 conv carries its stride on the first factor. Spatial SVD (AIMET's; 2-D kernels with kh, kw > 1) is a kh x 1 conv S->R carrying the
 height's stride, pads and dilation, then a 1 x kw conv R->T carrying the width's and the bias: exact
 at full rank (padding a column of the intermediate is padding the input's column), the intermediate
-at (output height x input width). A grouped conv is decomposed group by group (docs/grouped-convs.md): every node of the
+at (output height x input width). CP (Lebedev et al. 2015; ungrouped convs) treats the spatial modes
+as one mode of k taps: a 1x1 S->R at the input resolution, a depthwise k x k R->R (group R) carrying
+the strides, pads, dilations and auto_pad, a 1x1 R->T carrying the bias; exact at rank
+min(S*k, T*k, T*S). A grouped conv is decomposed group by group (docs/grouped-convs.md): every node of the
 chain keeps the original `group`; depthwise convs (one input channel per group) are kept.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -102,9 +106,11 @@ class ConvHandler(OpHandler):
         # conv it is the SVD, offered already) and more than one input channel per group (else the
         # projection is 1 -> R, never smaller); 1-D, 2-D and 3-D alike, as Tucker-1.
         mirror = ("tucker1-in",) if self.in_channels_per_group(layer) > 1 else ()
+        # CP's depthwise step needs its own group count: ungrouped layers only.
+        cp = ("cp",) if self.groups(layer) == 1 else ()
         if self.spatial_separable(layer):
-            return ("tucker2", "tucker1", *mirror, "spatial-svd")
-        return ("tucker2", "tucker1", *mirror)
+            return ("tucker2", "tucker1", *mirror, "spatial-svd", *cp)
+        return ("tucker2", "tucker1", *mirror, *cp)
 
     def spatial_separable(self, layer: Layer) -> bool:
         """A 2-D kernel with both sides > 1: spatial SVD applies (a k x 1 or 1 x k kernel has nothing to split)."""
@@ -170,6 +176,12 @@ class ConvHandler(OpHandler):
             mid = self.intermediate_pixels(layer)
             macs = None if out_px is None or mid is None else batch * (vertical * mid + horizontal * out_px)
             return vertical + horizontal, macs
+        if kind == "cp":
+            # 1x1 (S -> R) at the input resolution, depthwise k taps and 1x1 (R -> T) at the output's.
+            (r,) = ranks
+            first, rest = S * r, r * k + r * T
+            macs = None if out_px is None or in_px is None else batch * (first * in_px + rest * out_px)
+            return first + rest, macs
         if kind == "tucker1-in":
             # 1x1 (S -> R3 per group) at the input resolution, the core (R3 -> T per group) at the output's.
             (r3,) = ranks
@@ -214,6 +226,9 @@ class ConvHandler(OpHandler):
         )
 
     def refit_front(self, layer: Layer, factors: LayerFactors) -> str | None:
+        if factors.kind == "cp":
+            return ("CP: the last 1x1 and the bias refit on the depthwise factor's output (the 1x1 and depthwise "
+                    "factors as decomposed; a free im2col front would not split into them)")
         if factors.kind == "spatial-svd":
             return ("spatial SVD: the 1 x k factor and the bias refit on the k x 1 factor's output (that factor as "
                     "decomposed, or data-aware under 'data'; a free im2col front would not split into two convs)")
@@ -226,6 +241,11 @@ class ConvHandler(OpHandler):
         g = self.groups(layer)
         if factors.kind == "spatial-svd":
             return [(None, vf, hf) for vf, hf in spatial_refit_blocks(a[0], a[1], g)]
+        if factors.kind == "cp":
+            # y = p @ front @ last on the im2col p (columns (s, taps)): front[(s, tap), r] = B[s, r] C[tap, r].
+            r = a[0].shape[0]
+            front = np.einsum("rs,rk->skr", a[0].reshape(r, -1), a[1].reshape(r, -1)).reshape(-1, r)
+            return [(None, front, a[2].reshape(a[2].shape[0], r).T)]
         if factors.kind == "tucker1-in":
             # The first 1x1 (R3 x S_g), the core as im2col columns x T_g, and an identity last factor
             # (T_g x T_g) that `from_refit_blocks` folds back into the core: refit like Tucker-2's
@@ -253,6 +273,9 @@ class ConvHandler(OpHandler):
             verticals = [spatial_basis(fr, kw).reshape(old[0].shape[0] // len(blocks), *old[0].shape[1:]) for _, fr, _ in blocks]
             lasts = [la.reshape(r, kw, tg).transpose(2, 0, 1)[:, :, None, :] for _, _, la in blocks]
             return [np.concatenate(verticals), np.concatenate(lasts)]
+        if factors.kind == "cp":  # the front as it was, the refit last 1x1
+            ((_, _, la),) = blocks
+            return [old[0], old[1], la.T.reshape((la.shape[1], *old[2].shape[1:]))]
         if factors.kind == "tucker1-in":  # the last factor folded into the core
             first = np.concatenate([fi for fi, _, _ in blocks]).reshape(old[0].shape)  # type: ignore[arg-type]
             folded = [(fr @ la).T.reshape((la.shape[1], *old[1].shape[1:])) for _, fr, la in blocks]
@@ -268,6 +291,8 @@ class ConvHandler(OpHandler):
         return arrays
 
     def balance(self, layer: Layer, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        if len(arrays) == 3 and arrays[1].shape[1] == 1 and arrays[0].shape[0] == arrays[1].shape[0] > 1:
+            return balance_cp(arrays)  # a depthwise middle: one scale per component, not per channel pair
         # Grouped chains are left as they are: balancing works on whole factors, not per group.
         return balance_chain(arrays) if self.groups(layer) == 1 else list(arrays)
 
@@ -275,7 +300,7 @@ class ConvHandler(OpHandler):
     spatial_op = "Conv"  # the op of the chain's spatial step
 
     def spatial_step(self, kind: str, j: int) -> bool:
-        return (kind in ("tucker2", "tucker1-in") and j == 1) or (kind in ("tucker1", "svd") and j == 0)
+        return (kind in ("tucker2", "tucker1-in", "cp") and j == 1) or (kind in ("tucker1", "svd") and j == 0)
 
     def split_attrs(self, layer: Layer, axis: int) -> list[tuple[str, object]]:
         """A spatial-SVD factor's attributes: the replaced node's strides, pads and dilations on
@@ -316,6 +341,8 @@ class ConvHandler(OpHandler):
                 op, attrs = "Conv", [("kernel_shape", [1] * nd)]
             if self.groups(layer) != 1:  # block-diagonal factors: every node keeps the group
                 attrs.append(("group", COPY))
+            elif kind == "cp" and j == 1:  # the depthwise step: one group per component
+                attrs.append(("group", int(arr.shape[0])))
             last = j == len(labels) - 1
             nodes.append(NodeSpec(op, (ins[j], weights[j], *(bias if last else ())), (outs[j],),
                                   fresh(f"{base}/{label}"), tuple(attrs)))
@@ -331,6 +358,22 @@ class ConvHandler(OpHandler):
             attrs = [*self.split_attrs(layer, j), ("kernel_shape", list(factors.arrays[j].shape[2:])), *group]
             nodes.append(NodeSpec("Conv", (src, weights[j], *extra), (dst,), fresh(f"{base}/{labels[j]}"), tuple(attrs)))
         return Chain(tuple(nodes))
+
+
+def balance_cp(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """A CP chain (1x1 S->R, depthwise R, 1x1 R->T) with each component's three factors at equal norms
+    (their product unchanged), as `balance_chain` does for chains of full convs."""
+    first, mid, last = (np.asarray(x, dtype=np.float64) for x in arrays)
+    r = first.shape[0]
+    na = np.linalg.norm(first.reshape(r, -1), axis=1)
+    nb = np.linalg.norm(mid.reshape(r, -1), axis=1)
+    nc = np.linalg.norm(np.moveaxis(last, 1, 0).reshape(r, -1), axis=1)
+    ok = (na > 0) & (nb > 0) & (nc > 0)
+    g = np.cbrt(na * nb * nc)
+    sa, sb, sc = (np.where(ok, g / np.where(n > 0, n, 1.0), 1.0) for n in (na, nb, nc))
+    shape = (-1,) + (1,) * (first.ndim - 1)
+    out = [first * sa.reshape(shape), mid * sb.reshape(shape), last * sc.reshape((1, -1) + (1,) * (last.ndim - 2))]
+    return [o.astype(np.asarray(x).dtype) for o, x in zip(out, arrays, strict=True)]
 
 
 def spatial_refit_blocks(vertical: np.ndarray, horizontal: np.ndarray, groups: int) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -19,6 +19,6 @@ def decompose_layer(
 ) -> LayerFactors:
     """`spectra`: the planner's eigendecompositions of this weight's matrices, reused when given."""
     assert plan.ranks is not None
-    if plan.kind not in ("tucker2", "tucker1", "tucker1-in", "svd", "spatial-svd"):
+    if plan.kind not in ("tucker2", "tucker1", "tucker1-in", "svd", "spatial-svd", "cp"):
         raise ValueError(f"cannot decompose a layer planned as {plan.kind!r}")
     return handler_for(layer).decompose(layer, plan.kind, plan.ranks, weight, hooi_iters, spectra)

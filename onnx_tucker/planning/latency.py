@@ -64,7 +64,8 @@ def rank_caps(layer: Layer, kind: str) -> tuple[int, ...]:
     handler = handler_for(layer)
     probe = np.broadcast_to(np.zeros((), np.float32), layer.weight_shape)  # shapes only, no memory
     block = handler.blocks(layer, probe)[0]
-    return tuple(min(m.shape) for m in handler.matrices(block, kind))
+    limits = handler.rank_limits(tuple(block.shape), kind)
+    return limits if limits is not None else tuple(min(m.shape) for m in handler.matrices(block, kind))
 
 
 def _pays(layer: Layer, plan: LayerPlan, kind: str, ranks: tuple[int, ...]) -> bool:

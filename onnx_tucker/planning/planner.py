@@ -25,7 +25,7 @@ from ..ops.layer import Layer
 from ..ops.registry import handler_for
 
 PLAN_FORMAT_VERSION = 1
-KINDS = ("tucker2", "tucker1", "tucker1-in", "svd", "spatial-svd", "skip")
+KINDS = ("tucker2", "tucker1", "tucker1-in", "svd", "spatial-svd", "cp", "skip")
 
 
 class SkipCause(str, Enum):
@@ -48,7 +48,7 @@ class SkipCause(str, Enum):
 @dataclass(frozen=True)
 class LayerPlan:
     """One layer's decision. Ranks are (R4, R3) for tucker2, (R4,) for tucker1, (R3,) for tucker1-in,
-    (R,) for svd and spatial-svd."""
+    (R,) for svd, spatial-svd and cp."""
 
     name: str
     op_type: str
@@ -334,6 +334,9 @@ def _plan_one(layer, read_weight, cfg, include, exclude, planned, spectra=None) 
         ests = [sp.evbmf() for sp in specs]
     dims = [m.shape[0] for m in mats]  # the channel dimension each rank applies to
     caps = [min(m.shape) for m in mats]  # a rank above the unfolding's rank adds nothing
+    limits = handler.rank_limits(tuple(blocks[0].shape), kind)
+    if limits is not None:  # CP: ranks up to its exact bound, above any one unfolding's
+        dims, caps = list(limits), list(limits)
     base = replace(base, evbmf_ranks=tuple(e.rank for e in ests), sigma2=tuple(e.sigma2 for e in ests))
 
     if planned is not None:
@@ -347,6 +350,9 @@ def _plan_one(layer, read_weight, cfg, include, exclude, planned, spectra=None) 
         policy = planned.policies.get(layer.layer_id, planned.policy)
     else:
         raw = [_rank_by_policy(sp, cfg.ranks, e) for sp, e in zip(specs, ests, strict=True)]
+        if limits is not None and cfg.ranks.method in ("full", "ratio"):  # of the kind's own rank bound
+            share = cfg.ranks.value if cfg.ranks.method == "ratio" and cfg.ranks.value is not None else 1.0
+            raw = [max(1, math.ceil(share * c)) for c in limits]
         policy = str(cfg.ranks)
         if min(raw) == 0 and cfg.min_rank is None:
             which = " and ".join(f"{n} mode" for n, r in zip(MODE_NAMES[kind], raw, strict=True) if r == 0)
