@@ -71,13 +71,13 @@ def test_als_recovers_a_low_cp_rank_kernel_and_matches_tensorly() -> None:
     a, b, c = rng.standard_normal((t, r)), rng.standard_normal((s, r)), rng.standard_normal((k, r))
     clean = np.einsum("tr,sr,kr->tsk", a, b, c)
     noisy = clean + 1e-3 * np.linalg.norm(clean) / np.sqrt(clean.size) * rng.standard_normal(clean.shape)
-    f = cp(noisy.reshape(t, s, 3, 3), r)
+    f = cp(noisy.reshape(t, s, 3, 3), r, iters=300, tol=1e-9)
     assert f.out.shape == (t, r) and f.inp.shape == (s, r) and f.taps.shape == (k, r)
     assert f.rel_error is not None and f.rel_error < 3e-3  # the noise level
     np.testing.assert_allclose(f.rel_error, np.linalg.norm(reconstruct_cp(f, noisy.shape) - noisy) / np.linalg.norm(noisy))
     # A generic kernel at a reduced rank: no worse than tensorly's parafac (same rank, SVD start) by more than 5 %.
     w = rng.standard_normal((t, s, k))
-    ours = cp(w, 8).rel_error
+    ours = cp(w, 8, iters=300, tol=1e-9).rel_error
     cpt = parafac(tl.tensor(w), 8, init="svd", n_iter_max=200, tol=1e-9)
     theirs = np.linalg.norm(tl.cp_to_tensor(cpt) - w) / np.linalg.norm(w)
     assert ours is not None and ours <= theirs * 1.05

@@ -115,7 +115,7 @@ class DataRankOptions:
     memory_bytes: int = 512 << 20  # activations kept in memory between layers (the rest: on disk)
     ridge: float = DEFAULT_RIDGE
     kind: str | None = None  # --kind: the only decomposition offered where a layer allows it (None: all of them)
-    cp_rank_points: int = 6  # CP ranks priced per layer (one ALS each)
+    cp_rank_points: int = 4  # CP ranks priced per layer (one ALS each)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg
 
 from .spectral import GramEigen, LayerSpectra
 
@@ -320,7 +321,7 @@ def _exact_cp(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return a, b, c
 
 
-def cp(kernel: np.ndarray, rank: int, iters: int = 200, seed: int = 0, tol: float = 1e-7) -> CPFactors:
+def cp(kernel: np.ndarray, rank: int, iters: int = 40, seed: int = 0, tol: float = 1e-5) -> CPFactors:
     """CP (CANDECOMP/PARAFAC, Lebedev et al. 2015) of a T x S x k... kernel with its spatial modes
     as one mode of k taps, by alternating least squares from an HOSVD start (random columns, seeded,
     where the rank exceeds a mode's size); exact at `cp_rank_bound` and above (built directly)."""
@@ -343,11 +344,23 @@ def cp(kernel: np.ndarray, rank: int, iters: int = 200, seed: int = 0, tol: floa
         norm2 = float(np.sum(x * x))
         lam = 1e-12 * max(norm2, 1e-300)
         prev = np.inf
+        eye = lam * np.eye(rank)
+
+        def solve(rhs: np.ndarray, gram: np.ndarray) -> np.ndarray:  # rhs @ gram^-1, gram symmetric PSD
+            try:
+                return scipy.linalg.cho_solve(scipy.linalg.cho_factor(gram + eye), rhs.T).T
+            except np.linalg.LinAlgError:
+                return rhs @ np.linalg.pinv(gram + eye)
+
+        x_ts_k, x_t_sk = x.reshape(t * s, k), x.reshape(t, s * k)
         for _ in range(iters):
-            a = np.einsum("tsk,sr,kr->tr", x, b, c, optimize=True) @ np.linalg.pinv((b.T @ b) * (c.T @ c) + lam * np.eye(rank))
-            b = np.einsum("tsk,tr,kr->sr", x, a, c, optimize=True) @ np.linalg.pinv((a.T @ a) * (c.T @ c) + lam * np.eye(rank))
-            m = np.einsum("tsk,tr,sr->kr", x, a, b, optimize=True)
-            c = m @ np.linalg.pinv((a.T @ a) * (b.T @ b) + lam * np.eye(rank))
+            # The three MTTKRPs as two GEMMs per sweep: x contracted with the taps factor serves both
+            # channel modes (the taps factor changes last).
+            z = (x_ts_k @ c).reshape(t, s, rank)
+            a = solve(np.einsum("tsr,sr->tr", z, b), (b.T @ b) * (c.T @ c))
+            b = solve(np.einsum("tsr,tr->sr", z, a), (a.T @ a) * (c.T @ c))
+            m = np.einsum("rsk,sr->kr", (a.T @ x_t_sk).reshape(rank, s, k), b)
+            c = solve(m, (a.T @ a) * (b.T @ b))
             # ||X - [[a, b, c]]||^2 from the Grams: no reconstruction per sweep.
             fit = norm2 - 2 * float(np.sum(m * c)) + float(np.sum((a.T @ a) * (b.T @ b) * (c.T @ c)))
             err = np.sqrt(max(fit, 0.0) / norm2) if norm2 > 0 else 0.0
