@@ -319,8 +319,8 @@ def test_target_macs_with_calibration_and_latency_aware_allocates_on_time_too(ca
     timer = CostTimer(0.02, slow=lambda lay, kind, ranks: kind == "tucker2")
     p = api.plan(STACK, CompressionConfig(target="macs:0.5", calibrate=str(cal), latency_aware=True, validate=False), timer=timer)  # type: ignore[arg-type]
     assert p.budget_check is not None and p.budget_check.met
-    # Tucker-2 is the slow kind here: every layer takes a fast one (Tucker-1, or spatial SVD / Tucker-1-in since issue 19).
-    assert p.decomposed and all(lp.kind in ("tucker1", "spatial-svd", "tucker1-in") for lp in p.decomposed)
+    # Tucker-2 is the slow kind here: every layer takes a fast one (Tucker-1, or spatial SVD / Tucker-1-in / CP since issue 19).
+    assert p.decomposed and all(lp.kind in ("tucker1", "spatial-svd", "tucker1-in", "cp") for lp in p.decomposed)
 
 
 # ---- --latency-runtime -----------------------------------------------------------------------------
