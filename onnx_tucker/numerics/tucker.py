@@ -368,15 +368,22 @@ def cp(kernel: np.ndarray, rank: int, iters: int = 40, seed: int = 0, tol: float
                 break
             prev = err
     # Even scales across the three factors, components by decreasing weight.
-    na, nb, nc = (np.linalg.norm(f, axis=0) for f in (a, b, c))
-    g = np.cbrt(na * nb * nc)
-    ok = (na > 0) & (nb > 0) & (nc > 0)
-    sa, sb, sc = (np.where(ok, g / np.where(n > 0, n, 1.0), 1.0) for n in (na, nb, nc))
-    a, b, c = a * sa, b * sb, c * sc
-    order = np.argsort(-g, kind="stable")
+    a, b, c = even_scales(a, b, c)
+    weight = np.linalg.norm(a, axis=0) * np.linalg.norm(b, axis=0) * np.linalg.norm(c, axis=0)  # scale-free
+    order = np.argsort(-weight, kind="stable")
     a, b, c = a[:, order], b[:, order], c[:, order]
     f = CPFactors(a, b, c.reshape(k, -1))
     return CPFactors(f.out, f.inp, f.taps, relative_error(w, reconstruct_cp(f, w.shape)))
+
+
+def even_scales(*factors: np.ndarray) -> list[np.ndarray]:
+    """Factors of a sum of rank-1 terms (each n_i x R, column r of each a term's factor) rescaled so
+    that every term's factors have equal norms, their product unchanged (a term with a zero factor is
+    left as it is)."""
+    norms = [np.linalg.norm(f, axis=0) for f in factors]
+    ok = np.all([n > 0 for n in norms], axis=0)
+    g = np.prod(norms, axis=0) ** (1.0 / len(factors))
+    return [f * np.where(ok, g / np.where(n > 0, n, 1.0), 1.0) for f, n in zip(factors, norms, strict=True)]
 
 
 def reconstruct_cp(f: CPFactors, shape: tuple[int, ...]) -> np.ndarray:

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..numerics.refit import balance_chain, spatial_basis, spatial_front
 from ..numerics.spectral import LayerSpectra
+from ..numerics.tucker import even_scales
 from .base import LABELS, Fresh, OpHandler, prod, tensor_factor_shapes, tensor_factors
 from .layer import COPY, Chain, Im2col, Layer, LayerFactors, NodeSpec, RefitBlock
 
@@ -365,14 +366,8 @@ def balance_cp(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
     (their product unchanged), as `balance_chain` does for chains of full convs."""
     first, mid, last = (np.asarray(x, dtype=np.float64) for x in arrays)
     r = first.shape[0]
-    na = np.linalg.norm(first.reshape(r, -1), axis=1)
-    nb = np.linalg.norm(mid.reshape(r, -1), axis=1)
-    nc = np.linalg.norm(np.moveaxis(last, 1, 0).reshape(r, -1), axis=1)
-    ok = (na > 0) & (nb > 0) & (nc > 0)
-    g = np.cbrt(na * nb * nc)
-    sa, sb, sc = (np.where(ok, g / np.where(n > 0, n, 1.0), 1.0) for n in (na, nb, nc))
-    shape = (-1,) + (1,) * (first.ndim - 1)
-    out = [first * sa.reshape(shape), mid * sb.reshape(shape), last * sc.reshape((1, -1) + (1,) * (last.ndim - 2))]
+    a, b, c = even_scales(first.reshape(r, -1).T, mid.reshape(r, -1).T, np.moveaxis(last, 1, 0).reshape(r, -1).T)
+    out = [a.T.reshape(first.shape), b.T.reshape(mid.shape), np.moveaxis(c.T.reshape((r, last.shape[0], *last.shape[2:])), 0, 1)]
     return [o.astype(np.asarray(x).dtype) for o, x in zip(out, arrays, strict=True)]
 
 
