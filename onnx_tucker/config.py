@@ -138,6 +138,11 @@ RANK_METHODS = ("vbmf", "ratio", "energy", "full", "data")
 KIND_CHOICES = ("tucker2", "tucker1", "tucker1-in", "svd", "spatial-svd", "cp")  # what --kind may force
 
 
+def kind_list(kind: str | None) -> tuple[str, ...] | None:
+    """`--kind K[,K...]` as a tuple, in the order given; None when no kind is forced."""
+    return None if kind is None else tuple(k.strip() for k in kind.split(",") if k.strip())
+
+
 @dataclass(frozen=True)
 class RankPolicy:
     """How ranks are chosen: `vbmf` (EVBMF, the paper), `ratio:F`, `energy:F`, `full`, or `data:F` (with
@@ -258,7 +263,7 @@ class RankOptions(_Normalised):
     # for the first RGB conv: a 1x1 S->R3 with tiny S saves nothing.
     min_tucker2_channels: int = 8
     # None: each layer's default (Tucker-2, Tucker-1 for few input channels, SVD for 1x1 / matrices).
-    kind: str | None = opt("--kind", default=None, help="Decompose every layer that allows it as this kind: tucker2, tucker1, tucker1-in (Tucker-1 on the input mode: a 1x1 S->R then the k x k R->T), svd spatial-svd (a 2-D k x k conv as k x 1 then 1 x k, AIMET's spatial SVD) or cp (CP: 1x1, depthwise k x k, 1x1; ungrouped convs); the others keep their default. With --ranks data:F the data choose the kind per layer instead.")
+    kind: str | None = opt("--kind", default=None, help="Decompose every layer that allows it as this kind: tucker2, tucker1, tucker1-in (Tucker-1 on the input mode: a 1x1 S->R then the k x k R->T), svd, spatial-svd (a 2-D k x k conv as k x 1 then 1 x k, AIMET's spatial SVD) or cp (CP: 1x1, depthwise k x k, 1x1; ungrouped convs); the others keep their default. A comma-separated list: the first the layer allows. With --ranks data:F the data choose the kind per layer, among the listed ones when given (e.g. --kind tucker2,tucker1,spatial-svd,tucker1-in leaves CP out: fewer MACs for its error, but its depthwise conv ran slower than its MACs in onnxruntime CPU).")
     # Layers planned and decomposed in parallel (threads). Changes speed only, never the result.
     jobs: int = opt("--jobs", "-j", default=1, help="Layers planned and decomposed in parallel (threads); the result is the same for every N.")
     # A whole-model budget instead of per-layer ranks (planning/budget.py): `macs:0.3`, `params:0.2`,
@@ -277,8 +282,12 @@ class RankOptions(_Normalised):
             raise UsageError(f"--hooi-iters {self.hooi_iters}: must be >= 0; use 0 for plain HOSVD")
         if self.jobs < 1:
             raise UsageError(f"--jobs {self.jobs}: must be >= 1; use 1 for one layer at a time")
-        if self.kind is not None and self.kind not in KIND_CHOICES:
-            raise UsageError(f"--kind {self.kind}: not a decomposition; use one of {', '.join(KIND_CHOICES)}")
+        kinds = kind_list(self.kind)
+        if kinds is not None:
+            bad = [k for k in kinds if k not in KIND_CHOICES] or ([] if kinds else [str(self.kind)])
+            if bad:
+                raise UsageError(f"--kind {self.kind}: {', '.join(map(repr, bad))} is not a decomposition; "
+                                 f"use one or more of {', '.join(KIND_CHOICES)}, comma-separated")
         compile_pattern(self.include, "--include")
         compile_pattern(self.exclude, "--exclude")
 
@@ -342,6 +351,7 @@ class ValidationConfig(_Normalised):
 
 
 LOSS_AWARE_METHODS = ("probe", "fisher")  # training/lossaware.py
+REFIT_WEIGHTS = ("none", "fisher")  # calibration/calibrate.py's channel weights, training/lossaware.py
 
 
 @group("Calibration")
@@ -356,6 +366,7 @@ class CalibrationConfig(_Normalised):
     refine: bool = opt("--refine", default=False, help="After the refit, optimise the factors of each block of decomposed layers (a residual block, or up to 3 consecutive layers) by gradient descent so the block reproduces the original's output on the --calibrate data (torch: the finetune extra); a block keeps its new factors only when its error on held-out calibration images falls.")
     loss_aware: bool = opt("--loss-aware", default=False, help="With ranks chosen on the calibration data (data:F, or a MAC or latency target with --calibrate): weight each layer's output error by how much the model's prediction moves per unit of it (measured without labels on 64 calibration images, see --loss-aware-method; torch: the finetune extra), so the MAC budget goes where errors cost the most. Measured no better than without on ResNet-20 and worse on Darknet Tiny (docs/calibration.md).")
     loss_aware_method: str = opt("--loss-aware-method", default="probe", help="With --loss-aware: probe (each layer's output projected on its leading channels in a forward pass, the output change measured) or fisher (a diagonal Fisher estimate from gradients: cheaper in theory, measured worse; docs/calibration.md).")
+    refit_weights: str = opt("--refit-weights", default="none", help="With --calibrate: none (each layer's refit minimises its output's squared error) or fisher (each output channel's error weighted by the diagonal Fisher information of the original's prediction with respect to it, estimated without labels on 64 calibration images; torch: the finetune extra). See docs/calibration.md for what it measured.")
     refine_steps: int = opt("--refine-steps", default=200, help="With --refine: Adam steps per block (32 images each).")
     calibration_memory: str = opt("--calibration-memory", default="512M", help="Memory for the activations kept between the layers of a calibration walk (refit, data-driven ranks), e.g. 512M or 4G; beyond it they go to a temporary folder (TMPDIR) and are read back one batch at a time. Checked against the memory available before the work starts.")
 
@@ -368,6 +379,10 @@ class CalibrationConfig(_Normalised):
             raise UsageError(f"--refine-steps {self.refine_steps}: must be >= 1; e.g. 200")
         if self.loss_aware_method not in LOSS_AWARE_METHODS:
             raise UsageError(f"--loss-aware-method {self.loss_aware_method}: use {' or '.join(LOSS_AWARE_METHODS)}")
+        if self.refit_weights not in REFIT_WEIGHTS:
+            raise UsageError(f"--refit-weights {self.refit_weights}: use {' or '.join(REFIT_WEIGHTS)}")
+        if self.refit_weights != "none" and not self.calibrate:
+            raise UsageError(f"--refit-weights {self.refit_weights}: the weights are measured on the calibration data; add --calibrate DATA")
         if self.loss_aware and not self.calibrate:
             raise UsageError("--loss-aware: the layer weights are measured on the calibration data; add --calibrate DATA")
         if self.refine and not self.calibrate:

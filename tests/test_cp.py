@@ -29,6 +29,7 @@ from tests.helpers import (
     assert_outputs_close,
     initializer,
     make_conv_model,
+    make_small_cnn,
     node_attrs,
     replace_ranks,
     run_ort,
@@ -191,3 +192,21 @@ def test_data_ranks_price_cp_as_the_refit_of_its_last_factor() -> None:
         direct = float(np.sum((yr - z1 @ coef) ** 2))
         np.testing.assert_allclose(tail, direct, rtol=1e-5, atol=1e-8 * float(np.sum(yr**2)))
     assert tails[20] < tails[5]
+
+
+def test_cp_pricing_stops_at_its_als_work_budget_unless_cp_is_asked_for() -> None:
+    """`DataRankOptions.cp_max_work` bounds the ALS work of the priced CP grid (sum of T*S*k*R); under
+    --kind cp alone the grid reaches the MAC cap whatever the work."""
+    from onnx_tucker.calibration.rankselect import DataRankOptions, _covered, _cp_ranks
+
+    source = SourceModel.load(make_small_cnn(batch="N", c1=12, c2=16, spatial=(8, 8)), None)
+    lay = next(x for x in source.layers if x.layer_id == "conv2")
+    cov = _covered(lay)
+    full = _cp_ranks(lay, cov, DataRankOptions())
+    size = float(np.prod(lay.weight_shape))
+    capped = _cp_ranks(lay, cov, DataRankOptions(cp_max_work=size * 2.5 * max(full) / 3))
+    assert full and capped and max(capped) < max(full)
+    assert sum(size * r for r in capped) <= size * 2.5 * max(full) / 3 * 1.01
+    assert _cp_ranks(lay, cov, DataRankOptions(cp_max_work=1.0)) == []
+    assert _cp_ranks(lay, cov, DataRankOptions(cp_max_work=1.0, kind="cp")) == full
+    assert _cp_ranks(lay, cov, DataRankOptions(kind="tucker2,spatial-svd")) == []

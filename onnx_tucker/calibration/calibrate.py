@@ -34,6 +34,7 @@ request runs its prefix again).
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -82,6 +83,7 @@ if TYPE_CHECKING:  # annotations only: the stages take models from the graph lay
     import onnx
 
     from ..data import DataSet
+    from ..training.lossaware import ChannelWeights
     from ..training.refine import BlockRefinement
 
 METHODS = ("last", "joint", "full")
@@ -106,6 +108,9 @@ class CalibrationOptions:
     # Measured on CIFAR ResNet-56 at x2 MACs: 1 sweep 56 s / 81.05 %, 3 sweeps 75 s / 81.40 % (2,000 test
     # images: within noise); each sweep solves an (R3 S)-wide least squares per layer.
     sweeps: int = 1
+    # Per layer id, one positive weight per output channel (`--refit-weights fisher`): the refit then
+    # minimises the weighted squared error of the layer's output; layers absent are unweighted.
+    channel_weights: Mapping[str, np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
@@ -219,9 +224,37 @@ class _LayerPass:
         return channel_moment(self.stats[k], self.kk)
 
 
+def _group_rss(lp: _LayerPass, k: int, g: _Group) -> float:
+    """sum ||y - y^||^2 of group `k` with the factors `g`, on `lp`'s statistics (in its space)."""
+    space = lp.space[k]
+    st = lp.first_space(k, g.first) if space == "x" and g.first is not None else lp.stats[k]
+    return residual(st, g.last if space == "q" else g.front @ g.last, g.bias)
+
+
 def _solve(geo: _Geometry, lp: _LayerPass, intercept: bool, opts: CalibrationOptions,
-           kernel_grams: list[np.ndarray] | None) -> tuple[str, float, float, list[_Group], int, str | None]:
-    """(chosen candidate, rss before, rss after, new groups, rows, note)."""
+           kernel_grams: list[np.ndarray] | None,
+           channel_weights: np.ndarray | None = None) -> tuple[str, float, float, list[_Group], int, str | None]:
+    """(chosen candidate, rss before, rss after, new groups, rows, note). With `channel_weights` (one
+    positive weight per output channel) every candidate minimises the weighted squared error and the
+    best is chosen on it; the returned rss are unweighted (what the report shows)."""
+    if channel_weights is None:
+        return _solve_plain(geo, lp, intercept, opts, kernel_grams)
+    t = geo.groups[0].last.shape[1]
+    scales = [np.sqrt(np.asarray(channel_weights, dtype=np.float64)[k * t : (k + 1) * t]) for k in range(len(geo.groups))]
+    weighted = copy.copy(lp)
+    weighted.stats = [st.scaled_targets(sc) for st, sc in zip(lp.stats, scales, strict=True)]
+    geo_w = replace(geo, groups=[_Group(g.first, g.front, g.last * sc, g.bias * sc, g.kernel_gram)
+                                 for g, sc in zip(geo.groups, scales, strict=True)])
+    best, _, _, found, rows, note = _solve_plain(geo_w, weighted, intercept, opts, kernel_grams)
+    groups = [_Group(g.first, g.front, g.last / sc, g.bias / sc, g.kernel_gram) for g, sc in zip(found, scales, strict=True)]
+    before = sum(_group_rss(lp, k, g) for k, g in enumerate(geo.groups))
+    after = sum(_group_rss(lp, k, g) for k, g in enumerate(groups)) if best != "kept" else before
+    return best, before, after, (geo.groups if best == "kept" else groups), rows, note
+
+
+def _solve_plain(geo: _Geometry, lp: _LayerPass, intercept: bool, opts: CalibrationOptions,
+                 kernel_grams: list[np.ndarray] | None) -> tuple[str, float, float, list[_Group], int, str | None]:
+    """`_solve` without channel weights."""
     totals: dict[str, float] = {}
     solutions: dict[str, list[_Group]] = {}
     rows = lp.stats[0].n
@@ -382,7 +415,14 @@ def _refit_layer(node_index: int, original: onnx.ModelProto, compressed: onnx.Mo
             skip = None
         lp.add(x, y)
     # Gemm with beta = 0 ignores C: nothing to fit there.
-    best, rss0, rss1, groups, rows, note = _solve(geo, lp, bias is not None and chain.beta != 0, opts, grams)
+    weights = (opts.channel_weights or {}).get(layer.layer_id)
+    if weights is not None and np.asarray(weights).size != sum(g.last.shape[1] for g in geo.groups):
+        weights = None  # not this layer's channels (a plan edited since): unweighted
+    best, rss0, rss1, groups, rows, note = _solve(geo, lp, bias is not None and chain.beta != 0, opts, grams, weights)
+    if weights is not None:
+        w = np.asarray(weights)
+        weighted = f"weighted by its output channels' Fisher information ({float(w.min()):.2g}-{float(w.max()):.2g})"
+        note = weighted if note is None else f"{note}; {weighted}"
     energy = sum(s.target_energy for s in lp.stats)
     e0 = math.sqrt(rss0 / energy) if energy > 0 else math.sqrt(rss0)
     e1 = math.sqrt(rss1 / energy) if energy > 0 else math.sqrt(rss1)
@@ -473,6 +513,8 @@ class CalibrationSummary:
     seconds: float = 0.0
     # --refine: each block's held-out error before / after gradient descent (`training.refine`).
     blocks: tuple[BlockRefinement, ...] = ()
+    # --refit-weights fisher: the per-channel weights the refit used (`training.lossaware`).
+    channel_weights: ChannelWeights | None = None
 
 
 def calibration_data(path: str, model: onnx.ModelProto, limit: int | None, seed: int,
@@ -519,11 +561,13 @@ def calibrate_from_config(original: onnx.ModelProto, compressed: onnx.ModelProto
                           read_weight: Callable[[str], np.ndarray] | None = None,
                           batch_size: Callable[[DataSet], int] | None = None, memory_bytes: int = 512 << 20,
                           started: Callable[[DataSet, int], None] | None = None,
+                          channel_weights: Callable[[Batches], ChannelWeights] | None = None,
                           ) -> tuple[dict[str, LayerCalibration], CalibrationSummary]:
     """`compress --calibrate`: refit `compressed` in place; each refit layer's `LayerCalibration` by
     name (a result: plans hold only what replays), and the whole model's agreement with the original
     on held-out samples before and after. `read_weight`: as for `calibrate_model` (the source model's
-    reader: no second graph index)."""
+    reader: no second graph index). `channel_weights`, given the calibration batches, measures the
+    per-channel weights of the refit (`--refit-weights fisher`)."""
     from ..runtime.validate import validate_models
 
     assert config.calibrate is not None
@@ -535,8 +579,9 @@ def calibrate_from_config(original: onnx.ModelProto, compressed: onnx.ModelProto
         started(used, batch)
     # The one-shot model measured before the refit changes it in place (no copy of it kept).
     before = validate_models(original, compressed, input_shapes, data=held).outputs[0] if held is not None else None
-    found = calibrate_model(original, compressed, replacements, batches, CalibrationOptions(seed=config.seed),
-                            read_weight, progress, memory_bytes)
+    weights = channel_weights(batches) if channel_weights is not None else None
+    opts = CalibrationOptions(seed=config.seed, channel_weights=None if weights is None else weights.weights)
+    found = calibrate_model(original, compressed, replacements, batches, opts, read_weight, progress, memory_bytes)
     blocks: tuple[BlockRefinement, ...] = ()
     if config.calibration.refine:
         from ..training.refine import RefineOptions, refine_blocks  # torch: imported only here
@@ -544,9 +589,9 @@ def calibrate_from_config(original: onnx.ModelProto, compressed: onnx.ModelProto
         blocks = tuple(refine_blocks(original, compressed, replacements, batches,
                                      RefineOptions(steps=config.calibration.refine_steps, seed=config.seed),
                                      progress, memory_bytes))
-    summary = CalibrationSummary(used.count, 0, blocks=blocks)
+    summary = CalibrationSummary(used.count, 0, blocks=blocks, channel_weights=weights)
     if held is not None and before is not None:
         after = validate_models(original, compressed, input_shapes, data=held).outputs[0]
         summary = CalibrationSummary(used.count, held.count, before.top1_agreement, after.top1_agreement,
-                                     before.cosine, after.cosine, blocks=blocks)
+                                     before.cosine, after.cosine, blocks=blocks, channel_weights=weights)
     return {lp.name: found[lp.name] for lp in plan.layers if lp.name in found}, replace(summary, seconds=time.perf_counter() - t0)

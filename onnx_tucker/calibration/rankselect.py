@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..config import kind_list
 from ..errors import UsageError
 from ..numerics.paramalloc import MacParamAllocation, allocate_macs_and_params
 from ..numerics.rankalloc import (
@@ -114,8 +115,13 @@ class DataRankOptions:
     seed: int = 0
     memory_bytes: int = 512 << 20  # activations kept in memory between layers (the rest: on disk)
     ridge: float = DEFAULT_RIDGE
-    kind: str | None = None  # --kind: the only decomposition offered where a layer allows it (None: all of them)
+    kind: str | None = None  # --kind K[,K...]: the only decompositions offered where a layer allows one (None: all)
     cp_rank_points: int = 4  # CP ranks priced per layer (one ALS each)
+    # ALS work per layer, sum over the priced ranks of T*S*k*R (each sweep's GEMMs are ~6x that in
+    # flops, 40 sweeps): the grid stops at the rank that fits, so a 1024 x 512 x 3x3 layer is not
+    # minutes of ALS per rank (~90 ns per unit measured at 256 x 256 x 3x3, rank 400, 2 cores).
+    # 2e8: every layer of the CIFAR ResNets priced up to its MAC cap. Not applied under --kind cp.
+    cp_max_work: float = 2e8
 
 
 @dataclass(frozen=True)
@@ -362,13 +368,20 @@ def _mirror_cap(layer: Layer, cov: Coverage) -> int:
 
 def _cp_ranks(layer: Layer, cov: Coverage, opts: DataRankOptions) -> list[int]:
     """The CP ranks priced: a grid up to the largest whose MACs stay under the original's (each rank
-    is its own ALS, so a grid of `DataRankOptions.cp_rank_points`, not every rank)."""
+    is its own ALS, so a grid of `DataRankOptions.cp_rank_points`, not every rank), and whose ALS
+    work fits `DataRankOptions.cp_max_work` unless --kind asks for CP alone."""
     handler = handler_for(layer)
     per_rank = int(handler.cost(layer, "cp", (1,))[1] or 0)  # MACs are linear in the rank
     macs0 = int(handler.cost(layer, "original")[1] or 0)
     assert layer.weight_shape is not None
+    forced = set(kind_list(opts.kind) or ()) & set(handler.kinds(layer))
+    if forced and "cp" not in forced:  # --kind without cp: not priced (each rank is an ALS)
+        return []
     bound = (handler.rank_limits(tuple(layer.weight_shape), "cp") or (0,))[0]
     top = min(bound, (macs0 - 1) // per_rank) if per_rank > 0 else 0
+    if forced != {"cp"}:  # offered beside the others: within the ALS work budget
+        unit = float(np.prod(layer.weight_shape)) * (opts.cp_rank_points + 1) / 2  # work per unit of top
+        top = min(top, int(opts.cp_max_work / unit))
     if top < 1 or opts.cp_rank_points < 1:
         return []
     return [int(r) for r in np.unique(np.round(np.linspace(top / opts.cp_rank_points, top, opts.cp_rank_points)).astype(int)) if r >= 1]
@@ -523,8 +536,9 @@ def _candidates(layer: Layer, cov: Coverage, curves: LayerCurves, forced: str | 
             out.append(RankCandidate("tucker1-in", (r,), macs, float(curves.mirror[r])))
     for r, err in curves.cp.items():
         out.append(RankCandidate("cp", (r,), int(handler.cost(layer, "cp", (r,))[1] or 0), float(err)))
-    if forced is not None and forced in handler.kinds(layer):  # --kind: that kind only, where the layer allows it
-        only = [c for c in out if c.kind in ("original", forced)]
+    allowed = set(kind_list(forced) or ()) & set(handler.kinds(layer))
+    if allowed:  # --kind: those kinds only, where the layer allows one
+        only = [c for c in out if c.kind == "original" or c.kind in allowed]
         if len(only) > 1:
             return only
     return out

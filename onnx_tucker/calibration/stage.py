@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     import onnx
 
     from ..data import DataSet
-    from ..training.lossaware import LossWeights
+    from ..training.lossaware import ChannelWeights, LossWeights
 
 
 def data_ranks(source: SourceModel, config: CompressionConfig, progress: StepProgress | None = None,
@@ -159,6 +159,17 @@ def loss_aware_weights(source: SourceModel, config: CompressionConfig,
                         threads=default_torch_threads()[0])
 
 
+def refit_channel_weights(source: SourceModel, config: CompressionConfig, layers: Sequence[Layer],
+                          batches: Sequence[Mapping[str, np.ndarray]]) -> ChannelWeights:
+    """`--refit-weights fisher`: the refit layers' per-channel weights (training/lossaware.py; torch)."""
+    from ..training.config import default_torch_threads
+    from ..training.lossaware import LayerTensor, channel_weights  # torch: imported only here
+
+    tensors = [LayerTensor(*t) for t in output_channels(list(layers))]
+    return channel_weights(source.model, tensors, batches, source=source.path or "model", seed=config.seed,
+                           threads=default_torch_threads()[0])
+
+
 def _estimate(what: str, source: SourceModel, layers: list[Layer], used: DataSet, memory: int,
               max_width: int) -> CalibrationEstimate:
     """The walk's batch size and cost (`memory.plan_calibration`); a static batch dim fixes the batch."""
@@ -193,7 +204,12 @@ def calibrate(source: SourceModel, compressed: onnx.ModelProto, replacements: Ma
             events("calibration-estimate", {"estimate": _estimate("refit", source, layers, used, memory,
                                                                   CalibrationOptions().max_width)})
 
+    weights = None
+    if config.calibration.refit_weights == "fisher":
+        def weights(batches: Sequence[Mapping[str, np.ndarray]]) -> ChannelWeights:
+            return refit_channel_weights(source, config, [replacements[i].layer for i in sorted(replacements)], batches)
+
     layers, summary = calibrate_from_config(source.model, compressed, replacements, plan, source.input_shapes, config,
                                             progress, read_weight=source.read_weight, batch_size=sized,
-                                            memory_bytes=memory, started=started)
+                                            memory_bytes=memory, started=started, channel_weights=weights)
     return CalibrationResult(layers, summary)

@@ -149,6 +149,18 @@ class GramStats:
         out.py = np.tensordot(a, self.py.reshape(s, kk, self.t), axes=([1], [0])).reshape(r * kk, self.t)
         return out
 
+    def scaled_targets(self, scale: np.ndarray) -> GramStats:
+        """The statistics of the targets Y diag(scale) (one positive factor per target column), without
+        another pass over the data: every fit on them minimises sum_t scale_t^2 ||y_t - y^_t||^2, and
+        its last factor's columns and bias divided by `scale` are that fit in the original units."""
+        s = np.asarray(scale, dtype=np.float64).reshape(self.t)
+        out = GramStats(self.d, self.t)
+        out.n, out.sum_p, out.pp = self.n, self.sum_p, self.pp
+        out.sum_y = self.sum_y * s
+        out.py = self.py * s[None, :]
+        out.yy = self.yy * np.outer(s, s)
+        return out
+
     def leading(self, k: int) -> GramStats:
         """The statistics of the first `k` regressor columns only (a sub-block: no pass over the data)."""
         out = GramStats(k, self.t)

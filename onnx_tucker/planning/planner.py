@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import CompressionConfig, RankPolicy, compile_pattern
+from ..config import CompressionConfig, RankPolicy, compile_pattern, kind_list
 from ..errors import PlanError
 from ..numerics.evbmf import EVBMFEstimate, evbmf_from_singular_values, singular_values
 from ..numerics.spectral import LayerSpectra
@@ -315,10 +315,10 @@ def _plan_one(layer, read_weight, cfg, include, exclude, planned, spectra=None) 
                        cause=SkipCause.NON_FINITE)
     if planned is not None:
         kind = planned.entries[layer.layer_id][0]
-    elif cfg.kind is not None and cfg.kind in handler.kinds(layer):  # --kind, where the layer allows it
-        kind = cfg.kind
-    else:
-        kind = handler.default_kind(layer, cfg.min_tucker2_channels)
+    else:  # --kind: the first listed that the layer allows, else the handler's default
+        allowed = handler.kinds(layer)
+        kind = next((k for k in kind_list(cfg.kind) or () if k in allowed), None) or \
+            handler.default_kind(layer, cfg.min_tucker2_channels)
     blocks = handler.blocks(layer, weight)
     groups = len(blocks)
     if groups > 1:

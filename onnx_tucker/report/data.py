@@ -119,6 +119,10 @@ def calibration_dict(c: CalibrationSummary | None) -> dict[str, Any] | None:
         return None
     out = dict(c.__dict__)
     out["blocks"] = [dict(b.__dict__) for b in c.blocks]
+    w = c.channel_weights
+    out["channel_weights"] = None if w is None else {
+        "method": "fisher", "loss": w.loss, "images": w.images, "draws": w.draws, "seconds": w.seconds,
+        "floor": w.floor, "layers": len(w.weights), "missing": dict(w.missing)}
     return out
 
 

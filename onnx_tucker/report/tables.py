@@ -217,6 +217,11 @@ def calibration_line(c: CalibrationSummary) -> Text:
         f"{_pct(c.top1_agreement_before)} -> {_pct(c.top1_agreement_after)}, "
         f"cosine {c.cosine_before:.4f} -> {c.cosine_after:.4f}")
     text = f"Calibration: refit on {c.samples} samples in {c.seconds:.1f} s; {held}"
+    if c.channel_weights is not None:
+        w = c.channel_weights
+        unweighted = f"; {len(w.missing)} unweighted ({next(iter(w.missing.values()))}, ...)" if w.missing else ""
+        text += (f"\nRefit weights: {len(w.weights)} layers' output channels weighted by the Fisher information "
+                 f"({w.loss}, {w.images} images x {w.draws} draws, {w.seconds:.1f} s){unweighted}")
     if c.blocks:
         kept = [b for b in c.blocks if b.kept]
         gain = "" if not kept else (

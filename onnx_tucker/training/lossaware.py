@@ -121,7 +121,7 @@ def loss_weights(
                 raw, loss, errors = _probe(torch, model, batch, probe_error)
                 found = _normalised(raw, model.missing)
                 return LossWeights(found, raw, method, loss, model.count, time.perf_counter() - t0, dict(model.missing), errors)
-            raw, loss = _fisher(torch, model, batch, draws, seed)
+            raw, loss, _ = _fisher(torch, model, batch, draws, seed)
             return LossWeights(_normalised(raw, model.missing), raw, method, loss, model.count,
                                time.perf_counter() - t0, dict(model.missing), draws=draws)
         finally:
@@ -270,8 +270,9 @@ def _probe(torch: Any, model: _Hooked, batch: int, probe_error: float) -> tuple[
     return raw, "kl" if classes else "mse", errors
 
 
-def _fisher(torch: Any, model: _Hooked, batch: int, draws: int, seed: int) -> tuple[dict[str, float], str]:
-    """Each layer's sum_c v_c F_c (module docstring, "fisher")."""
+def _fisher(torch: Any, model: _Hooked, batch: int, draws: int,
+            seed: int) -> tuple[dict[str, float], str, dict[str, np.ndarray]]:
+    """Each layer's sum_c v_c F_c (module docstring, "fisher"), the loss, and each layer's F_c."""
     fisher: dict[str, Any] = {}
     sums: dict[str, Any] = {}
     squares: dict[str, Any] = {}
@@ -314,11 +315,69 @@ def _fisher(torch: Any, model: _Hooked, batch: int, draws: int, seed: int) -> tu
                 g2 = (y.grad.detach().double() ** 2).movedim(ax, -1).reshape(nb, -1, y.shape[ax]).sum(1).sum(0)
                 fisher[lt.layer_id] = fisher.get(lt.layer_id, 0) + g2
     raw: dict[str, float] = {}
+    channels: dict[str, np.ndarray] = {}
     for lt in model.layers:
         if lt.layer_id in model.missing:
             continue
         n = counts[lt.layer_id]
         mean = sums[lt.layer_id] / n
         var = (squares[lt.layer_id] / n - mean**2).clamp_min(0)
-        raw[lt.layer_id] = float((var * fisher[lt.layer_id] / (model.count * draws)).sum())
-    return raw, "kl" if classes else "mse"
+        f_c = fisher[lt.layer_id] / (model.count * draws)
+        raw[lt.layer_id] = float((var * f_c).sum())
+        channels[lt.layer_id] = f_c.numpy().astype(np.float64)
+    return raw, "kl" if classes else "mse", channels
+
+
+@dataclass(frozen=True)
+class ChannelWeights:
+    """`--refit-weights fisher`: per layer id, one weight per output channel for the refit's objective
+    (sum_c w_c ||y_c - y^_c||^2), F_c / mean_c F_c clipped to [floor, 1 / floor]: the diagonal of
+    the Fisher information with respect to the layer's output (`_fisher`), so the weighted error is
+    twice the second-order growth of KL(original || compressed) the layer's error alone would cause.
+    `missing`: layers left unweighted, with the reason; images, draws, seconds as for `LossWeights`."""
+
+    weights: Mapping[str, np.ndarray]
+    loss: str
+    images: int
+    draws: int
+    seconds: float
+    missing: Mapping[str, str]
+    floor: float
+
+
+def channel_weights(
+    original: onnx.ModelProto,
+    layers: Sequence[LayerTensor],
+    batches: Sequence[Mapping[str, np.ndarray]],
+    source: str = "model",
+    images: int = 64,
+    draws: int = 2,
+    batch: int = 16,
+    seed: int = 0,
+    threads: int = 1,
+    floor: float = 1e-2,
+) -> ChannelWeights:
+    """Each layer's per-channel refit weights (`ChannelWeights`) from the first `images` images of
+    `batches`: a channel the model's output does not depend on (a dead ReLU) gets `floor`."""
+    if not 0 < floor <= 1:
+        raise UsageError(f"channel weight floor {floor}: must be in (0, 1]")
+    torch = import_torch()
+    saved = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        t0 = time.perf_counter()
+        model = _Hooked(torch, original, layers, batches, source, images)
+        try:
+            _, loss, channels = _fisher(torch, model, batch, draws, seed)
+        finally:
+            model.close()
+    finally:
+        torch.set_num_threads(saved)
+    weights: dict[str, np.ndarray] = {}
+    for key, f_c in channels.items():
+        mean = float(f_c.mean())
+        if not (math.isfinite(mean) and mean > 0):
+            model.missing[key] = "its Fisher information is zero or not finite on the calibration images"
+            continue
+        weights[key] = np.clip(f_c / mean, floor, 1 / floor)
+    return ChannelWeights(weights, loss, model.count, draws, time.perf_counter() - t0, dict(model.missing), floor)
